@@ -1,0 +1,873 @@
+//! The TOML configuration: its model, defaults, and validation.
+//!
+//! Owns: turning one TOML file into a [`Config`] whose every value has been checked, and reporting
+//! every problem at once, each naming the key and the fix. Must not know sockets: binding the
+//! listeners (and so "port in use") belongs to `serve`.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key the problem is about, e.g. `gateway.dimse_listen` or `issuers[1].verify`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub path: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} problem(s) in the configuration:",
+            self.path,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub limits: Limits,
+    pub pacs: Pacs,
+    pub issuers: Vec<Issuer>,
+    pub patients: Patients,
+    pub policy: Policy,
+    pub destinations: Vec<Destination>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub ae_title: String,
+    pub dimse_listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub public_url: String,
+    /// Token `aud` values accepted.
+    pub audiences: Vec<String>,
+    /// Refuse associations whose called AE title is not `ae_title`.
+    pub require_called_ae_title: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_associations: usize,
+    /// The largest P-DATA PDU the gateway accepts from either peer (announced as its Maximum Length).
+    pub max_pdu_length: u32,
+    /// The largest A-ASSOCIATE-RQ accepted, read before anything else.
+    pub max_association_request_bytes: u32,
+    /// The largest C-FIND identifier (request or response) held in memory.
+    pub max_identifier_bytes: usize,
+    pub association_request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub token_verify_timeout: Duration,
+    pub http_fetch_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pacs {
+    pub ae_title: String,
+    pub address: String,
+    pub dicomweb_url: Option<String>,
+    pub calling_ae_title: String,
+    pub receive_listen: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    Jwt,
+    Introspection,
+    JwtAndIntrospection,
+}
+
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    pub issuer: String,
+    pub verify: VerifyMode,
+    pub jwks_uri: Option<String>,
+    pub introspection_endpoint: Option<String>,
+    pub client_id: Option<String>,
+    pub fhir_base_url: Option<String>,
+    pub allowed_client_ids: Vec<String>,
+    pub accept_ehr_audience: bool,
+    /// JWT `typ` header values accepted; `""` stands for "no typ header".
+    pub accept_typ: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatientMap {
+    Same,
+}
+
+#[derive(Debug, Clone)]
+pub struct Patients {
+    pub map: PatientMap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserLevel {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub user_level: UserLevel,
+    pub write: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub ae_title: String,
+    pub address: String,
+}
+
+// ---- the raw file, as serde reads it ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    gateway: Option<RawGateway>,
+    limits: Option<RawLimits>,
+    pacs: Option<RawPacs>,
+    #[serde(default)]
+    issuers: Vec<RawIssuer>,
+    patients: Option<RawPatients>,
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    destinations: Vec<RawDestination>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    ae_title: Option<String>,
+    dimse_listen: Option<String>,
+    http_listen: Option<String>,
+    public_url: Option<String>,
+    audiences: Option<Vec<String>>,
+    require_called_ae_title: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_associations: Option<i64>,
+    max_pdu_length: Option<i64>,
+    max_association_request_bytes: Option<i64>,
+    max_identifier_bytes: Option<i64>,
+    association_request_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    upstream_timeout_secs: Option<f64>,
+    token_verify_timeout_secs: Option<f64>,
+    http_fetch_timeout_secs: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPacs {
+    ae_title: Option<String>,
+    address: Option<String>,
+    dicomweb_url: Option<String>,
+    calling_ae_title: Option<String>,
+    receive_listen: Option<String>,
+    connect_timeout_secs: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    issuer: Option<String>,
+    verify: Option<String>,
+    jwks_uri: Option<String>,
+    introspection_endpoint: Option<String>,
+    client_id: Option<String>,
+    client_key_file: Option<String>,
+    client_secret: Option<String>,
+    fhir_base_url: Option<String>,
+    allowed_client_ids: Option<Vec<String>>,
+    accept_ehr_audience: Option<bool>,
+    accept_typ: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPatients {
+    map: Option<String>,
+    claim: Option<String>,
+    identifier_system: Option<String>,
+    identifier_type: Option<String>,
+    use_issuer: Option<bool>,
+    table_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    user_level: Option<String>,
+    write: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    ae_title: Option<String>,
+    address: Option<String>,
+}
+
+/// Collects problems while a configuration is checked.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn required(&mut self, key: &str, value: Option<String>, example: &str) -> String {
+        match value {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => {
+                self.problem(key, format!("is empty; set it, e.g. {key} = {example}"));
+                String::new()
+            }
+            None => {
+                self.problem(key, format!("is missing; add it, e.g. {key} = {example}"));
+                String::new()
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!(
+                        "\"{value}\" is not an address; write IP:PORT, e.g. \"127.0.0.1:11112\" (host names are not accepted for listeners)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn host_port(&mut self, key: &str, value: &str) {
+        let ok = match value.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if !ok {
+            self.problem(
+                key,
+                format!("\"{value}\" is not HOST:PORT; write e.g. \"127.0.0.1:4242\""),
+            );
+        }
+    }
+
+    fn ae_title(&mut self, key: &str, value: &str) {
+        if value.is_empty() {
+            return; // reported as missing already
+        }
+        let trimmed = value.trim_matches(' ');
+        if trimmed.is_empty()
+            || value.len() > 16
+            || !value
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            self.problem(
+                key,
+                format!(
+                    "\"{value}\" is not a valid AE title: use 1 to 16 printable ASCII characters, no backslash"
+                ),
+            );
+        }
+    }
+
+    fn http_url(&mut self, key: &str, value: &str) {
+        match url::Url::parse(value) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
+            _ => self.problem(
+                key,
+                format!("\"{value}\" is not an absolute http(s) URL; write e.g. \"http://127.0.0.1:9400\""),
+            ),
+        }
+    }
+
+    fn positive_int(
+        &mut self,
+        key: &str,
+        value: Option<i64>,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> i64 {
+        match value {
+            None => default,
+            Some(v) if v >= min && v <= max => v,
+            Some(v) => {
+                self.problem(
+                    key,
+                    format!("{v} is out of range; use a value from {min} to {max}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn seconds(&mut self, key: &str, value: Option<f64>, default: f64) -> Duration {
+        match value {
+            None => Duration::from_secs_f64(default),
+            Some(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Duration::from_secs_f64(v),
+            Some(v) => {
+                self.problem(
+                    key,
+                    format!("{v} is not a duration in seconds; use a number from 0.001 to 86400"),
+                );
+                Duration::from_secs_f64(default)
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: display.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                message: format!("cannot read the file: {e}; check the path given to --config"),
+            }],
+        })?;
+        Config::parse(&text).map_err(|problems| ConfigError {
+            path: display,
+            problems,
+        })
+    }
+
+    /// Validates configuration text; every problem found is returned.
+    pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            vec![Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().replace('\n', " "),
+            }]
+        })?;
+        let mut c = Checker { problems: vec![] };
+
+        // [gateway]
+        let g = raw.gateway.unwrap_or_default();
+        let ae_title = c.required("gateway.ae_title", g.ae_title, "\"PACSGATE\"");
+        c.ae_title("gateway.ae_title", &ae_title);
+        let dimse_listen_s = c.required(
+            "gateway.dimse_listen",
+            g.dimse_listen,
+            "\"127.0.0.1:11112\"",
+        );
+        let dimse_listen = if dimse_listen_s.is_empty() {
+            None
+        } else {
+            c.socket_addr("gateway.dimse_listen", &dimse_listen_s)
+        };
+        let http_listen = g
+            .http_listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("gateway.http_listen", s));
+        let public_url = match g.public_url {
+            Some(u) => {
+                c.http_url("gateway.public_url", &u);
+                u.trim_end_matches('/').to_string()
+            }
+            None => match http_listen {
+                Some(a) => format!("http://{a}"),
+                None => {
+                    c.problem(
+                        "gateway.public_url",
+                        "is missing; add it, e.g. public_url = \"http://127.0.0.1:8080\" (the URL clients use to reach the gateway; token audiences derive from it)",
+                    );
+                    String::new()
+                }
+            },
+        };
+        let audiences = match g.audiences {
+            Some(a) if a.is_empty() => {
+                c.problem(
+                    "gateway.audiences",
+                    "is an empty list, so no token could be accepted; list the `aud` values tokens carry for this gateway, or remove the key to use public_url and public_url/dicom-web",
+                );
+                a
+            }
+            Some(a) => a,
+            None => vec![public_url.clone(), format!("{public_url}/dicom-web")],
+        };
+
+        // [limits]
+        let l = raw.limits.unwrap_or_default();
+        let limits = Limits {
+            max_associations: c.positive_int(
+                "limits.max_associations",
+                l.max_associations,
+                64,
+                1,
+                10_000,
+            ) as usize,
+            max_pdu_length: c.positive_int(
+                "limits.max_pdu_length",
+                l.max_pdu_length,
+                65_536,
+                4_096,
+                4_194_304,
+            ) as u32,
+            max_association_request_bytes: c.positive_int(
+                "limits.max_association_request_bytes",
+                l.max_association_request_bytes,
+                131_072,
+                8_192,
+                1_048_576,
+            ) as u32,
+            max_identifier_bytes: c.positive_int(
+                "limits.max_identifier_bytes",
+                l.max_identifier_bytes,
+                1_048_576,
+                4_096,
+                67_108_864,
+            ) as usize,
+            association_request_timeout: c.seconds(
+                "limits.association_request_timeout_secs",
+                l.association_request_timeout_secs,
+                10.0,
+            ),
+            idle_timeout: c.seconds("limits.idle_timeout_secs", l.idle_timeout_secs, 300.0),
+            upstream_timeout: c.seconds(
+                "limits.upstream_timeout_secs",
+                l.upstream_timeout_secs,
+                60.0,
+            ),
+            token_verify_timeout: c.seconds(
+                "limits.token_verify_timeout_secs",
+                l.token_verify_timeout_secs,
+                10.0,
+            ),
+            http_fetch_timeout: c.seconds(
+                "limits.http_fetch_timeout_secs",
+                l.http_fetch_timeout_secs,
+                5.0,
+            ),
+        };
+
+        // [pacs]
+        let pacs = match raw.pacs {
+            None => {
+                c.problem(
+                    "pacs",
+                    "the [pacs] section is missing; add it with ae_title and address of the upstream PACS",
+                );
+                RawPacs::default()
+            }
+            Some(p) => p,
+        };
+        let p_ae = c.required("pacs.ae_title", pacs.ae_title, "\"ORTHANC\"");
+        c.ae_title("pacs.ae_title", &p_ae);
+        let p_addr = c.required("pacs.address", pacs.address, "\"127.0.0.1:4242\"");
+        if !p_addr.is_empty() {
+            c.host_port("pacs.address", &p_addr);
+        }
+        if let Some(u) = &pacs.dicomweb_url {
+            c.http_url("pacs.dicomweb_url", u);
+        }
+        let calling = pacs.calling_ae_title.unwrap_or_else(|| ae_title.clone());
+        c.ae_title("pacs.calling_ae_title", &calling);
+        let receive_listen = pacs
+            .receive_listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("pacs.receive_listen", s));
+        let connect_timeout =
+            c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
+
+        // [[issuers]]
+        if raw.issuers.is_empty() {
+            c.problem(
+                "issuers",
+                "no [[issuers]] are configured, so no token could be accepted; add one with issuer = \"https://ehr.example.org\" and verify = \"jwt\"",
+            );
+        }
+        let mut issuers = Vec::new();
+        let mut seen_iss: HashMap<String, usize> = HashMap::new();
+        for (i, ri) in raw.issuers.into_iter().enumerate() {
+            let k = |f: &str| format!("issuers[{i}].{f}");
+            let iss = c.required(&k("issuer"), ri.issuer, "\"https://ehr.example.org\"");
+            if !iss.is_empty() {
+                c.http_url(&k("issuer"), &iss);
+                if let Some(prev) = seen_iss.insert(iss.clone(), i) {
+                    c.problem(
+                        k("issuer"),
+                        format!("\"{iss}\" is configured twice (also issuers[{prev}]); keep one entry per issuer"),
+                    );
+                }
+            }
+            let verify = match ri.verify.as_deref().unwrap_or("jwt") {
+                "jwt" => VerifyMode::Jwt,
+                "introspection" => VerifyMode::Introspection,
+                "jwt+introspection" => VerifyMode::JwtAndIntrospection,
+                other => {
+                    c.problem(
+                        k("verify"),
+                        format!("unknown mode \"{other}\"; use \"jwt\", \"introspection\" or \"jwt+introspection\""),
+                    );
+                    VerifyMode::Jwt
+                }
+            };
+            if verify != VerifyMode::Jwt {
+                c.problem(
+                    k("verify"),
+                    "token introspection is not available in this version of pacsgate; use verify = \"jwt\" with an issuer that signs JWT access tokens",
+                );
+            }
+            for (f, v) in [
+                ("jwks_uri", &ri.jwks_uri),
+                ("introspection_endpoint", &ri.introspection_endpoint),
+                ("fhir_base_url", &ri.fhir_base_url),
+            ] {
+                if let Some(v) = v {
+                    c.http_url(&k(f), v);
+                }
+            }
+            if ri.client_key_file.is_some() || ri.client_secret.is_some() {
+                c.problem(
+                    k(if ri.client_key_file.is_some() { "client_key_file" } else { "client_secret" }),
+                    "client credentials are used only for introspection and FHIR look-ups, which this version does not perform; remove the key",
+                );
+            }
+            if ri.accept_ehr_audience == Some(true) && ri.fhir_base_url.is_none() {
+                c.problem(
+                    k("accept_ehr_audience"),
+                    "needs fhir_base_url (the EHR FHIR base that tokens name as `aud`); set it or remove accept_ehr_audience",
+                );
+            }
+            let accept_typ = ri
+                .accept_typ
+                .unwrap_or_else(|| vec!["at+jwt".into(), "application/at+jwt".into()]);
+            if accept_typ.is_empty() {
+                c.problem(
+                    k("accept_typ"),
+                    "is empty, so no token could be accepted; list e.g. [\"at+jwt\", \"JWT\"], and \"\" for tokens without typ",
+                );
+            }
+            issuers.push(Issuer {
+                issuer: iss,
+                verify,
+                jwks_uri: ri.jwks_uri,
+                introspection_endpoint: ri.introspection_endpoint,
+                client_id: ri.client_id,
+                fhir_base_url: ri
+                    .fhir_base_url
+                    .map(|u| u.trim_end_matches('/').to_string()),
+                allowed_client_ids: ri.allowed_client_ids.unwrap_or_default(),
+                accept_ehr_audience: ri.accept_ehr_audience.unwrap_or(false),
+                accept_typ,
+            });
+        }
+
+        // [patients]
+        let rp = raw.patients.unwrap_or_default();
+        let map = match rp.map.as_deref().unwrap_or("same") {
+            "same" => PatientMap::Same,
+            m @ ("claim" | "fhir" | "table") => {
+                c.problem(
+                    "patients.map",
+                    format!("mapping \"{m}\" is not available in this version of pacsgate; use map = \"same\" (PatientID = the token's patient)"),
+                );
+                PatientMap::Same
+            }
+            other => {
+                c.problem(
+                    "patients.map",
+                    format!("unknown mapping \"{other}\"; use \"same\", \"claim\", \"fhir\" or \"table\""),
+                );
+                PatientMap::Same
+            }
+        };
+        for (f, present) in [
+            ("claim", rp.claim.is_some()),
+            ("identifier_system", rp.identifier_system.is_some()),
+            ("identifier_type", rp.identifier_type.is_some()),
+            ("table_file", rp.table_file.is_some()),
+            ("use_issuer", rp.use_issuer == Some(true)),
+        ] {
+            if present && map == PatientMap::Same {
+                c.problem(
+                    format!("patients.{f}"),
+                    "has no effect with map = \"same\"; remove it",
+                );
+            }
+        }
+
+        // [policy]
+        let rpol = raw.policy.unwrap_or_default();
+        let user_level = match rpol.user_level.as_deref().unwrap_or("deny") {
+            "deny" => UserLevel::Deny,
+            "allow" => UserLevel::Allow,
+            "ehr-check" => {
+                c.problem(
+                    "policy.user_level",
+                    "\"ehr-check\" is not available in this version of pacsgate; use \"deny\" or \"allow\"",
+                );
+                UserLevel::Deny
+            }
+            other => {
+                c.problem(
+                    "policy.user_level",
+                    format!("unknown value \"{other}\"; use \"deny\", \"allow\" or \"ehr-check\""),
+                );
+                UserLevel::Deny
+            }
+        };
+        let policy = Policy {
+            user_level,
+            write: rpol.write.unwrap_or(true),
+        };
+
+        // [[destinations]]
+        let mut destinations = Vec::new();
+        let mut seen_ae: HashMap<String, String> = HashMap::new();
+        if !ae_title.is_empty() {
+            seen_ae.insert(ae_title.trim().to_string(), "gateway.ae_title".into());
+        }
+        for (i, d) in raw.destinations.into_iter().enumerate() {
+            let key = format!("destinations[{i}].ae_title");
+            let ae = c.required(&key, d.ae_title, "\"VIEWER\"");
+            c.ae_title(&key, &ae);
+            if !ae.is_empty() {
+                if let Some(prev) = seen_ae.insert(ae.trim().to_string(), key.clone()) {
+                    c.problem(
+                        key.clone(),
+                        format!("AE title \"{ae}\" is already used by {prev}; every AE title must be unique"),
+                    );
+                }
+            }
+            let akey = format!("destinations[{i}].address");
+            let addr = c.required(&akey, d.address, "\"127.0.0.1:11114\"");
+            if !addr.is_empty() {
+                c.host_port(&akey, &addr);
+            }
+            destinations.push(Destination {
+                ae_title: ae,
+                address: addr,
+            });
+        }
+
+        // listeners must not collide with each other
+        let mut listens: Vec<(&str, SocketAddr)> = Vec::new();
+        if let Some(a) = dimse_listen {
+            listens.push(("gateway.dimse_listen", a));
+        }
+        if let Some(a) = http_listen {
+            listens.push(("gateway.http_listen", a));
+        }
+        if let Some(a) = receive_listen {
+            listens.push(("pacs.receive_listen", a));
+        }
+        for i in 0..listens.len() {
+            for j in (i + 1)..listens.len() {
+                if listens[i].1 == listens[j].1 && listens[i].1.port() != 0 {
+                    c.problem(
+                        listens[j].0,
+                        format!(
+                            "{} is also used by {}; give each listener its own port",
+                            listens[j].1, listens[i].0
+                        ),
+                    );
+                }
+            }
+        }
+
+        if !c.problems.is_empty() {
+            return Err(c.problems);
+        }
+        let Some(dimse_listen) = dimse_listen else {
+            return Err(vec![Problem {
+                key: "gateway.dimse_listen".into(),
+                message: "is missing".into(),
+            }]);
+        };
+        Ok(Config {
+            gateway: Gateway {
+                ae_title,
+                dimse_listen,
+                http_listen,
+                public_url,
+                audiences,
+                require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
+            },
+            limits,
+            pacs: Pacs {
+                ae_title: p_ae,
+                address: p_addr,
+                dicomweb_url: pacs.dicomweb_url,
+                calling_ae_title: calling,
+                receive_listen,
+                connect_timeout,
+            },
+            issuers,
+            patients: Patients { map },
+            policy,
+            destinations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:11112"
+http_listen = "127.0.0.1:8080"
+public_url = "http://127.0.0.1:8080"
+
+[pacs]
+ae_title = "ORTHANC"
+address = "127.0.0.1:4242"
+
+[[issuers]]
+issuer = "http://127.0.0.1:9400"
+verify = "jwt"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.gateway.ae_title, "PACSGATE");
+        assert_eq!(
+            c.gateway.audiences,
+            vec!["http://127.0.0.1:8080", "http://127.0.0.1:8080/dicom-web"]
+        );
+        assert_eq!(c.pacs.calling_ae_title, "PACSGATE");
+        assert_eq!(c.policy.user_level, UserLevel::Deny);
+        assert_eq!(c.limits.max_associations, 64);
+        assert_eq!(
+            c.issuers[0].accept_typ,
+            vec!["at+jwt", "application/at+jwt"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let bad = r#"
+[gateway]
+ae_title = "THIS-AE-TITLE-IS-FAR-TOO-LONG"
+dimse_listen = "localhost:99999"
+
+[pacs]
+ae_title = "ORTHANC"
+
+[[issuers]]
+issuer = "http://127.0.0.1:9400"
+verify = "magic"
+
+[[destinations]]
+ae_title = "A"
+address = "127.0.0.1:1"
+[[destinations]]
+ae_title = "A"
+address = "nowhere"
+"#;
+        let problems = Config::parse(bad).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "gateway.ae_title",
+            "gateway.dimse_listen",
+            "gateway.public_url",
+            "pacs.address",
+            "issuers[0].verify",
+            "destinations[1].ae_title",
+            "destinations[1].address",
+        ] {
+            assert!(keys.contains(&k), "missing problem for {k}: {problems:?}");
+        }
+        let verify = problems
+            .iter()
+            .find(|p| p.key == "issuers[0].verify")
+            .unwrap();
+        assert!(
+            verify.message.contains("\"jwt\""),
+            "message names the fix: {}",
+            verify.message
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_are_reported() {
+        let p = Config::parse("[gateway]\nae_tittle = \"X\"\n").unwrap_err();
+        assert!(p[0].message.contains("ae_tittle"), "{p:?}");
+        let p = Config::parse("[gateway\n").unwrap_err();
+        assert_eq!(p[0].key, "(syntax)");
+    }
+
+    #[test]
+    fn duplicate_gateway_and_destination_ae_titles_are_refused() {
+        let text = format!(
+            "{GOOD}\n[[destinations]]\nae_title = \"PACSGATE\"\naddress = \"127.0.0.1:11114\"\n"
+        );
+        let p = Config::parse(&text).unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.key == "destinations[0].ae_title"
+                    && p.message.contains("gateway.ae_title"))
+        );
+    }
+
+    #[test]
+    fn colliding_listeners_are_refused() {
+        let text = GOOD.replace("127.0.0.1:8080\"\npublic", "127.0.0.1:11112\"\npublic");
+        let p = Config::parse(&text).unwrap_err();
+        assert!(p.iter().any(|p| p.key == "gateway.http_listen"), "{p:?}");
+    }
+
+    #[test]
+    fn empty_audiences_are_refused() {
+        let text = GOOD.replace(
+            "public_url = \"http://127.0.0.1:8080\"",
+            "public_url = \"http://127.0.0.1:8080\"\naudiences = []",
+        );
+        let p = Config::parse(&text).unwrap_err();
+        assert!(p.iter().any(|p| p.key == "gateway.audiences"));
+    }
+}

@@ -1,0 +1,244 @@
+//! DIMSE command sets (PS3.7 Chapter 9 and Annex E): decoding, reading fields, and building the
+//! responses the gateway itself sends.
+//!
+//! Owns: the command field numbers, status codes, and the Implicit VR Little Endian encoding of
+//! command sets. Must not know policy.
+
+use dicom_core::header::Header;
+use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+
+pub const C_STORE_RQ: u16 = 0x0001;
+pub const C_GET_RQ: u16 = 0x0010;
+pub const C_FIND_RQ: u16 = 0x0020;
+pub const C_MOVE_RQ: u16 = 0x0021;
+pub const C_ECHO_RQ: u16 = 0x0030;
+pub const C_CANCEL_RQ: u16 = 0x0FFF;
+pub const C_FIND_RSP: u16 = 0x8020;
+pub const C_ECHO_RSP: u16 = 0x8030;
+
+/// CommandDataSetType value meaning "no data set".
+pub const NO_DATA_SET: u16 = 0x0101;
+
+pub const STATUS_SUCCESS: u16 = 0x0000;
+/// Refused: Not Authorized.
+pub const STATUS_NOT_AUTHORIZED: u16 = 0x0124;
+/// Unrecognized operation.
+pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
+/// C-FIND: Identifier does not match SOP Class.
+pub const STATUS_IDENTIFIER_MISMATCH: u16 = 0xA900;
+/// Unable to process (the upstream PACS failed or did not answer).
+pub const STATUS_UNABLE_TO_PROCESS: u16 = 0xC001;
+
+/// Whether a status is Pending (more responses follow).
+pub fn is_pending(status: u16) -> bool {
+    status == 0xFF00 || status == 0xFF01
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed command set: {0}")]
+pub struct CommandError(pub String);
+
+/// A decoded command set, with the bytes it came in (relayed unchanged when possible).
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub obj: InMemDicomObject,
+    pub raw: Vec<u8>,
+}
+
+impl Command {
+    pub fn decode(raw: Vec<u8>) -> Result<Command, CommandError> {
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(&raw[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .map_err(|e| CommandError(e.to_string()))?;
+        let c = Command { obj, raw };
+        if c.field().is_none() {
+            return Err(CommandError("no CommandField (0000,0100)".into()));
+        }
+        Ok(c)
+    }
+
+    fn u16_of(&self, tag: dicom_core::Tag) -> Option<u16> {
+        self.obj.get(tag).and_then(|e| e.to_int::<u16>().ok())
+    }
+
+    pub fn field(&self) -> Option<u16> {
+        self.u16_of(tags::COMMAND_FIELD)
+    }
+
+    pub fn message_id(&self) -> Option<u16> {
+        self.u16_of(tags::MESSAGE_ID)
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        self.u16_of(tags::STATUS)
+    }
+
+    /// Whether a data set follows the command.
+    pub fn has_data_set(&self) -> bool {
+        self.u16_of(tags::COMMAND_DATA_SET_TYPE)
+            .is_some_and(|v| v != NO_DATA_SET)
+    }
+
+    pub fn affected_sop_class(&self) -> Option<String> {
+        self.obj
+            .get(tags::AFFECTED_SOP_CLASS_UID)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+    }
+
+    /// A response to this request with `status` and no data set.
+    pub fn response(&self, status: u16, comment: Option<&str>) -> Vec<u8> {
+        let field = self.field().unwrap_or(0) | 0x8000;
+        build_response(
+            field,
+            self.message_id().unwrap_or(0),
+            self.affected_sop_class().as_deref(),
+            status,
+            comment,
+        )
+    }
+
+    /// This command re-encoded after its data-set type was set to "none" (used when a data set
+    /// the peer announced is withheld).
+    pub fn without_data_set(&self) -> Vec<u8> {
+        let mut obj = self.obj.clone();
+        obj.put(DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ));
+        encode(obj)
+    }
+}
+
+/// Encodes a command object, with its group length recomputed.
+fn encode(obj: InMemDicomObject) -> Vec<u8> {
+    let elements = obj
+        .into_iter()
+        .filter(|e| e.tag() != tags::COMMAND_GROUP_LENGTH);
+    let cmd = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::new();
+    // Writing an in-memory command set to a Vec cannot fail for well-formed elements; an empty
+    // command is what the peer would get otherwise, and it would refuse it as malformed.
+    let _ = cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased());
+    out
+}
+
+/// Builds a response command set without a data set.
+pub fn build_response(
+    field: u16,
+    message_id: u16,
+    sop_class: Option<&str>,
+    status: u16,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    let mut elements = Vec::new();
+    if let Some(uid) = sop_class {
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(uid),
+        ));
+    }
+    elements.push(DataElement::new(
+        tags::COMMAND_FIELD,
+        VR::US,
+        dicom_value!(U16, [field]),
+    ));
+    elements.push(DataElement::new(
+        tags::MESSAGE_ID_BEING_RESPONDED_TO,
+        VR::US,
+        dicom_value!(U16, [message_id]),
+    ));
+    elements.push(DataElement::new(
+        tags::COMMAND_DATA_SET_TYPE,
+        VR::US,
+        dicom_value!(U16, [NO_DATA_SET]),
+    ));
+    elements.push(DataElement::new(
+        tags::STATUS,
+        VR::US,
+        dicom_value!(U16, [status]),
+    ));
+    if let Some(c) = comment {
+        // ErrorComment is LO: at most 64 characters.
+        let c: String = c.chars().filter(|ch| *ch != '\\').take(64).collect();
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(c),
+        ));
+    }
+    encode(InMemDicomObject::from_element_iter(elements))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find_rq() -> Vec<u8> {
+        let obj = InMemDicomObject::command_from_element_iter([
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.5.1.4.1.2.2.1"),
+            ),
+            DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [C_FIND_RQ])),
+            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [7])),
+            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(
+                tags::COMMAND_DATA_SET_TYPE,
+                VR::US,
+                dicom_value!(U16, [0x0000]),
+            ),
+        ]);
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn decode_and_respond() {
+        let c = Command::decode(find_rq()).unwrap();
+        assert_eq!(c.field(), Some(C_FIND_RQ));
+        assert_eq!(c.message_id(), Some(7));
+        assert!(c.has_data_set());
+        assert_eq!(
+            c.affected_sop_class().as_deref(),
+            Some("1.2.840.10008.5.1.4.1.2.2.1")
+        );
+
+        let r = Command::decode(c.response(STATUS_NOT_AUTHORIZED, Some("not authorized"))).unwrap();
+        assert_eq!(r.field(), Some(C_FIND_RSP));
+        assert_eq!(r.status(), Some(STATUS_NOT_AUTHORIZED));
+        assert!(!r.has_data_set());
+        assert_eq!(r.u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO), Some(7));
+        assert_eq!(
+            r.affected_sop_class().as_deref(),
+            Some("1.2.840.10008.5.1.4.1.2.2.1")
+        );
+        // group length is correct: the encoded length after the group length element
+        let gl = r
+            .obj
+            .get(tags::COMMAND_GROUP_LENGTH)
+            .unwrap()
+            .to_int::<u32>()
+            .unwrap();
+        assert_eq!(gl as usize, r.raw.len() - 12);
+
+        let stripped = Command::decode(c.without_data_set()).unwrap();
+        assert!(!stripped.has_data_set());
+        assert_eq!(stripped.message_id(), Some(7));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(Command::decode(vec![1, 2, 3]).is_err());
+        assert!(Command::decode(Vec::new()).is_err());
+        assert!(is_pending(0xFF00) && is_pending(0xFF01) && !is_pending(0));
+    }
+}

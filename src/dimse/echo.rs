@@ -1,0 +1,61 @@
+//! C-ECHO through the gateway: allowed for any principal whose token is still valid, and relayed
+//! to the PACS so that success means the whole path works.
+
+use super::command::{self, Command};
+use super::message::Event;
+use super::peer::Incoming;
+use super::session::{Flow, Session};
+use crate::audit::{self, Outcome};
+use crate::policy::{Action, Decision};
+use std::time::SystemTime;
+
+pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+    if let Decision::Deny(d) = s
+        .ctx
+        .policy
+        .decide(&s.principal, Action::Echo, SystemTime::now())
+    {
+        audit::record(
+            "dimse",
+            s.id,
+            Some(&s.principal),
+            "C-ECHO",
+            Outcome::Denied,
+            &d.to_string(),
+        );
+        let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
+        return s.reply(pc_id, &rsp, None).await;
+    }
+    if let Err(e) = s.pacs.send_message(pc_id, &cmd.raw, None).await {
+        tracing::warn!(assoc = s.id, reason = %e, "cannot relay C-ECHO to the PACS");
+        let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
+        s.reply(pc_id, &rsp, None).await;
+        return s.abort_both().await;
+    }
+    match s.pacs_next().await {
+        Some(Incoming::Message(Event::Command { pc_id: pc, bytes })) if pc == pc_id => {
+            match Command::decode(bytes) {
+                Ok(rsp) if rsp.field() == Some(command::C_ECHO_RSP) && !rsp.has_data_set() => {
+                    s.pacs.expect_data(pc, false);
+                    s.reply(pc_id, &rsp.raw, None).await
+                }
+                _ => {
+                    s.protocol_violation("pacs", "unexpected answer to C-ECHO")
+                        .await
+                }
+            }
+        }
+        Some(_) => {
+            s.protocol_violation("pacs", "unexpected answer to C-ECHO")
+                .await
+        }
+        None => {
+            let rsp = cmd.response(
+                command::STATUS_UNABLE_TO_PROCESS,
+                Some("PACS did not answer"),
+            );
+            s.reply(pc_id, &rsp, None).await;
+            s.abort_both().await
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! C-FIND through the gateway (Patient Root and Study Root, every level).
+//!
+//! The policy core decides how the identifier is narrowed; this file applies it: PatientID is set
+//! to the value the decision names (added as a key when the caller did not send one, and then
+//! stripped from what the caller gets back), the query goes to the PACS, and every pending
+//! response is checked against the decision's patient filter before it is relayed: a response
+//! for another patient is dropped and recorded as an anomaly. C-CANCEL is relayed.
+
+use super::command::{self, Command};
+use super::message::Event;
+use super::peer::Incoming;
+use super::session::{Flow, Session};
+use crate::audit::{self, Outcome};
+use crate::policy::{Action, Decision, PatientFilter};
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_encoding::transfer_syntax::TransferSyntax;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use std::time::SystemTime;
+
+fn transfer_syntax(uid: &str) -> Option<&'static TransferSyntax> {
+    TransferSyntaxRegistry.get(uid.trim_end_matches('\0'))
+}
+
+fn patient_id_of(obj: &InMemDicomObject) -> Option<String> {
+    obj.get(tags::PATIENT_ID)
+        .map(|e| e.to_str().map(|s| s.into_owned()).unwrap_or_default())
+}
+
+pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+    let limits = s.ctx.cfg.limits.clone();
+    if !cmd.has_data_set() {
+        let rsp = cmd.response(
+            command::STATUS_IDENTIFIER_MISMATCH,
+            Some("C-FIND without identifier"),
+        );
+        return s.reply(pc_id, &rsp, None).await;
+    }
+    let identifier = match s
+        .client
+        .collect_data(pc_id, limits.max_identifier_bytes, limits.idle_timeout)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::info!(assoc = s.id, reason = %e, "client failed while sending a C-FIND identifier");
+            return s.abort_both().await;
+        }
+    };
+    let Some(ts) = s
+        .contexts
+        .get(&pc_id)
+        .and_then(|c| transfer_syntax(&c.transfer_syntax))
+    else {
+        let rsp = cmd.response(
+            command::STATUS_UNABLE_TO_PROCESS,
+            Some("transfer syntax not supported"),
+        );
+        return s.reply(pc_id, &rsp, None).await;
+    };
+    let mut query = match InMemDicomObject::read_dataset_with_ts(&identifier[..], ts) {
+        Ok(o) => o,
+        Err(_) => {
+            let rsp = cmd.response(
+                command::STATUS_IDENTIFIER_MISMATCH,
+                Some("identifier cannot be parsed"),
+            );
+            return s.reply(pc_id, &rsp, None).await;
+        }
+    };
+    let requested = patient_id_of(&query);
+    let decision = s.ctx.policy.decide(
+        &s.principal,
+        Action::Query {
+            patient_id: requested.as_deref(),
+        },
+        SystemTime::now(),
+    );
+    let level = query
+        .get(tags::QUERY_RETRIEVE_LEVEL)
+        .and_then(|e| e.to_str().ok())
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default();
+    let what = format!("C-FIND level={level}");
+    let allowed = match decision {
+        Decision::Deny(d) => {
+            audit::record(
+                "dimse",
+                s.id,
+                Some(&s.principal),
+                &what,
+                Outcome::Denied,
+                &d.to_string(),
+            );
+            let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
+            return s.reply(pc_id, &rsp, None).await;
+        }
+        Decision::Allow(a) => a,
+    };
+    audit::record(
+        "dimse",
+        s.id,
+        Some(&s.principal),
+        &what,
+        Outcome::Allowed,
+        "patient scope applied",
+    );
+
+    // Narrow the identifier as decided; re-encode only when it changed.
+    let added_patient_key = requested.is_none() && allowed.query_patient_id.is_some();
+    let upstream_identifier = match &allowed.query_patient_id {
+        Some(pid) if requested.as_deref() != Some(pid.as_str()) => {
+            query.put(DataElement::new(
+                tags::PATIENT_ID,
+                VR::LO,
+                PrimitiveValue::from(pid.as_str()),
+            ));
+            let mut out = Vec::with_capacity(identifier.len() + 32);
+            if query.write_dataset_with_ts(&mut out, ts).is_err() {
+                let rsp = cmd.response(
+                    command::STATUS_UNABLE_TO_PROCESS,
+                    Some("identifier cannot be encoded"),
+                );
+                return s.reply(pc_id, &rsp, None).await;
+            }
+            out
+        }
+        _ => identifier,
+    };
+    if let Err(e) = s
+        .pacs
+        .send_message(pc_id, &cmd.raw, Some(&upstream_identifier))
+        .await
+    {
+        tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
+        return fail_upstream(s, pc_id, &cmd).await;
+    }
+    relay_responses(s, pc_id, &cmd, &allowed.filter, added_patient_key, ts).await
+}
+
+/// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
+async fn relay_responses(
+    s: &mut Session,
+    pc_id: u8,
+    cmd: &Command,
+    filter: &PatientFilter,
+    strip_patient_id: bool,
+    ts: &'static TransferSyntax,
+) -> Flow {
+    let limits = s.ctx.cfg.limits.clone();
+    let (mut relayed, mut dropped) = (0usize, 0usize);
+    loop {
+        let incoming = tokio::select! {
+            i = tokio::time::timeout(limits.upstream_timeout, s.pacs.next()) => match i {
+                Ok(i) => i,
+                Err(_) => {
+                    tracing::warn!(assoc = s.id, "PACS did not answer C-FIND within {:?}", limits.upstream_timeout);
+                    return fail_upstream(s, pc_id, cmd).await;
+                }
+            },
+            c = s.client.next() => {
+                match c {
+                    Incoming::Message(Event::Command { pc_id: cpc, bytes }) => {
+                        match Command::decode(bytes) {
+                            Ok(cancel) if cancel.field() == Some(command::C_CANCEL_RQ) && cpc == pc_id => {
+                                s.client.expect_data(cpc, false);
+                                if s.pacs.send_message(pc_id, &cancel.raw, None).await.is_err() {
+                                    return fail_upstream(s, pc_id, cmd).await;
+                                }
+                                continue;
+                            }
+                            _ => return s.protocol_violation("client", "new request while a C-FIND is running").await,
+                        }
+                    }
+                    Incoming::Abort | Incoming::Gone(_) => {
+                        tracing::info!(assoc = s.id, "client left during C-FIND");
+                        s.pacs.abort().await;
+                        return Flow::End;
+                    }
+                    _ => return s.protocol_violation("client", "unexpected PDU during C-FIND").await,
+                }
+            }
+        };
+        let (rpc, bytes) = match incoming {
+            Incoming::Message(Event::Command { pc_id: rpc, bytes }) => (rpc, bytes),
+            Incoming::Abort | Incoming::Gone(_) | Incoming::ReleaseRq | Incoming::ReleaseRp => {
+                tracing::warn!(assoc = s.id, "PACS went away during C-FIND");
+                return fail_upstream(s, pc_id, cmd).await;
+            }
+            Incoming::Message(Event::Data { .. }) => {
+                return s
+                    .protocol_violation("pacs", "data set without a command")
+                    .await;
+            }
+        };
+        let rsp = match Command::decode(bytes) {
+            Ok(r) if r.field() == Some(command::C_FIND_RSP) && rpc == pc_id => r,
+            _ => {
+                return s
+                    .protocol_violation("pacs", "unexpected message during C-FIND")
+                    .await;
+            }
+        };
+        s.pacs.expect_data(rpc, rsp.has_data_set());
+        let status = rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
+        let data = if rsp.has_data_set() {
+            match s
+                .pacs
+                .collect_data(rpc, limits.max_identifier_bytes, limits.upstream_timeout)
+                .await
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(assoc = s.id, reason = %e, "PACS failed while sending a C-FIND match");
+                    return fail_upstream(s, pc_id, cmd).await;
+                }
+            }
+        } else {
+            None
+        };
+        if !command::is_pending(status) {
+            tracing::debug!(
+                assoc = s.id,
+                relayed,
+                dropped,
+                status = format!("{status:#06x}"),
+                "C-FIND done"
+            );
+            if dropped > 0 {
+                audit::record(
+                    "dimse",
+                    s.id,
+                    Some(&s.principal),
+                    "C-FIND",
+                    Outcome::Anomaly,
+                    &format!("{dropped} PACS match(es) for other patients were withheld"),
+                );
+            }
+            // A final response never carries a match; any data set it has is withheld.
+            let out = if rsp.has_data_set() {
+                rsp.without_data_set()
+            } else {
+                rsp.raw
+            };
+            return s.reply(pc_id, &out, None).await;
+        }
+        let Some(data) = data else {
+            // A pending response without a match: nothing to check, relay as is.
+            if let Flow::End = s.reply(pc_id, &rsp.raw, None).await {
+                return Flow::End;
+            }
+            continue;
+        };
+        let mut obj = match InMemDicomObject::read_dataset_with_ts(&data[..], ts) {
+            Ok(o) => o,
+            Err(_) => {
+                dropped += 1;
+                continue;
+            }
+        };
+        if !filter.admits(patient_id_of(&obj).as_deref()) {
+            dropped += 1;
+            tracing::warn!(
+                assoc = s.id,
+                "PACS returned a C-FIND match for another patient; withheld"
+            );
+            continue;
+        }
+        let out = if strip_patient_id {
+            obj.remove_element(tags::PATIENT_ID);
+            let mut out = Vec::with_capacity(data.len());
+            if obj.write_dataset_with_ts(&mut out, ts).is_err() {
+                dropped += 1;
+                continue;
+            }
+            out
+        } else {
+            data
+        };
+        relayed += 1;
+        if let Flow::End = s.reply(pc_id, &rsp.raw, Some(&out)).await {
+            return Flow::End;
+        }
+    }
+}
+
+/// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
+/// since the upstream one is in an unknown state.
+async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
+    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
+    let _ = s.client.send_message(pc_id, &rsp, None).await;
+    s.abort_both().await
+}

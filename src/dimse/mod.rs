@@ -1,0 +1,294 @@
+//! The DIMSE front end: the listener, association negotiation with a SMART token in the user
+//! identity, and the relay to the PACS.
+//!
+//! Owns: accepting connections under a cap, reading the A-ASSOCIATE-RQ (size- and time-bounded),
+//! asking the trust core about the token and the policy core whether the principal may connect,
+//! opening the PACS association under the gateway's identity, and answering the client with what
+//! the PACS accepted. Sessions ([`session`]) then relay one service at a time. Must not know
+//! HTTP, and decides no access itself.
+
+pub mod assoc;
+pub mod command;
+pub mod echo;
+pub mod find;
+pub mod message;
+pub mod peer;
+pub mod session;
+
+use crate::audit::{self, Outcome};
+use crate::config::Config;
+use crate::policy::{Action, Decision, Policy};
+use crate::trust::{TrustCore, TrustError, keys::KeyError};
+use assoc::{Refusal, reject};
+use dicom_ul::pdu::{AssociationRQ, Pdu};
+use peer::{Peer, read_pdu, write_pdu};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// Slack over the announced Maximum Length tolerated in PDUs from peers.
+const PDU_SLACK: u32 = 64;
+
+/// What every association shares.
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub trust: Arc<TrustCore>,
+    pub policy: Arc<Policy>,
+    next_id: AtomicU64,
+}
+
+impl Ctx {
+    pub fn new(cfg: Arc<Config>, trust: Arc<TrustCore>, policy: Arc<Policy>) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            cfg,
+            trust,
+            policy,
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// Accepts associations until `shutdown` turns true, then waits up to `grace` for running ones.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(ctx.cfg.limits.max_associations));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, addr) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        tasks.spawn(async move {
+                            let _permit = permit;
+                            handle(stream, addr, ctx).await;
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%addr, "association limit reached; refusing");
+                        tasks.spawn(refuse_busy(stream));
+                    }
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    tracing::info!(
+        running = tasks.len(),
+        "DIMSE listener stopped; waiting for running associations"
+    );
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+}
+
+async fn refuse_busy(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = write_pdu(&mut stream, &Pdu::AssociationRJ(reject(Refusal::Busy))).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn send_reject(stream: &mut TcpStream, r: Refusal) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Negotiates one association and, if it is accepted, runs it to its end.
+async fn handle(mut stream: TcpStream, addr: SocketAddr, ctx: Arc<Ctx>) {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let limits = &ctx.cfg.limits;
+    let first = tokio::time::timeout(
+        limits.association_request_timeout,
+        read_pdu(&mut stream, limits.max_association_request_bytes),
+    )
+    .await;
+    let rq = match first {
+        Err(_) => {
+            tracing::info!(assoc = id, %addr, "no A-ASSOCIATE-RQ within {:?}; closed", limits.association_request_timeout);
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(assoc = id, %addr, reason = %e, "no valid A-ASSOCIATE-RQ; closed");
+            let abort = Pdu::AbortRQ {
+                source: dicom_ul::pdu::AbortRQSource::ServiceProvider(
+                    dicom_ul::pdu::AbortRQServiceProviderReason::InvalidPduParameter,
+                ),
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), write_pdu(&mut stream, &abort)).await;
+            return;
+        }
+        Ok(Ok(Pdu::AssociationRQ(rq))) => rq,
+        Ok(Ok(other)) => {
+            tracing::info!(assoc = id, %addr, pdu = %other.short_description(), "expected an A-ASSOCIATE-RQ; closed");
+            return;
+        }
+    };
+    let calling = rq.calling_ae_title.trim().to_string();
+    tracing::info!(assoc = id, %addr, calling_ae = %calling, called_ae = %rq.called_ae_title.trim(), "association requested");
+    if let Some(session) = negotiate(stream, id, &rq, &ctx).await {
+        session.run().await;
+    }
+}
+
+/// Checks the request, the token and the policy, opens the PACS association, and answers the
+/// client. `None` when the association was refused (the client has been answered).
+async fn negotiate(
+    mut stream: TcpStream,
+    id: u64,
+    rq: &AssociationRQ,
+    ctx: &Arc<Ctx>,
+) -> Option<session::Session> {
+    let cfg = &ctx.cfg;
+    if cfg.gateway.require_called_ae_title
+        && rq.called_ae_title.trim() != cfg.gateway.ae_title.trim()
+    {
+        tracing::info!(
+            assoc = id,
+            "called AE title {:?} is not {:?}; rejected",
+            rq.called_ae_title.trim(),
+            cfg.gateway.ae_title
+        );
+        send_reject(&mut stream, Refusal::CalledAeTitle).await;
+        return None;
+    }
+    if rq.application_context_name.trim_end_matches('\0') != assoc::APPLICATION_CONTEXT {
+        send_reject(&mut stream, Refusal::ApplicationContext).await;
+        return None;
+    }
+    let identity = match assoc::presented_identity(rq) {
+        Ok(i) => i,
+        Err(e) => {
+            audit::record(
+                "dimse",
+                id,
+                None,
+                "A-ASSOCIATE",
+                Outcome::Denied,
+                &e.to_string(),
+            );
+            send_reject(&mut stream, Refusal::Identity).await;
+            return None;
+        }
+    };
+    let verified = tokio::time::timeout(
+        cfg.limits.token_verify_timeout,
+        ctx.trust.verify(&identity.token),
+    )
+    .await;
+    let principal = match verified {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            audit::record(
+                "dimse",
+                id,
+                None,
+                "A-ASSOCIATE",
+                Outcome::Denied,
+                &format!("token refused: {e}"),
+            );
+            let refusal = match e {
+                TrustError::Keys(KeyError::Unavailable { .. }) => Refusal::Unavailable,
+                _ => Refusal::Identity,
+            };
+            send_reject(&mut stream, refusal).await;
+            return None;
+        }
+        Err(_) => {
+            audit::record(
+                "dimse",
+                id,
+                None,
+                "A-ASSOCIATE",
+                Outcome::Denied,
+                "token verification timed out",
+            );
+            send_reject(&mut stream, Refusal::Unavailable).await;
+            return None;
+        }
+    };
+    if let Decision::Deny(d) = ctx
+        .policy
+        .decide(&principal, Action::Connect, SystemTime::now())
+    {
+        audit::record(
+            "dimse",
+            id,
+            Some(&principal),
+            "A-ASSOCIATE",
+            Outcome::Denied,
+            &d.to_string(),
+        );
+        send_reject(&mut stream, Refusal::Identity).await;
+        return None;
+    }
+    let our_max = cfg.limits.max_pdu_length;
+    let up_rq =
+        assoc::upstream_request(rq, &cfg.pacs.calling_ae_title, &cfg.pacs.ae_title, our_max);
+    let (up_stream, up_ac) = match crate::pacs::associate(
+        &cfg.pacs,
+        up_rq,
+        cfg.limits.upstream_timeout,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(assoc = id, reason = %e, "PACS association failed; client rejected (transient)");
+            send_reject(&mut stream, Refusal::Unavailable).await;
+            return None;
+        }
+    };
+    let (ac, contexts) =
+        assoc::downstream_accept(rq, &up_ac, our_max, identity.positive_response_requested);
+    let client_max = assoc::announced_max(&rq.user_variables);
+    let pacs_max = assoc::announced_max(&up_ac.user_variables);
+    let mut pacs = Peer::new("pacs", up_stream, our_max + PDU_SLACK, pacs_max);
+    if let Err(e) = write_pdu(&mut stream, &Pdu::AssociationAC(ac)).await {
+        tracing::info!(assoc = id, reason = %e, "client went away during negotiation");
+        pacs.abort().await;
+        return None;
+    }
+    audit::record(
+        "dimse",
+        id,
+        Some(&principal),
+        "A-ASSOCIATE",
+        Outcome::Allowed,
+        &format!("{} presentation context(s) accepted", contexts.len()),
+    );
+    let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
+    Some(session::Session {
+        id,
+        client,
+        pacs,
+        principal,
+        contexts,
+        ctx: ctx.clone(),
+    })
+}

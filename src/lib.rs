@@ -1,0 +1,15 @@
+//! pacsgate: a SMART-on-FHIR authorization gateway in front of a PACS.
+//!
+//! Front ends ([`dimse`], [`web`]) translate their protocol into actions; the [`trust`] core turns
+//! tokens into principals; the [`policy`] core is the one place that allows or denies; [`pacs`]
+//! talks to the upstream PACS under the gateway's own identity; [`audit`] records decisions.
+
+pub mod audit;
+pub mod config;
+pub mod devissuer;
+pub mod dimse;
+pub mod pacs;
+pub mod policy;
+pub mod server;
+pub mod trust;
+pub mod web;

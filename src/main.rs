@@ -1,0 +1,231 @@
+//! The `pacsgate` command: `serve`, `check-config`, and `dev-issuer` (with `mint`).
+//!
+//! Owns: argument parsing, logging set-up, exit codes and user-facing messages. Must not know
+//! business rules.
+
+use clap::{Args, Parser, Subcommand};
+use pacsgate::config::Config;
+use pacsgate::devissuer::{self, DevIssuer, DevKey, MintRequest};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "pacsgate",
+    version,
+    about = "SMART-on-FHIR authorization gateway in front of a PACS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGINT/SIGTERM.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without opening ports.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// A development authorization server for demos and tests. NEVER FOR PRODUCTION.
+    DevIssuer(DevIssuerArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DevIssuerArgs {
+    #[command(subcommand)]
+    mint: Option<DevIssuerCommand>,
+    /// Address to listen on, e.g. 127.0.0.1:9400.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+#[derive(Args, Clone)]
+struct KeyArgs {
+    /// The issuer URL put in `iss` and discovery (default: http://LISTEN).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// PKCS#8 PEM signing key; created if missing. Without it a fresh key is generated.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Signing algorithm: ES256, ES384, RS256, RS384 or PS256.
+    #[arg(long, default_value = "ES256")]
+    alg: String,
+    /// Default `aud` of minted tokens.
+    #[arg(long, default_value = "http://127.0.0.1:8080/dicom-web")]
+    aud: String,
+}
+
+#[derive(Subcommand)]
+enum DevIssuerCommand {
+    /// Print one signed token (uses the same --key-file and --issuer as the server).
+    Mint {
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long, default_value = "patient/ImagingStudy.rs")]
+        scope: String,
+        #[arg(long)]
+        token_aud: Option<String>,
+        #[arg(long, default_value_t = 3600)]
+        expires_in: i64,
+        #[arg(long)]
+        client_id: Option<String>,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PACSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .init();
+}
+
+fn load_key(k: &KeyArgs) -> anyhow::Result<DevKey> {
+    let alg = devissuer::parse_alg(&k.alg)?;
+    match &k.key_file {
+        Some(p) => DevKey::load_or_create(p, alg),
+        None => DevKey::generate(alg),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} issuer(s), PACS {} at {}, DIMSE on {})",
+                    config.display(),
+                    c.issuers.len(),
+                    c.pacs.ae_title,
+                    c.pacs.address,
+                    c.gateway.dimse_listen
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging();
+            run_async(pacsgate::server::run(cfg))
+        }
+        Command::DevIssuer(args) => match args.mint {
+            Some(DevIssuerCommand::Mint {
+                key,
+                patient,
+                scope,
+                token_aud,
+                expires_in,
+                client_id,
+            }) => {
+                let Some(issuer) = key.issuer.clone() else {
+                    eprintln!(
+                        "mint needs --issuer (the URL of the running dev issuer) and its --key-file"
+                    );
+                    return ExitCode::from(2);
+                };
+                let result = load_key(&key).and_then(|k| {
+                    let di = DevIssuer {
+                        issuer,
+                        key: k,
+                        default_aud: key.aud.clone(),
+                    };
+                    di.mint(&MintRequest {
+                        patient,
+                        scope: Some(scope),
+                        aud: token_aud,
+                        expires_in: Some(expires_in),
+                        client_id,
+                        ..Default::default()
+                    })
+                });
+                match result {
+                    Ok(t) => {
+                        println!("{t}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cannot mint: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            None => {
+                let Some(listen) = args.listen else {
+                    eprintln!(
+                        "dev-issuer needs --listen ADDR (e.g. 127.0.0.1:9400), or the `mint` subcommand"
+                    );
+                    return ExitCode::from(2);
+                };
+                init_logging();
+                run_async(async move {
+                    let key = load_key(&args.key)?;
+                    let listener = tokio::net::TcpListener::bind(listen)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
+                    let issuer = args
+                        .key
+                        .issuer
+                        .clone()
+                        .unwrap_or_else(|| format!("http://{listen}"));
+                    tracing::warn!(
+                        %issuer, alg = ?key.alg, kid = %key.kid,
+                        "DEVELOPMENT ISSUER: anyone who can reach it can mint tokens. Never trust it in production."
+                    );
+                    let di = Arc::new(DevIssuer {
+                        issuer: issuer.trim_end_matches('/').to_string(),
+                        key,
+                        default_aud: args.key.aud.clone(),
+                    });
+                    devissuer::serve(listener, di).await
+                })
+            }
+        },
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Multi-thread runtime: dicom-ul's async writer needs it, and both front ends use it.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pacsgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `pacsgate serve`: binds every listener, runs the front ends, and stops them cleanly.
+//!
+//! Owns: start-up order (all listeners bound before anything is served, every bind failure
+//! reported with its key), signal handling and draining. Must not know business rules.
+
+use crate::config::Config;
+use crate::dimse;
+use crate::policy::Policy;
+use crate::trust::TrustCore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long running associations may take to finish after a stop signal.
+const DRAIN: Duration = Duration::from_secs(20);
+
+async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is in use; choose another port or stop the program using it"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "the address is not on this machine; use one of its addresses, e.g. 127.0.0.1"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied; use a port above 1023 or grant the capability"
+            }
+            _ => "cannot listen there",
+        };
+        format!("{key}: {addr}: {hint} ({e})")
+    })
+}
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let mut problems = Vec::new();
+    let dimse_l = bind("gateway.dimse_listen", cfg.gateway.dimse_listen)
+        .await
+        .map_err(|e| problems.push(e))
+        .ok();
+    let http_l = match cfg.gateway.http_listen {
+        Some(a) => bind("gateway.http_listen", a)
+            .await
+            .map_err(|e| problems.push(e))
+            .ok(),
+        None => None,
+    };
+    if !problems.is_empty() {
+        anyhow::bail!("cannot start:\n  - {}", problems.join("\n  - "));
+    }
+    let Some(dimse_l) = dimse_l else {
+        anyhow::bail!("cannot start: gateway.dimse_listen is not bound");
+    };
+    let trust = TrustCore::new(&cfg)?;
+    let policy = Arc::new(Policy::new(&cfg));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let ctx = dimse::Ctx::new(cfg.clone(), trust, policy);
+    tracing::info!(addr = %dimse_l.local_addr()?, ae_title = %cfg.gateway.ae_title, "DIMSE front end listening");
+    let dimse_task = tokio::spawn(dimse::serve(dimse_l, ctx, stop_rx.clone(), DRAIN));
+    let http_task = match http_l {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "HTTP front end listening");
+            Some(tokio::spawn(crate::web::serve(l, stop_rx.clone())))
+        }
+        None => None,
+    };
+
+    wait_for_signal().await;
+    tracing::info!("stop requested; draining");
+    let _ = stop_tx.send(true);
+    let _ = dimse_task.await;
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(DRAIN, t).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

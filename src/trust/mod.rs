@@ -1,0 +1,362 @@
+//! The trust core: an access token in, a [`Principal`] out, or a named refusal.
+//!
+//! Owns: which issuers are trusted, their keys ([`keys`]), local validation of JWT access tokens
+//! per RFC 9068 and SMART App Launch 2.2 (signature with an algorithm bound to the key type,
+//! `typ`, `iss`, `aud`, `exp`/`nbf`/`iat` with at most 60 s leeway), SMART scope parsing
+//! ([`scopes`]) and claim normalization. Must not know DICOM, HTTP front ends, or what a
+//! principal may do: that is the policy core's.
+
+pub mod keys;
+pub mod scopes;
+
+use crate::config::{Config, Issuer, VerifyMode};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, Validation};
+use keys::{IssuerKeys, KeyError};
+use scopes::ScopeSet;
+use serde::Deserialize;
+use sha2::Digest;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The largest token accepted (the DIMSE user identity field is limited to 65,535 bytes).
+pub const MAX_TOKEN_BYTES: usize = 65_535;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECS: u64 = 60;
+
+/// Who the caller is and what its token says, after the token was verified.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub issuer: String,
+    pub subject: Option<String>,
+    pub client_id: Option<String>,
+    pub fhir_user: Option<String>,
+    pub scopes: ScopeSet,
+    /// The patient in context as a logical id (normalized: no `Patient/` prefix, no base URL).
+    pub patient: Option<String>,
+    /// `exp`, seconds since the Unix epoch.
+    pub expires_at: u64,
+    pub jti: Option<String>,
+    /// A short digest of the token, for logs and cache keys (never the token itself).
+    pub token_id: String,
+}
+
+impl Principal {
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        now >= self.expires_at
+    }
+}
+
+/// Why a token was refused. The text is safe to log: it never holds the token.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("token is empty or larger than {MAX_TOKEN_BYTES} bytes")]
+    Size,
+    #[error("token is not a compact JWS ({0})")]
+    Malformed(String),
+    #[error("algorithm {0} is not accepted (allowed: RS256/384/512, PS256/384/512, ES256, ES384)")]
+    Algorithm(String),
+    #[error("issuer {0:?} is not configured as trusted")]
+    UntrustedIssuer(String),
+    #[error("token type {0:?} is not accepted for this issuer (accept_typ)")]
+    Type(Option<String>),
+    #[error("{0}")]
+    Keys(#[from] KeyError),
+    #[error("signature does not verify with any key of the issuer")]
+    Signature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("token audience names none of this gateway's audiences")]
+    Audience,
+    #[error("claim {0} is missing or invalid")]
+    Claim(&'static str),
+    #[error("client_id is not in allowed_client_ids of the issuer")]
+    Client,
+    #[error("verification mode of the issuer is not supported")]
+    Mode,
+}
+
+struct TrustedIssuer {
+    cfg: Issuer,
+    keys: IssuerKeys,
+    audiences: Vec<String>,
+}
+
+/// The trust core.
+pub struct TrustCore {
+    issuers: HashMap<String, TrustedIssuer>,
+}
+
+#[derive(Deserialize)]
+struct UnverifiedClaims {
+    iss: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[allow(dead_code)]
+    iss: String,
+    sub: Option<String>,
+    exp: serde_json::Number,
+    iat: Option<serde_json::Number>,
+    jti: Option<String>,
+    client_id: Option<String>,
+    azp: Option<String>,
+    scope: Option<serde_json::Value>,
+    scp: Option<serde_json::Value>,
+    patient: Option<serde_json::Value>,
+    #[serde(rename = "fhirUser")]
+    fhir_user: Option<String>,
+}
+
+impl TrustCore {
+    pub fn new(cfg: &Config) -> anyhow::Result<Arc<TrustCore>> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.limits.http_fetch_timeout)
+            .connect_timeout(cfg.limits.http_fetch_timeout)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut issuers = HashMap::new();
+        for i in &cfg.issuers {
+            let mut audiences = cfg.gateway.audiences.clone();
+            if i.accept_ehr_audience {
+                if let Some(b) = &i.fhir_base_url {
+                    audiences.push(b.clone());
+                }
+            }
+            issuers.insert(
+                i.issuer.clone(),
+                TrustedIssuer {
+                    keys: IssuerKeys::new(i.issuer.clone(), i.jwks_uri.clone(), http.clone()),
+                    cfg: i.clone(),
+                    audiences,
+                },
+            );
+        }
+        Ok(Arc::new(TrustCore { issuers }))
+    }
+
+    /// Verifies a token; on success, the principal it stands for.
+    pub async fn verify(&self, token: &str) -> Result<Principal, TrustError> {
+        let token = token.trim_matches(|c: char| c.is_ascii_whitespace());
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(TrustError::Size);
+        }
+        let alg = header_algorithm(token)?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TrustError::Malformed(e.to_string()))?;
+        // Which issuer decides whose keys to use: read `iss` before the signature is checked,
+        // and refuse unknown issuers before any network call.
+        let unverified: UnverifiedClaims = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| TrustError::Malformed(e.to_string()))?;
+        let iss = unverified.iss.ok_or(TrustError::Claim("iss"))?;
+        let ti = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| TrustError::UntrustedIssuer(iss.clone()))?;
+        if ti.cfg.verify != VerifyMode::Jwt {
+            return Err(TrustError::Mode);
+        }
+        let typ = header.typ.clone().unwrap_or_default();
+        if !ti
+            .cfg
+            .accept_typ
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(&typ))
+        {
+            return Err(TrustError::Type(header.typ));
+        }
+        // jku/x5u/jwk/x5c in the header are ignored: keys come only from the issuer's JWKS.
+        let candidates = ti.keys.candidates(header.kid.as_deref(), alg).await?;
+
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.set_issuer(&[ti.cfg.issuer.as_str()]);
+        validation.set_audience(&ti.audiences);
+
+        let mut claims = None;
+        for key in &candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    match e.kind() {
+                        K::InvalidSignature | K::InvalidEcdsaKey | K::InvalidRsaKey(_) => continue,
+                        K::ExpiredSignature => return Err(TrustError::Expired),
+                        K::ImmatureSignature => return Err(TrustError::NotYetValid),
+                        K::InvalidAudience => return Err(TrustError::Audience),
+                        K::InvalidIssuer => return Err(TrustError::UntrustedIssuer(iss)),
+                        K::MissingRequiredClaim(c) if c == "aud" => {
+                            return Err(TrustError::Audience);
+                        }
+                        K::MissingRequiredClaim(c) if c == "exp" => {
+                            return Err(TrustError::Claim("exp"));
+                        }
+                        K::InvalidAlgorithm => {
+                            return Err(TrustError::Algorithm(format!("{alg:?}")));
+                        }
+                        other => return Err(TrustError::Malformed(format!("{other:?}"))),
+                    }
+                }
+            }
+        }
+        let claims = claims.ok_or(TrustError::Signature)?;
+        let now = now_secs();
+        let exp = number_secs(&claims.exp).ok_or(TrustError::Claim("exp"))?;
+        if let Some(iat) = &claims.iat {
+            let iat = number_secs(iat).ok_or(TrustError::Claim("iat"))?;
+            if iat > now + LEEWAY_SECS {
+                return Err(TrustError::IssuedInFuture);
+            }
+        }
+        let client_id = claims.client_id.or(claims.azp);
+        if !ti.cfg.allowed_client_ids.is_empty()
+            && !client_id
+                .as_ref()
+                .is_some_and(|c| ti.cfg.allowed_client_ids.contains(c))
+        {
+            return Err(TrustError::Client);
+        }
+        let scope_text = scope_string(claims.scope.as_ref())
+            .or_else(|| scope_string(claims.scp.as_ref()))
+            .unwrap_or_default();
+        let patient = match &claims.patient {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(p)) => {
+                Some(normalize_patient(p, &ti.cfg).ok_or(TrustError::Claim("patient"))?)
+            }
+            Some(_) => return Err(TrustError::Claim("patient")),
+        };
+        Ok(Principal {
+            issuer: ti.cfg.issuer.clone(),
+            subject: claims.sub,
+            client_id,
+            fhir_user: claims.fhir_user,
+            scopes: ScopeSet::parse(&scope_text),
+            patient,
+            expires_at: exp,
+            jti: claims.jti,
+            token_id: token_id(token),
+        })
+    }
+}
+
+/// A stable, non-reversible id of a token for logs and cache keys.
+pub fn token_id(token: &str) -> String {
+    let d = sha2::Sha256::digest(token.as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+fn number_secs(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
+}
+
+fn scope_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    }
+}
+
+/// Reads `alg` from the protected header and refuses `none`, HMAC and anything unknown, with a
+/// precise reason (jsonwebtoken would only say "malformed").
+fn header_algorithm(token: &str) -> Result<Algorithm, TrustError> {
+    let first = token.split('.').next().unwrap_or_default();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first.trim_end_matches('='))
+        .map_err(|_| TrustError::Malformed("header is not base64url".into()))?;
+    let v: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|_| TrustError::Malformed("header is not JSON".into()))?;
+    let alg = v
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .ok_or_else(|| TrustError::Malformed("header has no alg".into()))?;
+    let parsed = match alg {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        other => return Err(TrustError::Algorithm(other.chars().take(16).collect())),
+    };
+    Ok(parsed)
+}
+
+/// `Patient/123`, `123` and `{fhir base}/Patient/123` all become `123`; anything else is refused.
+fn normalize_patient(p: &str, issuer: &Issuer) -> Option<String> {
+    let id = if let Some(rest) = p.strip_prefix("Patient/") {
+        rest
+    } else if p.starts_with("http://") || p.starts_with("https://") {
+        let bases = [
+            issuer.fhir_base_url.as_deref(),
+            Some(issuer.issuer.as_str()),
+        ];
+        bases.iter().flatten().find_map(|b| {
+            p.strip_prefix(b.trim_end_matches('/'))
+                .and_then(|r| r.strip_prefix("/Patient/"))
+        })?
+    } else {
+        p
+    };
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    valid.then(|| id.to_string())
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "iss={} sub={} client_id={} token={}",
+            self.issuer,
+            self.subject.as_deref().unwrap_or("-"),
+            self.client_id.as_deref().unwrap_or("-"),
+            self.token_id
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,384 @@
+//! Token validation tests against a live development issuer on loopback: good tokens of every
+//! key type, and the forgeries RFC 8725 warns about.
+
+use super::*;
+use crate::config::Config;
+use crate::devissuer::{DevIssuer, DevKey, MintRequest};
+use base64::Engine;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use std::sync::Arc;
+
+const AUD: &str = "http://127.0.0.1:8080/dicom-web";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+struct Fixture {
+    issuer: Arc<DevIssuer>,
+    trust: Arc<TrustCore>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn fixture_with(alg: Algorithm, extra_issuer_toml: &str) -> Fixture {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let issuer = Arc::new(DevIssuer {
+        issuer: url.clone(),
+        key: DevKey::generate(alg).unwrap(),
+        default_aud: AUD.into(),
+    });
+    let server = tokio::spawn(crate::devissuer::serve(listener, issuer.clone()));
+    let cfg = Config::parse(&format!(
+        r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:11112"
+public_url = "http://127.0.0.1:8080"
+[pacs]
+ae_title = "ORTHANC"
+address = "127.0.0.1:4242"
+[[issuers]]
+issuer = "{url}"
+{extra_issuer_toml}
+"#
+    ))
+    .unwrap();
+    Fixture {
+        trust: TrustCore::new(&cfg).unwrap(),
+        issuer,
+        server,
+    }
+}
+
+async fn fixture() -> Fixture {
+    fixture_with(Algorithm::ES256, "").await
+}
+
+fn req(patient: &str) -> MintRequest {
+    MintRequest {
+        patient: Some(patient.into()),
+        scope: Some("openid patient/ImagingStudy.rs".into()),
+        ..Default::default()
+    }
+}
+
+fn parts(token: &str) -> (serde_json::Value, serde_json::Value, String) {
+    let p: Vec<&str> = token.split('.').collect();
+    (
+        serde_json::from_slice(&B64.decode(p[0]).unwrap()).unwrap(),
+        serde_json::from_slice(&B64.decode(p[1]).unwrap()).unwrap(),
+        p[2].to_string(),
+    )
+}
+
+fn assemble(h: &serde_json::Value, c: &serde_json::Value, sig: &str) -> String {
+    format!(
+        "{}.{}.{}",
+        B64.encode(h.to_string()),
+        B64.encode(c.to_string()),
+        sig
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn good_tokens_of_every_key_type_verify() {
+    for alg in [
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::RS256,
+        Algorithm::PS256,
+    ] {
+        let f = fixture_with(alg, "").await;
+        let t = f.issuer.mint(&req("PAT1")).unwrap();
+        let p = f
+            .trust
+            .verify(&t)
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(p.patient.as_deref(), Some("PAT1"));
+        assert_eq!(p.client_id.as_deref(), Some("dev-viewer"));
+        assert!(
+            p.scopes
+                .granted(scopes::Level::Patient, "ImagingStudy")
+                .read
+        );
+        assert_eq!(p.token_id.len(), 16);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patient_claim_is_normalized() {
+    let f = fixture().await;
+    let base = f.issuer.issuer.clone();
+    for (claim, want) in [
+        ("Patient/123".to_string(), Some("123")),
+        (format!("{base}/Patient/abc-1.2"), Some("abc-1.2")),
+        ("123".to_string(), Some("123")),
+        ("https://elsewhere.example/Patient/9".to_string(), None),
+        ("Patient/a b".to_string(), None),
+        ("Patient/".to_string(), None),
+    ] {
+        let t = f.issuer.mint(&req(&claim)).unwrap();
+        match (f.trust.verify(&t).await, want) {
+            (Ok(p), Some(w)) => assert_eq!(p.patient.as_deref(), Some(w), "{claim}"),
+            (Err(TrustError::Claim("patient")), None) => {}
+            (other, _) => panic!("{claim}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alg_none_is_refused() {
+    let f = fixture().await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    let (mut h, c, _) = parts(&t);
+    h["alg"] = json!("none");
+    let forged = assemble(&h, &c, "");
+    assert!(matches!(
+        f.trust.verify(&forged).await,
+        Err(TrustError::Algorithm(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_signed_with_the_public_key_is_refused() {
+    let f = fixture_with(Algorithm::RS256, "").await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    let (mut h, c, _) = parts(&t);
+    h["alg"] = json!("HS256");
+    // The classic confusion attack: HMAC keyed with the issuer's public key material.
+    let secret = f.issuer.key.public_jwk().to_string();
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    let mut hdr = jsonwebtoken::Header::new(Algorithm::HS256);
+    hdr.kid = h["kid"].as_str().map(str::to_string);
+    hdr.typ = Some("at+jwt".into());
+    let forged = jsonwebtoken::encode(&hdr, &c, &key).unwrap();
+    assert!(matches!(f.trust.verify(&forged).await, Err(TrustError::Algorithm(a)) if a == "HS256"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alg_not_matching_key_type_is_refused() {
+    // An ES256 issuer; a token claiming RS256 must find no key.
+    let f = fixture().await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    let (mut h, c, s) = parts(&t);
+    h["alg"] = json!("RS256");
+    let forged = assemble(&h, &c, &s);
+    assert!(matches!(
+        f.trust.verify(&forged).await,
+        Err(TrustError::Keys(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_payload_is_refused() {
+    let f = fixture().await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    let (h, mut c, s) = parts(&t);
+    c["patient"] = json!("PAT2");
+    let forged = assemble(&h, &c, &s);
+    assert!(matches!(
+        f.trust.verify(&forged).await,
+        Err(TrustError::Signature)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_signed_by_another_key_with_the_same_kid_is_refused() {
+    let f = fixture().await;
+    let other = DevKey::generate(Algorithm::ES256).unwrap();
+    let claims = f.issuer.claims(&req("PAT1"));
+    let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+    h.kid = Some(f.issuer.key.kid.clone());
+    h.typ = Some("at+jwt".into());
+    let t = other.sign(&claims).unwrap();
+    let (_, c, s) = parts(&t);
+    let forged = assemble(&serde_json::to_value(&h).unwrap(), &c, &s);
+    assert!(matches!(
+        f.trust.verify(&forged).await,
+        Err(TrustError::Signature)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_kid_is_refused_after_one_refetch() {
+    let f = fixture().await;
+    let other = DevKey::generate(Algorithm::ES256).unwrap();
+    let t = other.sign(&f.issuer.claims(&req("PAT1"))).unwrap();
+    match f.trust.verify(&t).await {
+        Err(TrustError::Keys(KeyError::NoMatchingKey { kid, .. })) => {
+            assert_eq!(kid.as_deref(), Some(other.kid.as_str()))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_wrong_audience_and_future_tokens_are_refused() {
+    let f = fixture().await;
+    let expired = f
+        .issuer
+        .mint(&MintRequest {
+            expires_in: Some(-120),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert!(matches!(
+        f.trust.verify(&expired).await,
+        Err(TrustError::Expired)
+    ));
+    // within the 60 s leeway
+    let just = f
+        .issuer
+        .mint(&MintRequest {
+            expires_in: Some(-30),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert!(f.trust.verify(&just).await.is_ok());
+
+    let wrong_aud = f
+        .issuer
+        .mint(&MintRequest {
+            aud: Some("https://other.example/fhir".into()),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert!(matches!(
+        f.trust.verify(&wrong_aud).await,
+        Err(TrustError::Audience)
+    ));
+
+    let mut c = f.issuer.claims(&req("PAT1"));
+    c["aud"] = json!(["https://other.example", AUD]);
+    assert!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .is_ok(),
+        "aud as array"
+    );
+
+    let mut c = f.issuer.claims(&req("PAT1"));
+    c.as_object_mut().unwrap().remove("aud");
+    assert!(matches!(
+        f.trust.verify(&f.issuer.key.sign(&c).unwrap()).await,
+        Err(TrustError::Audience)
+    ));
+
+    let mut c = f.issuer.claims(&req("PAT1"));
+    c.as_object_mut().unwrap().remove("exp");
+    assert!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .is_err(),
+        "exp is required"
+    );
+
+    let mut c = f.issuer.claims(&req("PAT1"));
+    c["nbf"] = json!(c["iat"].as_i64().unwrap() + 600);
+    assert!(matches!(
+        f.trust.verify(&f.issuer.key.sign(&c).unwrap()).await,
+        Err(TrustError::NotYetValid)
+    ));
+
+    let mut c = f.issuer.claims(&req("PAT1"));
+    c["iat"] = json!(c["iat"].as_i64().unwrap() + 600);
+    assert!(matches!(
+        f.trust.verify(&f.issuer.key.sign(&c).unwrap()).await,
+        Err(TrustError::IssuedInFuture)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untrusted_issuer_is_refused_without_network() {
+    let f = fixture().await;
+    let mut c = f.issuer.claims(&req("PAT1"));
+    // An issuer URL on a port nobody listens on: a network call would fail differently.
+    c["iss"] = json!("http://127.0.0.1:9/");
+    let t = f.issuer.key.sign(&c).unwrap();
+    assert!(matches!(
+        f.trust.verify(&t).await,
+        Err(TrustError::UntrustedIssuer(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn typ_is_checked_per_issuer() {
+    let f = fixture().await;
+    let c = f.issuer.claims(&req("PAT1"));
+    let jwt_typ = f.issuer.key.sign_with_typ(&c, Some("JWT")).unwrap();
+    assert!(matches!(
+        f.trust.verify(&jwt_typ).await,
+        Err(TrustError::Type(_))
+    ));
+    let f = fixture_with(Algorithm::ES256, "accept_typ = [\"at+jwt\", \"JWT\", \"\"]").await;
+    let c = f.issuer.claims(&req("PAT1"));
+    assert!(
+        f.trust
+            .verify(&f.issuer.key.sign_with_typ(&c, Some("JWT")).unwrap())
+            .await
+            .is_ok()
+    );
+    assert!(
+        f.trust
+            .verify(&f.issuer.key.sign_with_typ(&c, None).unwrap())
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_keys_in_the_header_are_ignored() {
+    // A token signed by an attacker's key that ships its own jwk/jku in the header.
+    let f = fixture().await;
+    let attacker = DevKey::generate(Algorithm::ES256).unwrap();
+    let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+    h.typ = Some("at+jwt".into());
+    h.jku = Some("http://127.0.0.1:9/jwks".into());
+    h.jwk = Some(serde_json::from_value(attacker.public_jwk().clone()).unwrap());
+    let t = attacker.sign(&f.issuer.claims(&req("PAT1"))).unwrap();
+    let (_, c, s) = parts(&t);
+    let forged = assemble(&serde_json::to_value(&h).unwrap(), &c, &s);
+    assert!(matches!(
+        f.trust.verify(&forged).await,
+        Err(TrustError::Signature)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_client_ids_restrict_clients() {
+    let f = fixture_with(Algorithm::ES256, "allowed_client_ids = [\"viewer-app\"]").await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    assert!(matches!(f.trust.verify(&t).await, Err(TrustError::Client)));
+    let t = f
+        .issuer
+        .mint(&MintRequest {
+            client_id: Some("viewer-app".into()),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert!(f.trust.verify(&t).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_oversized_tokens_are_refused() {
+    let f = fixture().await;
+    for t in ["", "abc", "a.b.c", "....", "eyJhbGciOiJFUzI1NiJ9.e30"] {
+        assert!(f.trust.verify(t).await.is_err(), "{t:?}");
+    }
+    let big = "a".repeat(MAX_TOKEN_BYTES + 1);
+    assert!(matches!(f.trust.verify(&big).await, Err(TrustError::Size)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_discovered_and_cached() {
+    let mut f = fixture().await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    f.trust.verify(&t).await.unwrap();
+    // A second verification must not need the issuer: the keys are cached.
+    f.server.abort();
+    let _ = (&mut f.server).await;
+    let t2 = f.issuer.mint(&req("PAT2")).unwrap();
+    assert!(f.trust.verify(&t2).await.is_ok());
+}
