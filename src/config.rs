@@ -672,13 +672,15 @@ impl Config {
             let key = format!("destinations[{i}].ae_title");
             let ae = c.required(&key, d.ae_title, "\"VIEWER\"");
             c.ae_title(&key, &ae);
-            if !ae.is_empty() {
-                if let Some(prev) = seen_ae.insert(ae.trim().to_string(), key.clone()) {
-                    c.problem(
-                        key.clone(),
-                        format!("AE title \"{ae}\" is already used by {prev}; every AE title must be unique"),
-                    );
-                }
+            if !ae.is_empty()
+                && let Some(prev) = seen_ae.insert(ae.trim().to_string(), key.clone())
+            {
+                c.problem(
+                    key.clone(),
+                    format!(
+                        "AE title \"{ae}\" is already used by {prev}; every AE title must be unique"
+                    ),
+                );
             }
             let akey = format!("destinations[{i}].address");
             let addr = c.required(&akey, d.address, "\"127.0.0.1:11114\"");

@@ -35,7 +35,7 @@ enum Command {
         config: PathBuf,
     },
     /// A development authorization server for demos and tests. NEVER FOR PRODUCTION.
-    DevIssuer(DevIssuerArgs),
+    DevIssuer(Box<DevIssuerArgs>),
 }
 
 #[derive(Args)]
@@ -91,6 +91,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true)
         .init();
 }

@@ -83,10 +83,10 @@ impl Assembler {
         match (pdv.value_type, self.state) {
             (PDataValueType::Command, State::Data(_)) => Err(FramingError::CommandDuringData),
             (PDataValueType::Command, State::Command) => {
-                if let Some(expected) = self.command_pc {
-                    if expected != pc {
-                        return Err(FramingError::ContextChanged { expected, got: pc });
-                    }
+                if let Some(expected) = self.command_pc
+                    && expected != pc
+                {
+                    return Err(FramingError::ContextChanged { expected, got: pc });
                 }
                 if self.command.len() + pdv.data.len() > self.max_command {
                     return Err(FramingError::CommandTooLarge(self.max_command));

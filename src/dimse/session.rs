@@ -123,15 +123,14 @@ impl Session {
     /// Operations this version does not relay get a failure status, after their data set (if
     /// any) was read and discarded.
     async fn unsupported(&mut self, pc_id: u8, cmd: Command, field: u16) -> Flow {
-        if cmd.has_data_set() {
-            if let Err(e) = self
+        if cmd.has_data_set()
+            && let Err(e) = self
                 .client
                 .discard_data(pc_id, self.ctx.cfg.limits.idle_timeout)
                 .await
-            {
-                tracing::info!(assoc = self.id, reason = %e, "client failed while sending a data set");
-                return self.abort_both().await;
-            }
+        {
+            tracing::info!(assoc = self.id, reason = %e, "client failed while sending a data set");
+            return self.abort_both().await;
         }
         tracing::info!(
             assoc = self.id,

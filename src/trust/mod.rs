@@ -130,10 +130,10 @@ impl TrustCore {
         let mut issuers = HashMap::new();
         for i in &cfg.issuers {
             let mut audiences = cfg.gateway.audiences.clone();
-            if i.accept_ehr_audience {
-                if let Some(b) = &i.fhir_base_url {
-                    audiences.push(b.clone());
-                }
+            if i.accept_ehr_audience
+                && let Some(b) = &i.fhir_base_url
+            {
+                audiences.push(b.clone());
             }
             issuers.insert(
                 i.issuer.clone(),

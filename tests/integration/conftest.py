@@ -1,0 +1,256 @@
+"""Fixtures that run the real parts on loopback: Orthanc (with generated patients), the
+development issuer, and `pacsgate serve`. Every server gets free loopback ports and a
+temporary directory; everything is stopped at the end of the session.
+
+Nothing here is skipped when a dependency is missing: a missing Orthanc, dcmtk or
+pacsgate binary is an error, because a green run without them would prove nothing.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from dicomdata import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+# The patients the tests rely on. Two ids that differ only by case are two patients; an id
+# with padding spaces is the same patient as without (PatientID is LO).
+PATIENTS = {
+    "PAT-A": {"studies": 3, "series": 2, "instances": 2},
+    "PAT-B": {"studies": 2, "series": 1, "instances": 2},
+    "CASE01": {"studies": 1, "series": 1, "instances": 1},
+    "case01": {"studies": 2, "series": 1, "instances": 1},
+}
+# Stored as "SPACE01" once and as "SPACE01  " once: Orthanc (and DICOM) see one patient.
+PADDED = [("SPACE01", 1), ("SPACE01  ", 1)]
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("PACSGATE_BIN", ROOT / "target" / "debug" / "pacsgate"))
+    if not path.exists():
+        raise RuntimeError(f"{path} does not exist: build it first (cargo build)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_tcp(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def stop(proc: subprocess.Popen):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Orthanc:
+    def __init__(self, tmp: Path):
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.aet = "ORTHANC"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        storage = tmp / "orthanc-db"
+        storage.mkdir()
+        cfg = {
+            "Name": "pacsgate-test",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomCheckCalledAet": False,
+            "UnknownSopClassAccepted": True,
+            "SynchronousCMove": True,
+            "SaveJobs": False,
+            "StableAge": 1,
+            "Plugins": [ORTHANC_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        self.config = tmp / "orthanc.json"
+        self.config.write_text(json.dumps(cfg, indent=2))
+        self.log = open(tmp / "orthanc.log", "w")
+        exe = shutil.which("Orthanc")
+        if exe is None:
+            raise RuntimeError("Orthanc is not installed (Debian package orthanc)")
+        if not Path(ORTHANC_PLUGIN).exists():
+            raise RuntimeError(f"{ORTHANC_PLUGIN} is missing (Debian package orthanc-dicomweb)")
+        env = dict(os.environ, TCP_NODELAY="1")
+        self.proc = subprocess.Popen([exe, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {tmp / 'orthanc.log'}")
+            try:
+                if requests.get(f"{self.url}/system", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("Orthanc did not start within 30 s")
+            time.sleep(0.1)
+        wait_tcp(self.dicom_port, self.proc, "Orthanc DICOM")
+
+    def upload(self, data: bytes):
+        r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=30)
+        r.raise_for_status()
+
+    def counts(self, patient_id: str) -> dict:
+        """What Orthanc holds for a PatientID, compared exactly (Orthanc strips trailing spaces)."""
+        for p in requests.get(f"{self.url}/patients?expand", timeout=30).json():
+            if p["MainDicomTags"].get("PatientID") == patient_id:
+                pid = p["ID"]
+                return {
+                    "studies": len(p["Studies"]),
+                    "series": len(requests.get(f"{self.url}/patients/{pid}/series", timeout=30).json()),
+                    "instances": len(requests.get(f"{self.url}/patients/{pid}/instances", timeout=30).json()),
+                }
+        return {"studies": 0, "series": 0, "instances": 0}
+
+
+class Issuer:
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key_file = tmp / "dev-issuer-key.pem"
+        self.log = open(tmp / "dev-issuer.log", "w")
+        self.proc = subprocess.Popen(
+            [str(binary()), "dev-issuer", "--listen", f"127.0.0.1:{self.port}", "--key-file", str(self.key_file)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_tcp(self.port, self.proc, "dev-issuer")
+
+    def mint(self, patient=None, scope="patient/ImagingStudy.rs", aud=None, expires_in=3600, client_id=None) -> str:
+        form = {"scope": scope, "expires_in": str(expires_in)}
+        if patient is not None:
+            form["patient"] = patient
+        if aud is not None:
+            form["aud"] = aud
+        if client_id is not None:
+            form["client_id"] = client_id
+        r = requests.post(f"{self.url}/token", data=form, timeout=10)
+        r.raise_for_status()
+        return r.json()["access_token"]
+
+
+class Gateway:
+    def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra=""):
+        self.dimse_port = free_port()
+        self.http_port = free_port()
+        self.ae_title = "PACSGATE"
+        self.public_url = f"http://127.0.0.1:{self.http_port}"
+        self.config = tmp / f"{name}.toml"
+        self.config.write_text(
+            f"""
+[gateway]
+ae_title = "{self.ae_title}"
+dimse_listen = "127.0.0.1:{self.dimse_port}"
+http_listen = "127.0.0.1:{self.http_port}"
+public_url = "{self.public_url}"
+audiences = ["http://127.0.0.1:8080/dicom-web", "{self.public_url}/dicom-web"]
+
+[limits]
+idle_timeout_secs = 60
+upstream_timeout_secs = 20
+
+[pacs]
+ae_title = "{orthanc.aet}"
+address = "127.0.0.1:{orthanc.dicom_port}"
+calling_ae_title = "PACSGATE"
+
+[[issuers]]
+issuer = "{issuer.url}"
+verify = "jwt"
+{extra}
+"""
+        )
+        self.log_path = tmp / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(binary()), "serve", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PACSGATE_LOG="info,pacsgate=debug"),
+        )
+        wait_tcp(self.dimse_port, self.proc, "pacsgate")
+        wait_tcp(self.http_port, self.proc, "pacsgate http")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def tmp_root():
+    d = Path(tempfile.mkdtemp(prefix="pacsgate-it-"))
+    yield d
+    if os.environ.get("KEEP_TEST_DIR"):
+        print(f"test files kept in {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_root):
+    o = Orthanc(tmp_root)
+    studies = {}
+    for pid, study_uid, data in generate(PATIENTS, PADDED):
+        o.upload(data)
+        studies.setdefault(pid, set()).add(study_uid)
+    o.studies = studies
+    yield o
+    stop(o.proc)
+
+
+@pytest.fixture(scope="session")
+def issuer(tmp_root):
+    i = Issuer(tmp_root)
+    yield i
+    stop(i.proc)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_root, orthanc, issuer):
+    g = Gateway(tmp_root, orthanc, issuer)
+    yield g
+    stop(g.proc)
+    assert g.proc.returncode == 0, f"pacsgate did not stop cleanly: {g.proc.returncode}"
+    log = g.log_text()
+    # No token ever reaches a log: every minted token has the same JWS header prefix.
+    assert "eyJ" not in log, "a token appeared in the gateway log"
