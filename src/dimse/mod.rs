@@ -31,6 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+/// Connections over the cap that are answered with a rejection at the same time; more are closed.
+const MAX_REFUSALS_IN_FLIGHT: usize = 32;
 /// Slack over the announced Maximum Length tolerated in PDUs from peers.
 const PDU_SLACK: u32 = 64;
 
@@ -61,6 +63,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(ctx.cfg.limits.max_associations));
+    let refusers = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -83,10 +86,18 @@ pub async fn serve(
                             handle(stream, addr, ctx).await;
                         });
                     }
-                    Err(_) => {
-                        tracing::warn!(%addr, "association limit reached; refusing");
-                        tasks.spawn(refuse_busy(stream));
-                    }
+                    Err(_) => match refusers.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tracing::warn!(%addr, "association limit reached; refusing");
+                            let max_rq = ctx.cfg.limits.max_association_request_bytes;
+                            tasks.spawn(async move {
+                                let _permit = permit;
+                                refuse_busy(stream, max_rq).await;
+                            });
+                        }
+                        // Flooded: not even a rejection is worth a task.
+                        Err(_) => drop(stream),
+                    },
                 }
             }
             _ = shutdown.changed() => break,
@@ -102,18 +113,27 @@ pub async fn serve(
     tasks.abort_all();
 }
 
-async fn refuse_busy(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = write_pdu(&mut stream, &Pdu::AssociationRJ(reject(Refusal::Busy))).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+/// Refuses a connection over the association cap: its request is read (so the client sees the
+/// A-ASSOCIATE-RJ instead of a reset), then rejected as transient.
+async fn refuse_busy(mut stream: TcpStream, max_rq: u32) {
+    let read = tokio::time::timeout(Duration::from_secs(2), read_pdu(&mut stream, max_rq)).await;
+    if let Ok(Ok(Pdu::AssociationRQ(_))) = read {
+        send_reject(&mut stream, Refusal::Busy).await;
+    }
 }
 
+/// Sends an A-ASSOCIATE-RJ, then lets the client close first, so the rejection is not lost to
+/// a connection reset.
 async fn send_reject(stream: &mut TcpStream, r: Refusal) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
         let _ = stream.shutdown().await;
+        let mut sink = [0u8; 512];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
     })
     .await;
 }

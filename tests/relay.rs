@@ -1,0 +1,631 @@
+//! The DIMSE relay against a scripted PACS that misbehaves on purpose, with dicom-rs's own
+//! association client as the viewer. Orthanc's matching is well-behaved enough that the
+//! gateway's second line of defence (checking every match) never fires against it; here the PACS
+//! returns other patients' matches, fragments with a tiny maximum PDU, hangs, or is absent.
+
+use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::{
+    EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+};
+use dicom_ul::ClientAssociationOptions;
+use dicom_ul::association::client::AsyncClientAssociation;
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRJResult, PDataValue, PDataValueType, Pdu, PresentationContextResult,
+    PresentationContextResultReason, UserVariableItem,
+};
+use jsonwebtoken::Algorithm;
+use pacsgate::config::Config;
+use pacsgate::devissuer::{DevIssuer, DevKey, MintRequest};
+use pacsgate::dimse::{
+    self, command,
+    message::Event,
+    peer::{Incoming, Peer, read_pdu, write_pdu},
+};
+use pacsgate::policy::Policy;
+use pacsgate::trust::TrustCore;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+const FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+const ELE: &str = "1.2.840.10008.1.2.1";
+
+/// What the scripted PACS does after it received a C-FIND.
+#[derive(Clone, Copy, PartialEq)]
+enum Script {
+    /// Matches for the caller and for others, then success.
+    MixedMatches,
+    /// One match, then waits for C-CANCEL and answers 0xFE00.
+    WaitForCancel,
+    /// Never answers.
+    Hang,
+    /// Large matches, fragmented to its own tiny maximum PDU.
+    LargeMatches,
+}
+
+/// What the scripted PACS saw.
+#[derive(Default)]
+struct Seen {
+    calling_ae: String,
+    identity_forwarded: bool,
+    query_patient_ids: Vec<Option<String>>,
+    cancels: usize,
+}
+
+const PACS_MAX_PDU: u32 = 1024;
+
+fn ds_bytes(obj: &InMemDicomObject) -> Vec<u8> {
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn find_rsp(msg_id: u16, status: u16, with_data: bool) -> Vec<u8> {
+    let cmd = InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(FIND),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x8020])),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [msg_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [if with_data { 0 } else { 0x0101 }]),
+        ),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
+    ]);
+    let mut out = Vec::new();
+    cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn study(patient_id: Option<&str>, uid: &str, description_len: usize) -> InMemDicomObject {
+    let mut o = InMemDicomObject::new_empty();
+    o.put(DataElement::new(
+        tags::QUERY_RETRIEVE_LEVEL,
+        VR::CS,
+        PrimitiveValue::from("STUDY"),
+    ));
+    if let Some(p) = patient_id {
+        o.put(DataElement::new(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(p),
+        ));
+    }
+    o.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(uid),
+    ));
+    if description_len > 0 {
+        let d: String = "X".repeat(description_len);
+        o.put(DataElement::new(
+            tags::STUDY_DESCRIPTION,
+            VR::UT,
+            PrimitiveValue::from(d),
+        ));
+    }
+    o
+}
+
+async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let Ok(Pdu::AssociationRQ(rq)) = read_pdu(&mut s, 1 << 20).await else {
+                return;
+            };
+            {
+                let mut g = seen.lock().unwrap();
+                g.calling_ae = rq.calling_ae_title.trim().to_string();
+                g.identity_forwarded = rq
+                    .user_variables
+                    .iter()
+                    .any(|v| matches!(v, UserVariableItem::UserIdentityItem(_)));
+            }
+            let ac = AssociationAC {
+                protocol_version: 1,
+                calling_ae_title: rq.calling_ae_title.clone(),
+                called_ae_title: rq.called_ae_title.clone(),
+                application_context_name: rq.application_context_name.clone(),
+                presentation_contexts: rq
+                    .presentation_contexts
+                    .iter()
+                    .map(|pc| PresentationContextResult {
+                        id: pc.id,
+                        reason: PresentationContextResultReason::Acceptance,
+                        transfer_syntax: pc.transfer_syntaxes[0].clone(),
+                    })
+                    .collect(),
+                user_variables: vec![UserVariableItem::MaxLength(PACS_MAX_PDU)],
+            };
+            write_pdu(&mut s, &Pdu::AssociationAC(ac)).await.unwrap();
+            let _ = s.set_nodelay(true);
+            // The gateway must respect the PACS's maximum: read with exactly that limit.
+            let mut peer = Peer::new("gateway", s, PACS_MAX_PDU, 0);
+            let mut msg_id = 0;
+            loop {
+                match peer.next().await {
+                    Incoming::Message(Event::Command { pc_id, bytes }) => {
+                        let cmd = command::Command::decode(bytes).unwrap();
+                        peer.expect_data(pc_id, cmd.has_data_set());
+                        match cmd.field() {
+                            Some(command::C_ECHO_RQ) => {
+                                let r = cmd.response(0, None);
+                                peer.send_message(pc_id, &r, None).await.unwrap();
+                            }
+                            Some(command::C_CANCEL_RQ) => {
+                                seen.lock().unwrap().cancels += 1;
+                                let r = find_rsp(msg_id, 0xFE00, false);
+                                peer.send_message(pc_id, &r, None).await.unwrap();
+                            }
+                            Some(command::C_FIND_RQ) => {
+                                msg_id = cmd.message_id().unwrap();
+                                let data = peer
+                                    .collect_data(pc_id, 1 << 20, Duration::from_secs(5))
+                                    .await
+                                    .unwrap();
+                                let q = InMemDicomObject::read_dataset_with_ts(
+                                    &data[..],
+                                    &EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+                                )
+                                .unwrap();
+                                let pid = q
+                                    .get(tags::PATIENT_ID)
+                                    .map(|e| e.to_str().unwrap().into_owned());
+                                seen.lock().unwrap().query_patient_ids.push(pid);
+                                match script {
+                                    Script::MixedMatches => {
+                                        for (p, uid) in [
+                                            (Some("PAT1"), "1.1"),
+                                            (Some("PAT2"), "2.1"),
+                                            (Some("pat1"), "3.1"),
+                                            (None, "4.1"),
+                                            (Some("PAT1\\PAT2"), "5.1"),
+                                            (Some("PAT1  "), "1.2"),
+                                        ] {
+                                            let d = ds_bytes(&study(p, uid, 0));
+                                            peer.send_message(
+                                                pc_id,
+                                                &find_rsp(msg_id, 0xFF00, true),
+                                                Some(&d),
+                                            )
+                                            .await
+                                            .unwrap();
+                                        }
+                                        peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
+                                            .await
+                                            .unwrap();
+                                    }
+                                    Script::WaitForCancel => {
+                                        let d = ds_bytes(&study(Some("PAT1"), "1.1", 0));
+                                        peer.send_message(
+                                            pc_id,
+                                            &find_rsp(msg_id, 0xFF00, true),
+                                            Some(&d),
+                                        )
+                                        .await
+                                        .unwrap();
+                                    }
+                                    Script::Hang => {}
+                                    Script::LargeMatches => {
+                                        for uid in ["1.1", "1.2"] {
+                                            let d = ds_bytes(&study(Some("PAT1"), uid, 20_000));
+                                            peer.send_message(
+                                                pc_id,
+                                                &find_rsp(msg_id, 0xFF00, true),
+                                                Some(&d),
+                                            )
+                                            .await
+                                            .unwrap();
+                                        }
+                                        peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
+                                            .await
+                                            .unwrap();
+                                    }
+                                }
+                            }
+                            _ => return,
+                        }
+                    }
+                    Incoming::ReleaseRq => {
+                        let _ = peer.send_pdu(&Pdu::ReleaseRP).await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+}
+
+struct Setup {
+    gateway: std::net::SocketAddr,
+    issuer: Arc<DevIssuer>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+async fn setup(script: Script, pacs_up: bool, extra_limits: &str) -> Setup {
+    let il = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer_url = format!("http://{}", il.local_addr().unwrap());
+    let issuer = Arc::new(DevIssuer {
+        issuer: issuer_url.clone(),
+        key: DevKey::generate(Algorithm::ES256).unwrap(),
+        default_aud: "http://127.0.0.1:8080/dicom-web".into(),
+    });
+    tokio::spawn(pacsgate::devissuer::serve(il, issuer.clone()));
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let pl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pacs_addr = pl.local_addr().unwrap();
+    if pacs_up {
+        tokio::spawn(fake_pacs(pl, script, seen.clone()));
+    } else {
+        drop(pl); // nothing listens there
+    }
+    let cfg = Config::parse(&format!(
+        r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:0"
+public_url = "http://127.0.0.1:8080"
+[limits]
+upstream_timeout_secs = 1
+{extra_limits}
+[pacs]
+ae_title = "FAKEPACS"
+address = "{pacs_addr}"
+[[issuers]]
+issuer = "{issuer_url}"
+"#
+    ))
+    .unwrap();
+    let cfg = Arc::new(cfg);
+    let gl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = gl.local_addr().unwrap();
+    let ctx = dimse::Ctx::new(
+        cfg.clone(),
+        TrustCore::new(&cfg).unwrap(),
+        Arc::new(Policy::new(&cfg)),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _keep = _tx;
+        dimse::serve(gl, ctx, rx, Duration::from_secs(1)).await
+    });
+    Setup {
+        gateway,
+        issuer,
+        seen,
+    }
+}
+
+fn token(s: &Setup, patient: &str) -> String {
+    s.issuer
+        .mint(&MintRequest {
+            patient: Some(patient.into()),
+            scope: Some("patient/ImagingStudy.rs".into()),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
+async fn connect(
+    s: &Setup,
+    token: &str,
+) -> Result<AsyncClientAssociation<TcpStream>, dicom_ul::association::Error> {
+    ClientAssociationOptions::new()
+        .calling_ae_title("VIEWER")
+        .called_ae_title("PACSGATE")
+        .with_presentation_context(FIND, vec![ELE])
+        .max_pdu_length(4096)
+        .jwt(token)
+        .read_timeout(Duration::from_secs(10))
+        .establish_async(s.gateway)
+        .await
+}
+
+fn find_rq(msg_id: u16) -> Vec<u8> {
+    let cmd = InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(FIND),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0020])),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [msg_id])),
+        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0])),
+    ]);
+    let mut out = Vec::new();
+    cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn cancel_rq(msg_id: u16) -> Vec<u8> {
+    let cmd = InMemDicomObject::command_from_element_iter([
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0FFF])),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [msg_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [0x0101]),
+        ),
+    ]);
+    let mut out = Vec::new();
+    cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn pdv(t: PDataValueType, data: Vec<u8>) -> Pdu {
+    Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: 1,
+            value_type: t,
+            is_last: true,
+            data,
+        }],
+    }
+}
+
+async fn send_find(a: &mut AsyncClientAssociation<TcpStream>, query: &InMemDicomObject) {
+    a.send(&pdv(PDataValueType::Command, find_rq(1)))
+        .await
+        .unwrap();
+    a.send(&pdv(PDataValueType::Data, ds_bytes(query)))
+        .await
+        .unwrap();
+}
+
+/// Reads one response: its status and its data set, reassembled from fragments.
+async fn next_response(
+    a: &mut AsyncClientAssociation<TcpStream>,
+) -> (u16, Option<InMemDicomObject>) {
+    let mut cmd = Vec::new();
+    let mut data = Vec::new();
+    let mut status = None;
+    loop {
+        match a.receive().await.unwrap() {
+            Pdu::PData { data: pdvs } => {
+                for v in pdvs {
+                    assert!(
+                        v.data.len() + 6 <= 4096,
+                        "fragments respect the client's maximum"
+                    );
+                    match v.value_type {
+                        PDataValueType::Command => {
+                            cmd.extend(v.data);
+                            if v.is_last {
+                                let c = command::Command::decode(std::mem::take(&mut cmd)).unwrap();
+                                let st = c.status().unwrap();
+                                if !c.has_data_set() {
+                                    return (st, None);
+                                }
+                                status = Some(st);
+                            }
+                        }
+                        PDataValueType::Data => {
+                            data.extend(v.data);
+                            if v.is_last {
+                                let obj = InMemDicomObject::read_dataset_with_ts(
+                                    &data[..],
+                                    &EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+                                )
+                                .unwrap();
+                                return (status.unwrap(), Some(obj));
+                            }
+                        }
+                    }
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn study_query(patient_id: Option<&str>) -> InMemDicomObject {
+    let mut q = study(patient_id, "", 0);
+    q.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(""),
+    ));
+    q
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_matches_from_the_pacs_are_withheld() {
+    let s = setup(Script::MixedMatches, true, "").await;
+    let mut a = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    send_find(&mut a, &study_query(None)).await;
+    let mut uids = Vec::new();
+    loop {
+        let (status, ds) = next_response(&mut a).await;
+        if status == 0xFF00 {
+            let ds = ds.unwrap();
+            assert!(
+                ds.get(tags::PATIENT_ID).is_none(),
+                "PatientID the gateway added is stripped"
+            );
+            uids.push(
+                ds.get(tags::STUDY_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+        } else {
+            assert_eq!(status, 0);
+            break;
+        }
+    }
+    assert_eq!(
+        uids,
+        vec!["1.1", "1.2"],
+        "only PAT1's matches (padding aside) reach the client"
+    );
+    a.release().await.unwrap();
+    let seen = s.seen.lock().unwrap();
+    assert_eq!(
+        seen.query_patient_ids,
+        vec![Some("PAT1".to_string())],
+        "the query was narrowed"
+    );
+    assert_eq!(seen.calling_ae, "PACSGATE");
+    assert!(!seen.identity_forwarded, "the token is never sent upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn asked_patient_id_is_kept_in_matches() {
+    let s = setup(Script::MixedMatches, true, "").await;
+    let mut a = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    send_find(&mut a, &study_query(Some(""))).await;
+    let (status, ds) = next_response(&mut a).await;
+    assert_eq!(status, 0xFF00);
+    assert_eq!(
+        ds.unwrap()
+            .get(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "PAT1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_is_relayed_to_the_pacs() {
+    let s = setup(Script::WaitForCancel, true, "").await;
+    let mut a = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    send_find(&mut a, &study_query(None)).await;
+    let (status, _) = next_response(&mut a).await;
+    assert_eq!(status, 0xFF00);
+    a.send(&pdv(PDataValueType::Command, cancel_rq(1)))
+        .await
+        .unwrap();
+    let (status, _) = next_response(&mut a).await;
+    assert_eq!(status, 0xFE00);
+    assert_eq!(s.seen.lock().unwrap().cancels, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_pacs_gives_a_failure_status_not_a_hang() {
+    let s = setup(Script::Hang, true, "").await;
+    let mut a = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    send_find(&mut a, &study_query(None)).await;
+    let started = std::time::Instant::now();
+    let (status, _) = next_response(&mut a).await;
+    assert_eq!(status, command::STATUS_UNABLE_TO_PROCESS);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // then the association is aborted
+    assert!(matches!(
+        a.receive().await,
+        Ok(Pdu::AbortRQ { .. }) | Err(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pacs_down_rejects_transiently() {
+    let s = setup(Script::Hang, false, "").await;
+    match connect(&s, &token(&s, "PAT1")).await {
+        Err(dicom_ul::association::Error::Rejected { association_rj, .. }) => {
+            assert_eq!(association_rj.result, AssociationRJResult::Transient)
+        }
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_matches_are_refragmented_between_different_maximums() {
+    let s = setup(Script::LargeMatches, true, "").await;
+    let mut a = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    send_find(&mut a, &study_query(Some("PAT1"))).await;
+    for _ in 0..2 {
+        let (status, ds) = next_response(&mut a).await;
+        assert_eq!(status, 0xFF00);
+        let d = ds
+            .unwrap()
+            .get(tags::STUDY_DESCRIPTION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .into_owned();
+        assert_eq!(d.trim_end().len(), 20_000);
+    }
+    assert_eq!(next_response(&mut a).await.0, 0);
+    a.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn association_cap_refuses_with_local_limit() {
+    let s = setup(Script::MixedMatches, true, "max_associations = 1").await;
+    let first = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    match connect(&s, &token(&s, "PAT1")).await {
+        Err(dicom_ul::association::Error::Rejected { association_rj, .. }) => {
+            assert_eq!(association_rj.result, AssociationRJResult::Transient)
+        }
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
+    first.release().await.unwrap();
+    // the slot is free again
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_client_is_dropped_after_the_request_timeout() {
+    let s = setup(
+        Script::MixedMatches,
+        true,
+        "association_request_timeout_secs = 0.5",
+    )
+    .await;
+    let mut c = TcpStream::connect(s.gateway).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+    )
+    .await
+    .expect("the gateway must close an idle connection")
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_association_request_is_refused() {
+    let s = setup(Script::MixedMatches, true, "").await;
+    let mut c = TcpStream::connect(s.gateway).await.unwrap();
+    // An A-ASSOCIATE-RQ header announcing 16 MiB: refused without reading it.
+    tokio::io::AsyncWriteExt::write_all(&mut c, &[0x01, 0, 0x01, 0, 0, 0])
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), read_pdu(&mut c, 1 << 16))
+        .await
+        .unwrap();
+    assert!(matches!(r, Ok(Pdu::AbortRQ { .. }) | Err(_)));
+}
