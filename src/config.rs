@@ -256,14 +256,25 @@ impl Checker {
     }
 
     fn required(&mut self, key: &str, value: Option<String>, example: &str) -> String {
+        let (section, name) = match key.rsplit_once('.') {
+            Some((s, n)) => (s.split('[').next().unwrap_or(s), n),
+            None => ("", key),
+        };
+        let place = if section.is_empty() {
+            String::new()
+        } else if key.contains('[') {
+            format!(" to the [[{section}]] entry")
+        } else {
+            format!(" under [{section}]")
+        };
         match value {
             Some(v) if !v.trim().is_empty() => v,
             Some(_) => {
-                self.problem(key, format!("is empty; set it, e.g. {key} = {example}"));
+                self.problem(key, format!("is empty; set it, e.g. {name} = {example}"));
                 String::new()
             }
             None => {
-                self.problem(key, format!("is missing; add it, e.g. {key} = {example}"));
+                self.problem(key, format!("is missing; add it{place}, e.g. {name} = {example}"));
                 String::new()
             }
         }
@@ -510,8 +521,13 @@ impl Config {
         if let Some(u) = &pacs.dicomweb_url {
             c.http_url("pacs.dicomweb_url", u);
         }
-        let calling = pacs.calling_ae_title.unwrap_or_else(|| ae_title.clone());
-        c.ae_title("pacs.calling_ae_title", &calling);
+        let calling = match pacs.calling_ae_title {
+            Some(a) => {
+                c.ae_title("pacs.calling_ae_title", &a);
+                a
+            }
+            None => ae_title.clone(),
+        };
         let receive_listen = pacs
             .receive_listen
             .as_deref()

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The pacsgate demo on a fresh Debian machine: installs what is missing, builds the gateway,
+# starts Orthanc with two sample patients, the development token issuer and the gateway (with
+# samples/pacsgate.toml), mints a token for one patient and shows a C-FIND through the gateway
+# returning only that patient's studies. Then it keeps everything running for you to try, until
+# Ctrl-C. With --once it stops after the showcase.
+#
+# Ports (loopback only): gateway DIMSE 11112 and HTTP 8080, dev issuer 9400, Orthanc 14242/18042.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+once=0
+[ "${1:-}" = "--once" ] && once=1
+
+scripts/setup.sh
+echo "== building pacsgate (release)"
+cargo build --release --locked --bin pacsgate
+bin=target/release/pacsgate
+
+run=demo-run
+rm -rf "$run"
+mkdir -p "$run/orthanc-db"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+for port in 11112 8080 9400 14242 18042; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port on 127.0.0.1 is in use; stop what uses it (e.g. a system Orthanc: systemctl stop orthanc) and retry" >&2
+    exit 1
+  fi
+done
+
+echo "== starting Orthanc (DICOM 14242, HTTP 18042)"
+cat > "$run/orthanc.json" <<EOF
+{
+  "Name": "pacsgate-demo", "StorageDirectory": "$PWD/$run/orthanc-db", "IndexDirectory": "$PWD/$run/orthanc-db",
+  "DicomAet": "ORTHANC", "DicomPort": 14242, "HttpPort": 18042,
+  "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
+  "DicomAlwaysAllowEcho": true, "DicomAlwaysAllowStore": true, "DicomAlwaysAllowFind": true,
+  "DicomAlwaysAllowGet": true, "DicomAlwaysAllowMove": true, "DicomCheckCalledAet": false,
+  "UnknownSopClassAccepted": true, "SaveJobs": false,
+  "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+  "DicomWeb": {"Enable": true, "Root": "/dicom-web/"}
+}
+EOF
+TCP_NODELAY=1 Orthanc "$run/orthanc.json" >"$run/orthanc.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18042/system >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs http://127.0.0.1:18042/system >/dev/null || { echo "Orthanc did not start; see $run/orthanc.log" >&2; exit 1; }
+
+echo "== loading sample patients DEMO-A (3 studies) and DEMO-B (2 studies) into Orthanc"
+PYTHONPATH=tests/integration .venv/bin/python - <<'EOF'
+import requests
+from dicomdata import generate
+for pid, study, data in generate({"DEMO-A": {"studies": 3, "series": 1, "instances": 2},
+                                  "DEMO-B": {"studies": 2, "series": 1, "instances": 2}}, []):
+    requests.post("http://127.0.0.1:18042/instances", data=data, timeout=30).raise_for_status()
+EOF
+
+echo "== starting the development token issuer on 127.0.0.1:9400 (NOT FOR PRODUCTION)"
+"$bin" dev-issuer --listen 127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" >"$run/dev-issuer.log" 2>&1 &
+pids+=($!)
+
+echo "== starting pacsgate with samples/pacsgate.toml (DIMSE 11112, HTTP 8080)"
+"$bin" check-config --config samples/pacsgate.toml
+"$bin" serve --config samples/pacsgate.toml >"$run/pacsgate.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs http://127.0.0.1:8080/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs http://127.0.0.1:8080/healthz >/dev/null || { echo "pacsgate did not start; see $run/pacsgate.log" >&2; exit 1; }
+
+echo "== minting a token for patient DEMO-A"
+token=$("$bin" dev-issuer mint --issuer http://127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" \
+  --patient DEMO-A --scope "patient/ImagingStudy.rs")
+echo "   token: ${token:0:24}... (scope patient/ImagingStudy.rs, patient DEMO-A)"
+
+echo
+echo "== C-FIND (study level) through the gateway with DEMO-A's token: only DEMO-A's studies"
+.venv/bin/python scripts/findscu-jwt.py --token "$token" --level STUDY 127.0.0.1 11112
+echo
+echo "== the same token asking for DEMO-B: refused (0x0124)"
+.venv/bin/python scripts/findscu-jwt.py --token "$token" --level STUDY --patient-id DEMO-B 127.0.0.1 11112 || true
+echo
+echo "== no token: the association is rejected"
+.venv/bin/python scripts/findscu-jwt.py --level STUDY 127.0.0.1 11112 || true
+
+if [ "$once" = 1 ]; then
+  exit 0
+fi
+cat <<EOF
+
+The demo keeps running. Try:
+  token=\$($bin dev-issuer mint --issuer http://127.0.0.1:9400 --key-file $run/dev-issuer-key.pem --patient DEMO-B)
+  .venv/bin/python scripts/findscu-jwt.py --token "\$token" --level SERIES 127.0.0.1 11112
+Logs (with the audit trail) are in $run/. Press Ctrl-C to stop everything.
+EOF
+wait
