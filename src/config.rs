@@ -274,7 +274,10 @@ impl Checker {
                 String::new()
             }
             None => {
-                self.problem(key, format!("is missing; add it{place}, e.g. {name} = {example}"));
+                self.problem(
+                    key,
+                    format!("is missing; add it{place}, e.g. {name} = {example}"),
+                );
                 String::new()
             }
         }

@@ -170,7 +170,7 @@ class Issuer:
 
 
 class Gateway:
-    def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra=""):
+    def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug"):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.ae_title = "PACSGATE"
@@ -206,7 +206,7 @@ verify = "jwt"
             [str(binary()), "serve", "--config", str(self.config)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, PACSGATE_LOG="info,pacsgate=debug"),
+            env=dict(os.environ, PACSGATE_LOG=log_filter),
         )
         wait_tcp(self.dimse_port, self.proc, "pacsgate")
         wait_tcp(self.http_port, self.proc, "pacsgate http")

@@ -1,0 +1,327 @@
+//! A minimal DIMSE load client for the benchmark (scripts/bench-dimse.sh): it measures the same
+//! operations against the gateway and straight against the PACS, so the two can be compared in
+//! one run. Written on pacsgate's own PDU layer so the client adds as little time as possible.
+//!
+//! dimse_bench --addr 127.0.0.1:11112 --called PACSGATE [--token-file F] --mode assoc|find
+//!             --count N [--patient-id ID]
+//! Prints one JSON object with the latencies in microseconds.
+
+use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+use dicom_ul::Pdu;
+use dicom_ul::pdu::{
+    AssociationRQ, PresentationContextProposed, UserIdentity, UserIdentityType, UserVariableItem,
+};
+use pacsgate::dimse::command::{self, Command};
+use pacsgate::dimse::message::Event;
+use pacsgate::dimse::peer::{Incoming, Peer, read_pdu, write_pdu};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+const STUDY_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+const ILE: &str = "1.2.840.10008.1.2";
+
+struct Args {
+    addr: String,
+    called: String,
+    token: Option<String>,
+    mode: String,
+    count: usize,
+    patient_id: String,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        addr: String::new(),
+        called: "PACSGATE".into(),
+        token: None,
+        mode: "assoc".into(),
+        count: 100,
+        patient_id: "BENCH".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--addr" => a.addr = v,
+            "--called" => a.called = v,
+            "--token-file" => {
+                a.token = Some(
+                    std::fs::read_to_string(v)
+                        .map_err(|e| e.to_string())?
+                        .trim()
+                        .to_string(),
+                )
+            }
+            "--mode" => a.mode = v,
+            "--count" => a.count = v.parse().map_err(|_| "--count N".to_string())?,
+            "--patient-id" => a.patient_id = v,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if a.addr.is_empty() {
+        return Err("--addr HOST:PORT is required".into());
+    }
+    Ok(a)
+}
+
+fn encode(obj: &InMemDicomObject) -> Vec<u8> {
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .expect("in-memory encoding");
+    out
+}
+
+fn request(field: u16, sop: &str, msg_id: u16, with_data: bool) -> Vec<u8> {
+    let mut el = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field])),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [msg_id])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [if with_data { 0 } else { 0x0101 }]),
+        ),
+    ];
+    if field == command::C_FIND_RQ {
+        el.push(DataElement::new(
+            tags::PRIORITY,
+            VR::US,
+            dicom_value!(U16, [0]),
+        ));
+    }
+    encode(&InMemDicomObject::command_from_element_iter(el))
+}
+
+async fn associate(a: &Args) -> Result<Peer, String> {
+    let mut s = TcpStream::connect(&a.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut uv = vec![
+        UserVariableItem::MaxLength(65536),
+        UserVariableItem::ImplementationClassUID("2.25.1".into()),
+    ];
+    if let Some(t) = &a.token {
+        uv.push(UserVariableItem::UserIdentityItem(UserIdentity::new(
+            false,
+            UserIdentityType::Jwt,
+            t.as_bytes().to_vec(),
+            vec![],
+        )));
+    }
+    let rq = AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "BENCH".into(),
+        called_ae_title: a.called.clone(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![
+            PresentationContextProposed {
+                id: 1,
+                abstract_syntax: VERIFICATION.into(),
+                transfer_syntaxes: vec![ILE.into()],
+            },
+            PresentationContextProposed {
+                id: 3,
+                abstract_syntax: STUDY_FIND.into(),
+                transfer_syntaxes: vec![ILE.into()],
+            },
+        ],
+        user_variables: uv,
+    };
+    write_pdu(&mut s, &Pdu::AssociationRQ(rq))
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_pdu(&mut s, 1 << 20).await.map_err(|e| e.to_string())? {
+        Pdu::AssociationAC(ac) => {
+            let max = ac
+                .user_variables
+                .iter()
+                .find_map(|v| {
+                    if let UserVariableItem::MaxLength(m) = v {
+                        Some(*m)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(16384);
+            Ok(Peer::new("peer", s, 1 << 20, max))
+        }
+        other => Err(format!(
+            "association refused: {}",
+            other.short_description()
+        )),
+    }
+}
+
+/// Reads responses until a final one; returns the number of matches.
+async fn responses(p: &mut Peer) -> Result<usize, String> {
+    let mut matches = 0;
+    loop {
+        match p.next().await {
+            Incoming::Message(Event::Command { pc_id, bytes }) => {
+                let c = Command::decode(bytes).map_err(|e| e.to_string())?;
+                p.expect_data(pc_id, c.has_data_set());
+                if c.has_data_set() {
+                    p.collect_data(pc_id, 1 << 20, Duration::from_secs(30))
+                        .await?;
+                }
+                let st = c.status().unwrap_or(0xC000);
+                if command::is_pending(st) {
+                    matches += 1;
+                } else if st == 0 {
+                    return Ok(matches);
+                } else {
+                    return Err(format!("status {st:#06x}"));
+                }
+            }
+            other => return Err(format!("unexpected {other:?}")),
+        }
+    }
+}
+
+async fn release(mut p: Peer) -> Result<(), String> {
+    p.send_pdu(&Pdu::ReleaseRQ)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match p.next().await {
+            Incoming::ReleaseRp => return Ok(()),
+            Incoming::Message(_) => continue,
+            other => return Err(format!("release: {other:?}")),
+        }
+    }
+}
+
+fn summary(mut us: Vec<f64>, extra: &str) -> String {
+    us.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| us[((us.len() as f64 - 1.0) * q).round() as usize];
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    format!(
+        "{{\"n\":{},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"mean_us\":{:.1}{extra}}}",
+        us.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        mean
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let a = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dimse_bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = match a.mode.as_str() {
+        "assoc" => {
+            let mut us = Vec::with_capacity(a.count);
+            for i in 0..a.count {
+                let t = Instant::now();
+                let r: Result<(), String> = async {
+                    let mut p = associate(&a).await?;
+                    p.send_message(
+                        1,
+                        &request(
+                            command::C_ECHO_RQ,
+                            VERIFICATION,
+                            (i % 60000) as u16 + 1,
+                            false,
+                        ),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    responses(&mut p).await?;
+                    release(p).await
+                }
+                .await;
+                if let Err(e) = r {
+                    eprintln!("dimse_bench: iteration {i}: {e}");
+                    std::process::exit(1);
+                }
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            summary(us, "")
+        }
+        "find" => {
+            let mut p = match associate(&a).await {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("dimse_bench: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let mut q = InMemDicomObject::new_empty();
+            q.put(DataElement::new(
+                tags::QUERY_RETRIEVE_LEVEL,
+                VR::CS,
+                PrimitiveValue::from("STUDY"),
+            ));
+            q.put(DataElement::new(
+                tags::PATIENT_ID,
+                VR::LO,
+                PrimitiveValue::from(a.patient_id.as_str()),
+            ));
+            q.put(DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(""),
+            ));
+            q.put(DataElement::new(
+                tags::STUDY_DATE,
+                VR::DA,
+                PrimitiveValue::from(""),
+            ));
+            q.put(DataElement::new(
+                tags::STUDY_DESCRIPTION,
+                VR::LO,
+                PrimitiveValue::from(""),
+            ));
+            q.put(DataElement::new(
+                tags::ACCESSION_NUMBER,
+                VR::SH,
+                PrimitiveValue::from(""),
+            ));
+            let ident = encode(&q);
+            let mut us = Vec::with_capacity(a.count);
+            let mut total = 0;
+            for i in 0..a.count {
+                let t = Instant::now();
+                let cmd = request(command::C_FIND_RQ, STUDY_FIND, (i % 60000) as u16 + 1, true);
+                if let Err(e) = p.send_message(3, &cmd, Some(&ident)).await {
+                    eprintln!("dimse_bench: {e}");
+                    std::process::exit(1);
+                }
+                match responses(&mut p).await {
+                    Ok(n) => total += n,
+                    Err(e) => {
+                        eprintln!("dimse_bench: {e}");
+                        std::process::exit(1);
+                    }
+                }
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            let _ = release(p).await;
+            summary(
+                us,
+                &format!(",\"matches_per_query\":{}", total / a.count.max(1)),
+            )
+        }
+        other => {
+            eprintln!("dimse_bench: unknown mode {other}");
+            std::process::exit(2);
+        }
+    };
+    println!("{result}");
+}
