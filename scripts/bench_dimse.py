@@ -31,6 +31,12 @@ ASSOC_PER_ROUND = int(os.environ.get("BENCH_ASSOC", "200"))
 FIND_PER_ROUND = int(os.environ.get("BENCH_FIND", "40"))
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc (clock ticks of 1/100 s)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client(addr, called, mode, count, token_file=None):
     cmd = [str(CLIENT), "--addr", addr, "--called", called, "--mode", mode, "--count", str(count)]
     if token_file:
@@ -64,11 +70,18 @@ def main():
         client(via, "PACSGATE", "find", 5, token_file)
 
         res = {k: [] for k in ("assoc_direct", "assoc_gw", "find_direct", "find_gw")}
+        cpu = {"assoc": 0.0, "find": 0.0}
         for _ in range(ROUNDS):
             res["assoc_direct"].append(client(direct, "ORTHANC", "assoc", ASSOC_PER_ROUND))
+            c0 = cpu_seconds(gw.proc.pid)
             res["assoc_gw"].append(client(via, "PACSGATE", "assoc", ASSOC_PER_ROUND, token_file))
+            c1 = cpu_seconds(gw.proc.pid)
             res["find_direct"].append(client(direct, "ORTHANC", "find", FIND_PER_ROUND))
+            c2 = cpu_seconds(gw.proc.pid)
             res["find_gw"].append(client(via, "PACSGATE", "find", FIND_PER_ROUND, token_file))
+            c3 = cpu_seconds(gw.proc.pid)
+            cpu["assoc"] += c1 - c0
+            cpu["find"] += c3 - c2
         matches = {r["matches_per_query"] for r in res["find_direct"] + res["find_gw"]}
         assert matches == {100}, f"both sides must return the 100 matches: {matches}"
 
@@ -84,11 +97,13 @@ def main():
             "",
             "| measure | direct to Orthanc | through pacsgate | difference |",
             "|---|---|---|---|",
-            f"| association + C-ECHO + release, p50 | {a_d/1000:.3f} ms | {a_g/1000:.3f} ms | +{(a_g-a_d)/1000:.3f} ms |",
-            f"| association + C-ECHO + release, p99 | {a_d99/1000:.3f} ms | {a_g99/1000:.3f} ms | +{(a_g99-a_d99)/1000:.3f} ms |",
-            f"| study C-FIND, 100 matches, p50 | {f_d50/1000:.3f} ms | {f_g50/1000:.3f} ms | +{(f_g50-f_d50)/1000:.3f} ms |",
+            f"| association + C-ECHO + release, p50 | {a_d/1000:.3f} ms | {a_g/1000:.3f} ms | {(a_g-a_d)/1000:+.3f} ms |",
+            f"| association + C-ECHO + release, p99 | {a_d99/1000:.3f} ms | {a_g99/1000:.3f} ms | {(a_g99-a_d99)/1000:+.3f} ms |",
+            f"| study C-FIND, 100 matches, p50 | {f_d50/1000:.3f} ms | {f_g50/1000:.3f} ms | {(f_g50-f_d50)/1000:+.3f} ms |",
             f"| study C-FIND throughput | {1e6/f_d:.1f} queries/s | {1e6/f_g:.1f} queries/s | ratio {f_d/f_g:.3f} |",
             "",
+            f"Gateway CPU time: {cpu['assoc'] * 1e6 / (ROUNDS * ASSOC_PER_ROUND):.0f} us per association, "
+            f"{cpu['find'] * 1e6 / (ROUNDS * FIND_PER_ROUND):.0f} us per 100-match C-FIND.",
             f"({ROUNDS * ASSOC_PER_ROUND} associations and {ROUNDS * FIND_PER_ROUND} C-FINDs per side.)",
         ]
         text = "\n".join(lines)

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod dataset;
 pub mod devissuer;
 pub mod dimse;
 pub mod pacs;

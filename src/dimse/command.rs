@@ -42,75 +42,133 @@ pub fn is_pending(status: u16) -> bool {
 pub struct CommandError(pub String);
 
 /// A decoded command set, with the bytes it came in (relayed unchanged when possible).
+///
+/// Command sets are flat Implicit VR Little Endian group-0000 elements (PS3.7 6.3.1), so they
+/// are read by a small bounds-checked parser rather than a general data set reader: this runs
+/// for every message relayed.
 #[derive(Debug, Clone)]
 pub struct Command {
-    pub obj: InMemDicomObject,
     pub raw: Vec<u8>,
+    field: u16,
+    message_id: Option<u16>,
+    responded_to: Option<u16>,
+    status: Option<u16>,
+    data_set_type: Option<u16>,
+    /// Offset in `raw` of the CommandDataSetType value.
+    data_set_type_at: Option<usize>,
+    sop_class: Option<String>,
 }
 
 impl Command {
     pub fn decode(raw: Vec<u8>) -> Result<Command, CommandError> {
-        let obj =
-            InMemDicomObject::read_dataset_with_ts(&raw[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-                .map_err(|e| CommandError(e.to_string()))?;
-        let c = Command { obj, raw };
-        if c.field().is_none() {
-            return Err(CommandError("no CommandField (0000,0100)".into()));
+        let mut c = Command {
+            raw: Vec::new(),
+            field: 0,
+            message_id: None,
+            responded_to: None,
+            status: None,
+            data_set_type: None,
+            data_set_type_at: None,
+            sop_class: None,
+        };
+        let mut field = None;
+        let mut i = 0usize;
+        let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+        while i < raw.len() {
+            if raw.len() - i < 8 {
+                return Err(CommandError("truncated element header".into()));
+            }
+            let group = u16_at(&raw, i);
+            let element = u16_at(&raw, i + 2);
+            let len = u32::from_le_bytes([raw[i + 4], raw[i + 5], raw[i + 6], raw[i + 7]]) as usize;
+            i += 8;
+            if group != 0x0000 {
+                return Err(CommandError(format!(
+                    "element ({group:04X},{element:04X}) outside group 0000"
+                )));
+            }
+            if len > raw.len() - i {
+                return Err(CommandError(format!(
+                    "element (0000,{element:04X}) runs past the end"
+                )));
+            }
+            let value = &raw[i..i + len];
+            let us = || {
+                if len == 2 {
+                    Ok(u16::from_le_bytes([value[0], value[1]]))
+                } else {
+                    Err(CommandError(format!(
+                        "(0000,{element:04X}) is not a 2-byte US"
+                    )))
+                }
+            };
+            match element {
+                0x0100 => field = Some(us()?),
+                0x0110 => c.message_id = Some(us()?),
+                0x0120 => c.responded_to = Some(us()?),
+                0x0900 => c.status = Some(us()?),
+                0x0800 => {
+                    c.data_set_type = Some(us()?);
+                    c.data_set_type_at = Some(i);
+                }
+                0x0002 => {
+                    let text = std::str::from_utf8(value)
+                        .map_err(|_| CommandError("AffectedSOPClassUID is not text".into()))?;
+                    c.sop_class = Some(text.trim_end_matches(['\0', ' ']).to_string());
+                }
+                _ => {}
+            }
+            i += len;
         }
+        c.field = field.ok_or_else(|| CommandError("no CommandField (0000,0100)".into()))?;
+        c.raw = raw;
         Ok(c)
     }
 
-    fn u16_of(&self, tag: dicom_core::Tag) -> Option<u16> {
-        self.obj.get(tag).and_then(|e| e.to_int::<u16>().ok())
-    }
-
     pub fn field(&self) -> Option<u16> {
-        self.u16_of(tags::COMMAND_FIELD)
+        Some(self.field)
     }
 
     pub fn message_id(&self) -> Option<u16> {
-        self.u16_of(tags::MESSAGE_ID)
+        self.message_id
+    }
+
+    pub fn message_id_being_responded_to(&self) -> Option<u16> {
+        self.responded_to
     }
 
     pub fn status(&self) -> Option<u16> {
-        self.u16_of(tags::STATUS)
+        self.status
     }
 
     /// Whether a data set follows the command.
     pub fn has_data_set(&self) -> bool {
-        self.u16_of(tags::COMMAND_DATA_SET_TYPE)
-            .is_some_and(|v| v != NO_DATA_SET)
+        self.data_set_type.is_some_and(|v| v != NO_DATA_SET)
     }
 
     pub fn affected_sop_class(&self) -> Option<String> {
-        self.obj
-            .get(tags::AFFECTED_SOP_CLASS_UID)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        self.sop_class.clone()
     }
 
     /// A response to this request with `status` and no data set.
     pub fn response(&self, status: u16, comment: Option<&str>) -> Vec<u8> {
-        let field = self.field().unwrap_or(0) | 0x8000;
         build_response(
-            field,
-            self.message_id().unwrap_or(0),
-            self.affected_sop_class().as_deref(),
+            self.field | 0x8000,
+            self.message_id.unwrap_or(0),
+            self.sop_class.as_deref(),
             status,
             comment,
         )
     }
 
-    /// This command re-encoded after its data-set type was set to "none" (used when a data set
-    /// the peer announced is withheld).
+    /// This command with its data-set type set to "none" (used when a data set the peer
+    /// announced is withheld). The value has the same size, so the group length stays right.
     pub fn without_data_set(&self) -> Vec<u8> {
-        let mut obj = self.obj.clone();
-        obj.put(DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            dicom_value!(U16, [NO_DATA_SET]),
-        ));
-        encode(obj)
+        let mut raw = self.raw.clone();
+        if let Some(at) = self.data_set_type_at {
+            raw[at..at + 2].copy_from_slice(&NO_DATA_SET.to_le_bytes());
+        }
+        raw
     }
 }
 
@@ -216,19 +274,29 @@ mod tests {
         assert_eq!(r.field(), Some(C_FIND_RSP));
         assert_eq!(r.status(), Some(STATUS_NOT_AUTHORIZED));
         assert!(!r.has_data_set());
-        assert_eq!(r.u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO), Some(7));
+        assert_eq!(r.message_id_being_responded_to(), Some(7));
         assert_eq!(
             r.affected_sop_class().as_deref(),
             Some("1.2.840.10008.5.1.4.1.2.2.1")
         );
         // group length is correct: the encoded length after the group length element
-        let gl = r
-            .obj
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(&r.raw[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .unwrap();
+        let gl = obj
             .get(tags::COMMAND_GROUP_LENGTH)
             .unwrap()
             .to_int::<u32>()
             .unwrap();
         assert_eq!(gl as usize, r.raw.len() - 12);
+        assert_eq!(
+            obj.get(tags::ERROR_COMMENT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim(),
+            "not authorized"
+        );
 
         let stripped = Command::decode(c.without_data_set()).unwrap();
         assert!(!stripped.has_data_set());
@@ -239,6 +307,17 @@ mod tests {
     fn garbage_is_refused() {
         assert!(Command::decode(vec![1, 2, 3]).is_err());
         assert!(Command::decode(Vec::new()).is_err());
+        // an element whose length runs past the end
+        assert!(Command::decode(vec![0, 0, 0, 1, 0xff, 0xff, 0, 0, 1, 2]).is_err());
+        // an element of another group
+        assert!(Command::decode(vec![8, 0, 0x50, 0, 0, 0, 0, 0]).is_err());
+        // CommandField with a wrong size
+        assert!(Command::decode(vec![0, 0, 0, 1, 1, 0, 0, 0, 5]).is_err());
+        // every truncation of a valid command is refused, never a panic
+        let good = find_rq();
+        for n in 0..good.len() {
+            let _ = Command::decode(good[..n].to_vec());
+        }
         assert!(is_pending(0xFF00) && is_pending(0xFF01) && !is_pending(0));
     }
 }

@@ -152,6 +152,15 @@ async fn relay_responses(
     let limits = s.ctx.cfg.limits.clone();
     let (mut relayed, mut dropped) = (0usize, 0usize);
     loop {
+        // Never wait on the PACS with matches held back for the client.
+        if !s.pacs.has_input_at_hand()
+            && s.client.queued_bytes() > 0
+            && let Err(e) = s.client.flush().await
+        {
+            tracing::info!(assoc = s.id, reason = %e, "cannot write to the client");
+            s.pacs.abort().await;
+            return Flow::End;
+        }
         let incoming = tokio::select! {
             i = tokio::time::timeout(limits.upstream_timeout, s.pacs.next()) => match i {
                 Ok(i) => i,
@@ -248,39 +257,43 @@ async fn relay_responses(
         }
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is.
-            if let Flow::End = s.reply(pc_id, &rsp.raw, None).await {
+            if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, None).await {
                 return Flow::End;
             }
             continue;
         };
-        let mut obj = match InMemDicomObject::read_dataset_with_ts(&data[..], ts) {
-            Ok(o) => o,
-            Err(_) => {
-                dropped += 1;
-                continue;
-            }
+        let admitted = match crate::dataset::patient_id(&data, ts) {
+            Ok(pid) => filter.admits(pid.as_deref()),
+            Err(_) => false,
         };
-        if !filter.admits(patient_id_of(&obj).as_deref()) {
+        if !admitted {
             dropped += 1;
             tracing::warn!(
                 assoc = s.id,
-                "PACS returned a C-FIND match for another patient; withheld"
+                "PACS returned a C-FIND match for another patient (or none); withheld"
             );
             continue;
         }
         let out = if strip_patient_id {
-            obj.remove_element(tags::PATIENT_ID);
-            let mut out = Vec::with_capacity(data.len());
-            if obj.write_dataset_with_ts(&mut out, ts).is_err() {
-                dropped += 1;
-                continue;
+            let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
+                .ok()
+                .and_then(|mut obj| {
+                    obj.remove_element(tags::PATIENT_ID);
+                    let mut out = Vec::with_capacity(data.len());
+                    obj.write_dataset_with_ts(&mut out, ts).ok().map(|_| out)
+                });
+            match stripped {
+                Some(out) => out,
+                None => {
+                    dropped += 1;
+                    continue;
+                }
             }
-            out
         } else {
             data
         };
         relayed += 1;
-        if let Flow::End = s.reply(pc_id, &rsp.raw, Some(&out)).await {
+        if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, Some(&out)).await {
             return Flow::End;
         }
     }

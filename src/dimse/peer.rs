@@ -1,21 +1,19 @@
 //! One side of a relayed association: PDU framing on a TCP stream, with every buffer bounded.
 //!
-//! Owns: reading PDUs (length checked before a byte of the body is buffered), writing PDUs, a
-//! reader task that turns the socket into a bounded channel (so waiting on both peers at once is
-//! cancel-safe), and turning P-DATA into message events through the [`Assembler`]. Must not know
-//! what messages mean.
+//! Owns: reading PDUs (length checked before the body is buffered; reads are cancel-safe, so a
+//! session can wait on both peers at once), writing PDUs, and turning P-DATA into message events
+//! through the [`Assembler`]. Must not know what messages mean.
 
 use super::message::{Assembler, DEFAULT_MAX_COMMAND, Event, FramingError, fragment};
+use bytes::BytesMut;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
 use std::collections::VecDeque;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-/// PDUs read ahead of the session per peer; with the PDU size cap this bounds memory.
-const READ_AHEAD: usize = 4;
+/// The read buffer's starting size; it grows to one PDU at most.
+const INITIAL_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PduError {
@@ -80,35 +78,73 @@ pub enum Incoming {
 /// One established peer of a relayed association.
 pub struct Peer {
     pub name: &'static str,
-    rx: mpsc::Receiver<Result<Pdu, PduError>>,
+    reader: OwnedReadHalf,
+    /// Bytes read but not yet framed; never more than one PDU (`read_max` + header) plus one read.
+    buf: BytesMut,
+    read_max: u32,
+    /// Set once the connection failed; every later read reports it again.
+    failed: Option<String>,
     writer: OwnedWriteHalf,
-    reader: JoinHandle<()>,
+    /// Encoded PDUs not yet written: messages are batched while more input is already at hand,
+    /// so a burst of responses costs one write (and one wake-up of the peer), not one each.
+    out: Vec<u8>,
     assembler: Assembler,
     queue: VecDeque<Incoming>,
     /// The peer's Maximum Length: fragments sent to it are at most this long.
     pub peer_max: u32,
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
+/// Queued output is written once it reaches this size, batching or not.
+pub const MAX_BATCH: usize = 64 * 1024;
 
 impl Peer {
     /// Takes over an established connection; `read_max` is the largest PDU accepted from it.
     pub fn new(name: &'static str, stream: TcpStream, read_max: u32, peer_max: u32) -> Peer {
-        let (rd, writer) = stream.into_split();
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let reader = tokio::spawn(reader_task(rd, read_max, tx));
+        let (reader, writer) = stream.into_split();
         Peer {
             name,
-            rx,
-            writer,
             reader,
+            buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            read_max,
+            failed: None,
+            writer,
+            out: Vec::new(),
             assembler: Assembler::new(DEFAULT_MAX_COMMAND),
             queue: VecDeque::new(),
             peer_max,
+        }
+    }
+
+    /// Reads one PDU. Cancel-safe: partial data stays in `buf` (reads happen on the session's
+    /// own task, without a hop through another task per PDU).
+    async fn read_frame(&mut self) -> Result<Pdu, PduError> {
+        loop {
+            if self.buf.len() >= 6 {
+                let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
+                if len > self.read_max {
+                    return Err(PduError::TooLarge {
+                        len,
+                        max: self.read_max,
+                    });
+                }
+                let total = 6 + len as usize;
+                if self.buf.len() >= total {
+                    let frame = self.buf.split_to(total);
+                    return match dicom_ul::read_pdu(
+                        &frame[..],
+                        dicom_ul::pdu::MAXIMUM_PDU_SIZE,
+                        false,
+                    ) {
+                        Ok(Some(pdu)) => Ok(pdu),
+                        Ok(None) => Err(PduError::Malformed("truncated".into())),
+                        Err(e) => Err(PduError::Malformed(e.to_string())),
+                    };
+                }
+                self.buf.reserve(total - self.buf.len());
+            }
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err(PduError::Closed);
+            }
         }
     }
 
@@ -118,10 +154,15 @@ impl Peer {
             if let Some(i) = self.queue.pop_front() {
                 return i;
             }
-            let pdu = match self.rx.recv().await {
-                None => return Incoming::Gone("connection closed".into()),
-                Some(Err(e)) => return Incoming::Gone(e.to_string()),
-                Some(Ok(p)) => p,
+            if let Some(why) = &self.failed {
+                return Incoming::Gone(why.clone());
+            }
+            let pdu = match self.read_frame().await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    return Incoming::Gone(e.to_string());
+                }
             };
             match pdu {
                 Pdu::PData { data } => {
@@ -151,8 +192,20 @@ impl Peer {
         self.assembler.expect_data(pc_id, has_data);
     }
 
-    /// Sends a command and optional data set, fragmented to the peer's maximum, in one write.
+    /// Sends a command and optional data set, fragmented to the peer's maximum, in one write
+    /// (together with anything queued before).
     pub async fn send_message(
+        &mut self,
+        pc_id: u8,
+        command: &[u8],
+        data: Option<&[u8]>,
+    ) -> Result<(), PduError> {
+        self.queue_message(pc_id, command, data)?;
+        self.flush().await
+    }
+
+    /// Encodes a message into the output queue without writing it; [`Peer::flush`] writes.
+    pub fn queue_message(
         &mut self,
         pc_id: u8,
         command: &[u8],
@@ -162,9 +215,38 @@ impl Peer {
         if let Some(d) = data {
             pdus.extend(fragment(pc_id, PDataValueType::Data, d, self.peer_max));
         }
-        let bytes = encode(&pdus)?;
-        self.writer.write_all(&bytes).await?;
+        for p in &pdus {
+            dicom_ul::write_pdu(&mut self.out, p)
+                .map_err(|e| PduError::Malformed(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes the output queue.
+    pub async fn flush(&mut self) -> Result<(), PduError> {
+        if !self.out.is_empty() {
+            let r = self.writer.write_all(&self.out).await;
+            self.out.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Whether the next [`Peer::next`] can answer from what was already read: an event is
+    /// waiting or a whole PDU is buffered.
+    pub fn has_input_at_hand(&self) -> bool {
+        if !self.queue.is_empty() {
+            return true;
+        }
+        if self.buf.len() < 6 {
+            return false;
+        }
+        let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
+        self.buf.len() >= 6 + len
     }
 
     /// Reads the whole data set of the current message (at most `max` bytes, each fragment
@@ -242,6 +324,7 @@ impl Peer {
     }
 
     pub async fn send_pdu(&mut self, pdu: &Pdu) -> Result<(), PduError> {
+        self.flush().await?;
         write_pdu(&mut self.writer, pdu).await
     }
 
@@ -252,6 +335,7 @@ impl Peer {
                 AbortRQServiceProviderReason::ReasonNotSpecified,
             ),
         };
+        self.out.clear();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             let _ = write_pdu(&mut self.writer, &pdu).await;
             let _ = self.writer.shutdown().await;
@@ -267,20 +351,6 @@ impl Peer {
 
 fn framing(e: FramingError) -> String {
     format!("DIMSE framing violation: {e}")
-}
-
-async fn reader_task(mut rd: OwnedReadHalf, max: u32, tx: mpsc::Sender<Result<Pdu, PduError>>) {
-    loop {
-        let r = read_pdu(&mut rd, max).await;
-        let end = match &r {
-            Err(_) => true,
-            Ok(Pdu::AbortRQ { .. }) => true,
-            Ok(_) => false,
-        };
-        if tx.send(r).await.is_err() || end {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

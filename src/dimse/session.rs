@@ -8,7 +8,7 @@
 use super::assoc::AcceptedContext;
 use super::command::{self, Command};
 use super::message::Event;
-use super::peer::{Incoming, Peer};
+use super::peer::{Incoming, MAX_BATCH, Peer};
 use super::{Ctx, echo, find};
 use crate::trust::Principal;
 use dicom_ul::pdu::Pdu;
@@ -152,6 +152,31 @@ impl Session {
     /// Sends a message to the client; a failure ends the association.
     pub async fn reply(&mut self, pc_id: u8, command: &[u8], data: Option<&[u8]>) -> Flow {
         match self.client.send_message(pc_id, command, data).await {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                tracing::info!(assoc = self.id, reason = %e, "cannot write to the client");
+                self.pacs.abort().await;
+                Flow::End
+            }
+        }
+    }
+
+    /// Relays a message to the client, holding it back (bounded by [`MAX_BATCH`]) while the
+    /// PACS's next message is already at hand, so bursts go out in few writes.
+    pub async fn relay_to_client(
+        &mut self,
+        pc_id: u8,
+        command: &[u8],
+        data: Option<&[u8]>,
+    ) -> Flow {
+        if let Err(e) = self.client.queue_message(pc_id, command, data) {
+            tracing::info!(assoc = self.id, reason = %e, "cannot encode for the client");
+            return self.abort_both().await;
+        }
+        if self.pacs.has_input_at_hand() && self.client.queued_bytes() < MAX_BATCH {
+            return Flow::Continue;
+        }
+        match self.client.flush().await {
             Ok(()) => Flow::Continue,
             Err(e) => {
                 tracing::info!(assoc = self.id, reason = %e, "cannot write to the client");
