@@ -188,55 +188,47 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                     .get(tags::PATIENT_ID)
                                     .map(|e| e.to_str().unwrap().into_owned());
                                 seen.lock().unwrap().query_patient_ids.push(pid);
-                                match script {
-                                    Script::MixedMatches => {
-                                        for (p, uid) in [
+                                let (matches, finish) = match script {
+                                    Script::MixedMatches => (
+                                        [
                                             (Some("PAT1"), "1.1"),
                                             (Some("PAT2"), "2.1"),
                                             (Some("pat1"), "3.1"),
                                             (None, "4.1"),
                                             (Some("PAT1\\PAT2"), "5.1"),
                                             (Some("PAT1  "), "1.2"),
-                                        ] {
-                                            let d = ds_bytes(&study(p, uid, 0));
-                                            peer.send_message(
-                                                pc_id,
-                                                &find_rsp(msg_id, 0xFF00, true),
-                                                Some(&d),
-                                            )
-                                            .await
-                                            .unwrap();
-                                        }
-                                        peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
-                                            .await
-                                            .unwrap();
-                                    }
+                                        ]
+                                        .iter()
+                                        .map(|(p, uid)| study(*p, uid, 0))
+                                        .collect(),
+                                        true,
+                                    ),
                                     Script::WaitForCancel => {
-                                        let d = ds_bytes(&study(Some("PAT1"), "1.1", 0));
-                                        peer.send_message(
-                                            pc_id,
-                                            &find_rsp(msg_id, 0xFF00, true),
-                                            Some(&d),
-                                        )
+                                        (vec![study(Some("PAT1"), "1.1", 0)], false)
+                                    }
+                                    Script::Hang => (vec![], false),
+                                    Script::LargeMatches => (
+                                        ["1.1", "1.2"]
+                                            .iter()
+                                            .map(|uid| study(Some("PAT1"), uid, 20_000))
+                                            .collect(),
+                                        true,
+                                    ),
+                                };
+                                for m in matches {
+                                    let d = ds_bytes(&m);
+                                    peer.send_message(
+                                        pc_id,
+                                        &find_rsp(msg_id, 0xFF00, true),
+                                        Some(&d),
+                                    )
+                                    .await
+                                    .unwrap();
+                                }
+                                if finish {
+                                    peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
                                         .await
                                         .unwrap();
-                                    }
-                                    Script::Hang => {}
-                                    Script::LargeMatches => {
-                                        for uid in ["1.1", "1.2"] {
-                                            let d = ds_bytes(&study(Some("PAT1"), uid, 20_000));
-                                            peer.send_message(
-                                                pc_id,
-                                                &find_rsp(msg_id, 0xFF00, true),
-                                                Some(&d),
-                                            )
-                                            .await
-                                            .unwrap();
-                                        }
-                                        peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
-                                            .await
-                                            .unwrap();
-                                    }
                                 }
                             }
                             _ => return,

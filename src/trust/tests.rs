@@ -382,3 +382,117 @@ async fn keys_are_discovered_and_cached() {
     let t2 = f.issuer.mint(&req("PAT2")).unwrap();
     assert!(f.trust.verify(&t2).await.is_ok());
 }
+
+/// An issuer whose metadata and JWKS are served by a test server that counts requests: two
+/// keys of different types, discovery only through openid-configuration.
+struct CountingIssuer {
+    url: String,
+    keys: Vec<DevKey>,
+    jwks_hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn counting_issuer() -> CountingIssuer {
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let keys = vec![
+        DevKey::generate(Algorithm::ES256).unwrap(),
+        DevKey::generate(Algorithm::RS256).unwrap(),
+    ];
+    let jwks = json!({ "keys": keys.iter().map(|k| k.public_jwk().clone()).collect::<Vec<_>>() });
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let u = url.clone();
+    let app = axum::Router::new()
+        // no smart-configuration here: the openid-configuration fallback must be used
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || async move {
+                axum::Json(json!({ "issuer": u, "jwks_uri": format!("{u}/keys") }))
+            }),
+        )
+        .route(
+            "/keys",
+            get(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                let j = jwks.clone();
+                async move { axum::Json(j) }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    CountingIssuer {
+        url,
+        keys,
+        jwks_hits: hits,
+    }
+}
+
+fn trust_for(url: &str) -> Arc<TrustCore> {
+    let cfg = Config::parse(&format!(
+        "[gateway]\nae_title = \"GW\"\ndimse_listen = \"127.0.0.1:1\"\npublic_url = \"http://127.0.0.1:8080\"\n\
+         [pacs]\nae_title = \"P\"\naddress = \"127.0.0.1:2\"\n[[issuers]]\nissuer = \"{url}\"\n"
+    ))
+    .unwrap();
+    TrustCore::new(&cfg).unwrap()
+}
+
+fn claims_for(iss: &str, patient: &str) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    json!({"iss": iss, "aud": AUD, "exp": now + 600, "iat": now, "scope": "patient/ImagingStudy.rs", "patient": patient})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_keys_openid_discovery_and_rate_limited_refetch() {
+    use std::sync::atomic::Ordering;
+    let ci = counting_issuer().await;
+    let trust = trust_for(&ci.url);
+    // both keys of the set verify their tokens
+    for k in &ci.keys {
+        let p = trust
+            .verify(&k.sign(&claims_for(&ci.url, "P1")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(p.patient.as_deref(), Some("P1"));
+    }
+    assert_eq!(
+        ci.jwks_hits.load(Ordering::SeqCst),
+        1,
+        "one fetch serves both keys"
+    );
+    // a burst of tokens with unknown kids causes at most one refetch per minute
+    for _ in 0..20 {
+        let stranger = DevKey::generate(Algorithm::ES256).unwrap();
+        assert!(
+            trust
+                .verify(&stranger.sign(&claims_for(&ci.url, "P1")).unwrap())
+                .await
+                .is_err()
+        );
+    }
+    assert_eq!(
+        ci.jwks_hits.load(Ordering::SeqCst),
+        1,
+        "refetches are rate-limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_issuer_fails_closed() {
+    // A configured issuer nobody serves: the key fetch fails and the token is refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let trust = trust_for(&url);
+    let k = DevKey::generate(Algorithm::ES256).unwrap();
+    match trust
+        .verify(&k.sign(&claims_for(&url, "P1")).unwrap())
+        .await
+    {
+        Err(TrustError::Keys(KeyError::Unavailable { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+}
