@@ -67,6 +67,119 @@ pub fn top_level_text(
     Ok(None)
 }
 
+/// What a scan of the start of a data set found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix {
+    /// The top-level text values of the wanted tags, in the order asked.
+    pub values: Vec<Option<String>>,
+    /// True when the scan got past the last wanted tag (or to a clean end of the data), so the
+    /// values are final; false when the bytes ended first.
+    pub complete: bool,
+}
+
+/// Scans the start of a data set for the top-level values of `wanted` (ascending tags). Works on
+/// a prefix: when the bytes end before the answer is known, `complete` is false and the caller
+/// reads more. With `at_end` the bytes are the whole data set, and running out is not an error.
+pub fn scan_prefix(
+    data: &[u8],
+    ts: &TransferSyntax,
+    wanted: &[Tag],
+    at_end: bool,
+) -> Result<Prefix, ScanError> {
+    let mut values: Vec<Option<String>> = vec![None; wanted.len()];
+    let Some(&last) = wanted.iter().max() else {
+        return Ok(Prefix {
+            values,
+            complete: true,
+        });
+    };
+    let reader = match DataSetReader::new_with_ts(data, ts) {
+        Ok(r) => r,
+        Err(e) if at_end => return Err(ScanError(e.to_string())),
+        Err(_) => {
+            return Ok(Prefix {
+                values,
+                complete: false,
+            });
+        }
+    };
+    let mut depth = 0usize;
+    let mut current: Option<usize> = None;
+    for token in reader {
+        let token = match token {
+            Ok(t) => t,
+            // A truncated prefix fails inside an element; more bytes may complete it.
+            Err(e) if at_end => return Err(ScanError(e.to_string())),
+            Err(_) => {
+                return Ok(Prefix {
+                    values,
+                    complete: false,
+                });
+            }
+        };
+        if let Some(i) = current.take() {
+            values[i] = Some(match token {
+                DataToken::PrimitiveValue(v) => v.to_str().into_owned(),
+                _ => String::new(),
+            });
+            if wanted[i] == last {
+                return Ok(Prefix {
+                    values,
+                    complete: true,
+                });
+            }
+            continue;
+        }
+        match token {
+            DataToken::SequenceStart { tag: t, .. } => {
+                if depth == 0 && t > last {
+                    return Ok(Prefix {
+                        values,
+                        complete: true,
+                    });
+                }
+                depth += 1;
+            }
+            DataToken::PixelSequenceStart => {
+                if depth == 0 {
+                    return Ok(Prefix {
+                        values,
+                        complete: true,
+                    });
+                }
+                depth += 1;
+            }
+            DataToken::SequenceEnd => depth = depth.saturating_sub(1),
+            DataToken::ElementHeader(h) if depth == 0 => {
+                if h.tag > last {
+                    return Ok(Prefix {
+                        values,
+                        complete: true,
+                    });
+                }
+                if let Some(i) = wanted.iter().position(|t| *t == h.tag) {
+                    if h.len.0 == 0 {
+                        values[i] = Some(String::new());
+                        if h.tag == last {
+                            return Ok(Prefix {
+                                values,
+                                complete: true,
+                            });
+                        }
+                    } else {
+                        current = Some(i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Prefix {
+        values,
+        complete: at_end,
+    })
+}
+
 /// PatientID (0010,0020) of a data set.
 pub fn patient_id(data: &[u8], ts: &TransferSyntax) -> Result<Option<String>, ScanError> {
     top_level_text(data, ts, tags::PATIENT_ID)
@@ -156,6 +269,33 @@ mod tests {
                 Some("A\\B")
             );
         }
+    }
+
+    #[test]
+    fn prefix_scan_asks_for_more_until_it_knows() {
+        let ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
+        let d = encode(&sample(Some("PAT1")), &ts);
+        let wanted = [tags::PATIENT_ID, tags::STUDY_INSTANCE_UID];
+        let full = scan_prefix(&d, &ts, &wanted, true).unwrap();
+        assert!(full.complete);
+        assert_eq!(full.values[0].as_deref().map(str::trim_end), Some("PAT1"));
+        assert_eq!(
+            full.values[1].as_deref().map(|v| v.trim_end_matches('\0')),
+            Some("1.2.3")
+        );
+        // every strict prefix either is incomplete or already has the right answer
+        for n in 0..d.len() {
+            let p = scan_prefix(&d[..n], &ts, &wanted, false).unwrap();
+            if p.complete {
+                assert_eq!(p.values, full.values, "prefix of {n} bytes");
+            }
+        }
+        // the whole data set given as final but cut short is an error, not a guess
+        assert!(scan_prefix(&d[..d.len() - 3], &ts, &wanted, true).is_err());
+        // an absent tag is known absent once a later tag is seen
+        let no_pid = encode(&sample(None), &ts);
+        let p = scan_prefix(&no_pid, &ts, &wanted, true).unwrap();
+        assert!(p.complete && p.values[0].is_none());
     }
 
     #[test]

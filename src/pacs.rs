@@ -6,6 +6,7 @@
 
 use crate::config::Pacs;
 use crate::dimse::peer::{PduError, read_pdu, write_pdu};
+use crate::policy::{LookupFuture, Owner, OwnerLookup, UidLevel};
 use dicom_ul::pdu::{AssociationAC, AssociationRJ, AssociationRQ, Pdu};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -62,5 +63,235 @@ pub async fn associate(
         other => Err(UpstreamError::Unexpected(
             other.short_description().to_string(),
         )),
+    }
+}
+
+/// Study Root Query/Retrieve Information Model – FIND.
+pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+/// Ownership look-ups running against the PACS at once; more wait (bounded by the timeout).
+const MAX_CONCURRENT_LOOKUPS: usize = 8;
+
+/// Resolves UIDs to their owners with C-FIND on associations of the gateway's own.
+pub struct PacsLookup {
+    pacs: Pacs,
+    our_max: u32,
+    timeout: Duration,
+    slots: tokio::sync::Semaphore,
+}
+
+impl PacsLookup {
+    pub fn new(cfg: &crate::config::Config) -> PacsLookup {
+        PacsLookup {
+            pacs: cfg.pacs.clone(),
+            our_max: cfg.limits.max_pdu_length,
+            timeout: cfg.limits.upstream_timeout,
+            slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+        }
+    }
+
+    async fn find_owner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
+        let _slot = tokio::time::timeout(self.timeout, self.slots.acquire())
+            .await
+            .map_err(|_| "no look-up slot free in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(self.timeout, self.find_owner_inner(level, uid))
+            .await
+            .map_err(|_| {
+                format!(
+                    "the PACS did not answer the look-up within {:?}",
+                    self.timeout
+                )
+            })?
+    }
+
+    async fn find_owner_inner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
+        use crate::dimse::command::{self, Command};
+        use crate::dimse::message::Event;
+        use crate::dimse::peer::{Incoming, Peer};
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
+        use dicom_encoding::TransferSyntaxIndex;
+        use dicom_object::InMemDicomObject;
+        use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+        use dicom_ul::pdu::{
+            PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+        };
+
+        let rq = AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: self.pacs.calling_ae_title.clone(),
+            called_ae_title: self.pacs.ae_title.clone(),
+            application_context_name: crate::dimse::assoc::APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![PresentationContextProposed {
+                id: 1,
+                abstract_syntax: STUDY_ROOT_FIND.into(),
+                transfer_syntaxes: vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()],
+            }],
+            user_variables: vec![
+                UserVariableItem::MaxLength(self.our_max),
+                UserVariableItem::ImplementationClassUID(
+                    crate::dimse::assoc::IMPLEMENTATION_CLASS_UID.into(),
+                ),
+                UserVariableItem::ImplementationVersionName(
+                    crate::dimse::assoc::IMPLEMENTATION_VERSION_NAME.into(),
+                ),
+            ],
+        };
+        let (stream, ac) = associate(&self.pacs, rq, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ts_uid = ac
+            .presentation_contexts
+            .iter()
+            .find(|r| r.id == 1 && r.reason == PresentationContextResultReason::Acceptance)
+            .map(|r| r.transfer_syntax.trim_end_matches('\0').to_string())
+            .ok_or("the PACS refused Study Root C-FIND")?;
+        let ts = TransferSyntaxRegistry
+            .get(&ts_uid)
+            .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
+        let mut peer = Peer::new(
+            "pacs-lookup",
+            stream,
+            self.our_max + 64,
+            crate::dimse::assoc::announced_max(&ac.user_variables),
+        );
+
+        let (level_name, key) = match level {
+            UidLevel::Study => ("STUDY", tags::STUDY_INSTANCE_UID),
+            UidLevel::Series => ("SERIES", tags::SERIES_INSTANCE_UID),
+            UidLevel::Instance => ("IMAGE", tags::SOP_INSTANCE_UID),
+        };
+        let mut q = InMemDicomObject::new_empty();
+        q.put(DataElement::new(
+            tags::QUERY_RETRIEVE_LEVEL,
+            VR::CS,
+            PrimitiveValue::from(level_name),
+        ));
+        q.put(DataElement::new(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(""),
+        ));
+        q.put(DataElement::new(
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(""),
+        ));
+        q.put(DataElement::new(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(""),
+        ));
+        if level != UidLevel::Study {
+            q.put(DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(""),
+            ));
+        }
+        if level == UidLevel::Instance {
+            q.put(DataElement::new(
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(""),
+            ));
+        }
+        q.put(DataElement::new(key, VR::UI, PrimitiveValue::from(uid)));
+        let mut ident = Vec::new();
+        q.write_dataset_with_ts(&mut ident, ts)
+            .map_err(|e| e.to_string())?;
+        let cmd = command::build_request(command::C_FIND_RQ, 1, STUDY_ROOT_FIND, true, vec![]);
+        peer.send_message(1, &cmd, Some(&ident))
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let text = |o: &InMemDicomObject, t| {
+            o.get(t)
+                .and_then(|e| e.to_str().ok())
+                .map(|v| v.trim_end_matches(['\0', ' ']).to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let mut owners: Vec<Owner> = Vec::new();
+        loop {
+            match peer.next().await {
+                Incoming::Message(Event::Command { pc_id, bytes }) => {
+                    let rsp = Command::decode(bytes).map_err(|e| e.to_string())?;
+                    peer.expect_data(pc_id, rsp.has_data_set());
+                    let status = rsp.status().unwrap_or(0xC000);
+                    if rsp.has_data_set() {
+                        let data = peer.collect_data(pc_id, 1 << 20, self.timeout).await?;
+                        if command::is_pending(status) {
+                            let o = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
+                                .map_err(|e| e.to_string())?;
+                            let owner = Owner {
+                                patient_id: o
+                                    .get(tags::PATIENT_ID)
+                                    .and_then(|e| e.to_str().ok())
+                                    .map(|v| v.into_owned())
+                                    .unwrap_or_default(),
+                                issuer: text(&o, tags::ISSUER_OF_PATIENT_ID),
+                                study_uid: text(&o, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+                                series_uid: text(&o, tags::SERIES_INSTANCE_UID),
+                            };
+                            // A match for another UID (PACS matching rules differ) says nothing.
+                            let same = match level {
+                                UidLevel::Study => owner.study_uid == uid,
+                                UidLevel::Series => owner.series_uid.as_deref() == Some(uid),
+                                UidLevel::Instance => {
+                                    text(&o, tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
+                                }
+                            };
+                            if same && owners.len() < 16 {
+                                owners.push(owner);
+                            }
+                        }
+                    }
+                    if !command::is_pending(status) {
+                        if status != 0 {
+                            return Err(format!(
+                                "the PACS answered the look-up with status {status:#06x}"
+                            ));
+                        }
+                        break;
+                    }
+                }
+                Incoming::Message(Event::Data { .. }) => {
+                    return Err("data without a command".into());
+                }
+                other => return Err(format!("look-up association ended: {other:?}")),
+            }
+        }
+        let _ = peer.send_pdu(&Pdu::ReleaseRQ).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match peer.next().await {
+                    Incoming::ReleaseRp | Incoming::Gone(_) | Incoming::Abort => break,
+                    _ => continue,
+                }
+            }
+        })
+        .await;
+        peer.close().await;
+        match owners.as_slice() {
+            [] => Ok(None),
+            [first, rest @ ..] => {
+                // One UID held under two patients is a PACS inconsistency: trust neither.
+                if rest
+                    .iter()
+                    .any(|o| !crate::policy::lo_eq(&o.patient_id, &first.patient_id))
+                {
+                    return Err("the UID is held under more than one patient".into());
+                }
+                Ok(Some(first.clone()))
+            }
+        }
+    }
+}
+
+impl OwnerLookup for PacsLookup {
+    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+        Box::pin(self.find_owner(level, uid))
     }
 }

@@ -12,7 +12,10 @@ use crate::config::{Config, PatientMap, UserLevel};
 use crate::trust::Principal;
 use crate::trust::scopes::Level;
 use std::fmt;
-use std::time::SystemTime;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// The FHIR resource type imaging access is expressed on.
 const IMAGING: &str = "ImagingStudy";
@@ -51,6 +54,56 @@ impl PatientFilter {
 /// Equality of two LO values: padding spaces removed, then byte for byte.
 pub fn lo_eq(a: &str, b: &str) -> bool {
     a.trim_matches(' ').as_bytes() == b.trim_matches(' ').as_bytes()
+}
+
+/// The level of a DICOM unique identifier in the patient/study/series/instance hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UidLevel {
+    Study,
+    Series,
+    Instance,
+}
+
+/// Who a study, series or instance belongs to, as the PACS holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub patient_id: String,
+    pub issuer: Option<String>,
+    pub study_uid: String,
+    pub series_uid: Option<String>,
+}
+
+/// The future an [`OwnerLookup`] returns.
+pub type LookupFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Owner>, String>> + Send + 'a>>;
+
+/// Resolves a UID to its owner by asking the PACS. `Ok(None)`: the PACS does not hold it.
+/// Implemented by the PACS client; the policy core only caches and judges the answers.
+pub trait OwnerLookup: Send + Sync {
+    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
+}
+
+/// The most UIDs one request may name; a request naming more is refused (bounded work).
+pub const MAX_UIDS_PER_REQUEST: usize = 1000;
+
+/// A retrieval (C-MOVE, C-GET, WADO) as the policy core sees it: the level and every UID the
+/// request names. The caller's PatientID key is used only at PATIENT level.
+#[derive(Debug, Clone, Default)]
+pub struct RetrieveRequest<'a> {
+    /// `None` at PATIENT level.
+    pub level: Option<UidLevel>,
+    pub patient_id: Option<&'a str>,
+    pub study_uids: Vec<String>,
+    pub series_uids: Vec<String>,
+    pub instance_uids: Vec<String>,
+}
+
+/// A store (C-STORE, STOW-RS) as the policy core sees it: what the instance says of itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreRequest<'a> {
+    pub patient_id: Option<&'a str>,
+    pub study_uid: Option<&'a str>,
+    pub series_uid: Option<&'a str>,
 }
 
 /// What the caller asks to do, in protocol-neutral terms.
@@ -96,6 +149,19 @@ pub enum Denial {
     ForeignPatient,
     /// The request uses a wildcard or several values on PatientID.
     PatientPattern,
+    /// A UID the request names is another patient's, or unknown to the PACS (the caller is
+    /// told the same either way, so nobody can probe which UIDs exist).
+    NotOwned(UidLevel),
+    /// A series or instance named under a study (or series) it does not belong to.
+    Hierarchy,
+    /// The request lacks the unique key its level needs, or names too many UIDs.
+    BadIdentifier(&'static str),
+    /// Ownership could not be established (the PACS lookup failed): fail closed.
+    LookupFailed,
+    /// Writing is switched off (`policy.write = false`) or the token has no write scope.
+    NoWrite,
+    /// The instance's study or series already belongs to another patient in the PACS.
+    ForeignStudy,
 }
 
 impl fmt::Display for Denial {
@@ -115,6 +181,26 @@ impl fmt::Display for Denial {
                 f,
                 "wildcard or multi-valued PatientID is not allowed for a patient-scoped caller"
             ),
+            Denial::NotOwned(l) => write!(
+                f,
+                "a {l:?} UID of the request is not the caller's patient's (or unknown)"
+            ),
+            Denial::Hierarchy => write!(
+                f,
+                "a UID does not belong to the study or series it is named under"
+            ),
+            Denial::BadIdentifier(why) => write!(f, "identifier: {why}"),
+            Denial::LookupFailed => {
+                write!(f, "ownership could not be established (PACS lookup failed)")
+            }
+            Denial::NoWrite => write!(
+                f,
+                "no write access (scope patient/ImagingStudy.c, policy.write)"
+            ),
+            Denial::ForeignStudy => write!(
+                f,
+                "the instance's study or series belongs to another patient"
+            ),
         }
     }
 }
@@ -127,11 +213,19 @@ pub struct Access {
     pub patients: PatientFilter,
 }
 
+/// Owners cached at most this long: a study's patient rarely changes, but it can (a merge
+/// or correction in the PACS), so the cache stays short.
+const OWNER_TTL: Duration = Duration::from_secs(60);
+/// Owners cached at most this many.
+const OWNER_CACHE_ENTRIES: u64 = 20_000;
+
 /// The policy core.
 pub struct Policy {
     user_level: UserLevel,
     write: bool,
     map: PatientMap,
+    /// Positive ownership answers only: an unknown UID may be stored a moment later.
+    owners: moka::future::Cache<(UidLevel, String), Arc<Owner>>,
 }
 
 impl Policy {
@@ -140,7 +234,183 @@ impl Policy {
             user_level: cfg.policy.user_level,
             write: cfg.policy.write,
             map: cfg.patients.map,
+            owners: moka::future::Cache::builder()
+                .max_capacity(OWNER_CACHE_ENTRIES)
+                .time_to_live(OWNER_TTL)
+                .build(),
         }
+    }
+
+    /// The owner of a UID, from the cache or the PACS.
+    async fn owner(
+        &self,
+        lookup: &dyn OwnerLookup,
+        level: UidLevel,
+        uid: &str,
+    ) -> Result<Option<Arc<Owner>>, Denial> {
+        let key = (level, uid.to_string());
+        if let Some(o) = self.owners.get(&key).await {
+            return Ok(Some(o));
+        }
+        match lookup.owner(level, uid).await {
+            Ok(Some(o)) => {
+                let o = Arc::new(o);
+                self.owners.insert(key, o.clone()).await;
+                Ok(Some(o))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!(level = ?level, error = %e, "ownership lookup failed; denying");
+                Err(Denial::LookupFailed)
+            }
+        }
+    }
+
+    /// Forgets cached owners of a study and series, after the caller stored into them.
+    pub async fn forget(&self, study_uid: &str, series_uid: Option<&str>) {
+        self.owners
+            .invalidate(&(UidLevel::Study, study_uid.to_string()))
+            .await;
+        if let Some(s) = series_uid {
+            self.owners
+                .invalidate(&(UidLevel::Series, s.to_string()))
+                .await;
+        }
+    }
+
+    /// Decides a retrieval: every UID named is resolved against the PACS and must belong to an
+    /// allowed patient (and to the study or series it is named under); the decision is made on
+    /// what the UIDs resolve to, never on a PatientID key the caller sent. At PATIENT level the
+    /// PatientID key is narrowed like a query's.
+    pub async fn decide_retrieve(
+        &self,
+        p: &Principal,
+        req: &RetrieveRequest<'_>,
+        lookup: &dyn OwnerLookup,
+        now: SystemTime,
+    ) -> Decision {
+        if p.is_expired_at(now) {
+            return Decision::Deny(Denial::Expired);
+        }
+        let access = match self.access(p) {
+            Ok(a) => a,
+            Err(d) => return Decision::Deny(d),
+        };
+        if !access.read {
+            return Decision::Deny(Denial::InsufficientScope(
+                "imaging read (patient/ImagingStudy.rs)",
+            ));
+        }
+        let Some(level) = req.level else {
+            return match &access.patients {
+                PatientFilter::Any => match req.patient_id.map(|v| v.trim_matches(' ')) {
+                    Some(v) if !v.is_empty() && !v.contains(['*', '?', '\\']) => {
+                        Decision::Allow(Allowed {
+                            query_patient_id: None,
+                            filter: PatientFilter::Any,
+                        })
+                    }
+                    _ => Decision::Deny(Denial::BadIdentifier("PATIENT level needs one PatientID")),
+                },
+                PatientFilter::Only(ids) => narrow_query(ids, req.patient_id, &access.patients),
+            };
+        };
+        let own_key = match level {
+            UidLevel::Study => &req.study_uids,
+            UidLevel::Series => &req.series_uids,
+            UidLevel::Instance => &req.instance_uids,
+        };
+        if own_key.is_empty() {
+            return Decision::Deny(Denial::BadIdentifier("the level's unique key is missing"));
+        }
+        let total = req.study_uids.len() + req.series_uids.len() + req.instance_uids.len();
+        if total > MAX_UIDS_PER_REQUEST {
+            return Decision::Deny(Denial::BadIdentifier("too many UIDs"));
+        }
+        let groups = [
+            (UidLevel::Study, &req.study_uids),
+            (UidLevel::Series, &req.series_uids),
+            (UidLevel::Instance, &req.instance_uids),
+        ];
+        for (l, uids) in groups {
+            for uid in uids.iter() {
+                let owner = match self.owner(lookup, l, uid).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
+                    Err(d) => return Decision::Deny(d),
+                };
+                if !access.patients.admits(Some(&owner.patient_id)) {
+                    return Decision::Deny(Denial::NotOwned(l));
+                }
+                let under_study =
+                    req.study_uids.is_empty() || req.study_uids.contains(&owner.study_uid);
+                let under_series = l != UidLevel::Instance
+                    || req.series_uids.is_empty()
+                    || owner
+                        .series_uid
+                        .as_ref()
+                        .is_some_and(|s| req.series_uids.contains(s));
+                if l != UidLevel::Study && !(under_study && under_series) {
+                    return Decision::Deny(Denial::Hierarchy);
+                }
+            }
+        }
+        Decision::Allow(Allowed {
+            query_patient_id: None,
+            filter: access.patients,
+        })
+    }
+
+    /// Decides a store: the token must grant write, the instance's PatientID must be an allowed
+    /// patient's, and a study or series it names that the PACS already holds must be that
+    /// patient's too (no writing into another patient's study).
+    pub async fn decide_store(
+        &self,
+        p: &Principal,
+        req: &StoreRequest<'_>,
+        lookup: &dyn OwnerLookup,
+        now: SystemTime,
+    ) -> Decision {
+        if p.is_expired_at(now) {
+            return Decision::Deny(Denial::Expired);
+        }
+        let access = match self.access(p) {
+            Ok(a) => a,
+            Err(d) => return Decision::Deny(d),
+        };
+        if !access.write {
+            return Decision::Deny(Denial::NoWrite);
+        }
+        let pid = req.patient_id.map(|v| v.trim_matches(' ')).unwrap_or("");
+        if pid.is_empty() || pid.contains('\\') || !access.patients.admits(Some(pid)) {
+            return Decision::Deny(Denial::ForeignPatient);
+        }
+        for (l, uid) in [
+            (UidLevel::Study, req.study_uid),
+            (UidLevel::Series, req.series_uid),
+        ] {
+            let Some(uid) = uid
+                .map(|u| u.trim_end_matches(['\0', ' ']))
+                .filter(|u| !u.is_empty())
+            else {
+                return Decision::Deny(Denial::BadIdentifier(
+                    "the instance has no study or series UID",
+                ));
+            };
+            match self.owner(lookup, l, uid).await {
+                Ok(None) => {}
+                Ok(Some(o)) => {
+                    if !crate::policy::lo_eq(&o.patient_id, pid) {
+                        return Decision::Deny(Denial::ForeignStudy);
+                    }
+                }
+                Err(d) => return Decision::Deny(d),
+            }
+        }
+        Decision::Allow(Allowed {
+            query_patient_id: None,
+            filter: access.patients,
+        })
     }
 
     /// The DICOM identities of the token's patient.
@@ -463,5 +733,205 @@ user_level = "{user_level}"
             pol.decide(&p, Action::Query { patient_id: None }, later),
             Decision::Deny(Denial::Expired)
         );
+    }
+
+    /// A PACS of three studies: S1 and S2 of patient A, S3 of patient B; series R1 in S1, R3 in
+    /// S3; instance I1 in R1.
+    struct FakePacs {
+        fail: bool,
+    }
+
+    impl OwnerLookup for FakePacs {
+        fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+            Box::pin(async move {
+                if self.fail {
+                    return Err("PACS down".to_string());
+                }
+                let o = |p: &str, st: &str, se: Option<&str>| {
+                    Some(Owner {
+                        patient_id: p.into(),
+                        issuer: None,
+                        study_uid: st.into(),
+                        series_uid: se.map(str::to_string),
+                    })
+                };
+                Ok(match (level, uid) {
+                    (UidLevel::Study, "S1") => o("A", "S1", None),
+                    (UidLevel::Study, "S2") => o("A ", "S2", None),
+                    (UidLevel::Study, "S3") => o("B", "S3", None),
+                    (UidLevel::Series, "R1") => o("A", "S1", Some("R1")),
+                    (UidLevel::Series, "R3") => o("B", "S3", Some("R3")),
+                    (UidLevel::Instance, "I1") => o("A", "S1", Some("R1")),
+                    _ => None,
+                })
+            })
+        }
+    }
+
+    fn retrieve<'a>(
+        level: Option<UidLevel>,
+        st: &[&str],
+        se: &[&str],
+        inst: &[&str],
+        pid: Option<&'a str>,
+    ) -> RetrieveRequest<'a> {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect();
+        RetrieveRequest {
+            level,
+            patient_id: pid,
+            study_uids: v(st),
+            series_uids: v(se),
+            instance_uids: v(inst),
+        }
+    }
+
+    async fn decide_r(pol: &Policy, p: &Principal, r: RetrieveRequest<'_>) -> Decision {
+        pol.decide_retrieve(p, &r, &FakePacs { fail: false }, SystemTime::now())
+            .await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retrieval_is_decided_on_what_uids_resolve_to() {
+        let pol = Policy::new(&cfg("deny"));
+        let a = principal("patient/ImagingStudy.rs", Some("A"));
+        use UidLevel::*;
+        assert!(matches!(
+            decide_r(&pol, &a, retrieve(Some(Study), &["S1"], &[], &[], None)).await,
+            Decision::Allow(_)
+        ));
+        assert!(
+            matches!(
+                decide_r(
+                    &pol,
+                    &a,
+                    retrieve(Some(Study), &["S1", "S2"], &[], &[], None)
+                )
+                .await,
+                Decision::Allow(_)
+            ),
+            "padding aside"
+        );
+        assert!(matches!(
+            decide_r(
+                &pol,
+                &a,
+                retrieve(Some(Series), &["S1"], &["R1"], &[], None)
+            )
+            .await,
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            decide_r(
+                &pol,
+                &a,
+                retrieve(Some(Instance), &["S1"], &["R1"], &["I1"], None)
+            )
+            .await,
+            Decision::Allow(_)
+        ));
+        // foreign, mixed, unknown: all the same refusal, whatever PatientID the caller claims
+        for r in [
+            retrieve(Some(Study), &["S3"], &[], &[], Some("A")),
+            retrieve(Some(Study), &["S1", "S3"], &[], &[], None),
+            retrieve(Some(Study), &["S9"], &[], &[], None),
+            retrieve(Some(Series), &["S1"], &["R3"], &[], None),
+        ] {
+            assert!(matches!(
+                decide_r(&pol, &a, r).await,
+                Decision::Deny(Denial::NotOwned(_))
+            ));
+        }
+        // an own series named under another own study is a confused request
+        assert_eq!(
+            decide_r(
+                &pol,
+                &a,
+                retrieve(Some(Series), &["S2"], &["R1"], &[], None)
+            )
+            .await,
+            Decision::Deny(Denial::Hierarchy)
+        );
+        // no unique key
+        assert!(matches!(
+            decide_r(&pol, &a, retrieve(Some(Series), &["S1"], &[], &[], None)).await,
+            Decision::Deny(Denial::BadIdentifier(_))
+        ));
+        // PATIENT level: own id only
+        assert!(matches!(
+            decide_r(&pol, &a, retrieve(None, &[], &[], &[], Some("A"))).await,
+            Decision::Allow(_)
+        ));
+        assert_eq!(
+            decide_r(&pol, &a, retrieve(None, &[], &[], &[], Some("B"))).await,
+            Decision::Deny(Denial::ForeignPatient)
+        );
+        // a failing PACS denies
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(Study), &["S4"], &[], &[], None),
+                &FakePacs { fail: true },
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::LookupFailed));
+        // cached owners keep answering while the PACS is down
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(Study), &["S1"], &[], &[], None),
+                &FakePacs { fail: true },
+                SystemTime::now(),
+            )
+            .await;
+        assert!(matches!(d, Decision::Allow(_)));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stores_need_write_and_own_studies() {
+        let pol = Policy::new(&cfg("deny"));
+        let lookup = FakePacs { fail: false };
+        let w = principal("patient/ImagingStudy.cruds", Some("A"));
+        let st = |pid, study, series| StoreRequest {
+            patient_id: Some(pid),
+            study_uid: Some(study),
+            series_uid: Some(series),
+        };
+        let now = SystemTime::now();
+        assert!(matches!(
+            pol.decide_store(&w, &st("A", "S1", "R1"), &lookup, now)
+                .await,
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            pol.decide_store(&w, &st("A", "NEW", "NEWR"), &lookup, now)
+                .await,
+            Decision::Allow(_)
+        ));
+        assert_eq!(
+            pol.decide_store(&w, &st("B", "NEW", "NEWR"), &lookup, now)
+                .await,
+            Decision::Deny(Denial::ForeignPatient)
+        );
+        assert_eq!(
+            pol.decide_store(&w, &st("A", "S3", "NEWR"), &lookup, now)
+                .await,
+            Decision::Deny(Denial::ForeignStudy)
+        );
+        assert_eq!(
+            pol.decide_store(&w, &st("A", "NEW", "R3"), &lookup, now)
+                .await,
+            Decision::Deny(Denial::ForeignStudy)
+        );
+        let r = principal("patient/ImagingStudy.rs", Some("A"));
+        assert_eq!(
+            pol.decide_store(&r, &st("A", "S1", "R1"), &lookup, now)
+                .await,
+            Decision::Deny(Denial::NoWrite)
+        );
+        let d = pol
+            .decide_store(&w, &st("A", "NEW2", "R"), &FakePacs { fail: true }, now)
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::LookupFailed));
     }
 }

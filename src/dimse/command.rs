@@ -16,7 +16,10 @@ pub const C_FIND_RQ: u16 = 0x0020;
 pub const C_MOVE_RQ: u16 = 0x0021;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_CANCEL_RQ: u16 = 0x0FFF;
+pub const C_STORE_RSP: u16 = 0x8001;
+pub const C_GET_RSP: u16 = 0x8010;
 pub const C_FIND_RSP: u16 = 0x8020;
+pub const C_MOVE_RSP: u16 = 0x8021;
 pub const C_ECHO_RSP: u16 = 0x8030;
 
 /// CommandDataSetType value meaning "no data set".
@@ -31,6 +34,12 @@ pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
 pub const STATUS_IDENTIFIER_MISMATCH: u16 = 0xA900;
 /// Unable to process (the upstream PACS failed or did not answer).
 pub const STATUS_UNABLE_TO_PROCESS: u16 = 0xC001;
+/// C-STORE: Cannot understand (the data set could not be read far enough to decide).
+pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
+/// C-MOVE: Move destination unknown.
+pub const STATUS_MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+/// C-MOVE/C-GET: Warning, sub-operations complete with one or more failures.
+pub const STATUS_SUBOPS_WARNING: u16 = 0xB000;
 
 /// Whether a status is Pending (more responses follow).
 pub fn is_pending(status: u16) -> bool {
@@ -183,6 +192,39 @@ fn encode(obj: InMemDicomObject) -> Vec<u8> {
     // command is what the peer would get otherwise, and it would refuse it as malformed.
     let _ = cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased());
     out
+}
+
+/// Builds a request command set (C-FIND-RQ, C-MOVE-RQ, C-GET-RQ...) with its data-set type.
+pub fn build_request(
+    field: u16,
+    message_id: u16,
+    sop_class: &str,
+    with_data: bool,
+    extra: Vec<DataElement<InMemDicomObject>>,
+) -> Vec<u8> {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field])),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [if with_data { 0x0000 } else { NO_DATA_SET }]),
+        ),
+    ];
+    if matches!(field, C_FIND_RQ | C_MOVE_RQ | C_GET_RQ | C_STORE_RQ) {
+        elements.push(DataElement::new(
+            tags::PRIORITY,
+            VR::US,
+            dicom_value!(U16, [0]),
+        ));
+    }
+    elements.extend(extra);
+    encode(InMemDicomObject::from_element_iter(elements))
 }
 
 /// Builds a response command set without a data set.

@@ -14,15 +14,9 @@ use crate::audit::{self, Outcome};
 use crate::policy::{Action, Decision, PatientFilter};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_encoding::TransferSyntaxIndex;
 use dicom_encoding::transfer_syntax::TransferSyntax;
 use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use std::time::SystemTime;
-
-fn transfer_syntax(uid: &str) -> Option<&'static TransferSyntax> {
-    TransferSyntaxRegistry.get(uid.trim_end_matches('\0'))
-}
 
 fn patient_id_of(obj: &InMemDicomObject) -> Option<String> {
     obj.get(tags::PATIENT_ID)
@@ -49,11 +43,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             return s.abort_both().await;
         }
     };
-    let Some(ts) = s
-        .contexts
-        .get(&pc_id)
-        .and_then(|c| transfer_syntax(&c.transfer_syntax))
-    else {
+    let Some(ts) = s.transfer_syntax(pc_id) else {
         let rsp = cmd.response(
             command::STATUS_UNABLE_TO_PROCESS,
             Some("transfer syntax not supported"),

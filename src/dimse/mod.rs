@@ -11,9 +11,12 @@ pub mod assoc;
 pub mod command;
 pub mod echo;
 pub mod find;
+pub mod get;
+pub mod instance;
 pub mod message;
 pub mod peer;
 pub mod session;
+pub mod store;
 
 use crate::audit::{self, Outcome};
 use crate::config::Config;
@@ -41,12 +44,15 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     pub trust: Arc<TrustCore>,
     pub policy: Arc<Policy>,
+    /// Resolves UIDs to owners for the policy core's retrieval and store decisions.
+    pub lookup: Arc<crate::pacs::PacsLookup>,
     next_id: AtomicU64,
 }
 
 impl Ctx {
     pub fn new(cfg: Arc<Config>, trust: Arc<TrustCore>, policy: Arc<Policy>) -> Arc<Ctx> {
         Arc::new(Ctx {
+            lookup: Arc::new(crate::pacs::PacsLookup::new(&cfg)),
             cfg,
             trust,
             policy,

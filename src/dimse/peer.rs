@@ -222,6 +222,36 @@ impl Peer {
         Ok(())
     }
 
+    /// Sends a command that announces a data set; the data follows with [`Peer::send_data`].
+    pub async fn send_command(&mut self, pc_id: u8, command: &[u8]) -> Result<(), PduError> {
+        for p in fragment(pc_id, PDataValueType::Command, command, self.peer_max) {
+            dicom_ul::write_pdu(&mut self.out, &p)
+                .map_err(|e| PduError::Malformed(e.to_string()))?;
+        }
+        self.flush().await
+    }
+
+    /// Sends a piece of a data set, fragmented to the peer's maximum; `last` marks the end of
+    /// the data set. Streams: nothing but this piece is held.
+    pub async fn send_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) -> Result<(), PduError> {
+        let size = super::message::fragment_size(self.peer_max);
+        let n = bytes.len().div_ceil(size).max(1);
+        for i in 0..n {
+            let chunk = &bytes[(i * size).min(bytes.len())..((i + 1) * size).min(bytes.len())];
+            let pdu = Pdu::PData {
+                data: vec![dicom_ul::pdu::PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: PDataValueType::Data,
+                    is_last: last && i + 1 == n,
+                    data: chunk.to_vec(),
+                }],
+            };
+            dicom_ul::write_pdu(&mut self.out, &pdu)
+                .map_err(|e| PduError::Malformed(e.to_string()))?;
+        }
+        self.flush().await
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.out.len()
     }

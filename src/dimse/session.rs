@@ -9,7 +9,7 @@ use super::assoc::AcceptedContext;
 use super::command::{self, Command};
 use super::message::Event;
 use super::peer::{Incoming, MAX_BATCH, Peer};
-use super::{Ctx, echo, find};
+use super::{Ctx, echo, find, get, store};
 use crate::trust::Principal;
 use dicom_ul::pdu::Pdu;
 use std::collections::HashMap;
@@ -114,6 +114,8 @@ impl Session {
         match cmd.field() {
             Some(command::C_ECHO_RQ) => echo::handle(self, pc_id, cmd).await,
             Some(command::C_FIND_RQ) => find::handle(self, pc_id, cmd).await,
+            Some(command::C_STORE_RQ) => store::handle(self, pc_id, cmd).await,
+            Some(command::C_GET_RQ) => get::handle(self, pc_id, cmd).await,
             // A cancel for an operation that has already ended is ignored (PS3.7 9.3.2.3).
             Some(command::C_CANCEL_RQ) => Flow::Continue,
             other => self.unsupported(pc_id, cmd, other.unwrap_or(0)).await,
@@ -229,6 +231,16 @@ impl Session {
     pub async fn protocol_violation(&mut self, who: &str, what: &str) -> Flow {
         tracing::warn!(assoc = self.id, peer = who, violation = %what, "protocol violation; aborting");
         self.abort_both().await
+    }
+
+    /// The transfer syntax negotiated for a presentation context, if the registry knows it.
+    pub fn transfer_syntax(
+        &self,
+        pc_id: u8,
+    ) -> Option<&'static dicom_encoding::transfer_syntax::TransferSyntax> {
+        use dicom_encoding::TransferSyntaxIndex;
+        let uid = &self.contexts.get(&pc_id)?.transfer_syntax;
+        dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid.trim_end_matches('\0'))
     }
 
     /// Waits for the PACS, bounded by the upstream timeout.

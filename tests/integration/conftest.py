@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import io
+
+import pydicom
 import pytest
 import requests
 
@@ -33,6 +36,7 @@ PATIENTS = {
     "case01": {"studies": 2, "series": 1, "instances": 1},
 }
 # Stored as "SPACE01" once and as "SPACE01  " once: Orthanc (and DICOM) see one patient.
+# "PAT-W" is not loaded: store tests write it, so the counts of the patients above never change.
 PADDED = [("SPACE01", 1), ("SPACE01  ", 1)]
 
 
@@ -129,6 +133,19 @@ class Orthanc:
     def upload(self, data: bytes):
         r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=30)
         r.raise_for_status()
+
+    def holds(self, sop_uid: str) -> bool:
+        r = requests.post(f"{self.url}/tools/lookup", data=sop_uid, timeout=30)
+        r.raise_for_status()
+        return any(x["Type"] == "Instance" for x in r.json())
+
+    def patient_of_study(self, study_uid: str):
+        r = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=30)
+        r.raise_for_status()
+        for x in r.json():
+            if x["Type"] == "Study":
+                return requests.get(f"{self.url}/studies/{x['ID']}", timeout=30).json()["PatientMainDicomTags"]["PatientID"]
+        return None
 
     def counts(self, patient_id: str) -> dict:
         """What Orthanc holds for a PatientID, compared exactly (Orthanc strips trailing spaces)."""
@@ -230,10 +247,14 @@ def tmp_root():
 def orthanc(tmp_root):
     o = Orthanc(tmp_root)
     studies = {}
+    instances = []  # (PatientID, study, series, SOP instance) of everything loaded
     for pid, study_uid, data in generate(PATIENTS, PADDED):
         o.upload(data)
         studies.setdefault(pid, set()).add(study_uid)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        instances.append((pid, study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID))
     o.studies = studies
+    o.instances = instances
     yield o
     stop(o.proc)
 

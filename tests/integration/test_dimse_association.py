@@ -162,13 +162,13 @@ def dcm_file(tmp_root: Path) -> Path:
     from pydicom.uid import generate_uid
 
     p = tmp_root / "store-probe.dcm"
-    p.write_bytes(make_instance("PAT-A", generate_uid(), generate_uid(), 9000, 1, 1, "20240101"))
+    p.write_bytes(make_instance("PAT-W", generate_uid(), generate_uid(), 9000, 1, 1, "20240101"))
     return p
 
 
 def test_dcmtk_storescu_with_jwt_associates(gateway, issuer, tmp_root):
     f = dcm_file(tmp_root)
-    good = write_token(tmp_root, issuer.mint(patient="PAT-A", scope="patient/ImagingStudy.cruds"), "good.jwt")
+    good = write_token(tmp_root, issuer.mint(patient="PAT-W", scope="patient/ImagingStudy.cruds"), "good.jwt")
     r = subprocess.run(
         ["/usr/bin/storescu", "-v", "-aet", "VIEWER", "-aec", gateway.ae_title, "--jwt", str(good), "--pos-response",
          "127.0.0.1", str(gateway.dimse_port), str(f)],
@@ -178,7 +178,7 @@ def test_dcmtk_storescu_with_jwt_associates(gateway, issuer, tmp_root):
     assert "Association Accepted" in out, out
     assert "Rejected" not in out, out
 
-    bad = write_token(tmp_root, issuer.mint(patient="PAT-A", expires_in=-600), "expired.jwt")
+    bad = write_token(tmp_root, issuer.mint(patient="PAT-W", expires_in=-600), "expired.jwt")
     r = subprocess.run(
         ["/usr/bin/storescu", "-v", "-aet", "VIEWER", "-aec", gateway.ae_title, "--jwt", str(bad),
          "127.0.0.1", str(gateway.dimse_port), str(f)],
