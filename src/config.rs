@@ -712,6 +712,13 @@ impl Config {
             });
         }
 
+        if !destinations.is_empty() && receive_listen.is_none() {
+            c.problem(
+                "pacs.receive_listen",
+                "is needed for C-MOVE: [[destinations]] are configured, and the PACS delivers moved instances to the gateway there; add e.g. receive_listen = \"127.0.0.1:11113\" and register calling_ae_title at that address in the PACS",
+            );
+        }
+
         // listeners must not collide with each other
         let mut listens: Vec<(&str, SocketAddr)> = Vec::new();
         if let Some(a) = dimse_listen {

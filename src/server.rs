@@ -49,6 +49,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .ok(),
         None => None,
     };
+    let receive_l = match cfg.pacs.receive_listen {
+        Some(a) => bind("pacs.receive_listen", a)
+            .await
+            .map_err(|e| problems.push(e))
+            .ok(),
+        None => None,
+    };
     if !problems.is_empty() {
         anyhow::bail!("cannot start:\n  - {}", problems.join("\n  - "));
     }
@@ -61,6 +68,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust, policy);
     tracing::info!(addr = %dimse_l.local_addr()?, ae_title = %cfg.gateway.ae_title, "DIMSE front end listening");
+    let receive_task = match receive_l {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening");
+            Some(tokio::spawn(dimse::receiver::serve(
+                l,
+                ctx.clone(),
+                stop_rx.clone(),
+                DRAIN,
+            )))
+        }
+        None => None,
+    };
     let dimse_task = tokio::spawn(dimse::serve(dimse_l, ctx, stop_rx.clone(), DRAIN));
     let http_task = match http_l {
         Some(l) => {
@@ -74,6 +93,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("stop requested; draining");
     let _ = stop_tx.send(true);
     let _ = dimse_task.await;
+    if let Some(t) = receive_task {
+        let _ = t.await;
+    }
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(DRAIN, t).await;
     }

@@ -242,6 +242,8 @@ pub enum Refusal {
     /// service-provider (ACSE related function)", no reason given (PS3.7 D.3.3.7).
     Identity,
     CalledAeTitle,
+    /// The receiver accepts only the PACS.
+    CallingAeTitle,
     ApplicationContext,
     /// The gateway or the PACS cannot take the association now: rejected-transient, source "UL
     /// service-provider (presentation related function)", temporary congestion.
@@ -260,6 +262,10 @@ pub fn reject(r: Refusal) -> AssociationRJ {
         Refusal::CalledAeTitle => (
             AssociationRJResult::Permanent,
             S::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized),
+        ),
+        Refusal::CallingAeTitle => (
+            AssociationRJResult::Permanent,
+            S::ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized),
         ),
         Refusal::ApplicationContext => (
             AssociationRJResult::Permanent,

@@ -66,6 +66,10 @@ pub struct Command {
     /// Offset in `raw` of the CommandDataSetType value.
     data_set_type_at: Option<usize>,
     sop_class: Option<String>,
+    move_destination: Option<String>,
+    move_originator_id: Option<u16>,
+    /// Other US elements by element number (sub-operation counts and the like).
+    other_us: Vec<(u16, u16)>,
 }
 
 impl Command {
@@ -79,6 +83,9 @@ impl Command {
             data_set_type: None,
             data_set_type_at: None,
             sop_class: None,
+            move_destination: None,
+            move_originator_id: None,
+            other_us: Vec::new(),
         };
         let mut field = None;
         let mut i = 0usize;
@@ -120,6 +127,13 @@ impl Command {
                     c.data_set_type = Some(us()?);
                     c.data_set_type_at = Some(i);
                 }
+                0x1031 => c.move_originator_id = Some(us()?),
+                0x1020..=0x1023 => c.other_us.push((element, us()?)),
+                0x0600 => {
+                    let text = std::str::from_utf8(value)
+                        .map_err(|_| CommandError("MoveDestination is not text".into()))?;
+                    c.move_destination = Some(text.trim_matches(['\0', ' ']).to_string());
+                }
                 0x0002 => {
                     let text = std::str::from_utf8(value)
                         .map_err(|_| CommandError("AffectedSOPClassUID is not text".into()))?;
@@ -155,6 +169,24 @@ impl Command {
         self.data_set_type.is_some_and(|v| v != NO_DATA_SET)
     }
 
+    /// A sub-operation count (0000,1020)-(0000,1023), if present.
+    pub fn u16_field(&self, element: u16) -> Option<u16> {
+        self.other_us
+            .iter()
+            .find(|(e, _)| *e == element)
+            .map(|(_, v)| *v)
+    }
+
+    /// Move Destination (0000,0600) of a C-MOVE-RQ, padding removed.
+    pub fn move_destination(&self) -> Option<&str> {
+        self.move_destination.as_deref()
+    }
+
+    /// Move Originator Message ID (0000,1031) of a C-STORE-RQ sub-operation.
+    pub fn move_originator_id(&self) -> Option<u16> {
+        self.move_originator_id
+    }
+
     pub fn affected_sop_class(&self) -> Option<String> {
         self.sop_class.clone()
     }
@@ -179,6 +211,27 @@ impl Command {
         }
         raw
     }
+}
+
+/// A command field value to set when a command is rewritten.
+pub enum Set<'a> {
+    Us(u16),
+    Ae(&'a str),
+}
+
+/// Rewrites fields of an encoded command set (e.g. the Move Destination or Message ID of a
+/// relayed C-MOVE), recomputing the group length.
+pub fn rewrite(raw: &[u8], edits: &[(dicom_core::Tag, Set<'_>)]) -> Result<Vec<u8>, CommandError> {
+    let mut obj = InMemDicomObject::read_dataset_with_ts(raw, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .map_err(|e| CommandError(e.to_string()))?;
+    for (tag, value) in edits {
+        let el = match value {
+            Set::Us(v) => DataElement::new(*tag, VR::US, dicom_value!(U16, [*v])),
+            Set::Ae(a) => DataElement::new(*tag, VR::AE, PrimitiveValue::from(*a)),
+        };
+        obj.put(el);
+    }
+    Ok(encode(obj))
 }
 
 /// Encodes a command object, with its group length recomputed.

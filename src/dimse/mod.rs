@@ -8,6 +8,7 @@
 //! HTTP, and decides no access itself.
 
 pub mod assoc;
+pub mod cmove;
 pub mod command;
 pub mod echo;
 pub mod find;
@@ -15,6 +16,7 @@ pub mod get;
 pub mod instance;
 pub mod message;
 pub mod peer;
+pub mod receiver;
 pub mod session;
 pub mod store;
 
@@ -37,7 +39,7 @@ use tokio::task::JoinSet;
 /// Connections over the cap that are answered with a rejection at the same time; more are closed.
 const MAX_REFUSALS_IN_FLIGHT: usize = 32;
 /// Slack over the announced Maximum Length tolerated in PDUs from peers.
-const PDU_SLACK: u32 = 64;
+pub(crate) const PDU_SLACK: u32 = 64;
 
 /// What every association shares.
 pub struct Ctx {
@@ -46,6 +48,8 @@ pub struct Ctx {
     pub policy: Arc<Policy>,
     /// Resolves UIDs to owners for the policy core's retrieval and store decisions.
     pub lookup: Arc<crate::pacs::PacsLookup>,
+    /// C-MOVEs in flight, for the receiver to route their sub-operations.
+    pub moves: Arc<receiver::MoveRegistry>,
     next_id: AtomicU64,
 }
 
@@ -53,6 +57,7 @@ impl Ctx {
     pub fn new(cfg: Arc<Config>, trust: Arc<TrustCore>, policy: Arc<Policy>) -> Arc<Ctx> {
         Arc::new(Ctx {
             lookup: Arc::new(crate::pacs::PacsLookup::new(&cfg)),
+            moves: Arc::new(receiver::MoveRegistry::default()),
             cfg,
             trust,
             policy,
@@ -130,7 +135,7 @@ async fn refuse_busy(mut stream: TcpStream, max_rq: u32) {
 
 /// Sends an A-ASSOCIATE-RJ, then lets the client close first, so the rejection is not lost to
 /// a connection reset.
-async fn send_reject(stream: &mut TcpStream, r: Refusal) {
+pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
         let _ = stream.shutdown().await;
@@ -311,6 +316,7 @@ async fn negotiate(
     let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
     Some(session::Session {
         id,
+        calling_ae: rq.calling_ae_title.trim().to_string(),
         client,
         pacs,
         principal,

@@ -9,7 +9,7 @@ use super::assoc::AcceptedContext;
 use super::command::{self, Command};
 use super::message::Event;
 use super::peer::{Incoming, MAX_BATCH, Peer};
-use super::{Ctx, echo, find, get, store};
+use super::{Ctx, cmove, echo, find, get, store};
 use crate::trust::Principal;
 use dicom_ul::pdu::Pdu;
 use std::collections::HashMap;
@@ -21,6 +21,8 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Session {
     pub id: u64,
+    /// The client's AE title, shown to C-MOVE destinations as the move originator.
+    pub calling_ae: String,
     pub client: Peer,
     pub pacs: Peer,
     pub principal: Principal,
@@ -116,6 +118,7 @@ impl Session {
             Some(command::C_FIND_RQ) => find::handle(self, pc_id, cmd).await,
             Some(command::C_STORE_RQ) => store::handle(self, pc_id, cmd).await,
             Some(command::C_GET_RQ) => get::handle(self, pc_id, cmd).await,
+            Some(command::C_MOVE_RQ) => cmove::handle(self, pc_id, cmd).await,
             // A cancel for an operation that has already ended is ignored (PS3.7 9.3.2.3).
             Some(command::C_CANCEL_RQ) => Flow::Continue,
             other => self.unsupported(pc_id, cmd, other.unwrap_or(0)).await,

@@ -77,7 +77,7 @@ def stop(proc: subprocess.Popen):
 
 
 class Orthanc:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, modalities=None):
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.aet = "ORTHANC"
@@ -105,6 +105,7 @@ class Orthanc:
             "StableAge": 1,
             "Plugins": [ORTHANC_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": modalities or {},
         }
         self.config = tmp / "orthanc.json"
         self.config.write_text(json.dumps(cfg, indent=2))
@@ -187,7 +188,8 @@ class Issuer:
 
 
 class Gateway:
-    def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug"):
+    def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
+                 receive_port=None, destinations=()):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.ae_title = "PACSGATE"
@@ -206,15 +208,18 @@ audiences = ["http://127.0.0.1:8080/dicom-web", "{self.public_url}/dicom-web"]
 idle_timeout_secs = 60
 upstream_timeout_secs = 20
 
+[[issuers]]
+issuer = "{issuer.url}"
+verify = "jwt"
+
 [pacs]
 ae_title = "{orthanc.aet}"
 address = "127.0.0.1:{orthanc.dicom_port}"
 calling_ae_title = "PACSGATE"
+{f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 
-[[issuers]]
-issuer = "{issuer.url}"
-verify = "jwt"
 {extra}
+{"".join(f'[[destinations]]{chr(10)}ae_title = "{ae}"{chr(10)}address = "127.0.0.1:{port}"{chr(10)}' for ae, port in destinations)}
 """
         )
         self.log_path = tmp / f"{name}.log"
@@ -244,8 +249,15 @@ def tmp_root():
 
 
 @pytest.fixture(scope="session")
-def orthanc(tmp_root):
-    o = Orthanc(tmp_root)
+def ports():
+    """Ports fixed for the session: the gateway's C-MOVE receiver (Orthanc must know it) and
+    the C-MOVE destination the gateway is configured with."""
+    return {"receive": free_port(), "dest": free_port()}
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_root, ports):
+    o = Orthanc(tmp_root, modalities={"PACSGATE": ["PACSGATE", "127.0.0.1", ports["receive"]]})
     studies = {}
     instances = []  # (PatientID, study, series, SOP instance) of everything loaded
     for pid, study_uid, data in generate(PATIENTS, PADDED):
@@ -267,8 +279,8 @@ def issuer(tmp_root):
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_root, orthanc, issuer):
-    g = Gateway(tmp_root, orthanc, issuer)
+def gateway(tmp_root, orthanc, issuer, ports):
+    g = Gateway(tmp_root, orthanc, issuer, receive_port=ports["receive"], destinations=[("DEST", ports["dest"])])
     yield g
     stop(g.proc)
     assert g.proc.returncode == 0, f"pacsgate did not stop cleanly: {g.proc.returncode}"
