@@ -115,8 +115,15 @@ class Orthanc:
             raise RuntimeError("Orthanc is not installed (Debian package orthanc)")
         if not Path(ORTHANC_PLUGIN).exists():
             raise RuntimeError(f"{ORTHANC_PLUGIN} is missing (Debian package orthanc-dicomweb)")
+        self.exe = exe
+        self.tmp = tmp
+        self.start()
+
+    def start(self):
+        """Starts (or restarts, on the same storage and ports) the Orthanc process."""
         env = dict(os.environ, TCP_NODELAY="1")
-        self.proc = subprocess.Popen([exe, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        tmp = self.tmp
         deadline = time.time() + 30
         while True:
             if self.proc.poll() is not None:
