@@ -4,7 +4,9 @@
 //!
 //! dimse_bench --addr 127.0.0.1:11112 --called PACSGATE [--token-file F] --mode assoc|find
 //!             --count N [--patient-id ID]
-//! Prints one JSON object with the latencies in microseconds.
+//! dimse_bench ... --mode store --dir DIR          (C-STORE every file of DIR, one association)
+//! dimse_bench ... --mode get --study UID --sop-class UID --ts UID   (C-GET a whole study)
+//! Prints one JSON object: latencies in microseconds, or bytes, instances and seconds.
 
 use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
 use dicom_dictionary_std::tags;
@@ -31,6 +33,10 @@ struct Args {
     mode: String,
     count: usize,
     patient_id: String,
+    dir: String,
+    study: String,
+    sop_class: String,
+    ts: String,
 }
 
 fn args() -> Result<Args, String> {
@@ -41,6 +47,10 @@ fn args() -> Result<Args, String> {
         mode: "assoc".into(),
         count: 100,
         patient_id: "BENCH".into(),
+        dir: String::new(),
+        study: String::new(),
+        sop_class: String::new(),
+        ts: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -59,6 +69,10 @@ fn args() -> Result<Args, String> {
             "--mode" => a.mode = v,
             "--count" => a.count = v.parse().map_err(|_| "--count N".to_string())?,
             "--patient-id" => a.patient_id = v,
+            "--dir" => a.dir = v,
+            "--study" => a.study = v,
+            "--sop-class" => a.sop_class = v,
+            "--ts" => a.ts = v,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -101,6 +115,26 @@ fn request(field: u16, sop: &str, msg_id: u16, with_data: bool) -> Vec<u8> {
 }
 
 async fn associate(a: &Args) -> Result<Peer, String> {
+    let pcs = vec![
+        PresentationContextProposed {
+            id: 1,
+            abstract_syntax: VERIFICATION.into(),
+            transfer_syntaxes: vec![ILE.into()],
+        },
+        PresentationContextProposed {
+            id: 3,
+            abstract_syntax: STUDY_FIND.into(),
+            transfer_syntaxes: vec![ILE.into()],
+        },
+    ];
+    associate_with(a, pcs, vec![]).await
+}
+
+async fn associate_with(
+    a: &Args,
+    pcs: Vec<PresentationContextProposed>,
+    extra: Vec<UserVariableItem>,
+) -> Result<Peer, String> {
     let mut s = TcpStream::connect(&a.addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -117,23 +151,13 @@ async fn associate(a: &Args) -> Result<Peer, String> {
             vec![],
         )));
     }
+    uv.extend(extra);
     let rq = AssociationRQ {
         protocol_version: 1,
         calling_ae_title: "BENCH".into(),
         called_ae_title: a.called.clone(),
         application_context_name: "1.2.840.10008.3.1.1.1".into(),
-        presentation_contexts: vec![
-            PresentationContextProposed {
-                id: 1,
-                abstract_syntax: VERIFICATION.into(),
-                transfer_syntaxes: vec![ILE.into()],
-            },
-            PresentationContextProposed {
-                id: 3,
-                abstract_syntax: STUDY_FIND.into(),
-                transfer_syntaxes: vec![ILE.into()],
-            },
-        ],
+        presentation_contexts: pcs,
         user_variables: uv,
     };
     write_pdu(&mut s, &Pdu::AssociationRQ(rq))
@@ -318,10 +342,225 @@ async fn main() {
                 &format!(",\"matches_per_query\":{}", total / a.count.max(1)),
             )
         }
+        "store" => match store_dir(&a).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dimse_bench: {e}");
+                std::process::exit(1);
+            }
+        },
+        "get" => match get_study(&a).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dimse_bench: {e}");
+                std::process::exit(1);
+            }
+        },
         other => {
             eprintln!("dimse_bench: unknown mode {other}");
             std::process::exit(2);
         }
     };
     println!("{result}");
+}
+
+/// A Part 10 file: its SOP class, instance, transfer syntax and where the data set starts.
+struct Part10 {
+    sop_class: String,
+    sop_instance: String,
+    ts: String,
+    bytes: Vec<u8>,
+    data_start: usize,
+}
+
+fn read_part10(path: &std::path::Path) -> Result<Part10, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
+        return Err(format!("{}: not a DICOM file", path.display()));
+    }
+    // File meta: explicit VR little endian, starting with (0002,0000) group length.
+    let group_len = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as usize;
+    let data_start = 144 + group_len;
+    let (mut sop_class, mut sop_instance, mut ts) = (String::new(), String::new(), String::new());
+    let mut i = 144;
+    while i + 8 <= data_start {
+        let element = u16::from_le_bytes([bytes[i + 2], bytes[i + 3]]);
+        let vr = &bytes[i + 4..i + 6];
+        let (len, head) = if matches!(vr, b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN") {
+            (
+                u32::from_le_bytes([bytes[i + 8], bytes[i + 9], bytes[i + 10], bytes[i + 11]])
+                    as usize,
+                12,
+            )
+        } else {
+            (u16::from_le_bytes([bytes[i + 6], bytes[i + 7]]) as usize, 8)
+        };
+        let v = String::from_utf8_lossy(&bytes[i + head..i + head + len])
+            .trim_end_matches(['\0', ' '])
+            .to_string();
+        match element {
+            0x0002 => sop_class = v,
+            0x0003 => sop_instance = v,
+            0x0010 => ts = v,
+            _ => {}
+        }
+        i += head + len;
+    }
+    Ok(Part10 {
+        sop_class,
+        sop_instance,
+        ts,
+        bytes,
+        data_start,
+    })
+}
+
+async fn store_dir(a: &Args) -> Result<String, String> {
+    let mut files: Vec<_> = std::fs::read_dir(&a.dir)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let first = read_part10(files.first().ok_or("no files")?)?;
+    let pcs = vec![PresentationContextProposed {
+        id: 1,
+        abstract_syntax: first.sop_class.clone(),
+        transfer_syntaxes: vec![first.ts.clone()],
+    }];
+    let mut p = associate_with(a, pcs, vec![]).await?;
+    let t = Instant::now();
+    let (mut total, mut n) = (0usize, 0usize);
+    for (i, f) in files.iter().enumerate() {
+        let part = read_part10(f)?;
+        let cmd = encode(&InMemDicomObject::command_from_element_iter([
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(part.sop_class.as_str()),
+            ),
+            DataElement::new(
+                tags::COMMAND_FIELD,
+                VR::US,
+                dicom_value!(U16, [command::C_STORE_RQ]),
+            ),
+            DataElement::new(
+                tags::MESSAGE_ID,
+                VR::US,
+                dicom_value!(U16, [(i % 60000) as u16 + 1]),
+            ),
+            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(
+                tags::AFFECTED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(part.sop_instance.as_str()),
+            ),
+        ]));
+        p.send_command(1, &cmd).await.map_err(|e| e.to_string())?;
+        let data = &part.bytes[part.data_start..];
+        let chunks: Vec<&[u8]> = data.chunks(64 * 1024).collect();
+        for (j, c) in chunks.iter().enumerate() {
+            p.send_data(1, c, j + 1 == chunks.len())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        responses(&mut p).await?;
+        total += data.len();
+        n += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = release(p).await;
+    Ok(format!(
+        "{{\"instances\":{n},\"bytes\":{total},\"seconds\":{secs:.4}}}"
+    ))
+}
+
+async fn get_study(a: &Args) -> Result<String, String> {
+    const STUDY_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+    let pcs = vec![
+        PresentationContextProposed {
+            id: 1,
+            abstract_syntax: STUDY_GET.into(),
+            transfer_syntaxes: vec![ILE.into()],
+        },
+        PresentationContextProposed {
+            id: 3,
+            abstract_syntax: a.sop_class.clone(),
+            transfer_syntaxes: vec![a.ts.clone()],
+        },
+    ];
+    let role = UserVariableItem::ScuScpRoleSelectionSubItem(
+        a.sop_class.clone(),
+        dicom_ul::pdu::RequestorRoles {
+            scu: false,
+            scp: true,
+        },
+    );
+    let mut p = associate_with(a, pcs, vec![role]).await?;
+    let mut q = InMemDicomObject::new_empty();
+    q.put(DataElement::new(
+        tags::QUERY_RETRIEVE_LEVEL,
+        VR::CS,
+        PrimitiveValue::from("STUDY"),
+    ));
+    q.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(a.study.as_str()),
+    ));
+    let t = Instant::now();
+    let cmd = command::build_request(command::C_GET_RQ, 1, STUDY_GET, true, vec![]);
+    p.send_message(1, &cmd, Some(&encode(&q)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut total, mut n) = (0usize, 0usize);
+    loop {
+        match p.next().await {
+            Incoming::Message(Event::Command { pc_id, bytes }) => {
+                let c = Command::decode(bytes).map_err(|e| e.to_string())?;
+                p.expect_data(pc_id, c.has_data_set());
+                match c.field() {
+                    Some(command::C_STORE_RQ) => {
+                        loop {
+                            let (chunk, last) = pacsgate::dimse::instance::next_fragment(
+                                &mut p,
+                                pc_id,
+                                Duration::from_secs(60),
+                            )
+                            .await?;
+                            total += chunk.len();
+                            if last {
+                                break;
+                            }
+                        }
+                        n += 1;
+                        let rsp = c.response(0, None);
+                        p.send_message(pc_id, &rsp, None)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Some(command::C_GET_RSP) => {
+                        if c.has_data_set() {
+                            p.collect_data(pc_id, 1 << 20, Duration::from_secs(60))
+                                .await?;
+                        }
+                        let st = c.status().unwrap_or(0xC000);
+                        if !command::is_pending(st) {
+                            if st != 0 {
+                                return Err(format!("C-GET final status {st:#06x}"));
+                            }
+                            break;
+                        }
+                    }
+                    other => return Err(format!("unexpected command {other:?}")),
+                }
+            }
+            other => return Err(format!("unexpected {other:?}")),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = release(p).await;
+    Ok(format!(
+        "{{\"instances\":{n},\"bytes\":{total},\"seconds\":{secs:.4}}}"
+    ))
 }

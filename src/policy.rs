@@ -266,14 +266,28 @@ impl Policy {
         }
     }
 
-    /// Forgets cached owners of a study and series, after the caller stored into them.
-    pub async fn forget(&self, study_uid: &str, series_uid: Option<&str>) {
+    /// Records what a successful store proved: the PACS now holds this study and series under
+    /// this patient. Later instances of the same study are then decided without a look-up.
+    pub async fn remember_stored(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+        patient_id: &str,
+    ) {
+        let owner = |series: Option<&str>| {
+            Arc::new(Owner {
+                patient_id: patient_id.to_string(),
+                issuer: None,
+                study_uid: study_uid.to_string(),
+                series_uid: series.map(str::to_string),
+            })
+        };
         self.owners
-            .invalidate(&(UidLevel::Study, study_uid.to_string()))
+            .insert((UidLevel::Study, study_uid.to_string()), owner(None))
             .await;
         if let Some(s) = series_uid {
             self.owners
-                .invalidate(&(UidLevel::Series, s.to_string()))
+                .insert((UidLevel::Series, s.to_string()), owner(Some(s)))
                 .await;
         }
     }

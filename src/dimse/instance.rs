@@ -7,7 +7,7 @@
 //! says.
 
 use super::message::Event;
-use super::peer::{Incoming, Peer};
+use super::peer::{Incoming, MAX_BATCH, Peer};
 use crate::dataset::scan_prefix;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -88,7 +88,7 @@ pub async fn next_fragment(
     from: &mut Peer,
     pc_id: u8,
     wait: Duration,
-) -> Result<(Vec<u8>, bool), String> {
+) -> Result<(bytes::Bytes, bool), String> {
     match tokio::time::timeout(wait, from.next()).await {
         Err(_) => Err(format!(
             "{} sent nothing for {wait:?} inside a data set",
@@ -119,21 +119,25 @@ pub async fn stream(
     to.send_command(pc_id, command)
         .await
         .map_err(|e| StreamError::To(e.to_string()))?;
-    to.send_data(pc_id, &head.bytes, head.last)
-        .await
-        .map_err(|e| StreamError::To(e.to_string()))?;
+    to.queue_data(pc_id, &head.bytes, head.last);
     drop(head.bytes);
     let mut last = head.last;
-    while !last {
+    loop {
+        // Write when nothing more is at hand (or enough is queued): bursts go out in few writes.
+        if last || !from.has_input_at_hand() || to.queued_bytes() >= MAX_BATCH {
+            to.flush()
+                .await
+                .map_err(|e| StreamError::To(e.to_string()))?;
+        }
+        if last {
+            return Ok(());
+        }
         let (chunk, l) = next_fragment(from, pc_id, wait)
             .await
             .map_err(StreamError::From)?;
         last = l;
-        to.send_data(pc_id, &chunk, last)
-            .await
-            .map_err(|e| StreamError::To(e.to_string()))?;
+        to.queue_data(pc_id, &chunk, last);
     }
-    Ok(())
 }
 
 /// Reads and drops the rest of a data set (of an instance that was refused).

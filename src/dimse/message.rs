@@ -6,7 +6,83 @@
 //! fragment of one message uses one presentation context; sizes are capped. It is pure (no I/O)
 //! so it can be tested and fuzzed alone. Must not know what commands mean.
 
-use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+use bytes::Bytes;
+use dicom_ul::pdu::PDataValueType;
+
+/// One presentation data value of a P-DATA-TF PDU. The data is a view into the received PDU,
+/// so relaying it copies nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pdv {
+    pub presentation_context_id: u8,
+    pub value_type: PDataValueType,
+    pub is_last: bool,
+    pub data: Bytes,
+}
+
+/// Parses the PDVs of a whole P-DATA-TF PDU (header included), without copying their data.
+pub fn parse_pdata(frame: Bytes) -> Result<Vec<Pdv>, String> {
+    if frame.len() < 6 || frame[0] != 0x04 {
+        return Err("not a P-DATA-TF PDU".into());
+    }
+    let end = frame.len();
+    let mut pos = 6;
+    let mut out = Vec::new();
+    while pos < end {
+        if end - pos < 6 {
+            return Err("truncated PDV item".into());
+        }
+        let len = u32::from_be_bytes([frame[pos], frame[pos + 1], frame[pos + 2], frame[pos + 3]])
+            as usize;
+        if len < 2 || len > end - pos - 4 {
+            return Err(format!("PDV item length {len} does not fit the PDU"));
+        }
+        let control = frame[pos + 5];
+        out.push(Pdv {
+            presentation_context_id: frame[pos + 4],
+            value_type: if control & 0x01 != 0 {
+                PDataValueType::Command
+            } else {
+                PDataValueType::Data
+            },
+            is_last: control & 0x02 != 0,
+            data: frame.slice(pos + 6..pos + 4 + len),
+        });
+        pos += 4 + len;
+    }
+    if out.is_empty() {
+        return Err("P-DATA-TF without any PDV".into());
+    }
+    Ok(out)
+}
+
+/// Appends P-DATA-TF PDUs (one PDV each) carrying `bytes` to `out`, fragmented to the peer's
+/// maximum; `last` sets the last-fragment flag on the final one.
+pub fn encode_fragments(
+    out: &mut Vec<u8>,
+    pc_id: u8,
+    value_type: PDataValueType,
+    bytes: &[u8],
+    peer_max: u32,
+    last: bool,
+) {
+    let size = fragment_size(peer_max);
+    let n = bytes.len().div_ceil(size).max(1);
+    for i in 0..n {
+        let chunk = &bytes[(i * size).min(bytes.len())..((i + 1) * size).min(bytes.len())];
+        let is_last = last && i + 1 == n;
+        let control = match value_type {
+            PDataValueType::Command => 0x01,
+            PDataValueType::Data => 0x00,
+        } | if is_last { 0x02 } else { 0x00 };
+        let item_len = (chunk.len() + 2) as u32;
+        out.reserve(12 + chunk.len());
+        out.extend_from_slice(&[0x04, 0x00]);
+        out.extend_from_slice(&(item_len + 4).to_be_bytes());
+        out.extend_from_slice(&item_len.to_be_bytes());
+        out.extend_from_slice(&[pc_id, control]);
+        out.extend_from_slice(chunk);
+    }
+}
 
 /// One step of an incoming message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,11 +91,7 @@ pub enum Event {
     /// `Data` events on the same presentation context follow.
     Command { pc_id: u8, bytes: Vec<u8> },
     /// A fragment of the data set of the current message.
-    Data {
-        pc_id: u8,
-        bytes: Vec<u8>,
-        last: bool,
-    },
+    Data { pc_id: u8, bytes: Bytes, last: bool },
 }
 
 /// A framing rule was broken; the association must be aborted.
@@ -78,7 +150,7 @@ impl Assembler {
     }
 
     /// Feeds one P-DATA value.
-    pub fn push(&mut self, pdv: PDataValue) -> Result<Option<Event>, FramingError> {
+    pub fn push(&mut self, pdv: Pdv) -> Result<Option<Event>, FramingError> {
         let pc = pdv.presentation_context_id;
         match (pdv.value_type, self.state) {
             (PDataValueType::Command, State::Data(_)) => Err(FramingError::CommandDuringData),
@@ -96,7 +168,7 @@ impl Assembler {
                     self.command_pc = None;
                     return Ok(Some(Event::Command {
                         pc_id: pc,
-                        bytes: pdv.data,
+                        bytes: pdv.data.to_vec(),
                     }));
                 }
                 self.command.extend_from_slice(&pdv.data);
@@ -147,47 +219,27 @@ pub fn fragment_size(peer_max: u32) -> usize {
     (max as usize).saturating_sub(6).max(1)
 }
 
-/// Splits one part of a message (command or data) into P-DATA-TF PDUs with one PDV each.
-pub fn fragment(pc_id: u8, value_type: PDataValueType, bytes: &[u8], peer_max: u32) -> Vec<Pdu> {
-    let size = fragment_size(peer_max);
-    if bytes.is_empty() {
-        return vec![Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type,
-                is_last: true,
-                data: Vec::new(),
-            }],
-        }];
-    }
-    let n = bytes.len().div_ceil(size);
-    bytes
-        .chunks(size)
-        .enumerate()
-        .map(|(i, chunk)| Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: value_type.clone(),
-                is_last: i + 1 == n,
-                data: chunk.to_vec(),
-            }],
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pdv(pc: u8, t: PDataValueType, last: bool, data: &[u8]) -> PDataValue {
-        PDataValue {
+    fn pdv(pc: u8, t: PDataValueType, last: bool, data: &[u8]) -> Pdv {
+        Pdv {
             presentation_context_id: pc,
             value_type: t,
             is_last: last,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
         }
     }
     use PDataValueType::{Command as C, Data as D};
+
+    fn data(pc: u8, b: &[u8], last: bool) -> Event {
+        Event::Data {
+            pc_id: pc,
+            bytes: Bytes::copy_from_slice(b),
+            last,
+        }
+    }
 
     #[test]
     fn fragmented_command_and_data_reassemble() {
@@ -204,22 +256,13 @@ mod tests {
         assert!(!a.is_idle());
         assert_eq!(
             a.push(pdv(1, D, false, b"x")).unwrap(),
-            Some(Event::Data {
-                pc_id: 1,
-                bytes: b"x".to_vec(),
-                last: false
-            })
+            Some(data(1, b"x", false))
         );
         assert_eq!(
             a.push(pdv(1, D, true, b"y")).unwrap(),
-            Some(Event::Data {
-                pc_id: 1,
-                bytes: b"y".to_vec(),
-                last: true
-            })
+            Some(data(1, b"y", true))
         );
         assert!(a.is_idle());
-        // next message without data
         assert!(matches!(
             a.push(pdv(3, C, true, b"z")).unwrap(),
             Some(Event::Command { pc_id: 3, .. })
@@ -284,60 +327,128 @@ mod tests {
         );
     }
 
-    #[test]
-    fn fragmentation_honours_peer_max() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        let pdus = fragment(7, D, &data, 4096);
-        assert_eq!(pdus.len(), 3);
-        let mut joined = Vec::new();
-        for (i, p) in pdus.iter().enumerate() {
-            let Pdu::PData { data: pdvs } = p else {
-                panic!()
-            };
-            assert_eq!(pdvs.len(), 1);
-            assert!(pdvs[0].data.len() + 6 <= 4096);
-            assert_eq!(pdvs[0].is_last, i == 2);
-            assert_eq!(pdvs[0].presentation_context_id, 7);
-            // the encoded PDU fits the peer's maximum
-            let mut enc = Vec::new();
-            dicom_ul::write_pdu(&mut enc, p).unwrap();
-            assert!(enc.len() - 6 <= 4096);
-            joined.extend_from_slice(&pdvs[0].data);
+    /// Splits an encoded byte stream into PDUs by their length fields.
+    fn pdus(mut b: &[u8]) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            let len = u32::from_be_bytes([b[2], b[3], b[4], b[5]]) as usize;
+            v.push(Bytes::copy_from_slice(&b[..6 + len]));
+            b = &b[6 + len..];
         }
-        assert_eq!(joined, data);
-        // empty part: one empty last fragment
-        assert_eq!(fragment(1, C, &[], 4096).len(), 1);
-        // unlimited peer
-        assert_eq!(fragment(1, D, &data, 0).len(), 1);
+        v
+    }
+
+    #[test]
+    fn fragmentation_honours_peer_max_and_matches_dicom_rs() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        encode_fragments(&mut out, 7, D, &payload, 4096, true);
+        let frames = pdus(&out);
+        assert_eq!(frames.len(), 3);
+        let mut joined = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.len() - 6 <= 4096, "the PDU fits the peer's maximum");
+            // dicom-rs reads what the gateway writes
+            let Some(dicom_ul::Pdu::PData { data: theirs }) =
+                dicom_ul::read_pdu(&f[..], 1 << 20, true).unwrap()
+            else {
+                panic!("not P-DATA")
+            };
+            let ours = parse_pdata(f.clone()).unwrap();
+            assert_eq!(ours.len(), 1);
+            assert_eq!(theirs[0].data, ours[0].data.to_vec());
+            assert_eq!(theirs[0].is_last, i == 2);
+            assert_eq!(ours[0].is_last, i == 2);
+            assert_eq!(ours[0].presentation_context_id, 7);
+            assert_eq!(ours[0].value_type, D);
+            joined.extend_from_slice(&ours[0].data);
+        }
+        assert_eq!(joined, payload);
+        // an empty part is one empty fragment; without `last`, no fragment carries the flag
+        let mut out = Vec::new();
+        encode_fragments(&mut out, 1, C, &[], 4096, true);
+        let p = parse_pdata(Bytes::from(out)).unwrap();
+        assert!(p[0].is_last && p[0].data.is_empty() && p[0].value_type == C);
+        let mut out = Vec::new();
+        encode_fragments(&mut out, 1, D, &payload, 4096, false);
+        assert!(
+            pdus(&out)
+                .into_iter()
+                .all(|f| !parse_pdata(f).unwrap()[0].is_last)
+        );
+        // an unlimited peer gets one fragment
+        let mut out = Vec::new();
+        encode_fragments(&mut out, 1, D, &payload, 0, true);
+        assert_eq!(pdus(&out).len(), 1);
+    }
+
+    #[test]
+    fn pdata_written_by_dicom_rs_parses_and_garbage_does_not() {
+        let pdu = dicom_ul::Pdu::PData {
+            data: vec![
+                dicom_ul::pdu::PDataValue {
+                    presentation_context_id: 3,
+                    value_type: C,
+                    is_last: true,
+                    data: b"cmd".to_vec(),
+                },
+                dicom_ul::pdu::PDataValue {
+                    presentation_context_id: 3,
+                    value_type: D,
+                    is_last: false,
+                    data: b"data".to_vec(),
+                },
+            ],
+        };
+        let mut enc = Vec::new();
+        dicom_ul::write_pdu(&mut enc, &pdu).unwrap();
+        let p = parse_pdata(Bytes::from(enc.clone())).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (&p[0].data[..], p[0].value_type.clone(), p[0].is_last),
+            (&b"cmd"[..], C, true)
+        );
+        assert_eq!(
+            (&p[1].data[..], p[1].value_type.clone(), p[1].is_last),
+            (&b"data"[..], D, false)
+        );
+        // every truncation or corruption of the item length is an error, never a panic
+        for n in 0..enc.len() {
+            let _ = parse_pdata(Bytes::copy_from_slice(&enc[..n]));
+        }
+        let mut bad = enc.clone();
+        bad[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_pdata(Bytes::from(bad)).is_err());
+        let mut bad = enc;
+        bad[6..10].copy_from_slice(&1u32.to_be_bytes());
+        assert!(parse_pdata(Bytes::from(bad)).is_err());
+        assert!(parse_pdata(Bytes::from_static(&[0x04, 0, 0, 0, 0, 0])).is_err());
     }
 
     #[test]
     fn reassembly_of_fragmented_output_roundtrips() {
         let cmd = vec![9u8; 3000];
-        let data = vec![5u8; 20_000];
+        let payload = vec![5u8; 20_000];
+        let mut out = Vec::new();
+        encode_fragments(&mut out, 1, C, &cmd, 1024, true);
+        encode_fragments(&mut out, 1, D, &payload, 1024, true);
         let mut a = Assembler::new(DEFAULT_MAX_COMMAND);
         let mut got_cmd = None;
         let mut got_data = Vec::new();
-        for p in fragment(1, C, &cmd, 1024)
-            .into_iter()
-            .chain(fragment(1, D, &data, 1024))
-        {
-            let Pdu::PData { data: pdvs } = p else {
-                panic!()
-            };
-            for v in pdvs {
+        for f in pdus(&out) {
+            for v in parse_pdata(f).unwrap() {
                 match a.push(v).unwrap() {
                     Some(Event::Command { bytes, .. }) => {
                         a.expect_data(1, true);
                         got_cmd = Some(bytes)
                     }
-                    Some(Event::Data { bytes, .. }) => got_data.extend(bytes),
+                    Some(Event::Data { bytes, .. }) => got_data.extend_from_slice(&bytes),
                     None => {}
                 }
             }
         }
         assert_eq!(got_cmd.unwrap(), cmd);
-        assert_eq!(got_data, data);
+        assert_eq!(got_data, payload);
         assert!(a.is_idle());
     }
 }

@@ -4,7 +4,9 @@
 //! session can wait on both peers at once), writing PDUs, and turning P-DATA into message events
 //! through the [`Assembler`]. Must not know what messages mean.
 
-use super::message::{Assembler, DEFAULT_MAX_COMMAND, Event, FramingError, fragment};
+use super::message::{
+    Assembler, DEFAULT_MAX_COMMAND, Event, FramingError, Pdv, encode_fragments, parse_pdata,
+};
 use bytes::BytesMut;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
 use std::collections::VecDeque;
@@ -64,6 +66,12 @@ pub async fn write_pdu(w: &mut (impl AsyncWriteExt + Unpin), pdu: &Pdu) -> Resul
     Ok(())
 }
 
+/// One PDU as read: P-DATA already split into its values.
+enum Frame {
+    PData(Vec<Pdv>),
+    Other(Pdu),
+}
+
 /// What the session sees arriving from a peer.
 #[derive(Debug)]
 pub enum Incoming {
@@ -116,8 +124,9 @@ impl Peer {
     }
 
     /// Reads one PDU. Cancel-safe: partial data stays in `buf` (reads happen on the session's
-    /// own task, without a hop through another task per PDU).
-    async fn read_frame(&mut self) -> Result<Pdu, PduError> {
+    /// own task, without a hop through another task per PDU). P-DATA is parsed here without
+    /// copying its data; other PDUs by dicom-ul.
+    async fn read_frame(&mut self) -> Result<Frame, PduError> {
         loop {
             if self.buf.len() >= 6 {
                 let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
@@ -129,13 +138,18 @@ impl Peer {
                 }
                 let total = 6 + len as usize;
                 if self.buf.len() >= total {
-                    let frame = self.buf.split_to(total);
+                    let frame = self.buf.split_to(total).freeze();
+                    if frame[0] == 0x04 {
+                        return parse_pdata(frame)
+                            .map(Frame::PData)
+                            .map_err(PduError::Malformed);
+                    }
                     return match dicom_ul::read_pdu(
                         &frame[..],
                         dicom_ul::pdu::MAXIMUM_PDU_SIZE,
                         false,
                     ) {
-                        Ok(Some(pdu)) => Ok(pdu),
+                        Ok(Some(pdu)) => Ok(Frame::Other(pdu)),
                         Ok(None) => Err(PduError::Malformed("truncated".into())),
                         Err(e) => Err(PduError::Malformed(e.to_string())),
                     };
@@ -157,30 +171,32 @@ impl Peer {
             if let Some(why) = &self.failed {
                 return Incoming::Gone(why.clone());
             }
-            let pdu = match self.read_frame().await {
+            let frame = match self.read_frame().await {
                 Ok(p) => p,
                 Err(e) => {
                     self.failed = Some(e.to_string());
                     return Incoming::Gone(e.to_string());
                 }
             };
-            match pdu {
-                Pdu::PData { data } => {
-                    for pdv in data {
+            match frame {
+                Frame::PData(pdvs) => {
+                    for pdv in pdvs {
                         match self.assembler.push(pdv) {
                             Ok(Some(ev)) => self.queue.push_back(Incoming::Message(ev)),
                             Ok(None) => {}
                             Err(e) => {
-                                self.queue.push_back(Incoming::Gone(framing(e)));
+                                let why = framing(e);
+                                self.failed = Some(why.clone());
+                                self.queue.push_back(Incoming::Gone(why));
                                 break;
                             }
                         }
                     }
                 }
-                Pdu::ReleaseRQ => return Incoming::ReleaseRq,
-                Pdu::ReleaseRP => return Incoming::ReleaseRp,
-                Pdu::AbortRQ { .. } => return Incoming::Abort,
-                other => {
+                Frame::Other(Pdu::ReleaseRQ) => return Incoming::ReleaseRq,
+                Frame::Other(Pdu::ReleaseRP) => return Incoming::ReleaseRp,
+                Frame::Other(Pdu::AbortRQ { .. }) => return Incoming::Abort,
+                Frame::Other(other) => {
                     return Incoming::Gone(format!("unexpected {}", other.short_description()));
                 }
             }
@@ -211,44 +227,56 @@ impl Peer {
         command: &[u8],
         data: Option<&[u8]>,
     ) -> Result<(), PduError> {
-        let mut pdus = fragment(pc_id, PDataValueType::Command, command, self.peer_max);
+        encode_fragments(
+            &mut self.out,
+            pc_id,
+            PDataValueType::Command,
+            command,
+            self.peer_max,
+            true,
+        );
         if let Some(d) = data {
-            pdus.extend(fragment(pc_id, PDataValueType::Data, d, self.peer_max));
-        }
-        for p in &pdus {
-            dicom_ul::write_pdu(&mut self.out, p)
-                .map_err(|e| PduError::Malformed(e.to_string()))?;
+            encode_fragments(
+                &mut self.out,
+                pc_id,
+                PDataValueType::Data,
+                d,
+                self.peer_max,
+                true,
+            );
         }
         Ok(())
     }
 
     /// Sends a command that announces a data set; the data follows with [`Peer::send_data`].
     pub async fn send_command(&mut self, pc_id: u8, command: &[u8]) -> Result<(), PduError> {
-        for p in fragment(pc_id, PDataValueType::Command, command, self.peer_max) {
-            dicom_ul::write_pdu(&mut self.out, &p)
-                .map_err(|e| PduError::Malformed(e.to_string()))?;
-        }
+        encode_fragments(
+            &mut self.out,
+            pc_id,
+            PDataValueType::Command,
+            command,
+            self.peer_max,
+            true,
+        );
         self.flush().await
     }
 
-    /// Sends a piece of a data set, fragmented to the peer's maximum; `last` marks the end of
-    /// the data set. Streams: nothing but this piece is held.
+    /// Queues a piece of a data set, fragmented to the peer's maximum; `last` marks the end of
+    /// the data set. The caller flushes (see [`Peer::flush`]); nothing but this piece is held.
+    pub fn queue_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) {
+        encode_fragments(
+            &mut self.out,
+            pc_id,
+            PDataValueType::Data,
+            bytes,
+            self.peer_max,
+            last,
+        );
+    }
+
+    /// Sends a piece of a data set at once.
     pub async fn send_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) -> Result<(), PduError> {
-        let size = super::message::fragment_size(self.peer_max);
-        let n = bytes.len().div_ceil(size).max(1);
-        for i in 0..n {
-            let chunk = &bytes[(i * size).min(bytes.len())..((i + 1) * size).min(bytes.len())];
-            let pdu = Pdu::PData {
-                data: vec![dicom_ul::pdu::PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Data,
-                    is_last: last && i + 1 == n,
-                    data: chunk.to_vec(),
-                }],
-            };
-            dicom_ul::write_pdu(&mut self.out, &pdu)
-                .map_err(|e| PduError::Malformed(e.to_string()))?;
-        }
+        self.queue_data(pc_id, bytes, last);
         self.flush().await
     }
 

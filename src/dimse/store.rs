@@ -73,6 +73,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         .await;
     let study = head.study_uid.clone().unwrap_or_default();
     let series = head.series_uid.clone();
+    let patient = head.patient_id.clone().unwrap_or_default();
     let what = format!("C-STORE study={study}");
     if let Decision::Deny(d) = decision {
         if !head.last
@@ -123,7 +124,10 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                         || status == 0x0107
                         || status == 0x0116;
                     if stored {
-                        s.ctx.policy.forget(&study, series.as_deref()).await;
+                        s.ctx
+                            .policy
+                            .remember_stored(&study, series.as_deref(), patient.trim_matches(' '))
+                            .await;
                     }
                     audit::record(
                         "dimse",
