@@ -13,7 +13,7 @@ use dicom_ul::ClientAssociationOptions;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJResult, PDataValue, PDataValueType, Pdu, PresentationContextResult,
-    PresentationContextResultReason, UserVariableItem,
+    PresentationContextResultReason, RequestorRoles, UserVariableItem,
 };
 use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
@@ -43,6 +43,11 @@ enum Script {
     Hang,
     /// Large matches, fragmented to its own tiny maximum PDU.
     LargeMatches,
+    /// C-GET: answers ownership look-ups (study 1.1 is PAT1's), then sends two sub-operations:
+    /// an instance of PAT1 and one of PAT2.
+    GetWithForeign,
+    /// C-GET: one sub-operation, then waits for C-CANCEL and answers 0xFE00.
+    GetCancel,
 }
 
 /// What the scripted PACS saw.
@@ -52,6 +57,8 @@ struct Seen {
     identity_forwarded: bool,
     query_patient_ids: Vec<Option<String>>,
     cancels: usize,
+    /// Statuses the gateway answered for C-GET sub-operations, in order.
+    sub_statuses: Vec<u16>,
 }
 
 const PACS_MAX_PDU: u32 = 1024;
@@ -87,6 +94,49 @@ fn find_rsp(msg_id: u16, status: u16, with_data: bool) -> Vec<u8> {
     cmd.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .unwrap();
     out
+}
+
+const SC: &str = "1.2.840.10008.5.1.4.1.1.7";
+const STUDY_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+
+fn get_rsp(msg_id: u16, status: u16) -> Vec<u8> {
+    command::build_response(0x8010, msg_id, Some(STUDY_GET), status, None)
+}
+
+/// A small instance data set of a patient.
+fn instance(patient_id: &str, sop_uid: &str) -> Vec<u8> {
+    let mut o = InMemDicomObject::new_empty();
+    o.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from(SC),
+    ));
+    o.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(sop_uid),
+    ));
+    o.put(DataElement::new(
+        tags::PATIENT_ID,
+        VR::LO,
+        PrimitiveValue::from(patient_id),
+    ));
+    o.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from("1.1"),
+    ));
+    o.put(DataElement::new(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from("1.1.1"),
+    ));
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::from(vec![7u8; 5000]),
+    ));
+    ds_bytes(&o)
 }
 
 fn study(patient_id: Option<&str>, uid: &str, description_len: usize) -> InMemDicomObject {
@@ -151,8 +201,22 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                         transfer_syntax: pc.transfer_syntaxes[0].clone(),
                     })
                     .collect(),
-                user_variables: vec![UserVariableItem::MaxLength(PACS_MAX_PDU)],
+                user_variables: vec![
+                    UserVariableItem::MaxLength(PACS_MAX_PDU),
+                    UserVariableItem::ScuScpRoleSelectionSubItem(
+                        SC.into(),
+                        RequestorRoles {
+                            scu: false,
+                            scp: true,
+                        },
+                    ),
+                ],
             };
+            let storage_pc = rq
+                .presentation_contexts
+                .iter()
+                .find(|p| p.abstract_syntax.trim_end_matches('\0') == SC)
+                .map(|p| p.id);
             write_pdu(&mut s, &Pdu::AssociationAC(ac)).await.unwrap();
             let _ = s.set_nodelay(true);
             // The gateway must respect the PACS's maximum: read with exactly that limit.
@@ -188,6 +252,26 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                     .get(tags::PATIENT_ID)
                                     .map(|e| e.to_str().unwrap().into_owned());
                                 seen.lock().unwrap().query_patient_ids.push(pid);
+                                if matches!(script, Script::GetWithForeign | Script::GetCancel) {
+                                    // an ownership look-up by the gateway
+                                    let uid = q.get(tags::STUDY_INSTANCE_UID).map(|e| {
+                                        e.to_str().unwrap().trim_end_matches('\0').to_string()
+                                    });
+                                    if uid.as_deref() == Some("1.1") {
+                                        let d = ds_bytes(&study(Some("PAT1"), "1.1", 0));
+                                        peer.send_message(
+                                            pc_id,
+                                            &find_rsp(msg_id, 0xFF00, true),
+                                            Some(&d),
+                                        )
+                                        .await
+                                        .unwrap();
+                                    }
+                                    peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
+                                        .await
+                                        .unwrap();
+                                    continue;
+                                }
                                 let (matches, finish) = match script {
                                     Script::MixedMatches => (
                                         [
@@ -206,7 +290,9 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                     Script::WaitForCancel => {
                                         (vec![study(Some("PAT1"), "1.1", 0)], false)
                                     }
-                                    Script::Hang => (vec![], false),
+                                    Script::Hang | Script::GetWithForeign | Script::GetCancel => {
+                                        (vec![], false)
+                                    }
                                     Script::LargeMatches => (
                                         ["1.1", "1.2"]
                                             .iter()
@@ -227,6 +313,67 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                 }
                                 if finish {
                                     peer.send_message(pc_id, &find_rsp(msg_id, 0, false), None)
+                                        .await
+                                        .unwrap();
+                                }
+                            }
+                            Some(command::C_GET_RQ) => {
+                                msg_id = cmd.message_id().unwrap();
+                                peer.collect_data(pc_id, 1 << 20, Duration::from_secs(5))
+                                    .await
+                                    .unwrap();
+                                let spc = storage_pc.unwrap();
+                                let pids: &[&str] = if script == Script::GetWithForeign {
+                                    &["PAT1", "PAT2"]
+                                } else {
+                                    &["PAT1"]
+                                };
+                                for (n, pid) in pids.iter().enumerate() {
+                                    let inst = instance(pid, &format!("9.{n}"));
+                                    let cmd = command::build_request(
+                                        command::C_STORE_RQ,
+                                        100 + n as u16,
+                                        SC,
+                                        true,
+                                        vec![DataElement::new(
+                                            tags::AFFECTED_SOP_INSTANCE_UID,
+                                            VR::UI,
+                                            PrimitiveValue::from(format!("9.{n}")),
+                                        )],
+                                    );
+                                    peer.send_message(spc, &cmd, Some(&inst)).await.unwrap();
+                                    // the gateway's answer for this sub-operation
+                                    match peer.next().await {
+                                        Incoming::Message(Event::Command { pc_id: rpc, bytes }) => {
+                                            let r = command::Command::decode(bytes).unwrap();
+                                            peer.expect_data(rpc, false);
+                                            seen.lock()
+                                                .unwrap()
+                                                .sub_statuses
+                                                .push(r.status().unwrap());
+                                        }
+                                        _ => return,
+                                    }
+                                }
+                                if script == Script::GetCancel {
+                                    match peer.next().await {
+                                        Incoming::Message(Event::Command { pc_id: cpc, bytes }) => {
+                                            let c = command::Command::decode(bytes).unwrap();
+                                            peer.expect_data(cpc, false);
+                                            assert_eq!(c.field(), Some(command::C_CANCEL_RQ));
+                                            seen.lock().unwrap().cancels += 1;
+                                            peer.send_message(
+                                                pc_id,
+                                                &get_rsp(msg_id, 0xFE00),
+                                                None,
+                                            )
+                                            .await
+                                            .unwrap();
+                                        }
+                                        _ => return,
+                                    }
+                                } else {
+                                    peer.send_message(pc_id, &get_rsp(msg_id, 0xB000), None)
                                         .await
                                         .unwrap();
                                 }
@@ -620,4 +767,157 @@ async fn oversized_association_request_is_refused() {
         .await
         .unwrap();
     assert!(matches!(r, Ok(Pdu::AbortRQ { .. }) | Err(_)));
+}
+
+async fn connect_get(s: &Setup, token: &str) -> AsyncClientAssociation<TcpStream> {
+    ClientAssociationOptions::new()
+        .calling_ae_title("VIEWER")
+        .called_ae_title("PACSGATE")
+        .with_presentation_context(STUDY_GET, vec![ELE])
+        .with_presentation_context(SC, vec![ELE])
+        .with_role_selection(SC, false, true)
+        .max_pdu_length(4096)
+        .jwt(token)
+        .read_timeout(Duration::from_secs(10))
+        .establish_async(s.gateway)
+        .await
+        .unwrap()
+}
+
+/// Runs a C-GET of study 1.1; answers every sub-operation with success; returns the PatientIDs
+/// received and the final status. With `cancel`, a C-CANCEL goes out after the first instance.
+async fn run_get(a: &mut AsyncClientAssociation<TcpStream>, cancel: bool) -> (Vec<String>, u16) {
+    let get_pc = a
+        .presentation_contexts()
+        .iter()
+        .find(|p| p.abstract_syntax.trim_end_matches('\0') == STUDY_GET)
+        .unwrap()
+        .id;
+    let mut q = InMemDicomObject::new_empty();
+    q.put(DataElement::new(
+        tags::QUERY_RETRIEVE_LEVEL,
+        VR::CS,
+        PrimitiveValue::from("STUDY"),
+    ));
+    q.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from("1.1"),
+    ));
+    let cmd = command::build_request(command::C_GET_RQ, 5, STUDY_GET, true, vec![]);
+    let one = |pc: u8, t: PDataValueType, data: Vec<u8>| Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc,
+            value_type: t,
+            is_last: true,
+            data,
+        }],
+    };
+    a.send(&one(get_pc, PDataValueType::Command, cmd))
+        .await
+        .unwrap();
+    a.send(&one(get_pc, PDataValueType::Data, ds_bytes(&q)))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let (mut cmd_buf, mut data_buf) = (Vec::new(), Vec::new());
+    let mut pending: Option<command::Command> = None;
+    loop {
+        let Pdu::PData { data } = a.receive().await.unwrap() else {
+            panic!("unexpected PDU")
+        };
+        for v in data {
+            match v.value_type {
+                PDataValueType::Command => {
+                    cmd_buf.extend(v.data);
+                    if !v.is_last {
+                        continue;
+                    }
+                    let c = command::Command::decode(std::mem::take(&mut cmd_buf)).unwrap();
+                    if c.field() == Some(command::C_GET_RSP)
+                        && !command::is_pending(c.status().unwrap())
+                    {
+                        return (got, c.status().unwrap());
+                    }
+                    if c.has_data_set() {
+                        pending = Some(c);
+                    }
+                }
+                PDataValueType::Data => {
+                    data_buf.extend(v.data);
+                    if !v.is_last {
+                        continue;
+                    }
+                    let obj = InMemDicomObject::read_dataset_with_ts(
+                        &data_buf[..],
+                        &EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+                    )
+                    .unwrap();
+                    data_buf.clear();
+                    got.push(
+                        obj.get(tags::PATIENT_ID)
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                            .trim()
+                            .to_string(),
+                    );
+                    let c = pending.take().unwrap();
+                    a.send(&one(
+                        v.presentation_context_id,
+                        PDataValueType::Command,
+                        c.response(0, None),
+                    ))
+                    .await
+                    .unwrap();
+                    if cancel {
+                        a.send(&one(get_pc, PDataValueType::Command, cancel_rq(5)))
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_get_withholds_a_foreign_instance_from_the_pacs() {
+    let s = setup(Script::GetWithForeign, true, "").await;
+    let mut a = connect_get(&s, &token(&s, "PAT1")).await;
+    let (got, status) = run_get(&mut a, false).await;
+    assert_eq!(
+        got,
+        vec!["PAT1"],
+        "only the caller's instance reaches the client"
+    );
+    assert_eq!(status, 0xB000);
+    assert_eq!(
+        s.seen.lock().unwrap().sub_statuses,
+        vec![0x0000, command::STATUS_NOT_AUTHORIZED]
+    );
+    a.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_get_cancel_is_relayed() {
+    let s = setup(Script::GetCancel, true, "").await;
+    let mut a = connect_get(&s, &token(&s, "PAT1")).await;
+    let (got, status) = run_get(&mut a, true).await;
+    assert_eq!(got, vec!["PAT1"]);
+    assert_eq!(status, 0xFE00);
+    assert_eq!(s.seen.lock().unwrap().cancels, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_get_of_a_foreign_study_moves_nothing() {
+    let s = setup(Script::GetWithForeign, true, "").await;
+    let mut a = connect_get(&s, &token(&s, "PAT2")).await;
+    let (got, status) = run_get(&mut a, false).await;
+    assert!(got.is_empty());
+    assert_eq!(status, command::STATUS_NOT_AUTHORIZED);
+    assert!(
+        s.seen.lock().unwrap().sub_statuses.is_empty(),
+        "the PACS was never asked"
+    );
 }
