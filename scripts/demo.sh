@@ -5,7 +5,8 @@
 # returning only that patient's studies. Then it keeps everything running for you to try, until
 # Ctrl-C. With --once it stops after the showcase.
 #
-# Ports (loopback only): gateway DIMSE 11112 and HTTP 8080, dev issuer 9400, Orthanc 14242/18042.
+# Ports (loopback only): gateway DIMSE 11112, C-MOVE receiver 11113 and HTTP 8080, dev issuer 9400,
+# Orthanc 14242/18042.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 once=0
@@ -26,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-for port in 11112 8080 9400 14242 18042; do
+for port in 11112 11113 8080 9400 14242 18042; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is in use; stop what uses it (e.g. a system Orthanc: systemctl stop orthanc) and retry" >&2
     exit 1
@@ -41,7 +42,8 @@ cat > "$run/orthanc.json" <<EOF
   "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
   "DicomAlwaysAllowEcho": true, "DicomAlwaysAllowStore": true, "DicomAlwaysAllowFind": true,
   "DicomAlwaysAllowGet": true, "DicomAlwaysAllowMove": true, "DicomCheckCalledAet": false,
-  "UnknownSopClassAccepted": true, "SaveJobs": false,
+  "UnknownSopClassAccepted": true, "SaveJobs": false, "SynchronousCMove": true,
+  "DicomModalities": { "PACSGATE": ["PACSGATE", "127.0.0.1", 11113] },
   "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
   "DicomWeb": {"Enable": true, "Root": "/dicom-web/"}
 }
@@ -82,6 +84,10 @@ echo "== C-FIND (study level) through the gateway with DEMO-A's token: only DEMO
 echo
 echo "== the same token asking for DEMO-B: refused (0x0124)"
 .venv/bin/python scripts/findscu-jwt.py --token "$token" --level STUDY --patient-id DEMO-B 127.0.0.1 11112 || true
+echo
+study=$(.venv/bin/python scripts/findscu-jwt.py --token "$token" --level STUDY 127.0.0.1 11112 | awk '/study:/ {print $NF; exit}')
+echo "== C-GET of DEMO-A's study $study through the gateway: every instance checked on its way"
+.venv/bin/python scripts/getscu-jwt.py --token "$token" --study "$study" 127.0.0.1 11112
 echo
 echo "== no token: the association is rejected"
 .venv/bin/python scripts/findscu-jwt.py --level STUDY 127.0.0.1 11112 || true
