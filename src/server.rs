@@ -66,7 +66,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let policy = Arc::new(Policy::new(&cfg));
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let ctx = dimse::Ctx::new(cfg.clone(), trust, policy);
+    let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
+    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy, ctx.lookup.clone())?;
     tracing::info!(addr = %dimse_l.local_addr()?, ae_title = %cfg.gateway.ae_title, "DIMSE front end listening");
     let receive_task = match receive_l {
         Some(l) => {
@@ -84,7 +85,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let http_task = match http_l {
         Some(l) => {
             tracing::info!(addr = %l.local_addr()?, "HTTP front end listening");
-            Some(tokio::spawn(crate::web::serve(l, stop_rx.clone())))
+            Some(tokio::spawn(crate::web::serve(l, web, stop_rx.clone())))
         }
         None => None,
     };

@@ -196,7 +196,7 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=()):
+                 receive_port=None, destinations=(), dicomweb_url=None):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.ae_title = "PACSGATE"
@@ -223,6 +223,7 @@ verify = "jwt"
 ae_title = "{orthanc.aet}"
 address = "127.0.0.1:{orthanc.dicom_port}"
 calling_ae_title = "PACSGATE"
+dicomweb_url = "{dicomweb_url or orthanc.url + '/dicom-web'}"
 {f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 
 {extra}

@@ -1,0 +1,215 @@
+//! The HTTP front end: DICOMweb (QIDO-RS, WADO-RS) under `{public_url}/dicom-web` with bearer
+//! tokens, the discovery documents, and `/healthz`.
+//!
+//! Owns: the HTTP listener, its limits (concurrent requests, request time), routing, and the
+//! relay to the PACS's DICOMweb service. Every access question goes to the policy core through
+//! the same `Action`s and requests as DIMSE; no rule lives here. Must not know DIMSE framing.
+
+pub mod auth;
+pub mod discovery;
+pub mod path;
+pub mod qido;
+pub mod wado;
+
+use crate::config::Config;
+use crate::pacs::PacsLookup;
+use crate::policy::Policy;
+use crate::trust::TrustCore;
+use auth::{ApiError, Challenge};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+
+/// Requests handled at once; more wait briefly, then get 503.
+const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// How long a request may wait for a slot.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// What every HTTP request shares.
+pub struct WebCtx {
+    pub cfg: Arc<Config>,
+    pub trust: Arc<TrustCore>,
+    pub policy: Arc<Policy>,
+    pub lookup: Arc<PacsLookup>,
+    pub http: reqwest::Client,
+    pub challenge: Challenge,
+    /// `{public_url}/dicom-web`: what clients see as the DICOMweb root.
+    pub public_base: String,
+    /// The PACS's DICOMweb root, without a trailing slash.
+    pub upstream_base: Option<String>,
+    slots: Semaphore,
+    discovery: discovery::Cache,
+}
+
+impl WebCtx {
+    pub fn new(
+        cfg: Arc<Config>,
+        trust: Arc<TrustCore>,
+        policy: Arc<Policy>,
+        lookup: Arc<PacsLookup>,
+    ) -> anyhow::Result<Arc<WebCtx>> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.pacs.connect_timeout)
+            .read_timeout(cfg.limits.upstream_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let public = cfg.gateway.public_url.trim_end_matches('/').to_string();
+        Ok(Arc::new(WebCtx {
+            challenge: Challenge {
+                realm: "pacsgate".into(),
+                resource_metadata: format!("{public}/.well-known/oauth-protected-resource"),
+            },
+            public_base: format!("{public}/dicom-web"),
+            upstream_base: cfg
+                .pacs
+                .dicomweb_url
+                .as_ref()
+                .map(|u| u.trim_end_matches('/').to_string()),
+            http,
+            slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
+            discovery: discovery::Cache::default(),
+            cfg,
+            trust,
+            policy,
+            lookup,
+        }))
+    }
+
+    /// Rewrites the PACS's URLs in a response body to the gateway's.
+    pub fn rewrite_urls(&self, body: &str) -> String {
+        match &self.upstream_base {
+            Some(up) => body.replace(up.as_str(), &self.public_base),
+            None => body.to_string(),
+        }
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        "ok\n",
+    )
+}
+
+/// Every DICOMweb GET: parse, authenticate, dispatch.
+async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+    let Ok(_slot) = tokio::time::timeout(SLOT_WAIT, ctx.slots.acquire()).await else {
+        return ctx
+            .challenge
+            .respond(ApiError::Unavailable("too many requests at once".into()));
+    };
+    let uri = req.uri().clone();
+    let headers = req.headers().clone();
+    let raw = uri.path().strip_prefix("/dicom-web/").unwrap_or("");
+    let resource = match path::parse(raw) {
+        Ok(r) => r,
+        Err(e) => return ctx.challenge.respond(ApiError::BadRequest(e)),
+    };
+    let principal =
+        match auth::principal(&ctx.trust, &headers, ctx.cfg.limits.token_verify_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                crate::audit::record(
+                    "http",
+                    0,
+                    None,
+                    uri.path(),
+                    crate::audit::Outcome::Denied,
+                    &format!("{e:?}"),
+                );
+                return ctx.challenge.respond(e);
+            }
+        };
+    let Some(upstream) = ctx.upstream_base.clone() else {
+        return ctx.challenge.respond(ApiError::Unavailable(
+            "DICOMweb is not configured: set pacs.dicomweb_url".into(),
+        ));
+    };
+    let result = match &resource {
+        path::Resource::Search { .. } => {
+            qido::search(
+                &ctx,
+                &principal,
+                &resource,
+                uri.query().unwrap_or(""),
+                &upstream,
+            )
+            .await
+        }
+        path::Resource::Retrieve { .. } => {
+            wado::retrieve(
+                &ctx,
+                &principal,
+                &resource,
+                uri.query(),
+                &headers,
+                &upstream,
+            )
+            .await
+        }
+    };
+    match result {
+        Ok(r) => r,
+        Err(e) => ctx.challenge.respond(e),
+    }
+}
+
+async fn stow_not_available(State(ctx): State<Arc<WebCtx>>, headers: HeaderMap) -> Response {
+    if let Err(e) = auth::principal(&ctx.trust, &headers, ctx.cfg.limits.token_verify_timeout).await
+    {
+        return ctx.challenge.respond(e);
+    }
+    let mut r = (
+        StatusCode::NOT_IMPLEMENTED,
+        r#"{"error":"not_implemented","error_description":"STOW-RS is not available in this version; use C-STORE"}"#,
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn router(ctx: Arc<WebCtx>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/.well-known/oauth-protected-resource",
+            get(discovery::protected_resource),
+        )
+        .route(
+            "/dicom-web/.well-known/smart-configuration",
+            get(discovery::smart_configuration),
+        )
+        .route(
+            "/dicom-web/studies",
+            get(dicomweb_get).post(stow_not_available),
+        )
+        .route(
+            "/dicom-web/studies/{study}",
+            get(dicomweb_get).post(stow_not_available),
+        )
+        .route("/dicom-web/{*rest}", get(dicomweb_get))
+        .with_state(ctx)
+}
+
+/// Serves HTTP until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<WebCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(ctx))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}

@@ -1,0 +1,247 @@
+//! QIDO-RS through the gateway.
+//!
+//! The caller's PatientID matching key (if any) goes to the policy core exactly as a C-FIND's
+//! does; the query sent to the PACS carries the PatientID the decision names (decoded once,
+//! re-encoded the way the PACS understands) and always asks for PatientID back; every result
+//! is checked again (PatientID compared as an LO value, byte for byte) before it goes out,
+//! because PACS matching differs (Orthanc's QIDO folds case).
+
+use super::WebCtx;
+use super::auth::ApiError;
+use super::path::{self, Resource};
+use crate::audit::{self, Outcome};
+use crate::policy::{Action, Decision};
+use crate::trust::Principal;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use std::time::SystemTime;
+
+/// The largest QIDO response read from the PACS.
+const MAX_QIDO_BYTES: usize = 64 * 1024 * 1024;
+
+fn is_patient_id_key(k: &str) -> bool {
+    k == "PatientID" || k == "00100020"
+}
+
+pub async fn search(
+    ctx: &WebCtx,
+    p: &Principal,
+    resource: &Resource,
+    query: &str,
+    upstream: &str,
+) -> Result<Response, ApiError> {
+    let mut pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
+    let asked: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| is_patient_id_key(k))
+        .map(|(_, v)| v.clone())
+        .collect();
+    // Two PatientID keys are two values: a pattern the policy refuses.
+    let requested = match asked.len() {
+        0 => None,
+        1 => Some(asked[0].clone()),
+        _ => Some(asked.join("\\")),
+    };
+    let decision = ctx.policy.decide(
+        p,
+        Action::Query {
+            patient_id: requested.as_deref(),
+        },
+        SystemTime::now(),
+    );
+    let allowed = match decision {
+        Decision::Deny(d) => {
+            audit::record(
+                "http",
+                0,
+                Some(p),
+                "QIDO-RS",
+                Outcome::Denied,
+                &d.to_string(),
+            );
+            return Err(ApiError::from_denial(d));
+        }
+        Decision::Allow(a) => a,
+    };
+    // A search inside a study or series is a look into that study: it must be the caller's
+    // patient's, like a retrieval (403 for another patient's or an unknown one).
+    if let Resource::Search {
+        study: Some(study),
+        series,
+        ..
+    } = resource
+    {
+        let req = crate::policy::RetrieveRequest {
+            level: Some(if series.is_some() {
+                crate::policy::UidLevel::Series
+            } else {
+                crate::policy::UidLevel::Study
+            }),
+            patient_id: None,
+            study_uids: vec![study.clone()],
+            series_uids: series.iter().cloned().collect(),
+            instance_uids: Vec::new(),
+        };
+        if let Decision::Deny(d) = ctx
+            .policy
+            .decide_retrieve(p, &req, &*ctx.lookup, SystemTime::now())
+            .await
+        {
+            audit::record(
+                "http",
+                0,
+                Some(p),
+                "QIDO-RS",
+                Outcome::Denied,
+                &d.to_string(),
+            );
+            return Err(ApiError::from_denial(d));
+        }
+    }
+    if let Some(pid) = &allowed.query_patient_id {
+        pairs.retain(|(k, _)| !is_patient_id_key(k));
+        pairs.push(("PatientID".into(), pid.clone()));
+    }
+    pairs.push(("includefield".into(), "00100020".into()));
+    let url = format!(
+        "{upstream}/{}?{}",
+        resource.upstream_path(),
+        path::encode_query(&pairs)
+    );
+    let resp = ctx
+        .http
+        .get(&url)
+        .header(header::ACCEPT, "application/dicom+json")
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::Upstream(format!(
+                "the PACS did not answer the search: {}",
+                e.without_url()
+            ))
+        })?;
+    let status = resp.status();
+    if status == StatusCode::NO_CONTENT {
+        return Ok(json_response(b"[]".to_vec()));
+    }
+    if !status.is_success() {
+        return Err(upstream_status(status));
+    }
+    let body = read_bounded(resp, MAX_QIDO_BYTES).await?;
+    let results: Vec<serde_json::Value> = if body.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice(&body).map_err(|_| {
+            ApiError::Upstream("the PACS answered the search with invalid JSON".into())
+        })?
+    };
+    let total = results.len();
+    let kept: Vec<serde_json::Value> = results
+        .into_iter()
+        .filter(|r| allowed.filter.admits(patient_id(r).as_deref()))
+        .collect();
+    if kept.len() < total {
+        audit::record(
+            "http",
+            0,
+            Some(p),
+            "QIDO-RS",
+            Outcome::Anomaly,
+            &format!(
+                "{} PACS result(s) for other patients were withheld",
+                total - kept.len()
+            ),
+        );
+    }
+    audit::record(
+        "http",
+        0,
+        Some(p),
+        "QIDO-RS",
+        Outcome::Allowed,
+        &format!("{} result(s)", kept.len()),
+    );
+    let text = serde_json::to_string(&kept)
+        .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
+    Ok(json_response(ctx.rewrite_urls(&text).into_bytes()))
+}
+
+/// PatientID of a DICOM JSON object (several values joined by `\`, so they never match).
+pub fn patient_id(obj: &serde_json::Value) -> Option<String> {
+    let values = obj.get("00100020")?.get("Value")?.as_array()?;
+    let texts: Vec<&str> = values
+        .iter()
+        .map(|v| v.as_str())
+        .collect::<Option<Vec<_>>>()?;
+    Some(texts.join("\\"))
+}
+
+pub fn json_response(body: Vec<u8>) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/dicom+json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    r
+}
+
+/// The PACS's error status, passed on without its body.
+pub fn upstream_status(status: StatusCode) -> ApiError {
+    if status.is_server_error() {
+        ApiError::Upstream(format!("the PACS answered {}", status.as_u16()))
+    } else if status == StatusCode::NOT_FOUND {
+        ApiError::NotFound
+    } else {
+        ApiError::BadRequest(format!(
+            "the PACS refused the request ({})",
+            status.as_u16()
+        ))
+    }
+}
+
+/// Reads a response body of at most `max` bytes.
+pub async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ApiError::Upstream(format!("the PACS broke off: {}", e.without_url())))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(ApiError::Upstream(format!(
+                "the PACS's answer is larger than {max} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn patient_id_of_dicom_json() {
+        assert_eq!(
+            patient_id(&json!({"00100020": {"vr": "LO", "Value": ["A"]}})).as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            patient_id(&json!({"00100020": {"vr": "LO", "Value": ["A", "B"]}})).as_deref(),
+            Some("A\\B")
+        );
+        assert_eq!(patient_id(&json!({"00100020": {"vr": "LO"}})), None);
+        assert_eq!(patient_id(&json!({})), None);
+        assert_eq!(
+            patient_id(&json!({"00100020": {"vr": "LO", "Value": [7]}})),
+            None
+        );
+    }
+}

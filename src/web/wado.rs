@@ -1,0 +1,137 @@
+//! WADO-RS through the gateway: study, series, instance, metadata, frames, rendered, thumbnail
+//! and bulk data.
+//!
+//! The policy core resolves the study (and the series and instance, which must belong to it)
+//! against the PACS before a byte is relayed; another patient's UID and an unknown UID get the
+//! same 403, with no DICOM in the body. Responses stream from the PACS to the client untouched
+//! (multipart/related included), except metadata, whose URLs are rewritten to the gateway's.
+
+use super::WebCtx;
+use super::auth::ApiError;
+use super::path::{Part, Resource};
+use super::qido::{read_bounded, upstream_status};
+use crate::audit::{self, Outcome};
+use crate::policy::{Decision, RetrieveRequest, UidLevel};
+use crate::trust::Principal;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use std::time::SystemTime;
+
+/// The largest metadata document read (it is rewritten, so it is held whole).
+const MAX_METADATA_BYTES: usize = 256 * 1024 * 1024;
+
+/// Query strings passed to the PACS (rendered parameters and the like) may hold only these.
+fn safe_query(q: &str) -> bool {
+    q.len() <= 1024
+        && q.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"=&,._-%+:;*".contains(&b))
+}
+
+pub async fn retrieve(
+    ctx: &WebCtx,
+    p: &Principal,
+    resource: &Resource,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    upstream: &str,
+) -> Result<Response, ApiError> {
+    let Resource::Retrieve {
+        study,
+        series,
+        instance,
+        what,
+    } = resource
+    else {
+        return Err(ApiError::NotFound);
+    };
+    let level = if instance.is_some() {
+        UidLevel::Instance
+    } else if series.is_some() {
+        UidLevel::Series
+    } else {
+        UidLevel::Study
+    };
+    let req = RetrieveRequest {
+        level: Some(level),
+        patient_id: None,
+        study_uids: vec![study.clone()],
+        series_uids: series.iter().cloned().collect(),
+        instance_uids: instance.iter().cloned().collect(),
+    };
+    let what_name = match what {
+        Part::Instances => "retrieve",
+        Part::Metadata => "metadata",
+        Part::Rendered => "rendered",
+        Part::Thumbnail => "thumbnail",
+        Part::Frames(_) => "frames",
+        Part::Bulk(_) => "bulkdata",
+    };
+    let action = format!("WADO-RS {what_name} study={study}");
+    match ctx
+        .policy
+        .decide_retrieve(p, &req, &*ctx.lookup, SystemTime::now())
+        .await
+    {
+        Decision::Deny(d) => {
+            audit::record("http", 0, Some(p), &action, Outcome::Denied, &d.to_string());
+            return Err(ApiError::from_denial(d));
+        }
+        Decision::Allow(_) => audit::record(
+            "http",
+            0,
+            Some(p),
+            &action,
+            Outcome::Allowed,
+            "the UIDs belong to the caller's patient",
+        ),
+    }
+    let mut url = format!("{upstream}/{}", resource.upstream_path());
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        if !safe_query(q) {
+            return Err(ApiError::BadRequest(
+                "the query string holds characters that are not allowed".into(),
+            ));
+        }
+        url.push('?');
+        url.push_str(q);
+    }
+    let mut rq = ctx.http.get(&url);
+    if let Some(a) = headers.get(header::ACCEPT) {
+        rq = rq.header(header::ACCEPT, a.clone());
+    }
+    let resp = rq
+        .send()
+        .await
+        .map_err(|e| ApiError::Upstream(format!("the PACS did not answer: {}", e.without_url())))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(upstream_status(status));
+    }
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let mut out = if *what == Part::Metadata {
+        let body = read_bounded(resp, MAX_METADATA_BYTES).await?;
+        let text = String::from_utf8(body)
+            .map_err(|_| ApiError::Upstream("metadata is not UTF-8".into()))?;
+        let mut r = Response::new(Body::from(ctx.rewrite_urls(&text)));
+        *r.status_mut() = StatusCode::OK;
+        r
+    } else {
+        let len = resp.content_length();
+        let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
+        *r.status_mut() = status;
+        if let Some(l) = len.and_then(|l| HeaderValue::from_str(&l.to_string()).ok()) {
+            r.headers_mut().insert(header::CONTENT_LENGTH, l);
+        }
+        r
+    };
+    let h = out.headers_mut();
+    if let Some(ct) = content_type {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    Ok(out)
+}

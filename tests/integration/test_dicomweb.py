@@ -1,0 +1,244 @@
+"""DICOMweb through the gateway against Orthanc's DICOMweb plugin, with plain HTTP and
+dicomweb-client: bearer errors per RFC 6750, QIDO-RS narrowed and checked, WADO-RS refused for
+other patients' (or unknown) UIDs with no DICOM in the body, path tricks, URL rewriting and the
+discovery documents."""
+
+import http.client
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from conftest import Gateway, free_port
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def own(orthanc, pid):
+    return [x for x in orthanc.instances if x[0] == pid]
+
+
+@pytest.fixture
+def base(gateway):
+    return f"{gateway.public_url}/dicom-web"
+
+
+@pytest.fixture
+def token_a(issuer):
+    return issuer.mint(patient="PAT-A")
+
+
+def qido(base, path, token, **params):
+    return requests.get(f"{base}/{path}", headers={**auth(token), "Accept": "application/dicom+json"}, params=params, timeout=30)
+
+
+# ---- authentication ----
+
+def test_no_token_is_401_with_a_bearer_challenge(base, gateway):
+    r = requests.get(f"{base}/studies", timeout=10)
+    assert r.status_code == 401
+    w = r.headers["WWW-Authenticate"]
+    assert w.startswith("Bearer ") and 'realm="pacsgate"' in w
+    assert f'resource_metadata="{gateway.public_url}/.well-known/oauth-protected-resource"' in w
+
+
+@pytest.mark.parametrize("case", ["garbage", "expired", "wrong_audience", "tampered"])
+def test_invalid_tokens_are_401_invalid_token(base, issuer, case):
+    token = {
+        "garbage": lambda: "not.a.token",
+        "expired": lambda: issuer.mint(patient="PAT-A", expires_in=-300),
+        "wrong_audience": lambda: issuer.mint(patient="PAT-A", aud="https://other.example/fhir"),
+        "tampered": lambda: issuer.mint(patient="PAT-A")[:-4] + "AAAA",
+    }[case]()
+    r = qido(base, "studies", token)
+    assert r.status_code == 401
+    assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+    assert token not in r.text
+
+
+def test_missing_scope_is_403_insufficient_scope(base, issuer):
+    r = qido(base, "studies", issuer.mint(patient="PAT-A", scope="patient/Observation.rs"))
+    assert r.status_code == 403
+    assert 'error="insufficient_scope"' in r.headers["WWW-Authenticate"]
+
+
+# ---- QIDO-RS ----
+
+def pids(results):
+    return {r["00100020"]["Value"][0] for r in results}
+
+
+def test_qido_every_level_returns_exactly_own_data(base, orthanc, token_a):
+    held = orthanc.counts("PAT-A")
+    r = qido(base, "studies", token_a)
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"].startswith("private")
+    studies = r.json()
+    assert {s["0020000D"]["Value"][0] for s in studies} == orthanc.studies["PAT-A"]
+    assert pids(studies) == {"PAT-A"}
+    series = qido(base, "series", token_a).json()
+    assert len(series) == held["series"] and pids(series) == {"PAT-A"}
+    instances = qido(base, "instances", token_a).json()
+    assert len(instances) == held["instances"] and pids(instances) == {"PAT-A"}
+    study, ser = own(orthanc, "PAT-A")[0][1], own(orthanc, "PAT-A")[0][2]
+    nested = qido(base, f"studies/{study}/series", token_a).json()
+    assert {s["0020000E"]["Value"][0] for s in nested} == {x[2] for x in own(orthanc, "PAT-A") if x[1] == study}
+    nested = qido(base, f"studies/{study}/series/{ser}/instances", token_a).json()
+    assert {s["00080018"]["Value"][0] for s in nested} == {x[3] for x in own(orthanc, "PAT-A") if x[2] == ser}
+
+
+def test_qido_urls_point_at_the_gateway(base, orthanc, token_a):
+    instances = qido(base, "instances", token_a).json()
+    urls = [i["00081190"]["Value"][0] for i in instances]
+    assert urls and all(u.startswith(base + "/studies/") for u in urls), urls[:2]
+    assert not any(orthanc.url in u for u in urls)
+
+
+def test_qido_explicit_other_patient_is_403(base, token_a):
+    for pid in ("PAT-B", "pat-a", "PAT*", "PAT-A\\PAT-B"):
+        r = qido(base, "studies", token_a, PatientID=pid)
+        assert r.status_code == 403, pid
+        assert "PAT-B" not in r.text
+
+
+def test_qido_case_variant_patients_stay_apart(base, issuer, orthanc):
+    # Orthanc's QIDO matches PatientID case-insensitively: the gateway's check keeps them apart
+    for patient in ("CASE01", "case01"):
+        r = qido(base, "studies", issuer.mint(patient=patient))
+        assert r.status_code == 200
+        assert pids(r.json()) == {patient}
+        assert len(r.json()) == orthanc.counts(patient)["studies"]
+
+
+def test_qido_padding_is_one_patient(base, issuer, orthanc):
+    r = qido(base, "studies", issuer.mint(patient="SPACE01"), PatientID="SPACE01 ")
+    assert r.status_code == 200
+    assert {s["0020000D"]["Value"][0] for s in r.json()} == orthanc.studies["SPACE01"] | orthanc.studies["SPACE01  "]
+
+
+def test_qido_inside_another_patients_study_is_403(base, orthanc, token_a):
+    theirs = own(orthanc, "PAT-B")[0]
+    assert qido(base, f"studies/{theirs[1]}/series", token_a).status_code == 403
+    assert qido(base, f"studies/{generate_uid()}/series", token_a).status_code == 403
+
+
+def test_dicomweb_client_searches_own_studies(base, orthanc, token_a):
+    c = DICOMwebClient(url=base, headers=auth(token_a))
+    studies = c.search_for_studies()
+    assert {s["0020000D"]["Value"][0] for s in studies} == orthanc.studies["PAT-A"]
+    # wildcards are decoded once and sent to the PACS as it understands them
+    named = c.search_for_studies(search_filters={"PatientName": "Test^PAT*"})
+    assert {s["0020000D"]["Value"][0] for s in named} == orthanc.studies["PAT-A"]
+
+
+# ---- WADO-RS ----
+
+def test_wado_retrieves_own_study_series_instance(base, orthanc, token_a):
+    c = DICOMwebClient(url=base, headers=auth(token_a))
+    mine = own(orthanc, "PAT-A")
+    study, series, sop = mine[0][1], mine[0][2], mine[0][3]
+    got = c.retrieve_study(study)
+    assert {d.SOPInstanceUID for d in got} == {x[3] for x in mine if x[1] == study}
+    assert {d.PatientID for d in got} == {"PAT-A"}
+    got = c.retrieve_series(study, series)
+    assert {d.SOPInstanceUID for d in got} == {x[3] for x in mine if x[2] == series}
+    one = c.retrieve_instance(study, series, sop)
+    assert one.SOPInstanceUID == sop
+
+
+def test_wado_metadata_urls_point_at_the_gateway(base, orthanc, token_a):
+    study = own(orthanc, "PAT-A")[0][1]
+    r = requests.get(f"{base}/studies/{study}/metadata", headers={**auth(token_a), "Accept": "application/dicom+json"}, timeout=30)
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"].startswith("private")
+    assert orthanc.url not in r.text
+    assert f"{base}/studies/{study}" in r.text, "BulkDataURIs point at the gateway"
+
+
+def test_wado_frames_of_own_instance(base, orthanc, token_a):
+    _, study, series, sop = own(orthanc, "PAT-A")[0]
+    r = requests.get(
+        f"{base}/studies/{study}/series/{series}/instances/{sop}/frames/1",
+        headers={**auth(token_a), "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert bytes(range(64)) in r.content
+
+
+@pytest.mark.parametrize("case", ["foreign_study", "unknown_study", "foreign_series_in_own_study", "foreign_instance_in_own_series", "foreign_metadata", "foreign_frames"])
+def test_wado_of_other_patients_or_unknown_uids_is_403_without_dicom(base, orthanc, token_a, case):
+    mine, theirs = own(orthanc, "PAT-A")[0], own(orthanc, "PAT-B")[0]
+    path = {
+        "foreign_study": f"studies/{theirs[1]}",
+        "unknown_study": f"studies/{generate_uid()}",
+        "foreign_series_in_own_study": f"studies/{mine[1]}/series/{theirs[2]}",
+        "foreign_instance_in_own_series": f"studies/{mine[1]}/series/{mine[2]}/instances/{theirs[3]}",
+        "foreign_metadata": f"studies/{theirs[1]}/metadata",
+        "foreign_frames": f"studies/{theirs[1]}/series/{theirs[2]}/instances/{theirs[3]}/frames/1",
+    }[case]
+    r = requests.get(f"{base}/{path}", headers=auth(token_a), timeout=30)
+    assert r.status_code == 403
+    assert b"DICM" not in r.content and b"PAT-B" not in r.content
+    assert r.headers["Content-Type"] == "application/json"
+
+
+def raw_get(gateway, path, token):
+    """Sends the path exactly as written (no client-side normalization of '..' or '%2e')."""
+    c = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=10)
+    c.request("GET", path, headers=auth(token))
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, body
+
+
+@pytest.mark.parametrize("tail", [
+    "studies/{own}/../{theirs}",
+    "studies/{own}/%2e%2e/{theirs}",
+    "studies/{own}%2F..%2F{theirs}",
+    "studies//{theirs}",
+    "studies/{own}/series/",
+    "studies/1.2.abc",
+    "studies/{own}/whatever",
+])
+def test_path_tricks_are_400(gateway, orthanc, token_a, tail):
+    p = "/dicom-web/" + tail.format(own=own(orthanc, "PAT-A")[0][1], theirs=own(orthanc, "PAT-B")[0][1])
+    status, body = raw_get(gateway, p, token_a)
+    assert status == 400, (p, status)
+    assert b"DICM" not in body
+
+
+# ---- discovery, STOW, PACS down ----
+
+def test_discovery_documents(base, gateway, issuer):
+    d = requests.get(f"{base}/.well-known/smart-configuration", timeout=10).json()
+    assert "smart-imaging-access" in d["capabilities"]
+    assert d["issuer"] == issuer.url
+    assert d["token_endpoint"] == f"{issuer.url}/token"
+    assert d["jwks_uri"].startswith("http")
+    assert "patient/ImagingStudy.rs" in d["scopes_supported"]
+    pr = requests.get(f"{gateway.public_url}/.well-known/oauth-protected-resource", timeout=10).json()
+    assert pr["resource"] == base
+    assert pr["authorization_servers"] == [issuer.url]
+    assert pr["bearer_methods_supported"] == ["header"]
+
+
+def test_stow_is_not_available_yet(base, token_a):
+    r = requests.post(f"{base}/studies", headers={**auth(token_a), "Content-Type": "multipart/related; type=application/dicom"}, data=b"", timeout=10)
+    assert r.status_code == 501
+
+
+def test_pacs_dicomweb_down_is_502(tmp_root, orthanc, issuer):
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    g = Gateway(tmp_root, orthanc, issuer, name="dead-dicomweb", dicomweb_url=dead)
+    try:
+        r = requests.get(f"{g.public_url}/dicom-web/studies", headers=auth(issuer.mint(patient="PAT-A")), timeout=30)
+        assert r.status_code == 502
+        assert "PAT-A" not in r.text
+    finally:
+        g.proc.terminate()
+        g.proc.wait()
