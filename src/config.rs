@@ -72,6 +72,9 @@ pub struct Gateway {
     pub audiences: Vec<String>,
     /// Refuse associations whose called AE title is not `ae_title`.
     pub require_called_ae_title: bool,
+    /// Browser origins allowed to call DICOMweb (CORS); `*` allows any. Tokens travel in the
+    /// Authorization header, never in cookies, so credentials are never allowed.
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +177,7 @@ struct RawGateway {
     public_url: Option<String>,
     audiences: Option<Vec<String>>,
     require_called_ae_title: Option<bool>,
+    cors_origins: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -449,6 +453,23 @@ impl Config {
             Some(a) => a,
             None => vec![public_url.clone(), format!("{public_url}/dicom-web")],
         };
+
+        let cors_origins = g.cors_origins.clone().unwrap_or_default();
+        for (i, o) in cors_origins.iter().enumerate() {
+            let ok = o == "*"
+                || url::Url::parse(o).is_ok_and(|u| {
+                    (u.scheme() == "http" || u.scheme() == "https")
+                        && u.path() == "/"
+                        && !o.ends_with('/')
+                        && u.query().is_none()
+                });
+            if !ok {
+                c.problem(
+                    format!("gateway.cors_origins[{i}]"),
+                    format!("\"{o}\" is not an origin; write scheme://host[:port] without a path, e.g. \"https://viewer.example.org\", or \"*\""),
+                );
+            }
+        }
 
         // [limits]
         let l = raw.limits.unwrap_or_default();
@@ -761,6 +782,7 @@ impl Config {
                 public_url,
                 audiences,
                 require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
+                cors_origins,
             },
             limits,
             pacs: Pacs {

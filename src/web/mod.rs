@@ -6,10 +6,12 @@
 //! the same `Action`s and requests as DIMSE; no rule lives here. Must not know DIMSE framing.
 
 pub mod auth;
+pub mod cors;
 pub mod discovery;
 pub mod path;
 pub mod qido;
 pub mod wado;
+pub mod wado_uri;
 
 use crate::config::Config;
 use crate::pacs::PacsLookup;
@@ -198,6 +200,11 @@ pub fn router(ctx: Arc<WebCtx>) -> Router {
             get(dicomweb_get).post(stow_not_available),
         )
         .route("/dicom-web/{*rest}", get(dicomweb_get))
+        .route("/wado", get(wado_uri::handle))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            cors::layer,
+        ))
         .with_state(ctx)
 }
 

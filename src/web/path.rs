@@ -245,12 +245,13 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Encodes decoded query pairs for the PACS: everything but unreserved characters and the
-/// DICOM matching characters `*`, `?`, `^`, `,` is percent-encoded.
+/// DICOM matching characters `*`, `?`, `^`, `,` (and `/`, `:`, which a query may hold as they are)
+/// is percent-encoded.
 pub fn encode_query(pairs: &[(String, String)]) -> String {
     let enc = |s: &str| {
         let mut o = String::with_capacity(s.len());
         for b in s.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~*?^,".contains(&b) {
+            if b.is_ascii_alphanumeric() || b"-._~*?^,/:".contains(&b) {
                 o.push(b as char);
             } else {
                 o.push_str(&format!("%{b:02X}"));

@@ -210,6 +210,7 @@ dimse_listen = "127.0.0.1:{self.dimse_port}"
 http_listen = "127.0.0.1:{self.http_port}"
 public_url = "{self.public_url}"
 audiences = ["http://127.0.0.1:8080/dicom-web", "{self.public_url}/dicom-web"]
+cors_origins = ["https://viewer.example.org"]
 
 [limits]
 idle_timeout_secs = 60

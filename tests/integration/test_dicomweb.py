@@ -212,6 +212,48 @@ def test_path_tricks_are_400(gateway, orthanc, token_a, tail):
     assert b"DICM" not in body
 
 
+# ---- WADO-URI ----
+
+def wado_uri(gateway, token, study, series, sop, **extra):
+    params = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": sop, **extra}
+    return requests.get(f"{gateway.public_url}/wado", headers=auth(token), params=params, timeout=30)
+
+
+def test_wado_uri_own_instance(gateway, orthanc, token_a):
+    _, study, series, sop = own(orthanc, "PAT-A")[0]
+    r = wado_uri(gateway, token_a, study, series, sop, contentType="application/dicom")
+    assert r.status_code == 200
+    assert r.content[128:132] == b"DICM"
+    assert r.headers["Cache-Control"].startswith("private")
+
+
+def test_wado_uri_of_another_patient_is_403(gateway, orthanc, token_a):
+    _, study, series, sop = own(orthanc, "PAT-B")[0]
+    r = wado_uri(gateway, token_a, study, series, sop, contentType="application/dicom")
+    assert r.status_code == 403 and b"DICM" not in r.content
+    mine = own(orthanc, "PAT-A")[0]
+    r = wado_uri(gateway, token_a, mine[1], mine[2], sop, contentType="application/dicom")
+    assert r.status_code == 403, "a foreign object under own study and series"
+    r = wado_uri(gateway, token_a, "1.2.x", mine[2], mine[3])
+    assert r.status_code == 400
+    assert requests.get(f"{gateway.public_url}/wado", params={"requestType": "WADO", "studyUID": mine[1], "seriesUID": mine[2], "objectUID": mine[3]}, timeout=10).status_code == 401
+
+
+# ---- browsers ----
+
+def test_cors_preflight_without_token_and_headers_on_answers(base, token_a):
+    r = requests.options(f"{base}/studies", headers={"Origin": "https://viewer.example.org", "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}, timeout=10)
+    assert r.status_code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == "https://viewer.example.org"
+    assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+    assert "Access-Control-Allow-Credentials" not in r.headers
+    r = requests.get(f"{base}/studies", headers={**auth(token_a), "Origin": "https://viewer.example.org"}, timeout=10)
+    assert r.headers["Access-Control-Allow-Origin"] == "https://viewer.example.org"
+    assert "WWW-Authenticate" in r.headers["Access-Control-Expose-Headers"]
+    r = requests.options(f"{base}/studies", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}, timeout=10)
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
 # ---- discovery, STOW, PACS down ----
 
 def test_discovery_documents(base, gateway, issuer):

@@ -1,0 +1,154 @@
+//! WADO-URI through the gateway (`{public_url}/wado?requestType=WADO&studyUID=...&seriesUID=...
+//! &objectUID=...`).
+//!
+//! The three UIDs are validated and go to the policy core as an instance retrieval, exactly as
+//! WADO-RS does; only known parameters with safe values are passed to the PACS's WADO-URI service
+//! (`pacs.dicomweb_url` with its last path segment replaced by `wado`, as Orthanc lays it out).
+
+use super::WebCtx;
+use super::auth::{self, ApiError};
+use super::path::{self, is_uid};
+use super::qido::upstream_status;
+use crate::audit::{self, Outcome};
+use crate::policy::{Decision, RetrieveRequest, UidLevel};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// WADO-URI parameters passed on, besides the UIDs.
+const PASSED: [&str; 12] = [
+    "contentType",
+    "charset",
+    "anonymize",
+    "annotation",
+    "rows",
+    "columns",
+    "region",
+    "windowCenter",
+    "windowWidth",
+    "frameNumber",
+    "imageQuality",
+    "transferSyntax",
+];
+
+pub async fn handle(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+    match wado(&ctx, req).await {
+        Ok(r) => r,
+        Err(e) => ctx.challenge.respond(e),
+    }
+}
+
+async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
+    let pairs =
+        path::decode_query(req.uri().query().unwrap_or("")).map_err(ApiError::BadRequest)?;
+    let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    if get("requestType").as_deref() != Some("WADO") {
+        return Err(ApiError::BadRequest("requestType=WADO is required".into()));
+    }
+    let (Some(study), Some(series), Some(object)) =
+        (get("studyUID"), get("seriesUID"), get("objectUID"))
+    else {
+        return Err(ApiError::BadRequest(
+            "studyUID, seriesUID and objectUID are required".into(),
+        ));
+    };
+    if !(is_uid(&study) && is_uid(&series) && is_uid(&object)) {
+        return Err(ApiError::BadRequest(
+            "a UID is not valid (digits and dots, at most 64 characters)".into(),
+        ));
+    }
+    let p = auth::principal(
+        &ctx.trust,
+        req.headers(),
+        ctx.cfg.limits.token_verify_timeout,
+    )
+    .await?;
+    let rr = RetrieveRequest {
+        level: Some(UidLevel::Instance),
+        patient_id: None,
+        study_uids: vec![study.clone()],
+        series_uids: vec![series.clone()],
+        instance_uids: vec![object.clone()],
+    };
+    let action = format!("WADO-URI study={study}");
+    match ctx
+        .policy
+        .decide_retrieve(&p, &rr, &*ctx.lookup, SystemTime::now())
+        .await
+    {
+        Decision::Deny(d) => {
+            audit::record(
+                "http",
+                0,
+                Some(&p),
+                &action,
+                Outcome::Denied,
+                &d.to_string(),
+            );
+            return Err(ApiError::from_denial(d));
+        }
+        Decision::Allow(_) => audit::record(
+            "http",
+            0,
+            Some(&p),
+            &action,
+            Outcome::Allowed,
+            "the UIDs belong to the caller's patient",
+        ),
+    }
+    let Some(base) = ctx.upstream_base.as_deref() else {
+        return Err(ApiError::Unavailable(
+            "DICOMweb is not configured: set pacs.dicomweb_url".into(),
+        ));
+    };
+    let wado_base = match base.rsplit_once('/') {
+        Some((root, _)) => format!("{root}/wado"),
+        None => {
+            return Err(ApiError::Unavailable(
+                "pacs.dicomweb_url has no path".into(),
+            ));
+        }
+    };
+    let mut out = vec![
+        ("requestType".to_string(), "WADO".to_string()),
+        ("studyUID".to_string(), study),
+        ("seriesUID".to_string(), series),
+        ("objectUID".to_string(), object),
+    ];
+    for k in PASSED {
+        if let Some(v) = get(k) {
+            if v.len() > 128
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/.,;=-+ ".contains(&b))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "parameter {k} has characters that are not allowed"
+                )));
+            }
+            out.push((k.to_string(), v));
+        }
+    }
+    let url = format!("{wado_base}?{}", path::encode_query(&out));
+    let resp =
+        ctx.http.get(&url).send().await.map_err(|e| {
+            ApiError::Upstream(format!("the PACS did not answer: {}", e.without_url()))
+        })?;
+    if !resp.status().is_success() {
+        return Err(upstream_status(resp.status()));
+    }
+    let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
+    let h = r.headers_mut();
+    if let Some(ct) = ct {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    Ok(r)
+}
