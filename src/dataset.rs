@@ -180,6 +180,72 @@ pub fn scan_prefix(
     })
 }
 
+/// Where the data set of a DICOM Part 10 file starts, and its transfer syntax UID, read from
+/// the file meta information. `Ok(None)`: more bytes are needed.
+pub fn part10_dataset(bytes: &[u8]) -> Result<Option<(String, usize)>, ScanError> {
+    if bytes.len() < 144 {
+        return Ok(None);
+    }
+    if &bytes[128..132] != b"DICM" {
+        return Err(ScanError(
+            "not a DICOM Part 10 file (no DICM prefix)".into(),
+        ));
+    }
+    // (0002,0000) UL, explicit VR little endian: the length of the rest of the meta group.
+    if bytes[132..138] != [0x02, 0x00, 0x00, 0x00, b'U', b'L'] {
+        return Err(ScanError(
+            "file meta information does not start with its group length".into(),
+        ));
+    }
+    let group_len = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as usize;
+    if group_len > 64 * 1024 {
+        return Err(ScanError(
+            "file meta information is implausibly long".into(),
+        ));
+    }
+    let start = 144 + group_len;
+    if bytes.len() < start {
+        return Ok(None);
+    }
+    let mut i = 144;
+    let mut ts = None;
+    while i + 8 <= start {
+        let group = u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+        let element = u16::from_le_bytes([bytes[i + 2], bytes[i + 3]]);
+        let vr = &bytes[i + 4..i + 6];
+        let (len, head) = if matches!(vr, b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN") {
+            if i + 12 > start {
+                return Err(ScanError("truncated file meta element".into()));
+            }
+            (
+                u32::from_le_bytes([bytes[i + 8], bytes[i + 9], bytes[i + 10], bytes[i + 11]])
+                    as usize,
+                12,
+            )
+        } else {
+            (u16::from_le_bytes([bytes[i + 6], bytes[i + 7]]) as usize, 8)
+        };
+        if group != 0x0002 || i + head + len > start {
+            return Err(ScanError("malformed file meta information".into()));
+        }
+        if element == 0x0010 {
+            let v = &bytes[i + head..i + head + len];
+            ts = Some(
+                String::from_utf8_lossy(v)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string(),
+            );
+        }
+        i += head + len;
+    }
+    match ts {
+        Some(t) => Ok(Some((t, start))),
+        None => Err(ScanError(
+            "file meta information names no transfer syntax".into(),
+        )),
+    }
+}
+
 /// PatientID (0010,0020) of a data set.
 pub fn patient_id(data: &[u8], ts: &TransferSyntax) -> Result<Option<String>, ScanError> {
     top_level_text(data, ts, tags::PATIENT_ID)
@@ -296,6 +362,40 @@ mod tests {
         let no_pid = encode(&sample(None), &ts);
         let p = scan_prefix(&no_pid, &ts, &wanted, true).unwrap();
         assert!(p.complete && p.values[0].is_none());
+    }
+
+    #[test]
+    fn part10_meta_is_read() {
+        use dicom_object::meta::FileMetaTableBuilder;
+        let obj = sample(Some("PAT1"));
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+            .media_storage_sop_instance_uid("1.2.3.4")
+            .transfer_syntax("1.2.840.10008.1.2.1")
+            .build()
+            .unwrap();
+        let file = obj.with_exact_meta(meta);
+        let mut bytes = Vec::new();
+        file.write_all(&mut bytes).unwrap();
+        let (ts, start) = part10_dataset(&bytes).unwrap().unwrap();
+        assert_eq!(ts, "1.2.840.10008.1.2.1");
+        let ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
+        assert_eq!(
+            patient_id(&bytes[start..], &ts)
+                .unwrap()
+                .as_deref()
+                .map(str::trim_end),
+            Some("PAT1")
+        );
+        for n in 0..start {
+            assert!(
+                matches!(part10_dataset(&bytes[..n]), Ok(None) | Err(_)),
+                "prefix {n}"
+            );
+        }
+        let mut bad = bytes.clone();
+        bad[128] = b'X';
+        assert!(part10_dataset(&bad).is_err());
     }
 
     #[test]

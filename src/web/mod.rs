@@ -10,6 +10,7 @@ pub mod cors;
 pub mod discovery;
 pub mod path;
 pub mod qido;
+pub mod stow;
 pub mod wado;
 pub mod wado_uri;
 
@@ -20,7 +21,7 @@ use crate::trust::TrustCore;
 use auth::{ApiError, Challenge};
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::sync::Arc;
@@ -163,23 +164,6 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
     }
 }
 
-async fn stow_not_available(State(ctx): State<Arc<WebCtx>>, headers: HeaderMap) -> Response {
-    if let Err(e) = auth::principal(&ctx.trust, &headers, ctx.cfg.limits.token_verify_timeout).await
-    {
-        return ctx.challenge.respond(e);
-    }
-    let mut r = (
-        StatusCode::NOT_IMPLEMENTED,
-        r#"{"error":"not_implemented","error_description":"STOW-RS is not available in this version; use C-STORE"}"#,
-    )
-        .into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 pub fn router(ctx: Arc<WebCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -191,13 +175,10 @@ pub fn router(ctx: Arc<WebCtx>) -> Router {
             "/dicom-web/.well-known/smart-configuration",
             get(discovery::smart_configuration),
         )
-        .route(
-            "/dicom-web/studies",
-            get(dicomweb_get).post(stow_not_available),
-        )
+        .route("/dicom-web/studies", get(dicomweb_get).post(stow::handle))
         .route(
             "/dicom-web/studies/{study}",
-            get(dicomweb_get).post(stow_not_available),
+            get(dicomweb_get).post(stow::handle),
         )
         .route("/dicom-web/{*rest}", get(dicomweb_get))
         .route("/wado", get(wado_uri::handle))

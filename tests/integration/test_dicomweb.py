@@ -269,9 +269,92 @@ def test_discovery_documents(base, gateway, issuer):
     assert pr["bearer_methods_supported"] == ["header"]
 
 
-def test_stow_is_not_available_yet(base, token_a):
-    r = requests.post(f"{base}/studies", headers={**auth(token_a), "Content-Type": "multipart/related; type=application/dicom"}, data=b"", timeout=10)
-    assert r.status_code == 501
+# ---- STOW-RS ----
+
+def part10(pid, study=None, series=None):
+    import io as _io
+
+    import pydicom
+
+    from dicomdata import make_instance
+
+    data = make_instance(pid, study or generate_uid(), series or generate_uid(), 6000, 1, 1, "20250101")
+    return data, pydicom.dcmread(_io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+
+
+def stow(base, token, parts, path="studies"):
+    boundary = "testboundary1234"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    body += f"--{boundary}--\r\n".encode()
+    return requests.post(
+        f"{base}/{path}",
+        headers={**auth(token), "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": "application/dicom+json"},
+        data=body,
+        timeout=60,
+    )
+
+
+def seq(r, tag):
+    return r.json().get(tag, {}).get("Value", [])
+
+
+@pytest.fixture
+def writer(issuer):
+    return issuer.mint(patient="PAT-W", scope="patient/ImagingStudy.cruds")
+
+
+def test_stow_own_instances(base, orthanc, writer):
+    study = generate_uid()
+    (a, sa), (b, sb) = part10("PAT-W", study), part10("PAT-W", study)
+    r = stow(base, writer, [a, b])
+    assert r.status_code == 200, r.text
+    assert {i["00081155"]["Value"][0] for i in seq(r, "00081199")} == {sa, sb}
+    assert orthanc.holds(sa) and orthanc.holds(sb)
+
+
+def test_stow_mixed_reports_each_instance(base, orthanc, writer):
+    own_data, own_sop = part10("PAT-W")
+    foreign_data, foreign_sop = part10("PAT-B")
+    into_foreign, into_sop = part10("PAT-W", own(orthanc, "PAT-B")[0][1])
+    r = stow(base, writer, [own_data, foreign_data, into_foreign])
+    assert r.status_code == 202, r.text
+    assert [i["00081155"]["Value"][0] for i in seq(r, "00081199")] == [own_sop]
+    failed = {i["00081155"]["Value"][0]: i["00081197"]["Value"][0] for i in seq(r, "00081198")}
+    assert failed == {foreign_sop: 0x0124, into_sop: 0x0124}
+    assert orthanc.holds(own_sop) and not orthanc.holds(foreign_sop) and not orthanc.holds(into_sop)
+    assert orthanc.patient_of_study(own(orthanc, "PAT-B")[0][1]) == "PAT-B"
+
+
+def test_stow_nothing_stored_is_409(base, orthanc, writer):
+    data, sop = part10("PAT-B")
+    r = stow(base, writer, [data])
+    assert r.status_code == 409
+    assert not orthanc.holds(sop)
+    # an instance of another study than the path names
+    data, sop = part10("PAT-W")
+    r = stow(base, writer, [data], path=f"studies/{generate_uid()}")
+    assert r.status_code == 409
+    assert seq(r, "00081198")[0]["00081197"]["Value"][0] == 0xA900
+    assert not orthanc.holds(sop)
+
+
+def test_stow_without_write_scope_is_403(base, orthanc, issuer):
+    data, sop = part10("PAT-W")
+    r = stow(base, issuer.mint(patient="PAT-W", scope="patient/ImagingStudy.rs"), [data])
+    assert r.status_code == 403
+    assert 'error="insufficient_scope"' in r.headers["WWW-Authenticate"]
+    assert not orthanc.holds(sop)
+
+
+def test_dicomweb_client_stores(base, orthanc, writer):
+    import io as _io
+
+    import pydicom
+
+    data, sop = part10("PAT-W")
+    c = DICOMwebClient(url=base, headers=auth(writer))
+    c.store_instances([pydicom.dcmread(_io.BytesIO(data))])
+    assert orthanc.holds(sop)
 
 
 def test_pacs_dicomweb_down_is_502(tmp_root, orthanc, issuer):
