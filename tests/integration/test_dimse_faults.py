@@ -164,6 +164,33 @@ def test_broken_off_operations_leave_no_sockets_behind(env, issuer):
     a.release()
 
 
+def test_pacs_stopped_during_a_wado_response(env, issuer):
+    """The client must see a broken response, never a complete-looking one."""
+    import requests
+
+    g, o = env["gateway"], env["orthanc"]
+    url = f"{g.public_url}/dicom-web/studies/{env['study']}"
+    headers = {"Authorization": f"Bearer {issuer.mint(patient='PAT-F')}", "Accept": 'multipart/related; type="application/dicom"'}
+    full = len(requests.get(url, headers=headers, timeout=60).content)
+    assert full > 20_000_000
+    r = requests.get(url, headers=headers, stream=True, timeout=60)
+    assert r.status_code == 200
+    got = 0
+    broken = False
+    try:
+        it = r.iter_content(chunk_size=65536)
+        for chunk in it:
+            got += len(chunk)
+            if got >= 1_000_000 and o.proc.poll() is None:
+                o.proc.send_signal(signal.SIGKILL)
+                o.proc.wait()
+                time.sleep(0.5)
+    except Exception:
+        broken = True
+    assert broken or got < full, "a truncated study must not look complete"
+    o.start()  # the next test needs the PACS
+
+
 def test_pacs_stopped_during_c_move_and_c_store(env, issuer):
     """Runs last in this module: it stops this module's Orthanc."""
     g, o = env["gateway"], env["orthanc"]
