@@ -135,28 +135,39 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
             "DICOMweb is not configured: set pacs.dicomweb_url".into(),
         ));
     };
-    let result = match &resource {
-        path::Resource::Search { .. } => {
-            qido::search(
-                &ctx,
-                &principal,
-                &resource,
-                uri.query().unwrap_or(""),
-                &upstream,
-            )
-            .await
+    // Everything up to the response head is bounded in time; a streamed body is then bounded
+    // by the PACS read timeout per chunk.
+    let work = async {
+        match &resource {
+            path::Resource::Search { .. } => {
+                qido::search(
+                    &ctx,
+                    &principal,
+                    &resource,
+                    uri.query().unwrap_or(""),
+                    &upstream,
+                )
+                .await
+            }
+            path::Resource::Retrieve { .. } => {
+                wado::retrieve(
+                    &ctx,
+                    &principal,
+                    &resource,
+                    uri.query(),
+                    &headers,
+                    &upstream,
+                )
+                .await
+            }
         }
-        path::Resource::Retrieve { .. } => {
-            wado::retrieve(
-                &ctx,
-                &principal,
-                &resource,
-                uri.query(),
-                &headers,
-                &upstream,
-            )
-            .await
-        }
+    };
+    let limit = ctx.cfg.limits.upstream_timeout * 2;
+    let result = match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "the PACS did not answer within {limit:?}"
+        ))),
     };
     match result {
         Ok(r) => r,

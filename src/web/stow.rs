@@ -41,6 +41,22 @@ const REASON_STUDY_MISMATCH: u16 = 0xA900;
 const REASON_CANNOT_UNDERSTAND: u16 = 0xC000;
 const REASON_PROCESSING: u16 = 0x0110;
 
+/// A part's next chunk, bounded in time: a client that stops sending cannot hold the request.
+async fn chunk(
+    field: &mut multer::Field<'_>,
+    wait: std::time::Duration,
+) -> Result<Option<Bytes>, ApiError> {
+    match tokio::time::timeout(wait, field.chunk()).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+            "the multipart body broke off: {e}"
+        ))),
+        Err(_) => Err(ApiError::BadRequest(format!(
+            "the client sent nothing for {wait:?}"
+        ))),
+    }
+}
+
 struct Outcomes {
     stored: Vec<(String, String)>,
     failed: Vec<(String, String, u16)>,
@@ -160,17 +176,13 @@ async fn store_part(
         tags::STUDY_INSTANCE_UID,
         tags::SERIES_INSTANCE_UID,
     ];
+    let wait = ctx.cfg.limits.idle_timeout;
     let mut head: Vec<u8> = Vec::new();
     let mut ended = false;
     let values = loop {
-        match field.chunk().await {
-            Ok(Some(c)) => head.extend_from_slice(&c),
-            Ok(None) => ended = true,
-            Err(e) => {
-                return Err(ApiError::BadRequest(format!(
-                    "the multipart body broke off: {e}"
-                )));
-            }
+        match chunk(&mut field, wait).await? {
+            Some(c) => head.extend_from_slice(&c),
+            None => ended = true,
         }
         let parsed = match part10_dataset(&head) {
             Ok(Some((ts_uid, start))) => match TransferSyntaxRegistry.get(&ts_uid) {
@@ -191,7 +203,7 @@ async fn store_part(
         }
     };
     let Ok(values) = values else {
-        drain(&mut field, ended).await?;
+        drain(&mut field, ended, wait).await?;
         out.failed
             .push((String::new(), String::new(), REASON_CANNOT_UNDERSTAND));
         return Ok(());
@@ -204,7 +216,7 @@ async fn store_part(
     let (class, instance) = (text(&values[0]), text(&values[1]));
     let study = text(&values[3]);
     if path_study.is_some_and(|s| s != study) {
-        drain(&mut field, ended).await?;
+        drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
         return Ok(());
     }
@@ -220,7 +232,7 @@ async fn store_part(
         .await
     {
         audit::record("http", 0, Some(p), &action, Outcome::Denied, &d.to_string());
-        drain(&mut field, ended).await?;
+        drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
         return Ok(());
     }
@@ -255,7 +267,7 @@ async fn store_part(
         send(Bytes::from(head)).await.ok();
         let mut ended = ended;
         while !ended {
-            match field.chunk().await {
+            match chunk(&mut field, wait).await {
                 Ok(Some(c)) => {
                     if tx.send(Ok(c)).await.is_err() {
                         return Err(ApiError::Upstream(
@@ -269,9 +281,7 @@ async fn store_part(
                     let _ = tx
                         .send(Err(std::io::Error::other("client broke off")))
                         .await;
-                    return Err(ApiError::BadRequest(format!(
-                        "the multipart body broke off: {e}"
-                    )));
+                    return Err(e);
                 }
             }
         }
@@ -325,21 +335,16 @@ async fn store_part(
 }
 
 /// Reads past the rest of a part that will not be stored.
-async fn drain(field: &mut multer::Field<'_>, ended: bool) -> Result<(), ApiError> {
+async fn drain(
+    field: &mut multer::Field<'_>,
+    ended: bool,
+    wait: std::time::Duration,
+) -> Result<(), ApiError> {
     if ended {
         return Ok(());
     }
-    loop {
-        match field.chunk().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                return Err(ApiError::BadRequest(format!(
-                    "the multipart body broke off: {e}"
-                )));
-            }
-        }
-    }
+    while chunk(field, wait).await?.is_some() {}
+    Ok(())
 }
 
 fn ui(v: &str) -> Value {
