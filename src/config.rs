@@ -122,6 +122,22 @@ pub struct Issuer {
     pub accept_ehr_audience: bool,
     /// JWT `typ` header values accepted; `""` stands for "no typ header".
     pub accept_typ: Vec<String>,
+    /// How the gateway authenticates itself to this issuer (introspection, FHIR look-ups).
+    pub client_auth: Option<ClientAuth>,
+    /// The scope the gateway asks for its own Backend Services token.
+    pub client_scope: String,
+    /// Introspection results are cached at most this long (and never past the token's `exp`).
+    pub introspection_cache: Duration,
+}
+
+/// The gateway's own credentials at an issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// client_secret_basic.
+    Secret(String),
+    /// SMART Backend Services: client_credentials with a private_key_jwt assertion signed by
+    /// the key in this PKCS#8 PEM file.
+    PrivateKeyJwt(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +235,8 @@ struct RawIssuer {
     allowed_client_ids: Option<Vec<String>>,
     accept_ehr_audience: Option<bool>,
     accept_typ: Option<Vec<String>>,
+    client_scope: Option<String>,
+    introspection_cache_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -592,12 +610,6 @@ impl Config {
                     VerifyMode::Jwt
                 }
             };
-            if verify != VerifyMode::Jwt {
-                c.problem(
-                    k("verify"),
-                    "token introspection is not available in this version of pacsgate; use verify = \"jwt\" with an issuer that signs JWT access tokens",
-                );
-            }
             for (f, v) in [
                 ("jwks_uri", &ri.jwks_uri),
                 ("introspection_endpoint", &ri.introspection_endpoint),
@@ -607,10 +619,36 @@ impl Config {
                     c.http_url(&k(f), v);
                 }
             }
-            if ri.client_key_file.is_some() || ri.client_secret.is_some() {
+            let client_auth = match (&ri.client_secret, &ri.client_key_file) {
+                (Some(_), Some(_)) => {
+                    c.problem(
+                        k("client_secret"),
+                        "set client_secret or client_key_file, not both",
+                    );
+                    None
+                }
+                (Some(sec), None) => Some(ClientAuth::Secret(sec.clone())),
+                (None, Some(f)) => Some(ClientAuth::PrivateKeyJwt(f.clone())),
+                (None, None) => None,
+            };
+            if client_auth.is_some() && ri.client_id.is_none() {
                 c.problem(
-                    k(if ri.client_key_file.is_some() { "client_key_file" } else { "client_secret" }),
-                    "client credentials are used only for introspection and FHIR look-ups, which this version does not perform; remove the key",
+                    k("client_id"),
+                    "is needed with client credentials: the gateway's own client id at this issuer",
+                );
+            }
+            if let Some(ClientAuth::PrivateKeyJwt(f)) = &client_auth
+                && let Err(e) = crate::trust::client::ClientKey::load(Path::new(f))
+            {
+                c.problem(
+                    k("client_key_file"),
+                    format!("{e:#}; give a PKCS#8 PEM RSA or EC P-384 key (signed RS384 or ES384)"),
+                );
+            }
+            if verify != VerifyMode::Jwt && client_auth.is_none() {
+                c.problem(
+                    k("verify"),
+                    "introspection needs the gateway's own credentials at this issuer: set client_id and client_secret (client_secret_basic) or client_key_file (SMART Backend Services)",
                 );
             }
             if ri.accept_ehr_audience == Some(true) && ri.fhir_base_url.is_none() {
@@ -640,6 +678,13 @@ impl Config {
                 allowed_client_ids: ri.allowed_client_ids.unwrap_or_default(),
                 accept_ehr_audience: ri.accept_ehr_audience.unwrap_or(false),
                 accept_typ,
+                client_auth,
+                client_scope: ri.client_scope.unwrap_or_else(|| "system/*.rs".into()),
+                introspection_cache: c.seconds(
+                    &k("introspection_cache_secs"),
+                    ri.introspection_cache_secs,
+                    60.0,
+                ),
             });
         }
 

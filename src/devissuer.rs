@@ -195,13 +195,35 @@ pub struct MintRequest {
     pub sub: Option<String>,
     #[serde(rename = "fhirUser")]
     pub fhir_user: Option<String>,
+    /// "true": an opaque token that only introspection can judge.
+    pub opaque: Option<String>,
+    pub grant_type: Option<String>,
+    pub client_assertion: Option<String>,
+    pub client_assertion_type: Option<String>,
 }
+
+/// A client registered at the development issuer (the gateway, for introspection).
+pub struct DevClient {
+    pub id: String,
+    pub secret: Option<String>,
+    /// The public half of the client's assertion key.
+    pub key: Option<DevKey>,
+}
+
+/// Opaque tokens the issuer remembers, at most.
+const MAX_OPAQUE: usize = 100_000;
 
 /// The development issuer.
 pub struct DevIssuer {
     pub issuer: String,
     pub key: DevKey,
     pub default_aud: String,
+    /// Registered clients; when there are any, introspection requires one of them.
+    pub clients: Vec<DevClient>,
+    /// Opaque tokens and their claims.
+    opaque: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+    /// Tokens revoked through `/revoke` (by digest).
+    revoked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn now() -> i64 {
@@ -212,6 +234,117 @@ fn now() -> i64 {
 }
 
 impl DevIssuer {
+    pub fn new(issuer: String, key: DevKey, default_aud: String) -> DevIssuer {
+        DevIssuer {
+            issuer,
+            key,
+            default_aud,
+            clients: Vec::new(),
+            opaque: Default::default(),
+            revoked: Default::default(),
+        }
+    }
+
+    /// An opaque token for `req`: a random string the issuer remembers with its claims.
+    pub fn mint_opaque(&self, req: &MintRequest) -> String {
+        let token = format!("opaque-{}{}", rand_hex(), rand_hex());
+        if let Ok(mut m) = self.opaque.lock() {
+            if m.len() >= MAX_OPAQUE {
+                m.clear();
+            }
+            m.insert(token.clone(), self.claims(req));
+        }
+        token
+    }
+
+    /// The claims of an active token of this issuer, or `None`.
+    fn active_claims(&self, token: &str) -> Option<Value> {
+        if self
+            .revoked
+            .lock()
+            .ok()?
+            .contains(&crate::trust::token_id(token))
+        {
+            return None;
+        }
+        let now = now();
+        if let Some(c) = self.opaque.lock().ok()?.get(token).cloned() {
+            return (c["exp"].as_i64().unwrap_or(0) > now).then_some(c);
+        }
+        let mut v = Validation::new(self.key.alg);
+        v.validate_aud = false;
+        v.leeway = 0;
+        v.set_issuer(&[self.issuer.as_str()]);
+        jsonwebtoken::decode::<Value>(token, &self.key.decoding, &v)
+            .ok()
+            .map(|d| d.claims)
+    }
+
+    /// Whether a request to the introspection endpoint comes from a registered client.
+    fn client_allowed(&self, authorization: Option<&str>) -> bool {
+        if self.clients.is_empty() {
+            return true;
+        }
+        let Some(a) = authorization else { return false };
+        if let Some(b) = a.strip_prefix("Basic ") {
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+                return false;
+            };
+            let Ok(pair) = String::from_utf8(raw) else {
+                return false;
+            };
+            let Some((id, secret)) = pair.split_once(':') else {
+                return false;
+            };
+            return self
+                .clients
+                .iter()
+                .any(|c| c.id == id && c.secret.as_deref() == Some(secret));
+        }
+        if let Some(t) = a.strip_prefix("Bearer ") {
+            let Some(c) = self.active_claims(t.trim()) else {
+                return false;
+            };
+            let id = c["client_id"].as_str().unwrap_or_default();
+            return self.clients.iter().any(|k| k.id == id);
+        }
+        false
+    }
+
+    /// Checks a client_credentials request: a registered client's assertion (RFC 7523) or its
+    /// secret. Returns the client id.
+    fn authenticate_client(
+        &self,
+        form: &MintRequest,
+        authorization: Option<&str>,
+    ) -> Option<String> {
+        if let Some(assertion) = &form.client_assertion {
+            let header = jsonwebtoken::decode_header(assertion).ok()?;
+            let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(assertion).ok()?;
+            let id = claims["iss"].as_str()?.to_string();
+            let client = self.clients.iter().find(|c| c.id == id)?;
+            let key = client.key.as_ref()?;
+            let mut v = Validation::new(header.alg);
+            v.set_audience(&[format!("{}/token", self.issuer)]);
+            v.set_issuer(&[id.as_str()]);
+            v.sub = Some(id.clone());
+            jsonwebtoken::decode::<Value>(assertion, &key.decoding, &v).ok()?;
+            return Some(id);
+        }
+        let b = authorization?.strip_prefix("Basic ")?;
+        let pair = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()?,
+        )
+        .ok()?;
+        let (id, secret) = pair.split_once(':')?;
+        self.clients
+            .iter()
+            .any(|c| c.id == id && c.secret.as_deref() == Some(secret))
+            .then(|| id.to_string())
+    }
+
     /// The claims of a token for `req`.
     pub fn claims(&self, req: &MintRequest) -> Value {
         let iat = now();
@@ -264,6 +397,7 @@ impl DevIssuer {
             .route("/jwks", get(jwks))
             .route("/token", post(token))
             .route("/introspect", post(introspect))
+            .route("/revoke", post(revoke))
             .with_state(self)
     }
 }
@@ -282,8 +416,38 @@ async fn jwks(State(s): State<Arc<DevIssuer>>) -> Json<Value> {
     Json(json!({ "keys": [s.key.public_jwk()] }))
 }
 
-async fn token(State(s): State<Arc<DevIssuer>>, Form(req): Form<MintRequest>) -> impl IntoResponse {
-    match s.mint(&req) {
+fn authorization(h: &axum::http::HeaderMap) -> Option<&str> {
+    h.get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn token(
+    State(s): State<Arc<DevIssuer>>,
+    headers: axum::http::HeaderMap,
+    Form(req): Form<MintRequest>,
+) -> impl IntoResponse {
+    let mut req = req;
+    if req.grant_type.as_deref() == Some("client_credentials") {
+        // The gateway's own token (SMART Backend Services): only for registered clients.
+        let Some(id) = s.authenticate_client(&req, authorization(&headers)) else {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_client"})),
+            );
+        };
+        req.client_id = Some(id.clone());
+        req.sub = Some(id);
+        req.patient = None;
+        req.aud = Some(s.issuer.clone());
+        req.scope = Some(req.scope.clone().unwrap_or_else(|| "system/*.rs".into()));
+    }
+    let opaque = req.opaque.as_deref() == Some("true");
+    let minted = if opaque {
+        Ok(s.mint_opaque(&req))
+    } else {
+        s.mint(&req)
+    };
+    match minted {
         Ok(t) => {
             let mut body = json!({
                 "access_token": t,
@@ -308,19 +472,35 @@ struct IntrospectForm {
     token: String,
 }
 
-async fn introspect(State(s): State<Arc<DevIssuer>>, Form(f): Form<IntrospectForm>) -> Json<Value> {
-    let mut v = Validation::new(s.key.alg);
-    v.validate_aud = false;
-    v.leeway = 0;
-    v.set_issuer(&[s.issuer.as_str()]);
-    match jsonwebtoken::decode::<Value>(f.token.trim(), &s.key.decoding, &v) {
-        Ok(d) => {
-            let mut out = d.claims;
-            out["active"] = json!(true);
-            Json(out)
-        }
-        Err(_) => Json(json!({"active": false})),
+async fn introspect(
+    State(s): State<Arc<DevIssuer>>,
+    headers: axum::http::HeaderMap,
+    Form(f): Form<IntrospectForm>,
+) -> impl IntoResponse {
+    if !s.client_allowed(authorization(&headers)) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        );
     }
+    match s.active_claims(f.token.trim()) {
+        Some(mut c) => {
+            c["active"] = json!(true);
+            (StatusCode::OK, Json(c))
+        }
+        None => (StatusCode::OK, Json(json!({"active": false}))),
+    }
+}
+
+/// RFC 7009-style revocation, open like the rest of the development issuer.
+async fn revoke(State(s): State<Arc<DevIssuer>>, Form(f): Form<IntrospectForm>) -> StatusCode {
+    if let Ok(mut r) = s.revoked.lock() {
+        if r.len() >= MAX_OPAQUE {
+            r.clear();
+        }
+        r.insert(crate::trust::token_id(f.token.trim()));
+    }
+    StatusCode::OK
 }
 
 /// Parses an algorithm name given on the command line.

@@ -5,7 +5,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use pacsgate::config::Config;
-use pacsgate::devissuer::{self, DevIssuer, DevKey, MintRequest};
+use pacsgate::devissuer::{self, DevClient, DevIssuer, DevKey, MintRequest};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +46,13 @@ struct DevIssuerArgs {
     /// Address to listen on, e.g. 127.0.0.1:9400.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// A client allowed to introspect and to get its own token, with a secret: ID:SECRET.
+    #[arg(long)]
+    client: Vec<String>,
+    /// A client that authenticates with a private_key_jwt assertion: ID=KEY-FILE (PKCS#8 PEM;
+    /// the issuer uses its public half).
+    #[arg(long)]
+    client_key: Vec<String>,
     #[command(flatten)]
     key: KeyArgs,
 }
@@ -151,11 +158,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 };
                 let result = load_key(&key).and_then(|k| {
-                    let di = DevIssuer {
-                        issuer,
-                        key: k,
-                        default_aud: key.aud.clone(),
-                    };
+                    let di = DevIssuer::new(issuer, k, key.aud.clone());
                     di.mint(&MintRequest {
                         patient,
                         scope: Some(scope),
@@ -198,12 +201,39 @@ fn main() -> ExitCode {
                         %issuer, alg = ?key.alg, kid = %key.kid,
                         "DEVELOPMENT ISSUER: anyone who can reach it can mint tokens. Never trust it in production."
                     );
-                    let di = Arc::new(DevIssuer {
-                        issuer: issuer.trim_end_matches('/').to_string(),
+                    let mut di = DevIssuer::new(
+                        issuer.trim_end_matches('/').to_string(),
                         key,
-                        default_aud: args.key.aud.clone(),
-                    });
-                    devissuer::serve(listener, di).await
+                        args.key.aud.clone(),
+                    );
+                    for c in &args.client {
+                        let (id, secret) = c
+                            .split_once(':')
+                            .ok_or_else(|| anyhow::anyhow!("--client takes ID:SECRET"))?;
+                        di.clients.push(DevClient {
+                            id: id.into(),
+                            secret: Some(secret.into()),
+                            key: None,
+                        });
+                    }
+                    for c in &args.client_key {
+                        let (id, file) = c
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--client-key takes ID=PEM-FILE"))?;
+                        let key = DevKey::load(
+                            std::path::Path::new(file),
+                            jsonwebtoken::Algorithm::RS384,
+                        )
+                        .or_else(|_| {
+                            DevKey::load(std::path::Path::new(file), jsonwebtoken::Algorithm::ES384)
+                        })?;
+                        di.clients.push(DevClient {
+                            id: id.into(),
+                            secret: None,
+                            key: Some(key),
+                        });
+                    }
+                    devissuer::serve(listener, Arc::new(di)).await
                 })
             }
         },

@@ -401,11 +401,11 @@ struct Setup {
 async fn setup(script: Script, pacs_up: bool, extra_limits: &str) -> Setup {
     let il = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer_url = format!("http://{}", il.local_addr().unwrap());
-    let issuer = Arc::new(DevIssuer {
-        issuer: issuer_url.clone(),
-        key: DevKey::generate(Algorithm::ES256).unwrap(),
-        default_aud: "http://127.0.0.1:8080/dicom-web".into(),
-    });
+    let issuer = Arc::new(DevIssuer::new(
+        issuer_url.clone(),
+        DevKey::generate(Algorithm::ES256).unwrap(),
+        "http://127.0.0.1:8080/dicom-web".into(),
+    ));
     tokio::spawn(pacsgate::devissuer::serve(il, issuer.clone()));
 
     let seen = Arc::new(Mutex::new(Seen::default()));

@@ -244,7 +244,9 @@ async fn negotiate(
                 &format!("token refused: {e}"),
             );
             let refusal = match e {
-                TrustError::Keys(KeyError::Unavailable { .. }) => Refusal::Unavailable,
+                TrustError::Keys(KeyError::Unavailable { .. }) | TrustError::Unavailable(_) => {
+                    Refusal::Unavailable
+                }
                 _ => Refusal::Identity,
             };
             send_reject(&mut stream, refusal).await;

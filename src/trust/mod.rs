@@ -6,6 +6,7 @@
 //! ([`scopes`]) and claim normalization. Must not know DICOM, HTTP front ends, or what a
 //! principal may do: that is the policy core's.
 
+pub mod client;
 pub mod keys;
 pub mod scopes;
 
@@ -84,17 +85,25 @@ pub enum TrustError {
     Client,
     #[error("verification mode of the issuer is not supported")]
     Mode,
+    #[error("the token is not active (introspection)")]
+    Inactive,
+    #[error("the token cannot be checked now: {0}")]
+    Unavailable(String),
 }
 
 struct TrustedIssuer {
     cfg: Issuer,
     keys: IssuerKeys,
     audiences: Vec<String>,
+    /// The gateway's client at this issuer, when it has credentials there.
+    client: Option<client::IssuerClient>,
 }
 
 /// The trust core.
 pub struct TrustCore {
     issuers: HashMap<String, TrustedIssuer>,
+    /// Issuers in configuration order: opaque tokens are offered to them in this order.
+    order: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,12 +148,14 @@ impl TrustCore {
                 i.issuer.clone(),
                 TrustedIssuer {
                     keys: IssuerKeys::new(i.issuer.clone(), i.jwks_uri.clone(), http.clone()),
+                    client: client::IssuerClient::new(i, http.clone())?,
                     cfg: i.clone(),
                     audiences,
                 },
             );
         }
-        Ok(Arc::new(TrustCore { issuers }))
+        let order = cfg.issuers.iter().map(|i| i.issuer.clone()).collect();
+        Ok(Arc::new(TrustCore { issuers, order }))
     }
 
     /// Verifies a token; on success, the principal it stands for.
@@ -153,9 +164,12 @@ impl TrustCore {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(TrustError::Size);
         }
-        let alg = header_algorithm(token)?;
+        if !looks_like_jws(token) {
+            return self.verify_opaque(token).await;
+        }
+        let alg = header_algorithm(token);
         let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TrustError::Malformed(e.to_string()))?;
+            jsonwebtoken::decode_header(token).map_err(|e| TrustError::Malformed(e.to_string()));
         // Which issuer decides whose keys to use: read `iss` before the signature is checked,
         // and refuse unknown issuers before any network call.
         let unverified: UnverifiedClaims = jsonwebtoken::dangerous::insecure_decode_claims(token)
@@ -165,9 +179,12 @@ impl TrustCore {
             .issuers
             .get(&iss)
             .ok_or_else(|| TrustError::UntrustedIssuer(iss.clone()))?;
-        if ti.cfg.verify != VerifyMode::Jwt {
-            return Err(TrustError::Mode);
+        if ti.cfg.verify == VerifyMode::Introspection {
+            // The issuer's answer decides; the JWT form of the token is not relied on.
+            return self.verify_introspected(token, ti).await;
         }
+        let alg = alg?;
+        let header = header?;
         let typ = header.typ.clone().unwrap_or_default();
         if !ti
             .cfg
@@ -246,6 +263,12 @@ impl TrustCore {
             }
             Some(_) => return Err(TrustError::Claim("patient")),
         };
+        if ti.cfg.verify == VerifyMode::JwtAndIntrospection {
+            // Signed and unexpired, but perhaps revoked: the issuer must still call it active.
+            self.introspect(token, ti)
+                .await?
+                .ok_or(TrustError::Inactive)?;
+        }
         Ok(Principal {
             issuer: ti.cfg.issuer.clone(),
             subject: claims.sub,
@@ -258,6 +281,136 @@ impl TrustCore {
             token_id: token_id(token),
         })
     }
+
+    /// Asks an issuer about a token: `Some(claims)` when active, `None` when not.
+    async fn introspect(
+        &self,
+        token: &str,
+        ti: &TrustedIssuer,
+    ) -> Result<Option<Arc<serde_json::Value>>, TrustError> {
+        let Some(c) = &ti.client else {
+            return Err(TrustError::Mode);
+        };
+        match c.introspect(token).await {
+            Ok(client::Introspected::Active(v)) => Ok(Some(v)),
+            Ok(client::Introspected::Inactive) => Ok(None),
+            Err(e) => {
+                tracing::warn!(issuer = %ti.cfg.issuer, error = %e, "introspection failed; denying");
+                Err(TrustError::Unavailable(e))
+            }
+        }
+    }
+
+    /// An opaque token: offered to the issuers configured for introspection, in order.
+    async fn verify_opaque(&self, token: &str) -> Result<Principal, TrustError> {
+        let mut asked = false;
+        for iss in &self.order {
+            let Some(ti) = self
+                .issuers
+                .get(iss)
+                .filter(|t| t.cfg.verify == VerifyMode::Introspection)
+            else {
+                continue;
+            };
+            asked = true;
+            if let Some(claims) = self.introspect(token, ti).await? {
+                return principal_from_introspection(&claims, ti, token);
+            }
+        }
+        if asked {
+            Err(TrustError::Inactive)
+        } else {
+            Err(TrustError::Malformed(
+                "not a JWT, and no issuer is configured for introspection".into(),
+            ))
+        }
+    }
+
+    async fn verify_introspected(
+        &self,
+        token: &str,
+        ti: &TrustedIssuer,
+    ) -> Result<Principal, TrustError> {
+        let claims = self
+            .introspect(token, ti)
+            .await?
+            .ok_or(TrustError::Inactive)?;
+        principal_from_introspection(&claims, ti, token)
+    }
+}
+
+/// Whether a token has the shape of a compact JWS (three base64url parts).
+fn looks_like_jws(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts[..2].iter().all(|p| !p.is_empty())
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+        })
+}
+
+/// A principal from an introspection answer (RFC 7662, SMART 2.2): `iss` and `aud` are checked
+/// when present; without `exp` the principal lasts as long as the answer may be cached.
+fn principal_from_introspection(
+    v: &serde_json::Value,
+    ti: &TrustedIssuer,
+    token: &str,
+) -> Result<Principal, TrustError> {
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    if let Some(iss) = text("iss")
+        && iss.trim_end_matches('/') != ti.cfg.issuer.trim_end_matches('/')
+    {
+        return Err(TrustError::UntrustedIssuer(iss));
+    }
+    if let Some(aud) = v.get("aud") {
+        let auds: Vec<&str> = match aud {
+            serde_json::Value::String(s) => vec![s.as_str()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+            _ => vec![],
+        };
+        if !auds
+            .iter()
+            .any(|a| ti.audiences.iter().any(|mine| mine == a))
+        {
+            return Err(TrustError::Audience);
+        }
+    }
+    let now = now_secs();
+    let exp = match v.get("exp") {
+        Some(serde_json::Value::Number(n)) => number_secs(n).ok_or(TrustError::Claim("exp"))?,
+        None => now + ti.cfg.introspection_cache.as_secs(),
+        Some(_) => return Err(TrustError::Claim("exp")),
+    };
+    let client_id = text("client_id").or_else(|| text("azp"));
+    if !ti.cfg.allowed_client_ids.is_empty()
+        && !client_id
+            .as_ref()
+            .is_some_and(|c| ti.cfg.allowed_client_ids.contains(c))
+    {
+        return Err(TrustError::Client);
+    }
+    let scope_text = scope_string(v.get("scope"))
+        .or_else(|| scope_string(v.get("scp")))
+        .unwrap_or_default();
+    let patient = match v.get("patient") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(p)) => {
+            Some(normalize_patient(p, &ti.cfg).ok_or(TrustError::Claim("patient"))?)
+        }
+        Some(_) => return Err(TrustError::Claim("patient")),
+    };
+    Ok(Principal {
+        issuer: ti.cfg.issuer.clone(),
+        subject: text("sub"),
+        client_id,
+        fhir_user: text("fhirUser"),
+        scopes: ScopeSet::parse(&scope_text),
+        patient,
+        expires_at: exp,
+        jti: text("jti"),
+        token_id: token_id(token),
+    })
 }
 
 /// A stable, non-reversible id of a token for logs and cache keys.

@@ -21,11 +21,11 @@ struct Fixture {
 async fn fixture_with(alg: Algorithm, extra_issuer_toml: &str) -> Fixture {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let issuer = Arc::new(DevIssuer {
-        issuer: url.clone(),
-        key: DevKey::generate(alg).unwrap(),
-        default_aud: AUD.into(),
-    });
+    let issuer = Arc::new(DevIssuer::new(
+        url.clone(),
+        DevKey::generate(alg).unwrap(),
+        AUD.into(),
+    ));
     let server = tokio::spawn(crate::devissuer::serve(listener, issuer.clone()));
     let cfg = Config::parse(&format!(
         r#"
@@ -495,4 +495,225 @@ async fn unreachable_issuer_fails_closed() {
         Err(TrustError::Keys(KeyError::Unavailable { .. })) => {}
         other => panic!("{other:?}"),
     }
+}
+
+// ---- introspection ----
+
+struct IntroFixture {
+    issuer: Arc<DevIssuer>,
+    trust: Arc<TrustCore>,
+    url: String,
+}
+
+/// A development issuer with a registered client, and a trust core that introspects at it.
+async fn intro_fixture(
+    mode: &str,
+    client: crate::devissuer::DevClient,
+    creds: &str,
+) -> IntroFixture {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut di = DevIssuer::new(
+        url.clone(),
+        DevKey::generate(Algorithm::ES256).unwrap(),
+        AUD.into(),
+    );
+    di.clients.push(client);
+    let issuer = Arc::new(di);
+    tokio::spawn(crate::devissuer::serve(listener, issuer.clone()));
+    let cfg = Config::parse(&format!(
+        "[gateway]\nae_title = \"GW\"\ndimse_listen = \"127.0.0.1:1\"\npublic_url = \"http://127.0.0.1:8080\"\n\
+         [limits]\nhttp_fetch_timeout_secs = 1\n\
+         [pacs]\nae_title = \"P\"\naddress = \"127.0.0.1:2\"\n[[issuers]]\nissuer = \"{url}\"\nverify = \"{mode}\"\n{creds}\n"
+    ))
+    .unwrap();
+    IntroFixture {
+        trust: TrustCore::new(&cfg).unwrap(),
+        issuer,
+        url,
+    }
+}
+
+fn secret_client() -> crate::devissuer::DevClient {
+    crate::devissuer::DevClient {
+        id: "pacsgate".into(),
+        secret: Some("s3cret".into()),
+        key: None,
+    }
+}
+
+const SECRET: &str = "client_id = \"pacsgate\"\nclient_secret = \"s3cret\"";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_tokens_are_judged_by_introspection() {
+    let f = intro_fixture("introspection", secret_client(), SECRET).await;
+    let t = f.issuer.mint_opaque(&req("Patient/PAT1"));
+    assert!(!t.contains('.'), "an opaque token");
+    let p = f.trust.verify(&t).await.unwrap();
+    assert_eq!(p.patient.as_deref(), Some("PAT1"));
+    assert!(
+        p.scopes
+            .granted(scopes::Level::Patient, "ImagingStudy")
+            .read
+    );
+    assert!(matches!(
+        f.trust.verify("opaque-unknown-token").await,
+        Err(TrustError::Inactive)
+    ));
+    // a JWT of an introspection issuer is judged by introspection too
+    let jwt = f.issuer.mint(&req("PAT2")).unwrap();
+    assert_eq!(
+        f.trust.verify(&jwt).await.unwrap().patient.as_deref(),
+        Some("PAT2")
+    );
+    // expired
+    let old = f.issuer.mint_opaque(&MintRequest {
+        expires_in: Some(-10),
+        ..req("PAT1")
+    });
+    assert!(matches!(
+        f.trust.verify(&old).await,
+        Err(TrustError::Inactive)
+    ));
+    // another audience in the answer
+    let other = f.issuer.mint_opaque(&MintRequest {
+        aud: Some("https://elsewhere.example".into()),
+        ..req("PAT1")
+    });
+    assert!(matches!(
+        f.trust.verify(&other).await,
+        Err(TrustError::Audience)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_cached_and_revocation_is_seen_after_the_cache() {
+    let f = intro_fixture(
+        "jwt+introspection",
+        secret_client(),
+        &format!("{SECRET}\nintrospection_cache_secs = 0.3"),
+    )
+    .await;
+    let t = f.issuer.mint(&req("PAT1")).unwrap();
+    f.trust.verify(&t).await.unwrap();
+    let http = reqwest::Client::new();
+    http.post(format!("{}/revoke", f.url))
+        .form(&[("token", t.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(f.trust.verify(&t).await.is_ok(), "cached answer");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(
+        matches!(f.trust.verify(&t).await, Err(TrustError::Inactive)),
+        "revoked"
+    );
+    // jwt+introspection still checks the signature first
+    let other = DevKey::generate(Algorithm::ES256).unwrap();
+    let forged = other.sign(&f.issuer.claims(&req("PAT1"))).unwrap();
+    assert!(f.trust.verify(&forged).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_secret_fails_closed() {
+    let f = intro_fixture(
+        "introspection",
+        secret_client(),
+        "client_id = \"pacsgate\"\nclient_secret = \"wrong\"",
+    )
+    .await;
+    let t = f.issuer.mint_opaque(&req("PAT1"));
+    assert!(matches!(
+        f.trust.verify(&t).await,
+        Err(TrustError::Unavailable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_services_credentials_work() {
+    let dir = std::env::temp_dir().join(format!("pacsgate-client-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("client.pem");
+    let key = DevKey::generate(Algorithm::RS384).unwrap();
+    key.save(&key_file).unwrap();
+    let public = DevKey::load(&key_file, Algorithm::RS384).unwrap();
+    let client = crate::devissuer::DevClient {
+        id: "pacsgate".into(),
+        secret: None,
+        key: Some(public),
+    };
+    let f = intro_fixture(
+        "introspection",
+        client,
+        &format!(
+            "client_id = \"pacsgate\"\nclient_key_file = \"{}\"",
+            key_file.display()
+        ),
+    )
+    .await;
+    let t = f.issuer.mint_opaque(&req("PAT1"));
+    assert_eq!(
+        f.trust.verify(&t).await.unwrap().patient.as_deref(),
+        Some("PAT1")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An introspection endpoint that misbehaves: garbage, or no answer in time.
+async fn broken_endpoint(kind: &'static str) -> String {
+    use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/introspect", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/introspect",
+        post(move || async move {
+            match kind {
+                "garbage" => "<html>surprise</html>".to_string(),
+                "no-active" => "{\"scope\": \"patient/*.*\"}".to_string(),
+                _ => {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    "{\"active\": true}".to_string()
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_introspection_endpoints_deny() {
+    for kind in ["garbage", "no-active", "slow"] {
+        let endpoint = broken_endpoint(kind).await;
+        let f = intro_fixture(
+            "introspection",
+            secret_client(),
+            &format!("{SECRET}\nintrospection_endpoint = \"{endpoint}\""),
+        )
+        .await;
+        let t = f.issuer.mint_opaque(&req("PAT1"));
+        let started = std::time::Instant::now();
+        match f.trust.verify(&t).await {
+            Err(TrustError::Unavailable(_)) => {}
+            other => panic!("{kind}: {other:?}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "{kind}: bounded wait"
+        );
+    }
+    // and an endpoint nobody serves
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/introspect", dead.local_addr().unwrap());
+    drop(dead);
+    let f = intro_fixture(
+        "introspection",
+        secret_client(),
+        &format!("{SECRET}\nintrospection_endpoint = \"{endpoint}\""),
+    )
+    .await;
+    assert!(matches!(
+        f.trust.verify(&f.issuer.mint_opaque(&req("PAT1"))).await,
+        Err(TrustError::Unavailable(_))
+    ));
 }

@@ -149,9 +149,11 @@ pub async fn principal(
     let token = bearer(headers)?;
     match tokio::time::timeout(wait, trust.verify(token)).await {
         Ok(Ok(p)) => Ok(p),
-        Ok(Err(TrustError::Keys(KeyError::Unavailable { .. }))) => Err(ApiError::Unavailable(
-            "the token's issuer cannot be reached to check it".into(),
-        )),
+        Ok(Err(TrustError::Keys(KeyError::Unavailable { .. }) | TrustError::Unavailable(_))) => {
+            Err(ApiError::Unavailable(
+                "the token's issuer cannot be reached to check it".into(),
+            ))
+        }
         Ok(Err(e)) => Err(ApiError::InvalidToken(e.to_string())),
         Err(_) => Err(ApiError::Unavailable("token verification timed out".into())),
     }

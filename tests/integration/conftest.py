@@ -169,20 +169,22 @@ class Orthanc:
 
 
 class Issuer:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra_args=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key_file = tmp / "dev-issuer-key.pem"
         self.log = open(tmp / "dev-issuer.log", "w")
         self.proc = subprocess.Popen(
-            [str(binary()), "dev-issuer", "--listen", f"127.0.0.1:{self.port}", "--key-file", str(self.key_file)],
+            [str(binary()), "dev-issuer", "--listen", f"127.0.0.1:{self.port}", "--key-file", str(self.key_file), *extra_args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         wait_tcp(self.port, self.proc, "dev-issuer")
 
-    def mint(self, patient=None, scope="patient/ImagingStudy.rs", aud=None, expires_in=3600, client_id=None) -> str:
+    def mint(self, patient=None, scope="patient/ImagingStudy.rs", aud=None, expires_in=3600, client_id=None, opaque=False) -> str:
         form = {"scope": scope, "expires_in": str(expires_in)}
+        if opaque:
+            form["opaque"] = "true"
         if patient is not None:
             form["patient"] = patient
         if aud is not None:
@@ -196,7 +198,7 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=(), dicomweb_url=None):
+                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"'):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.ae_title = "PACSGATE"
@@ -218,7 +220,7 @@ upstream_timeout_secs = 20
 
 [[issuers]]
 issuer = "{issuer.url}"
-verify = "jwt"
+{issuer_extra}
 
 [pacs]
 ae_title = "{orthanc.aet}"
