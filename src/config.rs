@@ -122,6 +122,9 @@ pub struct Issuer {
     pub accept_ehr_audience: bool,
     /// JWT `typ` header values accepted; `""` stands for "no typ header".
     pub accept_typ: Vec<String>,
+    /// Vendor quirk: without a `patient` claim, take the patient from `sub` when it names a
+    /// Patient (`Patient/123` or a Patient URL under the issuer or its FHIR base).
+    pub patient_in_sub: bool,
     /// How the gateway authenticates itself to this issuer (introspection, FHIR look-ups).
     pub client_auth: Option<ClientAuth>,
     /// The scope the gateway asks for its own Backend Services token.
@@ -235,6 +238,7 @@ struct RawIssuer {
     allowed_client_ids: Option<Vec<String>>,
     accept_ehr_audience: Option<bool>,
     accept_typ: Option<Vec<String>>,
+    patient_in_sub: Option<bool>,
     client_scope: Option<String>,
     introspection_cache_secs: Option<f64>,
 }
@@ -678,6 +682,7 @@ impl Config {
                 allowed_client_ids: ri.allowed_client_ids.unwrap_or_default(),
                 accept_ehr_audience: ri.accept_ehr_audience.unwrap_or(false),
                 accept_typ,
+                patient_in_sub: ri.patient_in_sub.unwrap_or(false),
                 client_auth,
                 client_scope: ri.client_scope.unwrap_or_else(|| "system/*.rs".into()),
                 introspection_cache: c.seconds(

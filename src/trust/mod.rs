@@ -104,6 +104,9 @@ pub struct TrustCore {
     issuers: HashMap<String, TrustedIssuer>,
     /// Issuers in configuration order: opaque tokens are offered to them in this order.
     order: Vec<String>,
+    /// The gateway's own URLs: an `authorization_details` entry naming one of them in its
+    /// `locations` applies its own scope and patient here.
+    locations: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +129,7 @@ struct Claims {
     patient: Option<serde_json::Value>,
     #[serde(rename = "fhirUser")]
     fhir_user: Option<String>,
+    authorization_details: Option<serde_json::Value>,
 }
 
 impl TrustCore {
@@ -155,7 +159,18 @@ impl TrustCore {
             );
         }
         let order = cfg.issuers.iter().map(|i| i.issuer.clone()).collect();
-        Ok(Arc::new(TrustCore { issuers, order }))
+        let mut locations = cfg.gateway.audiences.clone();
+        locations.push(cfg.gateway.public_url.clone());
+        locations.push(format!("{}/dicom-web", cfg.gateway.public_url));
+        let locations = locations
+            .into_iter()
+            .map(|l| l.trim_end_matches('/').to_string())
+            .collect();
+        Ok(Arc::new(TrustCore {
+            issuers,
+            order,
+            locations,
+        }))
     }
 
     /// Verifies a token; on success, the principal it stands for.
@@ -253,16 +268,18 @@ impl TrustCore {
         {
             return Err(TrustError::Client);
         }
-        let scope_text = scope_string(claims.scope.as_ref())
+        let here = location_details(claims.authorization_details.as_ref(), &self.locations);
+        let scope_text = here
+            .as_ref()
+            .and_then(|d| scope_string(d.get("scope")))
+            .or_else(|| scope_string(claims.scope.as_ref()))
             .or_else(|| scope_string(claims.scp.as_ref()))
             .unwrap_or_default();
-        let patient = match &claims.patient {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(p)) => {
-                Some(normalize_patient(p, &ti.cfg).ok_or(TrustError::Claim("patient"))?)
-            }
-            Some(_) => return Err(TrustError::Claim("patient")),
-        };
+        let patient_claim = here
+            .as_ref()
+            .and_then(|d| d.get("patient"))
+            .or(claims.patient.as_ref());
+        let patient = patient_of(patient_claim, claims.sub.as_deref(), &ti.cfg)?;
         if ti.cfg.verify == VerifyMode::JwtAndIntrospection {
             // Signed and unexpired, but perhaps revoked: the issuer must still call it active.
             self.introspect(token, ti)
@@ -314,7 +331,7 @@ impl TrustCore {
             };
             asked = true;
             if let Some(claims) = self.introspect(token, ti).await? {
-                return principal_from_introspection(&claims, ti, token);
+                return principal_from_introspection(&claims, ti, token, &self.locations);
             }
         }
         if asked {
@@ -335,7 +352,53 @@ impl TrustCore {
             .introspect(token, ti)
             .await?
             .ok_or(TrustError::Inactive)?;
-        principal_from_introspection(&claims, ti, token)
+        principal_from_introspection(&claims, ti, token, &self.locations)
+    }
+}
+
+/// The `authorization_details` entry (RFC 9396, SMART `smart_on_fhir`) whose `locations` name
+/// this gateway, if any: its scope and patient apply here instead of the token's top-level ones.
+fn location_details(
+    details: Option<&serde_json::Value>,
+    locations: &[String],
+) -> Option<serde_json::Value> {
+    details?.as_array()?.iter().find_map(|d| {
+        let here = d.get("type").and_then(|t| t.as_str()) == Some("smart_on_fhir")
+            && d.get("locations")?
+                .as_array()?
+                .iter()
+                .filter_map(|l| l.as_str())
+                .any(|l| {
+                    let l = l.trim_end_matches('/');
+                    locations.iter().any(|mine| mine == l)
+                });
+        here.then(|| d.clone())
+    })
+}
+
+/// The patient in context: the `patient` claim (normalized), or, where the issuer is known to
+/// put it there, a Patient reference in `sub`.
+fn patient_of(
+    claim: Option<&serde_json::Value>,
+    sub: Option<&str>,
+    issuer: &Issuer,
+) -> Result<Option<String>, TrustError> {
+    match claim {
+        Some(serde_json::Value::String(p)) => Ok(Some(
+            normalize_patient(p, issuer).ok_or(TrustError::Claim("patient"))?,
+        )),
+        Some(serde_json::Value::Null) | None => {
+            if issuer.patient_in_sub
+                && let Some(s) =
+                    sub.filter(|s| s.starts_with("Patient/") || s.contains("/Patient/"))
+            {
+                return Ok(Some(
+                    normalize_patient(s, issuer).ok_or(TrustError::Claim("sub"))?,
+                ));
+            }
+            Ok(None)
+        }
+        Some(_) => Err(TrustError::Claim("patient")),
     }
 }
 
@@ -356,6 +419,7 @@ fn principal_from_introspection(
     v: &serde_json::Value,
     ti: &TrustedIssuer,
     token: &str,
+    locations: &[String],
 ) -> Result<Principal, TrustError> {
     let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     if let Some(iss) = text("iss")
@@ -390,16 +454,18 @@ fn principal_from_introspection(
     {
         return Err(TrustError::Client);
     }
-    let scope_text = scope_string(v.get("scope"))
+    let here = location_details(v.get("authorization_details"), locations);
+    let scope_text = here
+        .as_ref()
+        .and_then(|d| scope_string(d.get("scope")))
+        .or_else(|| scope_string(v.get("scope")))
         .or_else(|| scope_string(v.get("scp")))
         .unwrap_or_default();
-    let patient = match v.get("patient") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(p)) => {
-            Some(normalize_patient(p, &ti.cfg).ok_or(TrustError::Claim("patient"))?)
-        }
-        Some(_) => return Err(TrustError::Claim("patient")),
-    };
+    let patient_claim = here
+        .as_ref()
+        .and_then(|d| d.get("patient"))
+        .or(v.get("patient"));
+    let patient = patient_of(patient_claim, text("sub").as_deref(), &ti.cfg)?;
     Ok(Principal {
         issuer: ti.cfg.issuer.clone(),
         subject: text("sub"),

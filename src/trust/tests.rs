@@ -717,3 +717,92 @@ async fn broken_introspection_endpoints_deny() {
         Err(TrustError::Unavailable(_))
     ));
 }
+
+// ---- multi-server tokens and vendor quirks ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_details_for_the_gateway_apply_their_own_scope_and_patient() {
+    let f = fixture().await;
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["scope"] = json!("patient/*.rs");
+    c["authorization_details"] = json!([
+        {"type": "smart_on_fhir", "locations": ["https://ehr.example.org/fhir"], "scope": "patient/*.cruds", "patient": "EHR-123"},
+        {"type": "smart_on_fhir", "locations": ["http://127.0.0.1:8080/dicom-web/"], "scope": "patient/ImagingStudy.rs", "patient": "Patient/MRN-9"},
+    ]);
+    let p = f
+        .trust
+        .verify(&f.issuer.key.sign(&c).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        p.patient.as_deref(),
+        Some("MRN-9"),
+        "the gateway's own patient id"
+    );
+    assert!(
+        p.scopes
+            .granted(scopes::Level::Patient, "ImagingStudy")
+            .read
+    );
+    assert!(
+        !p.scopes
+            .granted(scopes::Level::Patient, "ImagingStudy")
+            .create,
+        "the location's scope, not the top-level one"
+    );
+    // an entry for other servers only changes nothing
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["authorization_details"] =
+        json!([{"type": "smart_on_fhir", "locations": ["https://other.example"], "patient": "X"}]);
+    assert_eq!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .unwrap()
+            .patient
+            .as_deref(),
+        Some("EHR-123")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patient_in_sub_only_when_configured() {
+    let f = fixture().await;
+    let mut c = f.issuer.claims(&MintRequest {
+        scope: Some("patient/ImagingStudy.rs".into()),
+        ..Default::default()
+    });
+    c["sub"] = json!("Patient/P77");
+    assert_eq!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .unwrap()
+            .patient,
+        None
+    );
+    let f = fixture_with(Algorithm::ES256, "patient_in_sub = true").await;
+    let mut c = f.issuer.claims(&MintRequest {
+        scope: Some("patient/ImagingStudy.rs".into()),
+        ..Default::default()
+    });
+    c["sub"] = json!(format!("{}/Patient/P77", f.issuer.issuer));
+    assert_eq!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .unwrap()
+            .patient
+            .as_deref(),
+        Some("P77")
+    );
+    c["sub"] = json!("user-1");
+    assert_eq!(
+        f.trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .unwrap()
+            .patient,
+        None
+    );
+}
