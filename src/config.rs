@@ -143,9 +143,15 @@ pub enum ClientAuth {
     PrivateKeyJwt(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatientMap {
+    /// PatientID = the token's patient id.
     Same,
+    /// A claim (dot path, e.g. `dicom_patient_id` or `extensions.ihe_bppc.patient_id`) holds the
+    /// PatientID, a CX value (`ID^^^&OID&ISO`), or a list of them.
+    Claim(String),
+    /// A CSV file with columns patient,patient_id,issuer, reloaded when it changes.
+    Table(std::path::PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -697,10 +703,34 @@ impl Config {
         let rp = raw.patients.unwrap_or_default();
         let map = match rp.map.as_deref().unwrap_or("same") {
             "same" => PatientMap::Same,
-            m @ ("claim" | "fhir" | "table") => {
+            "claim" => match rp.claim.clone().filter(|c| !c.is_empty()) {
+                Some(claim) => PatientMap::Claim(claim),
+                None => {
+                    c.problem("patients.claim", "is needed with map = \"claim\": the claim that holds the DICOM PatientID, e.g. claim = \"dicom_patient_id\"");
+                    PatientMap::Same
+                }
+            },
+            "table" => match rp.table_file.clone() {
+                Some(f) => {
+                    if let Err(e) = crate::policy::mapping::Table::read(Path::new(&f)) {
+                        c.problem(
+                            "patients.table_file",
+                            format!(
+                                "{e}; give a CSV file with the header patient,patient_id,issuer"
+                            ),
+                        );
+                    }
+                    PatientMap::Table(f.into())
+                }
+                None => {
+                    c.problem("patients.table_file", "is needed with map = \"table\": a CSV file with columns patient,patient_id,issuer");
+                    PatientMap::Same
+                }
+            },
+            "fhir" => {
                 c.problem(
                     "patients.map",
-                    format!("mapping \"{m}\" is not available in this version of pacsgate; use map = \"same\" (PatientID = the token's patient)"),
+                    "mapping \"fhir\" is not available in this version of pacsgate; use \"same\", \"claim\" or \"table\"",
                 );
                 PatientMap::Same
             }
@@ -712,19 +742,34 @@ impl Config {
                 PatientMap::Same
             }
         };
+        if rp.use_issuer == Some(true) {
+            c.problem(
+                "patients.use_issuer",
+                "matching IssuerOfPatientID is not available in this version of pacsgate; remove it (PatientID alone is compared)",
+            );
+        }
         for (f, present) in [
-            ("claim", rp.claim.is_some()),
             ("identifier_system", rp.identifier_system.is_some()),
             ("identifier_type", rp.identifier_type.is_some()),
-            ("table_file", rp.table_file.is_some()),
-            ("use_issuer", rp.use_issuer == Some(true)),
         ] {
-            if present && map == PatientMap::Same {
+            if present {
                 c.problem(
                     format!("patients.{f}"),
-                    "has no effect with map = \"same\"; remove it",
+                    "is used only by map = \"fhir\", which this version does not offer; remove it",
                 );
             }
+        }
+        if rp.claim.is_some() && !matches!(map, PatientMap::Claim(_)) {
+            c.problem(
+                "patients.claim",
+                "has no effect unless map = \"claim\"; remove it",
+            );
+        }
+        if rp.table_file.is_some() && !matches!(map, PatientMap::Table(_)) {
+            c.problem(
+                "patients.table_file",
+                "has no effect unless map = \"table\"; remove it",
+            );
         }
 
         // [policy]

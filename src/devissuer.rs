@@ -197,6 +197,8 @@ pub struct MintRequest {
     pub fhir_user: Option<String>,
     /// "true": an opaque token that only introspection can judge.
     pub opaque: Option<String>,
+    /// More claims, as a JSON object (e.g. `{"dicom_patient_id": "MRN-1"}`).
+    pub claims: Option<String>,
     pub grant_type: Option<String>,
     pub client_assertion: Option<String>,
     pub client_assertion_type: Option<String>,
@@ -365,6 +367,13 @@ impl DevIssuer {
         }
         if let Some(u) = &req.fhir_user {
             c["fhirUser"] = json!(u);
+        }
+        if let Some(Ok(Value::Object(extra))) =
+            req.claims.as_deref().map(serde_json::from_str::<Value>)
+        {
+            for (k, v) in extra {
+                c[k] = v;
+            }
         }
         c
     }

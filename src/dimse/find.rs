@@ -98,10 +98,18 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         "patient scope applied",
     );
 
-    // Narrow the identifier as decided; re-encode only when it changed.
-    let added_patient_key = requested.is_none() && allowed.query_patient_id.is_some();
-    let upstream_identifier = match &allowed.query_patient_id {
-        Some(pid) if requested.as_deref() != Some(pid.as_str()) => {
+    // Narrow the identifier as decided (one query per PatientID the caller may see); re-encode
+    // only when it changed.
+    let added_patient_key = requested.is_none() && !allowed.query_patient_ids.is_empty();
+    let mut queries = Vec::new();
+    if allowed.query_patient_ids.is_empty() {
+        queries.push(identifier);
+    } else {
+        for pid in &allowed.query_patient_ids {
+            if requested.as_deref() == Some(pid.as_str()) {
+                queries.push(identifier.clone());
+                continue;
+            }
             query.put(DataElement::new(
                 tags::PATIENT_ID,
                 VR::LO,
@@ -115,19 +123,42 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 );
                 return s.reply(pc_id, &rsp, None).await;
             }
-            out
+            queries.push(out);
         }
-        _ => identifier,
-    };
-    if let Err(e) = s
-        .pacs
-        .send_message(pc_id, &cmd.raw, Some(&upstream_identifier))
-        .await
-    {
-        tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
-        return fail_upstream(s, pc_id, &cmd).await;
     }
-    relay_responses(s, pc_id, &cmd, &allowed.filter, added_patient_key, ts).await
+    let n = queries.len();
+    for (k, upstream_identifier) in queries.into_iter().enumerate() {
+        if let Err(e) = s
+            .pacs
+            .send_message(pc_id, &cmd.raw, Some(&upstream_identifier))
+            .await
+        {
+            tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
+            return fail_upstream(s, pc_id, &cmd).await;
+        }
+        match relay_responses(
+            s,
+            pc_id,
+            &cmd,
+            &allowed.filter,
+            added_patient_key,
+            ts,
+            k + 1 == n,
+        )
+        .await
+        {
+            Step::Next => continue,
+            Step::Done(flow) => return flow,
+        }
+    }
+    Flow::Continue
+}
+
+/// Where a query for one PatientID left the operation.
+enum Step {
+    /// It succeeded and another query follows; its final response was not relayed.
+    Next,
+    Done(Flow),
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
@@ -138,7 +169,8 @@ async fn relay_responses(
     filter: &PatientFilter,
     strip_patient_id: bool,
     ts: &'static TransferSyntax,
-) -> Flow {
+    last: bool,
+) -> Step {
     let limits = s.ctx.cfg.limits.clone();
     let (mut relayed, mut dropped) = (0usize, 0usize);
     loop {
@@ -149,14 +181,14 @@ async fn relay_responses(
         {
             tracing::info!(assoc = s.id, reason = %e, "cannot write to the client");
             s.pacs.abort().await;
-            return Flow::End;
+            return Step::Done(Flow::End);
         }
         let incoming = tokio::select! {
             i = tokio::time::timeout(limits.upstream_timeout, s.pacs.next()) => match i {
                 Ok(i) => i,
                 Err(_) => {
                     tracing::warn!(assoc = s.id, "PACS did not answer C-FIND within {:?}", limits.upstream_timeout);
-                    return fail_upstream(s, pc_id, cmd).await;
+                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
                 }
             },
             c = s.client.next() => {
@@ -166,19 +198,19 @@ async fn relay_responses(
                             Ok(cancel) if cancel.field() == Some(command::C_CANCEL_RQ) && cpc == pc_id => {
                                 s.client.expect_data(cpc, false);
                                 if s.pacs.send_message(pc_id, &cancel.raw, None).await.is_err() {
-                                    return fail_upstream(s, pc_id, cmd).await;
+                                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
                                 }
                                 continue;
                             }
-                            _ => return s.protocol_violation("client", "new request while a C-FIND is running").await,
+                            _ => return Step::Done(s.protocol_violation("client", "new request while a C-FIND is running").await),
                         }
                     }
                     Incoming::Abort | Incoming::Gone(_) => {
                         tracing::info!(assoc = s.id, "client left during C-FIND");
                         s.pacs.abort().await;
-                        return Flow::End;
+                        return Step::Done(Flow::End);
                     }
-                    _ => return s.protocol_violation("client", "unexpected PDU during C-FIND").await,
+                    _ => return Step::Done(s.protocol_violation("client", "unexpected PDU during C-FIND").await),
                 }
             }
         };
@@ -186,20 +218,22 @@ async fn relay_responses(
             Incoming::Message(Event::Command { pc_id: rpc, bytes }) => (rpc, bytes),
             Incoming::Abort | Incoming::Gone(_) | Incoming::ReleaseRq | Incoming::ReleaseRp => {
                 tracing::warn!(assoc = s.id, "PACS went away during C-FIND");
-                return fail_upstream(s, pc_id, cmd).await;
+                return Step::Done(fail_upstream(s, pc_id, cmd).await);
             }
             Incoming::Message(Event::Data { .. }) => {
-                return s
-                    .protocol_violation("pacs", "data set without a command")
-                    .await;
+                return Step::Done(
+                    s.protocol_violation("pacs", "data set without a command")
+                        .await,
+                );
             }
         };
         let rsp = match Command::decode(bytes) {
             Ok(r) if r.field() == Some(command::C_FIND_RSP) && rpc == pc_id => r,
             _ => {
-                return s
-                    .protocol_violation("pacs", "unexpected message during C-FIND")
-                    .await;
+                return Step::Done(
+                    s.protocol_violation("pacs", "unexpected message during C-FIND")
+                        .await,
+                );
             }
         };
         s.pacs.expect_data(rpc, rsp.has_data_set());
@@ -213,7 +247,7 @@ async fn relay_responses(
                 Ok(d) => Some(d),
                 Err(e) => {
                     tracing::warn!(assoc = s.id, reason = %e, "PACS failed while sending a C-FIND match");
-                    return fail_upstream(s, pc_id, cmd).await;
+                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
                 }
             }
         } else {
@@ -243,12 +277,15 @@ async fn relay_responses(
             } else {
                 rsp.raw
             };
-            return s.reply(pc_id, &out, None).await;
+            if !last && status == command::STATUS_SUCCESS {
+                return Step::Next;
+            }
+            return Step::Done(s.reply(pc_id, &out, None).await);
         }
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is.
             if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, None).await {
-                return Flow::End;
+                return Step::Done(Flow::End);
             }
             continue;
         };
@@ -284,7 +321,7 @@ async fn relay_responses(
         };
         relayed += 1;
         if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, Some(&out)).await {
-            return Flow::End;
+            return Step::Done(Flow::End);
         }
     }
 }

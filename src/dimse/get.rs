@@ -146,7 +146,7 @@ pub async fn authorize(
         Outcome::Allowed,
         "every UID belongs to the caller's patient",
     );
-    let upstream = match &allowed.query_patient_id {
+    let upstream = match allowed.query_patient_ids.first() {
         Some(pid) => {
             r.identifier.put(DataElement::new(
                 tags::PATIENT_ID,

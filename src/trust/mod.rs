@@ -42,6 +42,9 @@ pub struct Principal {
     pub jti: Option<String>,
     /// A short digest of the token, for logs and cache keys (never the token itself).
     pub token_id: String,
+    /// Every claim of the verified token (or of the introspection answer), for mappings that
+    /// read a claim of their own.
+    pub claims: Arc<serde_json::Value>,
 }
 
 impl Principal {
@@ -286,6 +289,9 @@ impl TrustCore {
                 .await?
                 .ok_or(TrustError::Inactive)?;
         }
+        // The signature was verified above, so the payload read again here is authentic.
+        let raw: serde_json::Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| TrustError::Malformed(e.to_string()))?;
         Ok(Principal {
             issuer: ti.cfg.issuer.clone(),
             subject: claims.sub,
@@ -296,6 +302,7 @@ impl TrustCore {
             expires_at: exp,
             jti: claims.jti,
             token_id: token_id(token),
+            claims: Arc::new(raw),
         })
     }
 
@@ -476,6 +483,7 @@ fn principal_from_introspection(
         expires_at: exp,
         jti: text("jti"),
         token_id: token_id(token),
+        claims: Arc::new(v.clone()),
     })
 }
 

@@ -98,43 +98,57 @@ pub async fn search(
             return Err(ApiError::from_denial(d));
         }
     }
-    if let Some(pid) = &allowed.query_patient_id {
-        pairs.retain(|(k, _)| !is_patient_id_key(k));
-        pairs.push(("PatientID".into(), pid.clone()));
-    }
-    pairs.push(("includefield".into(), "00100020".into()));
-    let url = format!(
-        "{upstream}/{}?{}",
-        resource.upstream_path(),
-        path::encode_query(&pairs)
-    );
-    let resp = ctx
-        .http
-        .get(&url)
-        .header(header::ACCEPT, "application/dicom+json")
-        .send()
-        .await
-        .map_err(|e| {
-            ApiError::Upstream(format!(
-                "the PACS did not answer the search: {}",
-                e.without_url()
-            ))
-        })?;
-    let status = resp.status();
-    if status == StatusCode::NO_CONTENT {
-        return Ok(json_response(b"[]".to_vec()));
-    }
-    if !status.is_success() {
-        return Err(upstream_status(status));
-    }
-    let body = read_bounded(resp, MAX_QIDO_BYTES).await?;
-    let results: Vec<serde_json::Value> = if body.is_empty() {
-        Vec::new()
+    // One upstream search per PatientID the caller may see (usually one).
+    let pids: Vec<Option<String>> = if allowed.query_patient_ids.is_empty() {
+        vec![None]
     } else {
-        serde_json::from_slice(&body).map_err(|_| {
-            ApiError::Upstream("the PACS answered the search with invalid JSON".into())
-        })?
+        allowed
+            .query_patient_ids
+            .iter()
+            .cloned()
+            .map(Some)
+            .collect()
     };
+    pairs.retain(|(k, _)| allowed.query_patient_ids.is_empty() || !is_patient_id_key(k));
+    pairs.push(("includefield".into(), "00100020".into()));
+    let mut results: Vec<serde_json::Value> = Vec::new();
+    for pid in pids {
+        let mut q = pairs.clone();
+        if let Some(pid) = pid {
+            q.push(("PatientID".into(), pid));
+        }
+        let url = format!(
+            "{upstream}/{}?{}",
+            resource.upstream_path(),
+            path::encode_query(&q)
+        );
+        let resp = ctx
+            .http
+            .get(&url)
+            .header(header::ACCEPT, "application/dicom+json")
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::Upstream(format!(
+                    "the PACS did not answer the search: {}",
+                    e.without_url()
+                ))
+            })?;
+        let status = resp.status();
+        if status == StatusCode::NO_CONTENT {
+            continue;
+        }
+        if !status.is_success() {
+            return Err(upstream_status(status));
+        }
+        let body = read_bounded(resp, MAX_QIDO_BYTES).await?;
+        if !body.is_empty() {
+            let part: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|_| {
+                ApiError::Upstream("the PACS answered the search with invalid JSON".into())
+            })?;
+            results.extend(part);
+        }
+    }
     let total = results.len();
     let kept: Vec<serde_json::Value> = results
         .into_iter()

@@ -181,8 +181,10 @@ class Issuer:
         )
         wait_tcp(self.port, self.proc, "dev-issuer")
 
-    def mint(self, patient=None, scope="patient/ImagingStudy.rs", aud=None, expires_in=3600, client_id=None, opaque=False) -> str:
+    def mint(self, patient=None, scope="patient/ImagingStudy.rs", aud=None, expires_in=3600, client_id=None, opaque=False, claims=None) -> str:
         form = {"scope": scope, "expires_in": str(expires_in)}
+        if claims is not None:
+            form["claims"] = json.dumps(claims)
         if opaque:
             form["opaque"] = "true"
         if patient is not None:
@@ -198,7 +200,7 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"'):
+                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients=""):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.ae_title = "PACSGATE"
@@ -230,6 +232,7 @@ dicomweb_url = "{dicomweb_url or orthanc.url + '/dicom-web'}"
 {f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 
 {extra}
+{patients}
 {"".join(f'[[destinations]]{chr(10)}ae_title = "{ae}"{chr(10)}address = "127.0.0.1:{port}"{chr(10)}' for ae, port in destinations)}
 """
         )

@@ -8,6 +8,8 @@
 //! caller. Must not know sockets, PDUs or HTTP: front ends translate their protocol into an
 //! `Action` and apply the `Decision`.
 
+pub mod mapping;
+
 use crate::config::{Config, PatientMap, UserLevel};
 use crate::trust::Principal;
 use crate::trust::scopes::Level;
@@ -128,9 +130,9 @@ pub enum Decision {
 /// An allowed action and the conditions the front end must apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
-    /// For queries: the PatientID matching value the query must carry upstream (`None`: leave
-    /// the caller's key as it is).
-    pub query_patient_id: Option<String>,
+    /// For queries: the PatientID matching values the query must carry upstream, one query per
+    /// value (empty: leave the caller's key as it is).
+    pub query_patient_ids: Vec<String>,
     /// Every result must pass this filter before it reaches the caller.
     pub filter: PatientFilter,
 }
@@ -162,6 +164,8 @@ pub enum Denial {
     NoWrite,
     /// The instance's study or series already belongs to another patient in the PACS.
     ForeignStudy,
+    /// The token's patient maps to no DICOM identity.
+    Unmapped,
 }
 
 impl fmt::Display for Denial {
@@ -201,6 +205,10 @@ impl fmt::Display for Denial {
                 f,
                 "the instance's study or series belongs to another patient"
             ),
+            Denial::Unmapped => write!(
+                f,
+                "the token's patient maps to no DICOM patient (patients.map)"
+            ),
         }
     }
 }
@@ -224,6 +232,8 @@ pub struct Policy {
     user_level: UserLevel,
     write: bool,
     map: PatientMap,
+    /// The mapping table, when `map = "table"`.
+    table: Option<mapping::TableSource>,
     /// Positive ownership answers only: an unknown UID may be stored a moment later.
     owners: moka::future::Cache<(UidLevel, String), Arc<Owner>>,
 }
@@ -233,7 +243,11 @@ impl Policy {
         Policy {
             user_level: cfg.policy.user_level,
             write: cfg.policy.write,
-            map: cfg.patients.map,
+            map: cfg.patients.map.clone(),
+            table: match &cfg.patients.map {
+                PatientMap::Table(path) => Some(mapping::TableSource::new(path.clone())),
+                _ => None,
+            },
             owners: moka::future::Cache::builder()
                 .max_capacity(OWNER_CACHE_ENTRIES)
                 .time_to_live(OWNER_TTL)
@@ -320,13 +334,21 @@ impl Policy {
                 PatientFilter::Any => match req.patient_id.map(|v| v.trim_matches(' ')) {
                     Some(v) if !v.is_empty() && !v.contains(['*', '?', '\\']) => {
                         Decision::Allow(Allowed {
-                            query_patient_id: None,
+                            query_patient_ids: Vec::new(),
                             filter: PatientFilter::Any,
                         })
                     }
                     _ => Decision::Deny(Denial::BadIdentifier("PATIENT level needs one PatientID")),
                 },
-                PatientFilter::Only(ids) => narrow_query(ids, req.patient_id, &access.patients),
+                PatientFilter::Only(ids) => {
+                    match narrow_query(ids, req.patient_id, &access.patients) {
+                        // A retrieval names one patient: several identities need the caller to choose.
+                        Decision::Allow(a) if a.query_patient_ids.len() > 1 => Decision::Deny(
+                            Denial::BadIdentifier("PATIENT level needs one PatientID"),
+                        ),
+                        d => d,
+                    }
+                }
             };
         };
         let own_key = match level {
@@ -370,7 +392,7 @@ impl Policy {
             }
         }
         Decision::Allow(Allowed {
-            query_patient_id: None,
+            query_patient_ids: Vec::new(),
             filter: access.patients,
         })
     }
@@ -422,18 +444,34 @@ impl Policy {
             }
         }
         Decision::Allow(Allowed {
-            query_patient_id: None,
+            query_patient_ids: Vec::new(),
             filter: access.patients,
         })
     }
 
     /// The DICOM identities of the token's patient.
-    fn map_patient(&self, patient: &str) -> Vec<DicomPatient> {
-        match self.map {
-            PatientMap::Same => vec![DicomPatient {
-                patient_id: patient.to_string(),
-                issuer: None,
-            }],
+    /// The DICOM identities of the patient the token names: `None` without patient context,
+    /// an empty list when the patient maps to nothing (which grants nothing).
+    fn map_patient(&self, p: &Principal) -> Option<Vec<DicomPatient>> {
+        match &self.map {
+            PatientMap::Same => p.patient.as_ref().map(|id| {
+                vec![DicomPatient {
+                    patient_id: id.clone(),
+                    issuer: None,
+                }]
+            }),
+            PatientMap::Claim(path) => {
+                let ids = mapping::from_claim(&p.claims, path);
+                if ids.is_empty() && p.patient.is_none() {
+                    None
+                } else {
+                    Some(ids)
+                }
+            }
+            PatientMap::Table(_) => {
+                let table = self.table.as_ref()?.current();
+                p.patient.as_ref().map(|id| table.get(id))
+            }
         }
     }
 
@@ -447,7 +485,8 @@ impl Policy {
         user_perms.create |= system_perms.create;
 
         // Patient-level scopes apply to the patient in context, and to nobody else.
-        if let Some(patient) = &p.patient {
+        let mapped = self.map_patient(p);
+        if let Some(ids) = &mapped {
             let read = patient_perms.read && patient_perms.search;
             let write = self.write && patient_perms.create;
             if read || write {
@@ -460,10 +499,13 @@ impl Policy {
                         patients: PatientFilter::Any,
                     });
                 }
+                if ids.is_empty() {
+                    return Err(Denial::Unmapped);
+                }
                 return Ok(Access {
                     read,
                     write,
-                    patients: PatientFilter::Only(self.map_patient(patient)),
+                    patients: PatientFilter::Only(ids.clone()),
                 });
             }
         }
@@ -481,7 +523,7 @@ impl Policy {
         }
         let patient_level_grant =
             (patient_perms.read && patient_perms.search) || patient_perms.create;
-        if p.patient.is_none() && patient_level_grant {
+        if mapped.is_none() && patient_level_grant {
             return Err(Denial::NoPatientContext);
         }
         Err(Denial::InsufficientScope(
@@ -500,7 +542,7 @@ impl Policy {
         };
         match action {
             Action::Connect | Action::Echo => Decision::Allow(Allowed {
-                query_patient_id: None,
+                query_patient_ids: Vec::new(),
                 filter: access.patients,
             }),
             Action::Query { patient_id } => {
@@ -511,7 +553,7 @@ impl Policy {
                 }
                 match &access.patients {
                     PatientFilter::Any => Decision::Allow(Allowed {
-                        query_patient_id: None,
+                        query_patient_ids: Vec::new(),
                         filter: PatientFilter::Any,
                     }),
                     PatientFilter::Only(ids) => narrow_query(ids, patient_id, &access.patients),
@@ -524,24 +566,24 @@ impl Policy {
 /// Narrows a query to the caller's patient: absent, empty or `*` becomes the caller's id; the
 /// caller's own id (padding aside) is kept; anything else is refused.
 fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientFilter) -> Decision {
-    let Some(own) = ids.first() else {
-        return Decision::Deny(Denial::NoPatientContext);
-    };
-    let allow = |pid: &str| {
+    if ids.is_empty() {
+        return Decision::Deny(Denial::Unmapped);
+    }
+    let allow = |pids: Vec<String>| {
         Decision::Allow(Allowed {
-            query_patient_id: Some(pid.to_string()),
+            query_patient_ids: pids,
             filter: filter.clone(),
         })
     };
     let value = requested.map(|v| v.trim_matches(' ')).unwrap_or("");
     if value.is_empty() || value == "*" {
-        return allow(&own.patient_id);
+        return allow(ids.iter().map(|p| p.patient_id.clone()).collect());
     }
     if value.contains('\\') || value.contains('*') || value.contains('?') {
         return Decision::Deny(Denial::PatientPattern);
     }
     match ids.iter().find(|p| lo_eq(&p.patient_id, value)) {
-        Some(p) => allow(&p.patient_id),
+        Some(p) => allow(vec![p.patient_id.clone()]),
         None => Decision::Deny(Denial::ForeignPatient),
     }
 }
@@ -585,6 +627,7 @@ user_level = "{user_level}"
                 .as_secs(),
             jti: None,
             token_id: "t".into(),
+            claims: Arc::new(serde_json::json!({})),
         }
     }
 
@@ -606,7 +649,7 @@ user_level = "{user_level}"
         ] {
             match query(&pol, &p, req) {
                 Decision::Allow(a) => {
-                    assert_eq!(a.query_patient_id.as_deref(), Some("PAT1"), "{req:?}")
+                    assert_eq!(a.query_patient_ids, vec!["PAT1".to_string()], "{req:?}")
                 }
                 d => panic!("{req:?}: {d:?}"),
             }
@@ -712,7 +755,7 @@ user_level = "{user_level}"
         match query(&allow, &p, Some("ANYONE")) {
             Decision::Allow(a) => {
                 assert_eq!(a.filter, PatientFilter::Any);
-                assert_eq!(a.query_patient_id, None);
+                assert!(a.query_patient_ids.is_empty());
             }
             d => panic!("{d:?}"),
         }
@@ -947,5 +990,60 @@ user_level = "{user_level}"
             .decide_store(&w, &st("A", "NEW2", "R"), &FakePacs { fail: true }, now)
             .await;
         assert_eq!(d, Decision::Deny(Denial::LookupFailed));
+    }
+
+    #[test]
+    fn several_identities_narrow_to_several_queries() {
+        let ids = vec![
+            DicomPatient {
+                patient_id: "A".into(),
+                issuer: None,
+            },
+            DicomPatient {
+                patient_id: "B".into(),
+                issuer: None,
+            },
+        ];
+        let f = PatientFilter::Only(ids.clone());
+        match narrow_query(&ids, None, &f) {
+            Decision::Allow(a) => {
+                assert_eq!(a.query_patient_ids, vec!["A".to_string(), "B".to_string()])
+            }
+            d => panic!("{d:?}"),
+        }
+        match narrow_query(&ids, Some("B "), &f) {
+            Decision::Allow(a) => assert_eq!(a.query_patient_ids, vec!["B".to_string()]),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(
+            narrow_query(&ids, Some("C"), &f),
+            Decision::Deny(Denial::ForeignPatient)
+        );
+        assert_eq!(
+            narrow_query(&[], None, &PatientFilter::Only(vec![])),
+            Decision::Deny(Denial::Unmapped)
+        );
+        assert!(f.admits(Some("A")) && f.admits(Some("B")) && !f.admits(Some("C")));
+    }
+
+    #[test]
+    fn claim_mapping_denies_a_patient_that_maps_to_nothing() {
+        let mut c = cfg("deny");
+        c.patients.map = PatientMap::Claim("dicom_patient_id".into());
+        let pol = Policy::new(&c);
+        let mut p = principal("patient/ImagingStudy.rs", Some("EHR-1"));
+        assert_eq!(
+            pol.decide(&p, Action::Connect, SystemTime::now()),
+            Decision::Deny(Denial::Unmapped)
+        );
+        p.claims = Arc::new(serde_json::json!({"dicom_patient_id": "MRN-1"}));
+        match query(&pol, &p, None) {
+            Decision::Allow(a) => assert_eq!(a.query_patient_ids, vec!["MRN-1".to_string()]),
+            d => panic!("{d:?}"),
+        }
+        // the claim alone is patient context
+        let mut q = principal("patient/ImagingStudy.rs", None);
+        q.claims = Arc::new(serde_json::json!({"dicom_patient_id": "MRN-2"}));
+        assert!(matches!(query(&pol, &q, Some("MRN-2")), Decision::Allow(_)));
     }
 }
