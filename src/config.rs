@@ -420,7 +420,8 @@ impl Config {
                 message: format!("cannot read the file: {e}; check the path given to --config"),
             }],
         })?;
-        Config::parse(&text).map_err(|problems| ConfigError {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse_in(&text, &base).map_err(|problems| ConfigError {
             path: display,
             problems,
         })
@@ -428,6 +429,20 @@ impl Config {
 
     /// Validates configuration text; every problem found is returned.
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        Config::parse_in(text, Path::new(""))
+    }
+
+    /// Validates configuration text whose relative file paths (`client_key_file`,
+    /// `table_file`) are relative to `base`, the configuration file's directory.
+    pub fn parse_in(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+        let resolve = |f: &str| -> String {
+            let p = Path::new(f);
+            if p.is_absolute() {
+                f.to_string()
+            } else {
+                base.join(p).to_string_lossy().into_owned()
+            }
+        };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             vec![Problem {
                 key: "(syntax)".into(),
@@ -638,7 +653,7 @@ impl Config {
                     None
                 }
                 (Some(sec), None) => Some(ClientAuth::Secret(sec.clone())),
-                (None, Some(f)) => Some(ClientAuth::PrivateKeyJwt(f.clone())),
+                (None, Some(f)) => Some(ClientAuth::PrivateKeyJwt(resolve(f))),
                 (None, None) => None,
             };
             if client_auth.is_some() && ri.client_id.is_none() {
@@ -710,7 +725,7 @@ impl Config {
                     PatientMap::Same
                 }
             },
-            "table" => match rp.table_file.clone() {
+            "table" => match rp.table_file.as_deref().map(resolve) {
                 Some(f) => {
                     if let Err(e) = crate::policy::mapping::Table::read(Path::new(&f)) {
                         c.problem(

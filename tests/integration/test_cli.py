@@ -4,6 +4,7 @@
 import socket
 import subprocess
 
+import pytest
 import requests
 
 from conftest import ROOT, binary, free_port
@@ -14,8 +15,9 @@ def run(*args, timeout=30):
     return subprocess.run([str(binary()), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_sample_config_is_valid():
-    r = run("check-config", "--config", str(ROOT / "samples" / "pacsgate.toml"))
+@pytest.mark.parametrize("sample", sorted(p.name for p in (ROOT / "samples").glob("*.toml")))
+def test_every_sample_config_is_valid(sample):
+    r = run("check-config", "--config", str(ROOT / "samples" / sample))
     assert r.returncode == 0, r.stderr
     assert "valid" in r.stdout
 
