@@ -127,8 +127,12 @@ impl Table {
         Ok(Table { rows })
     }
 
+    /// The identities of a patient (at most 16: each costs a query per search).
     pub fn get(&self, patient: &str) -> Vec<DicomPatient> {
-        self.rows.get(patient).cloned().unwrap_or_default()
+        self.rows
+            .get(patient)
+            .map(|v| v.iter().take(16).cloned().collect())
+            .unwrap_or_default()
     }
 }
 

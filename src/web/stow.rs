@@ -32,6 +32,8 @@ use std::time::SystemTime;
 /// The most one request may carry, and one instance.
 const MAX_REQUEST_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 const MAX_PART_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// Instances one request may carry (the answer lists each of them).
+const MAX_PARTS: usize = 10_000;
 /// Chunks in flight toward the PACS per instance.
 const FORWARD_QUEUE: usize = 8;
 
@@ -152,6 +154,11 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             }
         };
         n += 1;
+        if n > MAX_PARTS {
+            return Err(ApiError::BadRequest(format!(
+                "more than {MAX_PARTS} instances in one request; send them in several"
+            )));
+        }
         store_part(ctx, &p, field, path_study.as_deref(), &upstream, &mut out).await?;
     }
     if n == 0 {
