@@ -156,6 +156,11 @@ impl Peer {
                 }
                 self.buf.reserve(total - self.buf.len());
             }
+            // Frames handed out share the buffer's memory; keep room for a full read so each
+            // system call brings in as much as is waiting.
+            if self.buf.capacity() - self.buf.len() < INITIAL_BUFFER / 2 {
+                self.buf.reserve(INITIAL_BUFFER);
+            }
             if self.reader.read_buf(&mut self.buf).await? == 0 {
                 return Err(PduError::Closed);
             }

@@ -46,7 +46,7 @@ def assert_rejected_permanent(assoc, received):
     assert assoc.is_rejected, "association should have been rejected"
     rj = [p for p in received if getattr(p, "result", None) in (1, 2)]
     assert rj, "no A-ASSOCIATE-RJ was received"
-    assert rj[0].result == 1, "rejected-permanent"
+    assert rj[0].result == 1, f"rejected-permanent (got result {rj[0].result}, source {rj[0].result_source}, reason {rj[0].diagnostic})"
     assert rj[0].result_source == 2, "source: UL service-provider (ACSE related function)"
     assert rj[0].diagnostic == 1, "no-reason-given"
 

@@ -58,7 +58,8 @@ def test_a_patient_in_no_table_row_gets_nothing(table_gateway, issuer):
     token = issuer.mint(patient="EHR-UNKNOWN")
     assoc, received = associate(table_gateway, token)
     assert_rejected_permanent(assoc, received)
-    assert qido(table_gateway, token).status_code == 403
+    r = qido(table_gateway, token)
+    assert r.status_code == 403, r.text
 
 
 def test_claim_holds_the_patient_id(claim_gateway, issuer, orthanc):
