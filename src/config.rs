@@ -152,6 +152,12 @@ pub enum PatientMap {
     Claim(String),
     /// A CSV file with columns patient,patient_id,issuer, reloaded when it changes.
     Table(std::path::PathBuf),
+    /// `GET {fhir_base_url}/Patient/{id}` with the gateway's own token; the identifiers with
+    /// this system and/or type code (e.g. MR) are the PatientIDs.
+    Fhir {
+        system: Option<String>,
+        type_code: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -715,6 +721,9 @@ impl Config {
         }
 
         // [patients]
+        let raw_issuers_fhir_ready = issuers
+            .iter()
+            .any(|i: &Issuer| i.fhir_base_url.is_some() && i.client_auth.is_some());
         let rp = raw.patients.unwrap_or_default();
         let map = match rp.map.as_deref().unwrap_or("same") {
             "same" => PatientMap::Same,
@@ -743,11 +752,22 @@ impl Config {
                 }
             },
             "fhir" => {
-                c.problem(
-                    "patients.map",
-                    "mapping \"fhir\" is not available in this version of pacsgate; use \"same\", \"claim\" or \"table\"",
-                );
-                PatientMap::Same
+                if rp.identifier_system.is_none() && rp.identifier_type.is_none() {
+                    c.problem(
+                        "patients.identifier_system",
+                        "map = \"fhir\" needs identifier_system and/or identifier_type (e.g. identifier_type = \"MR\") to pick the Patient identifier that is the PatientID",
+                    );
+                }
+                if !raw_issuers_fhir_ready {
+                    c.problem(
+                        "patients.map",
+                        "map = \"fhir\" needs, on the issuers whose tokens it maps, fhir_base_url and the gateway's credentials (client_id with client_secret or client_key_file)",
+                    );
+                }
+                PatientMap::Fhir {
+                    system: rp.identifier_system.clone(),
+                    type_code: rp.identifier_type.clone(),
+                }
             }
             other => {
                 c.problem(
@@ -767,10 +787,10 @@ impl Config {
             ("identifier_system", rp.identifier_system.is_some()),
             ("identifier_type", rp.identifier_type.is_some()),
         ] {
-            if present {
+            if present && !matches!(map, PatientMap::Fhir { .. }) {
                 c.problem(
                     format!("patients.{f}"),
-                    "is used only by map = \"fhir\", which this version does not offer; remove it",
+                    "has no effect unless map = \"fhir\"; remove it",
                 );
             }
         }

@@ -226,6 +226,8 @@ pub struct DevIssuer {
     opaque: std::sync::Mutex<std::collections::HashMap<String, Value>>,
     /// Tokens revoked through `/revoke` (by digest).
     revoked: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// MRNs the FHIR Patient endpoint reports, by patient id (default: `MRN-{id}`).
+    pub mrns: std::collections::HashMap<String, String>,
 }
 
 fn now() -> i64 {
@@ -244,6 +246,7 @@ impl DevIssuer {
             clients: Vec::new(),
             opaque: Default::default(),
             revoked: Default::default(),
+            mrns: Default::default(),
         }
     }
 
@@ -407,6 +410,7 @@ impl DevIssuer {
             .route("/token", post(token))
             .route("/introspect", post(introspect))
             .route("/revoke", post(revoke))
+            .route("/fhir/Patient/{id}", get(fhir_patient))
             .with_state(self)
     }
 }
@@ -499,6 +503,50 @@ async fn introspect(
         }
         None => (StatusCode::OK, Json(json!({"active": false}))),
     }
+}
+
+/// A FHIR Patient with two identifiers: an MR (the MRN, `--fhir-patient ID=MRN` or `MRN-{id}`)
+/// and a social-security-like one. Needs a token of a registered client when there are any.
+async fn fhir_patient(
+    State(s): State<Arc<DevIssuer>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    let ok = match authorization(&headers).and_then(|a| a.strip_prefix("Bearer ")) {
+        Some(t) => s.active_claims(t.trim()).is_some_and(|c| {
+            s.clients.is_empty()
+                || s.clients
+                    .iter()
+                    .any(|k| Some(k.id.as_str()) == c["client_id"].as_str())
+        }),
+        None => s.clients.is_empty(),
+    };
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"resourceType": "OperationOutcome"})),
+        );
+    }
+    let mrn = s
+        .mrns
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| format!("MRN-{id}"));
+    (
+        StatusCode::OK,
+        Json(json!({
+            "resourceType": "Patient",
+            "id": id,
+            "identifier": [
+                {"system": "urn:oid:1.2.36.146.595.217.0.1",
+                 "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                 "value": mrn},
+                {"system": "http://hl7.org/fhir/sid/us-ssn",
+                 "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS"}]},
+                 "value": "000-00-0000"},
+            ]
+        })),
+    )
 }
 
 /// RFC 7009-style revocation, open like the rest of the development issuer.

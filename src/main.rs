@@ -53,6 +53,9 @@ struct DevIssuerArgs {
     /// the issuer uses its public half).
     #[arg(long)]
     client_key: Vec<String>,
+    /// The MRN the FHIR Patient endpoint reports for a patient: ID=MRN (default MRN-{id}).
+    #[arg(long)]
+    fhir_patient: Vec<String>,
     #[command(flatten)]
     key: KeyArgs,
 }
@@ -232,6 +235,12 @@ fn main() -> ExitCode {
                             secret: None,
                             key: Some(key),
                         });
+                    }
+                    for m in &args.fhir_patient {
+                        let (id, mrn) = m
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--fhir-patient takes ID=MRN"))?;
+                        di.mrns.insert(id.into(), mrn.into());
                     }
                     devissuer::serve(listener, Arc::new(di)).await
                 })

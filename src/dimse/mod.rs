@@ -232,7 +232,7 @@ async fn negotiate(
         ctx.trust.verify(&identity.token),
     )
     .await;
-    let principal = match verified {
+    let mut principal = match verified {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             audit::record(
@@ -265,6 +265,7 @@ async fn negotiate(
             return None;
         }
     };
+    ctx.policy.prepare(&mut principal, &*ctx.trust).await;
     if let Decision::Deny(d) = ctx
         .policy
         .decide(&principal, Action::Connect, SystemTime::now())

@@ -60,6 +60,43 @@ pub fn from_claim(claims: &serde_json::Value, path: &str) -> Vec<DicomPatient> {
     values.into_iter().filter_map(parse_cx).take(16).collect()
 }
 
+/// The identifiers of a FHIR Patient resource with this system and/or this type code (e.g. MR);
+/// the system becomes the issuer.
+pub fn from_fhir(
+    patient: &serde_json::Value,
+    system: Option<&str>,
+    type_code: Option<&str>,
+) -> Vec<DicomPatient> {
+    let Some(ids) = patient.get("identifier").and_then(|i| i.as_array()) else {
+        return Vec::new();
+    };
+    ids.iter()
+        .filter(|i| system.is_none_or(|s| i.get("system").and_then(|x| x.as_str()) == Some(s)))
+        .filter(|i| {
+            type_code.is_none_or(|t| {
+                i.get("type")
+                    .and_then(|ty| ty.get("coding"))
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|codings| {
+                        codings
+                            .iter()
+                            .any(|c| c.get("code").and_then(|x| x.as_str()) == Some(t))
+                    })
+            })
+        })
+        .filter_map(|i| {
+            let value = i.get("value")?.as_str()?.trim();
+            (!value.is_empty() && value.len() <= 64 && !value.contains('\\')).then(|| {
+                DicomPatient {
+                    patient_id: value.to_string(),
+                    issuer: i.get("system").and_then(|s| s.as_str()).map(str::to_string),
+                }
+            })
+        })
+        .take(16)
+        .collect()
+}
+
 /// A mapping table: token patient id to DICOM identities.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -229,6 +266,26 @@ mod tests {
         assert_eq!(from_claim(&c, "many").len(), 2);
         assert!(from_claim(&c, "missing").is_empty());
         assert!(from_claim(&c, "extensions").is_empty());
+    }
+
+    #[test]
+    fn fhir_identifiers_by_system_and_type() {
+        let p = json!({"resourceType": "Patient", "identifier": [
+            {"system": "urn:oid:1.2.3", "type": {"coding": [{"code": "MR"}]}, "value": "MRN-1"},
+            {"system": "urn:oid:9.9", "type": {"coding": [{"code": "SS"}]}, "value": "123-45"},
+            {"system": "urn:oid:1.2.3", "value": "MRN-OLD"},
+        ]});
+        let v = |s, t| {
+            from_fhir(&p, s, t)
+                .into_iter()
+                .map(|d| d.patient_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(v(None, Some("MR")), vec!["MRN-1"]);
+        assert_eq!(v(Some("urn:oid:1.2.3"), None), vec!["MRN-1", "MRN-OLD"]);
+        assert_eq!(v(Some("urn:oid:1.2.3"), Some("MR")), vec!["MRN-1"]);
+        assert!(v(Some("urn:none"), None).is_empty());
+        assert!(from_fhir(&json!({}), None, Some("MR")).is_empty());
     }
 
     #[test]

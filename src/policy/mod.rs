@@ -85,6 +85,16 @@ pub trait OwnerLookup: Send + Sync {
     fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
 }
 
+/// The future a [`PatientDirectory`] returns.
+pub type DirectoryFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, String>> + Send + 'a>>;
+
+/// Fetches a patient's FHIR resource from the EHR of an issuer (with the gateway's own
+/// credentials). Implemented by the trust core; the policy core only picks identifiers.
+pub trait PatientDirectory: Send + Sync {
+    fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> DirectoryFuture<'a>;
+}
+
 /// The most UIDs one request may name; a request naming more is refused (bounded work).
 pub const MAX_UIDS_PER_REQUEST: usize = 1000;
 
@@ -227,6 +237,10 @@ const OWNER_TTL: Duration = Duration::from_secs(60);
 /// Owners cached at most this many.
 const OWNER_CACHE_ENTRIES: u64 = 20_000;
 
+/// A patient's identifiers are looked up again after this long.
+const FHIR_TTL: Duration = Duration::from_secs(300);
+const FHIR_CACHE_ENTRIES: u64 = 50_000;
+
 /// The policy core.
 pub struct Policy {
     user_level: UserLevel,
@@ -234,6 +248,8 @@ pub struct Policy {
     map: PatientMap,
     /// The mapping table, when `map = "table"`.
     table: Option<mapping::TableSource>,
+    /// FHIR Patient resources by (issuer, patient id), when `map = "fhir"`.
+    fhir_cache: moka::future::Cache<(String, String), Arc<serde_json::Value>>,
     /// Positive ownership answers only: an unknown UID may be stored a moment later.
     owners: moka::future::Cache<(UidLevel, String), Arc<Owner>>,
 }
@@ -248,6 +264,10 @@ impl Policy {
                 PatientMap::Table(path) => Some(mapping::TableSource::new(path.clone())),
                 _ => None,
             },
+            fhir_cache: moka::future::Cache::builder()
+                .max_capacity(FHIR_CACHE_ENTRIES)
+                .time_to_live(FHIR_TTL)
+                .build(),
             owners: moka::future::Cache::builder()
                 .max_capacity(OWNER_CACHE_ENTRIES)
                 .time_to_live(OWNER_TTL)
@@ -472,7 +492,44 @@ impl Policy {
                 let table = self.table.as_ref()?.current();
                 p.patient.as_ref().map(|id| table.get(id))
             }
+            PatientMap::Fhir { system, type_code } => {
+                p.patient.as_ref()?;
+                // Not looked up (prepare was not called) or the look-up failed: nothing.
+                let resource = p.fhir_patient.clone().flatten();
+                Some(
+                    resource
+                        .map(|r| mapping::from_fhir(&r, system.as_deref(), type_code.as_deref()))
+                        .unwrap_or_default(),
+                )
+            }
         }
+    }
+
+    /// Fetches what the mapping needs from the EHR before decisions are made (for
+    /// `map = "fhir"`: the Patient resource, cached). A failed look-up leaves the principal
+    /// mapped to nothing, which grants nothing.
+    pub async fn prepare(&self, p: &mut Principal, directory: &dyn PatientDirectory) {
+        if !matches!(self.map, PatientMap::Fhir { .. }) {
+            return;
+        }
+        let Some(id) = p.patient.clone() else { return };
+        let key = (p.issuer.clone(), id.clone());
+        if let Some(r) = self.fhir_cache.get(&key).await {
+            p.fhir_patient = Some(Some(r));
+            return;
+        }
+        p.fhir_patient = Some(match directory.patient(&p.issuer, &id).await {
+            Ok(Some(r)) => {
+                let r = Arc::new(r);
+                self.fhir_cache.insert(key, r.clone()).await;
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "FHIR Patient look-up failed; the patient maps to nothing");
+                None
+            }
+        });
     }
 
     /// What the principal may do at all, or why it may do nothing.
@@ -628,6 +685,7 @@ user_level = "{user_level}"
             jti: None,
             token_id: "t".into(),
             claims: Arc::new(serde_json::json!({})),
+            fhir_patient: None,
         }
     }
 

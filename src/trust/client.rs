@@ -153,9 +153,6 @@ impl IssuerClient {
     /// The gateway's own access token (SMART Backend Services), cached until shortly before
     /// it expires.
     pub async fn own_token(&self) -> Result<String, String> {
-        let Auth::Key(key) = &self.auth else {
-            return Err("no client key configured".into());
-        };
         let mut g = self.own_token.lock().await;
         if let Some((t, until)) = g.as_ref()
             && Instant::now() < *until
@@ -164,22 +161,34 @@ impl IssuerClient {
         }
         let (token_endpoint, _) = self.endpoints().await?;
         let token_endpoint = token_endpoint.ok_or("the issuer names no token_endpoint")?;
-        let assertion = key
-            .assertion(&self.client_id, &token_endpoint)
-            .map_err(|e| e.to_string())?;
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("scope", self.scope.as_str()),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.as_str()),
-        ];
-        let resp = self
-            .http
-            .post(&token_endpoint)
-            .form(&form)
+        let rq = match &self.auth {
+            Auth::Key(key) => {
+                let assertion = key
+                    .assertion(&self.client_id, &token_endpoint)
+                    .map_err(|e| e.to_string())?;
+                self.http.post(&token_endpoint).form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", self.scope.as_str()),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", assertion.as_str()),
+                ])
+            }
+            Auth::Secret(secret) => {
+                let basic = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{secret}", self.client_id));
+                self.http
+                    .post(&token_endpoint)
+                    .header("authorization", format!("Basic {basic}"))
+                    .form(&[
+                        ("grant_type", "client_credentials"),
+                        ("scope", self.scope.as_str()),
+                    ])
+            }
+        };
+        let resp = rq
             .send()
             .await
             .map_err(|e| format!("token request failed: {}", e.without_url()))?;
@@ -192,6 +201,26 @@ impl IssuerClient {
         let until = Instant::now() + Duration::from_secs(lifetime).saturating_sub(RENEW_BEFORE);
         *g = Some((token.to_string(), until));
         Ok(token.to_string())
+    }
+
+    /// `GET {fhir_base}/Patient/{id}` with the gateway's own token. `Ok(None)`: no such patient.
+    pub async fn fhir_patient(&self, fhir_base: &str, id: &str) -> Result<Option<Value>, String> {
+        let token = self.own_token().await?;
+        let url = format!("{}/Patient/{id}", fhir_base.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(token)
+            .header("accept", "application/fhir+json")
+            .send()
+            .await
+            .map_err(|e| format!("Patient look-up failed: {}", e.without_url()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND
+            || resp.status() == reqwest::StatusCode::GONE
+        {
+            return Ok(None);
+        }
+        read_json(resp).await.map(Some)
     }
 
     /// Asks the issuer about a token (RFC 7662), with a cache keyed by a digest of the token.

@@ -45,6 +45,9 @@ pub struct Principal {
     /// Every claim of the verified token (or of the introspection answer), for mappings that
     /// read a claim of their own.
     pub claims: Arc<serde_json::Value>,
+    /// The patient's FHIR resource as the EHR gave it to the gateway, when a mapping needed it
+    /// (`Some(None)`: the look-up failed or found nothing).
+    pub fhir_patient: Option<Option<Arc<serde_json::Value>>>,
 }
 
 impl Principal {
@@ -303,6 +306,7 @@ impl TrustCore {
             jti: claims.jti,
             token_id: token_id(token),
             claims: Arc::new(raw),
+            fhir_patient: None,
         })
     }
 
@@ -484,7 +488,20 @@ fn principal_from_introspection(
         jti: text("jti"),
         token_id: token_id(token),
         claims: Arc::new(v.clone()),
+        fhir_patient: None,
     })
+}
+
+impl crate::policy::PatientDirectory for TrustCore {
+    fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> crate::policy::DirectoryFuture<'a> {
+        Box::pin(async move {
+            let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
+            let (Some(client), Some(base)) = (&ti.client, &ti.cfg.fhir_base_url) else {
+                return Err("the issuer has no fhir_base_url or no gateway credentials".to_string());
+            };
+            client.fhir_patient(base, id).await
+        })
+    }
 }
 
 /// A stable, non-reversible id of a token for logs and cache keys.

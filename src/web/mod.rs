@@ -84,6 +84,18 @@ impl WebCtx {
         }))
     }
 
+    /// The request's principal, verified by the trust core and prepared for the policy core's
+    /// patient mapping.
+    pub async fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<crate::trust::Principal, ApiError> {
+        let mut p =
+            auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await?;
+        self.policy.prepare(&mut p, &*self.trust).await;
+        Ok(p)
+    }
+
     /// Rewrites the PACS's URLs in a response body to the gateway's.
     pub fn rewrite_urls(&self, body: &str) -> String {
         match &self.upstream_base {
@@ -115,21 +127,20 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
         Ok(r) => r,
         Err(e) => return ctx.challenge.respond(ApiError::BadRequest(e)),
     };
-    let principal =
-        match auth::principal(&ctx.trust, &headers, ctx.cfg.limits.token_verify_timeout).await {
-            Ok(p) => p,
-            Err(e) => {
-                crate::audit::record(
-                    "http",
-                    0,
-                    None,
-                    uri.path(),
-                    crate::audit::Outcome::Denied,
-                    &format!("{e:?}"),
-                );
-                return ctx.challenge.respond(e);
-            }
-        };
+    let principal = match ctx.authenticate(&headers).await {
+        Ok(p) => p,
+        Err(e) => {
+            crate::audit::record(
+                "http",
+                0,
+                None,
+                uri.path(),
+                crate::audit::Outcome::Denied,
+                &format!("{e:?}"),
+            );
+            return ctx.challenge.respond(e);
+        }
+    };
     let Some(upstream) = ctx.upstream_base.clone() else {
         return ctx.challenge.respond(ApiError::Unavailable(
             "DICOMweb is not configured: set pacs.dicomweb_url".into(),

@@ -10,7 +10,7 @@
 //! 202 (some) or 409 (none).
 
 use super::WebCtx;
-use super::auth::{self, ApiError};
+use super::auth::ApiError;
 use super::path::is_uid;
 use super::qido::read_bounded;
 use crate::audit::{self, Outcome};
@@ -85,12 +85,7 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         }
         None => return Err(ApiError::NotFound),
     };
-    let p = auth::principal(
-        &ctx.trust,
-        req.headers(),
-        ctx.cfg.limits.token_verify_timeout,
-    )
-    .await?;
+    let p = ctx.authenticate(req.headers()).await?;
     // Without write access no byte of the body needs to be read.
     match ctx.policy.access(&p) {
         Ok(a) if a.write => {}

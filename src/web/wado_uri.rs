@@ -6,7 +6,7 @@
 //! (`pacs.dicomweb_url` with its last path segment replaced by `wado`, as Orthanc lays it out).
 
 use super::WebCtx;
-use super::auth::{self, ApiError};
+use super::auth::ApiError;
 use super::path::{self, is_uid};
 use super::qido::upstream_status;
 use crate::audit::{self, Outcome};
@@ -60,12 +60,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             "a UID is not valid (digits and dots, at most 64 characters)".into(),
         ));
     }
-    let p = auth::principal(
-        &ctx.trust,
-        req.headers(),
-        ctx.cfg.limits.token_verify_timeout,
-    )
-    .await?;
+    let p = ctx.authenticate(req.headers()).await?;
     let rr = RetrieveRequest {
         level: Some(UidLevel::Instance),
         patient_id: None,

@@ -73,3 +73,56 @@ def test_claim_holds_the_patient_id(claim_gateway, issuer, orthanc):
     assert {s["0020000D"]["Value"][0] for s in r.json()} == orthanc.studies["PAT-B"]
     # without the claim the token's patient maps to nothing
     assert qido(claim_gateway, issuer.mint(patient="PAT-A")).status_code == 403
+
+
+@pytest.fixture(scope="module")
+def fhir_env(tmp_root, orthanc):
+    from conftest import Issuer
+
+    d = tmp_root / "mapping-fhir"
+    d.mkdir()
+    ehr = Issuer(d, extra_args=["--client", "pacsgate:s3cret", "--fhir-patient", "EHR-7=PAT-A", "--fhir-patient", "EHR-8=case01"])
+    g = Gateway(
+        d, orthanc, ehr, name="fhir-gateway",
+        issuer_extra=f'verify = "jwt"\nclient_id = "pacsgate"\nclient_secret = "s3cret"\nfhir_base_url = "{ehr.url}/fhir"',
+        patients='[patients]\nmap = "fhir"\nidentifier_type = "MR"',
+    )
+    yield ehr, g
+    stop(g.proc)
+    stop(ehr.proc)
+
+
+def test_fhir_patient_identifiers_map_to_patient_ids(fhir_env, orthanc):
+    ehr, g = fhir_env
+    token = ehr.mint(patient="EHR-7")
+    assoc, _ = associate(g, token)
+    final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000
+    assert {m.StudyInstanceUID for m in matches} == orthanc.studies["PAT-A"]
+    r = qido(g, token)
+    assert {s["0020000D"]["Value"][0] for s in r.json()} == orthanc.studies["PAT-A"]
+    # the MR identifier is matched exactly: case01, not CASE01
+    r = qido(g, ehr.mint(patient="EHR-8"))
+    assert {s["00100020"]["Value"][0] for s in r.json()} == {"case01"}
+
+
+def test_fhir_look_up_failure_grants_nothing(tmp_root, orthanc):
+    from conftest import Issuer
+
+    d = tmp_root / "mapping-fhir-wrong-secret"
+    d.mkdir()
+    ehr = Issuer(d, extra_args=["--client", "pacsgate:s3cret"])
+    g = Gateway(
+        d, orthanc, ehr, name="fhir-gateway-bad",
+        issuer_extra=f'verify = "jwt"\nclient_id = "pacsgate"\nclient_secret = "wrong"\nfhir_base_url = "{ehr.url}/fhir"',
+        patients='[patients]\nmap = "fhir"\nidentifier_type = "MR"',
+    )
+    try:
+        token = ehr.mint(patient="EHR-7")
+        assoc, received = associate(g, token)
+        assert_rejected_permanent(assoc, received)
+        assert qido(g, token).status_code == 403
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
