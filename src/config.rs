@@ -125,6 +125,9 @@ pub struct Issuer {
     /// Vendor quirk: without a `patient` claim, take the patient from `sub` when it names a
     /// Patient (`Patient/123` or a Patient URL under the issuer or its FHIR base).
     pub patient_in_sub: bool,
+    /// Vendor quirk: the introspection endpoint is not advertised; derive it from the token
+    /// endpoint (`.../token` becomes `.../introspect`).
+    pub introspection_from_token_endpoint: bool,
     /// How the gateway authenticates itself to this issuer (introspection, FHIR look-ups).
     pub client_auth: Option<ClientAuth>,
     /// The scope the gateway asks for its own Backend Services token.
@@ -251,6 +254,7 @@ struct RawIssuer {
     accept_ehr_audience: Option<bool>,
     accept_typ: Option<Vec<String>>,
     patient_in_sub: Option<bool>,
+    introspection_from_token_endpoint: Option<bool>,
     client_scope: Option<String>,
     introspection_cache_secs: Option<f64>,
 }
@@ -710,6 +714,9 @@ impl Config {
                 accept_ehr_audience: ri.accept_ehr_audience.unwrap_or(false),
                 accept_typ,
                 patient_in_sub: ri.patient_in_sub.unwrap_or(false),
+                introspection_from_token_endpoint: ri
+                    .introspection_from_token_endpoint
+                    .unwrap_or(false),
                 client_auth,
                 client_scope: ri.client_scope.unwrap_or_else(|| "system/*.rs".into()),
                 introspection_cache: c.seconds(

@@ -74,6 +74,7 @@ pub struct IssuerClient {
     auth: Auth,
     scope: String,
     configured_introspection: Option<String>,
+    derive_introspection: bool,
     http: reqwest::Client,
     max_cache: Duration,
     endpoints: Mutex<Option<(Option<String>, Option<String>)>>,
@@ -109,6 +110,7 @@ impl IssuerClient {
             auth,
             scope: cfg.client_scope.clone(),
             configured_introspection: cfg.introspection_endpoint.clone(),
+            derive_introspection: cfg.introspection_from_token_endpoint,
             http,
             max_cache: cfg.introspection_cache,
             endpoints: Mutex::new(None),
@@ -135,10 +137,19 @@ impl IssuerClient {
             match get_json(&self.http, &format!("{}/.well-known/{doc}", self.issuer)).await {
                 Ok(v) => {
                     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+                    let token = s("token_endpoint");
+                    // Vendor quirk: some servers introspect at `.../introspect` next to
+                    // `.../token` without advertising it.
+                    let derived = token
+                        .as_deref()
+                        .filter(|_| self.derive_introspection)
+                        .and_then(|t| t.strip_suffix("/token"))
+                        .map(|base| format!("{base}/introspect"));
                     let e = (
-                        s("token_endpoint"),
+                        token.clone(),
                         self.configured_introspection
                             .clone()
+                            .or(derived)
                             .or_else(|| s("introspection_endpoint")),
                     );
                     *g = Some(e.clone());

@@ -806,3 +806,55 @@ async fn patient_in_sub_only_when_configured() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_endpoint_derived_from_the_token_endpoint() {
+    use axum::routing::get;
+    // The issuer's metadata (served apart) advertises a broken introspection endpoint; the
+    // working one sits next to its token endpoint, as on servers that do not advertise it.
+    let broken = broken_endpoint("garbage").await;
+    let meta = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let iss = format!("http://{}", meta.local_addr().unwrap());
+    let dev = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dev_url = format!("http://{}", dev.local_addr().unwrap());
+    let mut di = DevIssuer::new(
+        iss.clone(),
+        DevKey::generate(Algorithm::ES256).unwrap(),
+        AUD.into(),
+    );
+    di.clients.push(secret_client());
+    let issuer = Arc::new(di);
+    tokio::spawn(crate::devissuer::serve(dev, issuer.clone()));
+    let doc = json!({"issuer": iss, "token_endpoint": format!("{dev_url}/token"), "introspection_endpoint": broken});
+    let app = axum::Router::new().route(
+        "/.well-known/smart-configuration",
+        get(move || async move { axum::Json(doc) }),
+    );
+    tokio::spawn(async move { axum::serve(meta, app).await });
+    let trust_with = |derive: bool| {
+        let cfg = Config::parse(&format!(
+            "[gateway]\nae_title = \"GW\"\ndimse_listen = \"127.0.0.1:1\"\npublic_url = \"http://127.0.0.1:8080\"\n\
+             [pacs]\nae_title = \"P\"\naddress = \"127.0.0.1:2\"\n[[issuers]]\nissuer = \"{iss}\"\nverify = \"introspection\"\n{SECRET}\n\
+             introspection_from_token_endpoint = {derive}\n"
+        ))
+        .unwrap();
+        TrustCore::new(&cfg).unwrap()
+    };
+    let t = issuer.mint_opaque(&req("PAT1"));
+    assert!(
+        matches!(
+            trust_with(false).verify(&t).await,
+            Err(TrustError::Unavailable(_))
+        ),
+        "the advertised one is broken"
+    );
+    assert_eq!(
+        trust_with(true)
+            .verify(&t)
+            .await
+            .unwrap()
+            .patient
+            .as_deref(),
+        Some("PAT1")
+    );
+}

@@ -1,0 +1,109 @@
+//! The cost of one access decision: token verification (local JWT, or RFC 7662 introspection
+//! with a cold and a warm cache) plus the policy decision, against a development issuer on
+//! loopback in the same process. Prints a table; run with
+//! `cargo run --release --example decision_bench`.
+
+use jsonwebtoken::Algorithm;
+use pacsgate::config::Config;
+use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
+use pacsgate::policy::{Action, Decision, Policy};
+use pacsgate::trust::TrustCore;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+const N: usize = 2000;
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q) as usize]
+}
+
+fn req() -> MintRequest {
+    MintRequest {
+        patient: Some("PAT-A".into()),
+        scope: Some("patient/ImagingStudy.rs".into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let mut di = DevIssuer::new(
+        url.clone(),
+        DevKey::generate(Algorithm::ES256)?,
+        "http://127.0.0.1:8080/dicom-web".into(),
+    );
+    di.clients.push(DevClient {
+        id: "pacsgate".into(),
+        secret: Some("s3cret".into()),
+        key: None,
+    });
+    let issuer = Arc::new(di);
+    tokio::spawn(pacsgate::devissuer::serve(listener, issuer.clone()));
+
+    let config = |verify: &str| {
+        Config::parse(&format!(
+            "[gateway]\nae_title = \"GW\"\ndimse_listen = \"127.0.0.1:1\"\npublic_url = \"http://127.0.0.1:8080\"\n\
+             [pacs]\nae_title = \"P\"\naddress = \"127.0.0.1:2\"\n[[issuers]]\nissuer = \"{url}\"\nverify = \"{verify}\"\n\
+             client_id = \"pacsgate\"\nclient_secret = \"s3cret\"\n"
+        ))
+        .map_err(|p| anyhow::anyhow!("{p:?}"))
+    };
+    let jwt_cfg = config("jwt")?;
+    let intro_cfg = config("introspection")?;
+    let policy = Policy::new(&jwt_cfg);
+
+    let mut rows = Vec::new();
+    // local JWT verification (keys fetched once beforehand)
+    let trust = TrustCore::new(&jwt_cfg)?;
+    trust.verify(&issuer.mint(&req())?).await?;
+    let tokens: Vec<String> = (0..N)
+        .map(|_| issuer.mint(&req()))
+        .collect::<Result<_, _>>()?;
+    let mut us = Vec::with_capacity(N);
+    for t in &tokens {
+        let s = Instant::now();
+        let p = trust.verify(t).await?;
+        let d = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
+        assert!(matches!(d, Decision::Allow(_)));
+        us.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+    rows.push(("local JWT (ES256), keys cached", us));
+
+    // introspection: each token once (cold), then the same token again (warm)
+    let trust = TrustCore::new(&intro_cfg)?;
+    trust.verify(&issuer.mint_opaque(&req())).await?;
+    let opaque: Vec<String> = (0..N).map(|_| issuer.mint_opaque(&req())).collect();
+    let mut cold = Vec::with_capacity(N);
+    for t in &opaque {
+        let s = Instant::now();
+        let p = trust.verify(t).await?;
+        let _ = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
+        cold.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut warm = Vec::with_capacity(N);
+    for t in &opaque {
+        let s = Instant::now();
+        let p = trust.verify(t).await?;
+        let _ = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
+        warm.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+    rows.push((
+        "introspection, cold cache (one round trip to the issuer on loopback)",
+        cold,
+    ));
+    rows.push(("introspection, warm cache", warm));
+
+    println!("| decision (verification + policy), {N} tokens | p50 | p99 |");
+    println!("|---|---|---|");
+    for (name, mut v) in rows {
+        println!(
+            "| {name} | {:.1} us | {:.1} us |",
+            percentile(&mut v, 0.5),
+            percentile(&mut v, 0.99)
+        );
+    }
+    Ok(())
+}
