@@ -433,30 +433,21 @@ impl Receiver {
             }
         }
         // The destination's answer is the PACS's answer.
-        let answer = tokio::time::timeout(wait, dest.next()).await;
-        match answer {
+        let answer = match tokio::time::timeout(wait, dest.next()).await {
             Ok(Incoming::Message(Event::Command { pc_id: rpc, bytes })) if rpc == pc_id => {
-                match Command::decode(bytes) {
-                    Ok(rsp) if rsp.field() == Some(command::C_STORE_RSP) && !rsp.has_data_set() => {
-                        dest.expect_data(rpc, false);
-                        route.count(rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS));
-                        self.pacs.send_message(pc_id, &rsp.raw, None).await.is_ok()
-                    }
-                    _ => {
-                        dest.abort().await;
-                        self.dest = None;
-                        self.answer(
-                            Some(&route),
-                            pc_id,
-                            &cmd,
-                            command::STATUS_UNABLE_TO_PROCESS,
-                            "destination failed",
-                        )
-                        .await
-                    }
-                }
+                Command::decode(bytes)
+                    .ok()
+                    .filter(|r| r.field() == Some(command::C_STORE_RSP) && !r.has_data_set())
             }
-            _ => {
+            _ => None,
+        };
+        match answer {
+            Some(rsp) => {
+                dest.expect_data(pc_id, false);
+                route.count(rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS));
+                self.pacs.send_message(pc_id, &rsp.raw, None).await.is_ok()
+            }
+            None => {
                 dest.abort().await;
                 self.dest = None;
                 self.answer(

@@ -337,10 +337,7 @@ impl Policy {
         lookup: &dyn OwnerLookup,
         now: SystemTime,
     ) -> Decision {
-        if p.is_expired_at(now) {
-            return Decision::Deny(Denial::Expired);
-        }
-        let access = match self.access(p) {
+        let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
@@ -427,10 +424,7 @@ impl Policy {
         lookup: &dyn OwnerLookup,
         now: SystemTime,
     ) -> Decision {
-        if p.is_expired_at(now) {
-            return Decision::Deny(Denial::Expired);
-        }
-        let access = match self.access(p) {
+        let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
@@ -532,6 +526,14 @@ impl Policy {
         });
     }
 
+    /// What an unexpired principal may do at `now`.
+    fn access_at(&self, p: &Principal, now: SystemTime) -> Result<Access, Denial> {
+        if p.is_expired_at(now) {
+            return Err(Denial::Expired);
+        }
+        self.access(p)
+    }
+
     /// What the principal may do at all, or why it may do nothing.
     pub fn access(&self, p: &Principal) -> Result<Access, Denial> {
         let patient_perms = p.scopes.granted(Level::Patient, IMAGING);
@@ -590,10 +592,7 @@ impl Policy {
 
     /// Decides one action at time `now`.
     pub fn decide(&self, p: &Principal, action: Action<'_>, now: SystemTime) -> Decision {
-        if p.is_expired_at(now) {
-            return Decision::Deny(Denial::Expired);
-        }
-        let access = match self.access(p) {
+        let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
