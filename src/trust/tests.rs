@@ -858,3 +858,36 @@ async fn introspection_endpoint_derived_from_the_token_endpoint() {
         Some("PAT1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ehr_audience_only_when_allowed() {
+    let ehr_aud = "https://ehr.example.org/fhir";
+    let f = fixture().await;
+    let t = f
+        .issuer
+        .mint(&MintRequest {
+            aud: Some(ehr_aud.into()),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert!(matches!(
+        f.trust.verify(&t).await,
+        Err(TrustError::Audience)
+    ));
+    let f = fixture_with(
+        Algorithm::ES256,
+        &format!("fhir_base_url = \"{ehr_aud}\"\naccept_ehr_audience = true"),
+    )
+    .await;
+    let t = f
+        .issuer
+        .mint(&MintRequest {
+            aud: Some(ehr_aud.into()),
+            ..req("PAT1")
+        })
+        .unwrap();
+    assert_eq!(
+        f.trust.verify(&t).await.unwrap().patient.as_deref(),
+        Some("PAT1")
+    );
+}
