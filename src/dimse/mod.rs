@@ -31,7 +31,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -133,12 +132,12 @@ async fn refuse_busy(mut stream: TcpStream, max_rq: u32) {
     }
 }
 
-/// Sends an A-ASSOCIATE-RJ, then lets the client close first, so the rejection is not lost to
-/// a connection reset.
+/// Sends an A-ASSOCIATE-RJ, then waits (at most 2 s, like the ARTIM timer of PS3.8 state
+/// Sta13) for the requestor to close the connection first, so the rejection is read before any
+/// close or reset reaches it.
 pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
-        let _ = stream.shutdown().await;
         let mut sink = [0u8; 512];
         while let Ok(n) = tokio::io::AsyncReadExt::read(stream, &mut sink).await {
             if n == 0 {
