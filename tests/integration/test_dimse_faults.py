@@ -66,14 +66,18 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def associate(gateway, token, contexts, ext=(), handlers=()):
+def associate(gateway, token, contexts, ext=(), handlers=(), may_fail=False):
     ae = AE(ae_title="VIEWER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for c in contexts:
         ae.add_requested_context(c)
-    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title,
-                         ext_neg=[identity(token), *ext], evt_handlers=list(handlers))
-    assert assoc.is_established
+    # see test_dimse_association.associate: pynetdicom may lose the answer; try again then
+    for _ in range(3):
+        assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title,
+                             ext_neg=[identity(token), *ext], evt_handlers=list(handlers))
+        if assoc.is_established or assoc.is_rejected:
+            break
+    assert may_fail or assoc.is_established
     return assoc
 
 
@@ -259,11 +263,7 @@ def test_pacs_stopped_during_c_move_and_c_store(env, issuer):
         server.shutdown()
 
     # C-STORE with the PACS gone: a failure status or a rejection, never a success
-    ae = AE(ae_title="MODALITY")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(SecondaryCaptureImageStorage)
-    assoc = ae.associate("127.0.0.1", g.dimse_port, ae_title=g.ae_title,
-                         ext_neg=[identity(issuer.mint(patient="PAT-F", scope="patient/ImagingStudy.c"))])
+    assoc = associate(g, issuer.mint(patient="PAT-F", scope="patient/ImagingStudy.c"), [SecondaryCaptureImageStorage], may_fail=True)
     if assoc.is_established:
         status = assoc.send_c_store(big_instance("PAT-F", generate_uid(), generate_uid(), 1))
         assert "Status" not in status or status.Status != 0x0000

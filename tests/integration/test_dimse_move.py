@@ -160,5 +160,8 @@ def test_receiver_accepts_only_the_pacs(gateway, ports):
     ae = AE(ae_title="INTRUDER")
     ae.acse_timeout = 10
     ae.requested_contexts = AllStoragePresentationContexts[:5]
-    assoc = ae.associate("127.0.0.1", ports["receive"], ae_title="PACSGATE")
+    for _ in range(3):  # pynetdicom may lose the answer (see test_dimse_association.associate)
+        assoc = ae.associate("127.0.0.1", ports["receive"], ae_title="PACSGATE")
+        if assoc.is_rejected or assoc.is_established:
+            break
     assert assoc.is_rejected
