@@ -28,6 +28,28 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
+tokio::task_local! {
+    /// The id of the request being handled, for the audit trail (and the X-Request-Id header).
+    static REQUEST_ID: u64;
+}
+
+static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The id of the request this task is handling (0 outside a request).
+pub fn request_id() -> u64 {
+    REQUEST_ID.try_with(|v| *v).unwrap_or(0)
+}
+
+/// Gives every request an id, visible in audit records and as `X-Request-Id`.
+async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response {
+    let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut r = REQUEST_ID.scope(id, next.run(req)).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    r
+}
+
 /// Requests handled at once; more wait briefly, then get 503.
 const MAX_CONCURRENT_REQUESTS: usize = 256;
 /// How long a request may wait for a slot.
@@ -132,7 +154,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
         Err(e) => {
             crate::audit::record(
                 "http",
-                0,
+                request_id(),
                 None,
                 uri.path(),
                 crate::audit::Outcome::Denied,
@@ -208,6 +230,7 @@ pub fn router(ctx: Arc<WebCtx>) -> Router {
             ctx.clone(),
             cors::layer,
         ))
+        .layer(axum::middleware::from_fn(with_request_id))
         .with_state(ctx)
 }
 

@@ -53,7 +53,7 @@ pub async fn search(
         Decision::Deny(d) => {
             audit::record(
                 "http",
-                0,
+                super::request_id(),
                 Some(p),
                 "QIDO-RS",
                 Outcome::Denied,
@@ -89,7 +89,7 @@ pub async fn search(
         {
             audit::record(
                 "http",
-                0,
+                super::request_id(),
                 Some(p),
                 "QIDO-RS",
                 Outcome::Denied,
@@ -157,7 +157,7 @@ pub async fn search(
     if kept.len() < total {
         audit::record(
             "http",
-            0,
+            super::request_id(),
             Some(p),
             "QIDO-RS",
             Outcome::Anomaly,
@@ -169,7 +169,7 @@ pub async fn search(
     }
     audit::record(
         "http",
-        0,
+        super::request_id(),
         Some(p),
         "QIDO-RS",
         Outcome::Allowed,

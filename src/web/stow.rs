@@ -233,7 +233,14 @@ async fn store_part(
         .decide_store(p, &req, &*ctx.lookup, SystemTime::now())
         .await
     {
-        audit::record("http", 0, Some(p), &action, Outcome::Denied, &d.to_string());
+        audit::record(
+            "http",
+            super::request_id(),
+            Some(p),
+            &action,
+            Outcome::Denied,
+            &d.to_string(),
+        );
         drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
         return Ok(());
@@ -315,7 +322,7 @@ async fn store_part(
             .await;
         audit::record(
             "http",
-            0,
+            super::request_id(),
             Some(p),
             &action,
             Outcome::Allowed,
@@ -325,7 +332,7 @@ async fn store_part(
     } else {
         audit::record(
             "http",
-            0,
+            super::request_id(),
             Some(p),
             &action,
             Outcome::Denied,

@@ -74,12 +74,19 @@ pub async fn retrieve(
         .await
     {
         Decision::Deny(d) => {
-            audit::record("http", 0, Some(p), &action, Outcome::Denied, &d.to_string());
+            audit::record(
+                "http",
+                super::request_id(),
+                Some(p),
+                &action,
+                Outcome::Denied,
+                &d.to_string(),
+            );
             return Err(ApiError::from_denial(d));
         }
         Decision::Allow(_) => audit::record(
             "http",
-            0,
+            super::request_id(),
             Some(p),
             &action,
             Outcome::Allowed,

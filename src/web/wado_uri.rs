@@ -77,7 +77,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         Decision::Deny(d) => {
             audit::record(
                 "http",
-                0,
+                super::request_id(),
                 Some(&p),
                 &action,
                 Outcome::Denied,
@@ -87,7 +87,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         }
         Decision::Allow(_) => audit::record(
             "http",
-            0,
+            super::request_id(),
             Some(&p),
             &action,
             Outcome::Allowed,

@@ -76,6 +76,7 @@ def test_qido_every_level_returns_exactly_own_data(base, orthanc, token_a):
     r = qido(base, "studies", token_a)
     assert r.status_code == 200
     assert r.headers["Cache-Control"].startswith("private")
+    assert int(r.headers["X-Request-Id"]) > 0
     studies = r.json()
     assert {s["0020000D"]["Value"][0] for s in studies} == orthanc.studies["PAT-A"]
     assert pids(studies) == {"PAT-A"}
