@@ -21,10 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let cfg = s.ctx.cfg.clone();
     let client_id = cmd.message_id().unwrap_or(0);
-    let destination = cmd
-        .move_destination()
-        .and_then(|d| cfg.destinations.iter().find(|x| x.ae_title.trim() == d))
-        .cloned();
+    let destination = s.ctx.policy.move_destination(cmd.move_destination());
     let Some(destination) = destination.filter(|_| cfg.pacs.receive_listen.is_some()) else {
         if cmd.has_data_set() {
             let limits = &cfg.limits;

@@ -24,31 +24,9 @@ fn patient_id_of(obj: &InMemDicomObject) -> Option<String> {
 }
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
-    let limits = s.ctx.cfg.limits.clone();
-    if !cmd.has_data_set() {
-        let rsp = cmd.response(
-            command::STATUS_IDENTIFIER_MISMATCH,
-            Some("C-FIND without identifier"),
-        );
-        return s.reply(pc_id, &rsp, None).await;
-    }
-    let identifier = match s
-        .client
-        .collect_data(pc_id, limits.max_identifier_bytes, limits.idle_timeout)
-        .await
-    {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::info!(assoc = s.id, reason = %e, "client failed while sending a C-FIND identifier");
-            return s.abort_both().await;
-        }
-    };
-    let Some(ts) = s.transfer_syntax(pc_id) else {
-        let rsp = cmd.response(
-            command::STATUS_UNABLE_TO_PROCESS,
-            Some("transfer syntax not supported"),
-        );
-        return s.reply(pc_id, &rsp, None).await;
+    let (identifier, ts) = match s.read_identifier(pc_id, &cmd).await {
+        Ok(x) => x,
+        Err(flow) => return flow,
     };
     let mut query = match InMemDicomObject::read_dataset_with_ts(&identifier[..], ts) {
         Ok(o) => o,

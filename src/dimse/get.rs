@@ -80,25 +80,8 @@ pub async fn authorize(
     cmd: &Command,
     op: &str,
 ) -> Result<(Vec<u8>, PatientFilter), Flow> {
-    let limits = s.ctx.cfg.limits.clone();
-    if !cmd.has_data_set() {
-        let rsp = cmd.response(command::STATUS_IDENTIFIER_MISMATCH, Some("no identifier"));
-        return Err(s.reply(pc_id, &rsp, None).await);
-    }
-    let bytes = match s
-        .client
-        .collect_data(pc_id, limits.max_identifier_bytes, limits.idle_timeout)
-        .await
-    {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::info!(assoc = s.id, reason = %e, "client failed while sending an identifier");
-            return Err(s.abort_both().await);
-        }
-    };
-    let parsed = s
-        .transfer_syntax(pc_id)
-        .and_then(|ts| parse_retrieval(&bytes, ts).map(|r| (r, ts)));
+    let (bytes, ts) = s.read_identifier(pc_id, cmd).await?;
+    let parsed = parse_retrieval(&bytes, ts).map(|r| (r, ts));
     let Some((mut r, ts)) = parsed else {
         let rsp = cmd.response(
             command::STATUS_IDENTIFIER_MISMATCH,

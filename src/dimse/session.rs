@@ -246,6 +246,48 @@ impl Session {
         dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid.trim_end_matches('\0'))
     }
 
+    /// Reads the identifier of a query or retrieval request and the transfer syntax it is
+    /// encoded in. On failure the client has been answered (or the association ended) and the
+    /// `Flow` says how the association goes on.
+    pub async fn read_identifier(
+        &mut self,
+        pc_id: u8,
+        cmd: &Command,
+    ) -> Result<
+        (
+            Vec<u8>,
+            &'static dicom_encoding::transfer_syntax::TransferSyntax,
+        ),
+        Flow,
+    > {
+        let limits = self.ctx.cfg.limits.clone();
+        if !cmd.has_data_set() {
+            let rsp = cmd.response(command::STATUS_IDENTIFIER_MISMATCH, Some("no identifier"));
+            return Err(self.reply(pc_id, &rsp, None).await);
+        }
+        let bytes = match self
+            .client
+            .collect_data(pc_id, limits.max_identifier_bytes, limits.idle_timeout)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::info!(assoc = self.id, reason = %e, "client failed while sending an identifier");
+                return Err(self.abort_both().await);
+            }
+        };
+        match self.transfer_syntax(pc_id) {
+            Some(ts) => Ok((bytes, ts)),
+            None => {
+                let rsp = cmd.response(
+                    command::STATUS_UNABLE_TO_PROCESS,
+                    Some("transfer syntax not supported"),
+                );
+                Err(self.reply(pc_id, &rsp, None).await)
+            }
+        }
+    }
+
     /// Waits for the PACS, bounded by the upstream timeout.
     pub async fn pacs_next(&mut self) -> Option<Incoming> {
         tokio::time::timeout(self.ctx.cfg.limits.upstream_timeout, self.pacs.next())

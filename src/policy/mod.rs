@@ -250,6 +250,8 @@ pub struct Policy {
     table: Option<mapping::TableSource>,
     /// FHIR Patient resources by (issuer, patient id), when `map = "fhir"`.
     fhir_cache: moka::future::Cache<(String, String), Arc<serde_json::Value>>,
+    /// The C-MOVE destinations clients may name.
+    destinations: Vec<crate::config::Destination>,
     /// Positive ownership answers only: an unknown UID may be stored a moment later.
     owners: moka::future::Cache<(UidLevel, String), Arc<Owner>>,
 }
@@ -264,6 +266,7 @@ impl Policy {
                 PatientMap::Table(path) => Some(mapping::TableSource::new(path.clone())),
                 _ => None,
             },
+            destinations: cfg.destinations.clone(),
             fhir_cache: moka::future::Cache::builder()
                 .max_capacity(FHIR_CACHE_ENTRIES)
                 .time_to_live(FHIR_TTL)
@@ -298,6 +301,16 @@ impl Policy {
                 Err(Denial::LookupFailed)
             }
         }
+    }
+
+    /// The configured destination a C-MOVE may go to, by AE title (exact, padding aside); any
+    /// other Move Destination is refused.
+    pub fn move_destination(&self, ae_title: Option<&str>) -> Option<crate::config::Destination> {
+        let ae = ae_title?.trim_matches(' ');
+        self.destinations
+            .iter()
+            .find(|d| d.ae_title.trim_matches(' ') == ae)
+            .cloned()
     }
 
     /// Records what a successful store proved: the PACS now holds this study and series under
@@ -1102,5 +1115,26 @@ user_level = "{user_level}"
         let mut q = principal("patient/ImagingStudy.rs", None);
         q.claims = Arc::new(serde_json::json!({"dicom_patient_id": "MRN-2"}));
         assert!(matches!(query(&pol, &q, Some("MRN-2")), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn only_configured_move_destinations() {
+        let mut c = cfg("deny");
+        c.destinations = vec![crate::config::Destination {
+            ae_title: "WS1".into(),
+            address: "127.0.0.1:104".into(),
+        }];
+        let pol = Policy::new(&c);
+        assert_eq!(
+            pol.move_destination(Some("WS1")).map(|d| d.address),
+            Some("127.0.0.1:104".into())
+        );
+        assert!(
+            pol.move_destination(Some("WS1 ")).is_some(),
+            "padding aside"
+        );
+        assert!(pol.move_destination(Some("ws1")).is_none());
+        assert!(pol.move_destination(Some("OTHER")).is_none());
+        assert!(pol.move_destination(None).is_none());
     }
 }

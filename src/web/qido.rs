@@ -112,6 +112,7 @@ pub async fn search(
     pairs.retain(|(k, _)| allowed.query_patient_ids.is_empty() || !is_patient_id_key(k));
     pairs.push(("includefield".into(), "00100020".into()));
     let mut results: Vec<serde_json::Value> = Vec::new();
+    let mut read_so_far = 0usize;
     for pid in pids {
         let mut q = pairs.clone();
         if let Some(pid) = pid {
@@ -141,7 +142,9 @@ pub async fn search(
         if !status.is_success() {
             return Err(upstream_status(status));
         }
-        let body = read_bounded(resp, MAX_QIDO_BYTES).await?;
+        // One budget for all the searches of a request.
+        let body = read_bounded(resp, MAX_QIDO_BYTES.saturating_sub(read_so_far)).await?;
+        read_so_far += body.len();
         if !body.is_empty() {
             let part: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|_| {
                 ApiError::Upstream("the PACS answered the search with invalid JSON".into())
