@@ -134,6 +134,9 @@ pub struct Issuer {
     pub client_scope: String,
     /// Introspection results are cached at most this long (and never past the token's `exp`).
     pub introspection_cache: Duration,
+    /// An ImagingStudy named in the token's launch context (`fhirContext`) restricts the
+    /// token to that study.
+    pub launch_context_restricts: bool,
 }
 
 /// The gateway's own credentials at an issuer.
@@ -172,12 +175,16 @@ pub struct Patients {
 pub enum UserLevel {
     Deny,
     Allow,
+    /// A study is allowed only when the EHR returns it to the caller's own token.
+    EhrCheck,
 }
 
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub user_level: UserLevel,
     pub write: bool,
+    /// How long the EHR's answer for (token, study) is reused.
+    pub ehr_check_cache: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +264,7 @@ struct RawIssuer {
     introspection_from_token_endpoint: Option<bool>,
     client_scope: Option<String>,
     introspection_cache_secs: Option<f64>,
+    launch_context_restricts: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -275,6 +283,7 @@ struct RawPatients {
 struct RawPolicy {
     user_level: Option<String>,
     write: Option<bool>,
+    ehr_check_cache_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -724,6 +733,7 @@ impl Config {
                     ri.introspection_cache_secs,
                     60.0,
                 ),
+                launch_context_restricts: ri.launch_context_restricts.unwrap_or(false),
             });
         }
 
@@ -820,11 +830,13 @@ impl Config {
             "deny" => UserLevel::Deny,
             "allow" => UserLevel::Allow,
             "ehr-check" => {
-                c.problem(
-                    "policy.user_level",
-                    "\"ehr-check\" is not available in this version of pacsgate; use \"deny\" or \"allow\"",
-                );
-                UserLevel::Deny
+                if issuers.iter().all(|i| i.fhir_base_url.is_none()) {
+                    c.problem(
+                        "policy.user_level",
+                        "\"ehr-check\" asks the EHR's FHIR server about each study, but no issuer has fhir_base_url; set it on the issuers whose user-level tokens should be checked",
+                    );
+                }
+                UserLevel::EhrCheck
             }
             other => {
                 c.problem(
@@ -837,6 +849,11 @@ impl Config {
         let policy = Policy {
             user_level,
             write: rpol.write.unwrap_or(true),
+            ehr_check_cache: c.seconds(
+                "policy.ehr_check_cache_secs",
+                rpol.ehr_check_cache_secs,
+                60.0,
+            ),
         };
 
         // [[destinations]]

@@ -12,7 +12,7 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
 };
-use axum::extract::{Form, State};
+use axum::extract::{Form, Query, State};
 use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
 use axum::{Router, http::StatusCode};
@@ -228,6 +228,8 @@ pub struct DevIssuer {
     revoked: std::sync::Mutex<std::collections::HashSet<String>>,
     /// MRNs the FHIR Patient endpoint reports, by patient id (default: `MRN-{id}`).
     pub mrns: std::collections::HashMap<String, String>,
+    /// Study Instance UIDs the FHIR ImagingStudy read endpoint reports, by resource id.
+    pub studies: std::collections::HashMap<String, String>,
 }
 
 fn now() -> i64 {
@@ -247,6 +249,7 @@ impl DevIssuer {
             opaque: Default::default(),
             revoked: Default::default(),
             mrns: Default::default(),
+            studies: Default::default(),
         }
     }
 
@@ -411,6 +414,8 @@ impl DevIssuer {
             .route("/introspect", post(introspect))
             .route("/revoke", post(revoke))
             .route("/fhir/Patient/{id}", get(fhir_patient))
+            .route("/fhir/ImagingStudy/{id}", get(fhir_imaging_study))
+            .route("/fhir/ImagingStudy", get(fhir_imaging_study_search))
             .with_state(self)
     }
 }
@@ -512,20 +517,8 @@ async fn fhir_patient(
     headers: axum::http::HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> impl IntoResponse {
-    let ok = match authorization(&headers).and_then(|a| a.strip_prefix("Bearer ")) {
-        Some(t) => s.active_claims(t.trim()).is_some_and(|c| {
-            s.clients.is_empty()
-                || s.clients
-                    .iter()
-                    .any(|k| Some(k.id.as_str()) == c["client_id"].as_str())
-        }),
-        None => s.clients.is_empty(),
-    };
-    if !ok {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"resourceType": "OperationOutcome"})),
-        );
+    if !gateway_token_ok(&s, &headers) {
+        return fhir_error(StatusCode::UNAUTHORIZED);
     }
     let mrn = s
         .mrns
@@ -546,6 +539,84 @@ async fn fhir_patient(
                  "value": "000-00-0000"},
             ]
         })),
+    )
+}
+
+/// Whether a request carries a token of a registered client (any token when none are registered),
+/// as the gateway's own FHIR look-ups do.
+fn gateway_token_ok(s: &DevIssuer, headers: &axum::http::HeaderMap) -> bool {
+    match authorization(headers).and_then(|a| a.strip_prefix("Bearer ")) {
+        Some(t) => s.active_claims(t.trim()).is_some_and(|c| {
+            s.clients.is_empty()
+                || s.clients
+                    .iter()
+                    .any(|k| Some(k.id.as_str()) == c["client_id"].as_str())
+        }),
+        None => s.clients.is_empty(),
+    }
+}
+
+fn fhir_error(status: StatusCode) -> (StatusCode, Json<Value>) {
+    (status, Json(json!({"resourceType": "OperationOutcome"})))
+}
+
+fn imaging_study(id: &str, uid: &str) -> Value {
+    json!({
+        "resourceType": "ImagingStudy",
+        "id": id,
+        "status": "available",
+        "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{uid}")}],
+    })
+}
+
+/// An ImagingStudy registered with `--imaging-study ID=UID`, for launch contexts that name
+/// a study by reference.
+async fn fhir_imaging_study(
+    State(s): State<Arc<DevIssuer>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    if !gateway_token_ok(&s, &headers) {
+        return fhir_error(StatusCode::UNAUTHORIZED);
+    }
+    match s.studies.get(&id) {
+        Some(uid) => (StatusCode::OK, Json(imaging_study(&id, uid))),
+        None => fhir_error(StatusCode::NOT_FOUND),
+    }
+}
+
+/// `GET /fhir/ImagingStudy?identifier=urn:oid:{uid}` as the EHR answers a user: with the
+/// caller's own token, the studies that token's `ehr_studies` claim lists (what this user may
+/// see), filtered by the identifier. 401 without an active token of this issuer.
+async fn fhir_imaging_study_search(
+    State(s): State<Arc<DevIssuer>>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> impl IntoResponse {
+    let claims = authorization(&headers)
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .and_then(|t| s.active_claims(t.trim()));
+    let Some(claims) = claims else {
+        return fhir_error(StatusCode::UNAUTHORIZED);
+    };
+    let wanted = q.get("identifier").map(|v| {
+        let v = v.strip_prefix("urn:dicom:uid|").unwrap_or(v);
+        v.strip_prefix("urn:oid:").unwrap_or(v).to_string()
+    });
+    let entries: Vec<Value> = claims["ehr_studies"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|u| u.as_str()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|u| wanted.as_deref().is_none_or(|w| w == *u))
+        .enumerate()
+        .map(|(i, u)| json!({"resource": imaging_study(&format!("s{i}"), u)}))
+        .collect();
+    (
+        StatusCode::OK,
+        Json(
+            json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries}),
+        ),
     )
 }
 

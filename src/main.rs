@@ -56,6 +56,11 @@ struct DevIssuerArgs {
     /// The MRN the FHIR Patient endpoint reports for a patient: ID=MRN (default MRN-{id}).
     #[arg(long)]
     fhir_patient: Vec<String>,
+    /// An ImagingStudy the FHIR endpoint knows, for launch contexts naming a study by
+    /// reference: ID=STUDY-INSTANCE-UID. (What a user's token may see through
+    /// `ImagingStudy?identifier=` is the token's own `ehr_studies` claim.)
+    #[arg(long)]
+    imaging_study: Vec<String>,
     #[command(flatten)]
     key: KeyArgs,
 }
@@ -241,6 +246,12 @@ fn main() -> ExitCode {
                             .split_once('=')
                             .ok_or_else(|| anyhow::anyhow!("--fhir-patient takes ID=MRN"))?;
                         di.mrns.insert(id.into(), mrn.into());
+                    }
+                    for m in &args.imaging_study {
+                        let (id, uid) = m
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--imaging-study takes ID=UID"))?;
+                        di.studies.insert(id.into(), uid.into());
                     }
                     devissuer::serve(listener, Arc::new(di)).await
                 })

@@ -6,7 +6,7 @@
 
 use crate::config::Pacs;
 use crate::dimse::peer::{PduError, read_pdu, write_pdu};
-use crate::policy::{LookupFuture, Owner, OwnerLookup, UidLevel};
+use crate::policy::{LookupFuture, Owner, OwnerLookup, StudyFacts, UidLevel};
 use dicom_ul::pdu::{AssociationAC, AssociationRJ, AssociationRQ, Pdu};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -184,6 +184,19 @@ impl PacsLookup {
             VR::UI,
             PrimitiveValue::from(""),
         ));
+        if level == UidLevel::Study {
+            // What a study restriction (granular scopes) is judged on.
+            q.put(DataElement::new(
+                tags::MODALITIES_IN_STUDY,
+                VR::CS,
+                PrimitiveValue::from(""),
+            ));
+            q.put(DataElement::new(
+                tags::STUDY_DATE,
+                VR::DA,
+                PrimitiveValue::from(""),
+            ));
+        }
         if level != UidLevel::Study {
             q.put(DataElement::new(
                 tags::SERIES_INSTANCE_UID,
@@ -234,6 +247,19 @@ impl PacsLookup {
                                 issuer: text(&o, tags::ISSUER_OF_PATIENT_ID),
                                 study_uid: text(&o, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
                                 series_uid: text(&o, tags::SERIES_INSTANCE_UID),
+                                facts: (level == UidLevel::Study).then(|| StudyFacts {
+                                    modalities: o
+                                        .get(tags::MODALITIES_IN_STUDY)
+                                        .and_then(|e| e.to_multi_str().ok())
+                                        .map(|v| {
+                                            v.iter()
+                                                .map(|m| m.trim_matches([' ', '\0']).to_string())
+                                                .filter(|m| !m.is_empty())
+                                                .collect()
+                                        })
+                                        .unwrap_or_default(),
+                                    study_date: text(&o, tags::STUDY_DATE),
+                                }),
                             };
                             // A match for another UID (PACS matching rules differ) says nothing.
                             let same = match level {

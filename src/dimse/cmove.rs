@@ -47,13 +47,13 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         );
         return s.reply(pc_id, &rsp, None).await;
     };
-    let (identifier, filter) = match get::authorize(s, pc_id, &cmd, "C-MOVE").await {
+    let (identifier, allowed) = match get::authorize(s, pc_id, &cmd, "C-MOVE").await {
         Ok(x) => x,
         Err(flow) => return flow,
     };
     let route = Route {
         destination,
-        filter,
+        allowed,
         client_ae: s.calling_ae.clone(),
         client_message_id: client_id,
         session: s.id,

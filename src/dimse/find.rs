@@ -4,14 +4,16 @@
 //! to the value the decision names (added as a key when the caller did not send one, and then
 //! stripped from what the caller gets back), the query goes to the PACS, and every pending
 //! response is checked against the decision's patient filter before it is relayed: a response
-//! for another patient is dropped and recorded as an anomaly. C-CANCEL is relayed.
+//! for another patient is dropped and recorded as an anomaly. Under a study restriction the
+//! Study Instance UID is asked for too (and stripped when added), and each match's study is put
+//! to the policy core's study gate; matches outside are withheld. C-CANCEL is relayed.
 
 use super::command::{self, Command};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Decision, PatientFilter};
+use crate::policy::{Action, Allowed, Decision, StudyGate};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
@@ -77,32 +79,50 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     );
 
     // Narrow the identifier as decided (one query per PatientID the caller may see); re-encode
-    // only when it changed.
+    // only when it changed. Under a study restriction every match must name its study, so the
+    // Study Instance UID is asked for (and stripped again when the caller did not ask).
     let added_patient_key = requested.is_none() && !allowed.query_patient_ids.is_empty();
+    let added_study_key = !matches!(allowed.studies, StudyGate::Open)
+        && level != "PATIENT"
+        && query.get(tags::STUDY_INSTANCE_UID).is_none();
+    if added_study_key {
+        query.put(DataElement::new(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(""),
+        ));
+    }
     let mut queries = Vec::new();
-    if allowed.query_patient_ids.is_empty() {
-        queries.push(identifier);
+    let pids: Vec<Option<&str>> = if allowed.query_patient_ids.is_empty() {
+        vec![None]
     } else {
-        for pid in &allowed.query_patient_ids {
-            if requested.as_deref() == Some(pid.as_str()) {
-                queries.push(identifier.clone());
-                continue;
-            }
+        allowed
+            .query_patient_ids
+            .iter()
+            .map(|p| Some(p.as_str()))
+            .collect()
+    };
+    for pid in pids {
+        if !added_study_key && (pid.is_none() || requested.as_deref() == pid) {
+            queries.push(identifier.clone());
+            continue;
+        }
+        if let Some(pid) = pid {
             query.put(DataElement::new(
                 tags::PATIENT_ID,
                 VR::LO,
-                PrimitiveValue::from(pid.as_str()),
+                PrimitiveValue::from(pid),
             ));
-            let mut out = Vec::with_capacity(identifier.len() + 32);
-            if query.write_dataset_with_ts(&mut out, ts).is_err() {
-                let rsp = cmd.response(
-                    command::STATUS_UNABLE_TO_PROCESS,
-                    Some("identifier cannot be encoded"),
-                );
-                return s.reply(pc_id, &rsp, None).await;
-            }
-            queries.push(out);
         }
+        let mut out = Vec::with_capacity(identifier.len() + 32);
+        if query.write_dataset_with_ts(&mut out, ts).is_err() {
+            let rsp = cmd.response(
+                command::STATUS_UNABLE_TO_PROCESS,
+                Some("identifier cannot be encoded"),
+            );
+            return s.reply(pc_id, &rsp, None).await;
+        }
+        queries.push(out);
     }
     let n = queries.len();
     for (k, upstream_identifier) in queries.into_iter().enumerate() {
@@ -118,8 +138,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             s,
             pc_id,
             &cmd,
-            &allowed.filter,
-            added_patient_key,
+            &allowed,
+            (added_patient_key, added_study_key),
             ts,
             k + 1 == n,
         )
@@ -144,13 +164,14 @@ async fn relay_responses(
     s: &mut Session,
     pc_id: u8,
     cmd: &Command,
-    filter: &PatientFilter,
-    strip_patient_id: bool,
+    allowed: &Allowed,
+    (strip_patient_id, strip_study_uid): (bool, bool),
     ts: &'static TransferSyntax,
     last: bool,
 ) -> Step {
     let limits = s.ctx.cfg.limits.clone();
-    let (mut relayed, mut dropped) = (0usize, 0usize);
+    let ctx = s.ctx.clone();
+    let (mut relayed, mut dropped, mut outside) = (0usize, 0usize, 0usize);
     loop {
         // Never wait on the PACS with matches held back for the client.
         if !s.pacs.has_input_at_hand()
@@ -239,6 +260,16 @@ async fn relay_responses(
                 status = format!("{status:#06x}"),
                 "C-FIND done"
             );
+            if outside > 0 {
+                audit::record(
+                    "dimse",
+                    s.id,
+                    Some(&s.principal),
+                    "C-FIND",
+                    Outcome::Allowed,
+                    &format!("{outside} match(es) outside the token's study restriction withheld"),
+                );
+            }
             if dropped > 0 {
                 audit::record(
                     "dimse",
@@ -268,7 +299,7 @@ async fn relay_responses(
             continue;
         };
         let admitted = match crate::dataset::patient_id(&data, ts) {
-            Ok(pid) => filter.admits(pid.as_deref()),
+            Ok(pid) => allowed.filter.admits(pid.as_deref()),
             Err(_) => false,
         };
         if !admitted {
@@ -279,11 +310,35 @@ async fn relay_responses(
             );
             continue;
         }
-        let out = if strip_patient_id {
+        if !matches!(allowed.studies, StudyGate::Open) {
+            let study = crate::dataset::top_level_text(&data, ts, tags::STUDY_INSTANCE_UID)
+                .ok()
+                .flatten();
+            if !ctx
+                .policy
+                .admits_result(
+                    &s.principal,
+                    allowed,
+                    study.as_deref(),
+                    &*ctx.lookup,
+                    &*ctx.trust,
+                )
+                .await
+            {
+                outside += 1;
+                continue;
+            }
+        }
+        let out = if strip_patient_id || strip_study_uid {
             let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
                 .ok()
                 .and_then(|mut obj| {
-                    obj.remove_element(tags::PATIENT_ID);
+                    if strip_patient_id {
+                        obj.remove_element(tags::PATIENT_ID);
+                    }
+                    if strip_study_uid {
+                        obj.remove_element(tags::STUDY_INSTANCE_UID);
+                    }
                     let mut out = Vec::with_capacity(data.len());
                     obj.write_dataset_with_ts(&mut out, ts).ok().map(|_| out)
                 });

@@ -14,7 +14,7 @@ use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Decision, PatientFilter, RetrieveRequest, UidLevel};
+use crate::policy::{Allowed, Decision, RetrieveRequest, UidLevel};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
@@ -73,13 +73,13 @@ pub fn parse_retrieval(bytes: &[u8], ts: &TransferSyntax) -> Option<Retrieval> {
 
 /// Reads a retrieval identifier and asks the policy core. On refusal the client has been
 /// answered (with `refusal_status`) and `Err(flow)` says how the association goes on. On
-/// success: the identifier to send upstream, and the filter every instance must pass.
+/// success: the identifier to send upstream, and the decision every instance must pass.
 pub async fn authorize(
     s: &mut Session,
     pc_id: u8,
     cmd: &Command,
     op: &str,
-) -> Result<(Vec<u8>, PatientFilter), Flow> {
+) -> Result<(Vec<u8>, Allowed), Flow> {
     let (bytes, ts) = s.read_identifier(pc_id, cmd).await?;
     let parsed = parse_retrieval(&bytes, ts).map(|r| (r, ts));
     let Some((mut r, ts)) = parsed else {
@@ -99,7 +99,13 @@ pub async fn authorize(
     let decision = s
         .ctx
         .policy
-        .decide_retrieve(&s.principal, &req, &*s.ctx.lookup, SystemTime::now())
+        .decide_retrieve(
+            &s.principal,
+            &req,
+            &*s.ctx.lookup,
+            &*s.ctx.trust,
+            SystemTime::now(),
+        )
         .await;
     let what = format!(
         "{op} level={} uids={}",
@@ -148,11 +154,11 @@ pub async fn authorize(
         }
         None => bytes,
     };
-    Ok((upstream, allowed.filter))
+    Ok((upstream, allowed))
 }
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
-    let (identifier, filter) = match authorize(s, pc_id, &cmd, "C-GET").await {
+    let (identifier, allowed) = match authorize(s, pc_id, &cmd, "C-GET").await {
         Ok(x) => x,
         Err(flow) => return flow,
     };
@@ -198,7 +204,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         s.pacs.expect_data(rpc, rsp.has_data_set());
         match rsp.field() {
             Some(command::C_STORE_RQ) => {
-                if let Flow::End = sub_store(s, rpc, rsp, &filter, &mut withheld).await {
+                if let Flow::End = sub_store(s, rpc, rsp, &allowed, &mut withheld).await {
                     return Flow::End;
                 }
             }
@@ -288,7 +294,7 @@ async fn sub_store(
     s: &mut Session,
     sub_pc: u8,
     sub: Command,
-    filter: &PatientFilter,
+    allowed: &Allowed,
     withheld: &mut usize,
 ) -> Flow {
     let wait = s.ctx.cfg.limits.upstream_timeout;
@@ -317,10 +323,10 @@ async fn sub_store(
             return to_pacs(s, sub_pc, &refuse(command::STATUS_CANNOT_UNDERSTAND)).await;
         }
     };
-    if !filter.admits(head.patient_id.as_deref()) {
+    if !allowed.admits_instance(head.patient_id.as_deref(), head.study_uid.as_deref()) {
         tracing::warn!(
             assoc = s.id,
-            "PACS sent an instance of another patient; withheld"
+            "PACS sent an instance of another patient or study; withheld"
         );
         if !head.last && instance::drain(&mut s.pacs, sub_pc, wait).await.is_err() {
             return s.abort_both().await;

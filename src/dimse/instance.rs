@@ -19,7 +19,9 @@ use std::time::Duration;
 pub const MAX_HEAD: usize = 1024 * 1024;
 
 /// The attributes an instance is judged by.
-pub const WANTED: [Tag; 3] = [
+pub const WANTED: [Tag; 5] = [
+    tags::STUDY_DATE,
+    tags::MODALITY,
     tags::PATIENT_ID,
     tags::STUDY_INSTANCE_UID,
     tags::SERIES_INSTANCE_UID,
@@ -33,6 +35,8 @@ pub struct Head {
     pub patient_id: Option<String>,
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
+    pub study_date: Option<String>,
+    pub modality: Option<String>,
 }
 
 pub enum HeadError {
@@ -69,9 +73,13 @@ pub async fn read_head(
         match scan_prefix(&bytes, ts, &WANTED, last) {
             Ok(p) if p.complete => {
                 let mut v = p.values.into_iter();
+                let study_date = v.next().flatten();
+                let modality = v.next().flatten();
                 return Ok(Head {
                     bytes,
                     last,
+                    study_date,
+                    modality,
                     patient_id: v.next().flatten(),
                     study_uid: uid(v.next().flatten()),
                     series_uid: uid(v.next().flatten()),

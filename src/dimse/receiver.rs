@@ -17,7 +17,7 @@ use super::peer::{Incoming, Peer, read_pdu, write_pdu};
 use super::{Ctx, PDU_SLACK, assoc, send_reject};
 use crate::audit::{self, Outcome};
 use crate::config::Destination;
-use crate::policy::PatientFilter;
+use crate::policy::Allowed;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -40,7 +40,7 @@ const MAX_MOVES: usize = 1024;
 /// Where the instances of one C-MOVE go, and what they must be.
 pub struct Route {
     pub destination: Destination,
-    pub filter: PatientFilter,
+    pub allowed: Allowed,
     /// The client's AE title and message ID, shown to the destination as the move originator.
     pub client_ae: String,
     pub client_message_id: u16,
@@ -358,7 +358,10 @@ impl Receiver {
                         .await;
             }
         };
-        if !route.filter.admits(head.patient_id.as_deref()) {
+        if !route
+            .allowed
+            .admits_instance(head.patient_id.as_deref(), head.study_uid.as_deref())
+        {
             route.withheld.fetch_add(1, Ordering::Relaxed);
             audit::record(
                 "dimse",

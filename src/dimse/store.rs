@@ -65,11 +65,19 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         patient_id: head.patient_id.as_deref(),
         study_uid: head.study_uid.as_deref(),
         series_uid: head.series_uid.as_deref(),
+        modality: head.modality.as_deref(),
+        study_date: head.study_date.as_deref(),
     };
     let decision = s
         .ctx
         .policy
-        .decide_store(&s.principal, &req, &*s.ctx.lookup, SystemTime::now())
+        .decide_store(
+            &s.principal,
+            &req,
+            &*s.ctx.lookup,
+            &*s.ctx.trust,
+            SystemTime::now(),
+        )
         .await;
     let study = head.study_uid.clone().unwrap_or_default();
     let series = head.series_uid.clone();

@@ -4,15 +4,17 @@
 //! Owns: what SMART scopes permit (imaging read = `r`+`s`, write = `c`, on ImagingStudy or `*`),
 //! patient-level versus user/system-level access (`[policy] user_level`), token expiry on every
 //! operation, the mapping of the token's patient to DICOM patient identities (`[patients] map`),
-//! how a patient-scoped query is narrowed, and whether a PatientID found in data belongs to the
-//! caller. Must not know sockets, PDUs or HTTP: front ends translate their protocol into an
+//! how a patient-scoped query is narrowed, whether a PatientID found in data belongs to the
+//! caller, and which studies the caller may reach (granular scope constraints judged on a study's
+//! Modality and StudyDate, launch-context studies, and for `user_level = "ehr-check"` the EHR's
+//! answer to the caller's own token, cached per token and study). Must not know sockets, PDUs or HTTP: front ends translate their protocol into an
 //! `Action` and apply the `Decision`.
 
 pub mod mapping;
 
 use crate::config::{Config, PatientMap, UserLevel};
-use crate::trust::Principal;
-use crate::trust::scopes::Level;
+use crate::trust::scopes::{Constraint, Level};
+use crate::trust::{ContextStudy, Principal};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +68,15 @@ pub enum UidLevel {
     Instance,
 }
 
+/// What a study restriction is judged on, as the PACS holds it for a study.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StudyFacts {
+    /// ModalitiesInStudy (or, for an instance being stored, its Modality).
+    pub modalities: Vec<String>,
+    /// StudyDate, `YYYYMMDD`.
+    pub study_date: Option<String>,
+}
+
 /// Who a study, series or instance belongs to, as the PACS holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -73,6 +84,75 @@ pub struct Owner {
     pub issuer: Option<String>,
     pub study_uid: String,
     pub series_uid: Option<String>,
+    /// The study's facts, when the look-up was at study level.
+    pub facts: Option<StudyFacts>,
+}
+
+/// Which studies a caller may reach, beyond its patient filter: the granular constraints of
+/// its scopes, the studies of its launch context, and (for `user_level = "ehr-check"`) what the
+/// EHR shows the caller's own token. All that apply must hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StudyRule {
+    /// Every group must be met by one of its alternatives, and an alternative by all of its
+    /// constraints (one group per interaction needed: a read needs `r` and `s`, which may come
+    /// from different scopes). No groups: the scopes restrict nothing.
+    pub scope_groups: Vec<Vec<Vec<Constraint>>>,
+    /// The launch context's studies, when the issuer treats launch context as a restriction.
+    pub context: Option<Vec<String>>,
+    /// The EHR must return the study to the caller's own token.
+    pub ehr: bool,
+}
+
+impl StudyRule {
+    pub fn is_open(&self) -> bool {
+        self.scope_groups.is_empty() && self.context.is_none() && !self.ehr
+    }
+
+    /// Whether judging the scopes needs the study's attributes (a UID constraint does not).
+    fn needs_facts(&self) -> bool {
+        self.scope_groups
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|c| !matches!(c, Constraint::StudyUid(_)))
+    }
+
+    fn scopes_admit(&self, uid: &str, facts: &StudyFacts) -> bool {
+        self.scope_groups.iter().all(|group| {
+            group
+                .iter()
+                .any(|alt| alt.iter().all(|c| constraint_holds(c, uid, facts)))
+        })
+    }
+}
+
+/// A granular-scope constraint evaluated on a study's DICOM attributes. A study without the
+/// attribute does not meet it.
+fn constraint_holds(c: &Constraint, uid: &str, facts: &StudyFacts) -> bool {
+    match c {
+        Constraint::Modality(codes) => facts
+            .modalities
+            .iter()
+            .any(|m| codes.iter().any(|c| c == m)),
+        Constraint::Started(tests) => facts
+            .study_date
+            .as_deref()
+            .map(|d| d.trim_matches(' '))
+            .is_some_and(|d| tests.iter().any(|t| t.passes(d))),
+        Constraint::StudyUid(uids) => uids.iter().any(|u| u == uid),
+    }
+}
+
+/// The study condition an allowed action carries to its front end.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StudyGate {
+    /// No study restriction.
+    #[default]
+    Open,
+    /// Each result's study must be checked ([`Policy::admits_result`]).
+    Check(Arc<StudyRule>),
+    /// Only data of these studies (a retrieval whose studies were already judged).
+    Within(Vec<String>),
 }
 
 /// The future an [`OwnerLookup`] returns.
@@ -89,10 +169,16 @@ pub trait OwnerLookup: Send + Sync {
 pub type DirectoryFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, String>> + Send + 'a>>;
 
-/// Fetches a patient's FHIR resource from the EHR of an issuer (with the gateway's own
-/// credentials). Implemented by the trust core; the policy core only picks identifiers.
-pub trait PatientDirectory: Send + Sync {
+/// What the policy core asks of an issuer's EHR. Implemented by the trust core; the policy
+/// core only judges the answers. `Ok(None)`: the EHR has nothing (or refused) for this.
+pub trait EhrDirectory: Send + Sync {
+    /// `GET {fhir_base_url}/Patient/{id}` with the gateway's own credentials.
     fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> DirectoryFuture<'a>;
+    /// `GET {fhir_base_url}/ImagingStudy/{id}` with the gateway's own credentials.
+    fn imaging_study<'a>(&'a self, issuer: &'a str, id: &'a str) -> DirectoryFuture<'a>;
+    /// `GET {fhir_base_url}/ImagingStudy?identifier=urn:oid:{uid}` with the caller's own token:
+    /// the search Bundle, `None` when the EHR refuses the caller (401/403).
+    fn studies_seen_by<'a>(&'a self, p: &'a Principal, study_uid: &'a str) -> DirectoryFuture<'a>;
 }
 
 /// The most UIDs one request may name; a request naming more is refused (bounded work).
@@ -116,6 +202,9 @@ pub struct StoreRequest<'a> {
     pub patient_id: Option<&'a str>,
     pub study_uid: Option<&'a str>,
     pub series_uid: Option<&'a str>,
+    /// Modality and StudyDate, for scope constraints on writes.
+    pub modality: Option<&'a str>,
+    pub study_date: Option<&'a str>,
 }
 
 /// What the caller asks to do, in protocol-neutral terms.
@@ -145,6 +234,32 @@ pub struct Allowed {
     pub query_patient_ids: Vec<String>,
     /// Every result must pass this filter before it reaches the caller.
     pub filter: PatientFilter,
+    /// And every result's study this gate.
+    pub studies: StudyGate,
+}
+
+impl Allowed {
+    fn new(filter: PatientFilter) -> Allowed {
+        Allowed {
+            query_patient_ids: Vec::new(),
+            filter,
+            studies: StudyGate::Open,
+        }
+    }
+
+    /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation)
+    /// may reach the caller: its patient must pass the filter and its study the gate.
+    pub fn admits_instance(&self, patient_id: Option<&str>, study_uid: Option<&str>) -> bool {
+        self.filter.admits(patient_id)
+            && match &self.studies {
+                StudyGate::Open => true,
+                StudyGate::Within(uids) => study_uid
+                    .map(|u| u.trim_end_matches(['\0', ' ']))
+                    .is_some_and(|u| uids.iter().any(|x| x == u)),
+                // Sub-operations come only from retrievals, which are judged per study.
+                StudyGate::Check(_) => false,
+            }
+    }
 }
 
 /// Why an action was refused. Safe to log; never holds a token.
@@ -176,6 +291,11 @@ pub enum Denial {
     ForeignStudy,
     /// The token's patient maps to no DICOM identity.
     Unmapped,
+    /// A study the request reaches is outside what the token allows (granular scope
+    /// constraints, launch context, or what the EHR shows the caller).
+    OutsideStudies,
+    /// The EHR could not be asked whether the caller may see a study: fail closed.
+    EhrUnavailable,
 }
 
 impl fmt::Display for Denial {
@@ -219,6 +339,14 @@ impl fmt::Display for Denial {
                 f,
                 "the token's patient maps to no DICOM patient (patients.map)"
             ),
+            Denial::OutsideStudies => write!(
+                f,
+                "a study of the request is outside the token's restrictions (scope constraints, launch context or EHR)"
+            ),
+            Denial::EhrUnavailable => write!(
+                f,
+                "the EHR could not be asked whether the caller may see the study"
+            ),
         }
     }
 }
@@ -226,8 +354,10 @@ impl fmt::Display for Denial {
 /// What a principal's token permits, before any particular request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {
-    pub read: bool,
-    pub write: bool,
+    /// Read (`r` and `s`) and under which study restriction; `None`: no read.
+    pub read: Option<StudyRule>,
+    /// Write (`c`, with `policy.write`) and under which study restriction.
+    pub write: Option<StudyRule>,
     pub patients: PatientFilter,
 }
 
@@ -240,6 +370,8 @@ const OWNER_CACHE_ENTRIES: u64 = 20_000;
 /// A patient's identifiers are looked up again after this long.
 const FHIR_TTL: Duration = Duration::from_secs(300);
 const FHIR_CACHE_ENTRIES: u64 = 50_000;
+/// The EHR's answers on whether a caller may see a study, at most this many.
+const EHR_CACHE_ENTRIES: u64 = 100_000;
 
 /// The policy core.
 pub struct Policy {
@@ -250,6 +382,10 @@ pub struct Policy {
     table: Option<mapping::TableSource>,
     /// FHIR Patient resources by (issuer, patient id), when `map = "fhir"`.
     fhir_cache: moka::future::Cache<(String, String), Arc<serde_json::Value>>,
+    /// Study Instance UIDs of launch-context ImagingStudy references, by (issuer, id).
+    context_cache: moka::future::Cache<(String, String), String>,
+    /// The EHR's answer for (digest of the caller's token, study UID).
+    ehr_cache: moka::future::Cache<([u8; 32], String), bool>,
     /// The C-MOVE destinations clients may name.
     destinations: Vec<crate::config::Destination>,
     /// Positive ownership answers only: an unknown UID may be stored a moment later.
@@ -271,6 +407,14 @@ impl Policy {
                 .max_capacity(FHIR_CACHE_ENTRIES)
                 .time_to_live(FHIR_TTL)
                 .build(),
+            context_cache: moka::future::Cache::builder()
+                .max_capacity(FHIR_CACHE_ENTRIES)
+                .time_to_live(FHIR_TTL)
+                .build(),
+            ehr_cache: moka::future::Cache::builder()
+                .max_capacity(EHR_CACHE_ENTRIES)
+                .time_to_live(cfg.policy.ehr_check_cache)
+                .build(),
             owners: moka::future::Cache::builder()
                 .max_capacity(OWNER_CACHE_ENTRIES)
                 .time_to_live(OWNER_TTL)
@@ -289,10 +433,21 @@ impl Policy {
         if let Some(o) = self.owners.get(&key).await {
             return Ok(Some(o));
         }
+        self.look_up(lookup, level, uid).await
+    }
+
+    async fn look_up(
+        &self,
+        lookup: &dyn OwnerLookup,
+        level: UidLevel,
+        uid: &str,
+    ) -> Result<Option<Arc<Owner>>, Denial> {
         match lookup.owner(level, uid).await {
             Ok(Some(o)) => {
                 let o = Arc::new(o);
-                self.owners.insert(key, o.clone()).await;
+                self.owners
+                    .insert((level, uid.to_string()), o.clone())
+                    .await;
                 Ok(Some(o))
             }
             Ok(None) => Ok(None),
@@ -300,6 +455,20 @@ impl Policy {
                 tracing::warn!(level = ?level, error = %e, "ownership lookup failed; denying");
                 Err(Denial::LookupFailed)
             }
+        }
+    }
+
+    /// A study's owner together with its facts (a cached owner recorded by a store has none:
+    /// then the PACS is asked).
+    async fn study_with_facts(
+        &self,
+        lookup: &dyn OwnerLookup,
+        uid: &str,
+    ) -> Result<Option<Arc<Owner>>, Denial> {
+        match self.owner(lookup, UidLevel::Study, uid).await? {
+            Some(o) if o.facts.is_some() => Ok(Some(o)),
+            Some(_) => self.look_up(lookup, UidLevel::Study, uid).await,
+            None => Ok(None),
         }
     }
 
@@ -327,6 +496,7 @@ impl Policy {
                 issuer: None,
                 study_uid: study_uid.to_string(),
                 series_uid: series.map(str::to_string),
+                facts: None,
             })
         };
         self.owners
@@ -339,34 +509,126 @@ impl Policy {
         }
     }
 
+    /// Whether a study passes a rule. `facts`: the study's facts when the caller has them (an
+    /// instance being stored); otherwise they are looked up when a scope constraint needs them.
+    async fn admits_study(
+        &self,
+        p: &Principal,
+        rule: &StudyRule,
+        uid: &str,
+        facts: Option<&StudyFacts>,
+        lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
+    ) -> Result<bool, Denial> {
+        if let Some(ctx) = &rule.context
+            && !ctx.iter().any(|u| u == uid)
+        {
+            return Ok(false);
+        }
+        if !rule.scope_groups.is_empty() {
+            let looked_up;
+            let facts = match facts {
+                Some(f) => f,
+                None if !rule.needs_facts() => &EMPTY_FACTS,
+                None => match self.study_with_facts(lookup, uid).await? {
+                    Some(o) => {
+                        looked_up = o;
+                        looked_up.facts.as_ref().unwrap_or(&EMPTY_FACTS)
+                    }
+                    None => return Ok(false),
+                },
+            };
+            if !rule.scopes_admit(uid, facts) {
+                return Ok(false);
+            }
+        }
+        if rule.ehr {
+            return self.ehr_shows(p, uid, ehr).await;
+        }
+        Ok(true)
+    }
+
+    /// Whether the EHR returns the study to the caller's own token; answers (yes and no) are
+    /// cached per token and study, failures are not.
+    async fn ehr_shows(
+        &self,
+        p: &Principal,
+        uid: &str,
+        ehr: &dyn EhrDirectory,
+    ) -> Result<bool, Denial> {
+        let key = (p.bearer.digest(), uid.to_string());
+        if let Some(v) = self.ehr_cache.get(&key).await {
+            return Ok(v);
+        }
+        let shown = match ehr.studies_seen_by(p, uid).await {
+            Ok(Some(bundle)) => bundle_has_study(&bundle, uid),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(issuer = %p.issuer, error = %e, "EHR study check failed; denying");
+                return Err(Denial::EhrUnavailable);
+            }
+        };
+        self.ehr_cache.insert(key, shown).await;
+        Ok(shown)
+    }
+
+    /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
+    /// caller under the decision's study gate. A result without a study UID passes only an
+    /// open gate; any failure to judge withholds the result.
+    pub async fn admits_result(
+        &self,
+        p: &Principal,
+        allowed: &Allowed,
+        study_uid: Option<&str>,
+        lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
+    ) -> bool {
+        let uid = study_uid
+            .map(|u| u.trim_end_matches(['\0', ' ']))
+            .filter(|u| !u.is_empty());
+        match (&allowed.studies, uid) {
+            (StudyGate::Open, _) => true,
+            (_, None) => false,
+            (StudyGate::Within(uids), Some(u)) => uids.iter().any(|x| x == u),
+            (StudyGate::Check(rule), Some(u)) => matches!(
+                self.admits_study(p, rule, u, None, lookup, ehr).await,
+                Ok(true)
+            ),
+        }
+    }
+
     /// Decides a retrieval: every UID named is resolved against the PACS and must belong to an
-    /// allowed patient (and to the study or series it is named under); the decision is made on
-    /// what the UIDs resolve to, never on a PatientID key the caller sent. At PATIENT level the
-    /// PatientID key is narrowed like a query's.
+    /// allowed patient (and to the study or series it is named under), and every study reached
+    /// must pass the token's study restriction; the decision is made on what the UIDs resolve
+    /// to, never on a PatientID key the caller sent. At PATIENT level the PatientID key is
+    /// narrowed like a query's.
     pub async fn decide_retrieve(
         &self,
         p: &Principal,
         req: &RetrieveRequest<'_>,
         lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
         now: SystemTime,
     ) -> Decision {
         let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
-        if !access.read {
+        let Some(rule) = access.read else {
             return Decision::Deny(Denial::InsufficientScope(
                 "imaging read (patient/ImagingStudy.rs)",
             ));
-        }
+        };
         let Some(level) = req.level else {
+            if !rule.is_open() {
+                return Decision::Deny(Denial::BadIdentifier(
+                    "a study-restricted token retrieves by study, series or instance",
+                ));
+            }
             return match &access.patients {
                 PatientFilter::Any => match req.patient_id.map(|v| v.trim_matches(' ')) {
                     Some(v) if !v.is_empty() && !v.contains(['*', '?', '\\']) => {
-                        Decision::Allow(Allowed {
-                            query_patient_ids: Vec::new(),
-                            filter: PatientFilter::Any,
-                        })
+                        Decision::Allow(Allowed::new(PatientFilter::Any))
                     }
                     _ => Decision::Deny(Denial::BadIdentifier("PATIENT level needs one PatientID")),
                 },
@@ -398,6 +660,7 @@ impl Policy {
             (UidLevel::Series, &req.series_uids),
             (UidLevel::Instance, &req.instance_uids),
         ];
+        let mut studies: Vec<String> = Vec::new();
         for (l, uids) in groups {
             for uid in uids.iter() {
                 let owner = match self.owner(lookup, l, uid).await {
@@ -419,35 +682,50 @@ impl Policy {
                 if l != UidLevel::Study && !(under_study && under_series) {
                     return Decision::Deny(Denial::Hierarchy);
                 }
+                if !studies.contains(&owner.study_uid) {
+                    studies.push(owner.study_uid.clone());
+                }
             }
         }
-        Decision::Allow(Allowed {
-            query_patient_ids: Vec::new(),
-            filter: access.patients,
-        })
+        let mut allowed = Allowed::new(access.patients);
+        if !rule.is_open() {
+            // The whole request or nothing: never a partial study.
+            for uid in &studies {
+                match self.admits_study(p, &rule, uid, None, lookup, ehr).await {
+                    Ok(true) => {}
+                    Ok(false) => return Decision::Deny(Denial::OutsideStudies),
+                    Err(d) => return Decision::Deny(d),
+                }
+            }
+            allowed.studies = StudyGate::Within(studies);
+        }
+        Decision::Allow(allowed)
     }
 
     /// Decides a store: the token must grant write, the instance's PatientID must be an allowed
-    /// patient's, and a study or series it names that the PACS already holds must be that
-    /// patient's too (no writing into another patient's study).
+    /// patient's, a study or series it names that the PACS already holds must be that
+    /// patient's too (no writing into another patient's study), and the instance must pass the
+    /// write scope's study restriction (judged on the instance's own Modality and StudyDate).
     pub async fn decide_store(
         &self,
         p: &Principal,
         req: &StoreRequest<'_>,
         lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
         now: SystemTime,
     ) -> Decision {
         let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
-        if !access.write {
+        let Some(rule) = access.write else {
             return Decision::Deny(Denial::NoWrite);
-        }
+        };
         let pid = req.patient_id.map(|v| v.trim_matches(' ')).unwrap_or("");
         if pid.is_empty() || pid.contains('\\') || !access.patients.admits(Some(pid)) {
             return Decision::Deny(Denial::ForeignPatient);
         }
+        let mut study = "";
         for (l, uid) in [
             (UidLevel::Study, req.study_uid),
             (UidLevel::Series, req.series_uid),
@@ -460,6 +738,9 @@ impl Policy {
                     "the instance has no study or series UID",
                 ));
             };
+            if l == UidLevel::Study {
+                study = uid;
+            }
             match self.owner(lookup, l, uid).await {
                 Ok(None) => {}
                 Ok(Some(o)) => {
@@ -470,13 +751,30 @@ impl Policy {
                 Err(d) => return Decision::Deny(d),
             }
         }
-        Decision::Allow(Allowed {
-            query_patient_ids: Vec::new(),
-            filter: access.patients,
-        })
+        if !rule.is_open() {
+            let facts = StudyFacts {
+                modalities: req
+                    .modality
+                    .map(|m| m.trim_matches([' ', '\0']).to_string())
+                    .into_iter()
+                    .filter(|m| !m.is_empty())
+                    .collect(),
+                study_date: req
+                    .study_date
+                    .map(|d| d.trim_matches([' ', '\0']).to_string()),
+            };
+            match self
+                .admits_study(p, &rule, study, Some(&facts), lookup, ehr)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Decision::Deny(Denial::OutsideStudies),
+                Err(d) => return Decision::Deny(d),
+            }
+        }
+        Decision::Allow(Allowed::new(access.patients))
     }
 
-    /// The DICOM identities of the token's patient.
     /// The DICOM identities of the patient the token names: `None` without patient context,
     /// an empty list when the patient maps to nothing (which grants nothing).
     fn map_patient(&self, p: &Principal) -> Option<Vec<DicomPatient>> {
@@ -512,10 +810,36 @@ impl Policy {
         }
     }
 
-    /// Fetches what the mapping needs from the EHR before decisions are made (for
-    /// `map = "fhir"`: the Patient resource, cached). A failed look-up leaves the principal
-    /// mapped to nothing, which grants nothing.
-    pub async fn prepare(&self, p: &mut Principal, directory: &dyn PatientDirectory) {
+    /// Fetches what decisions need from the EHR before they are made: for `map = "fhir"` the
+    /// Patient resource, and the Study Instance UIDs of launch-context ImagingStudy references
+    /// (both cached). A failed look-up leaves the principal mapped to nothing, or its context
+    /// study unknown; either grants nothing.
+    pub async fn prepare(&self, p: &mut Principal, ehr: &dyn EhrDirectory) {
+        if let Some(studies) = p.launch_studies.as_mut() {
+            for s in studies.iter_mut() {
+                let ContextStudy::Reference(id) = s else {
+                    continue;
+                };
+                let key = (p.issuer.clone(), id.clone());
+                *s = match self.context_cache.get(&key).await {
+                    Some(uid) => ContextStudy::Uid(uid),
+                    None => match ehr.imaging_study(&p.issuer, id).await {
+                        Ok(Some(r)) => match study_uid_of(&r) {
+                            Some(uid) => {
+                                self.context_cache.insert(key, uid.clone()).await;
+                                ContextStudy::Uid(uid)
+                            }
+                            None => ContextStudy::Unknown,
+                        },
+                        Ok(None) => ContextStudy::Unknown,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "launch-context ImagingStudy look-up failed; it grants nothing");
+                            ContextStudy::Unknown
+                        }
+                    },
+                };
+            }
+        }
         if !matches!(self.map, PatientMap::Fhir { .. }) {
             return;
         }
@@ -525,7 +849,7 @@ impl Policy {
             p.fhir_patient = Some(Some(r));
             return;
         }
-        p.fhir_patient = Some(match directory.patient(&p.issuer, &id).await {
+        p.fhir_patient = Some(match ehr.patient(&p.issuer, &id).await {
             Ok(Some(r)) => {
                 let r = Arc::new(r);
                 self.fhir_cache.insert(key, r.clone()).await;
@@ -549,53 +873,85 @@ impl Policy {
 
     /// What the principal may do at all, or why it may do nothing.
     pub fn access(&self, p: &Principal) -> Result<Access, Denial> {
-        let patient_perms = p.scopes.granted(Level::Patient, IMAGING);
-        let mut user_perms = p.scopes.granted(Level::User, IMAGING);
-        let system_perms = p.scopes.granted(Level::System, IMAGING);
-        user_perms.read |= system_perms.read;
-        user_perms.search |= system_perms.search;
-        user_perms.create |= system_perms.create;
+        const PATIENT: &[Level] = &[Level::Patient];
+        const USER: &[Level] = &[Level::User, Level::System];
+        let read_at = |levels: &[Level]| {
+            let r = group(p.scopes.grants(levels, IMAGING, |x| x.read))?;
+            let s = group(p.scopes.grants(levels, IMAGING, |x| x.search))?;
+            Some(
+                [r, s]
+                    .into_iter()
+                    .filter(|g| !g.is_empty())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let write_at = |levels: &[Level]| {
+            if !self.write {
+                return None;
+            }
+            let c = group(p.scopes.grants(levels, IMAGING, |x| x.create))?;
+            Some(
+                [c].into_iter()
+                    .filter(|g| !g.is_empty())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // Launch-context studies, when the issuer asked for them to restrict; a reference not
+        // resolved (yet) admits nothing.
+        let context: Option<Vec<String>> = p.launch_studies.as_ref().map(|v| {
+            v.iter()
+                .filter_map(|s| match s {
+                    ContextStudy::Uid(u) => Some(u.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        let rule = |groups: Vec<Vec<Vec<Constraint>>>, ehr: bool| StudyRule {
+            scope_groups: groups,
+            context: context.clone(),
+            ehr,
+        };
+        let (pr, pw) = (read_at(PATIENT), write_at(PATIENT));
+        let (ur, uw) = (read_at(USER), write_at(USER));
 
         // Patient-level scopes apply to the patient in context, and to nobody else.
         let mapped = self.map_patient(p);
-        if let Some(ids) = &mapped {
-            let read = patient_perms.read && patient_perms.search;
-            let write = self.write && patient_perms.create;
-            if read || write {
-                if self.user_level == UserLevel::Allow && (user_perms.read && user_perms.search) {
-                    // A clinician tool with user scopes and a patient selected: user-level access
-                    // is what the configuration allows it.
-                    return Ok(Access {
-                        read: true,
-                        write: write || (self.write && user_perms.create),
-                        patients: PatientFilter::Any,
-                    });
-                }
-                if ids.is_empty() {
-                    return Err(Denial::Unmapped);
-                }
+        if let Some(ids) = &mapped
+            && (pr.is_some() || pw.is_some())
+        {
+            if self.user_level == UserLevel::Allow
+                && let Some(ur) = ur
+            {
+                // A clinician tool with user scopes and a patient selected: user-level access
+                // is what the configuration allows it.
                 return Ok(Access {
-                    read,
-                    write,
-                    patients: PatientFilter::Only(ids.clone()),
+                    read: Some(rule(ur, false)),
+                    write: uw.or(pw).map(|g| rule(g, false)),
+                    patients: PatientFilter::Any,
                 });
             }
+            if ids.is_empty() {
+                return Err(Denial::Unmapped);
+            }
+            return Ok(Access {
+                read: pr.map(|g| rule(g, false)),
+                write: pw.map(|g| rule(g, false)),
+                patients: PatientFilter::Only(ids.clone()),
+            });
         }
-        let user_read = user_perms.read && user_perms.search;
-        let user_write = self.write && user_perms.create;
-        if user_read || user_write {
-            return match self.user_level {
-                UserLevel::Allow => Ok(Access {
-                    read: user_read,
-                    write: user_write,
-                    patients: PatientFilter::Any,
-                }),
-                UserLevel::Deny => Err(Denial::UserLevelNotAllowed),
+        if ur.is_some() || uw.is_some() {
+            let ehr = match self.user_level {
+                UserLevel::Allow => false,
+                UserLevel::EhrCheck => true,
+                UserLevel::Deny => return Err(Denial::UserLevelNotAllowed),
             };
+            return Ok(Access {
+                read: ur.map(|g| rule(g, ehr)),
+                write: uw.map(|g| rule(g, ehr)),
+                patients: PatientFilter::Any,
+            });
         }
-        let patient_level_grant =
-            (patient_perms.read && patient_perms.search) || patient_perms.create;
-        if mapped.is_none() && patient_level_grant {
+        if mapped.is_none() && (pr.is_some() || pw.is_some()) {
             return Err(Denial::NoPatientContext);
         }
         Err(Denial::InsufficientScope(
@@ -610,26 +966,77 @@ impl Policy {
             Err(d) => return Decision::Deny(d),
         };
         match action {
-            Action::Connect | Action::Echo => Decision::Allow(Allowed {
-                query_patient_ids: Vec::new(),
-                filter: access.patients,
-            }),
+            Action::Connect | Action::Echo => Decision::Allow(Allowed::new(access.patients)),
             Action::Query { patient_id } => {
-                if !access.read {
+                let Some(rule) = access.read else {
                     return Decision::Deny(Denial::InsufficientScope(
                         "imaging read (patient/ImagingStudy.rs)",
                     ));
-                }
-                match &access.patients {
-                    PatientFilter::Any => Decision::Allow(Allowed {
-                        query_patient_ids: Vec::new(),
-                        filter: PatientFilter::Any,
-                    }),
+                };
+                let decision = match &access.patients {
+                    PatientFilter::Any => Decision::Allow(Allowed::new(PatientFilter::Any)),
                     PatientFilter::Only(ids) => narrow_query(ids, patient_id, &access.patients),
+                };
+                match decision {
+                    Decision::Allow(mut a) if !rule.is_open() => {
+                        a.studies = StudyGate::Check(Arc::new(rule));
+                        Decision::Allow(a)
+                    }
+                    d => d,
                 }
             }
         }
     }
+}
+
+static EMPTY_FACTS: StudyFacts = StudyFacts {
+    modalities: Vec::new(),
+    study_date: None,
+};
+
+/// One interaction's scope alternatives as a constraint group: empty when some scope grants
+/// it without constraints.
+fn group(alts: Option<Vec<Vec<Constraint>>>) -> Option<Vec<Vec<Constraint>>> {
+    alts.map(|a| {
+        if a.iter().any(Vec::is_empty) {
+            Vec::new()
+        } else {
+            a
+        }
+    })
+}
+
+/// The Study Instance UID an ImagingStudy resource names (identifier system `urn:dicom:uid`,
+/// value `urn:oid:{uid}`).
+pub fn study_uid_of(r: &serde_json::Value) -> Option<String> {
+    if r.get("resourceType").and_then(|t| t.as_str()) != Some("ImagingStudy") {
+        return None;
+    }
+    r.get("identifier")?.as_array()?.iter().find_map(|id| {
+        let system = id.get("system").and_then(|s| s.as_str());
+        if system.is_some_and(|s| s != crate::trust::scopes::DICOM_UID_SYSTEM) {
+            return None;
+        }
+        id.get("value")?
+            .as_str()?
+            .strip_prefix("urn:oid:")
+            .map(str::to_string)
+    })
+}
+
+/// Whether an ImagingStudy search Bundle holds the study (the EHR may ignore a search
+/// parameter it does not support and return everything: each entry is checked).
+fn bundle_has_study(bundle: &serde_json::Value, uid: &str) -> bool {
+    bundle
+        .get("entry")
+        .and_then(|e| e.as_array())
+        .is_some_and(|entries| {
+            entries.iter().any(|e| {
+                e.get("resource")
+                    .and_then(study_uid_of)
+                    .is_some_and(|u| u == uid)
+            })
+        })
 }
 
 /// Narrows a query to the caller's patient: absent, empty or `*` becomes the caller's id; the
@@ -642,6 +1049,7 @@ fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientF
         Decision::Allow(Allowed {
             query_patient_ids: pids,
             filter: filter.clone(),
+            studies: StudyGate::Open,
         })
     };
     let value = requested.map(|v| v.trim_matches(' ')).unwrap_or("");
@@ -675,6 +1083,7 @@ ae_title = "ORTHANC"
 address = "127.0.0.1:4242"
 [[issuers]]
 issuer = "http://127.0.0.1:9400"
+fhir_base_url = "http://127.0.0.1:9400/fhir"
 [policy]
 user_level = "{user_level}"
 "#
@@ -698,6 +1107,8 @@ user_level = "{user_level}"
             token_id: "t".into(),
             claims: Arc::new(serde_json::json!({})),
             fhir_patient: None,
+            launch_studies: None,
+            bearer: crate::trust::Bearer::new(&format!("token-{scope}-{patient:?}")),
         }
     }
 
@@ -782,7 +1193,7 @@ user_level = "{user_level}"
             "patient/Observation.rs",
             "openid fhirUser",
             "patient/ImagingStudy.r",
-            "patient/ImagingStudy.rs?modality=CT",
+            "patient/ImagingStudy.rs?category=exam",
         ] {
             let d = pol.decide(&principal(s, Some("A")), Action::Connect, SystemTime::now());
             assert!(
@@ -875,11 +1286,21 @@ user_level = "{user_level}"
                     return Err("PACS down".to_string());
                 }
                 let o = |p: &str, st: &str, se: Option<&str>| {
+                    let facts = |m: &str, d: &str| StudyFacts {
+                        modalities: vec![m.to_string()],
+                        study_date: Some(d.to_string()),
+                    };
                     Some(Owner {
                         patient_id: p.into(),
                         issuer: None,
                         study_uid: st.into(),
                         series_uid: se.map(str::to_string),
+                        facts: match (se, st) {
+                            (Some(_), _) => None,
+                            (None, "S1") => Some(facts("CT", "20200115")),
+                            (None, "S2") => Some(facts("MR", "20210601")),
+                            (None, _) => Some(facts("CT", "20200115")),
+                        },
                     })
                 };
                 Ok(match (level, uid) {
@@ -891,6 +1312,53 @@ user_level = "{user_level}"
                     (UidLevel::Instance, "I1") => o("A", "S1", Some("R1")),
                     _ => None,
                 })
+            })
+        }
+    }
+
+    /// An EHR that shows the caller the studies in `visible` (by UID), knows ImagingStudy/ctx1
+    /// as study S1, and fails when `fail` is set. Counts the searches made with callers' tokens.
+    #[derive(Default)]
+    struct FakeEhr {
+        visible: Vec<&'static str>,
+        fail: bool,
+        searches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl EhrDirectory for FakeEhr {
+        fn patient<'a>(&'a self, _: &'a str, _: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async { Ok(None) })
+        }
+        fn imaging_study<'a>(&'a self, _: &'a str, id: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async move {
+                if self.fail {
+                    return Err("EHR down".into());
+                }
+                Ok((id == "ctx1").then(|| {
+                    serde_json::json!({"resourceType": "ImagingStudy", "id": "ctx1",
+                        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:S1"}]})
+                }))
+            })
+        }
+        fn studies_seen_by<'a>(&'a self, _: &'a Principal, uid: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async move {
+                self.searches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if self.fail {
+                    return Err("EHR down".into());
+                }
+                // Like a server that ignores the search parameter: every visible study comes
+                // back, and the gateway must pick.
+                let entries: Vec<_> = self
+                    .visible
+                    .iter()
+                    .map(|u| serde_json::json!({"resource": {"resourceType": "ImagingStudy",
+                        "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{u}")}]}}))
+                    .collect();
+                let _ = uid;
+                Ok(Some(
+                    serde_json::json!({"resourceType": "Bundle", "entry": entries}),
+                ))
             })
         }
     }
@@ -913,8 +1381,14 @@ user_level = "{user_level}"
     }
 
     async fn decide_r(pol: &Policy, p: &Principal, r: RetrieveRequest<'_>) -> Decision {
-        pol.decide_retrieve(p, &r, &FakePacs { fail: false }, SystemTime::now())
-            .await
+        pol.decide_retrieve(
+            p,
+            &r,
+            &FakePacs { fail: false },
+            &FakeEhr::default(),
+            SystemTime::now(),
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -998,6 +1472,7 @@ user_level = "{user_level}"
                 &a,
                 &retrieve(Some(Study), &["S4"], &[], &[], None),
                 &FakePacs { fail: true },
+                &FakeEhr::default(),
                 SystemTime::now(),
             )
             .await;
@@ -1008,6 +1483,7 @@ user_level = "{user_level}"
                 &a,
                 &retrieve(Some(Study), &["S1"], &[], &[], None),
                 &FakePacs { fail: true },
+                &FakeEhr::default(),
                 SystemTime::now(),
             )
             .await;
@@ -1023,41 +1499,67 @@ user_level = "{user_level}"
             patient_id: Some(pid),
             study_uid: Some(study),
             series_uid: Some(series),
+            modality: None,
+            study_date: None,
         };
         let now = SystemTime::now();
         assert!(matches!(
-            pol.decide_store(&w, &st("A", "S1", "R1"), &lookup, now)
+            pol.decide_store(&w, &st("A", "S1", "R1"), &lookup, &FakeEhr::default(), now)
                 .await,
             Decision::Allow(_)
         ));
         assert!(matches!(
-            pol.decide_store(&w, &st("A", "NEW", "NEWR"), &lookup, now)
-                .await,
+            pol.decide_store(
+                &w,
+                &st("A", "NEW", "NEWR"),
+                &lookup,
+                &FakeEhr::default(),
+                now
+            )
+            .await,
             Decision::Allow(_)
         ));
         assert_eq!(
-            pol.decide_store(&w, &st("B", "NEW", "NEWR"), &lookup, now)
-                .await,
+            pol.decide_store(
+                &w,
+                &st("B", "NEW", "NEWR"),
+                &lookup,
+                &FakeEhr::default(),
+                now
+            )
+            .await,
             Decision::Deny(Denial::ForeignPatient)
         );
         assert_eq!(
-            pol.decide_store(&w, &st("A", "S3", "NEWR"), &lookup, now)
-                .await,
+            pol.decide_store(
+                &w,
+                &st("A", "S3", "NEWR"),
+                &lookup,
+                &FakeEhr::default(),
+                now
+            )
+            .await,
             Decision::Deny(Denial::ForeignStudy)
         );
         assert_eq!(
-            pol.decide_store(&w, &st("A", "NEW", "R3"), &lookup, now)
+            pol.decide_store(&w, &st("A", "NEW", "R3"), &lookup, &FakeEhr::default(), now)
                 .await,
             Decision::Deny(Denial::ForeignStudy)
         );
         let r = principal("patient/ImagingStudy.rs", Some("A"));
         assert_eq!(
-            pol.decide_store(&r, &st("A", "S1", "R1"), &lookup, now)
+            pol.decide_store(&r, &st("A", "S1", "R1"), &lookup, &FakeEhr::default(), now)
                 .await,
             Decision::Deny(Denial::NoWrite)
         );
         let d = pol
-            .decide_store(&w, &st("A", "NEW2", "R"), &FakePacs { fail: true }, now)
+            .decide_store(
+                &w,
+                &st("A", "NEW2", "R"),
+                &FakePacs { fail: true },
+                &FakeEhr::default(),
+                now,
+            )
             .await;
         assert_eq!(d, Decision::Deny(Denial::LookupFailed));
     }
@@ -1136,5 +1638,360 @@ user_level = "{user_level}"
         assert!(pol.move_destination(Some("ws1")).is_none());
         assert!(pol.move_destination(Some("OTHER")).is_none());
         assert!(pol.move_destination(None).is_none());
+    }
+
+    /// What a read principal may reach among S1 (CT, 2020-01-15), S2 (MR, 2021-06-01) of
+    /// patient A: `Some(true)` allowed, `Some(false)` outside, per study.
+    async fn reach(pol: &Policy, p: &Principal, ehr: &FakeEhr) -> Vec<(&'static str, bool)> {
+        let mut out = Vec::new();
+        for st in ["S1", "S2"] {
+            let d = pol
+                .decide_retrieve(
+                    p,
+                    &retrieve(Some(UidLevel::Study), &[st], &[], &[], None),
+                    &FakePacs { fail: false },
+                    ehr,
+                    SystemTime::now(),
+                )
+                .await;
+            let q = match pol.decide(p, Action::Query { patient_id: None }, SystemTime::now()) {
+                Decision::Allow(a) => {
+                    pol.admits_result(p, &a, Some(st), &FakePacs { fail: false }, ehr)
+                        .await
+                }
+                Decision::Deny(_) => false,
+            };
+            match d {
+                Decision::Allow(_) => out.push((st, true)),
+                Decision::Deny(Denial::OutsideStudies) => out.push((st, false)),
+                other => panic!("{st}: {other:?}"),
+            }
+            // Queries and retrievals agree.
+            assert_eq!(
+                q,
+                out.last().unwrap().1,
+                "{st}: query and retrieval disagree"
+            );
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn granular_scope_constraints_narrow_studies() {
+        let pol = Policy::new(&cfg("deny"));
+        let ehr = FakeEhr::default();
+        for (scope, s1, s2) in [
+            ("patient/ImagingStudy.rs", true, true),
+            ("patient/ImagingStudy.rs?modality=CT", true, false),
+            ("patient/ImagingStudy.rs?modality=MR,US", false, true),
+            (
+                "patient/ImagingStudy.rs?modality=http://dicom.nema.org/resources/ontology/DCM|CT",
+                true,
+                false,
+            ),
+            ("patient/ImagingStudy.rs?modality=%7CMR", false, true),
+            ("patient/ImagingStudy.rs?started=ge2021", false, true),
+            ("patient/ImagingStudy.rs?started=lt2021-01", true, false),
+            ("patient/ImagingStudy.rs?started=2020-01-15", true, false),
+            ("patient/ImagingStudy.rs?started=ne2020-01-15", false, true),
+            ("patient/ImagingStudy.rs?started=gt2020-01-15", false, true),
+            ("patient/ImagingStudy.rs?started=le2020-01-15", true, false),
+            (
+                "patient/ImagingStudy.rs?started=eb2020,sa2021",
+                false,
+                false,
+            ),
+            (
+                "patient/ImagingStudy.rs?modality=CT&started=ge2021",
+                false,
+                false,
+            ),
+            (
+                "patient/ImagingStudy.rs?modality=CT patient/ImagingStudy.rs?started=ge2021",
+                true,
+                true,
+            ),
+            // read from one scope, search from another: both constraints apply
+            (
+                "patient/ImagingStudy.r?modality=CT patient/ImagingStudy.s",
+                true,
+                false,
+            ),
+            (
+                "patient/ImagingStudy.r?modality=CT patient/ImagingStudy.s?modality=MR",
+                false,
+                false,
+            ),
+            // a constraint the gateway cannot evaluate grants nothing, the others still do
+            (
+                "patient/ImagingStudy.rs?category=x patient/ImagingStudy.rs?modality=MR",
+                false,
+                true,
+            ),
+        ] {
+            let p = principal(scope, Some("A"));
+            assert_eq!(
+                reach(&pol, &p, &ehr).await,
+                vec![("S1", s1), ("S2", s2)],
+                "{scope}"
+            );
+        }
+        for scope in [
+            "patient/ImagingStudy.rs?category=x",
+            "patient/ImagingStudy.rs?modality:not=CT",
+            "patient/ImagingStudy.rs?modality=http://snomed.info/sct|77477000",
+            "patient/ImagingStudy.rs?started=ap2020",
+            "patient/ImagingStudy.rs?started=2020-01-15T10:00:00Z",
+            "patient/ImagingStudy.rs?identifier=http://hospital/acc|123",
+        ] {
+            let p = principal(scope, Some("A"));
+            assert!(
+                matches!(pol.access(&p), Err(Denial::InsufficientScope(_))),
+                "{scope}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn study_uid_constraint_and_sub_operations() {
+        let pol = Policy::new(&cfg("deny"));
+        let ehr = FakeEhr::default();
+        let p = principal(
+            "patient/ImagingStudy.rs?identifier=urn:dicom:uid|urn:oid:1.2.3",
+            Some("A"),
+        );
+        let a = match pol.decide(&p, Action::Query { patient_id: None }, SystemTime::now()) {
+            Decision::Allow(a) => a,
+            d => panic!("{d:?}"),
+        };
+        let lookup = FakePacs { fail: false };
+        assert!(
+            pol.admits_result(&p, &a, Some("1.2.3"), &lookup, &ehr)
+                .await
+        );
+        assert!(
+            !pol.admits_result(&p, &a, Some("1.2.4"), &lookup, &ehr)
+                .await
+        );
+        assert!(!pol.admits_result(&p, &a, None, &lookup, &ehr).await);
+        // A retrieval's sub-operations stay inside the studies it was decided on.
+        let p = principal("patient/ImagingStudy.rs?modality=CT", Some("A"));
+        let d = pol
+            .decide_retrieve(
+                &p,
+                &retrieve(Some(UidLevel::Instance), &[], &[], &["I1"], None),
+                &lookup,
+                &ehr,
+                SystemTime::now(),
+            )
+            .await;
+        let Decision::Allow(a) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(a.studies, StudyGate::Within(vec!["S1".into()]));
+        assert!(a.admits_instance(Some("A"), Some("S1")));
+        assert!(!a.admits_instance(Some("A"), Some("S2")));
+        assert!(!a.admits_instance(Some("A"), None));
+        assert!(!a.admits_instance(Some("B"), Some("S1")));
+        // Without a study restriction, nothing about studies is asked.
+        let open = principal("patient/ImagingStudy.rs", Some("A"));
+        let d = pol
+            .decide_retrieve(
+                &open,
+                &retrieve(Some(UidLevel::Study), &["S1"], &[], &[], None),
+                &lookup,
+                &ehr,
+                SystemTime::now(),
+            )
+            .await;
+        let Decision::Allow(a) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(a.studies, StudyGate::Open);
+        assert!(a.admits_instance(Some("A"), None));
+        // PATIENT level cannot be judged per study: refused.
+        let d = pol
+            .decide_retrieve(
+                &p,
+                &retrieve(None, &[], &[], &[], Some("A")),
+                &lookup,
+                &ehr,
+                SystemTime::now(),
+            )
+            .await;
+        assert!(
+            matches!(d, Decision::Deny(Denial::BadIdentifier(_))),
+            "{d:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn write_constraints_are_judged_on_the_instance() {
+        let pol = Policy::new(&cfg("deny"));
+        let ehr = FakeEhr::default();
+        let lookup = FakePacs { fail: false };
+        let w = principal(
+            "patient/ImagingStudy.c?modality=CT&started=ge2024",
+            Some("A"),
+        );
+        let st = |modality, date| StoreRequest {
+            patient_id: Some("A"),
+            study_uid: Some("NEW"),
+            series_uid: Some("NEWR"),
+            modality,
+            study_date: date,
+        };
+        let now = SystemTime::now();
+        assert!(matches!(
+            pol.decide_store(&w, &st(Some("CT"), Some("20240301")), &lookup, &ehr, now)
+                .await,
+            Decision::Allow(_)
+        ));
+        for (m, d) in [
+            (Some("MR"), Some("20240301")),
+            (Some("CT"), Some("20230301")),
+            (None, Some("20240301")),
+            (Some("CT"), None),
+        ] {
+            assert_eq!(
+                pol.decide_store(&w, &st(m, d), &lookup, &ehr, now).await,
+                Decision::Deny(Denial::OutsideStudies),
+                "{m:?} {d:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn launch_context_restricts_to_its_study() {
+        let pol = Policy::new(&cfg("deny"));
+        let ehr = FakeEhr::default();
+        let mut p = principal("patient/ImagingStudy.rs", Some("A"));
+        p.launch_studies = Some(vec![ContextStudy::Uid("S2".into())]);
+        assert_eq!(
+            reach(&pol, &p, &ehr).await,
+            vec![("S1", false), ("S2", true)]
+        );
+        // A reference is resolved through the EHR (with the gateway's own token).
+        let mut p = principal("patient/ImagingStudy.rs", Some("A"));
+        p.launch_studies = Some(vec![ContextStudy::Reference("ctx1".into())]);
+        assert_eq!(
+            reach(&pol, &p, &ehr).await,
+            vec![("S1", false), ("S2", false)],
+            "unresolved: nothing"
+        );
+        pol.prepare(&mut p, &ehr).await;
+        assert_eq!(p.launch_studies, Some(vec![ContextStudy::Uid("S1".into())]));
+        assert_eq!(
+            reach(&pol, &p, &ehr).await,
+            vec![("S1", true), ("S2", false)]
+        );
+        // An unknown reference, or an EHR that fails, leaves nothing.
+        for (id, fail) in [("nope", false), ("ctx2", true)] {
+            let mut p = principal("patient/ImagingStudy.rs", Some("A"));
+            p.launch_studies = Some(vec![ContextStudy::Reference(id.into())]);
+            let ehr = FakeEhr {
+                fail,
+                ..FakeEhr::default()
+            };
+            pol.prepare(&mut p, &ehr).await;
+            assert_eq!(p.launch_studies, Some(vec![ContextStudy::Unknown]));
+            assert_eq!(
+                reach(&pol, &p, &FakeEhr::default()).await,
+                vec![("S1", false), ("S2", false)]
+            );
+        }
+        // Constraints and context together: both must hold.
+        let mut p = principal("patient/ImagingStudy.rs?modality=MR", Some("A"));
+        p.launch_studies = Some(vec![ContextStudy::Uid("S1".into())]);
+        assert_eq!(
+            reach(&pol, &p, &ehr).await,
+            vec![("S1", false), ("S2", false)]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ehr_check_asks_the_ehr_with_the_callers_token() {
+        let user = principal("user/ImagingStudy.rs", None);
+        // deny and allow as before
+        assert_eq!(
+            Policy::new(&cfg("deny")).access(&user),
+            Err(Denial::UserLevelNotAllowed)
+        );
+        let ehr = FakeEhr {
+            visible: vec!["S2", "S3"],
+            ..FakeEhr::default()
+        };
+        assert_eq!(
+            reach(&Policy::new(&cfg("allow")), &user, &ehr).await,
+            vec![("S1", true), ("S2", true)]
+        );
+        let pol = Policy::new(&cfg("ehr-check"));
+        let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            reach(&pol, &user, &ehr).await,
+            vec![("S1", false), ("S2", true)]
+        );
+        let asked = ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert_eq!(asked, 2, "one search per study, then cached (yes and no)");
+        // Another patient's study, shown by the EHR: allowed for the user.
+        let d = pol
+            .decide_retrieve(
+                &user,
+                &retrieve(Some(UidLevel::Series), &[], &["R3"], &[], None),
+                &FakePacs { fail: false },
+                &ehr,
+                SystemTime::now(),
+            )
+            .await;
+        assert!(matches!(d, Decision::Allow(_)), "{d:?}");
+        // The cache is per token: another token is asked about again.
+        let other = principal("user/ImagingStudy.rs system/ImagingStudy.rs", None);
+        reach(&pol, &other, &ehr).await;
+        assert!(ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before > 3);
+        // A failing EHR denies, and is asked again next time (failures are not cached).
+        let down = FakeEhr {
+            fail: true,
+            ..FakeEhr::default()
+        };
+        let fresh = principal("user/ImagingStudy.rs user/Patient.rs", None);
+        let d = pol
+            .decide_retrieve(
+                &fresh,
+                &retrieve(Some(UidLevel::Study), &["S1"], &[], &[], None),
+                &FakePacs { fail: false },
+                &down,
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::EhrUnavailable));
+        let a = match pol.decide(
+            &fresh,
+            Action::Query { patient_id: None },
+            SystemTime::now(),
+        ) {
+            Decision::Allow(a) => a,
+            d => panic!("{d:?}"),
+        };
+        assert!(
+            !pol.admits_result(&fresh, &a, Some("S2"), &FakePacs { fail: false }, &down)
+                .await
+        );
+        assert!(
+            pol.admits_result(&fresh, &a, Some("S2"), &FakePacs { fail: false }, &ehr)
+                .await
+        );
+        // A patient-level token under ehr-check is judged as before, without the EHR.
+        let pat = principal("patient/ImagingStudy.rs", Some("A"));
+        assert_eq!(
+            reach(&pol, &pat, &down).await,
+            vec![("S1", true), ("S2", true)]
+        );
+    }
+
+    #[test]
+    fn bearer_is_never_printed() {
+        let p = principal("patient/ImagingStudy.rs", Some("A"));
+        let printed = format!("{p:?} {p}");
+        assert!(!printed.contains("token-patient"), "{printed}");
     }
 }

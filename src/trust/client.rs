@@ -214,10 +214,16 @@ impl IssuerClient {
         Ok(token.to_string())
     }
 
-    /// `GET {fhir_base}/Patient/{id}` with the gateway's own token. `Ok(None)`: no such patient.
-    pub async fn fhir_patient(&self, fhir_base: &str, id: &str) -> Result<Option<Value>, String> {
+    /// `GET {fhir_base}/{resource}/{id}` with the gateway's own token. `Ok(None)`: no such
+    /// resource. `id` was checked to be a FHIR id by the caller.
+    pub async fn fhir_read(
+        &self,
+        fhir_base: &str,
+        resource: &str,
+        id: &str,
+    ) -> Result<Option<Value>, String> {
         let token = self.own_token().await?;
-        let url = format!("{}/Patient/{id}", fhir_base.trim_end_matches('/'));
+        let url = format!("{}/{resource}/{id}", fhir_base.trim_end_matches('/'));
         let resp = self
             .http
             .get(&url)
@@ -225,7 +231,7 @@ impl IssuerClient {
             .header("accept", "application/fhir+json")
             .send()
             .await
-            .map_err(|e| format!("Patient look-up failed: {}", e.without_url()))?;
+            .map_err(|e| format!("{resource} look-up failed: {}", e.without_url()))?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND
             || resp.status() == reqwest::StatusCode::GONE
         {
@@ -292,7 +298,41 @@ impl IssuerClient {
     }
 }
 
-async fn read_json(mut resp: reqwest::Response) -> Result<Value, String> {
+/// The largest FHIR search answer read (a Bundle of ImagingStudy resources with their series).
+const MAX_SEARCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// `GET {fhir_base}/ImagingStudy?identifier=urn:oid:{uid}` with the caller's own token: what
+/// the EHR shows this caller. `Ok(None)` when the EHR refuses the caller (401 or 403); any
+/// other failure is an error (the caller is then denied, and nothing is cached).
+pub async fn caller_study_search(
+    http: &reqwest::Client,
+    fhir_base: &str,
+    bearer: &super::Bearer,
+    study_uid: &str,
+) -> Result<Option<Value>, String> {
+    let url = format!("{}/ImagingStudy", fhir_base.trim_end_matches('/'));
+    let resp = http
+        .get(&url)
+        .query(&[("identifier", format!("urn:oid:{study_uid}"))])
+        .bearer_auth(bearer.expose())
+        .header("accept", "application/fhir+json")
+        .send()
+        .await
+        .map_err(|e| format!("ImagingStudy search failed: {}", e.without_url()))?;
+    if matches!(
+        resp.status(),
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+    ) {
+        return Ok(None);
+    }
+    read_json_max(resp, MAX_SEARCH_BYTES).await.map(Some)
+}
+
+async fn read_json(resp: reqwest::Response) -> Result<Value, String> {
+    read_json_max(resp, MAX_RESPONSE_BYTES).await
+}
+
+async fn read_json_max(mut resp: reqwest::Response, max: usize) -> Result<Value, String> {
     let status = resp.status();
     let mut body = Vec::new();
     while let Some(c) = resp
@@ -300,7 +340,7 @@ async fn read_json(mut resp: reqwest::Response) -> Result<Value, String> {
         .await
         .map_err(|e| format!("reading the answer failed: {}", e.without_url()))?
     {
-        if body.len() + c.len() > MAX_RESPONSE_BYTES {
+        if body.len() + c.len() > max {
             return Err("the answer is too large".into());
         }
         body.extend_from_slice(&c);

@@ -48,6 +48,47 @@ pub struct Principal {
     /// The patient's FHIR resource as the EHR gave it to the gateway, when a mapping needed it
     /// (`Some(None)`: the look-up failed or found nothing).
     pub fhir_patient: Option<Option<Arc<serde_json::Value>>>,
+    /// The ImagingStudy entries of the launch context, when the issuer treats launch context
+    /// as a restriction (`launch_context_restricts`); `None`: no such restriction.
+    pub launch_studies: Option<Vec<ContextStudy>>,
+    /// The token itself, for the one call made on the caller's behalf (`user_level =
+    /// "ehr-check"`). Never printed.
+    pub bearer: Bearer,
+}
+
+/// An ImagingStudy of the launch context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContextStudy {
+    /// Its Study Instance UID.
+    Uid(String),
+    /// `ImagingStudy/{id}` at the issuer's FHIR server, not resolved yet.
+    Reference(String),
+    /// An entry that names no study the gateway can identify: it admits nothing.
+    Unknown,
+}
+
+/// A caller's token, kept only to be passed on. Its `Debug` shows a digest, never the token.
+#[derive(Clone)]
+pub struct Bearer(Arc<str>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Bearer {
+        Bearer(Arc::from(token))
+    }
+    /// The token, for an `Authorization` header toward the issuer's own EHR.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// A full SHA-256 of the token, for cache keys that must never collide across tokens.
+    pub fn digest(&self) -> [u8; 32] {
+        sha2::Sha256::digest(self.0.as_bytes()).into()
+    }
+}
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bearer({})", token_id(&self.0))
+    }
 }
 
 impl Principal {
@@ -108,6 +149,8 @@ struct TrustedIssuer {
 /// The trust core.
 pub struct TrustCore {
     issuers: HashMap<String, TrustedIssuer>,
+    /// For calls made with the caller's own token (never with the gateway's credentials).
+    http: reqwest::Client,
     /// Issuers in configuration order: opaque tokens are offered to them in this order.
     order: Vec<String>,
     /// The gateway's own URLs: an `authorization_details` entry naming one of them in its
@@ -136,6 +179,8 @@ struct Claims {
     #[serde(rename = "fhirUser")]
     fhir_user: Option<String>,
     authorization_details: Option<serde_json::Value>,
+    #[serde(rename = "fhirContext")]
+    fhir_context: Option<serde_json::Value>,
 }
 
 impl TrustCore {
@@ -174,6 +219,7 @@ impl TrustCore {
             .collect();
         Ok(Arc::new(TrustCore {
             issuers,
+            http,
             order,
             locations,
         }))
@@ -286,6 +332,12 @@ impl TrustCore {
             .and_then(|d| d.get("patient"))
             .or(claims.patient.as_ref());
         let patient = patient_of(patient_claim, claims.sub.as_deref(), &ti.cfg)?;
+        let launch_studies = launch_studies(
+            here.as_ref()
+                .and_then(|d| d.get("fhirContext"))
+                .or(claims.fhir_context.as_ref()),
+            &ti.cfg,
+        );
         if ti.cfg.verify == VerifyMode::JwtAndIntrospection {
             // Signed and unexpired, but perhaps revoked: the issuer must still call it active.
             self.introspect(token, ti)
@@ -307,6 +359,8 @@ impl TrustCore {
             token_id: token_id(token),
             claims: Arc::new(raw),
             fhir_patient: None,
+            launch_studies,
+            bearer: Bearer::new(token),
         })
     }
 
@@ -477,6 +531,12 @@ fn principal_from_introspection(
         .and_then(|d| d.get("patient"))
         .or(v.get("patient"));
     let patient = patient_of(patient_claim, text("sub").as_deref(), &ti.cfg)?;
+    let launch_studies = launch_studies(
+        here.as_ref()
+            .and_then(|d| d.get("fhirContext"))
+            .or(v.get("fhirContext")),
+        &ti.cfg,
+    );
     Ok(Principal {
         issuer: ti.cfg.issuer.clone(),
         subject: text("sub"),
@@ -489,17 +549,109 @@ fn principal_from_introspection(
         token_id: token_id(token),
         claims: Arc::new(v.clone()),
         fhir_patient: None,
+        launch_studies,
+        bearer: Bearer::new(token),
     })
 }
 
-impl crate::policy::PatientDirectory for TrustCore {
+/// The ImagingStudy entries of a `fhirContext` claim, when the issuer treats launch context
+/// as a restriction. Entries of other types are ignored; an ImagingStudy entry the gateway
+/// cannot identify stays in the list as [`ContextStudy::Unknown`], so it narrows to nothing
+/// rather than widening.
+fn launch_studies(ctx: Option<&serde_json::Value>, issuer: &Issuer) -> Option<Vec<ContextStudy>> {
+    if !issuer.launch_context_restricts {
+        return None;
+    }
+    let entries = ctx?.as_array()?;
+    let mut out = Vec::new();
+    for e in entries {
+        let typ = e.get("type").and_then(|t| t.as_str());
+        let reference = e.get("reference").and_then(|r| r.as_str());
+        let id = reference.and_then(|r| {
+            let r = match r.strip_prefix("ImagingStudy/") {
+                Some(id) => Some(id),
+                None => issuer.fhir_base_url.as_deref().and_then(|b| {
+                    r.strip_prefix(b.trim_end_matches('/'))
+                        .and_then(|x| x.strip_prefix("/ImagingStudy/"))
+                }),
+            };
+            r.map(str::to_string)
+        });
+        let names_study = typ == Some("ImagingStudy")
+            || reference
+                .is_some_and(|r| r.starts_with("ImagingStudy/") || r.contains("/ImagingStudy/"));
+        if !names_study {
+            continue;
+        }
+        let by_identifier = e.get("identifier").and_then(|i| {
+            let system = i.get("system").and_then(|s| s.as_str());
+            if system.is_some_and(|s| s != scopes::DICOM_UID_SYSTEM) {
+                return None;
+            }
+            i.get("value")?
+                .as_str()?
+                .strip_prefix("urn:oid:")
+                .map(str::to_string)
+        });
+        let valid_id = |id: &String| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        };
+        out.push(match (by_identifier, id) {
+            (Some(uid), _) => ContextStudy::Uid(uid),
+            (None, Some(id)) if valid_id(&id) => ContextStudy::Reference(id),
+            _ => ContextStudy::Unknown,
+        });
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+impl TrustCore {
+    /// The issuer's FHIR base and the gateway's client there, for calls with its own token.
+    fn ehr_client(&self, issuer: &str) -> Result<(&client::IssuerClient, &str), String> {
+        let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
+        match (&ti.client, &ti.cfg.fhir_base_url) {
+            (Some(c), Some(b)) => Ok((c, b.as_str())),
+            _ => Err("the issuer has no fhir_base_url or no gateway credentials".to_string()),
+        }
+    }
+}
+
+impl crate::policy::EhrDirectory for TrustCore {
     fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> crate::policy::DirectoryFuture<'a> {
         Box::pin(async move {
-            let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
-            let (Some(client), Some(base)) = (&ti.client, &ti.cfg.fhir_base_url) else {
-                return Err("the issuer has no fhir_base_url or no gateway credentials".to_string());
-            };
-            client.fhir_patient(base, id).await
+            let (client, base) = self.ehr_client(issuer)?;
+            client.fhir_read(base, "Patient", id).await
+        })
+    }
+
+    fn imaging_study<'a>(
+        &'a self,
+        issuer: &'a str,
+        id: &'a str,
+    ) -> crate::policy::DirectoryFuture<'a> {
+        Box::pin(async move {
+            let (client, base) = self.ehr_client(issuer)?;
+            client.fhir_read(base, "ImagingStudy", id).await
+        })
+    }
+
+    fn studies_seen_by<'a>(
+        &'a self,
+        p: &'a Principal,
+        study_uid: &'a str,
+    ) -> crate::policy::DirectoryFuture<'a> {
+        Box::pin(async move {
+            let ti = self.issuers.get(&p.issuer).ok_or("unknown issuer")?;
+            let base = ti
+                .cfg
+                .fhir_base_url
+                .as_deref()
+                .ok_or("the issuer has no fhir_base_url")?;
+            client::caller_study_search(&self.http, base, &p.bearer, study_uid).await
         })
     }
 }

@@ -63,9 +63,169 @@ pub struct Scope {
     /// The resource type, or `*`.
     pub resource: String,
     pub perms: Perms,
-    /// `?name=value` constraints in order; the gateway evaluates none of them yet, so a
-    /// constrained scope grants nothing.
+    /// `?name=value` constraints in order, as written (see [`Scope::study_constraints`]).
     pub constraints: Vec<(String, String)>,
+}
+
+/// The DICOM code system, the only system a `modality` constraint may name.
+pub const DICOM_CODES: &str = "http://dicom.nema.org/resources/ontology/DCM";
+/// The identifier system of a study's Study Instance UID in FHIR.
+pub const DICOM_UID_SYSTEM: &str = "urn:dicom:uid";
+
+/// A granular-scope constraint on ImagingStudy that can be evaluated on a study. Several
+/// constraints in one scope must all hold; comma-separated values within one are alternatives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Constraint {
+    /// `modality=[system|]code[,..]`: one of these codes is among the study's modalities.
+    Modality(Vec<String>),
+    /// `started=[prefix]date[,..]`: the study's date passes one of these tests.
+    Started(Vec<DateTest>),
+    /// `identifier=[urn:dicom:uid|]urn:oid:UID[,..]`: the study is one of these (UIDs without
+    /// the `urn:oid:` prefix).
+    StudyUid(Vec<String>),
+}
+
+/// FHIR date search prefixes the gateway evaluates (`ap` is left out: its width is the
+/// server's choice, so it cannot be evaluated the same way the EHR would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateOp {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    Sa,
+    Eb,
+}
+
+/// One date test. `lo..=hi` is the range of days the value's precision covers (`2020` covers
+/// the whole year), both as `YYYYMMDD`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DateTest {
+    pub op: DateOp,
+    pub lo: String,
+    pub hi: String,
+}
+
+impl DateTest {
+    fn parse(v: &str) -> Option<DateTest> {
+        let (op, date) = match v.get(..2) {
+            Some("eq") => (DateOp::Eq, &v[2..]),
+            Some("ne") => (DateOp::Ne, &v[2..]),
+            Some("gt") => (DateOp::Gt, &v[2..]),
+            Some("lt") => (DateOp::Lt, &v[2..]),
+            Some("ge") => (DateOp::Ge, &v[2..]),
+            Some("le") => (DateOp::Le, &v[2..]),
+            Some("sa") => (DateOp::Sa, &v[2..]),
+            Some("eb") => (DateOp::Eb, &v[2..]),
+            _ => (DateOp::Eq, v),
+        };
+        // Only dates: a time of day would need the study's time zone, which DICOM rarely has.
+        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+        let parts: Vec<&str> = date.split('-').collect();
+        let (lo, hi) = match parts.as_slice() {
+            [y] if digits(y, 4) => (format!("{y}0101"), format!("{y}1231")),
+            [y, m] if digits(y, 4) && digits(m, 2) && ("01"..="12").contains(m) => {
+                (format!("{y}{m}01"), format!("{y}{m}31"))
+            }
+            [y, m, d]
+                if digits(y, 4)
+                    && digits(m, 2)
+                    && digits(d, 2)
+                    && ("01"..="12").contains(m)
+                    && ("01"..="31").contains(d) =>
+            {
+                (format!("{y}{m}{d}"), format!("{y}{m}{d}"))
+            }
+            _ => return None,
+        };
+        Some(DateTest { op, lo, hi })
+    }
+
+    /// Whether a day (`YYYYMMDD`) passes, as FHIR date search compares a one-day target.
+    pub fn passes(&self, day: &str) -> bool {
+        if day.len() != 8 || !day.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        let (lo, hi) = (self.lo.as_str(), self.hi.as_str());
+        match self.op {
+            DateOp::Eq => lo <= day && day <= hi,
+            DateOp::Ne => !(lo <= day && day <= hi),
+            DateOp::Gt | DateOp::Sa => day > hi,
+            DateOp::Lt | DateOp::Eb => day < lo,
+            DateOp::Ge => day >= lo,
+            DateOp::Le => day <= hi,
+        }
+    }
+}
+
+fn is_uid(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && (c == "0" || !c.starts_with('0'))
+        })
+}
+
+impl Scope {
+    /// The scope's constraints as the gateway can evaluate them on a study: `Some(vec![])` when
+    /// it has none, `None` when any of them is one the gateway cannot evaluate (an unknown
+    /// parameter, a modifier, a foreign code system, a time of day, `ap`): such a scope grants
+    /// nothing.
+    pub fn study_constraints(&self) -> Option<Vec<Constraint>> {
+        let mut out = Vec::with_capacity(self.constraints.len());
+        for (k, v) in &self.constraints {
+            let v = url::form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())?;
+            let values: Vec<&str> = v.split(',').collect();
+            if values.iter().any(|x| x.is_empty()) {
+                return None;
+            }
+            let c = match k.as_str() {
+                "modality" => Constraint::Modality(
+                    values
+                        .iter()
+                        .map(|x| match x.split_once('|') {
+                            None => Some(x.to_string()),
+                            Some(("" | DICOM_CODES, code)) if !code.is_empty() => {
+                                Some(code.to_string())
+                            }
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>()?,
+                ),
+                "started" => Constraint::Started(
+                    values
+                        .iter()
+                        .map(|x| DateTest::parse(x))
+                        .collect::<Option<Vec<_>>>()?,
+                ),
+                "identifier" => Constraint::StudyUid(
+                    values
+                        .iter()
+                        .map(|x| {
+                            let value = match x.split_once('|') {
+                                None => *x,
+                                Some(("" | DICOM_UID_SYSTEM, v)) => v,
+                                _ => return None,
+                            };
+                            value
+                                .strip_prefix("urn:oid:")
+                                .filter(|u| is_uid(u))
+                                .map(str::to_string)
+                        })
+                        .collect::<Option<Vec<_>>>()?,
+                ),
+                _ => return None,
+            };
+            out.push(c);
+        }
+        Some(out)
+    }
 }
 
 /// All of a token's scopes.
@@ -96,6 +256,26 @@ impl ScopeSet {
             .filter(|s| s.level == level && (s.resource == resource || s.resource == "*"))
             .filter(|s| s.constraints.is_empty())
             .fold(Perms::default(), |acc, s| acc.union(s.perms))
+    }
+
+    /// Under which constraints the scopes at `levels` grant an interaction (`has`) on
+    /// `resource`: `None` when none grants it; otherwise the alternatives, one per granting
+    /// scope, where an empty alternative (an unconstrained scope) grants it everywhere. Scopes
+    /// with a constraint the gateway cannot evaluate are left out.
+    pub fn grants(
+        &self,
+        levels: &[Level],
+        resource: &str,
+        has: impl Fn(&Perms) -> bool,
+    ) -> Option<Vec<Vec<Constraint>>> {
+        let alts: Vec<Vec<Constraint>> = self
+            .scopes
+            .iter()
+            .filter(|s| levels.contains(&s.level) && (s.resource == resource || s.resource == "*"))
+            .filter(|s| has(&s.perms))
+            .filter_map(Scope::study_constraints)
+            .collect();
+        (!alts.is_empty()).then_some(alts)
     }
 
     /// Levels at which any scope names `resource` (or `*`), constrained or not.
@@ -299,6 +479,90 @@ mod tests {
         assert_eq!(
             set.granted(Level::Patient, "ImagingStudy").to_string(),
             "crs"
+        );
+    }
+
+    #[test]
+    fn evaluable_constraints() {
+        let c = |s: &str| ScopeSet::parse(s).scopes[0].study_constraints();
+        assert_eq!(
+            c("patient/ImagingStudy.rs?modality=CT,MR&started=ge2020-03"),
+            Some(vec![
+                Constraint::Modality(vec!["CT".into(), "MR".into()]),
+                Constraint::Started(vec![DateTest {
+                    op: DateOp::Ge,
+                    lo: "20200301".into(),
+                    hi: "20200331".into()
+                }])
+            ])
+        );
+        assert_eq!(
+            c("patient/ImagingStudy.rs?identifier=urn:dicom:uid%7Curn:oid:1.2.840.10008"),
+            Some(vec![Constraint::StudyUid(vec!["1.2.840.10008".into()])])
+        );
+        assert_eq!(c("patient/ImagingStudy.rs"), Some(vec![]));
+        for bad in [
+            "patient/ImagingStudy.rs?patient=123",
+            "patient/ImagingStudy.rs?modality:text=CT",
+            "patient/ImagingStudy.rs?modality=CT,",
+            "patient/ImagingStudy.rs?modality=urn:x|CT",
+            "patient/ImagingStudy.rs?started=2020-13",
+            "patient/ImagingStudy.rs?started=2020-02-30T00:00",
+            "patient/ImagingStudy.rs?started=ap2020",
+            "patient/ImagingStudy.rs?started=20200101",
+            "patient/ImagingStudy.rs?identifier=urn:oid:1.02.3",
+            "patient/ImagingStudy.rs?identifier=1.2.3",
+            "patient/ImagingStudy.rs?identifier=urn:other|urn:oid:1.2.3",
+        ] {
+            assert_eq!(c(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn fhir_date_comparisons_on_a_day() {
+        let t = |v: &str| DateTest::parse(v).unwrap();
+        let day = "20200115";
+        for (v, expected) in [
+            ("2020", true),
+            ("2020-01", true),
+            ("2020-01-15", true),
+            ("2020-01-16", false),
+            ("eq2019", false),
+            ("ne2020", false),
+            ("ne2021", true),
+            ("gt2020-01-14", true),
+            ("gt2020-01", false),
+            ("ge2020-01", true),
+            ("ge2020-01-16", false),
+            ("lt2020-01-16", true),
+            ("lt2020", false),
+            ("le2020-01-15", true),
+            ("le2020-01-14", false),
+            ("sa2019", true),
+            ("eb2021", true),
+            ("eb2020", false),
+        ] {
+            assert_eq!(t(v).passes(day), expected, "{v}");
+        }
+        assert!(!t("2020").passes(""));
+        assert!(!t("2020").passes("2020011"));
+    }
+
+    #[test]
+    fn grants_collect_alternatives() {
+        let set = ScopeSet::parse(
+            "patient/ImagingStudy.rs?modality=CT patient/*.r user/ImagingStudy.rs?category=x",
+        );
+        let r = set.grants(&[Level::Patient], "ImagingStudy", |p| p.read);
+        assert_eq!(
+            r,
+            Some(vec![vec![Constraint::Modality(vec!["CT".into()])], vec![]])
+        );
+        let s = set.grants(&[Level::Patient], "ImagingStudy", |p| p.search);
+        assert_eq!(s, Some(vec![vec![Constraint::Modality(vec!["CT".into()])]]));
+        assert_eq!(
+            set.grants(&[Level::User, Level::System], "ImagingStudy", |p| p.read),
+            None
         );
     }
 }

@@ -891,3 +891,74 @@ async fn ehr_audience_only_when_allowed() {
         Some("PAT1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn launch_context_restricts_only_when_configured() {
+    use super::ContextStudy;
+    let ctx = json!([
+        {"reference": "Patient/EHR-123", "role": "launch-patient"},
+        {"reference": "ImagingStudy/is-1"},
+        {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}},
+        {"reference": "http://ehr.example/fhir/ImagingStudy/is-2"},
+        {"reference": "https://elsewhere.example/fhir/ImagingStudy/is-3"},
+        {"type": "ImagingStudy", "identifier": {"system": "http://hospital/acc", "value": "A1"}},
+        {"reference": "ImagingStudy/../Patient/1"},
+    ]);
+    let f = fixture().await;
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["fhirContext"] = ctx.clone();
+    let p = f
+        .trust
+        .verify(&f.issuer.key.sign(&c).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(p.launch_studies, None, "off by default: context is context");
+
+    let f = fixture_with(
+        Algorithm::ES256,
+        "launch_context_restricts = true\nfhir_base_url = \"http://ehr.example/fhir\"",
+    )
+    .await;
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["fhirContext"] = ctx;
+    let token = f.issuer.key.sign(&c).unwrap();
+    let p = f.trust.verify(&token).await.unwrap();
+    assert_eq!(
+        p.launch_studies,
+        Some(vec![
+            ContextStudy::Reference("is-1".into()),
+            ContextStudy::Uid("1.2.3".into()),
+            ContextStudy::Reference("is-2".into()),
+            ContextStudy::Unknown,
+            ContextStudy::Unknown,
+            ContextStudy::Unknown,
+        ])
+    );
+    // The token is kept for calls on the caller's behalf, and never printed.
+    assert_eq!(p.bearer.expose(), token);
+    assert!(!format!("{p:?}").contains(&token));
+    // Without an ImagingStudy in the context there is no restriction.
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["fhirContext"] = json!([{"reference": "Encounter/e1"}]);
+    let p = f
+        .trust
+        .verify(&f.issuer.key.sign(&c).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(p.launch_studies, None);
+    // A per-location context applies here.
+    let mut c = f.issuer.claims(&req("EHR-123"));
+    c["authorization_details"] = json!([{"type": "smart_on_fhir",
+        "locations": ["http://127.0.0.1:8080/dicom-web"], "scope": "patient/ImagingStudy.rs",
+        "patient": "EHR-123", "fhirContext": [{"reference": "ImagingStudy/here"}]}]);
+    c["fhirContext"] = json!([{"reference": "ImagingStudy/top"}]);
+    let p = f
+        .trust
+        .verify(&f.issuer.key.sign(&c).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        p.launch_studies,
+        Some(vec![ContextStudy::Reference("here".into())])
+    );
+}

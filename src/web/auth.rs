@@ -41,6 +41,9 @@ impl ApiError {
             Denial::LookupFailed => {
                 ApiError::Unavailable("the PACS could not be asked who owns the data".into())
             }
+            Denial::EhrUnavailable => ApiError::Unavailable(
+                "the EHR could not be asked whether the caller may see the study".into(),
+            ),
             Denial::BadIdentifier(why) => ApiError::BadRequest(why.into()),
             other => ApiError::Forbidden(other.to_string()),
         }

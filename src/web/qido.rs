@@ -84,7 +84,7 @@ pub async fn search(
         };
         if let Decision::Deny(d) = ctx
             .policy
-            .decide_retrieve(p, &req, &*ctx.lookup, SystemTime::now())
+            .decide_retrieve(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
             .await
         {
             audit::record(
@@ -111,6 +111,10 @@ pub async fn search(
     };
     pairs.retain(|(k, _)| allowed.query_patient_ids.is_empty() || !is_patient_id_key(k));
     pairs.push(("includefield".into(), "00100020".into()));
+    let gated = !matches!(allowed.studies, crate::policy::StudyGate::Open);
+    if gated {
+        pairs.push(("includefield".into(), "0020000D".into()));
+    }
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut read_so_far = 0usize;
     for pid in pids {
@@ -157,6 +161,41 @@ pub async fn search(
         .into_iter()
         .filter(|r| allowed.filter.admits(patient_id(r).as_deref()))
         .collect();
+    let (kept, outside) = if gated {
+        // A search inside a study is about that study even if a result leaves its UID out.
+        let path_study = match resource {
+            Resource::Search { study, .. } => study.clone(),
+            _ => None,
+        };
+        let mut inside = Vec::with_capacity(kept.len());
+        let mut outside = 0usize;
+        for r in kept {
+            let study = study_uid(&r).or_else(|| path_study.clone());
+            if ctx
+                .policy
+                .admits_result(p, &allowed, study.as_deref(), &*ctx.lookup, &*ctx.trust)
+                .await
+            {
+                inside.push(r);
+            } else {
+                outside += 1;
+            }
+        }
+        (inside, outside)
+    } else {
+        (kept, 0)
+    };
+    let total = total - outside;
+    if outside > 0 {
+        audit::record(
+            "http",
+            super::request_id(),
+            Some(p),
+            "QIDO-RS",
+            Outcome::Allowed,
+            &format!("{outside} result(s) outside the token's study restriction withheld"),
+        );
+    }
     if kept.len() < total {
         audit::record(
             "http",
@@ -181,6 +220,16 @@ pub async fn search(
     let text = serde_json::to_string(&kept)
         .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
     Ok(json_response(ctx.rewrite_urls(&text).into_bytes()))
+}
+
+/// StudyInstanceUID of a DICOM JSON object.
+fn study_uid(obj: &serde_json::Value) -> Option<String> {
+    obj.get("0020000D")?
+        .get("Value")?
+        .as_array()?
+        .first()?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// PatientID of a DICOM JSON object (several values joined by `\`, so they never match).

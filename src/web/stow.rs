@@ -88,7 +88,7 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
     let p = ctx.authenticate(req.headers()).await?;
     // Without write access no byte of the body needs to be read.
     match ctx.policy.access(&p) {
-        Ok(a) if a.write => {}
+        Ok(a) if a.write.is_some() => {}
         Ok(_) => return Err(ApiError::from_denial(Denial::NoWrite)),
         Err(d) => return Err(ApiError::from_denial(d)),
     }
@@ -174,6 +174,8 @@ async fn store_part(
     let wanted = [
         tags::SOP_CLASS_UID,
         tags::SOP_INSTANCE_UID,
+        tags::STUDY_DATE,
+        tags::MODALITY,
         tags::PATIENT_ID,
         tags::STUDY_INSTANCE_UID,
         tags::SERIES_INSTANCE_UID,
@@ -216,21 +218,23 @@ async fn store_part(
             .unwrap_or_default()
     };
     let (class, instance) = (text(&values[0]), text(&values[1]));
-    let study = text(&values[3]);
+    let study = text(&values[5]);
     if path_study.is_some_and(|s| s != study) {
         drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
         return Ok(());
     }
     let req = StoreRequest {
-        patient_id: values[2].as_deref(),
-        study_uid: values[3].as_deref(),
-        series_uid: values[4].as_deref(),
+        patient_id: values[4].as_deref(),
+        study_uid: values[5].as_deref(),
+        series_uid: values[6].as_deref(),
+        study_date: values[2].as_deref(),
+        modality: values[3].as_deref(),
     };
     let action = format!("STOW-RS study={study}");
     if let Decision::Deny(d) = ctx
         .policy
-        .decide_store(p, &req, &*ctx.lookup, SystemTime::now())
+        .decide_store(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
         .await
     {
         audit::record(
@@ -245,8 +249,8 @@ async fn store_part(
         out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
         return Ok(());
     }
-    let patient = values[2].clone().unwrap_or_default();
-    let series = values[4]
+    let patient = values[4].clone().unwrap_or_default();
+    let series = values[6]
         .as_deref()
         .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
 

@@ -70,7 +70,7 @@ pub async fn retrieve(
     let action = format!("WADO-RS {what_name} study={study}");
     match ctx
         .policy
-        .decide_retrieve(p, &req, &*ctx.lookup, SystemTime::now())
+        .decide_retrieve(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
         .await
     {
         Decision::Deny(d) => {

@@ -71,7 +71,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
     let action = format!("WADO-URI study={study}");
     match ctx
         .policy
-        .decide_retrieve(&p, &rr, &*ctx.lookup, SystemTime::now())
+        .decide_retrieve(&p, &rr, &*ctx.lookup, &*ctx.trust, SystemTime::now())
         .await
     {
         Decision::Deny(d) => {

@@ -203,6 +203,7 @@ class Gateway:
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients=""):
         self.dimse_port = free_port()
         self.http_port = free_port()
+        self.issuer = issuer
         self.ae_title = "PACSGATE"
         self.public_url = f"http://127.0.0.1:{self.http_port}"
         self.config = tmp / f"{name}.toml"

@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_no, study_date):
+def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_no, study_date, modality="OT"):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -36,7 +36,7 @@ def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_n
     ds.StudyDescription = f"Study {study_no}"
     ds.SeriesNumber = series_no
     ds.InstanceNumber = inst_no
-    ds.Modality = "OT"
+    ds.Modality = modality
     ds.ConversionType = "WSD"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
