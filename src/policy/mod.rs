@@ -7,8 +7,8 @@
 //! how a patient-scoped query is narrowed, whether a PatientID found in data belongs to the
 //! caller, and which studies the caller may reach (granular scope constraints judged on a study's
 //! Modality and StudyDate, launch-context studies, and for `user_level = "ehr-check"` the EHR's
-//! answer to the caller's own token, cached per token and study). Must not know sockets, PDUs or HTTP: front ends translate their protocol into an
-//! `Action` and apply the `Decision`.
+//! answer to the caller's own token, cached per token and study). Must not know sockets, PDUs
+//! or HTTP: front ends translate their protocol into an `Action` and apply the `Decision`.
 
 pub mod mapping;
 
