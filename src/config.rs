@@ -75,6 +75,8 @@ pub struct Gateway {
     /// Browser origins allowed to call DICOMweb (CORS); `*` allows any. Tokens travel in the
     /// Authorization header, never in cookies, so credentials are never allowed.
     pub cors_origins: Vec<String>,
+    /// Serve Prometheus metrics at `/metrics` on the HTTP listener.
+    pub metrics: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +221,7 @@ struct RawGateway {
     audiences: Option<Vec<String>>,
     require_called_ae_title: Option<bool>,
     cors_origins: Option<Vec<String>>,
+    metrics: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -937,6 +940,7 @@ impl Config {
                 audiences,
                 require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
                 cors_origins,
+                metrics: g.metrics.unwrap_or(true),
             },
             limits,
             pacs: Pacs {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataset;
 pub mod devissuer;
 pub mod dimse;
+pub mod metrics;
 pub mod pacs;
 pub mod policy;
 pub mod server;

@@ -92,6 +92,20 @@ impl PacsLookup {
     }
 
     async fn find_owner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
+        let r = self.find_owner_bounded(level, uid).await;
+        crate::metrics::pacs_lookup(match &r {
+            Ok(Some(_)) => "found",
+            Ok(None) => "not_found",
+            Err(_) => "error",
+        });
+        r
+    }
+
+    async fn find_owner_bounded(
+        &self,
+        level: UidLevel,
+        uid: &str,
+    ) -> Result<Option<Owner>, String> {
         let _slot = tokio::time::timeout(self.timeout, self.slots.acquire())
             .await
             .map_err(|_| "no look-up slot free in time".to_string())?

@@ -252,6 +252,20 @@ pub enum Refusal {
     Busy,
 }
 
+impl Refusal {
+    /// A short name, for metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Identity => "identity",
+            Refusal::CalledAeTitle => "called_ae_title",
+            Refusal::CallingAeTitle => "calling_ae_title",
+            Refusal::ApplicationContext => "application_context",
+            Refusal::Unavailable => "unavailable",
+            Refusal::Busy => "busy",
+        }
+    }
+}
+
 pub fn reject(r: Refusal) -> AssociationRJ {
     use AssociationRJSource as S;
     let (result, source) = match r {

@@ -93,6 +93,7 @@ pub async fn serve(
                         let ctx = ctx.clone();
                         tasks.spawn(async move {
                             let _permit = permit;
+                            let _active = crate::metrics::association_started();
                             handle(stream, addr, ctx).await;
                         });
                     }
@@ -136,6 +137,7 @@ async fn refuse_busy(mut stream: TcpStream, max_rq: u32) {
 /// Sta13) for the requestor to close the connection first, so the rejection is read before any
 /// close or reset reaches it.
 pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
+    crate::metrics::association_rejected(r.name());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
         let mut sink = [0u8; 512];

@@ -227,6 +227,16 @@ impl TrustCore {
 
     /// Verifies a token; on success, the principal it stands for.
     pub async fn verify(&self, token: &str) -> Result<Principal, TrustError> {
+        let r = self.verify_token(token).await;
+        crate::metrics::token_check(match &r {
+            Ok(_) => "valid",
+            Err(TrustError::Unavailable(_)) | Err(TrustError::Keys(_)) => "unavailable",
+            Err(_) => "refused",
+        });
+        r
+    }
+
+    async fn verify_token(&self, token: &str) -> Result<Principal, TrustError> {
         let token = token.trim_matches(|c: char| c.is_ascii_whitespace());
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(TrustError::Size);
@@ -373,10 +383,18 @@ impl TrustCore {
         let Some(c) = &ti.client else {
             return Err(TrustError::Mode);
         };
+        let issuer = ti.cfg.issuer.as_str();
         match c.introspect(token).await {
-            Ok(client::Introspected::Active(v)) => Ok(Some(v)),
-            Ok(client::Introspected::Inactive) => Ok(None),
+            Ok(client::Introspected::Active(v)) => {
+                crate::metrics::issuer_request(issuer, "introspection", "active");
+                Ok(Some(v))
+            }
+            Ok(client::Introspected::Inactive) => {
+                crate::metrics::issuer_request(issuer, "introspection", "inactive");
+                Ok(None)
+            }
             Err(e) => {
+                crate::metrics::issuer_request(issuer, "introspection", "error");
                 tracing::warn!(issuer = %ti.cfg.issuer, error = %e, "introspection failed; denying");
                 Err(TrustError::Unavailable(e))
             }
@@ -620,11 +638,30 @@ impl TrustCore {
     }
 }
 
+/// Counts an EHR request's outcome and passes it on.
+fn counted(
+    issuer: &str,
+    kind: &'static str,
+    r: Result<Option<serde_json::Value>, String>,
+) -> Result<Option<serde_json::Value>, String> {
+    let result = match &r {
+        Ok(Some(_)) => "ok",
+        Ok(None) => "not_found_or_refused",
+        Err(_) => "error",
+    };
+    crate::metrics::issuer_request(issuer, kind, result);
+    r
+}
+
 impl crate::policy::EhrDirectory for TrustCore {
     fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> crate::policy::DirectoryFuture<'a> {
         Box::pin(async move {
             let (client, base) = self.ehr_client(issuer)?;
-            client.fhir_read(base, "Patient", id).await
+            counted(
+                issuer,
+                "patient",
+                client.fhir_read(base, "Patient", id).await,
+            )
         })
     }
 
@@ -635,7 +672,11 @@ impl crate::policy::EhrDirectory for TrustCore {
     ) -> crate::policy::DirectoryFuture<'a> {
         Box::pin(async move {
             let (client, base) = self.ehr_client(issuer)?;
-            client.fhir_read(base, "ImagingStudy", id).await
+            counted(
+                issuer,
+                "imaging_study",
+                client.fhir_read(base, "ImagingStudy", id).await,
+            )
         })
     }
 
@@ -651,7 +692,11 @@ impl crate::policy::EhrDirectory for TrustCore {
                 .fhir_base_url
                 .as_deref()
                 .ok_or("the issuer has no fhir_base_url")?;
-            client::caller_study_search(&self.http, base, &p.bearer, study_uid).await
+            counted(
+                &p.issuer,
+                "study_search",
+                client::caller_study_search(&self.http, base, &p.bearer, study_uid).await,
+            )
         })
     }
 }

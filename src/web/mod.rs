@@ -44,6 +44,7 @@ pub fn request_id() -> u64 {
 async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response {
     let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut r = REQUEST_ID.scope(id, next.run(req)).await;
+    crate::metrics::http_response(r.status().as_u16());
     if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
         r.headers_mut().insert("x-request-id", v);
     }
@@ -125,6 +126,22 @@ impl WebCtx {
             None => body.to_string(),
         }
     }
+}
+
+/// Prometheus metrics (no PHI, no tokens; `gateway.metrics = false` turns them off).
+async fn metrics(State(ctx): State<Arc<WebCtx>>) -> Response {
+    if !ctx.cfg.gateway.metrics {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -211,6 +228,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
 pub fn router(ctx: Arc<WebCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route(
             "/.well-known/oauth-protected-resource",
             get(discovery::protected_resource),

@@ -368,3 +368,17 @@ def test_pacs_dicomweb_down_is_502(tmp_root, orthanc, issuer):
     finally:
         g.proc.terminate()
         g.proc.wait()
+
+
+def test_metrics_count_decisions_and_hold_no_phi_or_token(base, gateway, token_a):
+    from test_introspection import metric_values
+
+    assert qido(base, "studies", token_a).status_code == 200
+    assert qido(base, "studies", token_a, PatientID="PAT-B").status_code == 403
+    m = metric_values(gateway)
+    assert m['pacsgate_decisions_total{channel="http",operation="QIDO-RS",outcome="allowed"}'] >= 1
+    assert m['pacsgate_decisions_total{channel="http",operation="QIDO-RS",outcome="denied"}'] >= 1
+    assert m['pacsgate_http_responses_total{class="2xx"}'] >= 1
+    assert m['pacsgate_token_checks_total{result="valid"}'] >= 2
+    text = requests.get(f"{gateway.public_url}/metrics", timeout=10).text
+    assert "PAT-" not in text and token_a not in text and "1.2.826" not in text

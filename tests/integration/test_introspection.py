@@ -50,6 +50,17 @@ def test_unknown_and_revoked_tokens_are_refused(intro):
     assert r.status_code == 401 and 'error="invalid_token"' in r.headers["WWW-Authenticate"]
 
 
+def metric_values(g):
+    r = requests.get(f"{g.public_url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/openmetrics-text")
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def test_introspection_down_denies(tmp_root, orthanc):
     d = tmp_root / "introspection-down"
     d.mkdir()
@@ -64,6 +75,11 @@ def test_introspection_down_denies(tmp_root, orthanc):
         assert assoc.is_rejected
         rj = [p for p in received if getattr(p, "result", None) in (1, 2)]
         assert rj[0].result == 2, "transient: the gateway could not check, the token may be fine"
+        # ...and says so in its metrics.
+        m = metric_values(g)
+        assert m[f'pacsgate_issuer_requests_total{{issuer="{issuer.url}",kind="introspection",result="error"}}'] >= 2
+        assert m['pacsgate_token_checks_total{result="unavailable"}'] >= 2
+        assert m['pacsgate_associations_rejected_total{reason="unavailable"}'] >= 1
     finally:
         stop(g.proc)
         stop(issuer.proc)

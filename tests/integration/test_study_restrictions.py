@@ -270,6 +270,10 @@ def test_ehr_check_with_the_ehr_down_denies(tmp_root, orthanc, studies):
         assert r.status_code == 503 and "Retry-After" in r.headers and b"00100020" not in r.content
         assert c_get_study(g, token, ct)[0] == NOT_AUTHORIZED
         assert "EHR study check failed; denying" in g.log_text()
+        from test_introspection import metric_values
+
+        m = metric_values(g)
+        assert m[f'pacsgate_issuer_requests_total{{issuer="{ehr.url}",kind="study_search",result="error"}}'] >= 2
     finally:
         stop(g.proc)
         stop(ehr.proc)

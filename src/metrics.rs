@@ -1,0 +1,245 @@
+//! Prometheus metrics: what the gateway decided and how the parties it depends on answered.
+//!
+//! Owns: the metric names, their labels (every label value comes from a small fixed set or from
+//! the configuration, never from a request, so series stay bounded), and the text exposition
+//! served at `GET /metrics`. Must not know protocols or rules: callers report what happened in
+//! their own words through the functions below. Nothing here holds a token or PHI.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::LazyLock;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    channel: &'static str,
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    class: &'static str,
+}
+
+struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    token_checks: Family<ResultLabels, Counter>,
+    issuer_requests: Family<IssuerLabels, Counter>,
+    pacs_lookups: Family<ResultLabels, Counter>,
+    associations_rejected: Family<ReasonLabels, Counter>,
+    associations_active: Gauge,
+    http_responses: Family<StatusLabels, Counter>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("pacsgate");
+    let m = Metrics {
+        decisions: Family::default(),
+        token_checks: Family::default(),
+        issuer_requests: Family::default(),
+        pacs_lookups: Family::default(),
+        associations_rejected: Family::default(),
+        associations_active: Gauge::default(),
+        http_responses: Family::default(),
+        registry: Registry::default(),
+    };
+    registry.register(
+        "decisions",
+        "Access decisions, by channel (dimse, http), operation and outcome (allowed, denied, anomaly)",
+        m.decisions.clone(),
+    );
+    registry.register(
+        "token_checks",
+        "Token verifications, by result (valid, refused, unavailable: the issuer could not be asked)",
+        m.token_checks.clone(),
+    );
+    registry.register(
+        "issuer_requests",
+        "Requests to an issuer or its EHR (introspection, patient, imaging_study, study_search), by result",
+        m.issuer_requests.clone(),
+    );
+    registry.register(
+        "pacs_lookups",
+        "Ownership look-ups at the PACS, by result (found, not_found, error)",
+        m.pacs_lookups.clone(),
+    );
+    registry.register(
+        "associations_rejected",
+        "A-ASSOCIATE-RJ sent, by reason",
+        m.associations_rejected.clone(),
+    );
+    registry.register(
+        "associations_active",
+        "DIMSE associations being served",
+        m.associations_active.clone(),
+    );
+    registry.register(
+        "http_responses",
+        "HTTP responses, by status class",
+        m.http_responses.clone(),
+    );
+    Metrics { registry, ..m }
+});
+
+/// The operations named in decision records; anything else counts as `other`.
+const OPERATIONS: &[&str] = &[
+    "A-ASSOCIATE",
+    "C-ECHO",
+    "C-FIND",
+    "C-GET",
+    "C-MOVE",
+    "C-STORE",
+    "QIDO-RS",
+    "WADO-RS",
+    "WADO-URI",
+    "STOW-RS",
+];
+
+/// One access decision. `action` is the audit record's free text; only its first word (the
+/// operation) becomes a label.
+pub fn decision(channel: &str, action: &str, outcome: &'static str) {
+    let first = action.split_whitespace().next().unwrap_or("");
+    let operation = OPERATIONS
+        .iter()
+        .find(|o| **o == first)
+        .copied()
+        .unwrap_or("other");
+    let channel = if channel == "dimse" { "dimse" } else { "http" };
+    METRICS
+        .decisions
+        .get_or_create(&DecisionLabels {
+            channel,
+            operation,
+            outcome,
+        })
+        .inc();
+}
+
+/// One token verification: `valid`, `refused` or `unavailable`.
+pub fn token_check(result: &'static str) {
+    METRICS
+        .token_checks
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+/// One request to a configured issuer (its introspection endpoint or its EHR).
+pub fn issuer_request(issuer: &str, kind: &'static str, result: &'static str) {
+    METRICS
+        .issuer_requests
+        .get_or_create(&IssuerLabels {
+            issuer: issuer.to_string(),
+            kind,
+            result,
+        })
+        .inc();
+}
+
+/// One ownership look-up at the PACS.
+pub fn pacs_lookup(result: &'static str) {
+    METRICS
+        .pacs_lookups
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+/// One A-ASSOCIATE-RJ.
+pub fn association_rejected(reason: &'static str) {
+    METRICS
+        .associations_rejected
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+/// Counts an association as served until the guard is dropped.
+pub fn association_started() -> ActiveGuard {
+    METRICS.associations_active.inc();
+    ActiveGuard(())
+}
+
+pub struct ActiveGuard(());
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        METRICS.associations_active.dec();
+    }
+}
+
+/// One HTTP response.
+pub fn http_response(status: u16) {
+    let class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    METRICS
+        .http_responses
+        .get_or_create(&StatusLabels { class })
+        .inc();
+}
+
+/// The OpenMetrics text exposition of every metric.
+pub fn render() -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &METRICS.registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded_and_rendered() {
+        decision("dimse", "C-FIND level=STUDY", "allowed");
+        decision("http", "STOW-RS study=1.2.3", "denied");
+        decision("http", "something new", "denied");
+        token_check("unavailable");
+        issuer_request("http://ehr.example", "introspection", "error");
+        let g = association_started();
+        let text = render();
+        drop(g);
+        assert!(text.contains(
+            r#"pacsgate_decisions_total{channel="dimse",operation="C-FIND",outcome="allowed"}"#
+        ));
+        assert!(text.contains(
+            r#"pacsgate_decisions_total{channel="http",operation="STOW-RS",outcome="denied"}"#
+        ));
+        assert!(text.contains(r#"operation="other""#));
+        assert!(!text.contains("1.2.3"), "no UID becomes a label");
+        assert!(text.contains(r#"pacsgate_token_checks_total{result="unavailable"}"#));
+        assert!(text.contains(
+            r#"pacsgate_issuer_requests_total{issuer="http://ehr.example",kind="introspection",result="error"}"#
+        ));
+        assert!(text.contains("pacsgate_associations_active"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
