@@ -171,6 +171,11 @@ pub enum PatientMap {
 #[derive(Debug, Clone)]
 pub struct Patients {
     pub map: PatientMap,
+    /// Compare IssuerOfPatientID too: data must carry the issuer the mapping found.
+    pub use_issuer: bool,
+    /// IssuerOfPatientID values by the issuer a mapping yields (e.g. a FHIR identifier system
+    /// `urn:oid:1.2.3` stored in the PACS as `HOSP_A`).
+    pub issuer_names: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +283,7 @@ struct RawPatients {
     identifier_system: Option<String>,
     identifier_type: Option<String>,
     use_issuer: Option<bool>,
+    issuer_names: Option<HashMap<String, String>>,
     table_file: Option<String>,
 }
 
@@ -797,11 +803,27 @@ impl Config {
                 PatientMap::Same
             }
         };
-        if rp.use_issuer == Some(true) {
+        let use_issuer = rp.use_issuer.unwrap_or(false);
+        if use_issuer && map == PatientMap::Same {
             c.problem(
                 "patients.use_issuer",
-                "matching IssuerOfPatientID is not available in this version of pacsgate; remove it (PatientID alone is compared)",
+                "map = \"same\" yields no issuer, so only data without IssuerOfPatientID would match; use map = \"claim\" (CX), \"table\" (issuer column) or \"fhir\" (identifier system), or remove use_issuer",
             );
+        }
+        let issuer_names = rp.issuer_names.clone().unwrap_or_default();
+        if !issuer_names.is_empty() && !use_issuer {
+            c.problem(
+                "patients.issuer_names",
+                "has no effect unless use_issuer = true; remove it",
+            );
+        }
+        for (k, v) in &issuer_names {
+            if v.trim().is_empty() || v.len() > 64 || v.contains('\\') {
+                c.problem(
+                    format!("patients.issuer_names.{k}"),
+                    "must be an IssuerOfPatientID value (LO: 1 to 64 characters, no backslash)",
+                );
+            }
         }
         for (f, present) in [
             ("identifier_system", rp.identifier_system.is_some()),
@@ -952,7 +974,11 @@ impl Config {
                 connect_timeout,
             },
             issuers,
-            patients: Patients { map },
+            patients: Patients {
+                map,
+                use_issuer,
+                issuer_names,
+            },
             policy,
             destinations,
         })
@@ -1077,5 +1103,46 @@ address = "nowhere"
         );
         let p = Config::parse(&text).unwrap_err();
         assert!(p.iter().any(|p| p.key == "gateway.audiences"));
+    }
+
+    #[test]
+    fn study_and_issuer_options_are_checked() {
+        let keys = |extra: &str| -> Vec<String> {
+            match Config::parse(&format!("{GOOD}{extra}")) {
+                Ok(_) => Vec::new(),
+                Err(p) => p.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        assert_eq!(
+            keys("[policy]\nuser_level = \"ehr-check\"\n"),
+            vec!["policy.user_level"],
+            "ehr-check needs a fhir_base_url"
+        );
+        assert!(keys("fhir_base_url = \"http://127.0.0.1:9400/fhir\"\nlaunch_context_restricts = true\n[policy]\nuser_level = \"ehr-check\"\nehr_check_cache_secs = 30\n").is_empty());
+        assert_eq!(
+            keys("[patients]\nuse_issuer = true\n"),
+            vec!["patients.use_issuer"],
+            "map = same yields no issuer"
+        );
+        assert_eq!(
+            keys(
+                "[patients]\nmap = \"claim\"\nclaim = \"pid\"\nissuer_names = { \"urn:oid:1.2\" = \"H\" }\n"
+            ),
+            vec!["patients.issuer_names"]
+        );
+        assert_eq!(
+            keys(
+                "[patients]\nmap = \"claim\"\nclaim = \"pid\"\nuse_issuer = true\nissuer_names = { \"urn:oid:1.2\" = \"\" }\n"
+            ),
+            vec!["patients.issuer_names.urn:oid:1.2"]
+        );
+        let c = Config::parse(&format!(
+            "{GOOD}[patients]\nmap = \"claim\"\nclaim = \"pid\"\nuse_issuer = true\nissuer_names = {{ \"urn:oid:1.2\" = \"HOSP\" }}\n"
+        ))
+        .unwrap();
+        assert!(c.patients.use_issuer);
+        assert_eq!(c.patients.issuer_names["urn:oid:1.2"], "HOSP");
+        assert_eq!(c.policy.ehr_check_cache, std::time::Duration::from_secs(60));
+        assert!(c.gateway.metrics);
     }
 }

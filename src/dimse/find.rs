@@ -92,6 +92,16 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             PrimitiveValue::from(""),
         ));
     }
+    // Where the issuer counts (patients.use_issuer), every match must carry it.
+    let added_issuer_key =
+        allowed.filter.compares_issuer() && query.get(tags::ISSUER_OF_PATIENT_ID).is_none();
+    if added_issuer_key {
+        query.put(DataElement::new(
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(""),
+        ));
+    }
     let mut queries = Vec::new();
     let pids: Vec<Option<&str>> = if allowed.query_patient_ids.is_empty() {
         vec![None]
@@ -103,7 +113,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             .collect()
     };
     for pid in pids {
-        if !added_study_key && (pid.is_none() || requested.as_deref() == pid) {
+        if !added_study_key && !added_issuer_key && (pid.is_none() || requested.as_deref() == pid) {
             queries.push(identifier.clone());
             continue;
         }
@@ -139,7 +149,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             pc_id,
             &cmd,
             &allowed,
-            (added_patient_key, added_study_key),
+            (added_patient_key, added_issuer_key, added_study_key),
             ts,
             k + 1 == n,
         )
@@ -165,7 +175,7 @@ async fn relay_responses(
     pc_id: u8,
     cmd: &Command,
     allowed: &Allowed,
-    (strip_patient_id, strip_study_uid): (bool, bool),
+    (strip_patient_id, strip_issuer, strip_study_uid): (bool, bool, bool),
     ts: &'static TransferSyntax,
     last: bool,
 ) -> Step {
@@ -298,9 +308,14 @@ async fn relay_responses(
             }
             continue;
         };
-        let admitted = match crate::dataset::patient_id(&data, ts) {
-            Ok(pid) => allowed.filter.admits(pid.as_deref()),
-            Err(_) => false,
+        let issuer = if allowed.filter.compares_issuer() {
+            crate::dataset::top_level_text(&data, ts, tags::ISSUER_OF_PATIENT_ID)
+        } else {
+            Ok(None)
+        };
+        let admitted = match (crate::dataset::patient_id(&data, ts), issuer) {
+            (Ok(pid), Ok(issuer)) => allowed.filter.admits(pid.as_deref(), issuer.as_deref()),
+            _ => false,
         };
         if !admitted {
             dropped += 1;
@@ -329,12 +344,15 @@ async fn relay_responses(
                 continue;
             }
         }
-        let out = if strip_patient_id || strip_study_uid {
+        let out = if strip_patient_id || strip_issuer || strip_study_uid {
             let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
                 .ok()
                 .and_then(|mut obj| {
                     if strip_patient_id {
                         obj.remove_element(tags::PATIENT_ID);
+                    }
+                    if strip_issuer {
+                        obj.remove_element(tags::ISSUER_OF_PATIENT_ID);
                     }
                     if strip_study_uid {
                         obj.remove_element(tags::STUDY_INSTANCE_UID);

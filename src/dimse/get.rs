@@ -323,7 +323,11 @@ async fn sub_store(
             return to_pacs(s, sub_pc, &refuse(command::STATUS_CANNOT_UNDERSTAND)).await;
         }
     };
-    if !allowed.admits_instance(head.patient_id.as_deref(), head.study_uid.as_deref()) {
+    if !allowed.admits_instance(
+        head.patient_id.as_deref(),
+        head.issuer.as_deref(),
+        head.study_uid.as_deref(),
+    ) {
         tracing::warn!(
             assoc = s.id,
             "PACS sent an instance of another patient or study; withheld"

@@ -19,10 +19,11 @@ use std::time::Duration;
 pub const MAX_HEAD: usize = 1024 * 1024;
 
 /// The attributes an instance is judged by.
-pub const WANTED: [Tag; 5] = [
+pub const WANTED: [Tag; 6] = [
     tags::STUDY_DATE,
     tags::MODALITY,
     tags::PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID,
     tags::STUDY_INSTANCE_UID,
     tags::SERIES_INSTANCE_UID,
 ];
@@ -33,6 +34,8 @@ pub struct Head {
     /// The data set ended within the head.
     pub last: bool,
     pub patient_id: Option<String>,
+    /// IssuerOfPatientID.
+    pub issuer: Option<String>,
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub study_date: Option<String>,
@@ -81,6 +84,7 @@ pub async fn read_head(
                     study_date,
                     modality,
                     patient_id: v.next().flatten(),
+                    issuer: v.next().flatten(),
                     study_uid: uid(v.next().flatten()),
                     series_uid: uid(v.next().flatten()),
                 });

@@ -358,10 +358,11 @@ impl Receiver {
                         .await;
             }
         };
-        if !route
-            .allowed
-            .admits_instance(head.patient_id.as_deref(), head.study_uid.as_deref())
-        {
+        if !route.allowed.admits_instance(
+            head.patient_id.as_deref(),
+            head.issuer.as_deref(),
+            head.study_uid.as_deref(),
+        ) {
             route.withheld.fetch_add(1, Ordering::Relaxed);
             audit::record(
                 "dimse",

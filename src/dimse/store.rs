@@ -63,6 +63,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     };
     let req = StoreRequest {
         patient_id: head.patient_id.as_deref(),
+        issuer: head.issuer.as_deref(),
         study_uid: head.study_uid.as_deref(),
         series_uid: head.series_uid.as_deref(),
         modality: head.modality.as_deref(),

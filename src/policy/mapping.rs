@@ -40,6 +40,7 @@ pub fn parse_cx(v: &str) -> Option<DicomPatient> {
     Some(DicomPatient {
         patient_id: id.to_string(),
         issuer,
+        issuer_match: None,
     })
 }
 
@@ -90,6 +91,7 @@ pub fn from_fhir(
                 DicomPatient {
                     patient_id: value.to_string(),
                     issuer: i.get("system").and_then(|s| s.as_str()).map(str::to_string),
+                    issuer_match: None,
                 }
             })
         })
@@ -159,6 +161,7 @@ impl Table {
                 .push(DicomPatient {
                     patient_id: pid.to_string(),
                     issuer,
+                    issuer_match: None,
                 });
         }
         Ok(Table { rows })

@@ -25,10 +25,31 @@ use std::time::{Duration, SystemTime};
 const IMAGING: &str = "ImagingStudy";
 
 /// One DICOM patient identity: PatientID, and IssuerOfPatientID where the mapping uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DicomPatient {
     pub patient_id: String,
+    /// The issuer as the mapping found it (a CX assigning authority, a FHIR identifier system,
+    /// the table's issuer column).
     pub issuer: Option<String>,
+    /// With `patients.use_issuer`: the IssuerOfPatientID values data of this patient carries
+    /// (empty: data must carry none). `None`: the issuer is not compared.
+    pub issuer_match: Option<Vec<String>>,
+}
+
+impl DicomPatient {
+    fn matches(&self, patient_id: &str, issuer: Option<&str>) -> bool {
+        lo_eq(&self.patient_id, patient_id)
+            && match &self.issuer_match {
+                None => true,
+                Some(names) => match issuer
+                    .map(|i| i.trim_matches(' '))
+                    .filter(|i| !i.is_empty())
+                {
+                    None => names.is_empty(),
+                    Some(i) => names.iter().any(|n| n == i),
+                },
+            }
+    }
 }
 
 /// Which patients' data the caller may see or write.
@@ -41,16 +62,26 @@ pub enum PatientFilter {
 }
 
 impl PatientFilter {
-    /// Whether data carrying this PatientID belongs to an allowed patient. PatientID is an LO
-    /// value: leading and trailing spaces are padding; the rest is compared byte for byte, never
-    /// case-folded. Data without a PatientID is never admitted under a patient-level filter.
-    pub fn admits(&self, patient_id: Option<&str>) -> bool {
+    /// Whether data carrying this PatientID and IssuerOfPatientID belongs to an allowed
+    /// patient. Both are LO values: leading and trailing spaces are padding; the rest is
+    /// compared byte for byte, never case-folded. The issuer counts only where the mapping says
+    /// so (`patients.use_issuer`). Data without a PatientID is never admitted under a
+    /// patient-level filter.
+    pub fn admits(&self, patient_id: Option<&str>, issuer: Option<&str>) -> bool {
         match self {
             PatientFilter::Any => true,
             PatientFilter::Only(ids) => match patient_id {
                 None => false,
-                Some(pid) => ids.iter().any(|p| lo_eq(&p.patient_id, pid)),
+                Some(pid) => ids.iter().any(|p| p.matches(pid, issuer)),
             },
+        }
+    }
+
+    /// Whether results must carry IssuerOfPatientID to be judged.
+    pub fn compares_issuer(&self) -> bool {
+        match self {
+            PatientFilter::Any => false,
+            PatientFilter::Only(ids) => ids.iter().any(|p| p.issuer_match.is_some()),
         }
     }
 }
@@ -200,6 +231,8 @@ pub struct RetrieveRequest<'a> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StoreRequest<'a> {
     pub patient_id: Option<&'a str>,
+    /// IssuerOfPatientID.
+    pub issuer: Option<&'a str>,
     pub study_uid: Option<&'a str>,
     pub series_uid: Option<&'a str>,
     /// Modality and StudyDate, for scope constraints on writes.
@@ -249,8 +282,13 @@ impl Allowed {
 
     /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation)
     /// may reach the caller: its patient must pass the filter and its study the gate.
-    pub fn admits_instance(&self, patient_id: Option<&str>, study_uid: Option<&str>) -> bool {
-        self.filter.admits(patient_id)
+    pub fn admits_instance(
+        &self,
+        patient_id: Option<&str>,
+        issuer: Option<&str>,
+        study_uid: Option<&str>,
+    ) -> bool {
+        self.filter.admits(patient_id, issuer)
             && match &self.studies {
                 StudyGate::Open => true,
                 StudyGate::Within(uids) => study_uid
@@ -378,6 +416,8 @@ pub struct Policy {
     user_level: UserLevel,
     write: bool,
     map: PatientMap,
+    use_issuer: bool,
+    issuer_names: std::collections::HashMap<String, String>,
     /// The mapping table, when `map = "table"`.
     table: Option<mapping::TableSource>,
     /// FHIR Patient resources by (issuer, patient id), when `map = "fhir"`.
@@ -398,6 +438,8 @@ impl Policy {
             user_level: cfg.policy.user_level,
             write: cfg.policy.write,
             map: cfg.patients.map.clone(),
+            use_issuer: cfg.patients.use_issuer,
+            issuer_names: cfg.patients.issuer_names.clone(),
             table: match &cfg.patients.map {
                 PatientMap::Table(path) => Some(mapping::TableSource::new(path.clone())),
                 _ => None,
@@ -668,7 +710,10 @@ impl Policy {
                     Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
                     Err(d) => return Decision::Deny(d),
                 };
-                if !access.patients.admits(Some(&owner.patient_id)) {
+                if !access
+                    .patients
+                    .admits(Some(&owner.patient_id), owner.issuer.as_deref())
+                {
                     return Decision::Deny(Denial::NotOwned(l));
                 }
                 let under_study =
@@ -722,7 +767,7 @@ impl Policy {
             return Decision::Deny(Denial::NoWrite);
         };
         let pid = req.patient_id.map(|v| v.trim_matches(' ')).unwrap_or("");
-        if pid.is_empty() || pid.contains('\\') || !access.patients.admits(Some(pid)) {
+        if pid.is_empty() || pid.contains('\\') || !access.patients.admits(Some(pid), req.issuer) {
             return Decision::Deny(Denial::ForeignPatient);
         }
         let mut study = "";
@@ -744,7 +789,14 @@ impl Policy {
             match self.owner(lookup, l, uid).await {
                 Ok(None) => {}
                 Ok(Some(o)) => {
-                    if !crate::policy::lo_eq(&o.patient_id, pid) {
+                    let same_issuer = || {
+                        let norm = |i: Option<&str>| {
+                            i.map(|i| i.trim_matches(' ').to_string())
+                                .filter(|i| !i.is_empty())
+                        };
+                        norm(o.issuer.as_deref()) == norm(req.issuer)
+                    };
+                    if !lo_eq(&o.patient_id, pid) || (self.use_issuer && !same_issuer()) {
                         return Decision::Deny(Denial::ForeignStudy);
                     }
                 }
@@ -776,13 +828,48 @@ impl Policy {
     }
 
     /// The DICOM identities of the patient the token names: `None` without patient context,
-    /// an empty list when the patient maps to nothing (which grants nothing).
+    /// an empty list when the patient maps to nothing (which grants nothing). With
+    /// `use_issuer`, each carries the IssuerOfPatientID values its data must have.
     fn map_patient(&self, p: &Principal) -> Option<Vec<DicomPatient>> {
+        let mut ids = self.mapped_identities(p)?;
+        if self.use_issuer {
+            for id in &mut ids {
+                id.issuer_match = Some(self.issuer_names_of(id.issuer.as_deref()));
+            }
+        }
+        Some(ids)
+    }
+
+    /// The IssuerOfPatientID values that stand for a mapping's issuer: the configured name,
+    /// the issuer itself, and an OID with and without its `urn:oid:` prefix.
+    fn issuer_names_of(&self, issuer: Option<&str>) -> Vec<String> {
+        let Some(i) = issuer.map(str::trim).filter(|i| !i.is_empty()) else {
+            return Vec::new();
+        };
+        let mut names = vec![i.to_string()];
+        if let Some(oid) = i.strip_prefix("urn:oid:") {
+            names.push(oid.to_string());
+        } else if i.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            names.push(format!("urn:oid:{i}"));
+        }
+        let configured: Vec<String> = names
+            .iter()
+            .filter_map(|n| self.issuer_names.get(n))
+            .map(|n| n.trim_matches(' ').to_string())
+            .collect();
+        names.extend(configured);
+        names.retain(|n| !n.is_empty() && n.len() <= 64);
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn mapped_identities(&self, p: &Principal) -> Option<Vec<DicomPatient>> {
         match &self.map {
             PatientMap::Same => p.patient.as_ref().map(|id| {
                 vec![DicomPatient {
                     patient_id: id.clone(),
-                    issuer: None,
+                    ..DicomPatient::default()
                 }]
             }),
             PatientMap::Claim(path) => {
@@ -1054,7 +1141,14 @@ fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientF
     };
     let value = requested.map(|v| v.trim_matches(' ')).unwrap_or("");
     if value.is_empty() || value == "*" {
-        return allow(ids.iter().map(|p| p.patient_id.clone()).collect());
+        // One query per PatientID: identities that differ only by issuer share it.
+        let mut pids: Vec<String> = Vec::new();
+        for p in ids {
+            if !pids.iter().any(|x| lo_eq(x, &p.patient_id)) {
+                pids.push(p.patient_id.clone());
+            }
+        }
+        return allow(pids);
     }
     if value.contains('\\') || value.contains('*') || value.contains('?') {
         return Decision::Deny(Denial::PatientPattern);
@@ -1158,16 +1252,17 @@ user_level = "{user_level}"
         let f = PatientFilter::Only(vec![DicomPatient {
             patient_id: "SPACE01".into(),
             issuer: None,
+            issuer_match: None,
         }]);
-        assert!(f.admits(Some("SPACE01")));
-        assert!(f.admits(Some("SPACE01   ")));
-        assert!(f.admits(Some(" SPACE01")));
-        assert!(!f.admits(Some("space01")));
-        assert!(!f.admits(Some("SPACE01\0")));
-        assert!(!f.admits(Some("SPACE011")));
-        assert!(!f.admits(Some("")));
-        assert!(!f.admits(None));
-        assert!(PatientFilter::Any.admits(None));
+        assert!(f.admits(Some("SPACE01"), None));
+        assert!(f.admits(Some("SPACE01   "), None));
+        assert!(f.admits(Some(" SPACE01"), None));
+        assert!(!f.admits(Some("space01"), None));
+        assert!(!f.admits(Some("SPACE01\0"), None));
+        assert!(!f.admits(Some("SPACE011"), None));
+        assert!(!f.admits(Some(""), None));
+        assert!(!f.admits(None, None));
+        assert!(PatientFilter::Any.admits(None, None));
     }
 
     #[test]
@@ -1497,6 +1592,7 @@ user_level = "{user_level}"
         let w = principal("patient/ImagingStudy.cruds", Some("A"));
         let st = |pid, study, series| StoreRequest {
             patient_id: Some(pid),
+            issuer: None,
             study_uid: Some(study),
             series_uid: Some(series),
             modality: None,
@@ -1570,10 +1666,12 @@ user_level = "{user_level}"
             DicomPatient {
                 patient_id: "A".into(),
                 issuer: None,
+                issuer_match: None,
             },
             DicomPatient {
                 patient_id: "B".into(),
                 issuer: None,
+                issuer_match: None,
             },
         ];
         let f = PatientFilter::Only(ids.clone());
@@ -1595,7 +1693,9 @@ user_level = "{user_level}"
             narrow_query(&[], None, &PatientFilter::Only(vec![])),
             Decision::Deny(Denial::Unmapped)
         );
-        assert!(f.admits(Some("A")) && f.admits(Some("B")) && !f.admits(Some("C")));
+        assert!(
+            f.admits(Some("A"), None) && f.admits(Some("B"), None) && !f.admits(Some("C"), None)
+        );
     }
 
     #[test]
@@ -1789,10 +1889,10 @@ user_level = "{user_level}"
             panic!("{d:?}")
         };
         assert_eq!(a.studies, StudyGate::Within(vec!["S1".into()]));
-        assert!(a.admits_instance(Some("A"), Some("S1")));
-        assert!(!a.admits_instance(Some("A"), Some("S2")));
-        assert!(!a.admits_instance(Some("A"), None));
-        assert!(!a.admits_instance(Some("B"), Some("S1")));
+        assert!(a.admits_instance(Some("A"), None, Some("S1")));
+        assert!(!a.admits_instance(Some("A"), None, Some("S2")));
+        assert!(!a.admits_instance(Some("A"), None, None));
+        assert!(!a.admits_instance(Some("B"), None, Some("S1")));
         // Without a study restriction, nothing about studies is asked.
         let open = principal("patient/ImagingStudy.rs", Some("A"));
         let d = pol
@@ -1808,7 +1908,7 @@ user_level = "{user_level}"
             panic!("{d:?}")
         };
         assert_eq!(a.studies, StudyGate::Open);
-        assert!(a.admits_instance(Some("A"), None));
+        assert!(a.admits_instance(Some("A"), None, None));
         // PATIENT level cannot be judged per study: refused.
         let d = pol
             .decide_retrieve(
@@ -1836,6 +1936,7 @@ user_level = "{user_level}"
         );
         let st = |modality, date| StoreRequest {
             patient_id: Some("A"),
+            issuer: None,
             study_uid: Some("NEW"),
             series_uid: Some("NEWR"),
             modality,
@@ -1993,5 +2094,99 @@ user_level = "{user_level}"
         let p = principal("patient/ImagingStudy.rs", Some("A"));
         let printed = format!("{p:?} {p}");
         assert!(!printed.contains("token-patient"), "{printed}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn use_issuer_matches_patient_id_and_issuer() {
+        let cfg = |use_issuer: bool| {
+            Config::parse(&format!(
+                r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:11112"
+public_url = "http://127.0.0.1:8080"
+[pacs]
+ae_title = "ORTHANC"
+address = "127.0.0.1:4242"
+[[issuers]]
+issuer = "http://127.0.0.1:9400"
+[patients]
+map = "claim"
+claim = "pid"
+use_issuer = {use_issuer}
+{}
+"#,
+                if use_issuer {
+                    "issuer_names = { \"urn:oid:1.2.3\" = \"HOSP_A\" }"
+                } else {
+                    ""
+                }
+            ))
+            .unwrap()
+        };
+        let mut p = principal("patient/ImagingStudy.rs", Some("EHR-1"));
+        p.claims = Arc::new(serde_json::json!({"pid": ["P1^^^&1.2.3&ISO", "P2^^^NSB", "P3"]}));
+        let pol = Policy::new(&cfg(true));
+        let Decision::Allow(a) = query(&pol, &p, None) else {
+            panic!()
+        };
+        assert_eq!(a.query_patient_ids, vec!["P1", "P2", "P3"]);
+        assert!(a.filter.compares_issuer());
+        for (pid, issuer, admitted) in [
+            ("P1", Some("HOSP_A"), true),
+            ("P1", Some("1.2.3"), true),
+            ("P1", Some("urn:oid:1.2.3 "), true),
+            ("P1", Some("HOSP_B"), false),
+            ("P1", None, false),
+            ("P1", Some(""), false),
+            ("P2", Some("NSB"), true),
+            ("P2", Some("nsb"), false),
+            ("P3", None, true),
+            ("P3", Some("  "), true),
+            ("P3", Some("HOSP_A"), false),
+            ("P4", Some("HOSP_A"), false),
+        ] {
+            assert_eq!(
+                a.filter.admits(Some(pid), issuer),
+                admitted,
+                "{pid} {issuer:?}"
+            );
+        }
+        // Without use_issuer the issuer is not compared.
+        let Decision::Allow(a) = query(&Policy::new(&cfg(false)), &p, None) else {
+            panic!()
+        };
+        assert!(!a.filter.compares_issuer());
+        assert!(a.filter.admits(Some("P1"), Some("HOSP_B")));
+        // Stores: the instance's issuer counts, and an existing study of the same PatientID
+        // under another issuer is another patient's.
+        let w = {
+            let mut w = principal("patient/ImagingStudy.c", Some("EHR-1"));
+            w.claims = p.claims.clone();
+            w
+        };
+        let st = |issuer| StoreRequest {
+            patient_id: Some("A"),
+            issuer,
+            study_uid: Some("S1"),
+            series_uid: Some("R1"),
+            ..StoreRequest::default()
+        };
+        let mut wa = w.clone();
+        wa.claims = Arc::new(serde_json::json!({"pid": "A^^^HOSP_X"}));
+        let ehr = FakeEhr::default();
+        let lookup = FakePacs { fail: false };
+        let now = SystemTime::now();
+        assert_eq!(
+            pol.decide_store(&wa, &st(Some("HOSP_X")), &lookup, &ehr, now)
+                .await,
+            Decision::Deny(Denial::ForeignStudy),
+            "S1 is held under A without an issuer"
+        );
+        assert_eq!(
+            pol.decide_store(&wa, &st(Some("HOSP_Y")), &lookup, &ehr, now)
+                .await,
+            Decision::Deny(Denial::ForeignPatient)
+        );
     }
 }

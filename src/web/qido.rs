@@ -111,6 +111,9 @@ pub async fn search(
     };
     pairs.retain(|(k, _)| allowed.query_patient_ids.is_empty() || !is_patient_id_key(k));
     pairs.push(("includefield".into(), "00100020".into()));
+    if allowed.filter.compares_issuer() {
+        pairs.push(("includefield".into(), "00100021".into()));
+    }
     let gated = !matches!(allowed.studies, crate::policy::StudyGate::Open);
     if gated {
         pairs.push(("includefield".into(), "0020000D".into()));
@@ -159,7 +162,12 @@ pub async fn search(
     let total = results.len();
     let kept: Vec<serde_json::Value> = results
         .into_iter()
-        .filter(|r| allowed.filter.admits(patient_id(r).as_deref()))
+        .filter(|r| {
+            allowed.filter.admits(
+                patient_id(r).as_deref(),
+                first_text(r, "00100021").as_deref(),
+            )
+        })
         .collect();
     let (kept, outside) = if gated {
         // A search inside a study is about that study even if a result leaves its UID out.
@@ -222,14 +230,19 @@ pub async fn search(
     Ok(json_response(ctx.rewrite_urls(&text).into_bytes()))
 }
 
-/// StudyInstanceUID of a DICOM JSON object.
-fn study_uid(obj: &serde_json::Value) -> Option<String> {
-    obj.get("0020000D")?
+/// The first text value of an attribute of a DICOM JSON object.
+fn first_text(obj: &serde_json::Value, tag: &str) -> Option<String> {
+    obj.get(tag)?
         .get("Value")?
         .as_array()?
         .first()?
         .as_str()
         .map(str::to_string)
+}
+
+/// StudyInstanceUID of a DICOM JSON object.
+fn study_uid(obj: &serde_json::Value) -> Option<String> {
+    first_text(obj, "0020000D")
 }
 
 /// PatientID of a DICOM JSON object (several values joined by `\`, so they never match).

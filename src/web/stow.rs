@@ -177,6 +177,7 @@ async fn store_part(
         tags::STUDY_DATE,
         tags::MODALITY,
         tags::PATIENT_ID,
+        tags::ISSUER_OF_PATIENT_ID,
         tags::STUDY_INSTANCE_UID,
         tags::SERIES_INSTANCE_UID,
     ];
@@ -218,7 +219,7 @@ async fn store_part(
             .unwrap_or_default()
     };
     let (class, instance) = (text(&values[0]), text(&values[1]));
-    let study = text(&values[5]);
+    let study = text(&values[6]);
     if path_study.is_some_and(|s| s != study) {
         drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
@@ -226,8 +227,9 @@ async fn store_part(
     }
     let req = StoreRequest {
         patient_id: values[4].as_deref(),
-        study_uid: values[5].as_deref(),
-        series_uid: values[6].as_deref(),
+        issuer: values[5].as_deref(),
+        study_uid: values[6].as_deref(),
+        series_uid: values[7].as_deref(),
         study_date: values[2].as_deref(),
         modality: values[3].as_deref(),
     };
@@ -250,7 +252,7 @@ async fn store_part(
         return Ok(());
     }
     let patient = values[4].clone().unwrap_or_default();
-    let series = values[6]
+    let series = values[7]
         .as_deref()
         .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
 

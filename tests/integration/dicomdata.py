@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_no, study_date, modality="OT"):
+def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_no, study_date, modality="OT", issuer=None):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -24,6 +24,8 @@ def make_instance(patient_id, study_uid, series_uid, study_no, series_no, inst_n
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.PatientID = patient_id
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
     ds.PatientName = f"Test^{patient_id.strip()}"
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"

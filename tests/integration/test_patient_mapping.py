@@ -5,7 +5,7 @@ PatientID (plain or in CX form), and patients that map to nothing (denied, never
 import pytest
 import requests
 
-from conftest import Gateway, stop
+from conftest import Gateway, Issuer, stop
 from test_dimse_association import associate, assert_rejected_permanent
 from test_dimse_find import STUDY_ROOT, find, query
 
@@ -123,6 +123,107 @@ def test_fhir_look_up_failure_grants_nothing(tmp_root, orthanc):
         assoc, received = associate(g, token)
         assert_rejected_permanent(assoc, received)
         assert qido(g, token).status_code == 403
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
+
+
+# ---- IssuerOfPatientID (patients.use_issuer) ----
+
+ISSUED = "PAT-I"  # one PatientID, three issuers: three patients where the issuer counts
+
+
+@pytest.fixture(scope="module")
+def issued(orthanc):
+    """Loads PAT-I's studies under issuers HOSP_A (two instances), HOSP_B and none."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicomdata import make_instance
+
+    out = {}
+    for n, issuer in enumerate(["HOSP_A", "HOSP_B", None]):
+        study, series = generate_uid(), generate_uid()
+        sops = []
+        for i in range(2 if issuer == "HOSP_A" else 1):
+            data = make_instance(ISSUED, study, series, 9300 + n, 1, i + 1, "20240101", issuer=issuer)
+            orthanc.upload(data)
+            sops.append(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        out[issuer] = (study, set(sops))
+    return out
+
+
+@pytest.fixture(scope="module")
+def issuer_gateway(tmp_root, orthanc, issuer):
+    d = tmp_root / "mapping-issuer"
+    d.mkdir()
+    table = d / "patients.csv"
+    table.write_text(f"patient,patient_id,issuer\nEHR-I,{ISSUED},HOSP_A\nEHR-NONE,{ISSUED},\n")
+    g = Gateway(d, orthanc, issuer, name="issuer-gateway", patients=f'[patients]\nmap = "table"\ntable_file = "{table}"\nuse_issuer = true')
+    yield g
+    stop(g.proc)
+
+
+def test_use_issuer_separates_patients_sharing_a_patient_id(issuer_gateway, issuer, issued, orthanc):
+    from test_dimse_store_get import store, writer
+    from test_study_restrictions import c_get_study as c_get_study_sops
+
+    token = issuer.mint(patient="EHR-I")
+    a_study, a_sops = issued["HOSP_A"]
+    assoc, _ = associate(issuer_gateway, token)
+    final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+    assert final == 0x0000
+    assert {m.StudyInstanceUID for m in matches} == {a_study}
+    assert all("IssuerOfPatientID" not in m for m in matches), "the key the gateway added is stripped"
+    ds = query("STUDY")
+    ds.IssuerOfPatientID = ""
+    final, matches = find(assoc, ds, STUDY_ROOT)
+    assert [m.IssuerOfPatientID for m in matches] == ["HOSP_A"]
+    assoc.release()
+    assert {s["0020000D"]["Value"][0] for s in qido(issuer_gateway, token).json()} == {a_study}
+    # Retrievals: HOSP_A's study only.
+    assert c_get_study_sops(issuer_gateway, token, a_study) == (0x0000, a_sops)
+    for other in ("HOSP_B", None):
+        final, got = c_get_study_sops(issuer_gateway, token, issued[other][0])
+        assert final == 0x0124 and not got, other
+        r = requests.get(f"{issuer_gateway.public_url}/dicom-web/studies/{issued[other][0]}/metadata",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 403, other
+    # A patient mapped without an issuer sees only the data without one.
+    none_token = issuer.mint(patient="EHR-NONE")
+    assert {s["0020000D"]["Value"][0] for s in qido(issuer_gateway, none_token).json()} == {issued[None][0]}
+    # Stores: the instance's issuer must be the patient's; HOSP_A's own study takes more.
+    from dicomdata import make_instance
+    from pydicom.uid import generate_uid
+
+    w = writer(issuer_gateway, issuer, "EHR-I")
+    foreign = make_instance(ISSUED, generate_uid(), generate_uid(), 9310, 1, 1, "20240101", issuer="HOSP_B")
+    into_b = make_instance(ISSUED, issued["HOSP_B"][0], generate_uid(), 9311, 1, 1, "20240101", issuer="HOSP_A")
+    own = make_instance(ISSUED, a_study, generate_uid(), 9312, 1, 1, "20240101", issuer="HOSP_A")
+    assert store(w, foreign) == 0x0124
+    assert store(w, into_b) == 0x0124, "HOSP_B's study is another patient's"
+    assert store(w, own) == 0x0000
+    w.release()
+
+
+def test_use_issuer_with_fhir_identifier_system(tmp_root, orthanc, issued):
+    d = tmp_root / "mapping-fhir-issuer"
+    d.mkdir()
+    ehr = Issuer(d, extra_args=["--client", "pacsgate:s3cret", "--fhir-patient", f"EHR-77={ISSUED}"])
+    g = Gateway(
+        d, orthanc, ehr, name="fhir-issuer-gateway",
+        issuer_extra=f'verify = "jwt"\nclient_id = "pacsgate"\nclient_secret = "s3cret"\nfhir_base_url = "{ehr.url}/fhir"',
+        patients='[patients]\nmap = "fhir"\nidentifier_type = "MR"\nuse_issuer = true\nissuer_names = { "urn:oid:1.2.36.146.595.217.0.1" = "HOSP_B" }',
+    )
+    try:
+        token = ehr.mint(patient="EHR-77")
+        assert {s["0020000D"]["Value"][0] for s in qido(g, token).json()} == {issued["HOSP_B"][0]}
+        assoc, _ = associate(g, token)
+        final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+        assoc.release()
+        assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == {issued["HOSP_B"][0]}
     finally:
         stop(g.proc)
         stop(ehr.proc)
