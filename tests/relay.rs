@@ -3,7 +3,7 @@
 //! gateway's second line of defence (checking every match) never fires against it; here the PACS
 //! returns other patients' matches, fragments with a tiny maximum PDU, hangs, or is absent.
 
-use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR, dicom_value};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::{
@@ -283,7 +283,16 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                             (Some("PAT1  "), "1.2"),
                                         ]
                                         .iter()
-                                        .map(|(p, uid)| study(*p, uid, 0))
+                                        .map(|(p, uid)| {
+                                            let mut o = study(*p, uid, 0);
+                                            // A patient-wide count, as PACS give at STUDY level.
+                                            o.put(DataElement::new(
+                                                Tag(0x0020, 0x1200),
+                                                VR::IS,
+                                                PrimitiveValue::from("6"),
+                                            ));
+                                            o
+                                        })
                                         .collect(),
                                         true,
                                     ),
@@ -454,10 +463,14 @@ issuer = "{issuer_url}"
 }
 
 fn token(s: &Setup, patient: &str) -> String {
+    scoped_token(s, patient, "patient/ImagingStudy.rs")
+}
+
+fn scoped_token(s: &Setup, patient: &str, scope: &str) -> String {
     s.issuer
         .mint(&MintRequest {
             patient: Some(patient.into()),
-            scope: Some("patient/ImagingStudy.rs".into()),
+            scope: Some(scope.into()),
             ..Default::default()
         })
         .unwrap()
@@ -633,6 +646,48 @@ async fn foreign_matches_from_the_pacs_are_withheld() {
     );
     assert_eq!(seen.calling_ae, "PACSGATE");
     assert!(!seen.identity_forwarded, "the token is never sent upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_study_restriction_withholds_matches_and_patient_wide_counts() {
+    let s = setup(Script::MixedMatches, true, "").await;
+    let unrestricted = connect(&s, &token(&s, "PAT1")).await.unwrap();
+    let restricted = connect(
+        &s,
+        &scoped_token(&s, "PAT1", "patient/ImagingStudy.rs?identifier=urn:oid:1.2"),
+    )
+    .await
+    .unwrap();
+    for (mut a, expected, counted) in [
+        (unrestricted, vec!["1.1", "1.2"], true),
+        (restricted, vec!["1.2"], false),
+    ] {
+        send_find(&mut a, &study_query(None)).await;
+        let mut uids = Vec::new();
+        loop {
+            let (status, ds) = next_response(&mut a).await;
+            if status != 0xFF00 {
+                assert_eq!(status, 0);
+                break;
+            }
+            let ds = ds.unwrap();
+            assert_eq!(
+                ds.get(Tag(0x0020, 0x1200)).is_some(),
+                counted,
+                "the count is withheld only under the restriction"
+            );
+            uids.push(
+                ds.get(tags::STUDY_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+        }
+        assert_eq!(uids, expected);
+        a.release().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,12 +13,19 @@ use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Allowed, Decision, StudyGate};
+use crate::policy::{Action, Allowed, Decision, StudyGate, StudyMemo};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
 use dicom_object::InMemDicomObject;
 use std::time::SystemTime;
+
+/// Patient-level counts (Number of Patient Related Studies, Series, Instances).
+const PATIENT_COUNTS: [dicom_core::Tag; 3] = [
+    dicom_core::Tag(0x0020, 0x1200),
+    dicom_core::Tag(0x0020, 0x1202),
+    dicom_core::Tag(0x0020, 0x1204),
+];
 
 fn patient_id_of(obj: &InMemDicomObject) -> Option<String> {
     obj.get(tags::PATIENT_ID)
@@ -135,6 +142,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         queries.push(out);
     }
     let n = queries.len();
+    let mut memo = StudyMemo::default();
     for (k, upstream_identifier) in queries.into_iter().enumerate() {
         if let Err(e) = s
             .pacs
@@ -152,6 +160,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             (added_patient_key, added_issuer_key, added_study_key),
             ts,
             k + 1 == n,
+            &mut memo,
         )
         .await
         {
@@ -178,9 +187,11 @@ async fn relay_responses(
     (strip_patient_id, strip_issuer, strip_study_uid): (bool, bool, bool),
     ts: &'static TransferSyntax,
     last: bool,
+    memo: &mut StudyMemo,
 ) -> Step {
     let limits = s.ctx.cfg.limits.clone();
     let ctx = s.ctx.clone();
+    let gated = !matches!(allowed.studies, StudyGate::Open);
     let (mut relayed, mut dropped, mut outside) = (0usize, 0usize, 0usize);
     loop {
         // Never wait on the PACS with matches held back for the client.
@@ -277,7 +288,12 @@ async fn relay_responses(
                     Some(&s.principal),
                     "C-FIND",
                     Outcome::Allowed,
-                    &format!("{outside} match(es) outside the token's study restriction withheld"),
+                    &format!(
+                        "{outside} match(es) outside the token's study restriction withheld{}",
+                        memo.stopped
+                            .map(|why| format!(" (judging stopped: {why})"))
+                            .unwrap_or_default()
+                    ),
                 );
             }
             if dropped > 0 {
@@ -325,7 +341,7 @@ async fn relay_responses(
             );
             continue;
         }
-        if !matches!(allowed.studies, StudyGate::Open) {
+        if gated {
             let study = crate::dataset::top_level_text(&data, ts, tags::STUDY_INSTANCE_UID)
                 .ok()
                 .flatten();
@@ -335,6 +351,7 @@ async fn relay_responses(
                     &s.principal,
                     allowed,
                     study.as_deref(),
+                    memo,
                     &*ctx.lookup,
                     &*ctx.trust,
                 )
@@ -344,7 +361,12 @@ async fn relay_responses(
                 continue;
             }
         }
-        let out = if strip_patient_id || strip_issuer || strip_study_uid {
+        // Patient-wide counts would tell of studies outside the restriction.
+        let strip_counts = gated
+            && PATIENT_COUNTS
+                .iter()
+                .any(|t| matches!(crate::dataset::top_level_text(&data, ts, *t), Ok(Some(_))));
+        let out = if strip_patient_id || strip_issuer || strip_study_uid || strip_counts {
             let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
                 .ok()
                 .and_then(|mut obj| {
@@ -353,6 +375,11 @@ async fn relay_responses(
                     }
                     if strip_issuer {
                         obj.remove_element(tags::ISSUER_OF_PATIENT_ID);
+                    }
+                    if strip_counts {
+                        for t in PATIENT_COUNTS {
+                            obj.remove_element(t);
+                        }
                     }
                     if strip_study_uid {
                         obj.remove_element(tags::STUDY_INSTANCE_UID);

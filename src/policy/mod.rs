@@ -212,6 +212,18 @@ pub trait EhrDirectory: Send + Sync {
     fn studies_seen_by<'a>(&'a self, p: &'a Principal, study_uid: &'a str) -> DirectoryFuture<'a>;
 }
 
+/// The most distinct studies one query's results are judged for under a study restriction;
+/// results of further studies are withheld.
+pub const MAX_STUDIES_JUDGED: usize = 1000;
+
+/// What one query's study judgements learned: each study's verdict, and why judging stopped.
+#[derive(Debug, Default)]
+pub struct StudyMemo {
+    judged: std::collections::HashMap<String, bool>,
+    /// Set when judging stopped early; every later result is withheld.
+    pub stopped: Option<&'static str>,
+}
+
 /// The most UIDs one request may name; a request naming more is refused (bounded work).
 pub const MAX_UIDS_PER_REQUEST: usize = 1000;
 
@@ -616,12 +628,15 @@ impl Policy {
 
     /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
     /// caller under the decision's study gate. A result without a study UID passes only an
-    /// open gate; any failure to judge withholds the result.
+    /// open gate. Each study is judged once per request (`memo`), at most
+    /// [`MAX_STUDIES_JUDGED`] of them; after the first failure to judge (the PACS or the EHR
+    /// did not answer) no more are asked about, and the rest are withheld.
     pub async fn admits_result(
         &self,
         p: &Principal,
         allowed: &Allowed,
         study_uid: Option<&str>,
+        memo: &mut StudyMemo,
         lookup: &dyn OwnerLookup,
         ehr: &dyn EhrDirectory,
     ) -> bool {
@@ -632,10 +647,31 @@ impl Policy {
             (StudyGate::Open, _) => true,
             (_, None) => false,
             (StudyGate::Within(uids), Some(u)) => uids.iter().any(|x| x == u),
-            (StudyGate::Check(rule), Some(u)) => matches!(
-                self.admits_study(p, rule, u, None, lookup, ehr).await,
-                Ok(true)
-            ),
+            (StudyGate::Check(rule), Some(u)) => {
+                if let Some(v) = memo.judged.get(u) {
+                    return *v;
+                }
+                if memo.stopped.is_some() {
+                    return false;
+                }
+                if memo.judged.len() >= MAX_STUDIES_JUDGED {
+                    memo.stopped = Some("too many studies to judge in one request");
+                    return false;
+                }
+                match self.admits_study(p, rule, u, None, lookup, ehr).await {
+                    Ok(v) => {
+                        memo.judged.insert(u.to_string(), v);
+                        v
+                    }
+                    Err(d) => {
+                        memo.stopped = Some(match d {
+                            Denial::EhrUnavailable => "the EHR could not be asked",
+                            _ => "the PACS could not be asked",
+                        });
+                        false
+                    }
+                }
+            }
         }
     }
 
@@ -771,6 +807,7 @@ impl Policy {
             return Decision::Deny(Denial::ForeignPatient);
         }
         let mut study = "";
+        let mut study_exists = false;
         for (l, uid) in [
             (UidLevel::Study, req.study_uid),
             (UidLevel::Series, req.series_uid),
@@ -789,6 +826,7 @@ impl Policy {
             match self.owner(lookup, l, uid).await {
                 Ok(None) => {}
                 Ok(Some(o)) => {
+                    study_exists |= l == UidLevel::Study;
                     let same_issuer = || {
                         let norm = |i: Option<&str>| {
                             i.map(|i| i.trim_matches(' ').to_string())
@@ -822,6 +860,15 @@ impl Policy {
                 Ok(true) => {}
                 Ok(false) => return Decision::Deny(Denial::OutsideStudies),
                 Err(d) => return Decision::Deny(d),
+            }
+            // Writing into a study the PACS holds is writing into that study: it must be inside
+            // the restriction as it stands (else a CT instance could make an MR study readable).
+            if study_exists {
+                match self.admits_study(p, &rule, study, None, lookup, ehr).await {
+                    Ok(true) => {}
+                    Ok(false) => return Decision::Deny(Denial::OutsideStudies),
+                    Err(d) => return Decision::Deny(d),
+                }
             }
         }
         Decision::Allow(Allowed::new(access.patients))
@@ -1011,9 +1058,11 @@ impl Policy {
             {
                 // A clinician tool with user scopes and a patient selected: user-level access
                 // is what the configuration allows it.
+                // Writes need a user-level write scope here: a patient-level one must not
+                // reach every patient through the user-level filter.
                 return Ok(Access {
                     read: Some(rule(ur, false)),
-                    write: uw.or(pw).map(|g| rule(g, false)),
+                    write: uw.map(|g| rule(g, false)),
                     patients: PatientFilter::Any,
                 });
             }
@@ -1756,8 +1805,15 @@ user_level = "{user_level}"
                 .await;
             let q = match pol.decide(p, Action::Query { patient_id: None }, SystemTime::now()) {
                 Decision::Allow(a) => {
-                    pol.admits_result(p, &a, Some(st), &FakePacs { fail: false }, ehr)
-                        .await
+                    pol.admits_result(
+                        p,
+                        &a,
+                        Some(st),
+                        &mut StudyMemo::default(),
+                        &FakePacs { fail: false },
+                        ehr,
+                    )
+                    .await
                 }
                 Decision::Deny(_) => false,
             };
@@ -1789,7 +1845,6 @@ user_level = "{user_level}"
                 true,
                 false,
             ),
-            ("patient/ImagingStudy.rs?modality=%7CMR", false, true),
             ("patient/ImagingStudy.rs?started=ge2021", false, true),
             ("patient/ImagingStudy.rs?started=lt2021-01", true, false),
             ("patient/ImagingStudy.rs?started=2020-01-15", true, false),
@@ -1843,6 +1898,7 @@ user_level = "{user_level}"
             "patient/ImagingStudy.rs?started=ap2020",
             "patient/ImagingStudy.rs?started=2020-01-15T10:00:00Z",
             "patient/ImagingStudy.rs?identifier=http://hospital/acc|123",
+            "patient/ImagingStudy.rs?modality=%7CMR",
         ] {
             let p = principal(scope, Some("A"));
             assert!(
@@ -1866,14 +1922,31 @@ user_level = "{user_level}"
         };
         let lookup = FakePacs { fail: false };
         assert!(
-            pol.admits_result(&p, &a, Some("1.2.3"), &lookup, &ehr)
-                .await
+            pol.admits_result(
+                &p,
+                &a,
+                Some("1.2.3"),
+                &mut StudyMemo::default(),
+                &lookup,
+                &ehr
+            )
+            .await
         );
         assert!(
-            !pol.admits_result(&p, &a, Some("1.2.4"), &lookup, &ehr)
+            !pol.admits_result(
+                &p,
+                &a,
+                Some("1.2.4"),
+                &mut StudyMemo::default(),
+                &lookup,
+                &ehr
+            )
+            .await
+        );
+        assert!(
+            !pol.admits_result(&p, &a, None, &mut StudyMemo::default(), &lookup, &ehr)
                 .await
         );
-        assert!(!pol.admits_result(&p, &a, None, &lookup, &ehr).await);
         // A retrieval's sub-operations stay inside the studies it was decided on.
         let p = principal("patient/ImagingStudy.rs?modality=CT", Some("A"));
         let d = pol
@@ -1960,6 +2033,36 @@ user_level = "{user_level}"
                 "{m:?} {d:?}"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_cannot_widen_a_restricted_read() {
+        let pol = Policy::new(&cfg("deny"));
+        let ehr = FakeEhr::default();
+        let lookup = FakePacs { fail: false };
+        let w = principal("patient/ImagingStudy.crs?modality=CT", Some("A"));
+        let into = |study| StoreRequest {
+            patient_id: Some("A"),
+            study_uid: Some(study),
+            series_uid: Some("NEWR"),
+            modality: Some("CT"),
+            study_date: Some("20240101"),
+            ..StoreRequest::default()
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            pol.decide_store(&w, &into("S2"), &lookup, &ehr, now).await,
+            Decision::Deny(Denial::OutsideStudies),
+            "S2 is an MR study: a CT instance must not make it readable"
+        );
+        assert!(matches!(
+            pol.decide_store(&w, &into("S1"), &lookup, &ehr, now).await,
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            pol.decide_store(&w, &into("NEW"), &lookup, &ehr, now).await,
+            Decision::Allow(_)
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -2074,12 +2177,65 @@ user_level = "{user_level}"
             d => panic!("{d:?}"),
         };
         assert!(
-            !pol.admits_result(&fresh, &a, Some("S2"), &FakePacs { fail: false }, &down)
-                .await
+            !pol.admits_result(
+                &fresh,
+                &a,
+                Some("S2"),
+                &mut StudyMemo::default(),
+                &FakePacs { fail: false },
+                &down
+            )
+            .await
         );
         assert!(
-            pol.admits_result(&fresh, &a, Some("S2"), &FakePacs { fail: false }, &ehr)
+            pol.admits_result(
+                &fresh,
+                &a,
+                Some("S2"),
+                &mut StudyMemo::default(),
+                &FakePacs { fail: false },
+                &ehr
+            )
+            .await
+        );
+        // One request stops asking after the first failure, and judges each study once.
+        let mut memo = StudyMemo::default();
+        let before = down.searches.load(std::sync::atomic::Ordering::Relaxed);
+        for st in ["S1", "S2", "S3", "S1"] {
+            assert!(
+                !pol.admits_result(
+                    &fresh,
+                    &a,
+                    Some(st),
+                    &mut memo,
+                    &FakePacs { fail: false },
+                    &down
+                )
                 .await
+            );
+        }
+        assert_eq!(
+            down.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
+            1
+        );
+        assert_eq!(memo.stopped, Some("the EHR could not be asked"));
+        let mut memo = StudyMemo::default();
+        let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
+        let other_user = principal("user/ImagingStudy.rs user/Observation.rs", None);
+        for st in ["S2", "S3", "S2", "S3"] {
+            pol.admits_result(
+                &other_user,
+                &a,
+                Some(st),
+                &mut memo,
+                &FakePacs { fail: false },
+                &ehr,
+            )
+            .await;
+        }
+        assert_eq!(
+            ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
+            2
         );
         // A patient-level token under ehr-check is judged as before, without the EHR.
         let pat = principal("patient/ImagingStudy.rs", Some("A"));

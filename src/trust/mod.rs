@@ -149,8 +149,9 @@ struct TrustedIssuer {
 /// The trust core.
 pub struct TrustCore {
     issuers: HashMap<String, TrustedIssuer>,
-    /// For calls made with the caller's own token (never with the gateway's credentials).
-    http: reqwest::Client,
+    /// For calls made with the caller's own token: no redirects are followed, so the token
+    /// goes only to the configured FHIR base.
+    caller_http: reqwest::Client,
     /// Issuers in configuration order: opaque tokens are offered to them in this order.
     order: Vec<String>,
     /// The gateway's own URLs: an `authorization_details` entry naming one of them in its
@@ -217,9 +218,15 @@ impl TrustCore {
             .into_iter()
             .map(|l| l.trim_end_matches('/').to_string())
             .collect();
+        let caller_http = reqwest::Client::builder()
+            .timeout(cfg.limits.http_fetch_timeout)
+            .connect_timeout(cfg.limits.http_fetch_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
         Ok(Arc::new(TrustCore {
             issuers,
-            http,
+            caller_http,
             order,
             locations,
         }))
@@ -573,56 +580,68 @@ fn principal_from_introspection(
 }
 
 /// The ImagingStudy entries of a `fhirContext` claim, when the issuer treats launch context
-/// as a restriction. Entries of other types are ignored; an ImagingStudy entry the gateway
-/// cannot identify stays in the list as [`ContextStudy::Unknown`], so it narrows to nothing
-/// rather than widening.
+/// as a restriction. Entries that name other resources are ignored; an entry that names a study
+/// the gateway cannot identify, or a context it cannot read at all, stays in the list as
+/// [`ContextStudy::Unknown`], so it narrows to nothing rather than widening.
 fn launch_studies(ctx: Option<&serde_json::Value>, issuer: &Issuer) -> Option<Vec<ContextStudy>> {
     if !issuer.launch_context_restricts {
         return None;
     }
-    let entries = ctx?.as_array()?;
+    let ctx = ctx.filter(|c| !c.is_null())?;
+    let Some(entries) = ctx.as_array() else {
+        return Some(vec![ContextStudy::Unknown]);
+    };
     let mut out = Vec::new();
     for e in entries {
-        let typ = e.get("type").and_then(|t| t.as_str());
-        let reference = e.get("reference").and_then(|r| r.as_str());
-        let id = reference.and_then(|r| {
-            let r = match r.strip_prefix("ImagingStudy/") {
-                Some(id) => Some(id),
-                None => issuer.fhir_base_url.as_deref().and_then(|b| {
-                    r.strip_prefix(b.trim_end_matches('/'))
-                        .and_then(|x| x.strip_prefix("/ImagingStudy/"))
-                }),
-            };
-            r.map(str::to_string)
+        // SMART 2.0 listed bare reference strings; 2.1 and later list objects.
+        let (typ, reference, identifier) = match e {
+            serde_json::Value::String(r) => (None, Some(r.as_str()), None),
+            serde_json::Value::Object(_) => (
+                e.get("type").and_then(|t| t.as_str()),
+                e.get("reference").and_then(|r| r.as_str()),
+                e.get("identifier"),
+            ),
+            _ => {
+                out.push(ContextStudy::Unknown);
+                continue;
+            }
+        };
+        let dicom_uid = identifier.and_then(|i| {
+            if i.get("system").and_then(|s| s.as_str()) != Some(scopes::DICOM_UID_SYSTEM) {
+                return None;
+            }
+            i.get("value")?.as_str()
         });
         let names_study = typ == Some("ImagingStudy")
+            || dicom_uid.is_some()
             || reference
                 .is_some_and(|r| r.starts_with("ImagingStudy/") || r.contains("/ImagingStudy/"));
         if !names_study {
             continue;
         }
-        let by_identifier = e.get("identifier").and_then(|i| {
-            let system = i.get("system").and_then(|s| s.as_str());
-            if system.is_some_and(|s| s != scopes::DICOM_UID_SYSTEM) {
-                return None;
-            }
-            i.get("value")?
-                .as_str()?
-                .strip_prefix("urn:oid:")
-                .map(str::to_string)
+        let id = reference.and_then(|r| match r.strip_prefix("ImagingStudy/") {
+            Some(id) => Some(id),
+            None => issuer.fhir_base_url.as_deref().and_then(|b| {
+                r.strip_prefix(b.trim_end_matches('/'))
+                    .and_then(|x| x.strip_prefix("/ImagingStudy/"))
+            }),
         });
-        let valid_id = |id: &String| {
+        let valid_id = |id: &str| {
             !id.is_empty()
                 && id.len() <= 64
                 && id
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         };
-        out.push(match (by_identifier, id) {
-            (Some(uid), _) => ContextStudy::Uid(uid),
-            (None, Some(id)) if valid_id(&id) => ContextStudy::Reference(id),
-            _ => ContextStudy::Unknown,
-        });
+        out.push(
+            match (dicom_uid.and_then(|v| v.strip_prefix("urn:oid:")), id) {
+                (Some(uid), _) => ContextStudy::Uid(uid.to_string()),
+                (None, Some(id)) if dicom_uid.is_none() && valid_id(id) => {
+                    ContextStudy::Reference(id.to_string())
+                }
+                _ => ContextStudy::Unknown,
+            },
+        );
     }
     (!out.is_empty()).then_some(out)
 }
@@ -695,7 +714,7 @@ impl crate::policy::EhrDirectory for TrustCore {
             counted(
                 &p.issuer,
                 "study_search",
-                client::caller_study_search(&self.http, base, &p.bearer, study_uid).await,
+                client::caller_study_search(&self.caller_http, base, &p.bearer, study_uid).await,
             )
         })
     }

@@ -134,7 +134,7 @@ impl DateTest {
                     && digits(m, 2)
                     && digits(d, 2)
                     && ("01"..="12").contains(m)
-                    && ("01"..="31").contains(d) =>
+                    && is_day_of(y, m, d) =>
             {
                 (format!("{y}{m}{d}"), format!("{y}{m}{d}"))
             }
@@ -158,6 +158,21 @@ impl DateTest {
             DateOp::Le => day <= hi,
         }
     }
+}
+
+/// Whether `d` is a day of month `m` of year `y` (all digits, already checked).
+fn is_day_of(y: &str, m: &str, d: &str) -> bool {
+    let (Ok(y), Ok(m), Ok(d)) = (y.parse::<u32>(), m.parse::<u32>(), d.parse::<u32>()) else {
+        return false;
+    };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    (1..=days).contains(&d)
 }
 
 fn is_uid(s: &str) -> bool {
@@ -191,9 +206,8 @@ impl Scope {
                         .iter()
                         .map(|x| match x.split_once('|') {
                             None => Some(x.to_string()),
-                            Some(("" | DICOM_CODES, code)) if !code.is_empty() => {
-                                Some(code.to_string())
-                            }
+                            // `|code` means "no system" in FHIR: DICOM codes have one.
+                            Some((DICOM_CODES, code)) if !code.is_empty() => Some(code.to_string()),
                             _ => None,
                         })
                         .collect::<Option<Vec<_>>>()?,
@@ -210,7 +224,7 @@ impl Scope {
                         .map(|x| {
                             let value = match x.split_once('|') {
                                 None => *x,
-                                Some(("" | DICOM_UID_SYSTEM, v)) => v,
+                                Some((DICOM_UID_SYSTEM, v)) => v,
                                 _ => return None,
                             };
                             value
@@ -513,6 +527,11 @@ mod tests {
             "patient/ImagingStudy.rs?identifier=urn:oid:1.02.3",
             "patient/ImagingStudy.rs?identifier=1.2.3",
             "patient/ImagingStudy.rs?identifier=urn:other|urn:oid:1.2.3",
+            "patient/ImagingStudy.rs?identifier=|urn:oid:1.2.3",
+            "patient/ImagingStudy.rs?modality=|CT",
+            "patient/ImagingStudy.rs?modality=%7CCT",
+            "patient/ImagingStudy.rs?started=2021-02-29",
+            "patient/ImagingStudy.rs?started=ne2020-04-31",
         ] {
             assert_eq!(c(bad), None, "{bad}");
         }
@@ -544,6 +563,9 @@ mod tests {
         ] {
             assert_eq!(t(v).passes(day), expected, "{v}");
         }
+        assert!(DateTest::parse("2020-02-29").is_some(), "a leap day");
+        assert!(DateTest::parse("1900-02-29").is_none());
+        assert!(DateTest::parse("2000-02-29").is_some());
         assert!(!t("2020").passes(""));
         assert!(!t("2020").passes("2020011"));
     }

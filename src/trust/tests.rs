@@ -961,4 +961,37 @@ async fn launch_context_restricts_only_when_configured() {
         p.launch_studies,
         Some(vec![ContextStudy::Reference("here".into())])
     );
+    // Other shapes: SMART 2.0 bare strings, an identifier without `type`, a context that is
+    // not a list (nothing then), an entry that is neither string nor object.
+    for (ctx, expected) in [
+        (
+            json!(["ImagingStudy/s20"]),
+            Some(vec![ContextStudy::Reference("s20".into())]),
+        ),
+        (
+            json!([{"identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.9"}}]),
+            Some(vec![ContextStudy::Uid("1.2.9".into())]),
+        ),
+        (
+            json!([{"identifier": {"system": "urn:dicom:uid", "value": "1.2.9"}}]),
+            Some(vec![ContextStudy::Unknown]),
+        ),
+        (
+            json!({"reference": "ImagingStudy/x"}),
+            Some(vec![ContextStudy::Unknown]),
+        ),
+        (json!("ImagingStudy/x"), Some(vec![ContextStudy::Unknown])),
+        (json!([42]), Some(vec![ContextStudy::Unknown])),
+        (json!(["Patient/1", {"reference": "Encounter/2"}]), None),
+        (json!([]), None),
+    ] {
+        let mut c = f.issuer.claims(&req("EHR-123"));
+        c["fhirContext"] = ctx.clone();
+        let p = f
+            .trust
+            .verify(&f.issuer.key.sign(&c).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(p.launch_studies, expected, "{ctx}");
+    }
 }

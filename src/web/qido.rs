@@ -177,17 +177,37 @@ pub async fn search(
         };
         let mut inside = Vec::with_capacity(kept.len());
         let mut outside = 0usize;
-        for r in kept {
+        let mut memo = crate::policy::StudyMemo::default();
+        for mut r in kept {
             let study = study_uid(&r).or_else(|| path_study.clone());
             if ctx
                 .policy
-                .admits_result(p, &allowed, study.as_deref(), &*ctx.lookup, &*ctx.trust)
+                .admits_result(
+                    p,
+                    &allowed,
+                    study.as_deref(),
+                    &mut memo,
+                    &*ctx.lookup,
+                    &*ctx.trust,
+                )
                 .await
             {
+                // Patient-wide counts would tell of studies outside the restriction.
+                if let Some(o) = r.as_object_mut() {
+                    for t in ["00201200", "00201202", "00201204"] {
+                        o.remove(t);
+                    }
+                }
                 inside.push(r);
             } else {
                 outside += 1;
             }
+        }
+        if let Some(why) = memo.stopped {
+            tracing::warn!(
+                reason = why,
+                "study judging stopped; remaining results withheld"
+            );
         }
         (inside, outside)
     } else {

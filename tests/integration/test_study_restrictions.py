@@ -173,13 +173,16 @@ def test_constraints_the_gateway_cannot_evaluate_grant_nothing(gateway, issuer):
         assert r.status_code == 403, scope
 
 
-def test_write_constraints_judge_the_instance(gateway, issuer, orthanc):
+def test_write_constraints_judge_the_instance(gateway, issuer, orthanc, studies):
     scope = "patient/ImagingStudy.rs patient/ImagingStudy.c?modality=CT"
     assoc = writer(gateway, issuer, PID, scope=scope)
     ot = make_instance(PID, generate_uid(), generate_uid(), 9200, 1, 1, "20250101", modality="OT")
     ct = make_instance(PID, generate_uid(), generate_uid(), 9201, 1, 1, "20250101", modality="CT")
     assert store(assoc, ot) == NOT_AUTHORIZED
     assert store(assoc, ct) == 0x0000
+    # A CT instance into the existing MR study would make that study readable: refused.
+    into_mr = make_instance(PID, studies["MR"][0], generate_uid(), 9203, 1, 1, "20250101", modality="CT")
+    assert store(assoc, into_mr) == NOT_AUTHORIZED
     assoc.release()
     sop = lambda data: pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
     assert not orthanc.holds(sop(ot)) and orthanc.holds(sop(ct))
@@ -208,6 +211,9 @@ def test_launch_context_names_the_one_study(env, gateway, studies):
     mr = studies["MR"][0]
     token = ehr.mint(patient=PID, claims={"fhirContext": [{"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{mr}"}}]})
     assert_reach(g, token, studies, {"MR"})
+    # SMART 2.0's bare reference strings too.
+    token = ehr.mint(patient=PID, claims={"fhirContext": ["ImagingStudy/is-ct"]})
+    assert qido_studies(g, token) == {studies["CT"][0]}
     # A reference the EHR does not know leaves nothing.
     token = ehr.mint(patient=PID, claims={"fhirContext": [{"reference": "ImagingStudy/unknown"}]})
     assert find_studies(g, token) == set()

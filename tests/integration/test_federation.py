@@ -1,0 +1,105 @@
+"""Verification modes and federation quirks end to end, through DIMSE and DICOMweb against
+Orthanc: SMART Backend Services (private_key_jwt) toward an introspection endpoint derived from
+the token endpoint, local JWT checks plus revocation by introspection, a multi-server token
+whose authorization_details name the gateway (with aud = the EHR's FHIR base, accepted only
+where configured), and a patient given in `sub`."""
+
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import Gateway, Issuer, binary, stop
+from test_dimse_association import associate, assert_rejected_permanent
+from test_dimse_find import STUDY_ROOT, find, query
+
+
+def both_protocols(g, token):
+    """(PatientIDs of the C-FIND matches, study UIDs of QIDO) for a STUDY-level search."""
+    assoc, _ = associate(g, token)
+    assert assoc.is_established
+    final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000
+    r = requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {m.PatientID for m in matches}, {s["0020000D"]["Value"][0] for s in r.json()}
+
+
+def refused_on_both(g, token, status=401):
+    assoc, received = associate(g, token)
+    assert_rejected_permanent(assoc, received)
+    r = requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == status, r.text
+
+
+def test_backend_services_introspection_from_the_token_endpoint(tmp_root, orthanc):
+    d = tmp_root / "backend-services"
+    d.mkdir()
+    key = d / "gateway-client.pem"
+    # The gateway's own ES384 key, made by the project's own tooling.
+    subprocess.run([str(binary()), "dev-issuer", "mint", "--issuer", "http://127.0.0.1:1", "--key-file", str(key), "--alg", "ES384"], check=True, capture_output=True)
+    ehr = Issuer(d, extra_args=["--client-key", f"pacsgate={key}"])
+    g = Gateway(
+        d, orthanc, ehr, name="backend-services-gateway",
+        issuer_extra=f'verify = "introspection"\nclient_id = "pacsgate"\nclient_key_file = "{key}"\nintrospection_from_token_endpoint = true',
+    )
+    try:
+        token = ehr.mint(patient="PAT-A", opaque=True)
+        assert both_protocols(g, token) == ({"PAT-A"}, orthanc.studies["PAT-A"])
+        assert "introspection failed" not in g.log_text()
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
+
+
+def test_jwt_plus_introspection_sees_revocation_on_both_protocols(tmp_root, orthanc):
+    d = tmp_root / "jwt-introspection"
+    d.mkdir()
+    ehr = Issuer(d, extra_args=["--client", "pacsgate:s3cret"])
+    g = Gateway(
+        d, orthanc, ehr, name="jwt-introspection-gateway",
+        issuer_extra='verify = "jwt+introspection"\nclient_id = "pacsgate"\nclient_secret = "s3cret"\nintrospection_cache_secs = 1',
+    )
+    try:
+        token = ehr.mint(patient="PAT-B")
+        assert token.count(".") == 2
+        assert both_protocols(g, token) == ({"PAT-B"}, orthanc.studies["PAT-B"])
+        requests.post(f"{ehr.url}/revoke", data={"token": token}, timeout=10).raise_for_status()
+        time.sleep(1.2)  # the cached answer expires
+        refused_on_both(g, token)
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_root, orthanc, issuer):
+    d = tmp_root / "multi-server"
+    d.mkdir()
+    g = Gateway(
+        d, orthanc, issuer, name="multi-server-gateway",
+        issuer_extra=f'verify = "jwt"\nfhir_base_url = "{issuer.url}/fhir"\naccept_ehr_audience = true\npatient_in_sub = true',
+    )
+    yield g
+    stop(g.proc)
+
+
+def test_authorization_details_name_the_gateway(shared, gateway, issuer, orthanc):
+    # One token for the EHR (patient EHR-123 there) and for the gateway (PAT-A here).
+    details = [
+        {"type": "smart_on_fhir", "locations": [f"{issuer.url}/fhir"], "scope": "patient/*.rs", "patient": "EHR-123"},
+        {"type": "smart_on_fhir", "locations": [f"{shared.public_url}/dicom-web"], "scope": "patient/ImagingStudy.rs", "patient": "PAT-A"},
+    ]
+    token = issuer.mint(patient="EHR-123", scope="patient/*.rs", aud=f"{issuer.url}/fhir", claims={"authorization_details": details})
+    assert both_protocols(shared, token) == ({"PAT-A"}, orthanc.studies["PAT-A"])
+    # The same token at a gateway that does not accept the EHR's audience: refused.
+    refused_on_both(gateway, token)
+
+
+def test_patient_in_sub_where_configured(shared, gateway, issuer, orthanc):
+    token = issuer.mint(scope="patient/ImagingStudy.rs", claims={"sub": "Patient/PAT-B"})
+    assert both_protocols(shared, token) == ({"PAT-B"}, orthanc.studies["PAT-B"])
+    # Elsewhere a token without `patient` has no patient in context.
+    refused_on_both(gateway, token, status=403)
