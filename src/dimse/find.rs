@@ -152,18 +152,15 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
             return fail_upstream(s, pc_id, &cmd).await;
         }
-        match relay_responses(
-            s,
-            pc_id,
-            &cmd,
-            &allowed,
-            (added_patient_key, added_issuer_key, added_study_key),
+        let pass = Pass {
+            allowed: &allowed,
+            strip_patient_id: added_patient_key,
+            strip_issuer: added_issuer_key,
+            strip_study_uid: added_study_key,
             ts,
-            k + 1 == n,
-            &mut memo,
-        )
-        .await
-        {
+            last: k + 1 == n,
+        };
+        match relay_responses(s, pc_id, &cmd, pass, &mut memo).await {
             Step::Next => continue,
             Step::Done(flow) => return flow,
         }
@@ -178,17 +175,34 @@ enum Step {
     Done(Flow),
 }
 
+/// How one upstream query's matches are judged and relayed.
+struct Pass<'a> {
+    allowed: &'a Allowed,
+    /// Keys the gateway added to the identifier, removed again from each match.
+    strip_patient_id: bool,
+    strip_issuer: bool,
+    strip_study_uid: bool,
+    ts: &'static TransferSyntax,
+    /// The last of the operation's queries: its final response goes to the client.
+    last: bool,
+}
+
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
 async fn relay_responses(
     s: &mut Session,
     pc_id: u8,
     cmd: &Command,
-    allowed: &Allowed,
-    (strip_patient_id, strip_issuer, strip_study_uid): (bool, bool, bool),
-    ts: &'static TransferSyntax,
-    last: bool,
+    pass: Pass<'_>,
     memo: &mut StudyMemo,
 ) -> Step {
+    let Pass {
+        allowed,
+        strip_patient_id,
+        strip_issuer,
+        strip_study_uid,
+        ts,
+        last,
+    } = pass;
     let limits = s.ctx.cfg.limits.clone();
     let ctx = s.ctx.clone();
     let gated = !matches!(allowed.studies, StudyGate::Open);
