@@ -1,12 +1,14 @@
 //! The cost of one access decision: token verification (local JWT, or RFC 7662 introspection
 //! with a cold and a warm cache) plus the policy decision, against a development issuer on
-//! loopback in the same process. Prints a table; run with
+//! loopback in the same process, and the cost of judging one study for a user-level token
+//! under `user_level = "ehr-check"` (one ImagingStudy search with the caller's token, then
+//! cached). Prints a table; run with
 //! `cargo run --release --example decision_bench`.
 
 use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
-use pacsgate::policy::{Action, Decision, Policy};
+use pacsgate::policy::{Action, Decision, LookupFuture, OwnerLookup, Policy, StudyMemo, UidLevel};
 use pacsgate::trust::TrustCore;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -16,6 +18,15 @@ const N: usize = 2000;
 fn percentile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * q) as usize]
+}
+
+/// No study facts are needed for an ehr-check without scope constraints: never asked.
+struct NoPacs;
+
+impl OwnerLookup for NoPacs {
+    fn owner<'a>(&'a self, _: UidLevel, _: &'a str) -> LookupFuture<'a> {
+        Box::pin(async { Err("not expected: no study facts are needed".to_string()) })
+    }
 }
 
 fn req() -> MintRequest {
@@ -47,7 +58,8 @@ async fn main() -> anyhow::Result<()> {
         Config::parse(&format!(
             "[gateway]\nae_title = \"GW\"\ndimse_listen = \"127.0.0.1:1\"\npublic_url = \"http://127.0.0.1:8080\"\n\
              [pacs]\nae_title = \"P\"\naddress = \"127.0.0.1:2\"\n[[issuers]]\nissuer = \"{url}\"\nverify = \"{verify}\"\n\
-             client_id = \"pacsgate\"\nclient_secret = \"s3cret\"\n"
+             client_id = \"pacsgate\"\nclient_secret = \"s3cret\"\nfhir_base_url = \"{url}/fhir\"\n\
+             [policy]\nuser_level = \"ehr-check\"\n"
         ))
         .map_err(|p| anyhow::anyhow!("{p:?}"))
     };
@@ -95,6 +107,51 @@ async fn main() -> anyhow::Result<()> {
         cold,
     ));
     rows.push(("introspection, warm cache", warm));
+
+    // ehr-check: one study judged per user-level token (cold: one EHR search), then again (warm)
+    let user = |n: usize| MintRequest {
+        scope: Some("user/ImagingStudy.rs".into()),
+        claims: Some(format!("{{\"ehr_studies\": [\"1.2.3.{n}\"]}}")),
+        ..Default::default()
+    };
+    let trust = TrustCore::new(&jwt_cfg)?;
+    let principals = futures_util::future::try_join_all((0..N).map(|n| {
+        let t = issuer.mint(&user(n));
+        let trust = trust.clone();
+        async move { trust.verify(&t?).await.map_err(anyhow::Error::from) }
+    }))
+    .await?;
+    let (mut cold, mut warm) = (Vec::with_capacity(N), Vec::with_capacity(N));
+    for round in [&mut cold, &mut warm] {
+        for (n, p) in principals.iter().enumerate() {
+            let s = Instant::now();
+            let Decision::Allow(a) =
+                policy.decide(p, Action::Query { patient_id: None }, SystemTime::now())
+            else {
+                anyhow::bail!("user-level query refused");
+            };
+            let shown = policy
+                .admits_result(
+                    p,
+                    &a,
+                    Some(&format!("1.2.3.{n}")),
+                    &mut StudyMemo::default(),
+                    &NoPacs,
+                    &*trust,
+                )
+                .await;
+            round.push(s.elapsed().as_secs_f64() * 1e6);
+            anyhow::ensure!(shown, "the EHR shows this study to this user");
+        }
+    }
+    rows.push((
+        "ehr-check: query decision + one study judged, cold (one ImagingStudy search on loopback)",
+        cold,
+    ));
+    rows.push((
+        "ehr-check: query decision + one study judged, warm (cached per token and study)",
+        warm,
+    ));
 
     println!("| decision (verification + policy), {N} tokens | p50 | p99 |");
     println!("|---|---|---|");
