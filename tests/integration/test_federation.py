@@ -103,3 +103,24 @@ def test_patient_in_sub_where_configured(shared, gateway, issuer, orthanc):
     assert both_protocols(shared, token) == ({"PAT-B"}, orthanc.studies["PAT-B"])
     # Elsewhere a token without `patient` has no patient in context.
     refused_on_both(gateway, token, status=403)
+
+
+def test_user_level_tokens_under_deny_and_allow(tmp_root, gateway, issuer, orthanc):
+    token = issuer.mint(scope="user/ImagingStudy.rs")
+    # deny (the default): no association, 403 on DICOMweb
+    refused_on_both(gateway, token, status=403)
+    d = tmp_root / "user-level-allow"
+    d.mkdir()
+    g = Gateway(d, orthanc, issuer, name="user-level-allow-gateway", extra='[policy]\nuser_level = "allow"')
+    try:
+        # allow: every patient, on both protocols
+        pids, studies = both_protocols(g, token)
+        assert {"PAT-A", "PAT-B", "CASE01", "case01"} <= pids
+        assert orthanc.studies["PAT-A"] | orthanc.studies["PAT-B"] <= studies
+        # a patient-level write scope does not become a write for every patient
+        mixed = issuer.mint(patient="PAT-A", scope="user/ImagingStudy.rs patient/ImagingStudy.c")
+        r = requests.post(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {mixed}",
+                          "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, data=b"--x--\r\n", timeout=30)
+        assert r.status_code == 403, r.text
+    finally:
+        stop(g.proc)
