@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
                     p,
                     &a,
                     Some(&format!("1.2.3.{n}")),
+                    None,
                     &mut StudyMemo::default(),
                     &NoPacs,
                     &*trust,

@@ -13,8 +13,8 @@ use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Allowed, Decision, StudyGate, StudyMemo};
-use dicom_core::{DataElement, PrimitiveValue, VR};
+use crate::policy::{Action, Allowed, Decision, StudyFacts, StudyGate, StudyMemo};
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
 use dicom_object::InMemDicomObject;
@@ -86,29 +86,40 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     );
 
     // Narrow the identifier as decided (one query per PatientID the caller may see); re-encode
-    // only when it changed. Under a study restriction every match must name its study, so the
-    // Study Instance UID is asked for (and stripped again when the caller did not ask).
-    let added_patient_key = requested.is_none() && !allowed.query_patient_ids.is_empty();
-    let added_study_key = !matches!(allowed.studies, StudyGate::Open)
-        && level != "PATIENT"
-        && query.get(tags::STUDY_INSTANCE_UID).is_none();
-    if added_study_key {
-        query.put(DataElement::new(
-            tags::STUDY_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(""),
-        ));
-    }
-    // Where the issuer counts (patients.use_issuer), every match must carry it.
-    let added_issuer_key =
-        allowed.filter.compares_issuer() && query.get(tags::ISSUER_OF_PATIENT_ID).is_none();
-    if added_issuer_key {
-        query.put(DataElement::new(
+    // only when it changed. Return keys the judgement needs are asked for, and stripped again
+    // from the matches when the caller did not ask: the Study Instance UID under a study
+    // restriction, IssuerOfPatientID where the issuer counts (patients.use_issuer), and at
+    // STUDY level the facts a granular scope is judged on (so no look-up per study is needed).
+    let gated = !matches!(allowed.studies, StudyGate::Open);
+    let study_facts = level == "STUDY" && allowed.wants_study_facts();
+    let mut added: Vec<Tag> = Vec::new();
+    for (tag, vr, wanted) in [
+        (
+            tags::PATIENT_ID,
+            VR::LO,
+            !allowed.query_patient_ids.is_empty(),
+        ),
+        (
             tags::ISSUER_OF_PATIENT_ID,
             VR::LO,
-            PrimitiveValue::from(""),
-        ));
+            allowed.filter.compares_issuer(),
+        ),
+        (
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            gated && level != "PATIENT",
+        ),
+        (tags::MODALITIES_IN_STUDY, VR::CS, study_facts),
+        (tags::STUDY_DATE, VR::DA, study_facts),
+    ] {
+        if wanted && query.get(tag).is_none() {
+            added.push(tag);
+            if tag != tags::PATIENT_ID {
+                query.put(DataElement::new(tag, vr, PrimitiveValue::from("")));
+            }
+        }
     }
+    let keys_added = added.iter().any(|t| *t != tags::PATIENT_ID);
     let mut queries = Vec::new();
     let pids: Vec<Option<&str>> = if allowed.query_patient_ids.is_empty() {
         vec![None]
@@ -120,7 +131,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             .collect()
     };
     for pid in pids {
-        if !added_study_key && !added_issuer_key && (pid.is_none() || requested.as_deref() == pid) {
+        if !keys_added && (pid.is_none() || requested.as_deref() == pid) {
             queries.push(identifier.clone());
             continue;
         }
@@ -154,9 +165,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         }
         let pass = Pass {
             allowed: &allowed,
-            strip_patient_id: added_patient_key,
-            strip_issuer: added_issuer_key,
-            strip_study_uid: added_study_key,
+            strip: &added,
+            study_facts,
             ts,
             last: k + 1 == n,
         };
@@ -179,9 +189,9 @@ enum Step {
 struct Pass<'a> {
     allowed: &'a Allowed,
     /// Keys the gateway added to the identifier, removed again from each match.
-    strip_patient_id: bool,
-    strip_issuer: bool,
-    strip_study_uid: bool,
+    strip: &'a [Tag],
+    /// Matches are studies carrying ModalitiesInStudy and StudyDate to be judged on.
+    study_facts: bool,
     ts: &'static TransferSyntax,
     /// The last of the operation's queries: its final response goes to the client.
     last: bool,
@@ -197,9 +207,8 @@ async fn relay_responses(
 ) -> Step {
     let Pass {
         allowed,
-        strip_patient_id,
-        strip_issuer,
-        strip_study_uid,
+        strip,
+        study_facts,
         ts,
         last,
     } = pass;
@@ -356,15 +365,26 @@ async fn relay_responses(
             continue;
         }
         if gated {
-            let study = crate::dataset::top_level_text(&data, ts, tags::STUDY_INSTANCE_UID)
-                .ok()
-                .flatten();
+            let text = |t| crate::dataset::top_level_text(&data, ts, t).ok().flatten();
+            let study = text(tags::STUDY_INSTANCE_UID);
+            let facts = study_facts.then(|| StudyFacts {
+                modalities: text(tags::MODALITIES_IN_STUDY)
+                    .map(|m| {
+                        m.split('\\')
+                            .map(|x| x.trim_matches([' ', '\0']).to_string())
+                            .filter(|x| !x.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                study_date: text(tags::STUDY_DATE),
+            });
             if !ctx
                 .policy
                 .admits_result(
                     &s.principal,
                     allowed,
                     study.as_deref(),
+                    facts.as_ref(),
                     memo,
                     &*ctx.lookup,
                     &*ctx.trust,
@@ -380,23 +400,17 @@ async fn relay_responses(
             && PATIENT_COUNTS
                 .iter()
                 .any(|t| matches!(crate::dataset::top_level_text(&data, ts, *t), Ok(Some(_))));
-        let out = if strip_patient_id || strip_issuer || strip_study_uid || strip_counts {
+        let out = if !strip.is_empty() || strip_counts {
             let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
                 .ok()
                 .and_then(|mut obj| {
-                    if strip_patient_id {
-                        obj.remove_element(tags::PATIENT_ID);
-                    }
-                    if strip_issuer {
-                        obj.remove_element(tags::ISSUER_OF_PATIENT_ID);
+                    for t in strip {
+                        obj.remove_element(*t);
                     }
                     if strip_counts {
                         for t in PATIENT_COUNTS {
                             obj.remove_element(t);
                         }
-                    }
-                    if strip_study_uid {
-                        obj.remove_element(tags::STUDY_INSTANCE_UID);
                     }
                     let mut out = Vec::with_capacity(data.len());
                     obj.write_dataset_with_ts(&mut out, ts).ok().map(|_| out)

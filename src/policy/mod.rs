@@ -292,6 +292,13 @@ impl Allowed {
         }
     }
 
+    /// Whether judging results needs each study's Modality and StudyDate facts (a result that
+    /// carries them — a STUDY-level match with ModalitiesInStudy and StudyDate — can be judged
+    /// without a look-up).
+    pub fn wants_study_facts(&self) -> bool {
+        matches!(&self.studies, StudyGate::Check(rule) if rule.needs_facts())
+    }
+
     /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation)
     /// may reach the caller: its patient must pass the filter and its study the gate.
     pub fn admits_instance(
@@ -628,7 +635,9 @@ impl Policy {
 
     /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
     /// caller under the decision's study gate. A result without a study UID passes only an
-    /// open gate. Each study is judged once per request (`memo`), at most
+    /// open gate. `facts`: the study's Modality and StudyDate as the result itself carries them
+    /// (else they are looked up when a constraint needs them). Each study is judged once per
+    /// request (`memo`), at most
     /// [`MAX_STUDIES_JUDGED`] of them; after the first failure to judge (the PACS or the EHR
     /// did not answer) no more are asked about, and the rest are withheld.
     pub async fn admits_result(
@@ -636,6 +645,7 @@ impl Policy {
         p: &Principal,
         allowed: &Allowed,
         study_uid: Option<&str>,
+        facts: Option<&StudyFacts>,
         memo: &mut StudyMemo,
         lookup: &dyn OwnerLookup,
         ehr: &dyn EhrDirectory,
@@ -658,7 +668,7 @@ impl Policy {
                     memo.stopped = Some("too many studies to judge in one request");
                     return false;
                 }
-                match self.admits_study(p, rule, u, None, lookup, ehr).await {
+                match self.admits_study(p, rule, u, facts, lookup, ehr).await {
                     Ok(v) => {
                         memo.judged.insert(u.to_string(), v);
                         v
@@ -1809,6 +1819,7 @@ user_level = "{user_level}"
                         p,
                         &a,
                         Some(st),
+                        None,
                         &mut StudyMemo::default(),
                         &FakePacs { fail: false },
                         ehr,
@@ -1891,6 +1902,48 @@ user_level = "{user_level}"
                 "{scope}"
             );
         }
+        // Facts a result carries are judged without a look-up (the PACS here would fail).
+        let p = principal("patient/ImagingStudy.rs?modality=CT", Some("A"));
+        let Decision::Allow(a) = query(&pol, &p, None) else {
+            panic!()
+        };
+        assert!(a.wants_study_facts());
+        let facts = |m: &str| StudyFacts {
+            modalities: vec![m.into(), "SR".into()],
+            study_date: None,
+        };
+        let down = FakePacs { fail: true };
+        let mut memo = StudyMemo::default();
+        assert!(
+            pol.admits_result(
+                &p,
+                &a,
+                Some("X1"),
+                Some(&facts("CT")),
+                &mut memo,
+                &down,
+                &ehr
+            )
+            .await
+        );
+        assert!(
+            !pol.admits_result(
+                &p,
+                &a,
+                Some("X2"),
+                Some(&facts("MR")),
+                &mut memo,
+                &down,
+                &ehr
+            )
+            .await
+        );
+        assert_eq!(memo.stopped, None);
+        let uid_only = principal("patient/ImagingStudy.rs?identifier=urn:oid:1.2", Some("A"));
+        let Decision::Allow(a) = query(&pol, &uid_only, None) else {
+            panic!()
+        };
+        assert!(!a.wants_study_facts());
         for scope in [
             "patient/ImagingStudy.rs?category=x",
             "patient/ImagingStudy.rs?modality:not=CT",
@@ -1926,6 +1979,7 @@ user_level = "{user_level}"
                 &p,
                 &a,
                 Some("1.2.3"),
+                None,
                 &mut StudyMemo::default(),
                 &lookup,
                 &ehr
@@ -1937,6 +1991,7 @@ user_level = "{user_level}"
                 &p,
                 &a,
                 Some("1.2.4"),
+                None,
                 &mut StudyMemo::default(),
                 &lookup,
                 &ehr
@@ -1944,7 +1999,7 @@ user_level = "{user_level}"
             .await
         );
         assert!(
-            !pol.admits_result(&p, &a, None, &mut StudyMemo::default(), &lookup, &ehr)
+            !pol.admits_result(&p, &a, None, None, &mut StudyMemo::default(), &lookup, &ehr)
                 .await
         );
         // A retrieval's sub-operations stay inside the studies it was decided on.
@@ -2181,6 +2236,7 @@ user_level = "{user_level}"
                 &fresh,
                 &a,
                 Some("S2"),
+                None,
                 &mut StudyMemo::default(),
                 &FakePacs { fail: false },
                 &down
@@ -2192,6 +2248,7 @@ user_level = "{user_level}"
                 &fresh,
                 &a,
                 Some("S2"),
+                None,
                 &mut StudyMemo::default(),
                 &FakePacs { fail: false },
                 &ehr
@@ -2207,6 +2264,7 @@ user_level = "{user_level}"
                     &fresh,
                     &a,
                     Some(st),
+                    None,
                     &mut memo,
                     &FakePacs { fail: false },
                     &down
@@ -2227,6 +2285,7 @@ user_level = "{user_level}"
                 &other_user,
                 &a,
                 Some(st),
+                None,
                 &mut memo,
                 &FakePacs { fail: false },
                 &ehr,

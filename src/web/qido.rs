@@ -118,6 +118,19 @@ pub async fn search(
     if gated {
         pairs.push(("includefield".into(), "0020000D".into()));
     }
+    // Study results carry what a granular scope is judged on: no look-up per study.
+    let study_facts = allowed.wants_study_facts()
+        && matches!(
+            resource,
+            Resource::Search {
+                level: path::SearchLevel::Studies,
+                ..
+            }
+        );
+    if study_facts {
+        pairs.push(("includefield".into(), "00080061".into()));
+        pairs.push(("includefield".into(), "00080020".into()));
+    }
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut read_so_far = 0usize;
     for pid in pids {
@@ -180,12 +193,28 @@ pub async fn search(
         let mut memo = crate::policy::StudyMemo::default();
         for mut r in kept {
             let study = study_uid(&r).or_else(|| path_study.clone());
+            let facts = study_facts.then(|| crate::policy::StudyFacts {
+                modalities: r
+                    .get("00080061")
+                    .and_then(|e| e.get("Value"))
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|m| m.as_str())
+                            .map(|m| m.trim_matches(' ').to_string())
+                            .filter(|m| !m.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                study_date: first_text(&r, "00080020"),
+            });
             if ctx
                 .policy
                 .admits_result(
                     p,
                     &allowed,
                     study.as_deref(),
+                    facts.as_ref(),
                     &mut memo,
                     &*ctx.lookup,
                     &*ctx.trust,

@@ -131,6 +131,32 @@ def test_identifier_constraint_names_one_study(gateway, issuer, studies):
     assert_reach(gateway, token, studies, {"OT"})
 
 
+def test_study_level_results_are_judged_on_their_own_facts(env, studies):
+    """A gateway with empty caches (the first test of `env`): judging STUDY-level results of a
+    modality-constrained token needs no ownership look-up at the PACS."""
+    from test_introspection import metric_values
+
+    ehr, g = env
+    token = ehr.mint(patient=PID, scope="patient/ImagingStudy.rs?modality=CT")
+    lookups = lambda: sum(v for k, v in metric_values(g).items() if k.startswith("pacsgate_pacs_lookups_total"))
+    before = lookups()
+    assert qido_studies(g, token) == {studies["CT"][0]}
+    assoc, _ = associate(g, token)
+    final, matches = find(assoc, query("STUDY", patient_id=PID), STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == {studies["CT"][0]}
+    assert all("ModalitiesInStudy" not in m and "StudyDate" not in m for m in matches), "added keys are stripped"
+    assert lookups() == before, "no ownership look-up was needed"
+    # SERIES-level results carry no study facts: those are looked up (once per study).
+    ds = query("SERIES", patient_id=PID)
+    ds.StudyInstanceUID = studies["MR"][0]
+    assoc, _ = associate(g, token)
+    final, matches = find(assoc, ds, STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000 and matches == []
+    assert lookups() == before + 1
+
+
 def test_lower_levels_and_added_keys_under_a_restriction(gateway, issuer, studies):
     token = issuer.mint(patient=PID, scope="patient/ImagingStudy.rs?modality=CT")
     assoc, _ = associate(gateway, token)
