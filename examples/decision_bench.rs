@@ -8,7 +8,9 @@
 use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
-use pacsgate::policy::{Action, Decision, LookupFuture, OwnerLookup, Policy, StudyMemo, UidLevel};
+use pacsgate::policy::{
+    Action, Decision, LookupFuture, OwnerLookup, Policy, ResultStudy, StudyMemo, UidLevel,
+};
 use pacsgate::trust::TrustCore;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -134,8 +136,7 @@ async fn main() -> anyhow::Result<()> {
                 .admits_result(
                     p,
                     &a,
-                    Some(&format!("1.2.3.{n}")),
-                    None,
+                    ResultStudy::uid(Some(&format!("1.2.3.{n}"))),
                     &mut StudyMemo::default(),
                     &NoPacs,
                     &*trust,

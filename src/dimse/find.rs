@@ -13,7 +13,7 @@ use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Allowed, Decision, StudyFacts, StudyGate, StudyMemo};
+use crate::policy::{Action, Allowed, Decision, ResultStudy, StudyFacts, StudyGate, StudyMemo};
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
@@ -383,8 +383,10 @@ async fn relay_responses(
                 .admits_result(
                     &s.principal,
                     allowed,
-                    study.as_deref(),
-                    facts.as_ref(),
+                    ResultStudy {
+                        uid: study.as_deref(),
+                        facts: facts.as_ref(),
+                    },
                     memo,
                     &*ctx.lookup,
                     &*ctx.trust,

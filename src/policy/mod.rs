@@ -216,6 +216,20 @@ pub trait EhrDirectory: Send + Sync {
 /// results of further studies are withheld.
 pub const MAX_STUDIES_JUDGED: usize = 1000;
 
+/// The study a query result belongs to, as the result shows it: its UID, and (for a
+/// STUDY-level match) its ModalitiesInStudy and StudyDate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResultStudy<'a> {
+    pub uid: Option<&'a str>,
+    pub facts: Option<&'a StudyFacts>,
+}
+
+impl<'a> ResultStudy<'a> {
+    pub fn uid(uid: Option<&'a str>) -> ResultStudy<'a> {
+        ResultStudy { uid, facts: None }
+    }
+}
+
 /// What one query's study judgements learned: each study's verdict, and why judging stopped.
 #[derive(Debug, Default)]
 pub struct StudyMemo {
@@ -635,8 +649,8 @@ impl Policy {
 
     /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
     /// caller under the decision's study gate. A result without a study UID passes only an
-    /// open gate. `facts`: the study's Modality and StudyDate as the result itself carries them
-    /// (else they are looked up when a constraint needs them). Each study is judged once per
+    /// open gate. The result's own study facts are used when it carries them (else they are
+    /// looked up when a constraint needs them). Each study is judged once per
     /// request (`memo`), at most
     /// [`MAX_STUDIES_JUDGED`] of them; after the first failure to judge (the PACS or the EHR
     /// did not answer) no more are asked about, and the rest are withheld.
@@ -644,13 +658,13 @@ impl Policy {
         &self,
         p: &Principal,
         allowed: &Allowed,
-        study_uid: Option<&str>,
-        facts: Option<&StudyFacts>,
+        result: ResultStudy<'_>,
         memo: &mut StudyMemo,
         lookup: &dyn OwnerLookup,
         ehr: &dyn EhrDirectory,
     ) -> bool {
-        let uid = study_uid
+        let ResultStudy { uid, facts } = result;
+        let uid = uid
             .map(|u| u.trim_end_matches(['\0', ' ']))
             .filter(|u| !u.is_empty());
         match (&allowed.studies, uid) {
@@ -1818,8 +1832,7 @@ user_level = "{user_level}"
                     pol.admits_result(
                         p,
                         &a,
-                        Some(st),
-                        None,
+                        ResultStudy::uid(Some(st)),
                         &mut StudyMemo::default(),
                         &FakePacs { fail: false },
                         ehr,
@@ -1918,8 +1931,10 @@ user_level = "{user_level}"
             pol.admits_result(
                 &p,
                 &a,
-                Some("X1"),
-                Some(&facts("CT")),
+                ResultStudy {
+                    uid: Some("X1"),
+                    facts: Some(&facts("CT"))
+                },
                 &mut memo,
                 &down,
                 &ehr
@@ -1930,8 +1945,10 @@ user_level = "{user_level}"
             !pol.admits_result(
                 &p,
                 &a,
-                Some("X2"),
-                Some(&facts("MR")),
+                ResultStudy {
+                    uid: Some("X2"),
+                    facts: Some(&facts("MR"))
+                },
                 &mut memo,
                 &down,
                 &ehr
@@ -1978,8 +1995,7 @@ user_level = "{user_level}"
             pol.admits_result(
                 &p,
                 &a,
-                Some("1.2.3"),
-                None,
+                ResultStudy::uid(Some("1.2.3")),
                 &mut StudyMemo::default(),
                 &lookup,
                 &ehr
@@ -1990,8 +2006,7 @@ user_level = "{user_level}"
             !pol.admits_result(
                 &p,
                 &a,
-                Some("1.2.4"),
-                None,
+                ResultStudy::uid(Some("1.2.4")),
                 &mut StudyMemo::default(),
                 &lookup,
                 &ehr
@@ -1999,8 +2014,15 @@ user_level = "{user_level}"
             .await
         );
         assert!(
-            !pol.admits_result(&p, &a, None, None, &mut StudyMemo::default(), &lookup, &ehr)
-                .await
+            !pol.admits_result(
+                &p,
+                &a,
+                ResultStudy::uid(None),
+                &mut StudyMemo::default(),
+                &lookup,
+                &ehr
+            )
+            .await
         );
         // A retrieval's sub-operations stay inside the studies it was decided on.
         let p = principal("patient/ImagingStudy.rs?modality=CT", Some("A"));
@@ -2235,8 +2257,7 @@ user_level = "{user_level}"
             !pol.admits_result(
                 &fresh,
                 &a,
-                Some("S2"),
-                None,
+                ResultStudy::uid(Some("S2")),
                 &mut StudyMemo::default(),
                 &FakePacs { fail: false },
                 &down
@@ -2247,8 +2268,7 @@ user_level = "{user_level}"
             pol.admits_result(
                 &fresh,
                 &a,
-                Some("S2"),
-                None,
+                ResultStudy::uid(Some("S2")),
                 &mut StudyMemo::default(),
                 &FakePacs { fail: false },
                 &ehr
@@ -2263,8 +2283,7 @@ user_level = "{user_level}"
                 !pol.admits_result(
                     &fresh,
                     &a,
-                    Some(st),
-                    None,
+                    ResultStudy::uid(Some(st)),
                     &mut memo,
                     &FakePacs { fail: false },
                     &down
@@ -2284,8 +2303,7 @@ user_level = "{user_level}"
             pol.admits_result(
                 &other_user,
                 &a,
-                Some(st),
-                None,
+                ResultStudy::uid(Some(st)),
                 &mut memo,
                 &FakePacs { fail: false },
                 &ehr,

@@ -213,8 +213,10 @@ pub async fn search(
                 .admits_result(
                     p,
                     &allowed,
-                    study.as_deref(),
-                    facts.as_ref(),
+                    crate::policy::ResultStudy {
+                        uid: study.as_deref(),
+                        facts: facts.as_ref(),
+                    },
                     &mut memo,
                     &*ctx.lookup,
                     &*ctx.trust,
