@@ -91,7 +91,17 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     // restriction, IssuerOfPatientID where the issuer counts (patients.use_issuer), and at
     // STUDY level the facts a granular scope is judged on (so no look-up per study is needed).
     let gated = !matches!(allowed.studies, StudyGate::Open);
-    let study_facts = level == "STUDY" && allowed.wants_study_facts();
+    // A match's facts are trusted only when the caller did not match on them: a PACS may echo
+    // a matching value back instead of the study's own.
+    let unmatched = |t| {
+        query
+            .get(t)
+            .is_none_or(|e| e.to_str().map(|v| v.trim().is_empty()).unwrap_or(false))
+    };
+    let study_facts = level == "STUDY"
+        && allowed.wants_study_facts()
+        && unmatched(tags::MODALITIES_IN_STUDY)
+        && unmatched(tags::STUDY_DATE);
     let mut added: Vec<Tag> = Vec::new();
     for (tag, vr, wanted) in [
         (

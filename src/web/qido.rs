@@ -119,7 +119,16 @@ pub async fn search(
         pairs.push(("includefield".into(), "0020000D".into()));
     }
     // Study results carry what a granular scope is judged on: no look-up per study.
+    // Trusted only when the caller did not match on them: a PACS may echo a matching value
+    // back instead of the study's own.
+    let matched_on_facts = pairs.iter().any(|(k, _)| {
+        matches!(
+            k.as_str(),
+            "ModalitiesInStudy" | "00080061" | "StudyDate" | "00080020"
+        )
+    });
     let study_facts = allowed.wants_study_facts()
+        && !matched_on_facts
         && matches!(
             resource,
             Resource::Search {

@@ -155,6 +155,17 @@ def test_study_level_results_are_judged_on_their_own_facts(env, studies):
     assoc.release()
     assert final == 0x0000 and matches == []
     assert lookups() == before + 1
+    # A caller that matches on the facts itself gets them judged on the PACS's own look-up, not
+    # on what the match echoes (the studies are cached by now).
+    ds = query("STUDY", patient_id=PID)
+    ds.ModalitiesInStudy = "CT"
+    assoc, _ = associate(g, token)
+    final, matches = find(assoc, ds, STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == {studies["CT"][0]}
+    assert "CT" in matches[0].ModalitiesInStudy
+    r = requests.get(f"{g.public_url}/dicom-web/studies", headers=auth(token), params={"PatientID": PID, "ModalitiesInStudy": "MR"}, timeout=30)
+    assert r.status_code == 200 and r.json() == []
 
 
 def test_lower_levels_and_added_keys_under_a_restriction(gateway, issuer, studies):
