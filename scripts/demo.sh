@@ -100,6 +100,8 @@ cat <<EOF
 The demo keeps running. Try:
   token=\$($bin dev-issuer mint --issuer http://127.0.0.1:9400 --key-file $run/dev-issuer-key.pem --patient DEMO-B)
   .venv/bin/python scripts/findscu-jwt.py --token "\$token" --level SERIES 127.0.0.1 11112
+  curl -s -H "Authorization: Bearer \$token" http://127.0.0.1:8080/dicom-web/studies
+  curl -s http://127.0.0.1:8080/metrics
 Logs (with the audit trail) are in $run/. Press Ctrl-C to stop everything.
 EOF
 wait
