@@ -37,7 +37,7 @@ pub fn record(
     outcome: Outcome,
     reason: &str,
 ) {
-    crate::metrics::decision(channel, action, outcome.as_str());
+    crate::metrics::audit_record(channel, action, outcome.as_str());
     let (iss, sub, client, patient, token) = match principal {
         Some(p) => (
             p.issuer.as_str(),

@@ -75,8 +75,8 @@ pub struct Gateway {
     /// Browser origins allowed to call DICOMweb (CORS); `*` allows any. Tokens travel in the
     /// Authorization header, never in cookies, so credentials are never allowed.
     pub cors_origins: Vec<String>,
-    /// Serve Prometheus metrics at `/metrics` on the HTTP listener.
-    pub metrics: bool,
+    /// Client addresses (networks) that may read `/metrics` on the HTTP listener; empty: none.
+    pub metrics_clients: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,7 +226,7 @@ struct RawGateway {
     audiences: Option<Vec<String>>,
     require_called_ae_title: Option<bool>,
     cors_origins: Option<Vec<String>>,
-    metrics: Option<bool>,
+    metrics_clients: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -524,6 +524,25 @@ impl Config {
             Some(a) => a,
             None => vec![public_url.clone(), format!("{public_url}/dicom-web")],
         };
+
+        let mut metrics_clients = Vec::new();
+        let raw_clients = g
+            .metrics_clients
+            .clone()
+            .unwrap_or_else(|| vec!["127.0.0.1".into(), "::1".into()]);
+        for (i, m) in raw_clients.iter().enumerate() {
+            let net = m
+                .parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| m.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+            match net {
+                Some(n) => metrics_clients.push(n),
+                None => c.problem(
+                    format!("gateway.metrics_clients[{i}]"),
+                    format!("\"{m}\" is not an IP address or network; write e.g. \"10.0.5.7\" or \"10.0.5.0/24\""),
+                ),
+            }
+        }
 
         let cors_origins = g.cors_origins.clone().unwrap_or_default();
         for (i, o) in cors_origins.iter().enumerate() {
@@ -962,7 +981,7 @@ impl Config {
                 audiences,
                 require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
                 cors_origins,
-                metrics: g.metrics.unwrap_or(true),
+                metrics_clients,
             },
             limits,
             pacs: Pacs {
@@ -1143,6 +1162,10 @@ address = "nowhere"
         assert!(c.patients.use_issuer);
         assert_eq!(c.patients.issuer_names["urn:oid:1.2"], "HOSP");
         assert_eq!(c.policy.ehr_check_cache, std::time::Duration::from_secs(60));
-        assert!(c.gateway.metrics);
+        assert_eq!(
+            c.gateway.metrics_clients.len(),
+            2,
+            "loopback only by default"
+        );
     }
 }

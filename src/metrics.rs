@@ -65,8 +65,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry: Registry::default(),
     };
     registry.register(
-        "decisions",
-        "Access decisions, by channel (dimse, http), operation and outcome (allowed, denied, anomaly)",
+        "audit_records",
+        "Audit records (access decisions, and notes on withheld results), by channel (dimse, http), operation and outcome (allowed, denied, anomaly)",
         m.decisions.clone(),
     );
     registry.register(
@@ -81,7 +81,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register(
         "pacs_lookups",
-        "Ownership look-ups at the PACS, by result (found, not_found, error)",
+        "Ownership look-ups at the PACS, by result (ok, error)",
         m.pacs_lookups.clone(),
     );
     registry.register(
@@ -116,9 +116,9 @@ const OPERATIONS: &[&str] = &[
     "STOW-RS",
 ];
 
-/// One access decision. `action` is the audit record's free text; only its first word (the
-/// operation) becomes a label.
-pub fn decision(channel: &str, action: &str, outcome: &'static str) {
+/// One audit record (a decision, or a note on results withheld). `action` is the record's free
+/// text; only its first word (the operation) becomes a label.
+pub fn audit_record(channel: &str, action: &str, outcome: &'static str) {
     let first = action.split_whitespace().next().unwrap_or("");
     let operation = OPERATIONS
         .iter()
@@ -156,7 +156,8 @@ pub fn issuer_request(issuer: &str, kind: &'static str, result: &'static str) {
         .inc();
 }
 
-/// One ownership look-up at the PACS.
+/// One ownership look-up at the PACS: `ok` or `error` (whether the UID was found is not told:
+/// that would tell a caller which UIDs exist).
 pub fn pacs_lookup(result: &'static str) {
     METRICS
         .pacs_lookups
@@ -219,19 +220,19 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_and_rendered() {
-        decision("dimse", "C-FIND level=STUDY", "allowed");
-        decision("http", "STOW-RS study=1.2.3", "denied");
-        decision("http", "something new", "denied");
+        audit_record("dimse", "C-FIND level=STUDY", "allowed");
+        audit_record("http", "STOW-RS study=1.2.3", "denied");
+        audit_record("http", "something new", "denied");
         token_check("unavailable");
         issuer_request("http://ehr.example", "introspection", "error");
         let g = association_started();
         let text = render();
         drop(g);
         assert!(text.contains(
-            r#"pacsgate_decisions_total{channel="dimse",operation="C-FIND",outcome="allowed"}"#
+            r#"pacsgate_audit_records_total{channel="dimse",operation="C-FIND",outcome="allowed"}"#
         ));
         assert!(text.contains(
-            r#"pacsgate_decisions_total{channel="http",operation="STOW-RS",outcome="denied"}"#
+            r#"pacsgate_audit_records_total{channel="http",operation="STOW-RS",outcome="denied"}"#
         ));
         assert!(text.contains(r#"operation="other""#));
         assert!(!text.contains("1.2.3"), "no UID becomes a label");

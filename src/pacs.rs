@@ -93,11 +93,7 @@ impl PacsLookup {
 
     async fn find_owner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
         let r = self.find_owner_bounded(level, uid).await;
-        crate::metrics::pacs_lookup(match &r {
-            Ok(Some(_)) => "found",
-            Ok(None) => "not_found",
-            Err(_) => "error",
-        });
+        crate::metrics::pacs_lookup(if r.is_ok() { "ok" } else { "error" });
         r
     }
 
@@ -259,6 +255,7 @@ impl PacsLookup {
                                     .map(|v| v.into_owned())
                                     .unwrap_or_default(),
                                 issuer: text(&o, tags::ISSUER_OF_PATIENT_ID),
+                                issuer_known: o.get(tags::ISSUER_OF_PATIENT_ID).is_some(),
                                 study_uid: text(&o, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
                                 series_uid: text(&o, tags::SERIES_INSTANCE_UID),
                                 facts: (level == UidLevel::Study).then(|| StudyFacts {
@@ -317,11 +314,12 @@ impl PacsLookup {
         match owners.as_slice() {
             [] => Ok(None),
             [first, rest @ ..] => {
-                // One UID held under two patients is a PACS inconsistency: trust neither.
-                if rest
-                    .iter()
-                    .any(|o| !crate::policy::lo_eq(&o.patient_id, &first.patient_id))
-                {
+                // One UID held under two patients (or two issuers) is a PACS inconsistency:
+                // trust neither.
+                if rest.iter().any(|o| {
+                    !crate::policy::lo_eq(&o.patient_id, &first.patient_id)
+                        || o.issuer != first.issuer
+                }) {
                     return Err("the UID is held under more than one patient".into());
                 }
                 Ok(Some(first.clone()))

@@ -98,10 +98,12 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             .get(t)
             .is_none_or(|e| e.to_str().map(|v| v.trim().is_empty()).unwrap_or(false))
     };
+    // A timezone offset in the query may shift the dates the PACS answers with.
     let study_facts = level == "STUDY"
         && allowed.wants_study_facts()
         && unmatched(tags::MODALITIES_IN_STUDY)
-        && unmatched(tags::STUDY_DATE);
+        && unmatched(tags::STUDY_DATE)
+        && query.get(tags::TIMEZONE_OFFSET_FROM_UTC).is_none();
     let mut added: Vec<Tag> = Vec::new();
     for (tag, vr, wanted) in [
         (
@@ -357,8 +359,13 @@ async fn relay_responses(
             }
             continue;
         };
+        // Where the issuer counts, a match must say it (an empty value says "none"): a PACS
+        // that leaves the key out says nothing, and the match is withheld.
         let issuer = if allowed.filter.compares_issuer() {
-            crate::dataset::top_level_text(&data, ts, tags::ISSUER_OF_PATIENT_ID)
+            match crate::dataset::top_level_text(&data, ts, tags::ISSUER_OF_PATIENT_ID) {
+                Ok(Some(i)) => Ok(Some(i)),
+                _ => Err(()),
+            }
         } else {
             Ok(None)
         };

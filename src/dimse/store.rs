@@ -83,6 +83,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let study = head.study_uid.clone().unwrap_or_default();
     let series = head.series_uid.clone();
     let patient = head.patient_id.clone().unwrap_or_default();
+    let issuer = head.issuer.clone();
     let what = format!("C-STORE study={study}");
     if let Decision::Deny(d) = decision {
         if !head.last
@@ -135,7 +136,12 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                     if stored {
                         s.ctx
                             .policy
-                            .remember_stored(&study, series.as_deref(), patient.trim_matches(' '))
+                            .remember_stored(
+                                &study,
+                                series.as_deref(),
+                                patient.trim_matches(' '),
+                                issuer.as_deref(),
+                            )
                             .await;
                     }
                     audit::record(

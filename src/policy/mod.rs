@@ -115,6 +115,9 @@ pub struct Owner {
     pub issuer: Option<String>,
     pub study_uid: String,
     pub series_uid: Option<String>,
+    /// Whether the PACS said anything about IssuerOfPatientID (an empty value counts); without
+    /// it the issuer cannot be compared.
+    pub issuer_known: bool,
     /// The study's facts, when the look-up was at study level.
     pub facts: Option<StudyFacts>,
 }
@@ -547,6 +550,19 @@ impl Policy {
         }
     }
 
+    /// The IssuerOfPatientID a study is held under, as the PACS answers the gateway's own
+    /// look-up: `Some(None)` for none, `None` when that cannot be established.
+    pub async fn study_issuer(
+        &self,
+        lookup: &dyn OwnerLookup,
+        study_uid: &str,
+    ) -> Option<Option<String>> {
+        match self.owner(lookup, UidLevel::Study, study_uid).await {
+            Ok(Some(o)) if o.issuer_known => Some(o.issuer.clone()),
+            _ => None,
+        }
+    }
+
     /// The configured destination a C-MOVE may go to, by AE title (exact, padding aside); any
     /// other Move Destination is refused.
     pub fn move_destination(&self, ae_title: Option<&str>) -> Option<crate::config::Destination> {
@@ -564,11 +580,16 @@ impl Policy {
         study_uid: &str,
         series_uid: Option<&str>,
         patient_id: &str,
+        issuer: Option<&str>,
     ) {
+        let issuer = issuer
+            .map(|i| i.trim_matches([' ', '\0']).to_string())
+            .filter(|i| !i.is_empty());
         let owner = |series: Option<&str>| {
             Arc::new(Owner {
                 patient_id: patient_id.to_string(),
-                issuer: None,
+                issuer: issuer.clone(),
+                issuer_known: true,
                 study_uid: study_uid.to_string(),
                 series_uid: series.map(str::to_string),
                 facts: None,
@@ -770,6 +791,10 @@ impl Policy {
                     Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
                     Err(d) => return Decision::Deny(d),
                 };
+                if self.use_issuer && !owner.issuer_known {
+                    tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
+                    return Decision::Deny(Denial::LookupFailed);
+                }
                 if !access
                     .patients
                     .admits(Some(&owner.patient_id), owner.issuer.as_deref())
@@ -851,6 +876,10 @@ impl Policy {
                 Ok(None) => {}
                 Ok(Some(o)) => {
                     study_exists |= l == UidLevel::Study;
+                    if self.use_issuer && !o.issuer_known {
+                        tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
+                        return Decision::Deny(Denial::LookupFailed);
+                    }
                     let same_issuer = || {
                         let norm = |i: Option<&str>| {
                             i.map(|i| i.trim_matches(' ').to_string())
@@ -1461,6 +1490,7 @@ user_level = "{user_level}"
                     Some(Owner {
                         patient_id: p.into(),
                         issuer: None,
+                        issuer_known: true,
                         study_uid: st.into(),
                         series_uid: se.map(str::to_string),
                         facts: match (se, st) {
@@ -2421,5 +2451,40 @@ use_issuer = {use_issuer}
                 .await,
             Decision::Deny(Denial::ForeignPatient)
         );
+        // What a store proved is remembered with its issuer: the same PatientID without an
+        // issuer is another patient, for stores and retrievals alike.
+        pol.remember_stored("NEWS", Some("NEWSR"), "A", Some("HOSP_X"))
+            .await;
+        let into_news = |issuer| StoreRequest {
+            patient_id: Some("A"),
+            issuer,
+            study_uid: Some("NEWS"),
+            series_uid: Some("NEWSR"),
+            ..StoreRequest::default()
+        };
+        assert!(matches!(
+            pol.decide_store(&wa, &into_news(Some("HOSP_X")), &lookup, &ehr, now)
+                .await,
+            Decision::Allow(_)
+        ));
+        let mut bare = w.clone();
+        bare.claims = Arc::new(serde_json::json!({"pid": "A"}));
+        assert_eq!(
+            pol.decide_store(&bare, &into_news(None), &lookup, &ehr, now)
+                .await,
+            Decision::Deny(Denial::ForeignStudy)
+        );
+        let mut bare_reader = principal("patient/ImagingStudy.rs", Some("EHR-1"));
+        bare_reader.claims = bare.claims.clone();
+        let d = pol
+            .decide_retrieve(
+                &bare_reader,
+                &retrieve(Some(UidLevel::Study), &["NEWS"], &[], &[], None),
+                &lookup,
+                &ehr,
+                now,
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::NotOwned(UidLevel::Study)));
     }
 }

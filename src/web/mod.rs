@@ -128,9 +128,25 @@ impl WebCtx {
     }
 }
 
-/// Prometheus metrics (no PHI, no tokens; `gateway.metrics = false` turns them off).
-async fn metrics(State(ctx): State<Arc<WebCtx>>) -> Response {
-    if !ctx.cfg.gateway.metrics {
+/// Prometheus metrics (no PHI, no tokens), only to the clients `gateway.metrics_clients`
+/// names (loopback by default); anyone else gets 404, as if there were none.
+async fn metrics(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let allowed = peer.is_some_and(|ip| {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        ctx.cfg
+            .gateway
+            .metrics_clients
+            .iter()
+            .any(|n| n.contains(&ip))
+    });
+    if !allowed {
         return StatusCode::NOT_FOUND.into_response();
     }
     (
@@ -258,9 +274,12 @@ pub async fn serve(
     ctx: Arc<WebCtx>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ctx))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
+    axum::serve(
+        listener,
+        router(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.changed().await;
+    })
+    .await
 }

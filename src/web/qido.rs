@@ -113,6 +113,7 @@ pub async fn search(
     pairs.push(("includefield".into(), "00100020".into()));
     if allowed.filter.compares_issuer() {
         pairs.push(("includefield".into(), "00100021".into()));
+        pairs.push(("includefield".into(), "0020000D".into()));
     }
     let gated = !matches!(allowed.studies, crate::policy::StudyGate::Open);
     if gated {
@@ -121,10 +122,22 @@ pub async fn search(
     // Study results carry what a granular scope is judged on: no look-up per study.
     // Trusted only when the caller did not match on them: a PACS may echo a matching value
     // back instead of the study's own.
+    // Any spelling of the attribute counts (keyword, tag, tag with a comma), and a timezone
+    // offset too (it may shift the dates the PACS answers with).
     let matched_on_facts = pairs.iter().any(|(k, _)| {
+        let k: String = k
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
         matches!(
             k.as_str(),
-            "ModalitiesInStudy" | "00080061" | "StudyDate" | "00080020"
+            "modalitiesinstudy"
+                | "00080061"
+                | "studydate"
+                | "00080020"
+                | "timezoneoffsetfromutc"
+                | "00080201"
         )
     });
     let study_facts = allowed.wants_study_facts()
@@ -182,21 +195,34 @@ pub async fn search(
         }
     }
     let total = results.len();
-    let kept: Vec<serde_json::Value> = results
-        .into_iter()
-        .filter(|r| {
-            allowed.filter.admits(
-                patient_id(r).as_deref(),
-                first_text(r, "00100021").as_deref(),
-            )
-        })
-        .collect();
-    let (kept, outside) = if gated {
-        // A search inside a study is about that study even if a result leaves its UID out.
-        let path_study = match resource {
-            Resource::Search { study, .. } => study.clone(),
-            _ => None,
+    // A search inside a study is about that study even if a result leaves its UID out.
+    let path_study = match resource {
+        Resource::Search { study, .. } => study.clone(),
+        _ => None,
+    };
+    let mut kept: Vec<serde_json::Value> = Vec::with_capacity(results.len());
+    for r in results {
+        let pid = patient_id(&r);
+        let admitted = if !allowed.filter.compares_issuer() {
+            allowed.filter.admits(pid.as_deref(), None)
+        } else {
+            // A result must say its issuer (present without a value says "none"). Orthanc
+            // leaves an absent one out even when asked: then the study's owner, as the
+            // gateway's own C-FIND finds it, says it; failing that the result is withheld.
+            let said = match issuer(&r) {
+                Some(i) => Some(i),
+                None => match study_uid(&r).or_else(|| path_study.clone()) {
+                    Some(st) => ctx.policy.study_issuer(&*ctx.lookup, &st).await,
+                    None => None,
+                },
+            };
+            said.is_some_and(|i| allowed.filter.admits(pid.as_deref(), i.as_deref()))
         };
+        if admitted {
+            kept.push(r);
+        }
+    }
+    let (kept, outside) = if gated {
         let mut inside = Vec::with_capacity(kept.len());
         let mut outside = 0usize;
         let mut memo = crate::policy::StudyMemo::default();
@@ -303,6 +329,17 @@ fn first_text(obj: &serde_json::Value, tag: &str) -> Option<String> {
 /// StudyInstanceUID of a DICOM JSON object.
 fn study_uid(obj: &serde_json::Value) -> Option<String> {
     first_text(obj, "0020000D")
+}
+
+/// IssuerOfPatientID of a DICOM JSON object: `None` when the attribute is absent,
+/// `Some(None)` when it has no value, several values joined by `\\` (so they never match).
+fn issuer(obj: &serde_json::Value) -> Option<Option<String>> {
+    let attr = obj.get("00100021")?;
+    let Some(values) = attr.get("Value").and_then(|v| v.as_array()) else {
+        return Some(None);
+    };
+    let texts: Option<Vec<&str>> = values.iter().map(|v| v.as_str()).collect();
+    Some(Some(texts?.join("\\")))
 }
 
 /// PatientID of a DICOM JSON object (several values joined by `\`, so they never match).

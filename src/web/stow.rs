@@ -252,6 +252,7 @@ async fn store_part(
         return Ok(());
     }
     let patient = values[4].clone().unwrap_or_default();
+    let issuer = values[5].clone();
     let series = values[7]
         .as_deref()
         .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
@@ -324,7 +325,12 @@ async fn store_part(
     };
     if stored {
         ctx.policy
-            .remember_stored(&study, series.as_deref(), patient.trim_matches(' '))
+            .remember_stored(
+                &study,
+                series.as_deref(),
+                patient.trim_matches(' '),
+                issuer.as_deref(),
+            )
             .await;
         audit::record(
             "http",

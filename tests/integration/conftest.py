@@ -200,7 +200,7 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients=""):
+                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra=""):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
@@ -216,6 +216,7 @@ http_listen = "127.0.0.1:{self.http_port}"
 public_url = "{self.public_url}"
 audiences = ["http://127.0.0.1:8080/dicom-web", "{self.public_url}/dicom-web"]
 cors_origins = ["https://viewer.example.org"]
+{gateway_extra}
 
 [limits]
 idle_timeout_secs = 60

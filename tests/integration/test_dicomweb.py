@@ -376,8 +376,8 @@ def test_metrics_count_decisions_and_hold_no_phi_or_token(base, gateway, token_a
     assert qido(base, "studies", token_a).status_code == 200
     assert qido(base, "studies", token_a, PatientID="PAT-B").status_code == 403
     m = metric_values(gateway)
-    assert m['pacsgate_decisions_total{channel="http",operation="QIDO-RS",outcome="allowed"}'] >= 1
-    assert m['pacsgate_decisions_total{channel="http",operation="QIDO-RS",outcome="denied"}'] >= 1
+    assert m['pacsgate_audit_records_total{channel="http",operation="QIDO-RS",outcome="allowed"}'] >= 1
+    assert m['pacsgate_audit_records_total{channel="http",operation="QIDO-RS",outcome="denied"}'] >= 1
     assert m['pacsgate_http_responses_total{class="2xx"}'] >= 1
     assert m['pacsgate_token_checks_total{result="valid"}'] >= 2
     text = requests.get(f"{gateway.public_url}/metrics", timeout=10).text

@@ -111,7 +111,8 @@ def test_user_level_tokens_under_deny_and_allow(tmp_root, gateway, issuer, ortha
     refused_on_both(gateway, token, status=403)
     d = tmp_root / "user-level-allow"
     d.mkdir()
-    g = Gateway(d, orthanc, issuer, name="user-level-allow-gateway", extra='[policy]\nuser_level = "allow"')
+    g = Gateway(d, orthanc, issuer, name="user-level-allow-gateway", extra='[policy]\nuser_level = "allow"',
+                gateway_extra='metrics_clients = ["10.9.9.0/24"]')
     try:
         # allow: every patient, on both protocols
         pids, studies = both_protocols(g, token)
@@ -122,5 +123,7 @@ def test_user_level_tokens_under_deny_and_allow(tmp_root, gateway, issuer, ortha
         r = requests.post(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {mixed}",
                           "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, data=b"--x--\r\n", timeout=30)
         assert r.status_code == 403, r.text
+        # metrics only for the configured clients: loopback is not one of them here
+        assert requests.get(f"{g.public_url}/metrics", timeout=10).status_code == 404
     finally:
         stop(g.proc)

@@ -193,6 +193,12 @@ def test_use_issuer_separates_patients_sharing_a_patient_id(issuer_gateway, issu
         assert r.status_code == 403, other
     # A patient mapped without an issuer sees only the data without one.
     none_token = issuer.mint(patient="EHR-NONE")
+    assoc, _ = associate(issuer_gateway, none_token)
+    final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+    assoc.release()
+    assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == {issued[None][0]}
+    # Orthanc's QIDO leaves an absent IssuerOfPatientID out even when asked: the gateway then
+    # asks its own C-FIND, which says "none" with an empty value.
     assert {s["0020000D"]["Value"][0] for s in qido(issuer_gateway, none_token).json()} == {issued[None][0]}
     # Stores: the instance's issuer must be the patient's; HOSP_A's own study takes more.
     from dicomdata import make_instance
