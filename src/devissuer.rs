@@ -599,16 +599,21 @@ async fn fhir_imaging_study_search(
     let Some(claims) = claims else {
         return fhir_error(StatusCode::UNAUTHORIZED);
     };
-    let wanted = q.get("identifier").map(|v| {
-        let v = v.strip_prefix("urn:dicom:uid|").unwrap_or(v);
-        v.strip_prefix("urn:oid:").unwrap_or(v).to_string()
+    // `identifier=a,b,c`: any of them (FHIR token search).
+    let wanted: Option<Vec<String>> = q.get("identifier").map(|v| {
+        v.split(',')
+            .map(|v| {
+                let v = v.strip_prefix("urn:dicom:uid|").unwrap_or(v);
+                v.strip_prefix("urn:oid:").unwrap_or(v).to_string()
+            })
+            .collect()
     });
     let entries: Vec<Value> = claims["ehr_studies"]
         .as_array()
         .map(|a| a.iter().filter_map(|u| u.as_str()).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
-        .filter(|u| wanted.as_deref().is_none_or(|w| w == *u))
+        .filter(|u| wanted.as_ref().is_none_or(|w| w.iter().any(|x| x == u)))
         .enumerate()
         .map(|(i, u)| json!({"resource": imaging_study(&format!("s{i}"), u)}))
         .collect();

@@ -210,9 +210,13 @@ pub trait EhrDirectory: Send + Sync {
     fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> DirectoryFuture<'a>;
     /// `GET {fhir_base_url}/ImagingStudy/{id}` with the gateway's own credentials.
     fn imaging_study<'a>(&'a self, issuer: &'a str, id: &'a str) -> DirectoryFuture<'a>;
-    /// `GET {fhir_base_url}/ImagingStudy?identifier=urn:oid:{uid}` with the caller's own token:
-    /// the search Bundle, `None` when the EHR refuses the caller (401/403).
-    fn studies_seen_by<'a>(&'a self, p: &'a Principal, study_uid: &'a str) -> DirectoryFuture<'a>;
+    /// `GET {fhir_base_url}/ImagingStudy?identifier=urn:oid:{uid}[,urn:oid:{uid}..]` with the
+    /// caller's own token: the search Bundle, `None` when the EHR refuses the caller (401/403).
+    fn studies_seen_by<'a>(
+        &'a self,
+        p: &'a Principal,
+        study_uids: &'a [String],
+    ) -> DirectoryFuture<'a>;
 }
 
 /// The most distinct studies one query's results are judged for under a study restriction;
@@ -232,6 +236,9 @@ impl<'a> ResultStudy<'a> {
         ResultStudy { uid, facts: None }
     }
 }
+
+/// Study UIDs asked about in one EHR search.
+pub const EHR_BATCH: usize = 50;
 
 /// What one query's study judgements learned: each study's verdict, and why judging stopped.
 #[derive(Debug, Default)]
@@ -656,7 +663,7 @@ impl Policy {
         if let Some(v) = self.ehr_cache.get(&key).await {
             return Ok(v);
         }
-        let shown = match ehr.studies_seen_by(p, uid).await {
+        let shown = match ehr.studies_seen_by(p, &[uid.to_string()]).await {
             Ok(Some(bundle)) => bundle_has_study(&bundle, uid),
             Ok(None) => false,
             Err(e) => {
@@ -666,6 +673,53 @@ impl Policy {
         };
         self.ehr_cache.insert(key, shown).await;
         Ok(shown)
+    }
+
+    /// Asks the EHR about many studies at once (searches of [`EHR_BATCH`] identifiers) before
+    /// results are judged one by one, so a user-level search costs a few EHR requests rather
+    /// than one per study. Only answers the EHR gave for sure are remembered: a study missing
+    /// from a Bundle that says it has more pages is left to be asked about alone. Does nothing
+    /// unless the decision asks the EHR.
+    pub async fn prefetch_ehr(
+        &self,
+        p: &Principal,
+        allowed: &Allowed,
+        study_uids: &[String],
+        ehr: &dyn EhrDirectory,
+    ) {
+        if !matches!(&allowed.studies, StudyGate::Check(rule) if rule.ehr) {
+            return;
+        }
+        let digest = p.bearer.digest();
+        let mut unknown: Vec<String> = Vec::new();
+        for u in study_uids.iter().take(MAX_STUDIES_JUDGED) {
+            if !unknown.contains(u) && !self.ehr_cache.contains_key(&(digest, u.clone())) {
+                unknown.push(u.clone());
+            }
+        }
+        for chunk in unknown.chunks(EHR_BATCH) {
+            match ehr.studies_seen_by(p, chunk).await {
+                Ok(Some(bundle)) => {
+                    let more = bundle_has_next_page(&bundle);
+                    for u in chunk {
+                        let shown = bundle_has_study(&bundle, u);
+                        if shown || !more {
+                            self.ehr_cache.insert((digest, u.clone()), shown).await;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    for u in chunk {
+                        self.ehr_cache.insert((digest, u.clone()), false).await;
+                    }
+                }
+                // Judged one by one later, which denies if the EHR still fails.
+                Err(e) => {
+                    tracing::warn!(issuer = %p.issuer, error = %e, "EHR batch study check failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
@@ -1213,6 +1267,18 @@ pub fn study_uid_of(r: &serde_json::Value) -> Option<String> {
     })
 }
 
+/// Whether a search Bundle says there are more pages.
+fn bundle_has_next_page(bundle: &serde_json::Value) -> bool {
+    bundle
+        .get("link")
+        .and_then(|l| l.as_array())
+        .is_some_and(|links| {
+            links
+                .iter()
+                .any(|l| l.get("relation").and_then(|r| r.as_str()) == Some("next"))
+        })
+}
+
 /// Whether an ImagingStudy search Bundle holds the study (the EHR may ignore a search
 /// parameter it does not support and return everything: each entry is checked).
 fn bundle_has_study(bundle: &serde_json::Value, uid: &str) -> bool {
@@ -1520,6 +1586,8 @@ user_level = "{user_level}"
     struct FakeEhr {
         visible: Vec<&'static str>,
         fail: bool,
+        /// Answers say there are more pages.
+        paged: bool,
         searches: std::sync::atomic::AtomicUsize,
     }
 
@@ -1538,7 +1606,11 @@ user_level = "{user_level}"
                 }))
             })
         }
-        fn studies_seen_by<'a>(&'a self, _: &'a Principal, uid: &'a str) -> DirectoryFuture<'a> {
+        fn studies_seen_by<'a>(
+            &'a self,
+            _: &'a Principal,
+            uids: &'a [String],
+        ) -> DirectoryFuture<'a> {
             Box::pin(async move {
                 self.searches
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1553,10 +1625,12 @@ user_level = "{user_level}"
                     .map(|u| serde_json::json!({"resource": {"resourceType": "ImagingStudy",
                         "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{u}")}]}}))
                     .collect();
-                let _ = uid;
-                Ok(Some(
-                    serde_json::json!({"resourceType": "Bundle", "entry": entries}),
-                ))
+                let _ = uids;
+                let mut bundle = serde_json::json!({"resourceType": "Bundle", "entry": entries});
+                if self.paged {
+                    bundle["link"] = serde_json::json!([{"relation": "next", "url": "x"}]);
+                }
+                Ok(Some(bundle))
             })
         }
     }
@@ -2343,6 +2417,72 @@ user_level = "{user_level}"
         assert_eq!(
             ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
             2
+        );
+        // A search's studies are asked about in batches first, then judged from the cache.
+        let batcher = principal("user/ImagingStudy.rs user/Encounter.rs", None);
+        let Decision::Allow(a) = pol.decide(
+            &batcher,
+            Action::Query { patient_id: None },
+            SystemTime::now(),
+        ) else {
+            panic!()
+        };
+        let uids: Vec<String> = (0..120)
+            .map(|n| format!("X{n}"))
+            .chain(["S2".to_string(), "S3".to_string()])
+            .collect();
+        let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
+        pol.prefetch_ehr(&batcher, &a, &uids, &ehr).await;
+        assert_eq!(
+            ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
+            uids.len().div_ceil(EHR_BATCH)
+        );
+        let mut memo = StudyMemo::default();
+        for u in &uids {
+            let shown = pol
+                .admits_result(
+                    &batcher,
+                    &a,
+                    ResultStudy::uid(Some(u)),
+                    &mut memo,
+                    &FakePacs { fail: false },
+                    &ehr,
+                )
+                .await;
+            assert_eq!(shown, u == "S2" || u == "S3", "{u}");
+        }
+        assert_eq!(
+            ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
+            uids.len().div_ceil(EHR_BATCH),
+            "all from the cache"
+        );
+        // A paged answer settles only the studies it shows; the rest are asked alone.
+        let paged = FakeEhr {
+            visible: vec!["S2"],
+            paged: true,
+            ..FakeEhr::default()
+        };
+        let third = principal("user/ImagingStudy.rs user/Device.rs", None);
+        pol.prefetch_ehr(&third, &a, &["S2".into(), "S3".into()], &paged)
+            .await;
+        let mut memo = StudyMemo::default();
+        for (u, expected) in [("S2", true), ("S3", false)] {
+            let shown = pol
+                .admits_result(
+                    &third,
+                    &a,
+                    ResultStudy::uid(Some(u)),
+                    &mut memo,
+                    &FakePacs { fail: false },
+                    &paged,
+                )
+                .await;
+            assert_eq!(shown, expected, "{u}");
+        }
+        assert_eq!(
+            paged.searches.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "one batch, then S3 alone"
         );
         // A patient-level token under ehr-check is judged as before, without the EHR.
         let pat = principal("patient/ImagingStudy.rs", Some("A"));

@@ -301,19 +301,27 @@ impl IssuerClient {
 /// The largest FHIR search answer read (a Bundle of ImagingStudy resources with their series).
 const MAX_SEARCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// `GET {fhir_base}/ImagingStudy?identifier=urn:oid:{uid}` with the caller's own token: what
-/// the EHR shows this caller. `Ok(None)` when the EHR refuses the caller (401 or 403); any
+/// `GET {fhir_base}/ImagingStudy?identifier=urn:oid:{uid}[,..]&_count={n}` with the caller's own
+/// token: what the EHR shows this caller. `Ok(None)` when the EHR refuses the caller (401 or 403); any
 /// other failure is an error (the caller is then denied, and nothing is cached).
 pub async fn caller_study_search(
     http: &reqwest::Client,
     fhir_base: &str,
     bearer: &super::Bearer,
-    study_uid: &str,
+    study_uids: &[String],
 ) -> Result<Option<Value>, String> {
     let url = format!("{}/ImagingStudy", fhir_base.trim_end_matches('/'));
+    let identifiers = study_uids
+        .iter()
+        .map(|u| format!("urn:oid:{u}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let resp = http
         .get(&url)
-        .query(&[("identifier", format!("urn:oid:{study_uid}"))])
+        .query(&[
+            ("identifier", identifiers),
+            ("_count", study_uids.len().max(1).to_string()),
+        ])
         .bearer_auth(bearer.expose())
         .header("accept", "application/fhir+json")
         .send()

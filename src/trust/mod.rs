@@ -702,7 +702,7 @@ impl crate::policy::EhrDirectory for TrustCore {
     fn studies_seen_by<'a>(
         &'a self,
         p: &'a Principal,
-        study_uid: &'a str,
+        study_uids: &'a [String],
     ) -> crate::policy::DirectoryFuture<'a> {
         Box::pin(async move {
             let ti = self.issuers.get(&p.issuer).ok_or("unknown issuer")?;
@@ -714,7 +714,7 @@ impl crate::policy::EhrDirectory for TrustCore {
             counted(
                 &p.issuer,
                 "study_search",
-                client::caller_study_search(&self.caller_http, base, &p.bearer, study_uid).await,
+                client::caller_study_search(&self.caller_http, base, &p.bearer, study_uids).await,
             )
         })
     }

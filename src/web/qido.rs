@@ -226,6 +226,14 @@ pub async fn search(
         let mut inside = Vec::with_capacity(kept.len());
         let mut outside = 0usize;
         let mut memo = crate::policy::StudyMemo::default();
+        // With ehr-check, ask the EHR about all these studies in a few batched searches.
+        let uids: Vec<String> = kept
+            .iter()
+            .filter_map(|r| study_uid(r).or_else(|| path_study.clone()))
+            .collect();
+        ctx.policy
+            .prefetch_ehr(p, &allowed, &uids, &*ctx.trust)
+            .await;
         for mut r in kept {
             let study = study_uid(&r).or_else(|| path_study.clone());
             let facts = study_facts.then(|| crate::policy::StudyFacts {

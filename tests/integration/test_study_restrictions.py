@@ -270,8 +270,14 @@ def test_ehr_check_shows_what_the_ehr_shows_the_caller(env, gateway, orthanc, st
     a_study = sorted(orthanc.studies["PAT-A"])[0]
     shown = {studies["CT"][0], a_study}
     token = ehr.mint(scope="user/ImagingStudy.rs", claims={"ehr_studies": sorted(shown)})
-    # Queries across patients return exactly what the EHR shows this user.
+    from test_introspection import metric_values
+
+    searches = lambda: metric_values(g).get(f'pacsgate_issuer_requests_total{{issuer="{ehr.url}",kind="study_search",result="ok"}}', 0)
+    before = searches()
+    # Queries across patients return exactly what the EHR shows this user...
     assert qido_studies(g, token) == shown
+    # ...asked in one batched search for all the studies of the answer (fewer than 50 here).
+    assert searches() - before == 1
     assoc, _ = associate(g, token)
     final, matches = find(assoc, query("STUDY", ask_patient_id=False), STUDY_ROOT)
     assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == shown
