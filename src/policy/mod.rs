@@ -439,7 +439,11 @@ pub struct Access {
     pub read: Option<StudyRule>,
     /// Write (`c`, with `policy.write`) and under which study restriction.
     pub write: Option<StudyRule>,
+    /// Whose data may be read.
     pub patients: PatientFilter,
+    /// Whose data may be written (narrower than `patients` for a clinician tool with user-level
+    /// read and a patient-level write scope).
+    pub write_patients: PatientFilter,
 }
 
 /// Owners cached at most this long: a study's patient rarely changes, but it can (a merge
@@ -906,7 +910,10 @@ impl Policy {
             return Decision::Deny(Denial::NoWrite);
         };
         let pid = req.patient_id.map(|v| v.trim_matches(' ')).unwrap_or("");
-        if pid.is_empty() || pid.contains('\\') || !access.patients.admits(Some(pid), req.issuer) {
+        if pid.is_empty()
+            || pid.contains('\\')
+            || !access.write_patients.admits(Some(pid), req.issuer)
+        {
             return Decision::Deny(Denial::ForeignPatient);
         }
         let mut study = "";
@@ -978,7 +985,7 @@ impl Policy {
                 }
             }
         }
-        Decision::Allow(Allowed::new(access.patients))
+        Decision::Allow(Allowed::new(access.write_patients))
     }
 
     /// The DICOM identities of the patient the token names: `None` without patient context,
@@ -1164,13 +1171,20 @@ impl Policy {
                 && let Some(ur) = ur
             {
                 // A clinician tool with user scopes and a patient selected: user-level access
-                // is what the configuration allows it.
-                // Writes need a user-level write scope here: a patient-level one must not
-                // reach every patient through the user-level filter.
+                // is what the configuration allows it. A patient-level write scope still writes
+                // for that patient only.
+                let (write, write_patients) = match (uw, pw) {
+                    (Some(g), _) => (Some(rule(g, false)), PatientFilter::Any),
+                    (None, Some(g)) if !ids.is_empty() => {
+                        (Some(rule(g, false)), PatientFilter::Only(ids.clone()))
+                    }
+                    _ => (None, PatientFilter::Only(Vec::new())),
+                };
                 return Ok(Access {
                     read: Some(rule(ur, false)),
-                    write: uw.map(|g| rule(g, false)),
+                    write,
                     patients: PatientFilter::Any,
+                    write_patients,
                 });
             }
             if ids.is_empty() {
@@ -1180,6 +1194,7 @@ impl Policy {
                 read: pr.map(|g| rule(g, false)),
                 write: pw.map(|g| rule(g, false)),
                 patients: PatientFilter::Only(ids.clone()),
+                write_patients: PatientFilter::Only(ids.clone()),
             });
         }
         if ur.is_some() || uw.is_some() {
@@ -1192,6 +1207,7 @@ impl Policy {
                 read: ur.map(|g| rule(g, ehr)),
                 write: uw.map(|g| rule(g, ehr)),
                 patients: PatientFilter::Any,
+                write_patients: PatientFilter::Any,
             });
         }
         if mapped.is_none() && (pr.is_some() || pw.is_some()) {
@@ -2490,6 +2506,39 @@ user_level = "{user_level}"
             reach(&pol, &pat, &down).await,
             vec![("S1", true), ("S2", true)]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_patient_write_scope_writes_for_its_patient_only_under_allow() {
+        let pol = Policy::new(&cfg("allow"));
+        let p = principal("user/ImagingStudy.rs patient/ImagingStudy.c", Some("A"));
+        let a = pol.access(&p).unwrap();
+        assert_eq!(a.patients, PatientFilter::Any);
+        assert!(a.write.is_some());
+        let st = |pid| StoreRequest {
+            patient_id: Some(pid),
+            study_uid: Some("NEWX"),
+            series_uid: Some("NEWXR"),
+            ..StoreRequest::default()
+        };
+        let (lookup, ehr, now) = (
+            FakePacs { fail: false },
+            FakeEhr::default(),
+            SystemTime::now(),
+        );
+        assert!(matches!(
+            pol.decide_store(&p, &st("A"), &lookup, &ehr, now).await,
+            Decision::Allow(_)
+        ));
+        assert_eq!(
+            pol.decide_store(&p, &st("B"), &lookup, &ehr, now).await,
+            Decision::Deny(Denial::ForeignPatient)
+        );
+        let both = principal("user/ImagingStudy.rs user/ImagingStudy.c", Some("A"));
+        assert!(matches!(
+            pol.decide_store(&both, &st("B"), &lookup, &ehr, now).await,
+            Decision::Allow(_)
+        ));
     }
 
     #[test]

@@ -118,11 +118,23 @@ def test_user_level_tokens_under_deny_and_allow(tmp_root, gateway, issuer, ortha
         pids, studies = both_protocols(g, token)
         assert {"PAT-A", "PAT-B", "CASE01", "case01"} <= pids
         assert orthanc.studies["PAT-A"] | orthanc.studies["PAT-B"] <= studies
-        # a patient-level write scope does not become a write for every patient
-        mixed = issuer.mint(patient="PAT-A", scope="user/ImagingStudy.rs patient/ImagingStudy.c")
+        # a patient-level write scope writes for its patient only, even beside user-level read
+        import io
+
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        from dicomdata import make_instance
+
+        mixed = issuer.mint(patient="PAT-W", scope="user/ImagingStudy.rs patient/ImagingStudy.c")
+        own = make_instance("PAT-W", generate_uid(), generate_uid(), 9400, 1, 1, "20250101")
+        other = make_instance("PAT-B", generate_uid(), generate_uid(), 9401, 1, 1, "20250101")
+        body = b"".join(b"--x\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in (own, other)) + b"--x--\r\n"
         r = requests.post(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {mixed}",
-                          "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, data=b"--x--\r\n", timeout=30)
-        assert r.status_code == 403, r.text
+                          "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, data=body, timeout=30)
+        assert r.status_code == 202, r.text
+        sop = lambda data: pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+        assert orthanc.holds(sop(own)) and not orthanc.holds(sop(other))
         # metrics only for the configured clients: loopback is not one of them here
         assert requests.get(f"{g.public_url}/metrics", timeout=10).status_code == 404
     finally:
