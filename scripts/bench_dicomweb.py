@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""DICOMweb benchmark: WADO-RS retrieval of a large study and QIDO-RS searches, through the
-gateway and straight to Orthanc's DICOMweb plugin, in one run, with the gateway's peak memory.
+"""DICOMweb benchmark: WADO-RS retrieval of a large study, QIDO-RS searches, and instance
+metadata requests that each name UIDs the gateway has not seen (so every one needs ownership
+look-ups at the PACS), through the gateway and straight to Orthanc's DICOMweb plugin, in one
+run, with the gateway's peak memory.
 
 WADO-RS is fetched with curl (multipart/related, body discarded) after a warm-up, alternating
 sides; QIDO-RS latency is measured with one keep-alive HTTP session per side. Writes
@@ -85,8 +87,11 @@ def main():
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             orthanc.upload(buf.getvalue())
-        for _, _, data in generate({"QIDO": {"studies": 100, "series": 1, "instances": 1}}, []):
+        small = []  # (study, series, instance) of the 100 small studies
+        for _, st, data in generate({"QIDO": {"studies": 100, "series": 1, "instances": 1}}, []):
             orthanc.upload(data)
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            small.append((st, ds.SeriesInstanceUID, ds.SOPInstanceUID))
         issuer = Issuer(tmp)
         procs.append(issuer.proc)
         gw = Gateway(tmp, orthanc, issuer, name="bench-gateway", log_filter="info")
@@ -112,6 +117,25 @@ def main():
         qd = qido_latencies(f"{direct}/studies?PatientID=QIDO")
         qg = qido_latencies(f"{via}/studies", qido_token)
 
+        # Instance metadata, each instance once per side: through the gateway every request
+        # names a study, series and instance it has not judged before.
+        def meta_latencies(base, token=None):
+            s = requests.Session()
+            h = {"Accept": "application/dicom+json"}
+            if token:
+                h["Authorization"] = f"Bearer {token}"
+            lat = []
+            for st, se, i in small:
+                t = time.perf_counter()
+                r = s.get(f"{base}/studies/{st}/series/{se}/instances/{i}/metadata", headers=h, timeout=30)
+                lat.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, r.status_code
+            lat.sort()
+            return lat
+
+        md = meta_latencies(direct)
+        mg = meta_latencies(via, qido_token)
+
         def mbps(rs):
             return statistics.mean(b / t / 1e6 for b, t in rs)
 
@@ -131,6 +155,8 @@ def main():
             f"| QIDO-RS latency p50 | {pct(qd, .5):.2f} ms | {pct(qg, .5):.2f} ms | +{pct(qg, .5) - pct(qd, .5):.2f} ms |",
             f"| QIDO-RS latency p99 | {pct(qd, .99):.2f} ms | {pct(qg, .99):.2f} ms | +{pct(qg, .99) - pct(qd, .99):.2f} ms |",
             f"| QIDO-RS throughput | {1000 / statistics.mean(qd):.1f} req/s | {1000 / statistics.mean(qg):.1f} req/s | {statistics.mean(qd) / statistics.mean(qg):.3f} |",
+            f"| instance metadata, UIDs not seen before, p50 | {pct(md, .5):.2f} ms | {pct(mg, .5):.2f} ms | +{pct(mg, .5) - pct(md, .5):.2f} ms |",
+            f"| instance metadata, UIDs not seen before, p99 | {pct(md, .99):.2f} ms | {pct(mg, .99):.2f} ms | +{pct(mg, .99) - pct(md, .99):.2f} ms |",
             "",
             f"Gateway resident memory: {rss0:.1f} MiB at start, peak {hwm:.1f} MiB while streaming the study (limit: 100 MiB).",
         ]

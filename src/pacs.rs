@@ -8,7 +8,7 @@ use crate::config::Pacs;
 use crate::dimse::peer::{PduError, read_pdu, write_pdu};
 use crate::policy::{LookupFuture, Owner, OwnerLookup, StudyFacts, UidLevel};
 use dicom_ul::pdu::{AssociationAC, AssociationRJ, AssociationRQ, Pdu};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +73,56 @@ const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 /// Ownership look-ups running against the PACS at once; more wait (bounded by the timeout).
 const MAX_CONCURRENT_LOOKUPS: usize = 8;
 
-/// Resolves UIDs to their owners with C-FIND on associations of the gateway's own.
+/// Idle look-up associations kept at most.
+const MAX_IDLE: usize = MAX_CONCURRENT_LOOKUPS;
+/// An idle look-up association is released after this long.
+const MAX_IDLE_TIME: Duration = Duration::from_secs(10);
+
+/// A look-up association and what it needs for the next C-FIND.
+struct Conn {
+    peer: crate::dimse::peer::Peer,
+    ts: &'static dicom_encoding::transfer_syntax::TransferSyntax,
+    next_message_id: u16,
+    idle_since: Instant,
+}
+
+type Pool = std::sync::Mutex<Vec<Conn>>;
+
+/// Releases idle associations once they have been unused for [`MAX_IDLE_TIME`]; ends when the
+/// pool is empty (the next `put_back` starts it again) or gone.
+async fn reap(pool: std::sync::Weak<Pool>, running: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    loop {
+        tokio::time::sleep(MAX_IDLE_TIME / 2).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let (stale, empty) = {
+            let Ok(mut p) = pool.lock() else { return };
+            let (stale, keep): (Vec<Conn>, Vec<Conn>) = p
+                .drain(..)
+                .partition(|c| c.idle_since.elapsed() >= MAX_IDLE_TIME);
+            *p = keep;
+            if p.is_empty() {
+                running.store(false, std::sync::atomic::Ordering::Release);
+            }
+            (stale, p.is_empty())
+        };
+        for c in stale {
+            PacsLookup::release(c).await;
+        }
+        if empty {
+            return;
+        }
+    }
+}
+
+/// Resolves UIDs to their owners with C-FIND on associations of the gateway's own, kept open
+/// for a few seconds between look-ups.
 pub struct PacsLookup {
     pacs: Pacs,
     our_max: u32,
     timeout: Duration,
     slots: tokio::sync::Semaphore,
+    idle: std::sync::Arc<Pool>,
+    reaper: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PacsLookup {
@@ -88,6 +132,8 @@ impl PacsLookup {
             our_max: cfg.limits.max_pdu_length,
             timeout: cfg.limits.upstream_timeout,
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+            idle: Default::default(),
+            reaper: Default::default(),
         }
     }
 
@@ -116,14 +162,65 @@ impl PacsLookup {
             })?
     }
 
+    /// One look-up: on an idle pooled association when there is one (a fresh one if that
+    /// turns out closed), which then goes back to the pool.
     async fn find_owner_inner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
-        use crate::dimse::command::{self, Command};
-        use crate::dimse::message::Event;
-        use crate::dimse::peer::{Incoming, Peer};
-        use dicom_core::{DataElement, PrimitiveValue, VR};
-        use dicom_dictionary_std::tags;
+        if let Some(mut conn) = self.take_idle() {
+            match self.query(&mut conn, level, uid).await {
+                Ok(answer) => {
+                    self.put_back(conn);
+                    return answer;
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "pooled look-up association failed; opening a fresh one");
+                }
+            }
+        }
+        let mut conn = self.open().await?;
+        let answer = self.query(&mut conn, level, uid).await?;
+        self.put_back(conn);
+        answer
+    }
+
+    /// An idle association from the pool; those idle too long are released on the way.
+    fn take_idle(&self) -> Option<Conn> {
+        let mut pool = self.idle.lock().ok()?;
+        while let Some(conn) = pool.pop() {
+            if conn.idle_since.elapsed() < MAX_IDLE_TIME {
+                return Some(conn);
+            }
+            tokio::spawn(Self::release(conn));
+        }
+        None
+    }
+
+    /// Keeps an association for the next look-up (at most [`MAX_IDLE`]; it is released after
+    /// [`MAX_IDLE_TIME`] unused, so the PACS's association slots are not held).
+    fn put_back(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        let Ok(mut pool) = self.idle.lock() else {
+            tokio::spawn(Self::release(conn));
+            return;
+        };
+        if pool.len() >= MAX_IDLE {
+            tokio::spawn(Self::release(conn));
+            return;
+        }
+        pool.push(conn);
+        let reaper_running = self.reaper.swap(true, std::sync::atomic::Ordering::AcqRel);
+        drop(pool);
+        if !reaper_running {
+            tokio::spawn(reap(
+                std::sync::Arc::downgrade(&self.idle),
+                self.reaper.clone(),
+            ));
+        }
+    }
+
+    /// Opens a look-up association (Study Root C-FIND only).
+    async fn open(&self) -> Result<Conn, String> {
+        use crate::dimse::peer::Peer;
         use dicom_encoding::TransferSyntaxIndex;
-        use dicom_object::InMemDicomObject;
         use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
         use dicom_ul::pdu::{
             PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
@@ -161,13 +258,38 @@ impl PacsLookup {
         let ts = TransferSyntaxRegistry
             .get(&ts_uid)
             .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
-        let mut peer = Peer::new(
+        let peer = Peer::new(
             "pacs-lookup",
             stream,
             self.our_max + 64,
             crate::dimse::assoc::announced_max(&ac.user_variables),
         );
+        Ok(Conn {
+            peer,
+            ts,
+            next_message_id: 1,
+            idle_since: Instant::now(),
+        })
+    }
 
+    /// One C-FIND on a look-up association. `Err(Transport)`: the association is unusable.
+    async fn query(
+        &self,
+        conn: &mut Conn,
+        level: UidLevel,
+        uid: &str,
+    ) -> Result<Result<Option<Owner>, String>, String> {
+        use crate::dimse::command::{self, Command};
+        use crate::dimse::message::Event;
+        use crate::dimse::peer::Incoming;
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
+        use dicom_object::InMemDicomObject;
+
+        let ts = conn.ts;
+        let msg_id = conn.next_message_id;
+        conn.next_message_id = conn.next_message_id.wrapping_add(1).max(1);
+        let peer = &mut conn.peer;
         let (level_name, key) = match level {
             UidLevel::Study => ("STUDY", tags::STUDY_INSTANCE_UID),
             UidLevel::Series => ("SERIES", tags::SERIES_INSTANCE_UID),
@@ -225,7 +347,7 @@ impl PacsLookup {
         let mut ident = Vec::new();
         q.write_dataset_with_ts(&mut ident, ts)
             .map_err(|e| e.to_string())?;
-        let cmd = command::build_request(command::C_FIND_RQ, 1, STUDY_ROOT_FIND, true, vec![]);
+        let cmd = command::build_request(command::C_FIND_RQ, msg_id, STUDY_ROOT_FIND, true, vec![]);
         peer.send_message(1, &cmd, Some(&ident))
             .await
             .map_err(|e| e.to_string())?;
@@ -287,9 +409,9 @@ impl PacsLookup {
                     }
                     if !command::is_pending(status) {
                         if status != 0 {
-                            return Err(format!(
+                            return Ok(Err(format!(
                                 "the PACS answered the look-up with status {status:#06x}"
-                            ));
+                            )));
                         }
                         break;
                     }
@@ -300,6 +422,26 @@ impl PacsLookup {
                 other => return Err(format!("look-up association ended: {other:?}")),
             }
         }
+        match owners.as_slice() {
+            [] => Ok(Ok(None)),
+            [first, rest @ ..] => {
+                // One UID held under two patients (or two issuers) is a PACS inconsistency:
+                // trust neither.
+                if rest.iter().any(|o| {
+                    !crate::policy::lo_eq(&o.patient_id, &first.patient_id)
+                        || o.issuer != first.issuer
+                }) {
+                    return Ok(Err("the UID is held under more than one patient".into()));
+                }
+                Ok(Ok(Some(first.clone())))
+            }
+        }
+    }
+
+    /// Releases a look-up association (politely, but without waiting long).
+    async fn release(mut conn: Conn) {
+        use crate::dimse::peer::Incoming;
+        let peer = &mut conn.peer;
         let _ = peer.send_pdu(&Pdu::ReleaseRQ).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
@@ -311,20 +453,6 @@ impl PacsLookup {
         })
         .await;
         peer.close().await;
-        match owners.as_slice() {
-            [] => Ok(None),
-            [first, rest @ ..] => {
-                // One UID held under two patients (or two issuers) is a PACS inconsistency:
-                // trust neither.
-                if rest.iter().any(|o| {
-                    !crate::policy::lo_eq(&o.patient_id, &first.patient_id)
-                        || o.issuer != first.issuer
-                }) {
-                    return Err("the UID is held under more than one patient".into());
-                }
-                Ok(Some(first.clone()))
-            }
-        }
     }
 }
 
