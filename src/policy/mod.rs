@@ -836,15 +836,30 @@ impl Policy {
         if total > MAX_UIDS_PER_REQUEST {
             return Decision::Deny(Denial::BadIdentifier("too many UIDs"));
         }
+        // Lowest level first: an instance's owner names its series and study, so a study or
+        // series the request names above its instances needs no look-up of its own (a viewer's
+        // instance URL costs one look-up, not three). Look-ups of one level run together.
         let groups = [
-            (UidLevel::Study, &req.study_uids),
-            (UidLevel::Series, &req.series_uids),
             (UidLevel::Instance, &req.instance_uids),
+            (UidLevel::Series, &req.series_uids),
+            (UidLevel::Study, &req.study_uids),
         ];
         let mut studies: Vec<String> = Vec::new();
+        let mut covered_series: Vec<String> = Vec::new();
         for (l, uids) in groups {
-            for uid in uids.iter() {
-                let owner = match self.owner(lookup, l, uid).await {
+            let todo: Vec<&String> = uids
+                .iter()
+                .filter(|u| match l {
+                    UidLevel::Study => !studies.contains(u),
+                    UidLevel::Series => !covered_series.contains(u),
+                    UidLevel::Instance => true,
+                })
+                .collect();
+            let owners =
+                futures_util::future::join_all(todo.iter().map(|uid| self.owner(lookup, l, uid)))
+                    .await;
+            for owner in owners {
+                let owner = match owner {
                     Ok(Some(o)) => o,
                     Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
                     Err(d) => return Decision::Deny(d),
@@ -869,6 +884,11 @@ impl Policy {
                         .is_some_and(|s| req.series_uids.contains(s));
                 if l != UidLevel::Study && !(under_study && under_series) {
                     return Decision::Deny(Denial::Hierarchy);
+                }
+                if let Some(se) = &owner.series_uid
+                    && !covered_series.contains(se)
+                {
+                    covered_series.push(se.clone());
                 }
                 if !studies.contains(&owner.study_uid) {
                     studies.push(owner.study_uid.clone());
@@ -2539,6 +2559,63 @@ user_level = "{user_level}"
             pol.decide_store(&both, &st("B"), &lookup, &ehr, now).await,
             Decision::Allow(_)
         ));
+    }
+
+    /// Counts the look-ups that reach the PACS.
+    struct CountingPacs(std::sync::atomic::AtomicUsize);
+
+    impl OwnerLookup for CountingPacs {
+        fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move { FakePacs { fail: false }.owner(level, uid).await })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_instance_named_under_its_study_and_series_costs_one_look_up() {
+        let pol = Policy::new(&cfg("deny"));
+        let a = principal("patient/ImagingStudy.rs", Some("A"));
+        let pacs = CountingPacs(Default::default());
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(UidLevel::Instance), &["S1"], &["R1"], &["I1"], None),
+                &pacs,
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await;
+        assert!(matches!(d, Decision::Allow(_)), "{d:?}");
+        assert_eq!(pacs.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A study the instances do not cover is still looked up, and judged.
+        let pol = Policy::new(&cfg("deny"));
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(
+                    Some(UidLevel::Instance),
+                    &["S1", "S3"],
+                    &["R1"],
+                    &["I1"],
+                    None,
+                ),
+                &pacs,
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::NotOwned(UidLevel::Study)));
+        // An instance under a series it is not in: refused on the instance's own owner.
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(UidLevel::Instance), &["S1"], &["R3"], &["I1"], None),
+                &pacs,
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::Hierarchy));
     }
 
     #[test]
