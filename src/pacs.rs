@@ -95,7 +95,7 @@ async fn reap(pool: std::sync::Weak<Pool>, running: std::sync::Arc<std::sync::at
         tokio::time::sleep(MAX_IDLE_TIME / 2).await;
         let Some(pool) = pool.upgrade() else { return };
         let (stale, empty) = {
-            let Ok(mut p) = pool.lock() else { return };
+            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
             let (stale, keep): (Vec<Conn>, Vec<Conn>) = p
                 .drain(..)
                 .partition(|c| c.idle_since.elapsed() >= MAX_IDLE_TIME);
@@ -166,13 +166,21 @@ impl PacsLookup {
     /// turns out closed), which then goes back to the pool.
     async fn find_owner_inner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
         if let Some(mut conn) = self.take_idle() {
-            match self.query(&mut conn, level, uid).await {
-                Ok(answer) => {
+            // A pooled association may have died silently: it gets a shorter wait of its own,
+            // so a fresh one still has time.
+            let pooled_wait = (self.timeout / 4).max(Duration::from_secs(1));
+            match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid)).await {
+                Ok(Ok(answer)) => {
                     self.put_back(conn);
                     return answer;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(reason = %e, "pooled look-up association failed; opening a fresh one");
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "pooled look-up association did not answer; opening a fresh one"
+                    );
                 }
             }
         }
@@ -184,7 +192,7 @@ impl PacsLookup {
 
     /// An idle association from the pool; those idle too long are released on the way.
     fn take_idle(&self) -> Option<Conn> {
-        let mut pool = self.idle.lock().ok()?;
+        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = pool.pop() {
             if conn.idle_since.elapsed() < MAX_IDLE_TIME {
                 return Some(conn);
@@ -198,11 +206,9 @@ impl PacsLookup {
     /// [`MAX_IDLE_TIME`] unused, so the PACS's association slots are not held).
     fn put_back(&self, mut conn: Conn) {
         conn.idle_since = Instant::now();
-        let Ok(mut pool) = self.idle.lock() else {
-            tokio::spawn(Self::release(conn));
-            return;
-        };
-        if pool.len() >= MAX_IDLE {
+        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Anything still unread would be mistaken for the next answer.
+        if pool.len() >= MAX_IDLE || conn.peer.has_input_at_hand() {
             tokio::spawn(Self::release(conn));
             return;
         }
@@ -363,6 +369,14 @@ impl PacsLookup {
             match peer.next().await {
                 Incoming::Message(Event::Command { pc_id, bytes }) => {
                     let rsp = Command::decode(bytes).map_err(|e| e.to_string())?;
+                    // An answer to anything but this C-FIND: the association is not to be trusted.
+                    if rsp.field() != Some(command::C_FIND_RSP)
+                        || rsp.message_id_being_responded_to() != Some(msg_id)
+                    {
+                        return Err(
+                            "an answer to another request on the look-up association".into()
+                        );
+                    }
                     peer.expect_data(pc_id, rsp.has_data_set());
                     let status = rsp.status().unwrap_or(0xC000);
                     if rsp.has_data_set() {

@@ -248,6 +248,10 @@ pub struct StudyMemo {
     pub stopped: Option<&'static str>,
 }
 
+/// Look-ups one request runs at once (the PACS client allows a few more overall, so one
+/// request cannot hold every slot).
+const LOOKUPS_PER_REQUEST: usize = 4;
+
 /// The most UIDs one request may name; a request naming more is refused (bounded work).
 pub const MAX_UIDS_PER_REQUEST: usize = 1000;
 
@@ -837,8 +841,15 @@ impl Policy {
             return Decision::Deny(Denial::BadIdentifier("too many UIDs"));
         }
         // Lowest level first: an instance's owner names its series and study, so a study or
-        // series the request names above its instances needs no look-up of its own (a viewer's
-        // instance URL costs one look-up, not three). Look-ups of one level run together.
+        // series the request names above its own level, and above its instances, needs no
+        // look-up of its own (a viewer's instance URL costs one look-up, not three). The
+        // request's own level is always looked up. Each UID once, a few at a time, and the first
+        // refusal ends it.
+        let rank = |l: UidLevel| match l {
+            UidLevel::Study => 0,
+            UidLevel::Series => 1,
+            UidLevel::Instance => 2,
+        };
         let groups = [
             (UidLevel::Instance, &req.instance_uids),
             (UidLevel::Series, &req.series_uids),
@@ -847,51 +858,59 @@ impl Policy {
         let mut studies: Vec<String> = Vec::new();
         let mut covered_series: Vec<String> = Vec::new();
         for (l, uids) in groups {
-            let todo: Vec<&String> = uids
-                .iter()
-                .filter(|u| match l {
-                    UidLevel::Study => !studies.contains(u),
-                    UidLevel::Series => !covered_series.contains(u),
-                    UidLevel::Instance => true,
-                })
-                .collect();
-            let owners =
-                futures_util::future::join_all(todo.iter().map(|uid| self.owner(lookup, l, uid)))
-                    .await;
-            for owner in owners {
-                let owner = match owner {
-                    Ok(Some(o)) => o,
-                    Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
-                    Err(d) => return Decision::Deny(d),
-                };
-                if self.use_issuer && !owner.issuer_known {
-                    tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
-                    return Decision::Deny(Denial::LookupFailed);
+            let above_level = rank(l) < rank(level);
+            let mut todo: Vec<&String> = Vec::new();
+            for u in uids.iter() {
+                let covered = above_level
+                    && match l {
+                        UidLevel::Study => studies.contains(u),
+                        UidLevel::Series => covered_series.contains(u),
+                        UidLevel::Instance => false,
+                    };
+                if !covered && !todo.contains(&u) {
+                    todo.push(u);
                 }
-                if !access
-                    .patients
-                    .admits(Some(&owner.patient_id), owner.issuer.as_deref())
-                {
-                    return Decision::Deny(Denial::NotOwned(l));
-                }
-                let under_study =
-                    req.study_uids.is_empty() || req.study_uids.contains(&owner.study_uid);
-                let under_series = l != UidLevel::Instance
-                    || req.series_uids.is_empty()
-                    || owner
-                        .series_uid
-                        .as_ref()
-                        .is_some_and(|s| req.series_uids.contains(s));
-                if l != UidLevel::Study && !(under_study && under_series) {
-                    return Decision::Deny(Denial::Hierarchy);
-                }
-                if let Some(se) = &owner.series_uid
-                    && !covered_series.contains(se)
-                {
-                    covered_series.push(se.clone());
-                }
-                if !studies.contains(&owner.study_uid) {
-                    studies.push(owner.study_uid.clone());
+            }
+            for chunk in todo.chunks(LOOKUPS_PER_REQUEST) {
+                let owners = futures_util::future::join_all(
+                    chunk.iter().map(|uid| self.owner(lookup, l, uid)),
+                )
+                .await;
+                for owner in owners {
+                    let owner = match owner {
+                        Ok(Some(o)) => o,
+                        Ok(None) => return Decision::Deny(Denial::NotOwned(l)),
+                        Err(d) => return Decision::Deny(d),
+                    };
+                    if self.use_issuer && !owner.issuer_known {
+                        tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
+                        return Decision::Deny(Denial::LookupFailed);
+                    }
+                    if !access
+                        .patients
+                        .admits(Some(&owner.patient_id), owner.issuer.as_deref())
+                    {
+                        return Decision::Deny(Denial::NotOwned(l));
+                    }
+                    let under_study =
+                        req.study_uids.is_empty() || req.study_uids.contains(&owner.study_uid);
+                    let under_series = l != UidLevel::Instance
+                        || req.series_uids.is_empty()
+                        || owner
+                            .series_uid
+                            .as_ref()
+                            .is_some_and(|s| req.series_uids.contains(s));
+                    if l != UidLevel::Study && !(under_study && under_series) {
+                        return Decision::Deny(Denial::Hierarchy);
+                    }
+                    if let Some(se) = &owner.series_uid
+                        && !covered_series.contains(se)
+                    {
+                        covered_series.push(se.clone());
+                    }
+                    if !studies.contains(&owner.study_uid) {
+                        studies.push(owner.study_uid.clone());
+                    }
                 }
             }
         }
@@ -2605,6 +2624,46 @@ user_level = "{user_level}"
             )
             .await;
         assert_eq!(d, Decision::Deny(Denial::NotOwned(UidLevel::Study)));
+        // Each UID once; the request's own level always; the first refusal ends the work.
+        let count = |pacs: &CountingPacs| pacs.0.load(std::sync::atomic::Ordering::Relaxed);
+        for (req, looked_up) in [
+            (
+                retrieve(
+                    Some(UidLevel::Instance),
+                    &[],
+                    &[],
+                    &["I1", "I1", "I1"],
+                    None,
+                ),
+                1,
+            ),
+            (
+                retrieve(Some(UidLevel::Study), &["S1"], &[], &["I1"], None),
+                2,
+            ),
+        ] {
+            let pol = Policy::new(&cfg("deny"));
+            let pacs = CountingPacs(Default::default());
+            let d = pol
+                .decide_retrieve(&a, &req, &pacs, &FakeEhr::default(), SystemTime::now())
+                .await;
+            assert!(matches!(d, Decision::Allow(_)), "{d:?}");
+            assert_eq!(count(&pacs), looked_up);
+        }
+        let unknown: Vec<String> = (0..100).map(|n| format!("U{n}")).collect();
+        let unknown: Vec<&str> = unknown.iter().map(String::as_str).collect();
+        let pacs = CountingPacs(Default::default());
+        let d = Policy::new(&cfg("deny"))
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(UidLevel::Instance), &[], &[], &unknown, None),
+                &pacs,
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(d, Decision::Deny(Denial::NotOwned(UidLevel::Instance)));
+        assert_eq!(count(&pacs), LOOKUPS_PER_REQUEST);
         // An instance under a series it is not in: refused on the instance's own owner.
         let d = pol
             .decide_retrieve(
