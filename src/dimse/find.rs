@@ -13,7 +13,9 @@ use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Allowed, Decision, ResultStudy, StudyFacts, StudyGate, StudyMemo};
+use crate::policy::{
+    Action, Allowed, Decision, EHR_BATCH, ResultStudy, StudyFacts, StudyGate, StudyMemo,
+};
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntax;
@@ -225,9 +227,9 @@ async fn relay_responses(
         last,
     } = pass;
     let limits = s.ctx.cfg.limits.clone();
-    let ctx = s.ctx.clone();
-    let gated = !matches!(allowed.studies, StudyGate::Open);
-    let (mut relayed, mut dropped, mut outside) = (0usize, 0usize, 0usize);
+    let mut counts = Counts::default();
+    let mut held = Held::default();
+    let batching = allowed.asks_ehr();
     loop {
         // Never wait on the PACS with matches held back for the client.
         if !s.pacs.has_input_at_hand()
@@ -309,6 +311,21 @@ async fn relay_responses(
             None
         };
         if !command::is_pending(status) {
+            let run = Run {
+                allowed,
+                strip,
+                study_facts,
+                ts,
+                pc_id,
+            };
+            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+                return Step::Done(Flow::End);
+            }
+            let Counts {
+                relayed,
+                dropped,
+                outside,
+            } = counts;
             tracing::debug!(
                 assoc = s.id,
                 relayed,
@@ -353,7 +370,18 @@ async fn relay_responses(
             return Step::Done(s.reply(pc_id, &out, None).await);
         }
         let Some(data) = data else {
-            // A pending response without a match: nothing to check, relay as is.
+            // A pending response without a match: nothing to check, relay as is (after any
+            // matches held before it, to keep the order).
+            let run = Run {
+                allowed,
+                strip,
+                study_facts,
+                ts,
+                pc_id,
+            };
+            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+                return Step::Done(Flow::End);
+            }
             if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, None).await {
                 return Step::Done(Flow::End);
             }
@@ -374,13 +402,108 @@ async fn relay_responses(
             _ => false,
         };
         if !admitted {
-            dropped += 1;
+            counts.dropped += 1;
             tracing::warn!(
                 assoc = s.id,
                 "PACS returned a C-FIND match for another patient (or none); withheld"
             );
             continue;
         }
+        held.bytes += data.len();
+        held.matches.push((rsp.raw, data));
+        // Under ehr-check a batch of matches is judged together (one EHR search for all of
+        // them); otherwise, and whenever the PACS has nothing more at hand, matches go on now.
+        if !batching
+            || held.matches.len() >= EHR_BATCH
+            || held.bytes >= MAX_HELD_BYTES
+            || !s.pacs.has_input_at_hand()
+        {
+            let run = Run {
+                allowed,
+                strip,
+                study_facts,
+                ts,
+                pc_id,
+            };
+            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+                return Step::Done(Flow::End);
+            }
+        }
+    }
+}
+
+/// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
+/// since the upstream one is in an unknown state.
+async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
+    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
+    let _ = s.client.send_message(pc_id, &rsp, None).await;
+    s.abort_both().await
+}
+
+/// Matches a study gate has yet to judge, held for one batched EHR search.
+#[derive(Default)]
+struct Held {
+    matches: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// The most match bytes held back for a batch.
+const MAX_HELD_BYTES: usize = 1024 * 1024;
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    relayed: usize,
+    dropped: usize,
+    outside: usize,
+}
+
+/// What judging and relaying one match needs.
+struct Run<'a> {
+    allowed: &'a Allowed,
+    strip: &'a [Tag],
+    study_facts: bool,
+    ts: &'static TransferSyntax,
+    pc_id: u8,
+}
+
+/// Judges the held matches against the study gate (asking the EHR about all their studies at
+/// once first), strips what the gateway added, and relays the admitted ones in order.
+async fn relay_held(
+    s: &mut Session,
+    run: &Run<'_>,
+    held: &mut Held,
+    memo: &mut StudyMemo,
+    counts: &mut Counts,
+) -> Flow {
+    if held.matches.is_empty() {
+        return Flow::Continue;
+    }
+    let matches = std::mem::take(&mut held.matches);
+    held.bytes = 0;
+    let Run {
+        allowed,
+        strip,
+        study_facts,
+        ts,
+        pc_id,
+    } = *run;
+    let ctx = s.ctx.clone();
+    let gated = !matches!(allowed.studies, StudyGate::Open);
+    if allowed.asks_ehr() {
+        let uids: Vec<String> = matches
+            .iter()
+            .filter_map(|(_, data)| {
+                crate::dataset::top_level_text(data, ts, tags::STUDY_INSTANCE_UID)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.trim_end_matches(['\0', ' ']).to_string())
+            })
+            .collect();
+        ctx.policy
+            .prefetch_ehr(&s.principal, allowed, &uids, &*ctx.trust)
+            .await;
+    }
+    for (raw, data) in matches {
         if gated {
             let text = |t| crate::dataset::top_level_text(&data, ts, t).ok().flatten();
             let study = text(tags::STUDY_INSTANCE_UID);
@@ -410,7 +533,7 @@ async fn relay_responses(
                 )
                 .await
             {
-                outside += 1;
+                counts.outside += 1;
                 continue;
             }
         }
@@ -437,24 +560,17 @@ async fn relay_responses(
             match stripped {
                 Some(out) => out,
                 None => {
-                    dropped += 1;
+                    counts.dropped += 1;
                     continue;
                 }
             }
         } else {
             data
         };
-        relayed += 1;
-        if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, Some(&out)).await {
-            return Step::Done(Flow::End);
+        counts.relayed += 1;
+        if let Flow::End = s.relay_to_client(pc_id, &raw, Some(&out)).await {
+            return Flow::End;
         }
     }
-}
-
-/// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
-/// since the upstream one is in an unknown state.
-async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
-    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp, None).await;
-    s.abort_both().await
+    Flow::Continue
 }

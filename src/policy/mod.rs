@@ -327,6 +327,11 @@ impl Allowed {
         matches!(&self.studies, StudyGate::Check(rule) if rule.needs_facts())
     }
 
+    /// Whether judging results asks the EHR (`user_level = "ehr-check"`): worth batching.
+    pub fn asks_ehr(&self) -> bool {
+        matches!(&self.studies, StudyGate::Check(rule) if rule.ehr)
+    }
+
     /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation)
     /// may reach the caller: its patient must pass the filter and its study the gate.
     pub fn admits_instance(
