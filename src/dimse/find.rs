@@ -230,6 +230,13 @@ async fn relay_responses(
     let mut counts = Counts::default();
     let mut held = Held::default();
     let batching = allowed.asks_ehr();
+    let run = Run {
+        allowed,
+        strip,
+        study_facts,
+        ts,
+        pc_id,
+    };
     loop {
         // Never wait on the PACS with matches held back for the client.
         if !s.pacs.has_input_at_hand()
@@ -311,13 +318,6 @@ async fn relay_responses(
             None
         };
         if !command::is_pending(status) {
-            let run = Run {
-                allowed,
-                strip,
-                study_facts,
-                ts,
-                pc_id,
-            };
             if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
                 return Step::Done(Flow::End);
             }
@@ -372,13 +372,6 @@ async fn relay_responses(
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is (after any
             // matches held before it, to keep the order).
-            let run = Run {
-                allowed,
-                strip,
-                study_facts,
-                ts,
-                pc_id,
-            };
             if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
                 return Step::Done(Flow::End);
             }
@@ -413,21 +406,12 @@ async fn relay_responses(
         held.matches.push((rsp.raw, data));
         // Under ehr-check a batch of matches is judged together (one EHR search for all of
         // them); otherwise, and whenever the PACS has nothing more at hand, matches go on now.
-        if !batching
+        let flush = !batching
             || held.matches.len() >= EHR_BATCH
             || held.bytes >= MAX_HELD_BYTES
-            || !s.pacs.has_input_at_hand()
-        {
-            let run = Run {
-                allowed,
-                strip,
-                study_facts,
-                ts,
-                pc_id,
-            };
-            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
-                return Step::Done(Flow::End);
-            }
+            || !s.pacs.has_input_at_hand();
+        if flush && let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+            return Step::Done(Flow::End);
         }
     }
 }
