@@ -183,6 +183,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             study_facts,
             ts,
             last: k + 1 == n,
+            pc_id,
         };
         match relay_responses(s, pc_id, &cmd, pass, &mut memo).await {
             Step::Next => continue,
@@ -209,6 +210,7 @@ struct Pass<'a> {
     ts: &'static TransferSyntax,
     /// The last of the operation's queries: its final response goes to the client.
     last: bool,
+    pc_id: u8,
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
@@ -219,35 +221,33 @@ async fn relay_responses(
     pass: Pass<'_>,
     memo: &mut StudyMemo,
 ) -> Step {
-    let Pass {
-        allowed,
-        strip,
-        study_facts,
-        ts,
-        last,
-    } = pass;
+    let (allowed, ts, last) = (pass.allowed, pass.ts, pass.last);
     let limits = s.ctx.cfg.limits.clone();
     let mut counts = Counts::default();
     let mut held = Held::default();
     let batching = allowed.asks_ehr();
-    let run = Run {
-        allowed,
-        strip,
-        study_facts,
-        ts,
-        pc_id,
-    };
     loop {
         // Never wait on the PACS with matches held back for the client.
-        if !s.pacs.has_input_at_hand()
-            && s.client.queued_bytes() > 0
-            && let Err(e) = s.client.flush().await
-        {
-            tracing::info!(assoc = s.id, reason = %e, "cannot write to the client");
-            s.pacs.abort().await;
-            return Step::Done(Flow::End);
+        if !s.pacs.has_input_at_hand() {
+            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+                return Step::Done(Flow::End);
+            }
+            if s.client.queued_bytes() > 0
+                && let Err(e) = s.client.flush().await
+            {
+                tracing::info!(assoc = s.id, reason = %e, "cannot write to the client");
+                s.pacs.abort().await;
+                return Step::Done(Flow::End);
+            }
         }
         let incoming = tokio::select! {
+            // Held matches wait only briefly for the rest of a message the PACS is sending.
+            _ = tokio::time::sleep(MAX_HOLD), if !held.matches.is_empty() => {
+                if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+                    return Step::Done(Flow::End);
+                }
+                continue;
+            }
             i = tokio::time::timeout(limits.upstream_timeout, s.pacs.next()) => match i {
                 Ok(i) => i,
                 Err(_) => {
@@ -318,7 +318,7 @@ async fn relay_responses(
             None
         };
         if !command::is_pending(status) {
-            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
                 return Step::Done(Flow::End);
             }
             let Counts {
@@ -372,7 +372,7 @@ async fn relay_responses(
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is (after any
             // matches held before it, to keep the order).
-            if let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
                 return Step::Done(Flow::End);
             }
             if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, None).await {
@@ -406,11 +406,10 @@ async fn relay_responses(
         held.matches.push((rsp.raw, data));
         // Under ehr-check a batch of matches is judged together (one EHR search for all of
         // them); otherwise, and whenever the PACS has nothing more at hand, matches go on now.
-        let flush = !batching
-            || held.matches.len() >= EHR_BATCH
-            || held.bytes >= MAX_HELD_BYTES
-            || !s.pacs.has_input_at_hand();
-        if flush && let Flow::End = relay_held(s, &run, &mut held, memo, &mut counts).await {
+        // Under ehr-check matches gather (up to a batch) while the PACS has more at hand; the
+        // loop's top relays them as soon as it has not.
+        let flush = !batching || held.matches.len() >= EHR_BATCH || held.bytes >= MAX_HELD_BYTES;
+        if flush && let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
             return Step::Done(Flow::End);
         }
     }
@@ -441,20 +440,14 @@ struct Counts {
     outside: usize,
 }
 
-/// What judging and relaying one match needs.
-struct Run<'a> {
-    allowed: &'a Allowed,
-    strip: &'a [Tag],
-    study_facts: bool,
-    ts: &'static TransferSyntax,
-    pc_id: u8,
-}
+/// How long held matches wait for the rest of a message the PACS is sending.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Judges the held matches against the study gate (asking the EHR about all their studies at
 /// once first), strips what the gateway added, and relays the admitted ones in order.
 async fn relay_held(
     s: &mut Session,
-    run: &Run<'_>,
+    pass: &Pass<'_>,
     held: &mut Held,
     memo: &mut StudyMemo,
     counts: &mut Counts,
@@ -464,13 +457,14 @@ async fn relay_held(
     }
     let matches = std::mem::take(&mut held.matches);
     held.bytes = 0;
-    let Run {
+    let Pass {
         allowed,
         strip,
         study_facts,
         ts,
         pc_id,
-    } = *run;
+        ..
+    } = *pass;
     let ctx = s.ctx.clone();
     let gated = !matches!(allowed.studies, StudyGate::Open);
     if allowed.asks_ehr() {
@@ -484,7 +478,7 @@ async fn relay_held(
             })
             .collect();
         ctx.policy
-            .prefetch_ehr(&s.principal, allowed, &uids, &*ctx.trust)
+            .prefetch_ehr(&s.principal, allowed, &uids, memo, &*ctx.trust)
             .await;
     }
     for (raw, data) in matches {

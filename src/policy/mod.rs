@@ -698,15 +698,23 @@ impl Policy {
         p: &Principal,
         allowed: &Allowed,
         study_uids: &[String],
+        memo: &StudyMemo,
         ehr: &dyn EhrDirectory,
     ) {
-        if !matches!(&allowed.studies, StudyGate::Check(rule) if rule.ehr) {
+        if !allowed.asks_ehr() || memo.stopped.is_some() {
             return;
         }
         let digest = p.bearer.digest();
+        let room = MAX_STUDIES_JUDGED.saturating_sub(memo.judged.len());
         let mut unknown: Vec<String> = Vec::new();
-        for u in study_uids.iter().take(MAX_STUDIES_JUDGED) {
-            if !unknown.contains(u) && !self.ehr_cache.contains_key(&(digest, u.clone())) {
+        for u in study_uids {
+            if unknown.len() >= room {
+                break;
+            }
+            if !unknown.contains(u)
+                && !memo.judged.contains_key(u)
+                && !self.ehr_cache.contains_key(&(digest, u.clone()))
+            {
                 unknown.push(u.clone());
             }
         }
@@ -2492,7 +2500,8 @@ user_level = "{user_level}"
             .chain(["S2".to_string(), "S3".to_string()])
             .collect();
         let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
-        pol.prefetch_ehr(&batcher, &a, &uids, &ehr).await;
+        pol.prefetch_ehr(&batcher, &a, &uids, &StudyMemo::default(), &ehr)
+            .await;
         assert_eq!(
             ehr.searches.load(std::sync::atomic::Ordering::Relaxed) - before,
             uids.len().div_ceil(EHR_BATCH)
@@ -2516,6 +2525,18 @@ user_level = "{user_level}"
             uids.len().div_ceil(EHR_BATCH),
             "all from the cache"
         );
+        // Once judging stopped, nothing more is asked.
+        let stopped = StudyMemo {
+            stopped: Some("the EHR could not be asked"),
+            ..StudyMemo::default()
+        };
+        let quiet = principal("user/ImagingStudy.rs user/Location.rs", None);
+        let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
+        pol.prefetch_ehr(&quiet, &a, &uids, &stopped, &ehr).await;
+        assert_eq!(
+            ehr.searches.load(std::sync::atomic::Ordering::Relaxed),
+            before
+        );
         // A paged answer settles only the studies it shows; the rest are asked alone.
         let paged = FakeEhr {
             visible: vec!["S2"],
@@ -2523,8 +2544,14 @@ user_level = "{user_level}"
             ..FakeEhr::default()
         };
         let third = principal("user/ImagingStudy.rs user/Device.rs", None);
-        pol.prefetch_ehr(&third, &a, &["S2".into(), "S3".into()], &paged)
-            .await;
+        pol.prefetch_ehr(
+            &third,
+            &a,
+            &["S2".into(), "S3".into()],
+            &StudyMemo::default(),
+            &paged,
+        )
+        .await;
         let mut memo = StudyMemo::default();
         for (u, expected) in [("S2", true), ("S3", false)] {
             let shown = pol

@@ -232,7 +232,7 @@ pub async fn search(
             .filter_map(|r| study_uid(r).or_else(|| path_study.clone()))
             .collect();
         ctx.policy
-            .prefetch_ehr(p, &allowed, &uids, &*ctx.trust)
+            .prefetch_ehr(p, &allowed, &uids, &memo, &*ctx.trust)
             .await;
         for mut r in kept {
             let study = study_uid(&r).or_else(|| path_study.clone());
