@@ -89,6 +89,11 @@ study=$(.venv/bin/python scripts/findscu-jwt.py --token "$token" --level STUDY 1
 echo "== C-GET of DEMO-A's study $study through the gateway: every instance checked on its way"
 .venv/bin/python scripts/getscu-jwt.py --token "$token" --study "$study" 127.0.0.1 11112
 echo
+echo "== a granular scope (patient/ImagingStudy.rs?started=ge2024-02): only DEMO-A's studies from February 2024 on"
+narrow=$("$bin" dev-issuer mint --issuer http://127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" \
+  --patient DEMO-A --scope "patient/ImagingStudy.rs?started=ge2024-02")
+.venv/bin/python scripts/findscu-jwt.py --token "$narrow" --level STUDY 127.0.0.1 11112
+echo
 echo "== no token: the association is rejected"
 .venv/bin/python scripts/findscu-jwt.py --level STUDY 127.0.0.1 11112 || true
 
