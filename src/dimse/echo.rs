@@ -5,7 +5,6 @@ use super::command::{self, Command};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
 use crate::policy::{Action, Decision};
 use std::time::SystemTime;
 
@@ -15,16 +14,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         .policy
         .decide(&s.principal, Action::Echo, SystemTime::now())
     {
-        audit::record(
-            "dimse",
-            s.id,
-            Some(&s.principal),
-            "C-ECHO",
-            Outcome::Denied,
-            &d.to_string(),
-        );
-        let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
-        return s.reply(pc_id, &rsp, None).await;
+        return s.refuse(pc_id, &cmd, "C-ECHO", &d).await;
     }
     if let Err(e) = s.pacs.send_message(pc_id, &cmd.raw, None).await {
         tracing::warn!(assoc = s.id, reason = %e, "cannot relay C-ECHO to the PACS");

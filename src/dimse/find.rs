@@ -65,16 +65,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let what = format!("C-FIND level={level}");
     let allowed = match decision {
         Decision::Deny(d) => {
-            audit::record(
-                "dimse",
-                s.id,
-                Some(&s.principal),
-                &what,
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
-            return s.reply(pc_id, &rsp, None).await;
+            return s.refuse(pc_id, &cmd, &what, &d).await;
         }
         Decision::Allow(a) => a,
     };

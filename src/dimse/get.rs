@@ -114,16 +114,7 @@ pub async fn authorize(
     );
     let allowed = match decision {
         Decision::Deny(d) => {
-            audit::record(
-                "dimse",
-                s.id,
-                Some(&s.principal),
-                &what,
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
-            return Err(s.reply(pc_id, &rsp, None).await);
+            return Err(s.refuse(pc_id, cmd, &what, &d).await);
         }
         Decision::Allow(a) => a,
     };

@@ -155,6 +155,27 @@ impl Session {
     }
 
     /// Sends a message to the client; a failure ends the association.
+    /// Answers a request the policy core refused: the denial goes to the audit trail, the
+    /// client gets 0124H (Refused: Not Authorized) and nothing more.
+    pub async fn refuse(
+        &mut self,
+        pc_id: u8,
+        cmd: &Command,
+        what: &str,
+        denial: &crate::policy::Denial,
+    ) -> Flow {
+        crate::audit::record(
+            "dimse",
+            self.id,
+            Some(&self.principal),
+            what,
+            crate::audit::Outcome::Denied,
+            &denial.to_string(),
+        );
+        let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
+        self.reply(pc_id, &rsp, None).await
+    }
+
     pub async fn reply(&mut self, pc_id: u8, command: &[u8], data: Option<&[u8]>) -> Flow {
         match self.client.send_message(pc_id, command, data).await {
             Ok(()) => Flow::Continue,

@@ -92,16 +92,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
             return s.abort_both().await;
         }
-        audit::record(
-            "dimse",
-            s.id,
-            Some(&s.principal),
-            &what,
-            Outcome::Denied,
-            &d.to_string(),
-        );
-        let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
-        return s.reply(pc_id, &rsp, None).await;
+        return s.refuse(pc_id, &cmd, &what, &d).await;
     }
 
     match instance::stream(&mut s.client, &mut s.pacs, pc_id, &cmd.raw, head, wait).await {
