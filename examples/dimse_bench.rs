@@ -16,7 +16,7 @@ use dicom_ul::Pdu;
 use dicom_ul::pdu::{
     AssociationRQ, PresentationContextProposed, UserIdentity, UserIdentityType, UserVariableItem,
 };
-use pacsgate::dimse::command::{self, Command};
+use pacsgate::dicom::command::{self, Command};
 use pacsgate::dimse::message::Event;
 use pacsgate::dimse::peer::{Incoming, Peer, read_pdu, write_pdu};
 use std::time::{Duration, Instant};
@@ -190,14 +190,12 @@ async fn responses(p: &mut Peer) -> Result<usize, String> {
     let mut matches = 0;
     loop {
         match p.next().await {
-            Incoming::Message(Event::Command { pc_id, bytes }) => {
-                let c = Command::decode(bytes).map_err(|e| e.to_string())?;
-                p.expect_data(pc_id, c.has_data_set());
+            Incoming::Message(Event::Command { pc_id, command: c }) => {
                 if c.has_data_set() {
                     p.collect_data(pc_id, 1 << 20, Duration::from_secs(30))
                         .await?;
                 }
-                let st = c.status().unwrap_or(0xC000);
+                let st = c.status.unwrap_or(0xC000);
                 if command::is_pending(st) {
                     matches += 1;
                 } else if st == 0 {
@@ -509,52 +507,48 @@ async fn get_study(a: &Args) -> Result<String, String> {
         PrimitiveValue::from(a.study.as_str()),
     ));
     let t = Instant::now();
-    let cmd = command::build_request(command::C_GET_RQ, 1, STUDY_GET, true, vec![]);
+    let cmd = Command::request(command::C_GET_RQ, 1, STUDY_GET, true).encode();
     p.send_message(1, &cmd, Some(&encode(&q)))
         .await
         .map_err(|e| e.to_string())?;
     let (mut total, mut n) = (0usize, 0usize);
     loop {
         match p.next().await {
-            Incoming::Message(Event::Command { pc_id, bytes }) => {
-                let c = Command::decode(bytes).map_err(|e| e.to_string())?;
-                p.expect_data(pc_id, c.has_data_set());
-                match c.field() {
-                    Some(command::C_STORE_RQ) => {
-                        loop {
-                            let (chunk, last) = pacsgate::dimse::instance::next_fragment(
-                                &mut p,
-                                pc_id,
-                                Duration::from_secs(60),
-                            )
-                            .await?;
-                            total += chunk.len();
-                            if last {
-                                break;
-                            }
-                        }
-                        n += 1;
-                        let rsp = c.response(0, None);
-                        p.send_message(pc_id, &rsp, None)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    Some(command::C_GET_RSP) => {
-                        if c.has_data_set() {
-                            p.collect_data(pc_id, 1 << 20, Duration::from_secs(60))
-                                .await?;
-                        }
-                        let st = c.status().unwrap_or(0xC000);
-                        if !command::is_pending(st) {
-                            if st != 0 {
-                                return Err(format!("C-GET final status {st:#06x}"));
-                            }
+            Incoming::Message(Event::Command { pc_id, command: c }) => match c.field {
+                command::C_STORE_RQ => {
+                    loop {
+                        let (chunk, last) = pacsgate::dimse::instance::next_fragment(
+                            &mut p,
+                            pc_id,
+                            Duration::from_secs(60),
+                        )
+                        .await?;
+                        total += chunk.len();
+                        if last {
                             break;
                         }
                     }
-                    other => return Err(format!("unexpected command {other:?}")),
+                    n += 1;
+                    let rsp = c.response(0, None).encode();
+                    p.send_message(pc_id, &rsp, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
-            }
+                command::C_GET_RSP => {
+                    if c.has_data_set() {
+                        p.collect_data(pc_id, 1 << 20, Duration::from_secs(60))
+                            .await?;
+                    }
+                    let st = c.status.unwrap_or(0xC000);
+                    if !command::is_pending(st) {
+                        if st != 0 {
+                            return Err(format!("C-GET final status {st:#06x}"));
+                        }
+                        break;
+                    }
+                }
+                other => return Err(format!("unexpected command {other:?}")),
+            },
             other => return Err(format!("unexpected {other:?}")),
         }
     }

@@ -93,6 +93,29 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     pub token_verify_timeout: Duration,
     pub http_fetch_timeout: Duration,
+    /// The deepest nesting of sequences the strict reader accepts in any data set.
+    pub max_sequence_depth: usize,
+    /// Connections that have not yet sent a complete A-ASSOCIATE-RQ, at once (a budget of
+    /// their own: silent sockets never hold association slots).
+    pub max_pending_associations: usize,
+    /// The same, from one peer address.
+    pub max_pending_per_peer: usize,
+    /// How long an HTTP client may take to send a request's headers.
+    pub http_header_timeout: Duration,
+    /// The largest request head (request line and headers) accepted.
+    pub max_http_header_bytes: usize,
+    /// HTTP connections open at once, and from one peer address.
+    pub max_http_connections: usize,
+    pub max_http_connections_per_peer: usize,
+}
+
+impl Limits {
+    /// The strict reader's bounds.
+    pub fn reader(&self) -> crate::dicom::reader::Limits {
+        crate::dicom::reader::Limits {
+            max_depth: self.max_sequence_depth,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +162,12 @@ pub struct Issuer {
     /// An ImagingStudy named in the token's launch context (`fhirContext`) restricts the
     /// token to that study.
     pub launch_context_restricts: bool,
+    /// Opaque tokens (not JWTs) are introspected here. At most one issuer has it; by default
+    /// the only `verify = "introspection"` issuer, when there is exactly one.
+    pub opaque_tokens: bool,
+    /// An introspection answer without `aud` is accepted (for authorization servers that
+    /// omit it); off by default: `aud` must name the gateway.
+    pub introspection_aud_optional: bool,
 }
 
 /// The gateway's own credentials at an issuer.
@@ -241,6 +270,13 @@ struct RawLimits {
     upstream_timeout_secs: Option<f64>,
     token_verify_timeout_secs: Option<f64>,
     http_fetch_timeout_secs: Option<f64>,
+    max_sequence_depth: Option<i64>,
+    max_pending_associations: Option<i64>,
+    max_pending_per_peer: Option<i64>,
+    http_header_timeout_secs: Option<f64>,
+    max_http_header_bytes: Option<i64>,
+    max_http_connections: Option<i64>,
+    max_http_connections_per_peer: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,6 +309,8 @@ struct RawIssuer {
     client_scope: Option<String>,
     introspection_cache_secs: Option<f64>,
     launch_context_restricts: Option<bool>,
+    opaque_tokens: Option<bool>,
+    introspection_aud_optional: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -595,7 +633,7 @@ impl Config {
             association_request_timeout: c.seconds(
                 "limits.association_request_timeout_secs",
                 l.association_request_timeout_secs,
-                10.0,
+                5.0,
             ),
             idle_timeout: c.seconds("limits.idle_timeout_secs", l.idle_timeout_secs, 300.0),
             upstream_timeout: c.seconds(
@@ -613,6 +651,53 @@ impl Config {
                 l.http_fetch_timeout_secs,
                 5.0,
             ),
+            max_sequence_depth: c.positive_int(
+                "limits.max_sequence_depth",
+                l.max_sequence_depth,
+                16,
+                1,
+                64,
+            ) as usize,
+            max_pending_associations: c.positive_int(
+                "limits.max_pending_associations",
+                l.max_pending_associations,
+                64,
+                1,
+                10_000,
+            ) as usize,
+            max_pending_per_peer: c.positive_int(
+                "limits.max_pending_per_peer",
+                l.max_pending_per_peer,
+                8,
+                1,
+                10_000,
+            ) as usize,
+            http_header_timeout: c.seconds(
+                "limits.http_header_timeout_secs",
+                l.http_header_timeout_secs,
+                10.0,
+            ),
+            max_http_header_bytes: c.positive_int(
+                "limits.max_http_header_bytes",
+                l.max_http_header_bytes,
+                65_536,
+                8_192,
+                1_048_576,
+            ) as usize,
+            max_http_connections: c.positive_int(
+                "limits.max_http_connections",
+                l.max_http_connections,
+                1024,
+                1,
+                100_000,
+            ) as usize,
+            max_http_connections_per_peer: c.positive_int(
+                "limits.max_http_connections_per_peer",
+                l.max_http_connections_per_peer,
+                256,
+                1,
+                100_000,
+            ) as usize,
         };
 
         // [pacs]
@@ -657,6 +742,7 @@ impl Config {
             );
         }
         let mut issuers = Vec::new();
+        let mut opaque_set: Vec<Option<bool>> = Vec::new();
         let mut seen_iss: HashMap<String, usize> = HashMap::new();
         for (i, ri) in raw.issuers.into_iter().enumerate() {
             let k = |f: &str| format!("issuers[{i}].{f}");
@@ -762,7 +848,44 @@ impl Config {
                     60.0,
                 ),
                 launch_context_restricts: ri.launch_context_restricts.unwrap_or(false),
+                opaque_tokens: ri.opaque_tokens.unwrap_or(false),
+                introspection_aud_optional: ri.introspection_aud_optional.unwrap_or(false),
             });
+            opaque_set.push(ri.opaque_tokens);
+        }
+        // Opaque tokens go to one issuer only, never to each in turn (an issuer would learn
+        // another's tokens and could replay them).
+        let introspecting: Vec<usize> = issuers
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.verify == VerifyMode::Introspection)
+            .map(|(n, _)| n)
+            .collect();
+        let chosen: Vec<usize> = opaque_set
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o == Some(true))
+            .map(|(n, _)| n)
+            .collect();
+        for &n in &chosen {
+            if issuers[n].verify != VerifyMode::Introspection {
+                c.problem(
+                    format!("issuers[{n}].opaque_tokens"),
+                    "needs verify = \"introspection\": an opaque token can only be checked by introspection",
+                );
+            }
+        }
+        match (chosen.as_slice(), introspecting.as_slice()) {
+            ([], [only]) if opaque_set[*only].is_none() => issuers[*only].opaque_tokens = true,
+            ([], [_, second, ..]) if opaque_set.iter().all(|o| o.is_none()) => c.problem(
+                format!("issuers[{second}].opaque_tokens"),
+                "several issuers use introspection: set opaque_tokens = true on the one that opaque (non-JWT) tokens are sent to (JWTs go to the issuer their iss names)",
+            ),
+            ([_, second, ..], _) => c.problem(
+                format!("issuers[{second}].opaque_tokens"),
+                "is set on more than one issuer; opaque tokens go to exactly one",
+            ),
+            _ => {}
         }
 
         // [patients]

@@ -6,9 +6,10 @@
 
 pub mod audit;
 pub mod config;
-pub mod dataset;
 pub mod devissuer;
+pub mod dicom;
 pub mod dimse;
+pub mod logtext;
 pub mod metrics;
 pub mod pacs;
 pub mod policy;

@@ -81,7 +81,7 @@ const MAX_IDLE_TIME: Duration = Duration::from_secs(10);
 /// A look-up association and what it needs for the next C-FIND.
 struct Conn {
     peer: crate::dimse::peer::Peer,
-    ts: &'static dicom_encoding::transfer_syntax::TransferSyntax,
+    syntax: crate::dicom::syntax::Syntax,
     next_message_id: u16,
     idle_since: Instant,
 }
@@ -120,6 +120,8 @@ pub struct PacsLookup {
     pacs: Pacs,
     our_max: u32,
     timeout: Duration,
+    /// Bounds of the strict reader, which reads every answer.
+    reader: crate::dicom::reader::Limits,
     slots: tokio::sync::Semaphore,
     idle: std::sync::Arc<Pool>,
     reaper: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -131,6 +133,7 @@ impl PacsLookup {
             pacs: cfg.pacs.clone(),
             our_max: cfg.limits.max_pdu_length,
             timeout: cfg.limits.upstream_timeout,
+            reader: cfg.limits.reader(),
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
             idle: Default::default(),
             reaper: Default::default(),
@@ -226,8 +229,6 @@ impl PacsLookup {
     /// Opens a look-up association (Study Root C-FIND only).
     async fn open(&self) -> Result<Conn, String> {
         use crate::dimse::peer::Peer;
-        use dicom_encoding::TransferSyntaxIndex;
-        use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
         use dicom_ul::pdu::{
             PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
         };
@@ -261,8 +262,7 @@ impl PacsLookup {
             .find(|r| r.id == 1 && r.reason == PresentationContextResultReason::Acceptance)
             .map(|r| r.transfer_syntax.trim_end_matches('\0').to_string())
             .ok_or("the PACS refused Study Root C-FIND")?;
-        let ts = TransferSyntaxRegistry
-            .get(&ts_uid)
+        let syntax = crate::dicom::syntax::readable(&ts_uid)
             .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
         let peer = Peer::new(
             "pacs-lookup",
@@ -272,27 +272,28 @@ impl PacsLookup {
         );
         Ok(Conn {
             peer,
-            ts,
+            syntax,
             next_message_id: 1,
             idle_since: Instant::now(),
         })
     }
 
-    /// One C-FIND on a look-up association. `Err(Transport)`: the association is unusable.
+    /// One C-FIND on a look-up association. The outer error: the association is unusable
+    /// (it is dropped); the inner one: the PACS answered, but the UID's owner is not known.
     async fn query(
         &self,
         conn: &mut Conn,
         level: UidLevel,
         uid: &str,
     ) -> Result<Result<Option<Owner>, String>, String> {
-        use crate::dimse::command::{self, Command};
+        use crate::dicom::command::{self, Command};
+        use crate::dicom::dataset::{DataSet, encode_element};
         use crate::dimse::message::Event;
         use crate::dimse::peer::Incoming;
-        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_core::VR;
         use dicom_dictionary_std::tags;
-        use dicom_object::InMemDicomObject;
 
-        let ts = conn.ts;
+        let enc = conn.syntax.encoding;
         let msg_id = conn.next_message_id;
         conn.next_message_id = conn.next_message_id.wrapping_add(1).max(1);
         let peer = &mut conn.peer;
@@ -301,111 +302,90 @@ impl PacsLookup {
             UidLevel::Series => ("SERIES", tags::SERIES_INSTANCE_UID),
             UidLevel::Instance => ("IMAGE", tags::SOP_INSTANCE_UID),
         };
-        let mut q = InMemDicomObject::new_empty();
-        q.put(DataElement::new(
-            tags::QUERY_RETRIEVE_LEVEL,
-            VR::CS,
-            PrimitiveValue::from(level_name),
-        ));
-        q.put(DataElement::new(
-            tags::PATIENT_ID,
-            VR::LO,
-            PrimitiveValue::from(""),
-        ));
-        q.put(DataElement::new(
-            tags::ISSUER_OF_PATIENT_ID,
-            VR::LO,
-            PrimitiveValue::from(""),
-        ));
-        q.put(DataElement::new(
-            tags::STUDY_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(""),
-        ));
+        // Ascending tags; the level's own key carries the UID, the rest are return keys.
+        let mut keys: Vec<(dicom_core::Tag, VR, &[u8])> = vec![
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, level_name.as_bytes()),
+            (tags::PATIENT_ID, VR::LO, b""),
+            (tags::ISSUER_OF_PATIENT_ID, VR::LO, b""),
+            (tags::STUDY_INSTANCE_UID, VR::UI, b""),
+        ];
         if level == UidLevel::Study {
             // What a study restriction (granular scopes) is judged on.
-            q.put(DataElement::new(
-                tags::MODALITIES_IN_STUDY,
-                VR::CS,
-                PrimitiveValue::from(""),
-            ));
-            q.put(DataElement::new(
-                tags::STUDY_DATE,
-                VR::DA,
-                PrimitiveValue::from(""),
-            ));
-        }
-        if level != UidLevel::Study {
-            q.put(DataElement::new(
-                tags::SERIES_INSTANCE_UID,
-                VR::UI,
-                PrimitiveValue::from(""),
-            ));
+            keys.push((tags::MODALITIES_IN_STUDY, VR::CS, b""));
+            keys.push((tags::STUDY_DATE, VR::DA, b""));
+        } else {
+            keys.push((tags::SERIES_INSTANCE_UID, VR::UI, b""));
         }
         if level == UidLevel::Instance {
-            q.put(DataElement::new(
-                tags::SOP_INSTANCE_UID,
-                VR::UI,
-                PrimitiveValue::from(""),
-            ));
+            keys.push((tags::SOP_INSTANCE_UID, VR::UI, b""));
         }
-        q.put(DataElement::new(key, VR::UI, PrimitiveValue::from(uid)));
-        let mut ident = Vec::new();
-        q.write_dataset_with_ts(&mut ident, ts)
-            .map_err(|e| e.to_string())?;
-        let cmd = command::build_request(command::C_FIND_RQ, msg_id, STUDY_ROOT_FIND, true, vec![]);
-        peer.send_message(1, &cmd, Some(&ident))
+        for k in keys.iter_mut() {
+            if k.0 == key {
+                k.2 = uid.as_bytes();
+            }
+        }
+        keys.sort_by_key(|k| k.0);
+        let ident: Vec<u8> = keys
+            .iter()
+            .flat_map(|(t, vr, v)| encode_element(enc, *t, *vr, v))
+            .collect();
+        let cmd = Command::request(command::C_FIND_RQ, msg_id, STUDY_ROOT_FIND, true);
+        peer.send_message(1, &cmd.encode(), Some(&ident))
             .await
             .map_err(|e| e.to_string())?;
 
-        let text = |o: &InMemDicomObject, t| {
-            o.get(t)
-                .and_then(|e| e.to_str().ok())
-                .map(|v| v.trim_end_matches(['\0', ' ']).to_string())
-                .filter(|v| !v.is_empty())
-        };
         let mut owners: Vec<Owner> = Vec::new();
         loop {
             match peer.next().await {
-                Incoming::Message(Event::Command { pc_id, bytes }) => {
-                    let rsp = Command::decode(bytes).map_err(|e| e.to_string())?;
+                Incoming::Message(Event::Command {
+                    pc_id,
+                    command: rsp,
+                }) => {
                     // An answer to anything but this C-FIND: the association is not to be trusted.
-                    if rsp.field() != Some(command::C_FIND_RSP)
-                        || rsp.message_id_being_responded_to() != Some(msg_id)
-                    {
+                    if rsp.field != command::C_FIND_RSP || rsp.responded_to != Some(msg_id) {
                         return Err(
                             "an answer to another request on the look-up association".into()
                         );
                     }
-                    peer.expect_data(pc_id, rsp.has_data_set());
-                    let status = rsp.status().unwrap_or(0xC000);
+                    let status = rsp.status.unwrap_or(0xC000);
                     if rsp.has_data_set() {
                         let data = peer.collect_data(pc_id, 1 << 20, self.timeout).await?;
                         if command::is_pending(status) {
-                            let o = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
-                                .map_err(|e| e.to_string())?;
+                            // An answer the strict reader refuses says nothing trustworthy.
+                            let o = match DataSet::read(&data, enc, self.reader) {
+                                Ok(o) => o,
+                                Err(v) => {
+                                    return Ok(Err(format!(
+                                        "the PACS's look-up answer is not well formed: {v}"
+                                    )));
+                                }
+                            };
+                            let text = |t| {
+                                o.text(t)
+                                    .map(|v| v.trim_matches(' ').to_string())
+                                    .filter(|v| !v.is_empty())
+                            };
+                            let first_uid = |t| o.uids(t).first().map(|u| u.to_string());
                             let owner = Owner {
                                 patient_id: o
-                                    .get(tags::PATIENT_ID)
-                                    .and_then(|e| e.to_str().ok())
-                                    .map(|v| v.into_owned())
-                                    .unwrap_or_default(),
-                                issuer: text(&o, tags::ISSUER_OF_PATIENT_ID),
-                                issuer_known: o.get(tags::ISSUER_OF_PATIENT_ID).is_some(),
-                                study_uid: text(&o, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
-                                series_uid: text(&o, tags::SERIES_INSTANCE_UID),
+                                    .text(tags::PATIENT_ID)
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                issuer: text(tags::ISSUER_OF_PATIENT_ID),
+                                issuer_known: o.contains(tags::ISSUER_OF_PATIENT_ID),
+                                study_uid: first_uid(tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+                                series_uid: first_uid(tags::SERIES_INSTANCE_UID),
                                 facts: (level == UidLevel::Study).then(|| StudyFacts {
                                     modalities: o
-                                        .get(tags::MODALITIES_IN_STUDY)
-                                        .and_then(|e| e.to_multi_str().ok())
+                                        .text(tags::MODALITIES_IN_STUDY)
                                         .map(|v| {
-                                            v.iter()
-                                                .map(|m| m.trim_matches([' ', '\0']).to_string())
+                                            v.split('\\')
+                                                .map(|m| m.trim_matches(' ').to_string())
                                                 .filter(|m| !m.is_empty())
                                                 .collect()
                                         })
                                         .unwrap_or_default(),
-                                    study_date: text(&o, tags::STUDY_DATE),
+                                    study_date: text(tags::STUDY_DATE),
                                 }),
                             };
                             // A match for another UID (PACS matching rules differ) says nothing.
@@ -413,7 +393,7 @@ impl PacsLookup {
                                 UidLevel::Study => owner.study_uid == uid,
                                 UidLevel::Series => owner.series_uid.as_deref() == Some(uid),
                                 UidLevel::Instance => {
-                                    text(&o, tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
+                                    first_uid(tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
                                 }
                             };
                             if same && owners.len() < 16 {

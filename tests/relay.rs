@@ -18,8 +18,9 @@ use dicom_ul::pdu::{
 use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevIssuer, DevKey, MintRequest};
+use pacsgate::dicom::command;
 use pacsgate::dimse::{
-    self, command,
+    self,
     message::Event,
     peer::{Incoming, Peer, read_pdu, write_pdu},
 };
@@ -100,7 +101,15 @@ const SC: &str = "1.2.840.10008.5.1.4.1.1.7";
 const STUDY_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 fn get_rsp(msg_id: u16, status: u16) -> Vec<u8> {
-    command::build_response(0x8010, msg_id, Some(STUDY_GET), status, None)
+    command::Command {
+        field: command::C_GET_RSP,
+        responded_to: Some(msg_id),
+        affected_sop_class: Some(STUDY_GET.into()),
+        data_set_type: command::NO_DATA_SET,
+        status: Some(status),
+        ..Default::default()
+    }
+    .encode()
 }
 
 /// A small instance data set of a patient.
@@ -224,21 +233,22 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
             let mut msg_id = 0;
             loop {
                 match peer.next().await {
-                    Incoming::Message(Event::Command { pc_id, bytes }) => {
-                        let cmd = command::Command::decode(bytes).unwrap();
-                        peer.expect_data(pc_id, cmd.has_data_set());
-                        match cmd.field() {
-                            Some(command::C_ECHO_RQ) => {
-                                let r = cmd.response(0, None);
+                    Incoming::Message(Event::Command {
+                        pc_id,
+                        command: cmd,
+                    }) => {
+                        match cmd.field {
+                            command::C_ECHO_RQ => {
+                                let r = cmd.response(0, None).encode();
                                 peer.send_message(pc_id, &r, None).await.unwrap();
                             }
-                            Some(command::C_CANCEL_RQ) => {
+                            command::C_CANCEL_RQ => {
                                 seen.lock().unwrap().cancels += 1;
                                 let r = find_rsp(msg_id, 0xFE00, false);
                                 peer.send_message(pc_id, &r, None).await.unwrap();
                             }
-                            Some(command::C_FIND_RQ) => {
-                                msg_id = cmd.message_id().unwrap();
+                            command::C_FIND_RQ => {
+                                msg_id = cmd.message_id.unwrap();
                                 let data = peer
                                     .collect_data(pc_id, 1 << 20, Duration::from_secs(5))
                                     .await
@@ -326,8 +336,8 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                         .unwrap();
                                 }
                             }
-                            Some(command::C_GET_RQ) => {
-                                msg_id = cmd.message_id().unwrap();
+                            command::C_GET_RQ => {
+                                msg_id = cmd.message_id.unwrap();
                                 peer.collect_data(pc_id, 1 << 20, Duration::from_secs(5))
                                     .await
                                     .unwrap();
@@ -339,37 +349,34 @@ async fn fake_pacs(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>
                                 };
                                 for (n, pid) in pids.iter().enumerate() {
                                     let inst = instance(pid, &format!("9.{n}"));
-                                    let cmd = command::build_request(
+                                    let mut c = command::Command::request(
                                         command::C_STORE_RQ,
                                         100 + n as u16,
                                         SC,
                                         true,
-                                        vec![DataElement::new(
-                                            tags::AFFECTED_SOP_INSTANCE_UID,
-                                            VR::UI,
-                                            PrimitiveValue::from(format!("9.{n}")),
-                                        )],
                                     );
+                                    c.affected_sop_instance = Some(format!("9.{n}"));
+                                    let cmd = c.encode();
                                     peer.send_message(spc, &cmd, Some(&inst)).await.unwrap();
                                     // the gateway's answer for this sub-operation
                                     match peer.next().await {
-                                        Incoming::Message(Event::Command { pc_id: rpc, bytes }) => {
-                                            let r = command::Command::decode(bytes).unwrap();
-                                            peer.expect_data(rpc, false);
+                                        Incoming::Message(Event::Command {
+                                            command: r, ..
+                                        }) => {
                                             seen.lock()
                                                 .unwrap()
                                                 .sub_statuses
-                                                .push(r.status().unwrap());
+                                                .push(r.status.unwrap());
                                         }
                                         _ => return,
                                     }
                                 }
                                 if script == Script::GetCancel {
                                     match peer.next().await {
-                                        Incoming::Message(Event::Command { pc_id: cpc, bytes }) => {
-                                            let c = command::Command::decode(bytes).unwrap();
-                                            peer.expect_data(cpc, false);
-                                            assert_eq!(c.field(), Some(command::C_CANCEL_RQ));
+                                        Incoming::Message(Event::Command {
+                                            command: c, ..
+                                        }) => {
+                                            assert_eq!(c.field, command::C_CANCEL_RQ);
                                             seen.lock().unwrap().cancels += 1;
                                             peer.send_message(
                                                 pc_id,
@@ -568,8 +575,9 @@ async fn next_response(
                         PDataValueType::Command => {
                             cmd.extend(v.data);
                             if v.is_last {
-                                let c = command::Command::decode(std::mem::take(&mut cmd)).unwrap();
-                                let st = c.status().unwrap();
+                                let c =
+                                    command::Command::decode(&std::mem::take(&mut cmd)).unwrap();
+                                let st = c.status.unwrap();
                                 if !c.has_data_set() {
                                     return (st, None);
                                 }
@@ -859,7 +867,7 @@ async fn run_get(a: &mut AsyncClientAssociation<TcpStream>, cancel: bool) -> (Ve
         VR::UI,
         PrimitiveValue::from("1.1"),
     ));
-    let cmd = command::build_request(command::C_GET_RQ, 5, STUDY_GET, true, vec![]);
+    let cmd = command::Command::request(command::C_GET_RQ, 5, STUDY_GET, true).encode();
     let one = |pc: u8, t: PDataValueType, data: Vec<u8>| Pdu::PData {
         data: vec![PDataValue {
             presentation_context_id: pc,
@@ -888,11 +896,9 @@ async fn run_get(a: &mut AsyncClientAssociation<TcpStream>, cancel: bool) -> (Ve
                     if !v.is_last {
                         continue;
                     }
-                    let c = command::Command::decode(std::mem::take(&mut cmd_buf)).unwrap();
-                    if c.field() == Some(command::C_GET_RSP)
-                        && !command::is_pending(c.status().unwrap())
-                    {
-                        return (got, c.status().unwrap());
+                    let c = command::Command::decode(&std::mem::take(&mut cmd_buf)).unwrap();
+                    if c.field == command::C_GET_RSP && !command::is_pending(c.status.unwrap()) {
+                        return (got, c.status.unwrap());
                     }
                     if c.has_data_set() {
                         pending = Some(c);
@@ -921,7 +927,7 @@ async fn run_get(a: &mut AsyncClientAssociation<TcpStream>, cancel: bool) -> (Ve
                     a.send(&one(
                         v.presentation_context_id,
                         PDataValueType::Command,
-                        c.response(0, None),
+                        c.response(0, None).encode(),
                     ))
                     .await
                     .unwrap();

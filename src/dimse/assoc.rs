@@ -9,8 +9,8 @@
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
     AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
-    AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
-    UserIdentityType, UserVariableItem,
+    AssociationRJSource, AssociationRQ, PresentationContextProposed, PresentationContextResult,
+    PresentationContextResultReason, UserIdentityType, UserVariableItem,
 };
 use std::collections::HashMap;
 
@@ -131,12 +131,32 @@ pub fn upstream_request(
             _ => {}
         }
     }
+    // Only transfer syntaxes the strict reader decodes are offered: an instance in any other
+    // could not be judged (a deflated stream would be read as another syntax). A context left
+    // with none is not proposed, and the client is told its syntaxes are not supported.
+    let presentation_contexts = rq
+        .presentation_contexts
+        .iter()
+        .filter_map(|pc| {
+            let readable: Vec<String> = pc
+                .transfer_syntaxes
+                .iter()
+                .filter(|t| crate::dicom::syntax::readable(t).is_some())
+                .cloned()
+                .collect();
+            (!readable.is_empty()).then(|| PresentationContextProposed {
+                id: pc.id,
+                abstract_syntax: pc.abstract_syntax.clone(),
+                transfer_syntaxes: readable,
+            })
+        })
+        .collect();
     AssociationRQ {
         protocol_version: 1,
         calling_ae_title: calling.to_string(),
         called_ae_title: called.to_string(),
         application_context_name: rq.application_context_name.clone(),
-        presentation_contexts: rq.presentation_contexts.clone(),
+        presentation_contexts,
         user_variables,
     }
 }
@@ -166,9 +186,23 @@ pub fn downstream_accept(
             .presentation_contexts
             .iter()
             .find(|r| r.id == proposed.id);
+        let readable = proposed
+            .transfer_syntaxes
+            .iter()
+            .any(|t| crate::dicom::syntax::readable(t).is_some());
         let result = match up {
+            _ if !readable => PresentationContextResult {
+                id: proposed.id,
+                reason: PresentationContextResultReason::TransferSyntaxesNotSupported,
+                transfer_syntax: proposed
+                    .transfer_syntaxes
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+            },
             Some(r)
                 if r.reason == PresentationContextResultReason::Acceptance
+                    && crate::dicom::syntax::readable(&r.transfer_syntax).is_some()
                     && proposed
                         .transfer_syntaxes
                         .iter()
@@ -304,7 +338,7 @@ pub fn reject(r: Refusal) -> AssociationRJ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dicom_ul::pdu::{PresentationContextProposed, RequestorRoles, UserIdentity};
+    use dicom_ul::pdu::{RequestorRoles, UserIdentity};
 
     const FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
     const ELE: &str = "1.2.840.10008.1.2.1";

@@ -1,10 +1,10 @@
 //! C-ECHO through the gateway: allowed for any principal whose token is still valid, and relayed
 //! to the PACS so that success means the whole path works.
 
-use super::command::{self, Command};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
+use crate::dicom::command::{self, Command};
 use crate::policy::{Action, Decision};
 use std::time::SystemTime;
 
@@ -16,24 +16,18 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     {
         return s.refuse(pc_id, &cmd, "C-ECHO", &d).await;
     }
-    if let Err(e) = s.pacs.send_message(pc_id, &cmd.raw, None).await {
+    if let Err(e) = s.pacs.send_message(pc_id, &cmd.encode(), None).await {
         tracing::warn!(assoc = s.id, reason = %e, "cannot relay C-ECHO to the PACS");
         let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
         s.reply(pc_id, &rsp, None).await;
         return s.abort_both().await;
     }
     match s.pacs_next().await {
-        Some(Incoming::Message(Event::Command { pc_id: pc, bytes })) if pc == pc_id => {
-            match Command::decode(bytes) {
-                Ok(rsp) if rsp.field() == Some(command::C_ECHO_RSP) && !rsp.has_data_set() => {
-                    s.pacs.expect_data(pc, false);
-                    s.reply(pc_id, &rsp.raw, None).await
-                }
-                _ => {
-                    s.protocol_violation("pacs", "unexpected answer to C-ECHO")
-                        .await
-                }
-            }
+        Some(Incoming::Message(Event::Command {
+            pc_id: pc,
+            command: rsp,
+        })) if pc == pc_id && rsp.field == command::C_ECHO_RSP && !rsp.has_data_set() => {
+            s.reply(pc_id, &rsp, None).await
         }
         Some(_) => {
             s.protocol_violation("pacs", "unexpected answer to C-ECHO")

@@ -1,67 +1,60 @@
 //! C-FIND through the gateway (Patient Root and Study Root, every level).
 //!
-//! The policy core decides how the identifier is narrowed; this file applies it: PatientID is set
-//! to the value the decision names (added as a key when the caller did not send one, and then
-//! stripped from what the caller gets back), the query goes to the PACS, and every pending
-//! response is checked against the decision's patient filter before it is relayed: a response
-//! for another patient is dropped and recorded as an anomaly. Under a study restriction the
-//! Study Instance UID is asked for too (and stripped when added), and each match's study is put
-//! to the policy core's study gate; matches outside are withheld. C-CANCEL is relayed.
+//! The identifier is read strictly (a malformed one is A900H and never reaches the PACS). The
+//! policy core decides how it is narrowed; this file applies it: PatientID is set to the value
+//! the decision names (added as a key when the caller did not send one, and then stripped from
+//! what the caller gets back), the query goes to the PACS, and every pending response is read
+//! strictly and checked against the decision's patient filter before it is relayed: a response
+//! for another patient, or one that cannot be read unambiguously, is dropped and recorded as an
+//! anomaly. Under a study restriction the Study Instance UID is asked for too (and stripped when
+//! added), and each match's study is put to the policy core's study gate; matches outside are
+//! withheld. C-CANCEL is relayed.
 
-use super::command::{self, Command};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
+use crate::dicom::command::{self, Command};
+use crate::dicom::dataset::{DataSet, Edit};
+use crate::dicom::reader::Encoding;
+use crate::dicom::values;
 use crate::policy::{
     Action, Allowed, Decision, EHR_BATCH, ResultStudy, StudyFacts, StudyGate, StudyMemo,
 };
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::TransferSyntax;
-use dicom_object::InMemDicomObject;
 use std::time::SystemTime;
 
 /// Patient-level counts (Number of Patient Related Studies, Series, Instances).
-const PATIENT_COUNTS: [dicom_core::Tag; 3] = [
-    dicom_core::Tag(0x0020, 0x1200),
-    dicom_core::Tag(0x0020, 0x1202),
-    dicom_core::Tag(0x0020, 0x1204),
+const PATIENT_COUNTS: [Tag; 3] = [
+    Tag(0x0020, 0x1200),
+    Tag(0x0020, 0x1202),
+    Tag(0x0020, 0x1204),
 ];
 
-fn patient_id_of(obj: &InMemDicomObject) -> Option<String> {
-    obj.get(tags::PATIENT_ID)
-        .map(|e| e.to_str().map(|s| s.into_owned()).unwrap_or_default())
-}
-
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
-    let (identifier, ts) = match s.read_identifier(pc_id, &cmd).await {
+    let (identifier, syntax) = match s.read_identifier(pc_id, &cmd).await {
         Ok(x) => x,
         Err(flow) => return flow,
     };
-    let mut query = match InMemDicomObject::read_dataset_with_ts(&identifier[..], ts) {
-        Ok(o) => o,
-        Err(_) => {
-            let rsp = cmd.response(
-                command::STATUS_IDENTIFIER_MISMATCH,
-                Some("identifier cannot be parsed"),
-            );
-            return s.reply(pc_id, &rsp, None).await;
-        }
+    let limits = s.ctx.cfg.limits.reader();
+    let query = match DataSet::read(&identifier, syntax.encoding, limits) {
+        Ok(q) => q,
+        Err(v) => return s.bad_identifier(pc_id, &cmd, &v).await,
     };
-    let requested = patient_id_of(&query);
+    let requested = query.text(tags::PATIENT_ID);
     let decision = s.ctx.policy.decide(
         &s.principal,
         Action::Query {
-            patient_id: requested.as_deref(),
+            patient_id: requested,
         },
         SystemTime::now(),
     );
     let level = query
-        .get(tags::QUERY_RETRIEVE_LEVEL)
-        .and_then(|e| e.to_str().ok())
-        .map(|l| l.trim().to_string())
-        .unwrap_or_default();
+        .text(tags::QUERY_RETRIEVE_LEVEL)
+        .map(values::trim_text)
+        .unwrap_or_default()
+        .to_string();
     let what = format!("C-FIND level={level}");
     let allowed = match decision {
         Decision::Deny(d) => {
@@ -86,18 +79,15 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let gated = !matches!(allowed.studies, StudyGate::Open);
     // A match's facts are trusted only when the caller did not match on them: a PACS may echo
     // a matching value back instead of the study's own.
-    let unmatched = |t| {
-        query
-            .get(t)
-            .is_none_or(|e| e.to_str().map(|v| v.trim().is_empty()).unwrap_or(false))
-    };
+    let unmatched = |t| !query.contains(t) || query.is_empty(t);
     // A timezone offset in the query may shift the dates the PACS answers with.
     let study_facts = level == "STUDY"
         && allowed.wants_study_facts()
         && unmatched(tags::MODALITIES_IN_STUDY)
         && unmatched(tags::STUDY_DATE)
-        && query.get(tags::TIMEZONE_OFFSET_FROM_UTC).is_none();
+        && !query.contains(tags::TIMEZONE_OFFSET_FROM_UTC);
     let mut added: Vec<Tag> = Vec::new();
+    let mut edits: Vec<Edit<'_>> = Vec::new();
     for (tag, vr, wanted) in [
         (
             tags::PATIENT_ID,
@@ -117,15 +107,14 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         (tags::MODALITIES_IN_STUDY, VR::CS, study_facts),
         (tags::STUDY_DATE, VR::DA, study_facts),
     ] {
-        if wanted && query.get(tag).is_none() {
+        if wanted && !query.contains(tag) {
             added.push(tag);
             if tag != tags::PATIENT_ID {
-                query.put(DataElement::new(tag, vr, PrimitiveValue::from("")));
+                edits.push(Edit::Set(tag, vr, b""));
             }
         }
     }
-    let keys_added = added.iter().any(|t| *t != tags::PATIENT_ID);
-    let mut queries = Vec::new();
+    let keys_added = !edits.is_empty();
     let pids: Vec<Option<&str>> = if allowed.query_patient_ids.is_empty() {
         vec![None]
     } else {
@@ -135,34 +124,32 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             .map(|p| Some(p.as_str()))
             .collect()
     };
+    let mut queries = Vec::new();
     for pid in pids {
-        if !keys_added && (pid.is_none() || requested.as_deref() == pid) {
+        // The bytes relayed unchanged are the bytes the strict reader judged.
+        if !keys_added && (pid.is_none() || requested == pid) {
             queries.push(identifier.clone());
             continue;
         }
+        let mut e: Vec<Edit<'_>> = edits
+            .iter()
+            .map(|x| match x {
+                Edit::Set(t, v, b) => Edit::Set(*t, *v, b),
+                Edit::Remove(t) => Edit::Remove(*t),
+            })
+            .collect();
         if let Some(pid) = pid {
-            query.put(DataElement::new(
-                tags::PATIENT_ID,
-                VR::LO,
-                PrimitiveValue::from(pid),
-            ));
+            e.push(Edit::Set(tags::PATIENT_ID, VR::LO, pid.as_bytes()));
         }
-        let mut out = Vec::with_capacity(identifier.len() + 32);
-        if query.write_dataset_with_ts(&mut out, ts).is_err() {
-            let rsp = cmd.response(
-                command::STATUS_UNABLE_TO_PROCESS,
-                Some("identifier cannot be encoded"),
-            );
-            return s.reply(pc_id, &rsp, None).await;
-        }
-        queries.push(out);
+        queries.push(query.rewrite(&e));
     }
     let n = queries.len();
     let mut memo = StudyMemo::default();
+    let upstream_cmd = cmd.encode();
     for (k, upstream_identifier) in queries.into_iter().enumerate() {
         if let Err(e) = s
             .pacs
-            .send_message(pc_id, &cmd.raw, Some(&upstream_identifier))
+            .send_message(pc_id, &upstream_cmd, Some(&upstream_identifier))
             .await
         {
             tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
@@ -172,7 +159,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             allowed: &allowed,
             strip: &added,
             study_facts,
-            ts,
+            encoding: syntax.encoding,
             last: k + 1 == n,
             pc_id,
         };
@@ -198,10 +185,19 @@ struct Pass<'a> {
     strip: &'a [Tag],
     /// Matches are studies carrying ModalitiesInStudy and StudyDate to be judged on.
     study_facts: bool,
-    ts: &'static TransferSyntax,
+    encoding: Encoding,
     /// The last of the operation's queries: its final response goes to the client.
     last: bool,
     pc_id: u8,
+}
+
+/// A match admitted for its patient, waiting for its study to be judged and to be relayed.
+struct HeldMatch {
+    rsp: Command,
+    data: Vec<u8>,
+    study: Option<String>,
+    facts: Option<StudyFacts>,
+    counts: bool,
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
@@ -212,8 +208,9 @@ async fn relay_responses(
     pass: Pass<'_>,
     memo: &mut StudyMemo,
 ) -> Step {
-    let (allowed, ts, last) = (pass.allowed, pass.ts, pass.last);
+    let (allowed, last) = (pass.allowed, pass.last);
     let limits = s.ctx.cfg.limits.clone();
+    let reader_limits = limits.reader();
     let mut counts = Counts::default();
     let mut held = Held::default();
     let batching = allowed.asks_ehr();
@@ -248,17 +245,16 @@ async fn relay_responses(
             },
             c = s.client.next() => {
                 match c {
-                    Incoming::Message(Event::Command { pc_id: cpc, bytes }) => {
-                        match Command::decode(bytes) {
-                            Ok(cancel) if cancel.field() == Some(command::C_CANCEL_RQ) && cpc == pc_id => {
-                                s.client.expect_data(cpc, false);
-                                if s.pacs.send_message(pc_id, &cancel.raw, None).await.is_err() {
-                                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
-                                }
-                                continue;
-                            }
-                            _ => return Step::Done(s.protocol_violation("client", "new request while a C-FIND is running").await),
+                    Incoming::Message(Event::Command { pc_id: cpc, command: cancel })
+                        if cancel.field == command::C_CANCEL_RQ && cpc == pc_id =>
+                    {
+                        if s.pacs.send_message(pc_id, &cancel.encode(), None).await.is_err() {
+                            return Step::Done(fail_upstream(s, pc_id, cmd).await);
                         }
+                        continue;
+                    }
+                    Incoming::Message(_) => {
+                        return Step::Done(s.protocol_violation("client", "new request while a C-FIND is running").await);
                     }
                     Incoming::Abort | Incoming::Gone(_) => {
                         tracing::info!(assoc = s.id, "client left during C-FIND");
@@ -269,8 +265,11 @@ async fn relay_responses(
                 }
             }
         };
-        let (rpc, bytes) = match incoming {
-            Incoming::Message(Event::Command { pc_id: rpc, bytes }) => (rpc, bytes),
+        let (rpc, mut rsp) = match incoming {
+            Incoming::Message(Event::Command {
+                pc_id: rpc,
+                command,
+            }) => (rpc, command),
             Incoming::Abort | Incoming::Gone(_) | Incoming::ReleaseRq | Incoming::ReleaseRp => {
                 tracing::warn!(assoc = s.id, "PACS went away during C-FIND");
                 return Step::Done(fail_upstream(s, pc_id, cmd).await);
@@ -282,17 +281,13 @@ async fn relay_responses(
                 );
             }
         };
-        let rsp = match Command::decode(bytes) {
-            Ok(r) if r.field() == Some(command::C_FIND_RSP) && rpc == pc_id => r,
-            _ => {
-                return Step::Done(
-                    s.protocol_violation("pacs", "unexpected message during C-FIND")
-                        .await,
-                );
-            }
-        };
-        s.pacs.expect_data(rpc, rsp.has_data_set());
-        let status = rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
+        if rsp.field != command::C_FIND_RSP || rpc != pc_id {
+            return Step::Done(
+                s.protocol_violation("pacs", "unexpected message during C-FIND")
+                    .await,
+            );
+        }
+        let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
         let data = if rsp.has_data_set() {
             match s
                 .pacs
@@ -346,19 +341,17 @@ async fn relay_responses(
                     Some(&s.principal),
                     "C-FIND",
                     Outcome::Anomaly,
-                    &format!("{dropped} PACS match(es) for other patients were withheld"),
+                    &format!(
+                        "{dropped} PACS match(es) for other patients (or unreadable) were withheld"
+                    ),
                 );
             }
             // A final response never carries a match; any data set it has is withheld.
-            let out = if rsp.has_data_set() {
-                rsp.without_data_set()
-            } else {
-                rsp.raw
-            };
+            rsp.data_set_type = command::NO_DATA_SET;
             if !last && status == command::STATUS_SUCCESS {
                 return Step::Next;
             }
-            return Step::Done(s.reply(pc_id, &out, None).await);
+            return Step::Done(s.reply(pc_id, &rsp, None).await);
         }
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is (after any
@@ -366,39 +359,23 @@ async fn relay_responses(
             if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
                 return Step::Done(Flow::End);
             }
-            if let Flow::End = s.relay_to_client(pc_id, &rsp.raw, None).await {
+            if let Flow::End = s.relay_to_client(pc_id, &rsp, None).await {
                 return Step::Done(Flow::End);
             }
             continue;
         };
-        // Where the issuer counts, a match must say it (an empty value says "none"): a PACS
-        // that leaves the key out says nothing, and the match is withheld.
-        let issuer = if allowed.filter.compares_issuer() {
-            match crate::dataset::top_level_text(&data, ts, tags::ISSUER_OF_PATIENT_ID) {
-                Ok(Some(i)) => Ok(Some(i)),
-                _ => Err(()),
-            }
-        } else {
-            Ok(None)
-        };
-        let admitted = match (crate::dataset::patient_id(&data, ts), issuer) {
-            (Ok(pid), Ok(issuer)) => allowed.filter.admits(pid.as_deref(), issuer.as_deref()),
-            _ => false,
-        };
-        if !admitted {
+        let Some(m) = judge_patient(&pass, reader_limits, *rsp, data) else {
             counts.dropped += 1;
             tracing::warn!(
                 assoc = s.id,
-                "PACS returned a C-FIND match for another patient (or none); withheld"
+                "PACS returned a C-FIND match for another patient (or none, or unreadable); withheld"
             );
             continue;
-        }
-        held.bytes += data.len();
-        held.matches.push((rsp.raw, data));
-        // Under ehr-check a batch of matches is judged together (one EHR search for all of
-        // them); otherwise, and whenever the PACS has nothing more at hand, matches go on now.
-        // Under ehr-check matches gather (up to a batch) while the PACS has more at hand; the
-        // loop's top relays them as soon as it has not.
+        };
+        held.bytes += m.data.len();
+        held.matches.push(m);
+        // Under ehr-check matches gather (up to a batch) while the PACS has more at hand, so
+        // one EHR search judges them all; the loop's top relays them as soon as it has not.
         let flush = !batching || held.matches.len() >= EHR_BATCH || held.bytes >= MAX_HELD_BYTES;
         if flush && let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
             return Step::Done(Flow::End);
@@ -406,18 +383,64 @@ async fn relay_responses(
     }
 }
 
+/// Reads a match strictly and checks its patient (and issuer, where it counts: a match must
+/// say it, an empty value saying "none"). `None`: withheld.
+fn judge_patient(
+    pass: &Pass<'_>,
+    limits: crate::dicom::reader::Limits,
+    rsp: Command,
+    data: Vec<u8>,
+) -> Option<HeldMatch> {
+    let allowed = pass.allowed;
+    let m = DataSet::read(&data, pass.encoding, limits).ok()?;
+    let issuer = if allowed.filter.compares_issuer() {
+        Some(m.text(tags::ISSUER_OF_PATIENT_ID)?)
+    } else {
+        None
+    };
+    if !allowed.filter.admits(m.text(tags::PATIENT_ID), issuer) {
+        return None;
+    }
+    let gated = !matches!(allowed.studies, StudyGate::Open);
+    let study = m
+        .uids(tags::STUDY_INSTANCE_UID)
+        .first()
+        .map(|u| u.to_string());
+    let facts = (gated && pass.study_facts).then(|| StudyFacts {
+        modalities: m
+            .text(tags::MODALITIES_IN_STUDY)
+            .map(|v| {
+                v.split('\\')
+                    .map(|x| x.trim_matches(' ').to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        study_date: m.text(tags::STUDY_DATE).map(str::to_string),
+    });
+    // Patient-wide counts would tell of studies outside the restriction.
+    let counts = gated && PATIENT_COUNTS.iter().any(|t| m.contains(*t));
+    Some(HeldMatch {
+        rsp,
+        study,
+        facts,
+        counts,
+        data,
+    })
+}
+
 /// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
 /// since the upstream one is in an unknown state.
 async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
     let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp, None).await;
+    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
     s.abort_both().await
 }
 
 /// Matches a study gate has yet to judge, held for one batched EHR search.
 #[derive(Default)]
 struct Held {
-    matches: Vec<(Vec<u8>, Vec<u8>)>,
+    matches: Vec<HeldMatch>,
     bytes: usize,
 }
 
@@ -451,93 +474,55 @@ async fn relay_held(
     let Pass {
         allowed,
         strip,
-        study_facts,
-        ts,
+        encoding,
         pc_id,
         ..
     } = *pass;
     let ctx = s.ctx.clone();
     let gated = !matches!(allowed.studies, StudyGate::Open);
     if allowed.asks_ehr() {
-        let uids: Vec<String> = matches
-            .iter()
-            .filter_map(|(_, data)| {
-                crate::dataset::top_level_text(data, ts, tags::STUDY_INSTANCE_UID)
-                    .ok()
-                    .flatten()
-                    .map(|u| u.trim_end_matches(['\0', ' ']).to_string())
-            })
-            .collect();
+        let uids: Vec<String> = matches.iter().filter_map(|m| m.study.clone()).collect();
         ctx.policy
             .prefetch_ehr(&s.principal, allowed, &uids, memo, &*ctx.trust)
             .await;
     }
-    for (raw, data) in matches {
-        if gated {
-            let text = |t| crate::dataset::top_level_text(&data, ts, t).ok().flatten();
-            let study = text(tags::STUDY_INSTANCE_UID);
-            let facts = study_facts.then(|| StudyFacts {
-                modalities: text(tags::MODALITIES_IN_STUDY)
-                    .map(|m| {
-                        m.split('\\')
-                            .map(|x| x.trim_matches([' ', '\0']).to_string())
-                            .filter(|x| !x.is_empty())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                study_date: text(tags::STUDY_DATE),
-            });
-            if !ctx
+    for m in matches {
+        if gated
+            && !ctx
                 .policy
                 .admits_result(
                     &s.principal,
                     allowed,
                     ResultStudy {
-                        uid: study.as_deref(),
-                        facts: facts.as_ref(),
+                        uid: m.study.as_deref(),
+                        facts: m.facts.as_ref(),
                     },
                     memo,
                     &*ctx.lookup,
                     &*ctx.trust,
                 )
                 .await
-            {
-                counts.outside += 1;
-                continue;
-            }
+        {
+            counts.outside += 1;
+            continue;
         }
-        // Patient-wide counts would tell of studies outside the restriction.
-        let strip_counts = gated
-            && PATIENT_COUNTS
-                .iter()
-                .any(|t| matches!(crate::dataset::top_level_text(&data, ts, *t), Ok(Some(_))));
-        let out = if !strip.is_empty() || strip_counts {
-            let stripped = InMemDicomObject::read_dataset_with_ts(&data[..], ts)
-                .ok()
-                .and_then(|mut obj| {
-                    for t in strip {
-                        obj.remove_element(*t);
-                    }
-                    if strip_counts {
-                        for t in PATIENT_COUNTS {
-                            obj.remove_element(t);
-                        }
-                    }
-                    let mut out = Vec::with_capacity(data.len());
-                    obj.write_dataset_with_ts(&mut out, ts).ok().map(|_| out)
-                });
-            match stripped {
-                Some(out) => out,
-                None => {
+        let out = if !strip.is_empty() || m.counts {
+            let mut edits: Vec<Edit<'_>> = strip.iter().map(|t| Edit::Remove(*t)).collect();
+            if m.counts {
+                edits.extend(PATIENT_COUNTS.iter().map(|t| Edit::Remove(*t)));
+            }
+            match DataSet::read(&m.data, encoding, ctx.cfg.limits.reader()) {
+                Ok(ds) => ds.rewrite(&edits),
+                Err(_) => {
                     counts.dropped += 1;
                     continue;
                 }
             }
         } else {
-            data
+            m.data
         };
         counts.relayed += 1;
-        if let Flow::End = s.relay_to_client(pc_id, &raw, Some(&out)).await {
+        if let Flow::End = s.relay_to_client(pc_id, &m.rsp, Some(&out)).await {
             return Flow::End;
         }
     }

@@ -1,29 +1,29 @@
 //! C-GET through the gateway.
 //!
-//! The policy core resolves every UID of the identifier against the PACS before anything
-//! moves; a request touching a foreign or unknown UID is refused with 0124H. Allowed requests go
-//! to the PACS, whose C-STORE sub-operations arrive on the same association and are relayed to
-//! the client on its association as they arrive (streamed), each checked once more against the
-//! caller's patient: an instance of another patient is refused toward the PACS (so it counts as
-//! a failed sub-operation) and never reaches the client. Pending and final C-GET responses are
-//! the PACS's, so the counts are its own. C-CANCEL is relayed.
+//! The identifier is read strictly; the policy core resolves every UID of it against the PACS
+//! before anything moves; a request touching a foreign or unknown UID is refused with 0124H.
+//! Allowed requests go to the PACS, whose C-STORE sub-operations arrive on the same association
+//! and are relayed to the client on its association as they arrive (streamed, every fragment
+//! read by the strict reader), each checked once more: an instance of another patient, or one
+//! the request did not name, is refused toward the PACS and never reaches the client, and the
+//! retrieval goes on with the rest. The counts in the C-GET responses are those the gateway saw
+//! answered (a withheld instance counts as failed). C-CANCEL is relayed.
 
-use super::command::{self, Command};
 use super::instance::{self, HeadError, StreamError};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
-use crate::policy::{Allowed, Decision, RetrieveRequest, UidLevel};
-use dicom_core::{DataElement, PrimitiveValue, VR};
+use crate::dicom::command::{self, Command, Service};
+use crate::dicom::dataset::{DataSet, Edit};
+use crate::dicom::values;
+use crate::policy::{Allowed, Decision, InstanceId, RetrieveRequest, UidLevel};
+use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::TransferSyntax;
-use dicom_object::InMemDicomObject;
 use std::time::SystemTime;
 
 /// What a retrieval identifier (C-GET or C-MOVE) asks for.
 pub struct Retrieval {
-    pub identifier: InMemDicomObject,
     pub level_name: String,
     pub level: Option<UidLevel>,
     pub patient_id: Option<String>,
@@ -32,25 +32,10 @@ pub struct Retrieval {
     pub instance_uids: Vec<String>,
 }
 
-fn uid_list(o: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<String> {
-    o.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|v| {
-            v.split('\\')
-                .map(|u| u.trim_matches(['\0', ' ']).to_string())
-                .filter(|u| !u.is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Parses a retrieval identifier; `None` when it cannot be read or names no valid level.
-pub fn parse_retrieval(bytes: &[u8], ts: &TransferSyntax) -> Option<Retrieval> {
-    let identifier = InMemDicomObject::read_dataset_with_ts(bytes, ts).ok()?;
-    let level_name = identifier
-        .get(tags::QUERY_RETRIEVE_LEVEL)
-        .and_then(|e| e.to_str().ok())
-        .map(|l| l.trim_matches(['\0', ' ']).to_string())?;
+/// Reads what a strictly read retrieval identifier asks for; `None` when it names no valid
+/// level.
+pub fn parse_retrieval(identifier: &DataSet<'_>) -> Option<Retrieval> {
+    let level_name = values::trim_text(identifier.text(tags::QUERY_RETRIEVE_LEVEL)?).to_string();
     let level = match level_name.as_str() {
         "PATIENT" => None,
         "STUDY" => Some(UidLevel::Study),
@@ -58,43 +43,51 @@ pub fn parse_retrieval(bytes: &[u8], ts: &TransferSyntax) -> Option<Retrieval> {
         "IMAGE" => Some(UidLevel::Instance),
         _ => return None,
     };
+    let owned = |tag| {
+        identifier
+            .uids(tag)
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
     Some(Retrieval {
-        patient_id: identifier
-            .get(tags::PATIENT_ID)
-            .map(|e| e.to_str().map(|s| s.into_owned()).unwrap_or_default()),
-        study_uids: uid_list(&identifier, tags::STUDY_INSTANCE_UID),
-        series_uids: uid_list(&identifier, tags::SERIES_INSTANCE_UID),
-        instance_uids: uid_list(&identifier, tags::SOP_INSTANCE_UID),
-        identifier,
+        patient_id: identifier.text(tags::PATIENT_ID).map(str::to_string),
+        study_uids: owned(tags::STUDY_INSTANCE_UID),
+        series_uids: owned(tags::SERIES_INSTANCE_UID),
+        instance_uids: owned(tags::SOP_INSTANCE_UID),
         level_name,
         level,
     })
 }
 
 /// Reads a retrieval identifier and asks the policy core. On refusal the client has been
-/// answered (with `refusal_status`) and `Err(flow)` says how the association goes on. On
-/// success: the identifier to send upstream, and the decision every instance must pass.
+/// answered and `Err(flow)` says how the association goes on. On success: the identifier to
+/// send upstream (the bytes that were judged, or their re-encoding with the PatientID the
+/// decision names), and the decision every instance must pass.
 pub async fn authorize(
     s: &mut Session,
     pc_id: u8,
     cmd: &Command,
     op: &str,
 ) -> Result<(Vec<u8>, Allowed), Flow> {
-    let (bytes, ts) = s.read_identifier(pc_id, cmd).await?;
-    let parsed = parse_retrieval(&bytes, ts).map(|r| (r, ts));
-    let Some((mut r, ts)) = parsed else {
+    let (bytes, syntax) = s.read_identifier(pc_id, cmd).await?;
+    let identifier = match DataSet::read(&bytes, syntax.encoding, s.ctx.cfg.limits.reader()) {
+        Ok(d) => d,
+        Err(v) => return Err(s.bad_identifier(pc_id, cmd, &v).await),
+    };
+    let Some(r) = parse_retrieval(&identifier) else {
         let rsp = cmd.response(
             command::STATUS_IDENTIFIER_MISMATCH,
-            Some("identifier cannot be read"),
+            Some("identifier names no query/retrieve level"),
         );
         return Err(s.reply(pc_id, &rsp, None).await);
     };
     let req = RetrieveRequest {
         level: r.level,
         patient_id: r.patient_id.as_deref(),
-        study_uids: std::mem::take(&mut r.study_uids),
-        series_uids: std::mem::take(&mut r.series_uids),
-        instance_uids: std::mem::take(&mut r.instance_uids),
+        study_uids: r.study_uids,
+        series_uids: r.series_uids,
+        instance_uids: r.instance_uids,
     };
     let decision = s
         .ctx
@@ -127,25 +120,45 @@ pub async fn authorize(
         "every UID belongs to the caller's patient",
     );
     let upstream = match allowed.query_patient_ids.first() {
-        Some(pid) => {
-            r.identifier.put(DataElement::new(
-                tags::PATIENT_ID,
-                VR::LO,
-                PrimitiveValue::from(pid.as_str()),
-            ));
-            let mut out = Vec::new();
-            if r.identifier.write_dataset_with_ts(&mut out, ts).is_err() {
-                let rsp = cmd.response(
-                    command::STATUS_UNABLE_TO_PROCESS,
-                    Some("identifier cannot be encoded"),
-                );
-                return Err(s.reply(pc_id, &rsp, None).await);
-            }
-            out
-        }
-        None => bytes,
+        Some(pid) => identifier.rewrite(&[Edit::Set(tags::PATIENT_ID, VR::LO, pid.as_bytes())]),
+        None => bytes.clone(),
     };
     Ok((upstream, allowed))
+}
+
+/// Sub-operations as the gateway saw them answered; the counts the client is given.
+#[derive(Default, Clone, Copy)]
+pub struct Tally {
+    pub completed: usize,
+    pub warning: usize,
+    pub failed: usize,
+    /// Of the failed: refused by the gateway (another patient's, not requested, unreadable).
+    pub withheld: usize,
+}
+
+impl Tally {
+    /// Counts one sub-operation's status.
+    pub fn count(&mut self, status: u16) {
+        match status {
+            0x0000 => self.completed += 1,
+            s if command::is_stored(s) => self.warning += 1,
+            _ => self.failed += 1,
+        }
+    }
+
+    /// Puts these counts on a final C-GET or C-MOVE response: the gateway's counts, never
+    /// fewer failures than the PACS reported, and a success with failures becomes a warning.
+    pub fn apply_final(&self, rsp: &mut Command) {
+        let n = |v: usize| v.min(u16::MAX as usize) as u16;
+        let pacs_failed = rsp.failed.unwrap_or(0);
+        rsp.completed = Some(n(self.completed));
+        rsp.warning = Some(n(self.warning));
+        rsp.failed = Some(n(self.failed).max(pacs_failed));
+        rsp.remaining = None;
+        if rsp.status == Some(command::STATUS_SUCCESS) && (self.failed > 0 || self.warning > 0) {
+            rsp.status = Some(command::STATUS_SUBOPS_WARNING);
+        }
+    }
 }
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
@@ -155,14 +168,14 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     };
     if let Err(e) = s
         .pacs
-        .send_message(pc_id, &cmd.raw, Some(&identifier))
+        .send_message(pc_id, &cmd.encode(), Some(&identifier))
         .await
     {
         tracing::warn!(assoc = s.id, reason = %e, "cannot send C-GET to the PACS");
         return fail(s, pc_id, &cmd).await;
     }
     let limits = s.ctx.cfg.limits.clone();
-    let mut withheld = 0usize;
+    let mut tally = Tally::default();
     loop {
         let incoming = tokio::select! {
             i = tokio::time::timeout(limits.upstream_timeout, s.pacs.next()) => match i {
@@ -177,54 +190,56 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 None => continue,
             },
         };
-        let (rpc, bytes) = match incoming {
-            Incoming::Message(Event::Command { pc_id: rpc, bytes }) => (rpc, bytes),
+        let (rpc, mut rsp) = match incoming {
+            Incoming::Message(Event::Command {
+                pc_id: rpc,
+                command,
+            }) => (rpc, command),
             _ => {
                 tracing::warn!(assoc = s.id, "PACS went away during C-GET");
                 return fail(s, pc_id, &cmd).await;
             }
         };
-        let rsp = match Command::decode(bytes) {
-            Ok(r) => r,
-            Err(_) => {
-                return s
-                    .protocol_violation("pacs", "malformed command during C-GET")
-                    .await;
-            }
-        };
-        s.pacs.expect_data(rpc, rsp.has_data_set());
-        match rsp.field() {
-            Some(command::C_STORE_RQ) => {
-                if let Flow::End = sub_store(s, rpc, rsp, &allowed, &mut withheld).await {
+        match rsp.field {
+            command::C_STORE_RQ => {
+                if let Flow::End = sub_store(s, rpc, *rsp, &allowed, &mut tally).await {
                     return Flow::End;
                 }
             }
-            Some(command::C_GET_RSP) if rpc == pc_id => {
-                if rsp.has_data_set() {
-                    // Failed SOP Instance UID lists: relay them; they name UIDs of this request.
-                    let data = match s
+            command::C_GET_RSP if rpc == pc_id => {
+                let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
+                let data = if rsp.has_data_set() {
+                    // Failed SOP Instance UID lists: relayed once read strictly; they name UIDs
+                    // of this request.
+                    match s
                         .pacs
                         .collect_data(rpc, limits.max_identifier_bytes, limits.upstream_timeout)
                         .await
                     {
-                        Ok(d) => d,
+                        Ok(d) => {
+                            let syntax = s.syntax(rpc);
+                            let ok = syntax.is_some_and(|x| {
+                                DataSet::read(&d, x.encoding, limits.reader()).is_ok()
+                            });
+                            if !ok {
+                                return s
+                                    .protocol_violation("pacs", "malformed C-GET-RSP data set")
+                                    .await;
+                            }
+                            Some(d)
+                        }
                         Err(_) => return fail(s, pc_id, &cmd).await,
-                    };
-                    let status = rsp.status().unwrap_or(0);
-                    let flow = s.reply(pc_id, &rsp.raw, Some(&data)).await;
-                    if !command::is_pending(status) || matches!(flow, Flow::End) {
-                        return finish(s, flow, withheld);
-                    }
-                    continue;
-                }
-                let status = rsp.status().unwrap_or(0);
-                if command::is_pending(status) {
-                    if let Flow::End = s.reply(pc_id, &rsp.raw, None).await {
-                        return Flow::End;
                     }
                 } else {
-                    let flow = s.reply(pc_id, &rsp.raw, None).await;
-                    return finish(s, flow, withheld);
+                    None
+                };
+                let pending = command::is_pending(status);
+                if !pending {
+                    tally.apply_final(&mut rsp);
+                }
+                let flow = s.reply(pc_id, &rsp, data.as_deref()).await;
+                if !pending || matches!(flow, Flow::End) {
+                    return finish(s, flow, tally.withheld);
                 }
             }
             _ => {
@@ -244,7 +259,9 @@ fn finish(s: &mut Session, flow: Flow, withheld: usize) -> Flow {
             Some(&s.principal),
             "C-GET",
             Outcome::Anomaly,
-            &format!("{withheld} instance(s) of other patients withheld"),
+            &format!(
+                "{withheld} instance(s) withheld (other patients', not requested, or unreadable)"
+            ),
         );
     }
     flow
@@ -254,19 +271,19 @@ fn finish(s: &mut Session, flow: Flow, withheld: usize) -> Flow {
 /// go on); anything else ends the association.
 pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flow> {
     match c {
-        Incoming::Message(Event::Command { pc_id: cpc, bytes }) => match Command::decode(bytes) {
-            Ok(cancel) if cancel.field() == Some(command::C_CANCEL_RQ) && cpc == pc_id => {
-                s.client.expect_data(cpc, false);
-                match s.pacs.send_message(pc_id, &cancel.raw, None).await {
-                    Ok(()) => None,
-                    Err(_) => Some(s.abort_both().await),
-                }
+        Incoming::Message(Event::Command {
+            pc_id: cpc,
+            command: cancel,
+        }) if cancel.field == command::C_CANCEL_RQ && cpc == pc_id => {
+            match s.pacs.send_message(pc_id, &cancel.encode(), None).await {
+                Ok(()) => None,
+                Err(_) => Some(s.abort_both().await),
             }
-            _ => Some(
-                s.protocol_violation("client", "unexpected message during a retrieval")
-                    .await,
-            ),
-        },
+        }
+        Incoming::Message(_) => Some(
+            s.protocol_violation("client", "unexpected message during a retrieval")
+                .await,
+        ),
         Incoming::Abort | Incoming::Gone(_) => {
             tracing::info!(assoc = s.id, "client left during a retrieval");
             s.pacs.abort().await;
@@ -279,6 +296,11 @@ pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flo
     }
 }
 
+/// The status the PACS is given for a sub-operation the gateway withholds. A failure status
+/// makes some PACS end the whole retrieval at once; the client learns the truth from the
+/// gateway's own counts either way.
+const WITHHELD_TO_PACS: u16 = command::STATUS_NOT_AUTHORIZED;
+
 /// One C-STORE sub-operation from the PACS: checked, then streamed to the client, whose answer
 /// goes back to the PACS; or refused toward the PACS.
 async fn sub_store(
@@ -286,54 +308,72 @@ async fn sub_store(
     sub_pc: u8,
     sub: Command,
     allowed: &Allowed,
-    withheld: &mut usize,
+    tally: &mut Tally,
 ) -> Flow {
     let wait = s.ctx.cfg.limits.upstream_timeout;
-    if !sub.has_data_set() {
+    let storage_context = s
+        .contexts
+        .get(&sub_pc)
+        .is_some_and(|c| Service::of(&c.abstract_syntax) == Service::Storage);
+    if !sub.has_data_set() || !storage_context {
         return s
-            .protocol_violation("pacs", "C-STORE sub-operation without a data set")
+            .protocol_violation(
+                "pacs",
+                "C-STORE sub-operation without a data set or off a storage context",
+            )
             .await;
     }
-    let refuse = |status: u16| sub.response(status, Some("refused by the gateway"));
-    let Some(ts) = s.transfer_syntax(sub_pc) else {
+    let Some(syntax) = s.syntax(sub_pc) else {
         return s
             .protocol_violation("pacs", "sub-operation on a context that was not accepted")
             .await;
     };
-    let head = match instance::read_head(&mut s.pacs, sub_pc, ts, wait).await {
+    let limits = s.ctx.cfg.limits.reader();
+    let head = match instance::read_head(&mut s.pacs, sub_pc, syntax, limits, wait).await {
         Ok(h) => h,
         Err(HeadError::Peer(e)) => {
             tracing::warn!(assoc = s.id, reason = %e, "PACS failed during a sub-operation");
             return s.abort_both().await;
         }
-        Err(HeadError::Unreadable { last }) => {
+        Err(HeadError::Unreadable { last, why }) => {
+            tracing::warn!(assoc = s.id, violation = %why, "PACS sent an instance the strict reader refused; withheld");
             if !last && instance::drain(&mut s.pacs, sub_pc, wait).await.is_err() {
                 return s.abort_both().await;
             }
-            *withheld += 1;
-            return to_pacs(s, sub_pc, &refuse(command::STATUS_CANNOT_UNDERSTAND)).await;
+            tally.failed += 1;
+            tally.withheld += 1;
+            let rsp = sub.response(
+                command::STATUS_CANNOT_UNDERSTAND,
+                Some("refused by the gateway"),
+            );
+            return to_pacs(s, sub_pc, &rsp).await;
         }
     };
-    if !allowed.admits_instance(
-        head.patient_id.as_deref(),
-        head.issuer.as_deref(),
-        head.study_uid.as_deref(),
-    ) {
+    let h = &head.head;
+    let id = InstanceId::of(h);
+    if !allowed.admits_instance(&id) || h.sop_instance != sub.affected_sop_instance {
         tracing::warn!(
             assoc = s.id,
-            "PACS sent an instance of another patient or study; withheld"
+            "PACS sent an instance of another patient, or one not requested; withheld"
         );
         if !head.last && instance::drain(&mut s.pacs, sub_pc, wait).await.is_err() {
             return s.abort_both().await;
         }
-        *withheld += 1;
-        return to_pacs(s, sub_pc, &refuse(command::STATUS_NOT_AUTHORIZED)).await;
+        tally.failed += 1;
+        tally.withheld += 1;
+        let rsp = sub.response(WITHHELD_TO_PACS, Some("refused by the gateway"));
+        return to_pacs(s, sub_pc, &rsp).await;
     }
-    match instance::stream(&mut s.pacs, &mut s.client, sub_pc, &sub.raw, head, wait).await {
+    let forward = sub.encode();
+    match instance::stream(&mut s.pacs, &mut s.client, sub_pc, &forward, head, wait).await {
         Ok(()) => {}
         Err(StreamError::From(e)) | Err(StreamError::To(e)) => {
             // The client holds a partial instance: the association cannot go on.
             tracing::warn!(assoc = s.id, reason = %e, "sub-operation broken off");
+            return s.abort_both().await;
+        }
+        Err(StreamError::Invalid(v)) => {
+            tracing::warn!(assoc = s.id, violation = %v, "PACS sent an instance whose tail the strict reader refused");
             return s.abort_both().await;
         }
     }
@@ -344,31 +384,29 @@ async fn sub_store(
             Err(_) => return s.abort_both().await,
         };
         match c {
-            Incoming::Message(Event::Command { pc_id: cpc, bytes }) => {
-                let rsp = match Command::decode(bytes) {
-                    Ok(r) => r,
-                    Err(_) => return s.protocol_violation("client", "malformed command").await,
-                };
-                s.client.expect_data(cpc, rsp.has_data_set());
-                match rsp.field() {
-                    Some(command::C_STORE_RSP) if cpc == sub_pc && !rsp.has_data_set() => {
-                        return to_pacs(s, sub_pc, &rsp.raw).await;
-                    }
-                    Some(command::C_CANCEL_RQ) => {
-                        if s.pacs.send_message(cpc, &rsp.raw, None).await.is_err() {
-                            return s.abort_both().await;
-                        }
-                    }
-                    _ => {
-                        return s
-                            .protocol_violation(
-                                "client",
-                                "unexpected message during a sub-operation",
-                            )
-                            .await;
+            Incoming::Message(Event::Command {
+                pc_id: cpc,
+                command: rsp,
+            }) => match rsp.field {
+                command::C_STORE_RSP
+                    if cpc == sub_pc
+                        && !rsp.has_data_set()
+                        && rsp.responded_to == sub.message_id =>
+                {
+                    tally.count(rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS));
+                    return to_pacs(s, sub_pc, &rsp).await;
+                }
+                command::C_CANCEL_RQ => {
+                    if s.pacs.send_message(cpc, &rsp.encode(), None).await.is_err() {
+                        return s.abort_both().await;
                     }
                 }
-            }
+                _ => {
+                    return s
+                        .protocol_violation("client", "unexpected message during a sub-operation")
+                        .await;
+                }
+            },
             Incoming::Abort | Incoming::Gone(_) => {
                 s.pacs.abort().await;
                 return Flow::End;
@@ -382,23 +420,19 @@ async fn sub_store(
     }
 }
 
-async fn to_pacs(s: &mut Session, pc_id: u8, command: &[u8]) -> Flow {
-    match s.pacs.send_message(pc_id, command, None).await {
+async fn to_pacs(s: &mut Session, pc_id: u8, command: &Command) -> Flow {
+    match s.pacs.send_message(pc_id, &command.encode(), None).await {
         Ok(()) => Flow::Continue,
         Err(e) => {
             tracing::warn!(assoc = s.id, reason = %e, "cannot write to the PACS");
-            fail_flow(s).await
+            s.abort_both().await
         }
     }
-}
-
-async fn fail_flow(s: &mut Session) -> Flow {
-    s.abort_both().await
 }
 
 /// The PACS failed: a failure status for the retrieval, then both associations end.
 async fn fail(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
     let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp, None).await;
+    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
     s.abort_both().await
 }

@@ -1,6 +1,9 @@
 //! Moving one instance (a C-STORE data set) from one peer to another without holding it whole:
-//! read its head until the attributes a decision needs are known, then, if allowed, pass the
-//! head and every further fragment on as they arrive.
+//! read its head through the strict reader until the attributes a decision needs are known,
+//! then, if allowed, pass the head and every further fragment on as they arrive, each fragment
+//! read by the same strict reader before it goes on. A defect found in the tail (a repeated or
+//! out-of-order tag, a length running past the end) stops the stream before the last fragment
+//! is sent, so the receiving peer never holds a complete instance the gateway did not accept.
 //!
 //! Owns: the head size cap and the streaming loop. Memory per instance is the head (at most
 //! [`MAX_HEAD`]) plus one PDU. Must not decide: callers ask the policy core with what the head
@@ -8,44 +11,29 @@
 
 use super::message::Event;
 use super::peer::{Incoming, MAX_BATCH, Peer};
-use crate::dataset::scan_prefix;
-use dicom_core::Tag;
-use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::TransferSyntax;
+use crate::dicom::head::{InstanceHead, InstanceReader};
+use crate::dicom::reader::{Limits, Violation};
+use crate::dicom::syntax::Syntax;
 use std::time::Duration;
 
 /// The most of an instance held before its PatientID and UIDs are known. They sit at the
 /// start (groups 0008 to 0020), so only instances with huge early elements come near it.
 pub const MAX_HEAD: usize = 1024 * 1024;
 
-/// The attributes an instance is judged by.
-pub const WANTED: [Tag; 6] = [
-    tags::STUDY_DATE,
-    tags::MODALITY,
-    tags::PATIENT_ID,
-    tags::ISSUER_OF_PATIENT_ID,
-    tags::STUDY_INSTANCE_UID,
-    tags::SERIES_INSTANCE_UID,
-];
-
-/// The start of an instance's data set and what it says.
+/// The start of an instance's data set, what it says, and the reader that goes on reading it.
 pub struct Head {
     pub bytes: Vec<u8>,
-    /// The data set ended within the head.
+    /// The data set ended within the head (and was read to its end).
     pub last: bool,
-    pub patient_id: Option<String>,
-    /// IssuerOfPatientID.
-    pub issuer: Option<String>,
-    pub study_uid: Option<String>,
-    pub series_uid: Option<String>,
-    pub study_date: Option<String>,
-    pub modality: Option<String>,
+    pub head: InstanceHead,
+    reader: InstanceReader,
 }
 
 pub enum HeadError {
-    /// The data set could not be read far enough (malformed, or [`MAX_HEAD`] reached). `last`
-    /// tells whether the rest still has to be drained.
-    Unreadable { last: bool },
+    /// The data set could not be read far enough, or the strict reader refused it (the
+    /// violation says why; [`MAX_HEAD`] reached counts too). `last` tells whether the rest
+    /// still has to be drained.
+    Unreadable { last: bool, why: Violation },
     /// The sending peer failed, aborted or broke the protocol.
     Peer(String),
 }
@@ -54,43 +42,48 @@ pub enum HeadError {
 pub enum StreamError {
     From(String),
     To(String),
+    /// The strict reader refused the rest of the instance; the last fragment was not sent.
+    Invalid(Violation),
 }
 
-fn uid(v: Option<String>) -> Option<String> {
-    v.map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-}
-
-/// Reads fragments of the current data set from `from` until the [`WANTED`] attributes are known.
+/// Reads fragments of the current data set from `from` until the instance's head is known.
 pub async fn read_head(
     from: &mut Peer,
     pc_id: u8,
-    ts: &TransferSyntax,
+    syntax: Syntax,
+    limits: Limits,
     wait: Duration,
 ) -> Result<Head, HeadError> {
+    let mut reader = InstanceReader::dataset(syntax, limits);
     let mut bytes = Vec::new();
     loop {
         let (chunk, last) = next_fragment(from, pc_id, wait)
             .await
             .map_err(HeadError::Peer)?;
-        bytes.extend_from_slice(&chunk);
-        match scan_prefix(&bytes, ts, &WANTED, last) {
-            Ok(p) if p.complete => {
-                let mut v = p.values.into_iter();
-                let study_date = v.next().flatten();
-                let modality = v.next().flatten();
+        let checked = reader
+            .feed(&chunk)
+            .and_then(|()| if last { reader.finish() } else { Ok(()) })
+            .and_then(|()| reader.head());
+        match checked {
+            Err(why) => return Err(HeadError::Unreadable { last, why }),
+            Ok(Some(head)) => {
+                bytes.extend_from_slice(&chunk);
                 return Ok(Head {
                     bytes,
                     last,
-                    study_date,
-                    modality,
-                    patient_id: v.next().flatten(),
-                    issuer: v.next().flatten(),
-                    study_uid: uid(v.next().flatten()),
-                    series_uid: uid(v.next().flatten()),
+                    head,
+                    reader,
                 });
             }
-            Ok(_) if !last && bytes.len() < MAX_HEAD => continue,
-            _ => return Err(HeadError::Unreadable { last }),
+            Ok(None) => {
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() >= MAX_HEAD {
+                    return Err(HeadError::Unreadable {
+                        last,
+                        why: Violation::TooLarge("the instance's head"),
+                    });
+                }
+            }
         }
     }
 }
@@ -119,7 +112,7 @@ pub async fn next_fragment(
 }
 
 /// Sends `command`, the head and then the rest of the data set from `from` to `to`, fragment by
-/// fragment as it arrives.
+/// fragment as it arrives, each read by the strict reader first.
 pub async fn stream(
     from: &mut Peer,
     to: &mut Peer,
@@ -128,12 +121,18 @@ pub async fn stream(
     head: Head,
     wait: Duration,
 ) -> Result<(), StreamError> {
+    let Head {
+        bytes,
+        last,
+        mut reader,
+        ..
+    } = head;
     to.send_command(pc_id, command)
         .await
         .map_err(|e| StreamError::To(e.to_string()))?;
-    to.queue_data(pc_id, &head.bytes, head.last);
-    drop(head.bytes);
-    let mut last = head.last;
+    to.queue_data(pc_id, &bytes, last);
+    drop(bytes);
+    let mut last = last;
     loop {
         // Write when nothing more is at hand (or enough is queued): bursts go out in few writes.
         if last || !from.has_input_at_hand() || to.queued_bytes() >= MAX_BATCH {
@@ -147,6 +146,10 @@ pub async fn stream(
         let (chunk, l) = next_fragment(from, pc_id, wait)
             .await
             .map_err(StreamError::From)?;
+        reader
+            .feed(&chunk)
+            .and_then(|()| if l { reader.finish() } else { Ok(()) })
+            .map_err(StreamError::Invalid)?;
         last = l;
         to.queue_data(pc_id, &chunk, last);
     }

@@ -3,9 +3,13 @@
 //!
 //! Owns: the strict rules of PS3.7 / PS3.8 for message framing: a command comes first and ends
 //! with a last-fragment flag; a data set follows only when the command announces one; every
-//! fragment of one message uses one presentation context; sizes are capped. It is pure (no I/O)
-//! so it can be tested and fuzzed alone. Must not know what commands mean.
+//! fragment of one message uses one presentation context; sizes are capped. A complete command
+//! set is read here by the strict command reader, so whether a data set follows is known at
+//! once, even when the data set's first fragment sits in the same P-DATA-TF PDU (PS3.8 9.3.5
+//! allows several PDVs per PDU). It is pure (no I/O) so it can be tested and fuzzed alone.
+//! Must not know what commands mean.
 
+use crate::dicom::command::{Command, CommandError};
 use bytes::Bytes;
 use dicom_ul::pdu::PDataValueType;
 
@@ -87,9 +91,9 @@ pub fn encode_fragments(
 /// One step of an incoming message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A complete command set (encoded, Implicit VR Little Endian). If it announces a data set,
-    /// `Data` events on the same presentation context follow.
-    Command { pc_id: u8, bytes: Vec<u8> },
+    /// A complete command set, read strictly. If it announces a data set, `Data` events on
+    /// the same presentation context follow.
+    Command { pc_id: u8, command: Box<Command> },
     /// A fragment of the data set of the current message.
     Data { pc_id: u8, bytes: Bytes, last: bool },
 }
@@ -107,6 +111,8 @@ pub enum FramingError {
     CommandTooLarge(usize),
     #[error("data fragment received for a message that announced no data set")]
     UnexpectedData,
+    #[error("{0}")]
+    Command(#[from] CommandError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,16 +145,6 @@ impl Assembler {
         }
     }
 
-    /// Tells the assembler whether the command it just returned announced a data set. Must be
-    /// called after every `Event::Command`.
-    pub fn expect_data(&mut self, pc_id: u8, has_data: bool) {
-        self.state = if has_data {
-            State::Data(pc_id)
-        } else {
-            State::Command
-        };
-    }
-
     /// Feeds one P-DATA value.
     pub fn push(&mut self, pdv: Pdv) -> Result<Option<Event>, FramingError> {
         let pc = pdv.presentation_context_id;
@@ -164,20 +160,26 @@ impl Assembler {
                     return Err(FramingError::CommandTooLarge(self.max_command));
                 }
                 self.command_pc = Some(pc);
-                if self.command.is_empty() && pdv.is_last {
-                    self.command_pc = None;
-                    return Ok(Some(Event::Command {
-                        pc_id: pc,
-                        bytes: pdv.data.to_vec(),
-                    }));
+                if !pdv.is_last {
+                    self.command.extend_from_slice(&pdv.data);
+                    return Ok(None);
                 }
-                self.command.extend_from_slice(&pdv.data);
-                if pdv.is_last {
-                    self.command_pc = None;
-                    let bytes = std::mem::take(&mut self.command);
-                    return Ok(Some(Event::Command { pc_id: pc, bytes }));
+                self.command_pc = None;
+                let command = if self.command.is_empty() {
+                    Command::decode(&pdv.data)?
+                } else {
+                    self.command.extend_from_slice(&pdv.data);
+                    let c = Command::decode(&self.command);
+                    self.command.clear();
+                    c?
+                };
+                if command.has_data_set() {
+                    self.state = State::Data(pc);
                 }
-                Ok(None)
+                Ok(Some(Event::Command {
+                    pc_id: pc,
+                    command: Box::new(command),
+                }))
             }
             (PDataValueType::Data, State::Command) => {
                 if self.command_pc.is_some() {
@@ -233,6 +235,20 @@ mod tests {
     }
     use PDataValueType::{Command as C, Data as D};
 
+    /// An encoded C-FIND-RQ (with a data set) or C-ECHO-RQ (without).
+    fn cmd(with_data: bool) -> Vec<u8> {
+        use crate::dicom::command::{C_ECHO_RQ, C_FIND_RQ};
+        if with_data {
+            Command::request(C_FIND_RQ, 1, "1.2.840.10008.5.1.4.1.2.2.1", true).encode()
+        } else {
+            Command::request(C_ECHO_RQ, 1, "1.2.840.10008.1.1", false).encode()
+        }
+    }
+
+    fn decoded(with_data: bool) -> Command {
+        Command::decode(&cmd(with_data)).unwrap()
+    }
+
     fn data(pc: u8, b: &[u8], last: bool) -> Event {
         Event::Data {
             pc_id: pc,
@@ -243,16 +259,16 @@ mod tests {
 
     #[test]
     fn fragmented_command_and_data_reassemble() {
+        let find = cmd(true);
         let mut a = Assembler::new(1024);
-        assert_eq!(a.push(pdv(1, C, false, b"ab")).unwrap(), None);
+        assert_eq!(a.push(pdv(1, C, false, &find[..10])).unwrap(), None);
         assert_eq!(
-            a.push(pdv(1, C, true, b"cd")).unwrap(),
+            a.push(pdv(1, C, true, &find[10..])).unwrap(),
             Some(Event::Command {
                 pc_id: 1,
-                bytes: b"abcd".to_vec()
+                command: Box::new(decoded(true))
             })
         );
-        a.expect_data(1, true);
         assert!(!a.is_idle());
         assert_eq!(
             a.push(pdv(1, D, false, b"x")).unwrap(),
@@ -264,15 +280,15 @@ mod tests {
         );
         assert!(a.is_idle());
         assert!(matches!(
-            a.push(pdv(3, C, true, b"z")).unwrap(),
+            a.push(pdv(3, C, true, &cmd(false))).unwrap(),
             Some(Event::Command { pc_id: 3, .. })
         ));
-        a.expect_data(3, false);
         assert!(a.is_idle());
     }
 
     #[test]
     fn framing_violations_are_errors() {
+        let (find, echo) = (cmd(true), cmd(false));
         let mut a = Assembler::new(1024);
         assert_eq!(
             a.push(pdv(1, D, true, b"x")),
@@ -280,9 +296,9 @@ mod tests {
         );
 
         let mut a = Assembler::new(1024);
-        a.push(pdv(1, C, false, b"a")).unwrap();
+        a.push(pdv(1, C, false, &find[..4])).unwrap();
         assert_eq!(
-            a.push(pdv(3, C, true, b"b")),
+            a.push(pdv(3, C, true, &find[4..])),
             Err(FramingError::ContextChanged {
                 expected: 1,
                 got: 3
@@ -290,17 +306,16 @@ mod tests {
         );
 
         let mut a = Assembler::new(1024);
-        a.push(pdv(1, C, false, b"a")).unwrap();
+        a.push(pdv(1, C, false, &find[..4])).unwrap();
         assert_eq!(
             a.push(pdv(1, D, true, b"b")),
             Err(FramingError::DataWithoutCommand)
         );
 
         let mut a = Assembler::new(1024);
-        a.push(pdv(1, C, true, b"a")).unwrap();
-        a.expect_data(1, true);
+        a.push(pdv(1, C, true, &find)).unwrap();
         assert_eq!(
-            a.push(pdv(1, C, true, b"b")),
+            a.push(pdv(1, C, true, &echo)),
             Err(FramingError::CommandDuringData)
         );
         assert_eq!(
@@ -312,8 +327,7 @@ mod tests {
         );
 
         let mut a = Assembler::new(1024);
-        a.push(pdv(1, C, true, b"a")).unwrap();
-        a.expect_data(1, false);
+        a.push(pdv(1, C, true, &echo)).unwrap();
         assert_eq!(
             a.push(pdv(1, D, true, b"b")),
             Err(FramingError::UnexpectedData)
@@ -325,6 +339,45 @@ mod tests {
             a.push(pdv(1, C, true, b"de")),
             Err(FramingError::CommandTooLarge(4))
         );
+
+        // a malformed command set is a framing error: the association is aborted
+        let mut a = Assembler::new(1024);
+        let mut twice = find.clone();
+        twice.extend_from_slice(&echo[12..]);
+        assert!(matches!(
+            a.push(pdv(1, C, true, &twice)),
+            Err(FramingError::Command(_))
+        ));
+    }
+
+    #[test]
+    fn a_command_and_its_data_set_in_one_pdu() {
+        let mut out = Vec::new();
+        let find = cmd(true);
+        // One P-DATA-TF with the command and two data fragments (PS3.8 9.3.5).
+        let items: Vec<(u8, &[u8])> = vec![(0x03, &find), (0x00, b"ab"), (0x02, b"cd")];
+        let body: Vec<u8> = items
+            .iter()
+            .flat_map(|(control, d)| {
+                let mut v = ((d.len() + 2) as u32).to_be_bytes().to_vec();
+                v.extend_from_slice(&[1, *control]);
+                v.extend_from_slice(d);
+                v
+            })
+            .collect();
+        out.extend_from_slice(&[0x04, 0]);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        let mut a = Assembler::new(1024);
+        let events: Vec<Event> = parse_pdata(Bytes::from(out))
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| a.push(p).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3);
+        assert!(matches!(&events[0], Event::Command { .. }));
+        assert_eq!(events[2], data(1, b"cd", true));
+        assert!(a.is_idle());
     }
 
     /// Splits an encoded byte stream into PDUs by their length fields.
@@ -427,10 +480,10 @@ mod tests {
 
     #[test]
     fn reassembly_of_fragmented_output_roundtrips() {
-        let cmd = vec![9u8; 3000];
+        let c = cmd(true);
         let payload = vec![5u8; 20_000];
         let mut out = Vec::new();
-        encode_fragments(&mut out, 1, C, &cmd, 1024, true);
+        encode_fragments(&mut out, 1, C, &c, 64, true);
         encode_fragments(&mut out, 1, D, &payload, 1024, true);
         let mut a = Assembler::new(DEFAULT_MAX_COMMAND);
         let mut got_cmd = None;
@@ -438,16 +491,13 @@ mod tests {
         for f in pdus(&out) {
             for v in parse_pdata(f).unwrap() {
                 match a.push(v).unwrap() {
-                    Some(Event::Command { bytes, .. }) => {
-                        a.expect_data(1, true);
-                        got_cmd = Some(bytes)
-                    }
+                    Some(Event::Command { command, .. }) => got_cmd = Some(command),
                     Some(Event::Data { bytes, .. }) => got_data.extend_from_slice(&bytes),
                     None => {}
                 }
             }
         }
-        assert_eq!(got_cmd.unwrap(), cmd);
+        assert_eq!(*got_cmd.unwrap(), decoded(true));
         assert_eq!(got_data, payload);
         assert!(a.is_idle());
     }

@@ -9,11 +9,11 @@
 
 pub mod assoc;
 pub mod cmove;
-pub mod command;
 pub mod echo;
 pub mod find;
 pub mod get;
 pub mod instance;
+pub mod listener;
 pub mod message;
 pub mod peer;
 pub mod receiver;
@@ -22,33 +22,38 @@ pub mod store;
 
 use crate::audit::{self, Outcome};
 use crate::config::Config;
+use crate::logtext::Clean;
 use crate::policy::{Action, Decision, Policy};
 use crate::trust::{TrustCore, TrustError, keys::KeyError};
 use assoc::{Refusal, reject};
 use dicom_ul::pdu::{AssociationRQ, Pdu};
+use listener::{Admission, Pending};
 use peer::{Peer, read_pdu, write_pdu};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
-/// Connections over the cap that are answered with a rejection at the same time; more are closed.
-const MAX_REFUSALS_IN_FLIGHT: usize = 32;
 /// Slack over the announced Maximum Length tolerated in PDUs from peers.
 pub(crate) const PDU_SLACK: u32 = 64;
 
 /// What every association shares.
 pub struct Ctx {
     pub cfg: Arc<Config>,
+    /// Turns the token of each association into a principal.
     pub trust: Arc<TrustCore>,
+    /// Decides every operation.
     pub policy: Arc<Policy>,
     /// Resolves UIDs to owners for the policy core's retrieval and store decisions.
     pub lookup: Arc<crate::pacs::PacsLookup>,
     /// C-MOVEs in flight, for the receiver to route their sub-operations.
     pub moves: Arc<receiver::MoveRegistry>,
+    /// Admission of client connections (pending budget, association slots).
+    pub admission: Arc<Admission>,
+    /// Admission of the PACS's sub-operation associations at the C-MOVE receiver.
+    pub receiver_admission: Arc<Admission>,
     next_id: AtomicU64,
 }
 
@@ -57,6 +62,8 @@ impl Ctx {
         Arc::new(Ctx {
             lookup: Arc::new(crate::pacs::PacsLookup::new(&cfg)),
             moves: Arc::new(receiver::MoveRegistry::default()),
+            admission: Arc::new(Admission::new(&cfg.limits)),
+            receiver_admission: Arc::new(Admission::new(&cfg.limits)),
             cfg,
             trust,
             policy,
@@ -69,68 +76,19 @@ impl Ctx {
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.cfg.limits.max_associations));
-    let refusers = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            r = listener.accept() => {
-                let (stream, addr) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let ctx = ctx.clone();
-                        tasks.spawn(async move {
-                            let _permit = permit;
-                            let _active = crate::metrics::association_started();
-                            handle(stream, addr, ctx).await;
-                        });
-                    }
-                    Err(_) => match refusers.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            tracing::warn!(%addr, "association limit reached; refusing");
-                            let max_rq = ctx.cfg.limits.max_association_request_bytes;
-                            tasks.spawn(async move {
-                                let _permit = permit;
-                                refuse_busy(stream, max_rq).await;
-                            });
-                        }
-                        // Flooded: not even a rejection is worth a task.
-                        Err(_) => drop(stream),
-                    },
-                }
-            }
-            _ = shutdown.changed() => break,
-        }
-        while tasks.try_join_next().is_some() {}
-    }
-    drop(listener);
-    tracing::info!(
-        running = tasks.len(),
-        "DIMSE listener stopped; waiting for running associations"
-    );
-    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    tasks.abort_all();
-}
-
-/// Refuses a connection over the association cap: its request is read (so the client sees the
-/// A-ASSOCIATE-RJ instead of a reset), then rejected as transient.
-async fn refuse_busy(mut stream: TcpStream, max_rq: u32) {
-    let read = tokio::time::timeout(Duration::from_secs(2), read_pdu(&mut stream, max_rq)).await;
-    if let Ok(Ok(Pdu::AssociationRQ(_))) = read {
-        send_reject(&mut stream, Refusal::Busy).await;
-    }
+    let admission = ctx.admission.clone();
+    listener::serve(
+        "dimse",
+        listener,
+        admission,
+        shutdown,
+        grace,
+        move |stream, addr, pending| handle(stream, addr, pending, ctx.clone()),
+    )
+    .await
 }
 
 /// Sends an A-ASSOCIATE-RJ, then waits (at most 2 s, like the ARTIM timer of PS3.8 state
@@ -150,19 +108,23 @@ pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
     .await;
 }
 
-/// Negotiates one association and, if it is accepted, runs it to its end.
-async fn handle(mut stream: TcpStream, addr: SocketAddr, ctx: Arc<Ctx>) {
-    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-    let limits = &ctx.cfg.limits;
+/// Reads the A-ASSOCIATE-RQ of a new connection within the request deadline (the connection
+/// holds only its pending claim meanwhile). `None`: nothing valid came; the connection is done.
+pub(crate) async fn read_request(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    id: u64,
+    limits: &crate::config::Limits,
+) -> Option<AssociationRQ> {
     let first = tokio::time::timeout(
         limits.association_request_timeout,
-        read_pdu(&mut stream, limits.max_association_request_bytes),
+        read_pdu(stream, limits.max_association_request_bytes),
     )
     .await;
-    let rq = match first {
+    match first {
         Err(_) => {
             tracing::info!(assoc = id, %addr, "no A-ASSOCIATE-RQ within {:?}; closed", limits.association_request_timeout);
-            return;
+            None
         }
         Ok(Err(e)) => {
             tracing::info!(assoc = id, %addr, reason = %e, "no valid A-ASSOCIATE-RQ; closed");
@@ -171,18 +133,31 @@ async fn handle(mut stream: TcpStream, addr: SocketAddr, ctx: Arc<Ctx>) {
                     dicom_ul::pdu::AbortRQServiceProviderReason::InvalidPduParameter,
                 ),
             };
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), write_pdu(&mut stream, &abort)).await;
-            return;
+            let _ = tokio::time::timeout(Duration::from_secs(2), write_pdu(stream, &abort)).await;
+            None
         }
-        Ok(Ok(Pdu::AssociationRQ(rq))) => rq,
+        Ok(Ok(Pdu::AssociationRQ(rq))) => Some(rq),
         Ok(Ok(other)) => {
             tracing::info!(assoc = id, %addr, pdu = %other.short_description(), "expected an A-ASSOCIATE-RQ; closed");
-            return;
+            None
         }
+    }
+}
+
+/// Negotiates one association and, if it is accepted, runs it to its end.
+async fn handle(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: Arc<Ctx>) {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let Some(rq) = read_request(&mut stream, addr, id, &ctx.cfg.limits).await else {
+        return;
     };
-    let calling = rq.calling_ae_title.trim().to_string();
-    tracing::info!(assoc = id, %addr, calling_ae = %calling, called_ae = %rq.called_ae_title.trim(), "association requested");
+    drop(pending);
+    let Some(_slot) = ctx.admission.try_association() else {
+        tracing::warn!(assoc = id, %addr, "association limit reached; refusing");
+        send_reject(&mut stream, Refusal::Busy).await;
+        return;
+    };
+    let _active = crate::metrics::association_started();
+    tracing::info!(assoc = id, %addr, calling_ae = %Clean(rq.calling_ae_title.trim()), called_ae = %Clean(rq.called_ae_title.trim()), "association requested");
     if let Some(session) = negotiate(stream, id, &rq, &ctx).await {
         session.run().await;
     }
@@ -202,9 +177,9 @@ async fn negotiate(
     {
         tracing::info!(
             assoc = id,
-            "called AE title {:?} is not {:?}; rejected",
-            rq.called_ae_title.trim(),
-            cfg.gateway.ae_title
+            called_ae = %Clean(rq.called_ae_title.trim()),
+            expected = %cfg.gateway.ae_title,
+            "called AE title is not the gateway's; rejected"
         );
         send_reject(&mut stream, Refusal::CalledAeTitle).await;
         return None;

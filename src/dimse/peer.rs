@@ -208,11 +208,6 @@ impl Peer {
         }
     }
 
-    /// Must follow every `Event::Command` taken from [`Peer::next`].
-    pub fn expect_data(&mut self, pc_id: u8, has_data: bool) {
-        self.assembler.expect_data(pc_id, has_data);
-    }
-
     /// Sends a command and optional data set, fragmented to the peer's maximum, in one write
     /// (together with anything queued before).
     pub async fn send_message(

@@ -2,37 +2,39 @@
 //! the sub-operations of every C-MOVE the gateway asked for, and the registry that ties each
 //! sub-operation to its C-MOVE.
 //!
-//! The gateway sends the PACS each C-MOVE under a message ID of its own, with itself as the
-//! destination; the PACS's C-STORE sub-operations name that ID as Move Originator Message ID.
-//! Each arriving instance is matched to its move, checked once more against the caller's
-//! patient, and streamed to the real destination as it arrives; the destination's answer is the
-//! PACS's answer, so the PACS's sub-operation counts are true end to end. The SCP accepts
-//! associations only from the PACS (its AE title and address). Must not decide access itself:
-//! routes carry the policy core's patient filter.
+//! The gateway sends the PACS each C-MOVE under a message ID of its own, drawn at random over
+//! the whole 16-bit space, with itself as the destination; the PACS's C-STORE sub-operations
+//! name that ID as Move Originator Message ID. Each arriving instance is matched to its move,
+//! read by the strict reader, checked against what the move asked for (the caller's patient,
+//! and the study, series or instance UIDs the request named; each instance once; never more
+//! than the PACS has announced), and streamed to the real destination as it arrives; the
+//! destination's answer is the PACS's answer. The SCP accepts associations only from the PACS
+//! (its AE title and address). Must not decide access itself: routes carry the policy core's
+//! decision.
 
-use super::command::{self, Command, Set};
+use super::get::Tally;
 use super::instance::{self, HeadError, StreamError};
+use super::listener::Pending;
 use super::message::Event;
-use super::peer::{Incoming, Peer, read_pdu, write_pdu};
-use super::{Ctx, PDU_SLACK, assoc, send_reject};
+use super::peer::{Incoming, Peer, write_pdu};
+use super::{Ctx, PDU_SLACK, assoc, read_request, send_reject};
 use crate::audit::{self, Outcome};
 use crate::config::Destination;
-use crate::policy::Allowed;
-use dicom_dictionary_std::tags;
-use dicom_encoding::TransferSyntaxIndex;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use crate::dicom::command::{self, Command};
+use crate::dicom::syntax;
+use crate::logtext::Clean;
+use crate::policy::{Allowed, InstanceId};
 use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResult,
     PresentationContextResultReason, UserVariableItem,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 /// C-MOVEs in flight at once through the gateway; more are refused (out of resources).
 const MAX_MOVES: usize = 1024;
@@ -40,30 +42,68 @@ const MAX_MOVES: usize = 1024;
 /// Where the instances of one C-MOVE go, and what they must be.
 pub struct Route {
     pub destination: Destination,
+    /// The policy core's decision: every instance must pass its `admits_instance`.
     pub allowed: Allowed,
     /// The client's AE title and message ID, shown to the destination as the move originator.
     pub client_ae: String,
     pub client_message_id: u16,
     /// The client association, for logs.
     pub session: u64,
-    /// Instances refused because they were another patient's (or unreadable).
-    pub withheld: AtomicUsize,
     /// Sub-operations as answered to the PACS: the final response is reconciled with these.
-    pub completed: AtomicUsize,
-    pub warning: AtomicUsize,
-    pub failed: AtomicUsize,
+    pub tally: Mutex<Tally>,
+    /// The number of sub-operations the PACS announced (remaining + completed + failed +
+    /// warning in a pending response); 0 while it has announced none. No more are delivered.
+    pub announced: AtomicUsize,
+    /// SOP Instance UIDs delivered or refused so far: each instance is taken once.
+    seen: Mutex<HashSet<String>>,
 }
 
 impl Route {
-    /// Counts the status answered to the PACS for one sub-operation.
+    pub fn new(
+        destination: Destination,
+        allowed: Allowed,
+        client_ae: String,
+        client_message_id: u16,
+        session: u64,
+    ) -> Route {
+        Route {
+            destination,
+            allowed,
+            client_ae,
+            client_message_id,
+            session,
+            tally: Mutex::default(),
+            announced: AtomicUsize::new(0),
+            seen: Mutex::default(),
+        }
+    }
+
     fn count(&self, status: u16) {
-        let c = match status {
-            0x0000 => &self.completed,
-            0x0001 | 0x0107 | 0x0116 => &self.warning,
-            s if s & 0xF000 == 0xB000 => &self.warning,
-            _ => &self.failed,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count(status);
+    }
+
+    fn withhold(&self) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.failed += 1;
+        t.withheld += 1;
+    }
+
+    pub fn tally(&self) -> Tally {
+        *self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes an instance for delivery: `false` when it was seen already or the PACS's
+    /// announced count is reached.
+    fn take(&self, sop_instance: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let announced = self.announced.load(Ordering::Relaxed);
+        if announced > 0 && seen.len() >= announced {
+            return false;
+        }
+        seen.insert(sop_instance.to_string())
     }
 }
 
@@ -71,7 +111,6 @@ impl Route {
 #[derive(Default)]
 pub struct MoveRegistry {
     routes: Mutex<HashMap<u16, Arc<Route>>>,
-    next: AtomicU16,
 }
 
 /// Keeps a route registered; dropping it ends the route.
@@ -89,8 +128,25 @@ impl Drop for RouteGuard {
     }
 }
 
+/// A message ID nobody can predict: a process that reaches the receiver cannot guess which
+/// move an instance would join.
+fn random_id() -> u16 {
+    let mut b = [0u8; 2];
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        // The system's generator failed: fall back on the clock's low bits (still not a
+        // sequence a peer can follow).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return (nanos ^ (nanos >> 16)) as u16;
+    }
+    u16::from_le_bytes(b)
+}
+
 impl MoveRegistry {
-    /// Registers a route under a fresh message ID; `None` when too many moves are in flight.
+    /// Registers a route under a fresh random message ID; `None` when too many moves are in
+    /// flight.
     pub fn register(self: &Arc<Self>, route: Route) -> Option<RouteGuard> {
         let mut m = self.routes.lock().ok()?;
         if m.len() >= MAX_MOVES {
@@ -98,7 +154,7 @@ impl MoveRegistry {
         }
         let route = Arc::new(route);
         loop {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let id = random_id();
             if id != 0 && !m.contains_key(&id) {
                 m.insert(id, route.clone());
                 return Some(RouteGuard {
@@ -119,35 +175,19 @@ impl MoveRegistry {
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.cfg.limits.max_associations));
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            r = listener.accept() => {
-                let Ok((stream, addr)) = r else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(%addr, "receiver: association limit reached; closing");
-                    continue;
-                };
-                let ctx = ctx.clone();
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    receive(stream, addr, ctx).await;
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-        while tasks.try_join_next().is_some() {}
-    }
-    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    tasks.abort_all();
+    let admission = ctx.receiver_admission.clone();
+    super::listener::serve(
+        "receiver",
+        listener,
+        admission,
+        shutdown,
+        grace,
+        move |stream, addr, pending| receive(stream, addr, pending, ctx.clone()),
+    )
+    .await
 }
 
 /// Whether a connection comes from the PACS: its address must be one of the PACS host's.
@@ -158,20 +198,15 @@ async fn from_pacs(ctx: &Ctx, addr: SocketAddr) -> bool {
     }
 }
 
-async fn receive(mut stream: TcpStream, addr: SocketAddr, ctx: Arc<Ctx>) {
+async fn receive(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: Arc<Ctx>) {
     let limits = &ctx.cfg.limits;
-    let rq = match tokio::time::timeout(
-        limits.association_request_timeout,
-        read_pdu(&mut stream, limits.max_association_request_bytes),
-    )
-    .await
-    {
-        Ok(Ok(Pdu::AssociationRQ(rq))) => rq,
-        _ => return,
+    let Some(rq) = read_request(&mut stream, addr, 0, limits).await else {
+        return;
     };
+    drop(pending);
     let pacs = &ctx.cfg.pacs;
     if rq.calling_ae_title.trim() != pacs.ae_title.trim() || !from_pacs(&ctx, addr).await {
-        tracing::warn!(%addr, calling_ae = %rq.calling_ae_title.trim(), "receiver: association not from the PACS; rejected");
+        tracing::warn!(%addr, calling_ae = %Clean(rq.calling_ae_title.trim()), "receiver: association not from the PACS; rejected");
         send_reject(&mut stream, assoc::Refusal::CallingAeTitle).await;
         return;
     }
@@ -179,16 +214,19 @@ async fn receive(mut stream: TcpStream, addr: SocketAddr, ctx: Arc<Ctx>) {
         send_reject(&mut stream, assoc::Refusal::CalledAeTitle).await;
         return;
     }
+    let Some(_slot) = ctx.receiver_admission.try_association() else {
+        send_reject(&mut stream, assoc::Refusal::Busy).await;
+        return;
+    };
     let our_max = limits.max_pdu_length;
     let mut results = Vec::new();
     let mut accepted: Vec<PresentationContextProposed> = Vec::new();
     for pc in &rq.presentation_contexts {
-        // Keep the PACS's first known transfer syntax, so instances pass through unchanged.
-        let ts = pc.transfer_syntaxes.iter().find(|t| {
-            TransferSyntaxRegistry
-                .get(t.trim_end_matches('\0'))
-                .is_some()
-        });
+        // The PACS's first syntax the strict reader decodes, so instances pass unchanged.
+        let ts = pc
+            .transfer_syntaxes
+            .iter()
+            .find(|t| syntax::readable(t).is_some());
         match ts {
             Some(t) => {
                 results.push(PresentationContextResult {
@@ -258,6 +296,11 @@ struct Receiver {
     dest: Option<DestinationLeg>,
 }
 
+/// The status the PACS is given for an instance the gateway withholds. A failure status makes
+/// some PACS (Orthanc) end the whole move at once, taking the caller's own instances with it;
+/// the client learns the truth from the gateway's counts.
+const WITHHELD_TO_PACS: u16 = command::STATUS_NOT_AUTHORIZED;
+
 impl Receiver {
     async fn run(&mut self) {
         let idle = self.ctx.cfg.limits.idle_timeout;
@@ -267,17 +310,18 @@ impl Receiver {
                 Err(_) => break,
             };
             match next {
-                Incoming::Message(Event::Command { pc_id, bytes }) => {
-                    let cmd = match Command::decode(bytes) {
-                        Ok(c) => c,
-                        Err(_) => break,
-                    };
-                    self.pacs.expect_data(pc_id, cmd.has_data_set());
-                    let ok = match cmd.field() {
-                        Some(command::C_STORE_RQ) => self.store(pc_id, cmd).await,
-                        Some(command::C_ECHO_RQ) => {
+                Incoming::Message(Event::Command {
+                    pc_id,
+                    command: cmd,
+                }) => {
+                    let ok = match cmd.field {
+                        command::C_STORE_RQ if cmd.has_data_set() => self.store(pc_id, *cmd).await,
+                        command::C_ECHO_RQ if !cmd.has_data_set() => {
                             let r = cmd.response(command::STATUS_SUCCESS, None);
-                            self.pacs.send_message(pc_id, &r, None).await.is_ok()
+                            self.pacs
+                                .send_message(pc_id, &r.encode(), None)
+                                .await
+                                .is_ok()
                         }
                         _ => false,
                     };
@@ -303,91 +347,115 @@ impl Receiver {
     }
 
     /// Answers the PACS for a sub-operation; false when the PACS association is broken.
-    async fn answer(
+    async fn answer(&mut self, pc_id: u8, cmd: &Command, status: u16, comment: &str) -> bool {
+        let r = cmd.response(status, Some(comment));
+        self.pacs
+            .send_message(pc_id, &r.encode(), None)
+            .await
+            .is_ok()
+    }
+
+    /// Refuses one instance: drains what is left of it and answers the PACS.
+    async fn refuse(
         &mut self,
         route: Option<&Route>,
         pc_id: u8,
         cmd: &Command,
+        drained: bool,
         status: u16,
         comment: &str,
     ) -> bool {
+        let wait = self.ctx.cfg.limits.upstream_timeout;
         if let Some(r) = route {
-            r.count(status);
+            r.withhold();
         }
-        let r = cmd.response(status, Some(comment));
-        self.pacs.send_message(pc_id, &r, None).await.is_ok()
+        (drained || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
+            && self.answer(pc_id, cmd, status, comment).await
     }
 
     /// One sub-operation; false when the PACS association cannot go on.
     async fn store(&mut self, pc_id: u8, cmd: Command) -> bool {
         let wait = self.ctx.cfg.limits.upstream_timeout;
-        let Some(ts) = self.accepted.iter().find(|p| p.id == pc_id).and_then(|p| {
-            TransferSyntaxRegistry.get(p.transfer_syntaxes[0].trim_end_matches('\0'))
-        }) else {
+        let Some(syntax) = self
+            .accepted
+            .iter()
+            .find(|p| p.id == pc_id)
+            .and_then(|p| p.transfer_syntaxes.first())
+            .and_then(|t| syntax::readable(t))
+        else {
             return false;
         };
-        let route_id = cmd.move_originator_id();
+        let route_id = cmd.move_originator_id;
         let route = route_id.and_then(|id| self.ctx.moves.get(id));
         let (Some(route_id), Some(route)) = (route_id, route) else {
             tracing::warn!("receiver: an instance for no C-MOVE of the gateway; refused");
-            return instance::drain(&mut self.pacs, pc_id, wait).await.is_ok()
-                && self
-                    .answer(
-                        None,
-                        pc_id,
-                        &cmd,
-                        command::STATUS_NOT_AUTHORIZED,
-                        "no such move",
-                    )
-                    .await;
+            audit::record(
+                "dimse",
+                0,
+                None,
+                "C-MOVE sub-operation",
+                Outcome::Anomaly,
+                "an instance arrived for no move in flight; refused",
+            );
+            return self
+                .refuse(
+                    None,
+                    pc_id,
+                    &cmd,
+                    false,
+                    command::STATUS_NOT_AUTHORIZED,
+                    "no such move",
+                )
+                .await;
         };
-        let head = match instance::read_head(&mut self.pacs, pc_id, ts, wait).await {
+        let limits = self.ctx.cfg.limits.reader();
+        let head = match instance::read_head(&mut self.pacs, pc_id, syntax, limits, wait).await {
             Ok(h) => h,
             Err(HeadError::Peer(_)) => return false,
-            Err(HeadError::Unreadable { last }) => {
-                route.withheld.fetch_add(1, Ordering::Relaxed);
-                return (last || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
-                    && self
-                        .answer(
-                            Some(&route),
-                            pc_id,
-                            &cmd,
-                            command::STATUS_CANNOT_UNDERSTAND,
-                            "data set cannot be read",
-                        )
-                        .await;
+            Err(HeadError::Unreadable { last, why }) => {
+                tracing::warn!(violation = %why, "receiver: an instance the strict reader refused; withheld");
+                return self
+                    .refuse(
+                        Some(&route),
+                        pc_id,
+                        &cmd,
+                        last,
+                        command::STATUS_CANNOT_UNDERSTAND,
+                        "data set is not well formed",
+                    )
+                    .await;
             }
         };
-        if !route.allowed.admits_instance(
-            head.patient_id.as_deref(),
-            head.issuer.as_deref(),
-            head.study_uid.as_deref(),
-        ) {
-            route.withheld.fetch_add(1, Ordering::Relaxed);
+        let h = &head.head;
+        let id = InstanceId::of(h);
+        let admitted = route.allowed.admits_instance(&id)
+            && h.sop_instance == cmd.affected_sop_instance
+            && h.sop_instance.as_deref().is_some_and(|u| route.take(u));
+        if !admitted {
             audit::record(
                 "dimse",
                 route.session,
                 None,
                 "C-MOVE sub-operation",
                 Outcome::Anomaly,
-                "the PACS sent an instance of another patient; withheld",
+                "the PACS sent an instance of another patient, one not requested, or one too many; withheld",
             );
-            return (head.last || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
-                && self
-                    .answer(
-                        Some(&route),
-                        pc_id,
-                        &cmd,
-                        command::STATUS_NOT_AUTHORIZED,
-                        "not authorized",
-                    )
-                    .await;
+            return self
+                .refuse(
+                    Some(&route),
+                    pc_id,
+                    &cmd,
+                    head.last,
+                    WITHHELD_TO_PACS,
+                    "not authorized",
+                )
+                .await;
         }
         if !self.destination_ready(route_id, &route).await || !self.dest_accepts(pc_id) {
+            route.count(command::STATUS_UNABLE_TO_PROCESS);
             return (head.last || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
                 && self
                     .answer(
-                        Some(&route),
                         pc_id,
                         &cmd,
                         command::STATUS_UNABLE_TO_PROCESS,
@@ -395,22 +463,10 @@ impl Receiver {
                     )
                     .await;
         }
-        let forward = match command::rewrite(
-            &cmd.raw,
-            &[
-                (
-                    tags::MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE,
-                    Set::Ae(&route.client_ae),
-                ),
-                (
-                    tags::MOVE_ORIGINATOR_MESSAGE_ID,
-                    Set::Us(route.client_message_id),
-                ),
-            ],
-        ) {
-            Ok(f) => f,
-            Err(_) => return false,
-        };
+        let mut forward = cmd.clone();
+        forward.move_originator_ae = Some(route.client_ae.clone());
+        forward.move_originator_id = Some(route.client_message_id);
+        let forward = forward.encode();
         let Some(dest) = self.dest.as_mut().and_then(|d| d.peer.as_mut()) else {
             return false;
         };
@@ -421,13 +477,30 @@ impl Receiver {
                 self.dest = None;
                 return false;
             }
+            Err(StreamError::Invalid(v)) => {
+                // The destination holds part of an instance: its association is aborted, so
+                // it never completes; the rest from the PACS is read and dropped.
+                tracing::warn!(violation = %v, "receiver: the tail of an instance was refused");
+                dest.abort().await;
+                self.dest = None;
+                return self
+                    .refuse(
+                        Some(&route),
+                        pc_id,
+                        &cmd,
+                        false,
+                        command::STATUS_CANNOT_UNDERSTAND,
+                        "data set is not well formed",
+                    )
+                    .await;
+            }
             Err(StreamError::To(e)) => {
                 tracing::warn!(reason = %e, "destination failed during a C-MOVE sub-operation");
                 self.dest = None;
+                route.count(command::STATUS_UNABLE_TO_PROCESS);
                 return instance::drain(&mut self.pacs, pc_id, wait).await.is_ok()
                     && self
                         .answer(
-                            Some(&route),
                             pc_id,
                             &cmd,
                             command::STATUS_UNABLE_TO_PROCESS,
@@ -438,24 +511,31 @@ impl Receiver {
         }
         // The destination's answer is the PACS's answer.
         let answer = match tokio::time::timeout(wait, dest.next()).await {
-            Ok(Incoming::Message(Event::Command { pc_id: rpc, bytes })) if rpc == pc_id => {
-                Command::decode(bytes)
-                    .ok()
-                    .filter(|r| r.field() == Some(command::C_STORE_RSP) && !r.has_data_set())
+            Ok(Incoming::Message(Event::Command {
+                pc_id: rpc,
+                command: r,
+            })) if rpc == pc_id
+                && r.field == command::C_STORE_RSP
+                && !r.has_data_set()
+                && r.responded_to == cmd.message_id =>
+            {
+                Some(r)
             }
             _ => None,
         };
         match answer {
             Some(rsp) => {
-                dest.expect_data(pc_id, false);
-                route.count(rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS));
-                self.pacs.send_message(pc_id, &rsp.raw, None).await.is_ok()
+                route.count(rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS));
+                self.pacs
+                    .send_message(pc_id, &rsp.encode(), None)
+                    .await
+                    .is_ok()
             }
             None => {
                 dest.abort().await;
                 self.dest = None;
+                route.count(command::STATUS_UNABLE_TO_PROCESS);
                 self.answer(
-                    Some(&route),
                     pc_id,
                     &cmd,
                     command::STATUS_UNABLE_TO_PROCESS,
@@ -514,8 +594,10 @@ impl Receiver {
                         r.reason == PresentationContextResultReason::Acceptance
                             && self.accepted.iter().any(|p| {
                                 p.id == r.id
-                                    && p.transfer_syntaxes[0].trim_end_matches('\0')
-                                        == r.transfer_syntax.trim_end_matches('\0')
+                                    && p.transfer_syntaxes.first().is_some_and(|t| {
+                                        t.trim_end_matches('\0')
+                                            == r.transfer_syntax.trim_end_matches('\0')
+                                    })
                             })
                     })
                     .map(|r| r.id)

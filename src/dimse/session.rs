@@ -2,14 +2,19 @@
 //! hands each to its service (one file per service), and handles release, abort and timeouts.
 //!
 //! Owns: the association's state after negotiation (both peers, the verified principal, the
-//! accepted presentation contexts) and its lifecycle. Must not decide access: services ask the
-//! policy core.
+//! accepted presentation contexts), its lifecycle, and the first check of every request: a
+//! command must belong to the SOP class of its presentation context (C-FIND on FIND models,
+//! C-GET on GET, C-MOVE on MOVE, C-STORE on storage, C-ECHO on Verification) and name that
+//! class as its Affected SOP Class. Must not decide access: services ask the policy core.
 
 use super::assoc::AcceptedContext;
-use super::command::{self, Command};
 use super::message::Event;
 use super::peer::{Incoming, MAX_BATCH, Peer};
 use super::{Ctx, cmove, echo, find, get, store};
+use crate::dicom::command::{self, Command, Service};
+use crate::dicom::dataset::DataSet;
+use crate::dicom::reader::Violation;
+use crate::dicom::syntax::{self, Syntax};
 use crate::trust::Principal;
 use dicom_ul::pdu::Pdu;
 use std::collections::HashMap;
@@ -20,12 +25,17 @@ use std::time::Duration;
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Session {
+    /// The association's number in logs and audit records.
     pub id: u64,
     /// The client's AE title, shown to C-MOVE destinations as the move originator.
     pub calling_ae: String,
+    /// The client's leg; its commands arrive read strictly.
     pub client: Peer,
+    /// The gateway's own association to the PACS, opened for this client.
     pub pacs: Peer,
+    /// Who the token says the caller is; every operation is decided for it.
     pub principal: Principal,
+    /// The presentation contexts accepted on both legs, by id.
     pub contexts: HashMap<u8, AcceptedContext>,
     pub ctx: Arc<Ctx>,
 }
@@ -60,8 +70,8 @@ impl Session {
                     );
                     self.abort_both().await
                 }
-                Side::Client(Incoming::Message(Event::Command { pc_id, bytes })) => {
-                    self.dispatch(pc_id, bytes).await
+                Side::Client(Incoming::Message(Event::Command { pc_id, command })) => {
+                    self.dispatch(pc_id, *command).await
                 }
                 Side::Client(Incoming::Message(Event::Data { .. })) => {
                     self.protocol_violation("client", "data set without a command")
@@ -75,8 +85,8 @@ impl Session {
                 }
                 Side::Client(Incoming::Gone(why)) => {
                     tracing::info!(assoc = self.id, reason = %why, "client connection ended");
-                    self.pacs.abort().await;
-                    Flow::End
+                    // A malformed command set ends here: the client is told by an A-ABORT.
+                    self.abort_both().await
                 }
                 Side::Client(Incoming::ReleaseRp) => {
                     self.protocol_violation("client", "unexpected A-RELEASE-RP")
@@ -99,35 +109,52 @@ impl Session {
         }
     }
 
-    async fn dispatch(&mut self, pc_id: u8, bytes: Vec<u8>) -> Flow {
-        let cmd = match Command::decode(bytes) {
-            Ok(c) => c,
-            Err(e) => return self.protocol_violation("client", &e.to_string()).await,
-        };
-        self.client.expect_data(pc_id, cmd.has_data_set());
-        if !self.contexts.contains_key(&pc_id) {
+    async fn dispatch(&mut self, pc_id: u8, cmd: Command) -> Flow {
+        let Some(context) = self.contexts.get(&pc_id) else {
             return self
                 .protocol_violation(
                     "client",
                     &format!("message on presentation context {pc_id}, which was not accepted"),
                 )
                 .await;
+        };
+        if cmd.is_response() {
+            return self
+                .protocol_violation("client", "response message from the requestor")
+                .await;
         }
-        match cmd.field() {
-            Some(command::C_ECHO_RQ) => echo::handle(self, pc_id, cmd).await,
-            Some(command::C_FIND_RQ) => find::handle(self, pc_id, cmd).await,
-            Some(command::C_STORE_RQ) => store::handle(self, pc_id, cmd).await,
-            Some(command::C_GET_RQ) => get::handle(self, pc_id, cmd).await,
-            Some(command::C_MOVE_RQ) => cmove::handle(self, pc_id, cmd).await,
+        let field = cmd.field;
+        let known = matches!(
+            field,
+            command::C_ECHO_RQ
+                | command::C_FIND_RQ
+                | command::C_STORE_RQ
+                | command::C_GET_RQ
+                | command::C_MOVE_RQ
+                | command::C_CANCEL_RQ
+        );
+        if !known {
+            return self.unsupported(pc_id, cmd).await;
+        }
+        let service = Service::of(&context.abstract_syntax);
+        let names_its_class = field == command::C_CANCEL_RQ
+            || cmd.affected_sop_class.as_deref() == Some(context.abstract_syntax.as_str());
+        if !service.admits(field) || !names_its_class {
+            return self.wrong_sop_class(pc_id, cmd).await;
+        }
+        match field {
+            command::C_ECHO_RQ => echo::handle(self, pc_id, cmd).await,
+            command::C_FIND_RQ => find::handle(self, pc_id, cmd).await,
+            command::C_STORE_RQ => store::handle(self, pc_id, cmd).await,
+            command::C_GET_RQ => get::handle(self, pc_id, cmd).await,
+            command::C_MOVE_RQ => cmove::handle(self, pc_id, cmd).await,
             // A cancel for an operation that has already ended is ignored (PS3.7 9.3.2.3).
-            Some(command::C_CANCEL_RQ) => Flow::Continue,
-            other => self.unsupported(pc_id, cmd, other.unwrap_or(0)).await,
+            _ => Flow::Continue,
         }
     }
 
-    /// Operations this version does not relay get a failure status, after their data set (if
-    /// any) was read and discarded.
-    async fn unsupported(&mut self, pc_id: u8, cmd: Command, field: u16) -> Flow {
+    /// Reads and drops the data set of a request that is refused before it is looked at.
+    async fn drop_data_set(&mut self, pc_id: u8, cmd: &Command) -> Result<(), Flow> {
         if cmd.has_data_set()
             && let Err(e) = self
                 .client
@@ -135,18 +162,22 @@ impl Session {
                 .await
         {
             tracing::info!(assoc = self.id, reason = %e, "client failed while sending a data set");
-            return self.abort_both().await;
+            return Err(self.abort_both().await);
+        }
+        Ok(())
+    }
+
+    /// Operations this version does not relay (DIMSE-N) get a failure status, after their
+    /// data set (if any) was read and discarded.
+    async fn unsupported(&mut self, pc_id: u8, cmd: Command) -> Flow {
+        if let Err(flow) = self.drop_data_set(pc_id, &cmd).await {
+            return flow;
         }
         tracing::info!(
             assoc = self.id,
-            command = format!("{field:#06x}"),
+            command = format!("{:#06x}", cmd.field),
             "operation not supported; refused"
         );
-        if field & 0x8000 != 0 {
-            return self
-                .protocol_violation("client", "response message from the requestor")
-                .await;
-        }
         let rsp = cmd.response(
             command::STATUS_UNRECOGNIZED_OPERATION,
             Some("operation not supported by the gateway"),
@@ -154,7 +185,32 @@ impl Session {
         self.reply(pc_id, &rsp, None).await
     }
 
-    /// Sends a message to the client; a failure ends the association.
+    /// A request on a presentation context whose SOP class it does not belong to: refused
+    /// (0122H), so a command can never run as one service here and another at the PACS.
+    async fn wrong_sop_class(&mut self, pc_id: u8, cmd: Command) -> Flow {
+        if let Err(flow) = self.drop_data_set(pc_id, &cmd).await {
+            return flow;
+        }
+        tracing::warn!(
+            assoc = self.id,
+            command = format!("{:#06x}", cmd.field),
+            "command does not belong to its presentation context's SOP class; refused"
+        );
+        crate::audit::record(
+            "dimse",
+            self.id,
+            Some(&self.principal),
+            "DIMSE request",
+            crate::audit::Outcome::Denied,
+            "command does not belong to the SOP class of its presentation context",
+        );
+        let rsp = cmd.response(
+            command::STATUS_SOP_CLASS_NOT_SUPPORTED,
+            Some("command does not belong to the presentation context's SOP class"),
+        );
+        self.reply(pc_id, &rsp, None).await
+    }
+
     /// Answers a request the policy core refused: the denial goes to the audit trail, the
     /// client gets 0124H (Refused: Not Authorized) and nothing more.
     pub async fn refuse(
@@ -176,8 +232,31 @@ impl Session {
         self.reply(pc_id, &rsp, None).await
     }
 
-    pub async fn reply(&mut self, pc_id: u8, command: &[u8], data: Option<&[u8]>) -> Flow {
-        match self.client.send_message(pc_id, command, data).await {
+    /// Answers a request whose identifier the strict reader refused: A900H, nothing relayed.
+    pub async fn bad_identifier(&mut self, pc_id: u8, cmd: &Command, v: &Violation) -> Flow {
+        tracing::info!(assoc = self.id, violation = %v, "identifier refused by the strict reader");
+        crate::audit::record(
+            "dimse",
+            self.id,
+            Some(&self.principal),
+            "DIMSE identifier",
+            crate::audit::Outcome::Denied,
+            &format!("malformed identifier: {v}"),
+        );
+        let rsp = cmd.response(
+            command::STATUS_IDENTIFIER_MISMATCH,
+            Some("identifier is not a well-formed data set"),
+        );
+        self.reply(pc_id, &rsp, None).await
+    }
+
+    /// Sends a message to the client; a failure ends the association.
+    pub async fn reply(&mut self, pc_id: u8, command: &Command, data: Option<&[u8]>) -> Flow {
+        match self
+            .client
+            .send_message(pc_id, &command.encode(), data)
+            .await
+        {
             Ok(()) => Flow::Continue,
             Err(e) => {
                 tracing::info!(assoc = self.id, reason = %e, "cannot write to the client");
@@ -192,10 +271,10 @@ impl Session {
     pub async fn relay_to_client(
         &mut self,
         pc_id: u8,
-        command: &[u8],
+        command: &Command,
         data: Option<&[u8]>,
     ) -> Flow {
-        if let Err(e) = self.client.queue_message(pc_id, command, data) {
+        if let Err(e) = self.client.queue_message(pc_id, &command.encode(), data) {
             tracing::info!(assoc = self.id, reason = %e, "cannot encode for the client");
             return self.abort_both().await;
         }
@@ -257,30 +336,22 @@ impl Session {
         self.abort_both().await
     }
 
-    /// The transfer syntax negotiated for a presentation context, if the registry knows it.
-    pub fn transfer_syntax(
-        &self,
-        pc_id: u8,
-    ) -> Option<&'static dicom_encoding::transfer_syntax::TransferSyntax> {
-        use dicom_encoding::TransferSyntaxIndex;
-        let uid = &self.contexts.get(&pc_id)?.transfer_syntax;
-        dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid.trim_end_matches('\0'))
+    /// How data sets on a presentation context are read (negotiation accepts only syntaxes the
+    /// strict reader decodes, so this is known for every accepted context).
+    pub fn syntax(&self, pc_id: u8) -> Option<Syntax> {
+        syntax::readable(&self.contexts.get(&pc_id)?.transfer_syntax)
     }
 
-    /// Reads the identifier of a query or retrieval request and the transfer syntax it is
-    /// encoded in. On failure the client has been answered (or the association ended) and the
-    /// `Flow` says how the association goes on.
+    /// Reads the identifier of a query or retrieval request (whole, bounded) and checks it
+    /// with the strict reader. On failure the client has been answered (A900H for an
+    /// identifier that is missing or malformed) or the association ended; the `Flow` says
+    /// how it goes on. The caller reads the returned bytes with [`DataSet::read`] again,
+    /// which cannot fail then.
     pub async fn read_identifier(
         &mut self,
         pc_id: u8,
         cmd: &Command,
-    ) -> Result<
-        (
-            Vec<u8>,
-            &'static dicom_encoding::transfer_syntax::TransferSyntax,
-        ),
-        Flow,
-    > {
+    ) -> Result<(Vec<u8>, Syntax), Flow> {
         let limits = self.ctx.cfg.limits.clone();
         if !cmd.has_data_set() {
             let rsp = cmd.response(command::STATUS_IDENTIFIER_MISMATCH, Some("no identifier"));
@@ -297,16 +368,17 @@ impl Session {
                 return Err(self.abort_both().await);
             }
         };
-        match self.transfer_syntax(pc_id) {
-            Some(ts) => Ok((bytes, ts)),
-            None => {
-                let rsp = cmd.response(
-                    command::STATUS_UNABLE_TO_PROCESS,
-                    Some("transfer syntax not supported"),
-                );
-                Err(self.reply(pc_id, &rsp, None).await)
-            }
+        let Some(syntax) = self.syntax(pc_id) else {
+            let rsp = cmd.response(
+                command::STATUS_UNABLE_TO_PROCESS,
+                Some("transfer syntax not supported"),
+            );
+            return Err(self.reply(pc_id, &rsp, None).await);
+        };
+        if let Err(v) = DataSet::read(&bytes, syntax.encoding, limits.reader()) {
+            return Err(self.bad_identifier(pc_id, cmd, &v).await);
         }
+        Ok((bytes, syntax))
     }
 
     /// Waits for the PACS, bounded by the upstream timeout.

@@ -1,17 +1,22 @@
 //! C-STORE through the gateway.
 //!
-//! The instance's head is read until PatientID, StudyInstanceUID and SeriesInstanceUID are
-//! known; the policy core decides (write scope, the caller's patient, a study or series the PACS
-//! already holds must be that patient's); a refused instance is drained and never reaches the
-//! PACS; an allowed one is streamed on as it arrives. The client gets the PACS's own answer, so
-//! success means stored; a PACS failure, timeout or abort is a failure status, never a success.
+//! The instance's head is read through the strict reader until its SOP Class and Instance,
+//! PatientID, IssuerOfPatientID, StudyInstanceUID and SeriesInstanceUID are known, each read
+//! once and validated (a malformed head is C000H and never reaches the PACS); the command must
+//! name the same SOP Class and Instance as the data set. The policy core decides (write scope,
+//! the caller's patient, a study, series or SOP Instance UID the PACS already holds must be
+//! that patient's); a refused instance is drained and never reaches the PACS; an allowed one
+//! is streamed on as it arrives, its tail read by the same reader (a defect there aborts the
+//! PACS association before the last fragment, so the PACS never stores it). The client gets
+//! the PACS's own answer, so success means stored; a PACS failure, timeout or abort is a
+//! failure status, never a success.
 
-use super::command::{self, Command};
 use super::instance::{self, HeadError, StreamError};
 use super::message::Event;
 use super::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
+use crate::dicom::command::{self, Command};
 use crate::policy::{Decision, StoreRequest};
 use std::time::SystemTime;
 
@@ -24,10 +29,9 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         );
         return s.reply(pc_id, &rsp, None).await;
     }
-    let Some(ts) = s.transfer_syntax(pc_id) else {
-        if let Err(e) = instance::drain(&mut s.client, pc_id, wait).await {
-            tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
-            return s.abort_both().await;
+    let Some(syntax) = s.syntax(pc_id) else {
+        if let Err(flow) = drain_client(s, pc_id, false).await {
+            return flow;
         }
         let rsp = cmd.response(
             command::STATUS_CANNOT_UNDERSTAND,
@@ -35,16 +39,16 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         );
         return s.reply(pc_id, &rsp, None).await;
     };
-    let head = match instance::read_head(&mut s.client, pc_id, ts, wait).await {
+    let limits = s.ctx.cfg.limits.reader();
+    let head = match instance::read_head(&mut s.client, pc_id, syntax, limits, wait).await {
         Ok(h) => h,
         Err(HeadError::Peer(e)) => {
             tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
             return s.abort_both().await;
         }
-        Err(HeadError::Unreadable { last }) => {
-            if !last && let Err(e) = instance::drain(&mut s.client, pc_id, wait).await {
-                tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
-                return s.abort_both().await;
+        Err(HeadError::Unreadable { last, why }) => {
+            if let Err(flow) = drain_client(s, pc_id, last).await {
+                return flow;
             }
             audit::record(
                 "dimse",
@@ -52,22 +56,58 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 Some(&s.principal),
                 "C-STORE",
                 Outcome::Denied,
-                "data set unreadable",
+                &format!("data set refused by the strict reader: {why}"),
             );
             let rsp = cmd.response(
                 command::STATUS_CANNOT_UNDERSTAND,
-                Some("data set cannot be read"),
+                Some("data set is not well formed"),
             );
             return s.reply(pc_id, &rsp, None).await;
         }
     };
+    let h = head.head.clone();
+    let what = format!(
+        "C-STORE study={} instance={}",
+        h.study.as_deref().unwrap_or("-"),
+        h.sop_instance.as_deref().unwrap_or("-")
+    );
+    // The command and the data set must name the same instance: a PACS may file it under
+    // either.
+    let mismatch = if h.sop_class != cmd.affected_sop_class {
+        Some((
+            command::STATUS_IDENTIFIER_MISMATCH,
+            "the data set's SOP Class UID differs from the command's",
+        ))
+    } else if h.sop_instance != cmd.affected_sop_instance {
+        Some((
+            command::STATUS_CANNOT_UNDERSTAND,
+            "the data set's SOP Instance UID differs from the command's",
+        ))
+    } else {
+        None
+    };
+    if let Some((status, why)) = mismatch {
+        if let Err(flow) = drain_client(s, pc_id, head.last).await {
+            return flow;
+        }
+        audit::record(
+            "dimse",
+            s.id,
+            Some(&s.principal),
+            &what,
+            Outcome::Denied,
+            why,
+        );
+        return s.reply(pc_id, &cmd.response(status, Some(why)), None).await;
+    }
     let req = StoreRequest {
-        patient_id: head.patient_id.as_deref(),
-        issuer: head.issuer.as_deref(),
-        study_uid: head.study_uid.as_deref(),
-        series_uid: head.series_uid.as_deref(),
-        modality: head.modality.as_deref(),
-        study_date: head.study_date.as_deref(),
+        instance_uid: h.sop_instance.as_deref(),
+        patient_id: h.patient_id.as_deref(),
+        issuer: h.issuer.as_deref(),
+        study_uid: h.study.as_deref(),
+        series_uid: h.series.as_deref(),
+        modality: h.modality.as_deref(),
+        study_date: h.study_date.as_deref(),
     };
     let decision = s
         .ctx
@@ -80,27 +120,40 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             SystemTime::now(),
         )
         .await;
-    let study = head.study_uid.clone().unwrap_or_default();
-    let series = head.series_uid.clone();
-    let patient = head.patient_id.clone().unwrap_or_default();
-    let issuer = head.issuer.clone();
-    let what = format!("C-STORE study={study}");
     if let Decision::Deny(d) = decision {
-        if !head.last
-            && let Err(e) = instance::drain(&mut s.client, pc_id, wait).await
-        {
-            tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
-            return s.abort_both().await;
+        if let Err(flow) = drain_client(s, pc_id, head.last).await {
+            return flow;
         }
         return s.refuse(pc_id, &cmd, &what, &d).await;
     }
 
-    match instance::stream(&mut s.client, &mut s.pacs, pc_id, &cmd.raw, head, wait).await {
+    let upstream = cmd.encode();
+    match instance::stream(&mut s.client, &mut s.pacs, pc_id, &upstream, head, wait).await {
         Ok(()) => {}
         Err(StreamError::From(e)) => {
             // The PACS must not keep a truncated instance: abort its association.
             tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE; PACS association aborted");
             return s.abort_both().await;
+        }
+        Err(StreamError::Invalid(v)) => {
+            // The PACS holds part of an instance without its last fragment: aborting its
+            // association makes it drop that part.
+            audit::record(
+                "dimse",
+                s.id,
+                Some(&s.principal),
+                &what,
+                Outcome::Denied,
+                &format!("data set refused by the strict reader after the head: {v}"),
+            );
+            s.pacs.abort().await;
+            let rsp = cmd.response(
+                command::STATUS_CANNOT_UNDERSTAND,
+                Some("data set is not well formed"),
+            );
+            let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
+            s.client.abort().await;
+            return Flow::End;
         }
         Err(StreamError::To(e)) => {
             tracing::warn!(assoc = s.id, reason = %e, "PACS failed during C-STORE");
@@ -110,50 +163,33 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     }
     // The PACS's answer is the client's answer.
     match s.pacs_next().await {
-        Some(Incoming::Message(Event::Command { pc_id: rpc, bytes })) if rpc == pc_id => {
-            match Command::decode(bytes) {
-                Ok(rsp) if rsp.field() == Some(command::C_STORE_RSP) => {
-                    s.pacs.expect_data(rpc, rsp.has_data_set());
-                    if rsp.has_data_set() {
-                        return s
-                            .protocol_violation("pacs", "C-STORE-RSP with a data set")
-                            .await;
-                    }
-                    let status = rsp.status().unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
-                    let stored = status == 0
-                        || (status & 0xF000) == 0xB000
-                        || status == 0x0107
-                        || status == 0x0116;
-                    if stored {
-                        s.ctx
-                            .policy
-                            .remember_stored(
-                                &study,
-                                series.as_deref(),
-                                patient.trim_matches(' '),
-                                issuer.as_deref(),
-                            )
-                            .await;
-                    }
-                    audit::record(
-                        "dimse",
-                        s.id,
-                        Some(&s.principal),
-                        &what,
-                        if stored {
-                            Outcome::Allowed
-                        } else {
-                            Outcome::Denied
-                        },
-                        &format!("PACS status {status:#06x}"),
-                    );
-                    s.reply(pc_id, &rsp.raw, None).await
-                }
-                _ => {
-                    s.protocol_violation("pacs", "unexpected answer to C-STORE")
-                        .await
-                }
+        Some(Incoming::Message(Event::Command {
+            pc_id: rpc,
+            command: rsp,
+        })) if rpc == pc_id => {
+            if rsp.field != command::C_STORE_RSP || rsp.has_data_set() {
+                return s
+                    .protocol_violation("pacs", "unexpected answer to C-STORE")
+                    .await;
             }
+            let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
+            let stored = command::is_stored(status);
+            if stored {
+                s.ctx.policy.remember_stored(&req).await;
+            }
+            audit::record(
+                "dimse",
+                s.id,
+                Some(&s.principal),
+                &what,
+                if stored {
+                    Outcome::Allowed
+                } else {
+                    Outcome::Denied
+                },
+                &format!("PACS status {status:#06x}"),
+            );
+            s.reply(pc_id, &rsp, None).await
         }
         Some(_) => {
             tracing::warn!(assoc = s.id, "PACS went away before answering C-STORE");
@@ -166,12 +202,26 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     }
 }
 
+/// Reads and drops the rest of a refused instance (nothing when it has ended already); a
+/// client that fails meanwhile ends the association.
+async fn drain_client(s: &mut Session, pc_id: u8, ended: bool) -> Result<(), Flow> {
+    if ended {
+        return Ok(());
+    }
+    let wait = s.ctx.cfg.limits.idle_timeout;
+    if let Err(e) = instance::drain(&mut s.client, pc_id, wait).await {
+        tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
+        return Err(s.abort_both().await);
+    }
+    Ok(())
+}
+
 /// The PACS failed: a failure status to the client (never a success), then both end.
 async fn fail(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
     let rsp = cmd.response(
         command::STATUS_UNABLE_TO_PROCESS,
         Some("PACS did not store the instance"),
     );
-    let _ = s.client.send_message(pc_id, &rsp, None).await;
+    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
     s.abort_both().await
 }

@@ -267,9 +267,13 @@ pub struct RetrieveRequest<'a> {
     pub instance_uids: Vec<String>,
 }
 
-/// A store (C-STORE, STOW-RS) as the policy core sees it: what the instance says of itself.
+/// A store (C-STORE, STOW-RS) as the policy core sees it: what the instance says of itself,
+/// as the strict reader read it (UIDs validated, without padding).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StoreRequest<'a> {
+    /// SOP Instance UID: it must be new to the PACS, or already the caller's own instance in
+    /// the same study and series (never one UID under two patients).
+    pub instance_uid: Option<&'a str>,
     pub patient_id: Option<&'a str>,
     /// IssuerOfPatientID.
     pub issuer: Option<&'a str>,
@@ -309,6 +313,41 @@ pub struct Allowed {
     pub filter: PatientFilter,
     /// And every result's study this gate.
     pub studies: StudyGate,
+    /// For retrievals: what the request named. Every instance that flows back must be one of
+    /// them (its study, series or instance UID), not merely the caller's patient's.
+    pub retrieval: Option<Named>,
+}
+
+/// The UIDs a retrieval named, by level (empty: that level was not named).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Named {
+    pub studies: Vec<String>,
+    pub series: Vec<String>,
+    pub instances: Vec<String>,
+}
+
+/// An instance as it flows back from the PACS (a C-GET or C-MOVE sub-operation, a WADO part
+/// or metadata object): what it says of itself. UIDs without padding.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstanceId<'a> {
+    pub patient_id: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub study: Option<&'a str>,
+    pub series: Option<&'a str>,
+    pub instance: Option<&'a str>,
+}
+
+impl<'a> InstanceId<'a> {
+    /// What an instance read by the strict reader says of itself.
+    pub fn of(h: &'a crate::dicom::head::InstanceHead) -> InstanceId<'a> {
+        InstanceId {
+            patient_id: h.patient_id.as_deref(),
+            issuer: h.issuer.as_deref(),
+            study: h.study.as_deref(),
+            series: h.series.as_deref(),
+            instance: h.sop_instance.as_deref(),
+        }
+    }
 }
 
 impl Allowed {
@@ -317,6 +356,7 @@ impl Allowed {
             query_patient_ids: Vec::new(),
             filter,
             studies: StudyGate::Open,
+            retrieval: None,
         }
     }
 
@@ -332,23 +372,25 @@ impl Allowed {
         matches!(&self.studies, StudyGate::Check(rule) if rule.ehr)
     }
 
-    /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation)
-    /// may reach the caller: its patient must pass the filter and its study the gate.
-    pub fn admits_instance(
-        &self,
-        patient_id: Option<&str>,
-        issuer: Option<&str>,
-        study_uid: Option<&str>,
-    ) -> bool {
-        self.filter.admits(patient_id, issuer)
+    /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation,
+    /// a WADO part) may reach the caller: its patient must pass the filter, its study the
+    /// gate, and it must be one of what the retrieval named.
+    pub fn admits_instance(&self, id: &InstanceId<'_>) -> bool {
+        let named = |list: &[String], uid: Option<&str>| {
+            list.is_empty() || uid.is_some_and(|u| list.iter().any(|x| x == u))
+        };
+        self.filter.admits(id.patient_id, id.issuer)
             && match &self.studies {
                 StudyGate::Open => true,
-                StudyGate::Within(uids) => study_uid
-                    .map(|u| u.trim_end_matches(['\0', ' ']))
-                    .is_some_and(|u| uids.iter().any(|x| x == u)),
+                StudyGate::Within(uids) => id.study.is_some_and(|u| uids.iter().any(|x| x == u)),
                 // Sub-operations come only from retrievals, which are judged per study.
                 StudyGate::Check(_) => false,
             }
+            && self.retrieval.as_ref().is_some_and(|r| {
+                named(&r.studies, id.study)
+                    && named(&r.series, id.series)
+                    && named(&r.instances, id.instance)
+            })
     }
 }
 
@@ -379,6 +421,9 @@ pub enum Denial {
     NoWrite,
     /// The instance's study or series already belongs to another patient in the PACS.
     ForeignStudy,
+    /// The instance's SOP Instance UID is already held by the PACS under another patient,
+    /// study or series.
+    ForeignInstance,
     /// The token's patient maps to no DICOM identity.
     Unmapped,
     /// A study the request reaches is outside what the token allows (granular scope
@@ -424,6 +469,10 @@ impl fmt::Display for Denial {
             Denial::ForeignStudy => write!(
                 f,
                 "the instance's study or series belongs to another patient"
+            ),
+            Denial::ForeignInstance => write!(
+                f,
+                "the SOP Instance UID is already held under another patient, study or series"
             ),
             Denial::Unmapped => write!(
                 f,
@@ -595,14 +644,13 @@ impl Policy {
 
     /// Records what a successful store proved: the PACS now holds this study and series under
     /// this patient. Later instances of the same study are then decided without a look-up.
-    pub async fn remember_stored(
-        &self,
-        study_uid: &str,
-        series_uid: Option<&str>,
-        patient_id: &str,
-        issuer: Option<&str>,
-    ) {
-        let issuer = issuer
+    pub async fn remember_stored(&self, req: &StoreRequest<'_>) {
+        let (Some(study_uid), Some(patient_id)) = (req.study_uid, req.patient_id) else {
+            return;
+        };
+        let patient_id = patient_id.trim_matches(' ');
+        let issuer = req
+            .issuer
             .map(|i| i.trim_matches([' ', '\0']).to_string())
             .filter(|i| !i.is_empty());
         let owner = |series: Option<&str>| {
@@ -618,10 +666,15 @@ impl Policy {
         self.owners
             .insert((UidLevel::Study, study_uid.to_string()), owner(None))
             .await;
-        if let Some(s) = series_uid {
+        if let Some(s) = req.series_uid {
             self.owners
                 .insert((UidLevel::Series, s.to_string()), owner(Some(s)))
                 .await;
+            if let Some(i) = req.instance_uid {
+                self.owners
+                    .insert((UidLevel::Instance, i.to_string()), owner(Some(s)))
+                    .await;
+            }
         }
     }
 
@@ -823,10 +876,14 @@ impl Policy {
                     "a study-restricted token retrieves by study, series or instance",
                 ));
             }
-            return match &access.patients {
+            let decision = match &access.patients {
                 PatientFilter::Any => match req.patient_id.map(|v| v.trim_matches(' ')) {
+                    // Any patient may be asked for, but what comes back must be that one.
                     Some(v) if !v.is_empty() && !v.contains(['*', '?', '\\']) => {
-                        Decision::Allow(Allowed::new(PatientFilter::Any))
+                        Decision::Allow(Allowed::new(PatientFilter::Only(vec![DicomPatient {
+                            patient_id: v.to_string(),
+                            ..DicomPatient::default()
+                        }])))
                     }
                     _ => Decision::Deny(Denial::BadIdentifier("PATIENT level needs one PatientID")),
                 },
@@ -839,6 +896,13 @@ impl Policy {
                         d => d,
                     }
                 }
+            };
+            return match decision {
+                Decision::Allow(mut a) => {
+                    a.retrieval = Some(Named::default());
+                    Decision::Allow(a)
+                }
+                d => d,
             };
         };
         let own_key = match level {
@@ -928,6 +992,11 @@ impl Policy {
             }
         }
         let mut allowed = Allowed::new(access.patients);
+        allowed.retrieval = Some(Named {
+            studies: req.study_uids.clone(),
+            series: req.series_uids.clone(),
+            instances: req.instance_uids.clone(),
+        });
         if !rule.is_open() {
             // The whole request or nothing: never a partial study.
             for uid in &studies {
@@ -1006,6 +1075,37 @@ impl Policy {
                 }
                 Err(d) => return Decision::Deny(d),
             }
+        }
+        // One UID under two patients, studies or series would make the PACS answer for the
+        // wrong data: the instance must be new, or the caller's own in the same place.
+        let Some(instance) = req.instance_uid.filter(|u| !u.is_empty()) else {
+            return Decision::Deny(Denial::BadIdentifier(
+                "the instance has no SOP Instance UID",
+            ));
+        };
+        match self.owner(lookup, UidLevel::Instance, instance).await {
+            Ok(None) => {}
+            Ok(Some(o)) => {
+                let same_issuer = !self.use_issuer
+                    || (o.issuer_known
+                        && o.issuer
+                            .as_deref()
+                            .map(|i| i.trim_matches(' '))
+                            .filter(|i| !i.is_empty())
+                            == req
+                                .issuer
+                                .map(|i| i.trim_matches(' '))
+                                .filter(|i| !i.is_empty()));
+                let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
+                if !lo_eq(&o.patient_id, pid)
+                    || !same_issuer
+                    || o.study_uid != study
+                    || o.series_uid.as_deref() != series
+                {
+                    return Decision::Deny(Denial::ForeignInstance);
+                }
+            }
+            Err(d) => return Decision::Deny(d),
         }
         if !rule.is_open() {
             let facts = StudyFacts {
@@ -1370,6 +1470,7 @@ fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientF
     }
     let allow = |pids: Vec<String>| {
         Decision::Allow(Allowed {
+            retrieval: None,
             query_patient_ids: pids,
             filter: filter.clone(),
             studies: StudyGate::Open,
@@ -1836,6 +1937,7 @@ user_level = "{user_level}"
         let lookup = FakePacs { fail: false };
         let w = principal("patient/ImagingStudy.cruds", Some("A"));
         let st = |pid, study, series| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some(pid),
             issuer: None,
             study_uid: Some(study),
@@ -1903,6 +2005,39 @@ user_level = "{user_level}"
             )
             .await;
         assert_eq!(d, Decision::Deny(Denial::LookupFailed));
+        // The SOP Instance UID: new, or the caller's own in the same study and series; never
+        // one UID under two studies or patients.
+        let with = |instance, study, series| StoreRequest {
+            instance_uid: instance,
+            ..st("A", study, series)
+        };
+        let ehr = FakeEhr::default();
+        assert!(matches!(
+            pol.decide_store(&w, &with(Some("I1"), "S1", "R1"), &lookup, &ehr, now)
+                .await,
+            Decision::Allow(_)
+        ));
+        for (study, series) in [("NEW", "NEWR"), ("S1", "NEWR")] {
+            assert_eq!(
+                pol.decide_store(&w, &with(Some("I1"), study, series), &lookup, &ehr, now)
+                    .await,
+                Decision::Deny(Denial::ForeignInstance)
+            );
+        }
+        assert!(matches!(
+            pol.decide_store(&w, &with(None, "NEW", "NEWR"), &lookup, &ehr, now)
+                .await,
+            Decision::Deny(Denial::BadIdentifier(_))
+        ));
+        let b = principal("patient/ImagingStudy.cruds", Some("B"));
+        let theirs = StoreRequest {
+            instance_uid: Some("I1"),
+            ..st("B", "NEW3", "NEW3R")
+        };
+        assert_eq!(
+            pol.decide_store(&b, &theirs, &lookup, &ehr, now).await,
+            Decision::Deny(Denial::ForeignInstance)
+        );
     }
 
     #[test]
@@ -2211,10 +2346,18 @@ user_level = "{user_level}"
             panic!("{d:?}")
         };
         assert_eq!(a.studies, StudyGate::Within(vec!["S1".into()]));
-        assert!(a.admits_instance(Some("A"), None, Some("S1")));
-        assert!(!a.admits_instance(Some("A"), None, Some("S2")));
-        assert!(!a.admits_instance(Some("A"), None, None));
-        assert!(!a.admits_instance(Some("B"), None, Some("S1")));
+        let id = |p, study, instance| InstanceId {
+            patient_id: Some(p),
+            study,
+            instance,
+            ..InstanceId::default()
+        };
+        assert!(a.admits_instance(&id("A", Some("S1"), Some("I1"))));
+        assert!(!a.admits_instance(&id("A", Some("S2"), Some("I1"))));
+        assert!(!a.admits_instance(&id("A", None, Some("I1"))));
+        assert!(!a.admits_instance(&id("B", Some("S1"), Some("I1"))));
+        // only what the request named comes back
+        assert!(!a.admits_instance(&id("A", Some("S1"), Some("I2"))));
         // Without a study restriction, nothing about studies is asked.
         let open = principal("patient/ImagingStudy.rs", Some("A"));
         let d = pol
@@ -2230,7 +2373,16 @@ user_level = "{user_level}"
             panic!("{d:?}")
         };
         assert_eq!(a.studies, StudyGate::Open);
-        assert!(a.admits_instance(Some("A"), None, None));
+        let own = InstanceId {
+            patient_id: Some("A"),
+            study: Some("S1"),
+            ..InstanceId::default()
+        };
+        assert!(a.admits_instance(&own));
+        assert!(!a.admits_instance(&InstanceId {
+            study: Some("S2"),
+            ..own
+        }));
         // PATIENT level cannot be judged per study: refused.
         let d = pol
             .decide_retrieve(
@@ -2257,6 +2409,7 @@ user_level = "{user_level}"
             Some("A"),
         );
         let st = |modality, date| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some("A"),
             issuer: None,
             study_uid: Some("NEW"),
@@ -2291,6 +2444,7 @@ user_level = "{user_level}"
         let lookup = FakePacs { fail: false };
         let w = principal("patient/ImagingStudy.crs?modality=CT", Some("A"));
         let into = |study| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some("A"),
             study_uid: Some(study),
             series_uid: Some("NEWR"),
@@ -2587,6 +2741,7 @@ user_level = "{user_level}"
         assert_eq!(a.patients, PatientFilter::Any);
         assert!(a.write.is_some());
         let st = |pid| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some(pid),
             study_uid: Some("NEWX"),
             series_uid: Some("NEWXR"),
@@ -2786,6 +2941,7 @@ use_issuer = {use_issuer}
             w
         };
         let st = |issuer| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some("A"),
             issuer,
             study_uid: Some("S1"),
@@ -2810,9 +2966,17 @@ use_issuer = {use_issuer}
         );
         // What a store proved is remembered with its issuer: the same PatientID without an
         // issuer is another patient, for stores and retrievals alike.
-        pol.remember_stored("NEWS", Some("NEWSR"), "A", Some("HOSP_X"))
-            .await;
+        pol.remember_stored(&StoreRequest {
+            instance_uid: Some("NEWSI"),
+            patient_id: Some("A"),
+            issuer: Some("HOSP_X"),
+            study_uid: Some("NEWS"),
+            series_uid: Some("NEWSR"),
+            ..StoreRequest::default()
+        })
+        .await;
         let into_news = |issuer| StoreRequest {
+            instance_uid: Some("NEWI"),
             patient_id: Some("A"),
             issuer,
             study_uid: Some("NEWS"),

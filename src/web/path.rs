@@ -44,13 +44,8 @@ pub enum Part {
     Bulk(Vec<String>),
 }
 
-/// Whether a string is a DICOM UID: 1 to 64 characters, digits and dots, no empty component.
-pub fn is_uid(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.split('.')
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
-}
+/// Whether a string is a DICOM UID (the one rule, PS3.5 9.1).
+pub use crate::dicom::values::is_uid;
 
 fn uid(s: &str) -> Result<String, String> {
     if is_uid(s) {

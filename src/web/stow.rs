@@ -1,20 +1,25 @@
 //! STOW-RS through the gateway (`POST /studies`, `POST /studies/{study}`).
 //!
-//! The multipart/related body is parsed as a stream. For each part, the head of the instance
-//! is read until its SOP class and instance, PatientID, study and series are known; the policy
-//! core decides exactly as for C-STORE (write scope, the caller's patient, a study or series the
-//! PACS already holds must be that patient's); a refused part is read past and never reaches the
-//! PACS. An allowed part is streamed to the PACS as one STOW-RS request of its own, and counts as
-//! stored only when the PACS confirmed it. The answer lists every instance as stored
-//! (ReferencedSOPSequence) or failed with a reason (FailedSOPSequence), with 200 (all stored),
-//! 202 (some) or 409 (none).
+//! The multipart/related body is parsed as a stream. Each part is read by the strict reader as
+//! a DICOM Part 10 file (file meta group and data set, which must name the same SOP Class and
+//! Instance) until its SOP class and instance, PatientID, study and series are known; the
+//! policy core decides exactly as for C-STORE (write scope, the caller's patient, a study,
+//! series or SOP Instance UID the PACS already holds must be that patient's); a refused part is
+//! read past and never reaches the PACS. An allowed part is streamed to the PACS as one STOW-RS
+//! request of its own, framed with a random boundary nobody can know in advance, every chunk
+//! read by the strict reader and scanned for that boundary before it goes on; a malformed part
+//! ends the request (400) without its last bytes reaching the PACS. A part counts as stored
+//! only when the PACS's answer names exactly the SOP Instance UID that was checked. The answer
+//! lists every instance as stored (ReferencedSOPSequence) or failed with a reason
+//! (FailedSOPSequence), with 200 (all stored), 202 (some), 409 (none) or 400 (a malformed part).
 
 use super::WebCtx;
 use super::auth::ApiError;
 use super::path::is_uid;
 use super::qido::read_bounded;
 use crate::audit::{self, Outcome};
-use crate::dataset::{part10_dataset, scan_prefix};
+use crate::dicom::head::InstanceReader;
+use crate::dicom::reader::Violation;
 use crate::dimse::instance::MAX_HEAD;
 use crate::policy::{Decision, Denial, StoreRequest};
 use axum::body::Body;
@@ -22,9 +27,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use dicom_dictionary_std::tags;
-use dicom_encoding::TransferSyntaxIndex;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -62,6 +64,8 @@ async fn chunk(
 struct Outcomes {
     stored: Vec<(String, String)>,
     failed: Vec<(String, String, u16)>,
+    /// Set when a part was not a well-formed instance: the request ended there (400).
+    malformed: bool,
 }
 
 pub async fn handle(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
@@ -136,6 +140,7 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
     let mut out = Outcomes {
         stored: Vec::new(),
         failed: Vec::new(),
+        malformed: false,
     };
     let mut n = 0usize;
     loop {
@@ -155,6 +160,9 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             )));
         }
         store_part(ctx, &p, field, path_study.as_deref(), &upstream, &mut out).await?;
+        if out.malformed {
+            break;
+        }
     }
     if n == 0 {
         return Err(ApiError::BadRequest("the request holds no instance".into()));
@@ -162,7 +170,66 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
     Ok(answer(ctx, &out, path_study.as_deref()))
 }
 
-/// Reads one part's head, asks the policy core, and streams the part to the PACS if allowed.
+/// Records a part the strict reader refused: it ends the request.
+fn malformed(ctx: &WebCtx, p: &crate::trust::Principal, out: &mut Outcomes, v: &Violation) {
+    let _ = ctx;
+    audit::record(
+        "http",
+        super::request_id(),
+        Some(p),
+        "STOW-RS",
+        Outcome::Denied,
+        &format!("part refused by the strict reader: {v}"),
+    );
+    out.failed
+        .push((String::new(), String::new(), REASON_CANNOT_UNDERSTAND));
+    out.malformed = true;
+}
+
+/// A boundary toward the PACS that nobody can know in advance (128 random bits).
+fn random_boundary() -> String {
+    let mut b = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("pacsgate-{hex}")
+}
+
+/// Finds a multipart delimiter in a stream of chunks, across chunk edges.
+struct Delimiter {
+    needle: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl Delimiter {
+    fn new(boundary: &str) -> Delimiter {
+        Delimiter {
+            needle: format!("\r\n--{boundary}").into_bytes(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// Whether the delimiter occurs in what has passed so far, this chunk included.
+    fn found_in(&mut self, chunk: &[u8]) -> bool {
+        let keep = self.needle.len() - 1;
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(&chunk[..chunk.len().min(keep)]);
+        let edge = memchr::memmem::find(&window, &self.needle).is_some();
+        let inside = memchr::memmem::find(chunk, &self.needle).is_some();
+        let start = chunk.len().saturating_sub(keep);
+        self.tail = if chunk.len() >= keep {
+            chunk[start..].to_vec()
+        } else {
+            let mut t = window;
+            let cut = t.len().saturating_sub(keep);
+            t.drain(..cut);
+            t
+        };
+        edge || inside
+    }
+}
+
+/// Reads one part's head strictly, asks the policy core, and streams the part to the PACS if
+/// allowed.
 async fn store_part(
     ctx: &WebCtx,
     p: &crate::trust::Principal,
@@ -171,69 +238,57 @@ async fn store_part(
     upstream: &str,
     out: &mut Outcomes,
 ) -> Result<(), ApiError> {
-    let wanted = [
-        tags::SOP_CLASS_UID,
-        tags::SOP_INSTANCE_UID,
-        tags::STUDY_DATE,
-        tags::MODALITY,
-        tags::PATIENT_ID,
-        tags::ISSUER_OF_PATIENT_ID,
-        tags::STUDY_INSTANCE_UID,
-        tags::SERIES_INSTANCE_UID,
-    ];
     let wait = ctx.cfg.limits.idle_timeout;
+    let mut reader = InstanceReader::part10(ctx.cfg.limits.reader());
     let mut head: Vec<u8> = Vec::new();
     let mut ended = false;
-    let values = loop {
-        match chunk(&mut field, wait).await? {
-            Some(c) => head.extend_from_slice(&c),
-            None => ended = true,
-        }
-        let parsed = match part10_dataset(&head) {
-            Ok(Some((ts_uid, start))) => match TransferSyntaxRegistry.get(&ts_uid) {
-                Some(ts) => match scan_prefix(&head[start..], ts, &wanted, ended) {
-                    Ok(pre) if pre.complete => Some(Ok(pre.values)),
-                    Ok(_) => None,
-                    Err(_) => Some(Err(())),
-                },
-                None => Some(Err(())),
-            },
-            Ok(None) => None,
-            Err(_) => Some(Err(())),
+    let read = loop {
+        let step = match chunk(&mut field, wait).await? {
+            Some(c) => {
+                head.extend_from_slice(&c);
+                reader.feed(&c)
+            }
+            None => {
+                ended = true;
+                reader.finish()
+            }
         };
-        match parsed {
-            Some(r) => break r,
-            None if ended || head.len() >= MAX_HEAD => break Err(()),
-            None => continue,
+        match step.and_then(|()| reader.head()) {
+            Err(v) => break Err(v),
+            Ok(Some(h)) => break Ok(h),
+            Ok(None) if ended => break Err(Violation::Truncated),
+            Ok(None) if head.len() >= MAX_HEAD => {
+                break Err(Violation::TooLarge("the instance's head"));
+            }
+            Ok(None) => continue,
         }
     };
-    let Ok(values) = values else {
-        drain(&mut field, ended, wait).await?;
-        out.failed
-            .push((String::new(), String::new(), REASON_CANNOT_UNDERSTAND));
-        return Ok(());
+    let h = match read {
+        Ok(h) => h,
+        Err(v) => {
+            drain(&mut field, ended, wait).await?;
+            malformed(ctx, p, out, &v);
+            return Ok(());
+        }
     };
-    let text = |v: &Option<String>| {
-        v.as_deref()
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .unwrap_or_default()
-    };
-    let (class, instance) = (text(&values[0]), text(&values[1]));
-    let study = text(&values[6]);
+    let class = h.sop_class.clone().unwrap_or_default();
+    let instance = h.sop_instance.clone().unwrap_or_default();
+    let study = h.study.clone().unwrap_or_default();
     if path_study.is_some_and(|s| s != study) {
         drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
         return Ok(());
     }
     let req = StoreRequest {
-        patient_id: values[4].as_deref(),
-        issuer: values[5].as_deref(),
-        study_uid: values[6].as_deref(),
-        series_uid: values[7].as_deref(),
-        study_date: values[2].as_deref(),
-        modality: values[3].as_deref(),
+        instance_uid: h.sop_instance.as_deref(),
+        patient_id: h.patient_id.as_deref(),
+        issuer: h.issuer.as_deref(),
+        study_uid: h.study.as_deref(),
+        series_uid: h.series.as_deref(),
+        study_date: h.study_date.as_deref(),
+        modality: h.modality.as_deref(),
     };
-    let action = format!("STOW-RS study={study}");
+    let action = format!("STOW-RS study={study} instance={instance}");
     if let Decision::Deny(d) = ctx
         .policy
         .decide_store(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
@@ -251,14 +306,24 @@ async fn store_part(
         out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
         return Ok(());
     }
-    let patient = values[4].clone().unwrap_or_default();
-    let issuer = values[5].clone();
-    let series = values[7]
-        .as_deref()
-        .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
 
-    // Stream the part to the PACS as a STOW-RS request of its own.
-    let boundary = format!("pacsgate-{}", crate::trust::token_id(&instance));
+    // Stream the part to the PACS as a STOW-RS request of its own, under a boundary nobody
+    // can know, each chunk read strictly and scanned for that boundary before it goes on.
+    let boundary = random_boundary();
+    let mut delimiter = Delimiter::new(&boundary);
+    if delimiter.found_in(&head) {
+        drain(&mut field, ended, wait).await?;
+        malformed(
+            ctx,
+            p,
+            out,
+            &Violation::BadValue(
+                dicom_dictionary_std::tags::PIXEL_DATA,
+                "the part holds the relay's multipart delimiter",
+            ),
+        );
+        return Ok(());
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(FORWARD_QUEUE);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -283,12 +348,31 @@ async fn store_part(
         send(Bytes::from(head)).await.ok();
         let mut ended = ended;
         while !ended {
-            match chunk(&mut field, wait).await {
+            let next = chunk(&mut field, wait).await;
+            let checked = match &next {
+                Ok(Some(c)) => reader.feed(c).and_then(|()| {
+                    if delimiter.found_in(c) {
+                        Err(Violation::BadValue(
+                            dicom_dictionary_std::tags::PIXEL_DATA,
+                            "the part holds the relay's multipart delimiter",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }),
+                Ok(None) => reader.finish(),
+                Err(_) => Ok(()),
+            };
+            if let Err(v) = checked {
+                // The PACS must not store what the reader refused: break its request off
+                // before the part's last bytes.
+                let _ = tx.send(Err(std::io::Error::other("part refused"))).await;
+                return Err(Some(v));
+            }
+            match next {
                 Ok(Some(c)) => {
                     if tx.send(Ok(c)).await.is_err() {
-                        return Err(ApiError::Upstream(
-                            "the PACS stopped reading the instance".into(),
-                        ));
+                        return Err(None);
                     }
                 }
                 Ok(None) => ended = true,
@@ -297,7 +381,7 @@ async fn store_part(
                     let _ = tx
                         .send(Err(std::io::Error::other("client broke off")))
                         .await;
-                    return Err(e);
+                    return Ok(Err(e));
                 }
             }
         }
@@ -305,33 +389,46 @@ async fn store_part(
             .await
             .ok();
         drop(tx);
-        Ok(())
+        Ok(Ok(()))
     };
     let (fed, answer) = tokio::join!(feed, request);
-    fed?;
-    let stored = match answer {
+    match fed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(Some(v)) => {
+            drain(&mut field, false, wait).await?;
+            malformed(ctx, p, out, &v);
+            return Ok(());
+        }
+        Err(None) => {
+            return Err(ApiError::Upstream(
+                "the PACS stopped reading the instance".into(),
+            ));
+        }
+    }
+    // Stored means: the PACS's answer names exactly the instance the gateway checked.
+    let (stored, anomaly) = match answer {
         Ok(resp) if resp.status().is_success() => {
             let body = read_bounded(resp, 16 * 1024 * 1024)
                 .await
                 .unwrap_or_default();
             let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            v.get("00081199")
-                .and_then(|s| s.get("Value"))
-                .and_then(|a| a.as_array())
-                .is_some_and(|a| !a.is_empty())
+            judge_answer(&v, &instance)
         }
-        Ok(_) => false,
-        Err(_) => false,
+        Ok(_) | Err(_) => (false, false),
     };
+    if anomaly {
+        audit::record(
+            "http",
+            super::request_id(),
+            Some(p),
+            &action,
+            Outcome::Anomaly,
+            "the PACS's STOW-RS answer names another instance than the one relayed",
+        );
+    }
     if stored {
-        ctx.policy
-            .remember_stored(
-                &study,
-                series.as_deref(),
-                patient.trim_matches(' '),
-                issuer.as_deref(),
-            )
-            .await;
+        ctx.policy.remember_stored(&req).await;
         audit::record(
             "http",
             super::request_id(),
@@ -353,6 +450,38 @@ async fn store_part(
         out.failed.push((class, instance, REASON_PROCESSING));
     }
     Ok(())
+}
+
+/// Whether a PACS's STOW-RS answer says it stored exactly `instance`, and whether it named any
+/// other instance (an anomaly). The ReferencedSOPSequence must hold that instance alone.
+fn judge_answer(v: &Value, instance: &str) -> (bool, bool) {
+    let uids = |seq: &str| -> Vec<Option<String>> {
+        v.get(seq)
+            .and_then(|s| s.get("Value"))
+            .and_then(|a| a.as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| {
+                        i.get("00081155")
+                            .and_then(|e| e.get("Value"))
+                            .and_then(|a| a.get(0))
+                            .and_then(|u| u.as_str())
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let referenced = uids("00081199");
+    let failed = uids("00081198");
+    let other = referenced
+        .iter()
+        .chain(failed.iter())
+        .any(|u| u.as_deref() != Some(instance));
+    let stored =
+        referenced.len() == 1 && referenced[0].as_deref() == Some(instance) && failed.is_empty();
+    (stored, other)
 }
 
 /// Reads past the rest of a part that will not be stored.
@@ -408,7 +537,9 @@ fn answer(ctx: &WebCtx, out: &Outcomes, path_study: Option<&str>) -> Response {
             .collect();
         body.insert("00081199".into(), json!({"vr": "SQ", "Value": items}));
     }
-    let status = if out.failed.is_empty() {
+    let status = if out.malformed {
+        StatusCode::BAD_REQUEST
+    } else if out.failed.is_empty() {
         StatusCode::OK
     } else if out.stored.is_empty() {
         StatusCode::CONFLICT

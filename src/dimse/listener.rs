@@ -1,0 +1,130 @@
+//! The one accept loop of both DIMSE listeners (the front end and the C-MOVE receiver), and
+//! admission before authentication.
+//!
+//! Owns: who may hold what before a request is known. A new connection first takes a slot of
+//! the pending budget (`limits.max_pending_associations`, at most
+//! `limits.max_pending_per_peer` per peer address) and must send its whole A-ASSOCIATE-RQ
+//! within `limits.association_request_timeout_secs`; only then does it compete for one of
+//! the association slots (`limits.max_associations`), so silent sockets never hold an
+//! association slot and one address cannot take the whole pending budget. Connections over
+//! the pending limits are closed at once. Must not know what associations are for.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// The budgets a listener admits connections under.
+pub struct Admission {
+    /// Connections that have not sent a complete A-ASSOCIATE-RQ yet.
+    pending: Arc<Semaphore>,
+    /// Pending connections per peer address.
+    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_peer: usize,
+    /// Established (or being established) associations.
+    associations: Arc<Semaphore>,
+}
+
+/// A pending connection's claim; dropping it frees the slot and the peer's share.
+pub struct Pending {
+    _permit: OwnedSemaphorePermit,
+    peer: IpAddr,
+    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(limits: &crate::config::Limits) -> Admission {
+        Admission {
+            pending: Arc::new(Semaphore::new(limits.max_pending_associations)),
+            per_peer: Arc::default(),
+            max_per_peer: limits.max_pending_per_peer,
+            associations: Arc::new(Semaphore::new(limits.max_associations)),
+        }
+    }
+
+    fn try_pending(&self, peer: IpAddr) -> Option<Pending> {
+        let permit = self.pending.clone().try_acquire_owned().ok()?;
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(peer).or_insert(0);
+        if *n >= self.max_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(Pending {
+            _permit: permit,
+            peer,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+
+    /// An association slot, once the request has arrived; `None`: the gateway is full.
+    pub fn try_association(&self) -> Option<OwnedSemaphorePermit> {
+        self.associations.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, giving each admitted one to `handle`
+/// with its pending claim (which `handle` drops once the request is read); then waits up to
+/// `grace` for running ones.
+pub async fn serve<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    admission: Arc<Admission>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Pending) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, addr) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Some(pending) = admission.try_pending(addr.ip()) else {
+                    tracing::debug!(listener = name, %addr, "too many connections without a request; closed");
+                    crate::metrics::association_rejected("pending_limit");
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tasks.spawn(handle(stream, addr, pending));
+            }
+            _ = shutdown.changed() => break,
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    tracing::info!(
+        listener = name,
+        running = tasks.len(),
+        "listener stopped; waiting for running associations"
+    );
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+}
