@@ -269,7 +269,8 @@ impl PacsLookup {
             stream,
             self.our_max + 64,
             crate::dimse::assoc::announced_max(&ac.user_variables),
-        );
+        )
+        .is_pacs();
         Ok(Conn {
             peer,
             syntax,

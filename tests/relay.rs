@@ -955,7 +955,8 @@ async fn c_get_withholds_a_foreign_instance_from_the_pacs() {
     assert_eq!(status, 0xB000);
     assert_eq!(
         s.seen.lock().unwrap().sub_statuses,
-        vec![0x0000, command::STATUS_NOT_AUTHORIZED]
+        vec![0x0000, command::STATUS_CANNOT_UNDERSTAND],
+        "the withheld one is refused toward the PACS with a status C-GET SCPs go on after"
     );
     a.release().await.unwrap();
 }

@@ -146,6 +146,29 @@ fn tags_list(tag: Tag, v: &[u8]) -> Result<Vec<u8>, CommandError> {
 }
 
 impl Command {
+    /// Reads a command set as some DCMTK-based PACS send it: the command group, then elements
+    /// of other groups (Orthanc puts the Failed SOP Instance UID List of a C-GET response
+    /// there). The command group is read by [`Command::decode`]; the rest must be a
+    /// well-formed data set and is dropped (commands are always re-encoded, so it goes
+    /// nowhere). Used only for what the PACS sends.
+    pub fn decode_with_tail(raw: &[u8]) -> Result<Command, CommandError> {
+        let group = match raw.get(..12) {
+            Some([0, 0, 0, 0, 4, 0, 0, 0, a, b, c, d]) => {
+                u32::from_le_bytes([*a, *b, *c, *d]) as usize
+            }
+            _ => return Err(CommandError::GroupLength),
+        };
+        let end = 12usize
+            .checked_add(group)
+            .filter(|e| *e <= raw.len())
+            .ok_or(CommandError::GroupLength)?;
+        let command = Command::decode(&raw[..end])?;
+        if end < raw.len() {
+            DataSet::read(&raw[end..], Encoding::ImplicitLittle, Limits::default())?;
+        }
+        Ok(command)
+    }
+
     /// Reads a command set strictly: structure (the strict reader), every element known and
     /// well formed, the group length first and right, the fields its command needs present.
     pub fn decode(raw: &[u8]) -> Result<Command, CommandError> {
@@ -599,6 +622,23 @@ mod tests {
             assert!(Command::decode(&good[..n]).is_err());
         }
         assert!(is_pending(0xFF00) && is_pending(0xFF01) && !is_pending(0));
+    }
+
+    #[test]
+    fn a_pacs_command_tail_of_other_groups_is_read_and_dropped() {
+        let mut raw = raw(&find_rq());
+        let strict = Command::decode(&raw).unwrap();
+        // (0008,0058) Failed SOP Instance UID List, as DCMTK appends it
+        raw.extend_from_slice(&[8, 0, 0x58, 0, 4, 0, 0, 0, b'1', b'.', b'2', 0]);
+        assert!(Command::decode(&raw).is_err(), "never from a client");
+        assert_eq!(Command::decode_with_tail(&raw).unwrap(), strict);
+        // the tail is still read strictly
+        let mut bad = raw.clone();
+        bad.extend_from_slice(&[8, 0, 0x58, 0, 0, 0, 0, 0]);
+        assert!(Command::decode_with_tail(&bad).is_err());
+        let mut cut = raw.clone();
+        cut.truncate(cut.len() - 2);
+        assert!(Command::decode_with_tail(&cut).is_err());
     }
 
     #[test]

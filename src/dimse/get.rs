@@ -195,8 +195,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 pc_id: rpc,
                 command,
             }) => (rpc, command),
-            _ => {
-                tracing::warn!(assoc = s.id, "PACS went away during C-GET");
+            other => {
+                tracing::warn!(assoc = s.id, what = ?other, "PACS went away during C-GET");
                 return fail(s, pc_id, &cmd).await;
             }
         };
@@ -296,10 +296,9 @@ pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flo
     }
 }
 
-/// The status the PACS is given for a sub-operation the gateway withholds. A failure status
-/// makes some PACS end the whole retrieval at once; the client learns the truth from the
-/// gateway's own counts either way.
-const WITHHELD_TO_PACS: u16 = command::STATUS_NOT_AUTHORIZED;
+/// The status the PACS is given for a sub-operation the gateway withholds (Cannot
+/// Understand, a failure C-GET SCPs go on after); the client's counts say failed either way.
+const WITHHELD_TO_PACS: u16 = command::STATUS_CANNOT_UNDERSTAND;
 
 /// One C-STORE sub-operation from the PACS: checked, then streamed to the client, whose answer
 /// goes back to the PACS; or refused toward the PACS.

@@ -130,6 +130,9 @@ pub struct Assembler {
     command: Vec<u8>,
     command_pc: Option<u8>,
     max_command: usize,
+    /// Command sets may carry a tail of other groups (see [`Command::decode_with_tail`]):
+    /// only for what the PACS sends.
+    tail_tolerated: bool,
 }
 
 /// The largest command set accepted; real ones are a few hundred bytes.
@@ -142,6 +145,20 @@ impl Assembler {
             command: Vec::new(),
             command_pc: None,
             max_command,
+            tail_tolerated: false,
+        }
+    }
+
+    /// Reads this peer's command sets with [`Command::decode_with_tail`] (the PACS's side).
+    pub fn tolerate_command_tail(&mut self) {
+        self.tail_tolerated = true;
+    }
+
+    fn decode(&self, raw: &[u8]) -> Result<Command, CommandError> {
+        if self.tail_tolerated {
+            Command::decode_with_tail(raw)
+        } else {
+            Command::decode(raw)
         }
     }
 
@@ -166,10 +183,10 @@ impl Assembler {
                 }
                 self.command_pc = None;
                 let command = if self.command.is_empty() {
-                    Command::decode(&pdv.data)?
+                    self.decode(&pdv.data)?
                 } else {
                     self.command.extend_from_slice(&pdv.data);
-                    let c = Command::decode(&self.command);
+                    let c = self.decode(&self.command);
                     self.command.clear();
                     c?
                 };

@@ -123,6 +123,13 @@ impl Peer {
         }
     }
 
+    /// This peer is a PACS: its command sets may carry a tail of other groups, which is read
+    /// strictly and dropped (DCMTK-based PACS put C-GET failure lists there).
+    pub fn is_pacs(mut self) -> Peer {
+        self.assembler.tolerate_command_tail();
+        self
+    }
+
     /// Reads one PDU. Cancel-safe: partial data stays in `buf` (reads happen on the session's
     /// own task, without a hop through another task per PDU). P-DATA is parsed here without
     /// copying its data; other PDUs by dicom-ul.

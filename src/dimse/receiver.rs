@@ -270,7 +270,8 @@ async fn receive(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx:
         stream,
         our_max + PDU_SLACK,
         assoc::announced_max(&rq.user_variables),
-    );
+    )
+    .is_pacs();
     let mut r = Receiver {
         ctx: ctx.clone(),
         pacs: pacs_peer,
@@ -296,10 +297,11 @@ struct Receiver {
     dest: Option<DestinationLeg>,
 }
 
-/// The status the PACS is given for an instance the gateway withholds. A failure status makes
-/// some PACS (Orthanc) end the whole move at once, taking the caller's own instances with it;
-/// the client learns the truth from the gateway's counts.
-const WITHHELD_TO_PACS: u16 = command::STATUS_NOT_AUTHORIZED;
+/// The status the PACS is given for an instance the gateway withholds: a warning (B006,
+/// Elements Discarded). A failure status makes some PACS (Orthanc) end the whole move at once,
+/// taking the caller's own instances with it; the client learns the truth from the gateway's
+/// counts, where the instance is failed.
+const WITHHELD_TO_PACS: u16 = 0xB006;
 
 impl Receiver {
     async fn run(&mut self) {
@@ -420,7 +422,7 @@ impl Receiver {
                         pc_id,
                         &cmd,
                         last,
-                        command::STATUS_CANNOT_UNDERSTAND,
+                        WITHHELD_TO_PACS,
                         "data set is not well formed",
                     )
                     .await;
@@ -489,7 +491,7 @@ impl Receiver {
                         pc_id,
                         &cmd,
                         false,
-                        command::STATUS_CANNOT_UNDERSTAND,
+                        WITHHELD_TO_PACS,
                         "data set is not well formed",
                     )
                     .await;

@@ -200,7 +200,7 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra=""):
+                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE"):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
@@ -229,7 +229,7 @@ issuer = "{issuer.url}"
 [pacs]
 ae_title = "{orthanc.aet}"
 address = "127.0.0.1:{orthanc.dicom_port}"
-calling_ae_title = "PACSGATE"
+calling_ae_title = "{calling_ae}"
 dicomweb_url = "{dicomweb_url or orthanc.url + '/dicom-web'}"
 {f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 

@@ -233,3 +233,57 @@ def test_use_issuer_with_fhir_identifier_system(tmp_root, orthanc, issued):
     finally:
         stop(g.proc)
         stop(ehr.proc)
+
+
+def test_use_issuer_patient_level_get_delivers_own_and_reports_others_failed(issuer_gateway, issuer, issued):
+    """PAT-I is held under three issuers; a PATIENT-level C-GET makes Orthanc send all four
+    instances. The gateway withholds the two of other issuers, goes on with the rest, and
+    reports the withheld ones as failed."""
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet as PATIENT_GET
+
+    from test_dimse_store_get import connect, get_query
+
+    token = issuer.mint(patient="EHR-I")
+    received = []
+    assoc = connect(issuer_gateway, token, received)
+    final = None
+    for status, _ in assoc.send_c_get(get_query("PATIENT", pid=ISSUED), PATIENT_GET):
+        assert status is not None and "Status" in status, "C-GET got no response"
+        if status.Status not in (0xFF00, 0xFF01):
+            final = status
+    assert assoc.is_established, "the association survives a withheld sub-operation"
+    assoc.release()
+    assert {r.SOPInstanceUID for r in received} == issued["HOSP_A"][1]
+    assert final.Status == 0xB000
+    assert final.NumberOfCompletedSuboperations == 2
+    assert final.NumberOfFailedSuboperations == 2
+
+
+def test_use_issuer_patient_level_move_delivers_own_and_reports_others_failed(tmp_root, orthanc, issuer, issued):
+    """The same through C-MOVE: the receiver withholds the other issuers' instances without
+    stopping the PACS's move, so the caller's own arrive, and the final counts say what
+    failed."""
+    from conftest import free_port
+    from test_dimse_move import PATIENT_MOVE, Destination, move, query as move_query
+
+    d = tmp_root / "mapping-issuer-move"
+    d.mkdir()
+    table = d / "patients.csv"
+    table.write_text(f"patient,patient_id,issuer\nEHR-I,{ISSUED},HOSP_A\n")
+    receive, dest_port = free_port(), free_port()
+    # Orthanc learns this gateway's receiver under an AE title of its own.
+    r = requests.put(f"{orthanc.url}/modalities/issuer-move", json={"AET": "PACSGATEI", "Host": "127.0.0.1", "Port": receive}, timeout=30)
+    r.raise_for_status()
+    g = Gateway(d, orthanc, issuer, name="issuer-move-gateway", receive_port=receive, destinations=[("DEST", dest_port)],
+                calling_ae="PACSGATEI", patients=f'[patients]\nmap = "table"\ntable_file = "{table}"\nuse_issuer = true')
+    dest = Destination(dest_port)
+    try:
+        final = move(g, issuer.mint(patient="EHR-I"), move_query("PATIENT", pid=ISSUED), model=PATIENT_MOVE)
+        assert {x.SOPInstanceUID for x in dest.received} == issued["HOSP_A"][1]
+        assert final.Status == 0xB000
+        assert final.NumberOfCompletedSuboperations == 2
+        assert final.NumberOfFailedSuboperations == 2
+    finally:
+        dest.stop()
+        stop(g.proc)
+        requests.delete(f"{orthanc.url}/modalities/issuer-move", timeout=30)
