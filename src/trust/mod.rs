@@ -248,17 +248,9 @@ impl TrustCore {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(TrustError::Size);
         }
-        if !looks_like_jws(token) {
+        let Some(Preflight { alg, header, iss }) = preflight(token)? else {
             return self.verify_opaque(token).await;
-        }
-        let alg = header_algorithm(token);
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TrustError::Malformed(e.to_string()));
-        // Which issuer decides whose keys to use: read `iss` before the signature is checked,
-        // and refuse unknown issuers before any network call.
-        let unverified: UnverifiedClaims = jsonwebtoken::dangerous::insecure_decode_claims(token)
-            .map_err(|e| TrustError::Malformed(e.to_string()))?;
-        let iss = unverified.iss.ok_or(TrustError::Claim("iss"))?;
+        };
         let ti = self
             .issuers
             .get(&iss)
@@ -490,6 +482,29 @@ fn patient_of(
         }
         Some(_) => Err(TrustError::Claim("patient")),
     }
+}
+
+/// What a token says of itself before any key is used: its algorithm, header and issuer.
+pub struct Preflight {
+    pub alg: Result<Algorithm, TrustError>,
+    pub header: Result<jsonwebtoken::Header, TrustError>,
+    pub iss: String,
+}
+
+/// Reads a token's unverified parts (the only parsing input reaches before a key decides):
+/// `Ok(None)` for a token that is not a compact JWS (an opaque token). Which issuer decides
+/// whose keys to use is read here, so unknown issuers are refused before any network call.
+pub fn preflight(token: &str) -> Result<Option<Preflight>, TrustError> {
+    if !looks_like_jws(token) {
+        return Ok(None);
+    }
+    let alg = header_algorithm(token);
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| TrustError::Malformed(e.to_string()));
+    let unverified: UnverifiedClaims = jsonwebtoken::dangerous::insecure_decode_claims(token)
+        .map_err(|e| TrustError::Malformed(e.to_string()))?;
+    let iss = unverified.iss.ok_or(TrustError::Claim("iss"))?;
+    Ok(Some(Preflight { alg, header, iss }))
 }
 
 /// Whether a token has the shape of a compact JWS (three base64url parts).

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cors;
 pub mod discovery;
+pub mod multipart;
 pub mod path;
 pub mod qido;
 pub mod stow;

@@ -15,6 +15,7 @@
 
 use super::WebCtx;
 use super::auth::ApiError;
+use super::multipart::{Delimiter, random_boundary};
 use super::path::is_uid;
 use super::qido::read_bounded;
 use crate::audit::{self, Outcome};
@@ -184,48 +185,6 @@ fn malformed(ctx: &WebCtx, p: &crate::trust::Principal, out: &mut Outcomes, v: &
     out.failed
         .push((String::new(), String::new(), REASON_CANNOT_UNDERSTAND));
     out.malformed = true;
-}
-
-/// A boundary toward the PACS that nobody can know in advance (128 random bits).
-fn random_boundary() -> String {
-    let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("pacsgate-{hex}")
-}
-
-/// Finds a multipart delimiter in a stream of chunks, across chunk edges.
-struct Delimiter {
-    needle: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-impl Delimiter {
-    fn new(boundary: &str) -> Delimiter {
-        Delimiter {
-            needle: format!("\r\n--{boundary}").into_bytes(),
-            tail: Vec::new(),
-        }
-    }
-
-    /// Whether the delimiter occurs in what has passed so far, this chunk included.
-    fn found_in(&mut self, chunk: &[u8]) -> bool {
-        let keep = self.needle.len() - 1;
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(&chunk[..chunk.len().min(keep)]);
-        let edge = memchr::memmem::find(&window, &self.needle).is_some();
-        let inside = memchr::memmem::find(chunk, &self.needle).is_some();
-        let start = chunk.len().saturating_sub(keep);
-        self.tail = if chunk.len() >= keep {
-            chunk[start..].to_vec()
-        } else {
-            let mut t = window;
-            let cut = t.len().saturating_sub(keep);
-            t.drain(..cut);
-            t
-        };
-        edge || inside
-    }
 }
 
 /// Reads one part's head strictly, asks the policy core, and streams the part to the PACS if
