@@ -60,7 +60,7 @@ mod tests {
         let data = format!("head{needle}tail").into_bytes();
         for step in 1..data.len() {
             let mut d = Delimiter::new(&b);
-            let found = data.chunks(step).fold(false, |f, c| d.found_in(c) || f);
+            let found = data.chunks(step).any(|c| d.found_in(c));
             assert!(found, "step {step}");
         }
         let mut d = Delimiter::new(&b);
