@@ -6,6 +6,7 @@
 //! the same `Action`s and requests as DIMSE; no rule lives here. Must not know DIMSE framing.
 
 pub mod auth;
+pub mod checked;
 pub mod cors;
 pub mod discovery;
 pub mod multipart;

@@ -3,11 +3,13 @@
 //!
 //! The policy core resolves the study (and the series and instance, which must belong to it)
 //! against the PACS before a byte is relayed; another patient's UID and an unknown UID get the
-//! same 403, with no DICOM in the body. Responses stream from the PACS to the client untouched
-//! (multipart/related included), except metadata, whose URLs are rewritten to the gateway's.
+//! same 403, with no DICOM in the body. Instances and metadata in the PACS's answer are checked
+//! again one by one ([`super::checked`]); metadata URLs are rewritten to the gateway's; frames,
+//! bulk data and rendered images stream through as they are.
 
 use super::WebCtx;
 use super::auth::ApiError;
+use super::checked;
 use super::path::{Part, Resource};
 use super::qido::{read_bounded, upstream_status};
 use crate::audit::{self, Outcome};
@@ -68,7 +70,7 @@ pub async fn retrieve(
         Part::Bulk(_) => "bulkdata",
     };
     let action = format!("WADO-RS {what_name} study={study}");
-    match ctx
+    let allowed = match ctx
         .policy
         .decide_retrieve(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
         .await
@@ -84,15 +86,26 @@ pub async fn retrieve(
             );
             return Err(ApiError::from_denial(d));
         }
-        Decision::Allow(_) => audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            &action,
-            Outcome::Allowed,
-            "the UIDs belong to the caller's patient",
-        ),
-    }
+        Decision::Allow(a) => {
+            audit::record(
+                "http",
+                super::request_id(),
+                Some(p),
+                &action,
+                Outcome::Allowed,
+                "the UIDs belong to the caller's patient",
+            );
+            a
+        }
+    };
+    let check = checked::Check {
+        allowed,
+        principal: p.clone(),
+        request_id: super::request_id(),
+        action: action.clone(),
+        limits: ctx.cfg.limits.reader(),
+        wait: ctx.cfg.limits.upstream_timeout,
+    };
     let mut url = format!("{upstream}/{}", resource.upstream_path());
     if let Some(q) = query.filter(|q| !q.is_empty()) {
         if !safe_query(q) {
@@ -116,21 +129,29 @@ pub async fn retrieve(
         return Err(upstream_status(status));
     }
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let mut out = if *what == Part::Metadata {
-        let body = read_bounded(resp, MAX_METADATA_BYTES).await?;
-        let text = String::from_utf8(body)
-            .map_err(|_| ApiError::Upstream("metadata is not UTF-8".into()))?;
-        let mut r = Response::new(Body::from(ctx.rewrite_urls(&text)));
-        *r.status_mut() = StatusCode::OK;
-        r
-    } else {
-        let len = resp.content_length();
-        let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
-        *r.status_mut() = status;
-        if let Some(l) = len.and_then(|l| HeaderValue::from_str(&l.to_string()).ok()) {
-            r.headers_mut().insert(header::CONTENT_LENGTH, l);
+    let mut out = match what {
+        // Instances carry who they are: each is checked as it streams.
+        Part::Instances => return checked::instances(resp, check).await.map(private),
+        Part::Metadata => {
+            let body = read_bounded(resp, MAX_METADATA_BYTES).await?;
+            checked::metadata(&body, &check)?;
+            let text = String::from_utf8(body)
+                .map_err(|_| ApiError::Upstream("metadata is not UTF-8".into()))?;
+            let mut r = Response::new(Body::from(ctx.rewrite_urls(&text)));
+            *r.status_mut() = StatusCode::OK;
+            r
         }
-        r
+        // Frames, bulk data and rendered images name no patient: the look-up before is the
+        // check.
+        _ => {
+            let len = resp.content_length();
+            let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
+            *r.status_mut() = status;
+            if let Some(l) = len.and_then(|l| HeaderValue::from_str(&l.to_string()).ok()) {
+                r.headers_mut().insert(header::CONTENT_LENGTH, l);
+            }
+            r
+        }
     };
     let h = out.headers_mut();
     if let Some(ct) = content_type {
@@ -141,4 +162,13 @@ pub async fn retrieve(
         HeaderValue::from_static("private, no-store"),
     );
     Ok(out)
+}
+
+/// Marks a response as not to be stored by caches.
+fn private(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    r
 }

@@ -4,9 +4,11 @@
 //! The three UIDs are validated and go to the policy core as an instance retrieval, exactly as
 //! WADO-RS does; only known parameters with safe values are passed to the PACS's WADO-URI service
 //! (`pacs.dicomweb_url` with its last path segment replaced by `wado`, as Orthanc lays it out).
+//! A DICOM answer is checked as it streams, like a WADO-RS part ([`super::checked`]).
 
 use super::WebCtx;
 use super::auth::ApiError;
+use super::checked;
 use super::path::{self, is_uid};
 use super::qido::upstream_status;
 use crate::audit::{self, Outcome};
@@ -69,7 +71,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         instance_uids: vec![object.clone()],
     };
     let action = format!("WADO-URI study={study}");
-    match ctx
+    let allowed = match ctx
         .policy
         .decide_retrieve(&p, &rr, &*ctx.lookup, &*ctx.trust, SystemTime::now())
         .await
@@ -85,15 +87,18 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             );
             return Err(ApiError::from_denial(d));
         }
-        Decision::Allow(_) => audit::record(
-            "http",
-            super::request_id(),
-            Some(&p),
-            &action,
-            Outcome::Allowed,
-            "the UIDs belong to the caller's patient",
-        ),
-    }
+        Decision::Allow(a) => {
+            audit::record(
+                "http",
+                super::request_id(),
+                Some(&p),
+                &action,
+                Outcome::Allowed,
+                "the UIDs belong to the caller's patient",
+            );
+            a
+        }
+    };
     let Some(base) = ctx.upstream_base.as_deref() else {
         return Err(ApiError::Unavailable(
             "DICOMweb is not configured: set pacs.dicomweb_url".into(),
@@ -136,12 +141,31 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         return Err(upstream_status(resp.status()));
     }
     let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
-    let h = r.headers_mut();
-    if let Some(ct) = ct {
-        h.insert(header::CONTENT_TYPE, ct);
-    }
-    h.insert(
+    let is_dicom = ct
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| m.essence_str() == "application/dicom");
+    let mut r = if is_dicom {
+        // An instance says whose it is: checked as it streams.
+        let check = checked::Check {
+            allowed,
+            principal: p.clone(),
+            request_id: super::request_id(),
+            action,
+            limits: ctx.cfg.limits.reader(),
+            wait: ctx.cfg.limits.upstream_timeout,
+        };
+        checked::single(resp, check).await?
+    } else {
+        // A rendered image names no patient: the look-up before is the check.
+        let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
+        if let Some(ct) = ct {
+            r.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        r
+    };
+    r.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-store"),
     );
