@@ -5,6 +5,7 @@
 //! target; DICOM PS3.15 audit messages will be emitted from here. Must not know protocol
 //! details: front ends describe the action in a few words.
 
+use crate::logtext::Clean;
 use crate::trust::Principal;
 
 /// The outcome of a decision.
@@ -48,14 +49,17 @@ pub fn record(
         ),
         None => ("-", "-", "-", "-", "-"),
     };
+    // Every value may come from a peer (a claim, a path, an AE title): written escaped.
+    let (iss, sub, client, patient) = (Clean(iss), Clean(sub), Clean(client), Clean(patient));
+    let (action, reason) = (Clean(action), Clean(reason));
     match outcome {
         Outcome::Allowed => tracing::info!(
-            target: "pacsgate::audit", channel, session, iss, sub, client_id = client, patient, token,
-            action, outcome = outcome.as_str(), reason
+            target: "pacsgate::audit", channel, session, iss = ?iss, sub = ?sub, client_id = ?client,
+            patient = ?patient, token, action = ?action, outcome = outcome.as_str(), reason = ?reason
         ),
         Outcome::Denied | Outcome::Anomaly => tracing::warn!(
-            target: "pacsgate::audit", channel, session, iss, sub, client_id = client, patient, token,
-            action, outcome = outcome.as_str(), reason
+            target: "pacsgate::audit", channel, session, iss = ?iss, sub = ?sub, client_id = ?client,
+            patient = ?patient, token, action = ?action, outcome = outcome.as_str(), reason = ?reason
         ),
     }
 }

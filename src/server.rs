@@ -85,7 +85,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let http_task = match http_l {
         Some(l) => {
             tracing::info!(addr = %l.local_addr()?, "HTTP front end listening");
-            Some(tokio::spawn(crate::web::serve(l, web, stop_rx.clone())))
+            let cap = http_connection_cap(&cfg);
+            Some(tokio::spawn(crate::web::serve(
+                l,
+                web,
+                stop_rx.clone(),
+                cap,
+            )))
         }
         None => None,
     };
@@ -102,6 +108,63 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one and returns it (`None` where
+/// it cannot be read).
+fn raise_descriptor_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                return None;
+            }
+            if l.rlim_cur < l.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: l.rlim_max,
+                    rlim_max: l.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    l = raised;
+                }
+            }
+        }
+        Some(l.rlim_cur)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// How many HTTP connections may be open at once: the configured cap, lowered so that the
+/// DIMSE side (client and PACS legs, the C-MOVE receiver, look-ups, pending connections) and a
+/// reserve always have descriptors, however HTTP is flooded.
+fn http_connection_cap(cfg: &Config) -> usize {
+    const RESERVE: u64 = 128;
+    let l = &cfg.limits;
+    let dimse = 4 * l.max_associations as u64 + 2 * l.max_pending_associations as u64 + 64;
+    match raise_descriptor_limit() {
+        Some(fds) => {
+            let room = fds.saturating_sub(dimse + RESERVE) as usize;
+            let cap = l.max_http_connections.min(room).max(1);
+            if cap < l.max_http_connections {
+                tracing::warn!(
+                    configured = l.max_http_connections,
+                    cap,
+                    descriptors = fds,
+                    "limits.max_http_connections lowered to keep descriptors for DIMSE; raise the process's open-files limit (LimitNOFILE) to allow more"
+                );
+            }
+            cap
+        }
+        None => l.max_http_connections,
+    }
 }
 
 async fn wait_for_signal() {

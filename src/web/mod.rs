@@ -1,14 +1,15 @@
 //! The HTTP front end: DICOMweb (QIDO-RS, WADO-RS) under `{public_url}/dicom-web` with bearer
 //! tokens, the discovery documents, and `/healthz`.
 //!
-//! Owns: the HTTP listener, its limits (concurrent requests, request time), routing, and the
-//! relay to the PACS's DICOMweb service. Every access question goes to the policy core through
+//! Owns: the HTTP front end's limits (concurrent requests, request time; connections in
+//! [`listener`]), routing, and the relay to the PACS's DICOMweb service. Every access question goes to the policy core through
 //! the same `Action`s and requests as DIMSE; no rule lives here. Must not know DIMSE framing.
 
 pub mod auth;
 pub mod checked;
 pub mod cors;
 pub mod discovery;
+pub mod listener;
 pub mod multipart;
 pub mod path;
 pub mod qido;
@@ -270,18 +271,22 @@ pub fn router(ctx: Arc<WebCtx>) -> Router {
         .with_state(ctx)
 }
 
-/// Serves HTTP until `shutdown` turns true.
+/// Serves HTTP until `shutdown` turns true, under the listener's bounds ([`listener`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<WebCtx>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    max_connections: usize,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = shutdown.changed().await;
-    })
-    .await
+    let l = &ctx.cfg.limits;
+    let bounds = listener::Bounds {
+        max_connections,
+        max_per_peer: l.max_http_connections_per_peer,
+        header_timeout: l.http_header_timeout,
+        max_header_bytes: l.max_http_header_bytes,
+        idle_timeout: l.idle_timeout,
+        drain: Duration::from_secs(20),
+    };
+    listener::serve(listener, router(ctx.clone()), bounds, shutdown).await;
+    Ok(())
 }

@@ -1,0 +1,227 @@
+//! The HTTP listener: connections admitted under bounds, so slow or silent clients cannot hold
+//! the server (or the process's descriptors).
+//!
+//! Owns: at most `limits.max_http_connections` connections at once, at most
+//! `limits.max_http_connections_per_peer` from one address (more are closed on accept); each
+//! request head (request line and headers) must arrive within `limits.http_header_timeout_secs`
+//! and fit `limits.max_http_header_bytes` (else 431 or the connection closes); a connection
+//! that has moved no byte for `limits.idle_timeout_secs` is closed once no request is running;
+//! on stop, connections finish what they are doing and close. Must not know routes or rules.
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// The bounds a listener serves under.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_connections: usize,
+    pub max_per_peer: usize,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    /// How long running requests may take to finish after a stop.
+    pub drain: Duration,
+}
+
+/// Connections per peer address; a claim frees its share when dropped.
+#[derive(Default)]
+struct PerPeer(Mutex<HashMap<IpAddr, usize>>);
+
+struct PeerClaim {
+    peers: Arc<PerPeer>,
+    ip: IpAddr,
+}
+
+impl PerPeer {
+    fn claim(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerClaim> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerClaim {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerClaim {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A stream that remembers when it last moved a byte.
+struct Watched<S> {
+    inner: S,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last: Arc<AtomicU64>,
+}
+
+impl<S> Watched<S> {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, then lets running requests
+/// finish for at most `bounds.drain`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    bounds: Bounds,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    let peers = Arc::new(PerPeer::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, addr) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%addr, "HTTP connection limit reached; closed");
+                    continue;
+                };
+                let Some(claim) = peers.claim(addr.ip(), bounds.max_per_peer) else {
+                    tracing::debug!(%addr, "HTTP connections per peer limit reached; closed");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let router = router.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    let _held = (slot, claim);
+                    connection(stream, addr, router, bounds, stop).await;
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(bounds.drain, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    router: Router,
+    bounds: Bounds,
+    mut stop: watch::Receiver<bool>,
+) {
+    let last = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        epoch,
+        last: last.clone(),
+    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(addr));
+            let mut router = router.clone();
+            async move {
+                tower_service::Service::call(&mut router, req.map(axum::body::Body::new)).await
+            }
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_timeout)
+        .max_header_size(bounds.max_header_bytes)
+        .max_buf_size(bounds.max_header_bytes.max(8192) * 2);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let check = (bounds.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check), if !closing => {
+                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if idle >= bounds.idle_timeout {
+                    // Closes at once when no request is running; a running one finishes.
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
