@@ -1291,4 +1291,41 @@ address = "nowhere"
             "loopback only by default"
         );
     }
+
+    #[test]
+    fn opaque_tokens_go_to_exactly_one_issuer() {
+        let intro = |n: u16, extra: &str| {
+            format!(
+                "[[issuers]]\nissuer = \"http://127.0.0.1:{n}\"\nverify = \"introspection\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n{extra}\n"
+            )
+        };
+        let parse = |extra: String| Config::parse(&format!("{GOOD}{extra}"));
+        let keys = |extra: String| -> Vec<String> {
+            match parse(extra) {
+                Ok(_) => Vec::new(),
+                Err(p) => p.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        // one introspection issuer takes them by default
+        let c = parse(intro(9401, "")).unwrap();
+        assert!(c.issuers[1].opaque_tokens && !c.issuers[0].opaque_tokens);
+        // two: the configuration must choose, and choose one
+        assert_eq!(
+            keys(intro(9401, "") + &intro(9402, "")),
+            vec!["issuers[2].opaque_tokens"]
+        );
+        let c = parse(intro(9401, "") + &intro(9402, "opaque_tokens = true")).unwrap();
+        assert!(!c.issuers[1].opaque_tokens && c.issuers[2].opaque_tokens);
+        assert_eq!(
+            keys(intro(9401, "opaque_tokens = true") + &intro(9402, "opaque_tokens = true")),
+            vec!["issuers[2].opaque_tokens"]
+        );
+        // only an introspection issuer can judge an opaque token; off means off
+        assert_eq!(
+            keys("opaque_tokens = true\n".to_string()),
+            vec!["issuers[0].opaque_tokens"]
+        );
+        let c = parse(intro(9401, "opaque_tokens = false")).unwrap();
+        assert!(c.issuers.iter().all(|i| !i.opaque_tokens));
+    }
 }

@@ -152,8 +152,6 @@ pub struct TrustCore {
     /// For calls made with the caller's own token: no redirects are followed, so the token
     /// goes only to the configured FHIR base.
     caller_http: reqwest::Client,
-    /// Issuers in configuration order: opaque tokens are offered to them in this order.
-    order: Vec<String>,
     /// The gateway's own URLs: an `authorization_details` entry naming one of them in its
     /// `locations` applies its own scope and patient here.
     locations: Vec<String>,
@@ -189,7 +187,9 @@ impl TrustCore {
         let http = reqwest::Client::builder()
             .timeout(cfg.limits.http_fetch_timeout)
             .connect_timeout(cfg.limits.http_fetch_timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // No redirect is followed by a client that carries a credential or a caller's token
+            // (introspection, the gateway's own token): a 307 would re-post it elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let mut issuers = HashMap::new();
@@ -210,7 +210,6 @@ impl TrustCore {
                 },
             );
         }
-        let order = cfg.issuers.iter().map(|i| i.issuer.clone()).collect();
         let mut locations = cfg.gateway.audiences.clone();
         locations.push(cfg.gateway.public_url.clone());
         locations.push(format!("{}/dicom-web", cfg.gateway.public_url));
@@ -227,7 +226,6 @@ impl TrustCore {
         Ok(Arc::new(TrustCore {
             issuers,
             caller_http,
-            order,
             locations,
         }))
     }
@@ -400,29 +398,19 @@ impl TrustCore {
         }
     }
 
-    /// An opaque token: offered to the issuers configured for introspection, in order.
+    /// An opaque token: introspected at the one issuer configured for opaque tokens
+    /// (`opaque_tokens`), never offered to several (each would learn the others' tokens).
     async fn verify_opaque(&self, token: &str) -> Result<Principal, TrustError> {
-        let mut asked = false;
-        for iss in &self.order {
-            let Some(ti) = self
-                .issuers
-                .get(iss)
-                .filter(|t| t.cfg.verify == VerifyMode::Introspection)
-            else {
-                continue;
-            };
-            asked = true;
-            if let Some(claims) = self.introspect(token, ti).await? {
-                return principal_from_introspection(&claims, ti, token, &self.locations);
-            }
-        }
-        if asked {
-            Err(TrustError::Inactive)
-        } else {
-            Err(TrustError::Malformed(
-                "not a JWT, and no issuer is configured for introspection".into(),
-            ))
-        }
+        let Some(ti) = self.issuers.values().find(|t| t.cfg.opaque_tokens) else {
+            return Err(TrustError::Malformed(
+                "not a JWT, and no issuer takes opaque tokens (opaque_tokens)".into(),
+            ));
+        };
+        let claims = self
+            .introspect(token, ti)
+            .await?
+            .ok_or(TrustError::Inactive)?;
+        principal_from_introspection(&claims, ti, token, &self.locations)
     }
 
     async fn verify_introspected(
@@ -527,25 +515,49 @@ fn principal_from_introspection(
     locations: &[String],
 ) -> Result<Principal, TrustError> {
     let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    if let Some(iss) = text("iss")
-        && iss.trim_end_matches('/') != ti.cfg.issuer.trim_end_matches('/')
-    {
-        return Err(TrustError::UntrustedIssuer(iss));
+    // The answer must be the asked issuer's about a token for this gateway.
+    match v.get("iss") {
+        None => {}
+        Some(serde_json::Value::String(iss)) if *iss == ti.cfg.issuer => {}
+        Some(serde_json::Value::String(iss)) => {
+            return Err(TrustError::UntrustedIssuer(crate::logtext::clean(iss)));
+        }
+        Some(_) => return Err(TrustError::Claim("iss")),
     }
-    if let Some(aud) = v.get("aud") {
-        let auds: Vec<&str> = match aud {
-            serde_json::Value::String(s) => vec![s.as_str()],
-            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
-            _ => vec![],
-        };
-        if !auds
-            .iter()
-            .any(|a| ti.audiences.iter().any(|mine| mine == a))
-        {
-            return Err(TrustError::Audience);
+    match v.get("aud") {
+        None if ti.cfg.introspection_aud_optional => {}
+        None => return Err(TrustError::Audience),
+        Some(aud) => {
+            let auds: Vec<&str> = match aud {
+                serde_json::Value::String(s) => vec![s.as_str()],
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+                _ => vec![],
+            };
+            if !auds
+                .iter()
+                .any(|a| ti.audiences.iter().any(|mine| mine == a))
+            {
+                return Err(TrustError::Audience);
+            }
         }
     }
+    // RFC 7662 token_type: only access tokens open the gateway (not refresh or ID tokens).
+    match v.get("token_type") {
+        None => {}
+        Some(serde_json::Value::String(t)) if is_access_token_type(t) => {}
+        Some(_) => return Err(TrustError::Claim("token_type")),
+    }
     let now = now_secs();
+    match v.get("nbf") {
+        None => {}
+        Some(serde_json::Value::Number(n)) => {
+            let nbf = number_secs(n).ok_or(TrustError::Claim("nbf"))?;
+            if nbf > now + LEEWAY_SECS {
+                return Err(TrustError::NotYetValid);
+            }
+        }
+        Some(_) => return Err(TrustError::Claim("nbf")),
+    }
     let exp = match v.get("exp") {
         Some(serde_json::Value::Number(n)) => number_secs(n).ok_or(TrustError::Claim("exp"))?,
         None => now + ti.cfg.introspection_cache.as_secs(),
@@ -592,6 +604,14 @@ fn principal_from_introspection(
         launch_studies,
         bearer: Bearer::new(token),
     })
+}
+
+/// Whether an introspection answer's `token_type` names an access token (RFC 6749 7.1's
+/// `Bearer`, or an access token type of RFC 8693).
+fn is_access_token_type(t: &str) -> bool {
+    t.eq_ignore_ascii_case("bearer")
+        || t == "access_token"
+        || t == "urn:ietf:params:oauth:token-type:access_token"
 }
 
 /// The ImagingStudy entries of a `fhirContext` claim, when the issuer treats launch context

@@ -718,6 +718,106 @@ async fn broken_introspection_endpoints_deny() {
     ));
 }
 
+/// An introspection endpoint answering whatever `answer` holds (`{ISS}` stands for the
+/// issuer's URL), counting the requests it gets.
+async fn scripted_endpoint(
+    answer: Arc<std::sync::Mutex<String>>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/introspect", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/introspect",
+        post(move || {
+            let a = answer.lock().unwrap().clone();
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { ([("content-type", "application/json")], a) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_answers_must_be_the_issuers_about_an_access_token_for_the_gateway() {
+    let answer = Arc::new(std::sync::Mutex::new(String::new()));
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let endpoint = scripted_endpoint(answer.clone(), hits.clone()).await;
+    let f = intro_fixture(
+        "introspection",
+        secret_client(),
+        &format!("{SECRET}\nintrospection_endpoint = \"{endpoint}\""),
+    )
+    .await;
+    let later = now_secs() + 3600;
+    let base = format!(
+        r#""active": true, "scope": "patient/ImagingStudy.rs", "patient": "PAT1", "exp": {later}"#
+    );
+    let cases = [
+        (
+            format!(r#"{{{base}, "iss": "{{ISS}}", "aud": "{AUD}"}}"#),
+            true,
+        ),
+        (format!(r#"{{{base}, "aud": "{AUD}"}}"#), true),
+        (
+            format!(r#"{{{base}, "iss": "{{ISS}}", "aud": "{AUD}", "token_type": "Bearer"}}"#),
+            true,
+        ),
+        // no aud, or someone else's
+        (format!(r#"{{{base}, "iss": "{{ISS}}"}}"#), false),
+        (
+            format!(r#"{{{base}, "iss": "{{ISS}}", "aud": "https://other.example"}}"#),
+            false,
+        ),
+        // another issuer's string, a trailing slash, not a string
+        (
+            format!(r#"{{{base}, "iss": "https://other.example", "aud": "{AUD}"}}"#),
+            false,
+        ),
+        (
+            format!(r#"{{{base}, "iss": "{{ISS}}/", "aud": "{AUD}"}}"#),
+            false,
+        ),
+        (
+            format!(r#"{{{base}, "iss": ["{{ISS}}"], "aud": "{AUD}"}}"#),
+            false,
+        ),
+        // not an access token, not valid yet
+        (
+            format!(r#"{{{base}, "aud": "{AUD}", "token_type": "refresh_token"}}"#),
+            false,
+        ),
+        (
+            format!(r#"{{{base}, "aud": "{AUD}", "nbf": {later}}}"#),
+            false,
+        ),
+    ];
+    for (json, ok) in cases {
+        *answer.lock().unwrap() = json.replace("{ISS}", &f.url);
+        let t = f.issuer.mint_opaque(&req("PAT1"));
+        let r = f.trust.verify(&t).await;
+        assert_eq!(r.is_ok(), ok, "{json}: {r:?}");
+    }
+    // an authorization server that omits aud, where the issuer says so
+    let optional = intro_fixture(
+        "introspection",
+        secret_client(),
+        &format!(
+            "{SECRET}\nintrospection_endpoint = \"{endpoint}\"\nintrospection_aud_optional = true"
+        ),
+    )
+    .await;
+    *answer.lock().unwrap() = format!("{{{base}}}");
+    assert!(
+        optional
+            .trust
+            .verify(&optional.issuer.mint_opaque(&req("PAT1")))
+            .await
+            .is_ok()
+    );
+}
+
 // ---- multi-server tokens and vendor quirks ----
 
 #[tokio::test(flavor = "multi_thread")]
