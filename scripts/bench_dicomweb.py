@@ -43,6 +43,12 @@ def vm(pid, field):
     return 0.0
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time of a process so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def curl(url, token=None):
     cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}",
            "-H", 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*']
@@ -52,6 +58,25 @@ def curl(url, token=None):
     if out[0] != "200":
         raise RuntimeError(f"{url}: HTTP {out[0]}")
     return int(out[1]), float(out[2])
+
+
+def instance_digests(url, token=None):
+    """The SHA-256 of each DICOM part of a multipart/related answer, sorted."""
+    import hashlib
+
+    h = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    r = requests.get(url, headers=h, timeout=600)
+    r.raise_for_status()
+    boundary = r.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+    out = []
+    for part in r.content.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        body = part.split(b"\r\n\r\n", 1)[1]
+        out.append(hashlib.sha256(body[:-2] if body.endswith(b"\r\n") else body).hexdigest())
+    return sorted(out)
 
 
 def qido_latencies(url, token=None):
@@ -105,11 +130,18 @@ def main():
         curl(f"{direct}/studies/{study}")  # warm the PACS's cache
         curl(f"{via}/studies/{study}", big_token)
         wado = {"direct": [], "gateway": []}
+        gw_cpu = 0.0
         for _ in range(ROUNDS):
             wado["direct"].append(curl(f"{direct}/studies/{study}"))
+            c0 = cpu_seconds(gw.proc.pid)
             wado["gateway"].append(curl(f"{via}/studies/{study}", big_token))
-        sizes = {b for b, _ in wado["direct"] + wado["gateway"]}
-        assert len(sizes) == 1, f"both sides must return the same study: {sizes}"
+            gw_cpu += cpu_seconds(gw.proc.pid) - c0
+        # The gateway re-frames the parts (its own boundary and part headers): the instances
+        # must be the same, byte for byte; each side's size must not vary between rounds.
+        assert instance_digests(f"{direct}/studies/{study}") == instance_digests(f"{via}/studies/{study}", big_token), \
+            "both sides must return the same instances"
+        for side in wado.values():
+            assert len({b for b, _ in side}) == 1, f"sizes vary between rounds: {side}"
         hwm = vm(gw.proc.pid, "VmHWM")
 
         qido_latencies(f"{direct}/studies?PatientID=QIDO")  # warm-up
@@ -144,7 +176,7 @@ def main():
         def pct(v, q):
             return v[int((len(v) - 1) * q)]
 
-        size_mib = sizes.pop() / 1024 / 1024
+        size_mib = wado["direct"][0][0] / 1024 / 1024
         lines = [
             f"DICOMweb benchmark: release build, loopback, 2 cores; WADO-RS of a {size_mib:.0f} MiB study "
             f"({INSTANCES} instances, mean of {ROUNDS} after a warm-up); QIDO-RS /studies with 100 matches ({QIDO_N} requests)",
@@ -152,6 +184,7 @@ def main():
             "| measure | direct to Orthanc | through pacsgate | gateway/direct |",
             "|---|---|---|---|",
             f"| WADO-RS study retrieval | {wd:.1f} MB/s | {wg:.1f} MB/s | {wg / wd:.3f} |",
+            f"| WADO-RS gateway CPU time per GB relayed | | {gw_cpu / (sum(b for b, _ in wado['gateway']) / 1e9):.3f} s | |",
             f"| QIDO-RS latency p50 | {pct(qd, .5):.2f} ms | {pct(qg, .5):.2f} ms | +{pct(qg, .5) - pct(qd, .5):.2f} ms |",
             f"| QIDO-RS latency p99 | {pct(qd, .99):.2f} ms | {pct(qg, .99):.2f} ms | +{pct(qg, .99) - pct(qd, .99):.2f} ms |",
             f"| QIDO-RS throughput | {1000 / statistics.mean(qd):.1f} req/s | {1000 / statistics.mean(qg):.1f} req/s | {statistics.mean(qd) / statistics.mean(qg):.3f} |",

@@ -13,7 +13,7 @@
 //! in; this file applies it.
 
 use super::auth::ApiError;
-use super::multipart::random_boundary;
+use super::multipart::{Piece, Splitter, header_value, random_boundary};
 use crate::audit::{self, Outcome};
 use crate::dicom::head::InstanceReader;
 use crate::dicom::reader::{Limits, Violation};
@@ -24,11 +24,10 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::time::Duration;
-
-/// Chunks in flight between the PACS's answer and the client's.
-const QUEUE: usize = 8;
 
 /// What each check needs besides the answer.
 #[derive(Clone)]
@@ -58,8 +57,8 @@ impl Check {
 
 /// Why a part was not passed on.
 enum Refused {
-    /// The strict reader refused the part.
-    Malformed(Violation),
+    /// The strict reader refused the part, or the multipart framing is broken.
+    Malformed(String),
     /// The instance is not one the decision admits.
     Foreign,
     /// The PACS's answer broke off or stalled.
@@ -69,7 +68,7 @@ enum Refused {
 impl Refused {
     fn reason(&self) -> String {
         match self {
-            Refused::Malformed(v) => format!("the PACS sent a part the strict reader refused: {v}"),
+            Refused::Malformed(v) => format!("the PACS sent a part the gateway refused: {v}"),
             Refused::Foreign => {
                 "the PACS sent an instance the request does not reach; withheld".to_string()
             }
@@ -78,92 +77,248 @@ impl Refused {
     }
 }
 
-/// A part whose head passed, with what is left to stream.
-struct Passed {
-    head: Vec<u8>,
-    reader: InstanceReader,
-    ended: bool,
+fn malformed(v: Violation) -> Refused {
+    Refused::Malformed(v.to_string())
 }
 
-/// Reads the head of one instance from `next` (chunks of its bytes) and judges it.
-async fn judge_head<S, E>(chunks: &mut S, check: &Check) -> Result<Passed, Refused>
-where
-    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    let mut reader = InstanceReader::part10(check.limits);
-    let mut head = Vec::new();
-    loop {
-        let next = tokio::time::timeout(check.wait, chunks.next())
-            .await
-            .map_err(|_| Refused::Upstream("no data in time".into()))?;
-        let (step, ended) = match next {
-            Some(Ok(c)) => {
-                head.extend_from_slice(&c);
-                (reader.feed(&c), false)
-            }
-            Some(Err(e)) => return Err(Refused::Upstream(e.to_string())),
-            None => (reader.finish(), true),
+/// The part being relayed.
+enum Part {
+    /// Its head is being read: chunks held until the instance is judged.
+    Judging {
+        reader: InstanceReader,
+        held: Vec<Bytes>,
+        held_len: usize,
+        content_type: String,
+    },
+    /// Judged and admitted: every further chunk is read and passed on.
+    Passing { reader: InstanceReader },
+}
+
+/// The relay of one answer: pulls the PACS's chunks, cuts them into parts (or takes the whole
+/// answer as one instance), checks each, and yields what may go to the client. It runs in the
+/// response body's own polling: no task, no copy of instance data.
+struct Relay {
+    upstream: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
+    /// `None`: the answer is one instance, not a multipart.
+    splitter: Option<Splitter>,
+    /// Pieces cut from the last chunk (kept to reuse its allocation).
+    pieces: Vec<Piece>,
+    part: Option<Part>,
+    out: VecDeque<Bytes>,
+    /// The gateway's boundary toward the client.
+    ours: String,
+    sent_parts: usize,
+    /// The answer is complete (the closing delimiter is queued).
+    done: bool,
+    /// The answer was refused: the body ends with an error, no closing delimiter.
+    failed: Option<Refused>,
+    check: Check,
+}
+
+impl Relay {
+    fn new(resp: reqwest::Response, splitter: Option<Splitter>, check: Check) -> Relay {
+        let single = splitter.is_none();
+        let mut r = Relay {
+            upstream: Box::pin(resp.bytes_stream()),
+            splitter,
+            pieces: Vec::new(),
+            part: None,
+            out: VecDeque::new(),
+            ours: random_boundary(),
+            sent_parts: 0,
+            done: false,
+            failed: None,
+            check,
         };
-        match step.and_then(|()| reader.head()) {
-            Err(v) => return Err(Refused::Malformed(v)),
-            Ok(Some(h)) => {
-                if !check.allowed.admits_instance(&InstanceId::of(&h)) {
-                    return Err(Refused::Foreign);
-                }
-                return Ok(Passed {
-                    head,
-                    reader,
-                    ended,
-                });
-            }
-            Ok(None) if ended => return Err(Refused::Malformed(Violation::Truncated)),
-            Ok(None) if head.len() >= MAX_HEAD => {
-                return Err(Refused::Malformed(Violation::TooLarge(
-                    "the instance's head",
-                )));
-            }
-            Ok(None) => {}
+        if single {
+            r.part = Some(r.judging("application/dicom".into()));
         }
+        r
+    }
+
+    fn judging(&self, content_type: String) -> Part {
+        Part::Judging {
+            reader: InstanceReader::part10(self.check.limits),
+            held: Vec::new(),
+            held_len: 0,
+            content_type,
+        }
+    }
+
+    /// Queues the framing of a new part toward the client (none for a single instance).
+    fn frame(&mut self, content_type: &str) {
+        if self.splitter.is_some() {
+            let sep = if self.sent_parts == 0 { "" } else { "\r\n" };
+            self.out.push_back(Bytes::from(format!(
+                "{sep}--{}\r\nContent-Type: {content_type}\r\n\r\n",
+                self.ours
+            )));
+        }
+        self.sent_parts += 1;
+    }
+
+    /// Judges the head once it is known; an admitted part then passes (its held chunks queued).
+    fn judge(&mut self, ended: bool) -> Result<(), Refused> {
+        let Some(Part::Judging { reader, .. }) = &mut self.part else {
+            return Ok(());
+        };
+        if ended {
+            reader.finish().map_err(malformed)?;
+        }
+        let head = match reader.head().map_err(malformed)? {
+            Some(h) => h,
+            None if ended => return Err(malformed(Violation::Truncated)),
+            None => return Ok(()),
+        };
+        if !self.check.allowed.admits_instance(&InstanceId::of(&head)) {
+            return Err(Refused::Foreign);
+        }
+        let Some(Part::Judging {
+            reader,
+            held,
+            content_type,
+            ..
+        }) = self.part.take()
+        else {
+            return Ok(());
+        };
+        self.frame(&content_type);
+        self.out.extend(held);
+        self.part = Some(Part::Passing { reader });
+        Ok(())
+    }
+
+    fn data(&mut self, b: Bytes) -> Result<(), Refused> {
+        match &mut self.part {
+            Some(Part::Judging {
+                reader,
+                held,
+                held_len,
+                ..
+            }) => {
+                reader.feed(&b).map_err(malformed)?;
+                *held_len += b.len();
+                held.push(b);
+                let too_large = *held_len >= MAX_HEAD;
+                self.judge(false)?;
+                if too_large && matches!(self.part, Some(Part::Judging { .. })) {
+                    return Err(malformed(Violation::TooLarge("the instance's head")));
+                }
+                Ok(())
+            }
+            Some(Part::Passing { reader }) => {
+                reader.feed(&b).map_err(malformed)?;
+                self.out.push_back(b);
+                Ok(())
+            }
+            None => Err(Refused::Malformed("data outside a part".into())),
+        }
+    }
+
+    fn part_end(&mut self) -> Result<(), Refused> {
+        self.judge(true)?;
+        match self.part.take() {
+            Some(Part::Passing { mut reader }) => reader.finish().map_err(malformed),
+            _ => Err(Refused::Malformed(
+                "a part ended before its instance".into(),
+            )),
+        }
+    }
+
+    fn piece(&mut self, p: Piece) -> Result<(), Refused> {
+        match p {
+            Piece::Start(headers) => {
+                let given = header_value(&headers, "content-type")
+                    .and_then(|v| v.parse::<mime::Mime>().ok());
+                if given
+                    .as_ref()
+                    .is_none_or(|m| m.essence_str() != "application/dicom")
+                {
+                    return Err(Refused::Malformed("a part that is not DICOM".into()));
+                }
+                self.part = Some(self.judging(part_type(given.as_ref())));
+                Ok(())
+            }
+            Piece::Data(b) => self.data(b),
+            Piece::PartEnd => self.part_end(),
+            Piece::End => {
+                let end = if self.sent_parts == 0 {
+                    format!("--{}--\r\n", self.ours)
+                } else {
+                    format!("\r\n--{}--\r\n", self.ours)
+                };
+                self.out.push_back(Bytes::from(end));
+                self.done = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the next chunk of the PACS's answer and works it through.
+    async fn pull(&mut self) -> Result<(), Refused> {
+        // The PACS client's read timeout bounds each wait.
+        match self.upstream.next().await {
+            Some(Ok(chunk)) => match &mut self.splitter {
+                Some(sp) => {
+                    let mut pieces = std::mem::take(&mut self.pieces);
+                    sp.push(chunk, &mut pieces)
+                        .map_err(|e| Refused::Malformed(e.to_string()))?;
+                    let r = pieces.drain(..).try_for_each(|p| self.piece(p));
+                    self.pieces = pieces;
+                    r
+                }
+                None => self.data(chunk),
+            },
+            Some(Err(e)) => Err(Refused::Upstream(e.without_url().to_string())),
+            None => match &self.splitter {
+                Some(_) => Err(Refused::Malformed(
+                    "the multipart answer ended without its closing delimiter".into(),
+                )),
+                None => {
+                    self.part_end()?;
+                    self.done = true;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// The next bytes for the client; `None` at the end. A refusal is audited and ends the
+    /// body with an error (the client sees a broken response, never a complete one).
+    async fn next_out(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        loop {
+            if let Some(b) = self.out.pop_front() {
+                return Some(Ok(b));
+            }
+            if self.done {
+                return None;
+            }
+            if let Some(r) = self.failed.take() {
+                self.check.anomaly(&r.reason());
+                self.done = true;
+                return Some(Err(std::io::Error::other("retrieval ended by the gateway")));
+            }
+            if let Err(r) = self.pull().await {
+                self.out.clear();
+                self.failed = Some(r);
+            }
+        }
+    }
+
+    /// Works the answer until the first instance is judged (or the answer ends), so that a
+    /// refusal of the first can still be an HTTP status.
+    async fn prime(&mut self) -> Result<(), Refused> {
+        while self.sent_parts == 0 && !self.done {
+            self.pull().await?;
+        }
+        Ok(())
     }
 }
 
-/// Streams the rest of a passed part into `tx`, each chunk read strictly first.
-async fn stream_rest<S, E>(
-    chunks: &mut S,
-    passed: &mut Passed,
-    check: &Check,
-    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-) -> Result<(), Refused>
-where
-    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    while !passed.ended {
-        let next = tokio::time::timeout(check.wait, chunks.next())
-            .await
-            .map_err(|_| Refused::Upstream("no data in time".into()))?;
-        match next {
-            Some(Ok(c)) => {
-                passed.reader.feed(&c).map_err(Refused::Malformed)?;
-                if tx.send(Ok(c)).await.is_err() {
-                    return Err(Refused::Upstream("the client went away".into()));
-                }
-            }
-            Some(Err(e)) => return Err(Refused::Upstream(e.to_string())),
-            None => {
-                passed.reader.finish().map_err(Refused::Malformed)?;
-                passed.ended = true;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A body fed by a channel: an `Err` item ends the response abruptly (no closing chunk).
-fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Body {
-    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+/// The body of a checked answer.
+fn body(relay: Relay) -> Body {
+    Body::from_stream(futures_util::stream::unfold(relay, |mut r| async move {
+        r.next_out().await.map(|item| (item, r))
     }))
 }
 
@@ -180,135 +335,36 @@ fn part_type(given: Option<&mime::Mime>) -> String {
     }
 }
 
-/// The next part of a multipart answer, bounded in time.
-async fn next_part(
-    mp: &mut multer::Multipart<'static>,
-    wait: Duration,
-) -> Result<Option<multer::Field<'static>>, Refused> {
-    match tokio::time::timeout(wait, mp.next_field()).await {
-        Ok(Ok(f)) => Ok(f),
-        Ok(Err(e)) => Err(Refused::Upstream(e.to_string())),
-        Err(_) => Err(Refused::Upstream("no data in time".into())),
-    }
-}
-
 /// A multipart/related answer of DICOM instances, checked part by part (see the module doc).
 pub async fn instances(resp: reqwest::Response, check: Check) -> Result<Response, ApiError> {
-    let ct = resp
+    let boundary = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<mime::Mime>().ok());
-    let Some(boundary) = ct
-        .as_ref()
+        .and_then(|v| v.parse::<mime::Mime>().ok())
         .filter(|m| m.essence_str() == "multipart/related")
-        .and_then(|m| m.get_param(mime::BOUNDARY))
-        .map(|b| b.as_str().to_string())
-    else {
+        .and_then(|m| m.get_param(mime::BOUNDARY).map(|b| b.as_str().to_string()))
+        .filter(|b| !b.is_empty() && b.len() <= 70);
+    let Some(boundary) = boundary else {
         check.anomaly("the PACS answered a retrieval with something other than multipart/related");
         return Err(ApiError::Upstream(
             "the PACS's answer is not multipart/related".into(),
         ));
     };
-    let mut mp = multer::Multipart::new(resp.bytes_stream(), boundary);
-    // The first part is judged before the response starts: a refusal can still be a status.
-    let first = match next_part(&mut mp, check.wait).await {
-        Ok(f) => f,
-        Err(r) => {
-            check.anomaly(&r.reason());
-            return Err(ApiError::Upstream(
-                "the PACS's answer could not be read".into(),
-            ));
-        }
-    };
-    let mut first = match first {
-        None => None,
-        Some(mut field) => {
-            let given = field.content_type().cloned();
-            if given
-                .as_ref()
-                .is_none_or(|m| m.essence_str() != "application/dicom")
-            {
-                check.anomaly("the PACS answered a retrieval with a part that is not DICOM");
-                return Err(ApiError::Upstream(
-                    "the PACS's answer holds a part that is not DICOM".into(),
-                ));
-            }
-            match judge_head(&mut field, &check).await {
-                Ok(p) => Some((field, given, p)),
-                Err(r) => {
-                    check.anomaly(&r.reason());
-                    return Err(ApiError::Upstream(
-                        "the PACS's answer held data the request does not reach".into(),
-                    ));
-                }
-            }
-        }
-    };
-    let ours = random_boundary();
-    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-    let out_boundary = ours.clone();
-    let task_check = check.clone();
-    tokio::spawn(async move {
-        let check = task_check;
-        let mut n = 0usize;
-        let result: Result<(), Refused> = async {
-            loop {
-                let (mut field, given, mut passed) = match first.take() {
-                    Some(x) => x,
-                    None => {
-                        let Some(mut field) = next_part(&mut mp, check.wait).await? else {
-                            return Ok(());
-                        };
-                        let given = field.content_type().cloned();
-                        if given
-                            .as_ref()
-                            .is_none_or(|m| m.essence_str() != "application/dicom")
-                        {
-                            return Err(Refused::Malformed(Violation::UnsupportedSyntax));
-                        }
-                        let passed = judge_head(&mut field, &check).await?;
-                        (field, given, passed)
-                    }
-                };
-                let sep = if n == 0 { "" } else { "\r\n" };
-                let framing = format!(
-                    "{sep}--{out_boundary}\r\nContent-Type: {}\r\n\r\n",
-                    part_type(given.as_ref())
-                );
-                n += 1;
-                let head = std::mem::take(&mut passed.head);
-                for b in [Bytes::from(framing), Bytes::from(head)] {
-                    if tx.send(Ok(b)).await.is_err() {
-                        return Err(Refused::Upstream("the client went away".into()));
-                    }
-                }
-                stream_rest(&mut field, &mut passed, &check, &tx).await?;
-            }
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                let end = if n == 0 {
-                    format!("--{out_boundary}--\r\n")
-                } else {
-                    format!("\r\n--{out_boundary}--\r\n")
-                };
-                let _ = tx.send(Ok(Bytes::from(end))).await;
-            }
-            Err(r) => {
-                check.anomaly(&r.reason());
-                let _ = tx
-                    .send(Err(std::io::Error::other("retrieval ended by the gateway")))
-                    .await;
-            }
-        }
-    });
-    let mut r = Response::new(channel_body(rx));
+    let mut relay = Relay::new(resp, Some(Splitter::new(&boundary)), check);
+    if let Err(r) = relay.prime().await {
+        relay.check.anomaly(&r.reason());
+        return Err(ApiError::Upstream(
+            "the PACS's answer held data the request does not reach, or could not be read".into(),
+        ));
+    }
+    let content_type = format!(
+        "multipart/related; type=\"application/dicom\"; boundary={}",
+        relay.ours
+    );
+    let mut r = Response::new(body(relay));
     *r.status_mut() = StatusCode::OK;
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "multipart/related; type=\"application/dicom\"; boundary={ours}"
-    )) {
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
         r.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     Ok(r)
@@ -316,30 +372,14 @@ pub async fn instances(resp: reqwest::Response, check: Check) -> Result<Response
 
 /// A single `application/dicom` answer (WADO-URI), checked like one part.
 pub async fn single(resp: reqwest::Response, check: Check) -> Result<Response, ApiError> {
-    let mut chunks = Box::pin(resp.bytes_stream());
-    let mut passed = match judge_head(&mut chunks, &check).await {
-        Ok(p) => p,
-        Err(r) => {
-            check.anomaly(&r.reason());
-            return Err(ApiError::Upstream(
-                "the PACS's answer held data the request does not reach".into(),
-            ));
-        }
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-    let head = std::mem::take(&mut passed.head);
-    tokio::spawn(async move {
-        if tx.send(Ok(Bytes::from(head))).await.is_err() {
-            return;
-        }
-        if let Err(r) = stream_rest(&mut chunks, &mut passed, &check, &tx).await {
-            check.anomaly(&r.reason());
-            let _ = tx
-                .send(Err(std::io::Error::other("retrieval ended by the gateway")))
-                .await;
-        }
-    });
-    let mut r = Response::new(channel_body(rx));
+    let mut relay = Relay::new(resp, None, check);
+    if let Err(r) = relay.prime().await {
+        relay.check.anomaly(&r.reason());
+        return Err(ApiError::Upstream(
+            "the PACS's answer held data the request does not reach, or could not be read".into(),
+        ));
+    }
+    let mut r = Response::new(body(relay));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/dicom"),
