@@ -257,7 +257,13 @@ impl Relay {
     /// Reads the next chunk of the PACS's answer and works it through.
     async fn pull(&mut self) -> Result<(), Refused> {
         // The PACS client's read timeout bounds each wait.
-        match self.upstream.next().await {
+        let next = self.upstream.next().await;
+        self.take(next)
+    }
+
+    /// Works one item of the PACS's answer through (`None`: the answer ended).
+    fn take(&mut self, next: Option<Result<Bytes, reqwest::Error>>) -> Result<(), Refused> {
+        match next {
             Some(Ok(chunk)) => match &mut self.splitter {
                 Some(sp) => {
                     let mut pieces = std::mem::take(&mut self.pieces);
@@ -298,7 +304,18 @@ impl Relay {
                 self.done = true;
                 return Some(Err(std::io::Error::other("retrieval ended by the gateway")));
             }
-            if let Err(r) = self.pull().await {
+            let mut r = self.pull().await;
+            // Take what the PACS has already sent while it is at hand, so the client's side
+            // writes several chunks at once instead of one per wake-up.
+            let mut more = 0;
+            while r.is_ok() && !self.done && more < 16 {
+                match futures_util::poll!(self.upstream.next()) {
+                    std::task::Poll::Ready(next) => r = self.take(next),
+                    std::task::Poll::Pending => break,
+                }
+                more += 1;
+            }
+            if let Err(r) = r {
                 self.out.clear();
                 self.failed = Some(r);
             }

@@ -211,8 +211,7 @@ async fn connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(bounds.header_timeout)
-        .max_header_size(bounds.max_header_bytes)
-        .max_buf_size(bounds.max_header_bytes.max(8192) * 2);
+        .max_header_size(bounds.max_header_bytes);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
     let check = (bounds.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));

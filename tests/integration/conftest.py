@@ -200,7 +200,8 @@ class Issuer:
 
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
-                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE"):
+                 receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
+                 limits_extra=""):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
@@ -221,6 +222,7 @@ cors_origins = ["https://viewer.example.org"]
 [limits]
 idle_timeout_secs = 60
 upstream_timeout_secs = 20
+{limits_extra}
 
 [[issuers]]
 issuer = "{issuer.url}"
