@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod crypto;
 pub mod devissuer;
 pub mod dicom;
 pub mod dimse;

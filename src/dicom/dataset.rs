@@ -144,9 +144,12 @@ impl<'a> DataSet<'a> {
 
     /// The UIDs of a judged UI element (validated), without padding; empty when absent.
     pub fn uids(&self, tag: Tag) -> Vec<&'a str> {
-        self.value(tag)
-            .and_then(|v| values::uid_list(v).ok())
-            .unwrap_or_default()
+        match (values::judged(tag), self.value(tag)) {
+            // A judged UI value was checked when it was read.
+            (Some((_, values::Form::Uids)), Some(v)) => values::split_uids(v),
+            (_, Some(v)) => values::uid_list(v).unwrap_or_default(),
+            (_, None) => Vec::new(),
+        }
     }
 
     /// Whether the element is present with an empty value (a return key, not a matching key).

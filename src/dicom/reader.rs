@@ -664,8 +664,37 @@ fn vr_of(code: [u8; 2]) -> Option<VR> {
     })
 }
 
-/// In implicit VR, whether the standard dictionary says the element is a sequence.
+/// In implicit VR, whether the standard dictionary says the element is a sequence. The
+/// elements every query and instance carries are answered without a dictionary look-up.
 fn dictionary_sq(tag: Tag) -> bool {
+    use dicom_dictionary_std::tags;
+    if tag.1 == 0x0000
+        || super::values::judged(tag).is_some()
+        || matches!(
+            tag,
+            tags::SPECIFIC_CHARACTER_SET
+                | tags::INSTANCE_CREATION_DATE
+                | tags::INSTANCE_CREATION_TIME
+                | tags::STUDY_TIME
+                | tags::ACCESSION_NUMBER
+                | tags::RETRIEVE_AE_TITLE
+                | tags::REFERRING_PHYSICIAN_NAME
+                | tags::STUDY_DESCRIPTION
+                | tags::SERIES_DESCRIPTION
+                | tags::PATIENT_NAME
+                | tags::PATIENT_BIRTH_DATE
+                | tags::PATIENT_SEX
+                | tags::STUDY_ID
+                | tags::SERIES_NUMBER
+                | tags::INSTANCE_NUMBER
+                | tags::NUMBER_OF_STUDY_RELATED_SERIES
+                | tags::NUMBER_OF_STUDY_RELATED_INSTANCES
+                | tags::NUMBER_OF_SERIES_RELATED_INSTANCES
+                | tags::PIXEL_DATA
+        )
+    {
+        return false;
+    }
     matches!(
         StandardDataDictionary.by_tag(tag).map(|e| e.vr()),
         Some(VirtualVr::Exact(VR::SQ))

@@ -57,71 +57,104 @@ pub fn check(tag: Tag, vr: Option<VR>, value: &[u8]) -> Result<(), Violation> {
         });
     }
     match form {
-        Form::Uids => uid_list(value)
-            .map(|_| ())
-            .map_err(|why| Violation::BadValue(tag, why)),
+        Form::Uids => check_uids(value).map_err(|why| Violation::BadValue(tag, why)),
         Form::Text(max) => text(value, max)
             .map(|_| ())
             .map_err(|why| Violation::BadValue(tag, why)),
     }
 }
 
-/// The UIDs of a UI value, its one trailing NUL removed. An empty value is an empty list.
-pub fn uid_list(value: &[u8]) -> Result<Vec<&str>, &'static str> {
+/// Checks a UI value in one pass, without allocating: UIDs as [`is_uid`] defines them,
+/// separated by `\`, one trailing NUL the only padding; an empty value is an empty list.
+pub fn check_uids(value: &[u8]) -> Result<(), &'static str> {
     let value = value.strip_suffix(b"\0").unwrap_or(value);
     if value.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let text = std::str::from_utf8(value).map_err(|_| "a UID must be digits and dots")?;
-    text.split('\\')
-        .map(|u| {
-            if is_uid(u) {
-                Ok(u)
-            } else {
-                Err(uid_problem(u))
+    const SHAPE: &str = "a UID has an empty component or one with a leading zero";
+    // `prev`: the byte before, with `\\` standing for the start of a UID.
+    let mut prev = b'\\';
+    let mut len = 0usize;
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            b'1'..=b'9' => {}
+            b'0' => {
+                // A zero that starts a component must be the whole component.
+                let starts = prev == b'.' || prev == b'\\';
+                if starts && matches!(value.get(i + 1), Some(b'0'..=b'9')) {
+                    return Err(SHAPE);
+                }
             }
-        })
-        .collect()
+            b'.' | b'\\' => {
+                if prev == b'.' || prev == b'\\' {
+                    return Err(if b == b'\\' {
+                        "an empty UID in a list"
+                    } else {
+                        SHAPE
+                    });
+                }
+                if b == b'\\' {
+                    len = 0;
+                    prev = b;
+                    continue;
+                }
+            }
+            b' ' | 0 => return Err("a UID has padding other than one trailing NUL"),
+            _ => return Err("a UID holds characters other than digits and dots"),
+        }
+        len += 1;
+        if len > 64 {
+            return Err("a UID is longer than 64 characters");
+        }
+        prev = b;
+    }
+    match prev {
+        b'.' => Err(SHAPE),
+        b'\\' => Err("an empty UID in a list"),
+        _ => Ok(()),
+    }
+}
+
+/// The UIDs of a UI value that [`check_uids`] accepted, its trailing NUL removed.
+pub fn split_uids(value: &[u8]) -> Vec<&str> {
+    let value = value.strip_suffix(b"\0").unwrap_or(value);
+    match std::str::from_utf8(value) {
+        Ok("") | Err(_) => Vec::new(),
+        Ok(text) => text.split('\\').collect(),
+    }
+}
+
+/// The UIDs of a UI value, its one trailing NUL removed. An empty value is an empty list.
+pub fn uid_list(value: &[u8]) -> Result<Vec<&str>, &'static str> {
+    check_uids(value)?;
+    Ok(split_uids(value))
 }
 
 /// Whether `u` is a UID as PS3.5 9.1 defines it: 1 to 64 characters, components of digits
 /// separated by single dots, no component with a leading zero.
 pub fn is_uid(u: &str) -> bool {
-    !u.is_empty()
-        && u.len() <= 64
-        && u.split('.').all(|c| {
-            !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_digit())
-                && (c == "0" || !c.starts_with('0'))
-        })
-}
-
-fn uid_problem(u: &str) -> &'static str {
-    if u.is_empty() {
-        "an empty UID in a list"
-    } else if u.len() > 64 {
-        "a UID is longer than 64 characters"
-    } else if u.bytes().any(|b| b == b' ' || b == 0) {
-        "a UID has padding other than one trailing NUL"
-    } else if u.bytes().any(|b| !b.is_ascii_digit() && b != b'.') {
-        "a UID holds characters other than digits and dots"
-    } else {
-        "a UID has an empty component or one with a leading zero"
-    }
+    !u.is_empty() && !u.ends_with('\0') && !u.contains('\\') && check_uids(u.as_bytes()).is_ok()
 }
 
 /// A judged text value as a string: printable ASCII (space to tilde), each `\`-separated part
 /// at most `max` bytes. Padding is left in place; [`trim_text`] removes it.
 pub fn text(value: &[u8], max: usize) -> Result<&str, &'static str> {
-    if !value.iter().all(|b| (0x20..=0x7E).contains(b)) {
-        return Err("the value holds characters outside printable ASCII");
+    let mut part = 0usize;
+    for &b in value {
+        if !(0x20..=0x7E).contains(&b) {
+            return Err("the value holds characters outside printable ASCII");
+        }
+        if b == b'\\' {
+            part = 0;
+        } else {
+            part += 1;
+            if part > max {
+                return Err("the value is longer than its VR allows");
+            }
+        }
     }
     // Checked above: every byte is ASCII.
-    let s = std::str::from_utf8(value).map_err(|_| "the value is not text")?;
-    if s.split('\\').any(|part| part.len() > max) {
-        return Err("the value is longer than its VR allows");
-    }
-    Ok(s)
+    std::str::from_utf8(value).map_err(|_| "the value is not text")
 }
 
 /// A text value without its padding (leading and trailing spaces, PS3.5 6.2).
@@ -172,6 +205,32 @@ mod tests {
         assert_eq!(long.len(), 65);
         assert!(uid_list(long.as_bytes()).is_err());
         assert!(is_uid("0.0") && is_uid("2.25.10"));
+        // the one-pass check agrees with the list reading on every case
+        for v in [
+            &b"1.2.840.10008.1.2\0"[..],
+            b"1.2\\1.3",
+            b"",
+            b"\0",
+            b" 1.2.3",
+            b"1.2.3 ",
+            b"1.2.3\0\0",
+            b"1.2.\0",
+            b".1.2",
+            b"1..2",
+            b"1.02",
+            b"1.2\\",
+            b"1.2\\\\1.3",
+            b"1.2a",
+            b"*",
+            b"0",
+            b"0.0",
+            b"10.20",
+            b"01",
+            long.as_bytes(),
+            b"1.2\x001",
+        ] {
+            assert_eq!(check_uids(v).is_ok(), uid_list(v).is_ok(), "{v:?}");
+        }
     }
 
     #[test]

@@ -193,11 +193,12 @@ struct Pass<'a> {
 
 /// A match admitted for its patient, waiting for its study to be judged and to be relayed.
 struct HeldMatch {
-    rsp: Command,
+    /// The pending response's command set, encoded (shared: consecutive ones are alike).
+    rsp: std::sync::Arc<Vec<u8>>,
+    /// The match as it goes to the client: the bytes read, less what the gateway added.
     data: Vec<u8>,
     study: Option<String>,
     facts: Option<StudyFacts>,
-    counts: bool,
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
@@ -213,6 +214,7 @@ async fn relay_responses(
     let reader_limits = limits.reader();
     let mut counts = Counts::default();
     let mut held = Held::default();
+    let mut last_rsp: Option<(Box<Command>, std::sync::Arc<Vec<u8>>)> = None;
     let batching = allowed.asks_ehr();
     loop {
         // Never wait on the PACS with matches held back for the client.
@@ -364,7 +366,16 @@ async fn relay_responses(
             }
             continue;
         };
-        let Some(m) = judge_patient(&pass, reader_limits, *rsp, data) else {
+        // Pending responses are alike: each distinct one is encoded once.
+        let encoded = match &last_rsp {
+            Some((c, e)) if **c == *rsp => e.clone(),
+            _ => {
+                let e = std::sync::Arc::new(rsp.encode());
+                last_rsp = Some((rsp, e.clone()));
+                e
+            }
+        };
+        let Some(m) = judge_patient(&pass, reader_limits, encoded, data) else {
             counts.dropped += 1;
             tracing::warn!(
                 assoc = s.id,
@@ -384,11 +395,12 @@ async fn relay_responses(
 }
 
 /// Reads a match strictly and checks its patient (and issuer, where it counts: a match must
-/// say it, an empty value saying "none"). `None`: withheld.
+/// say it, an empty value saying "none"), and strips what the gateway added (and, under a
+/// study restriction, the patient-wide counts). `None`: withheld.
 fn judge_patient(
     pass: &Pass<'_>,
     limits: crate::dicom::reader::Limits,
-    rsp: Command,
+    rsp: std::sync::Arc<Vec<u8>>,
     data: Vec<u8>,
 ) -> Option<HeldMatch> {
     let allowed = pass.allowed;
@@ -420,11 +432,19 @@ fn judge_patient(
     });
     // Patient-wide counts would tell of studies outside the restriction.
     let counts = gated && PATIENT_COUNTS.iter().any(|t| m.contains(*t));
+    let data = if !pass.strip.is_empty() || counts {
+        let mut edits: Vec<Edit<'_>> = pass.strip.iter().map(|t| Edit::Remove(*t)).collect();
+        if counts {
+            edits.extend(PATIENT_COUNTS.iter().map(|t| Edit::Remove(*t)));
+        }
+        m.rewrite(&edits)
+    } else {
+        data
+    };
     Some(HeldMatch {
         rsp,
         study,
         facts,
-        counts,
         data,
     })
 }
@@ -458,7 +478,7 @@ struct Counts {
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Judges the held matches against the study gate (asking the EHR about all their studies at
-/// once first), strips what the gateway added, and relays the admitted ones in order.
+/// once first) and relays the admitted ones in order.
 async fn relay_held(
     s: &mut Session,
     pass: &Pass<'_>,
@@ -471,13 +491,7 @@ async fn relay_held(
     }
     let matches = std::mem::take(&mut held.matches);
     held.bytes = 0;
-    let Pass {
-        allowed,
-        strip,
-        encoding,
-        pc_id,
-        ..
-    } = *pass;
+    let Pass { allowed, pc_id, .. } = *pass;
     let ctx = s.ctx.clone();
     let gated = !matches!(allowed.studies, StudyGate::Open);
     if allowed.asks_ehr() {
@@ -506,23 +520,8 @@ async fn relay_held(
             counts.outside += 1;
             continue;
         }
-        let out = if !strip.is_empty() || m.counts {
-            let mut edits: Vec<Edit<'_>> = strip.iter().map(|t| Edit::Remove(*t)).collect();
-            if m.counts {
-                edits.extend(PATIENT_COUNTS.iter().map(|t| Edit::Remove(*t)));
-            }
-            match DataSet::read(&m.data, encoding, ctx.cfg.limits.reader()) {
-                Ok(ds) => ds.rewrite(&edits),
-                Err(_) => {
-                    counts.dropped += 1;
-                    continue;
-                }
-            }
-        } else {
-            m.data
-        };
         counts.relayed += 1;
-        if let Flow::End = s.relay_to_client(pc_id, &m.rsp, Some(&out)).await {
+        if let Flow::End = s.relay_encoded(pc_id, &m.rsp, Some(&m.data)).await {
             return Flow::End;
         }
     }

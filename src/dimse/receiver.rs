@@ -132,7 +132,7 @@ impl Drop for RouteGuard {
 /// move an instance would join.
 fn random_id() -> u16 {
     let mut b = [0u8; 2];
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
+    if !crate::crypto::random(&mut b) {
         // The system's generator failed: fall back on the clock's low bits (still not a
         // sequence a peer can follow).
         let nanos = std::time::SystemTime::now()

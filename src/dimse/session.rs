@@ -274,7 +274,12 @@ impl Session {
         command: &Command,
         data: Option<&[u8]>,
     ) -> Flow {
-        if let Err(e) = self.client.queue_message(pc_id, &command.encode(), data) {
+        self.relay_encoded(pc_id, &command.encode(), data).await
+    }
+
+    /// [`Session::relay_to_client`] with the command set already encoded.
+    pub async fn relay_encoded(&mut self, pc_id: u8, command: &[u8], data: Option<&[u8]>) -> Flow {
+        if let Err(e) = self.client.queue_message(pc_id, command, data) {
             tracing::info!(assoc = self.id, reason = %e, "cannot encode for the client");
             return self.abort_both().await;
         }

@@ -334,9 +334,12 @@ impl Relay {
 
 /// The body of a checked answer.
 fn body(relay: Relay) -> Body {
-    Body::from_stream(futures_util::stream::unfold(relay, |mut r| async move {
-        r.next_out().await.map(|item| (item, r))
-    }))
+    // Boxed: the stream hands its state from one item to the next, and a pointer is cheaper to
+    // move than the relay.
+    Body::from_stream(futures_util::stream::unfold(
+        Box::new(relay),
+        |mut r| async move { r.next_out().await.map(|item| (item, r)) },
+    ))
 }
 
 /// The media type of a part as passed on: `application/dicom`, with a `transfer-syntax`

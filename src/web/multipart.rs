@@ -12,7 +12,14 @@ use bytes::{Bytes, BytesMut};
 /// A boundary toward the PACS that nobody can know in advance (128 random bits).
 pub fn random_boundary() -> String {
     let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
+    if !crate::crypto::random(&mut b) {
+        // No generator answered: the clock's nanoseconds, never a constant.
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = n.to_le_bytes();
+    }
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("pacsgate-{hex}")
 }
