@@ -136,7 +136,7 @@ impl<'a> DataSet<'a> {
     /// A judged text value (validated printable ASCII), padding kept.
     pub fn text(&self, tag: Tag) -> Option<&'a str> {
         let max = match values::judged(tag) {
-            Some((_, values::Form::Text(max))) => max,
+            Some((_, values::Form::Text(max) | values::Form::Single(max))) => max,
             _ => usize::MAX,
         };
         values::text(self.value(tag)?, max).ok()

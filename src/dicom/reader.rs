@@ -458,10 +458,13 @@ impl Reader {
             }
             let inner = match vr {
                 Some(VR::SQ) => frame.enc,
-                // PS3.5 6.2.2: a UN of undefined length holds an implicit VR sequence; so does
-                // an implicit VR element of undefined length (a private sequence).
-                Some(VR::UN) | None => Encoding::ImplicitLittle,
-                Some(_) => return Err(Violation::UndefinedLength(tag)),
+                // PS3.5 6.2.2: a UN of undefined length holds an implicit VR sequence.
+                Some(VR::UN) => Encoding::ImplicitLittle,
+                // In implicit VR only an element not known to be something else may be a
+                // sequence of undefined length (a private one); a known text or binary element
+                // of undefined length would be read two ways.
+                None if sequence || !dictionary_known(tag) => Encoding::ImplicitLittle,
+                _ => return Err(Violation::UndefinedLength(tag)),
             };
             return self.open_sequence(None, inner, sink);
         }
@@ -662,6 +665,11 @@ fn vr_of(code: [u8; 2]) -> Option<VR> {
         b"UV" => UV,
         _ => return None,
     })
+}
+
+/// Whether the standard dictionary knows the element (as anything).
+fn dictionary_known(tag: Tag) -> bool {
+    super::values::judged(tag).is_some() || StandardDataDictionary.by_tag(tag).is_some()
 }
 
 /// In implicit VR, whether the standard dictionary says the element is a sequence. The

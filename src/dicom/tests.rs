@@ -385,6 +385,23 @@ fn headers_and_lengths_follow_the_encoding_rules() {
         whole(&undefined, E).unwrap_err(),
         Violation::UndefinedLength(tags::PATIENT_NAME)
     );
+    // in implicit VR, a known non-sequence of undefined length; a private one is a sequence
+    let text = im(tags::PATIENT_NAME, b"", Some(u32::MAX));
+    assert_eq!(
+        whole(&text, I).unwrap_err(),
+        Violation::UndefinedLength(tags::PATIENT_NAME)
+    );
+    let private = [
+        im(Tag(0x0009, 0x0010), b"PRIVATE ", None),
+        sq(
+            I,
+            Tag(0x0009, 0x1001),
+            &[item(&im(tags::PATIENT_ID, b"AB", None), true)],
+            true,
+        ),
+    ]
+    .concat();
+    whole(&private, I).unwrap();
     let odd = ex(tags::PATIENT_NAME, b"PN", b"ABC", None);
     assert_eq!(
         whole(&odd, E).unwrap_err(),
@@ -434,6 +451,9 @@ fn judged_values_are_checked() {
         );
     }
     let b = ex(tags::PATIENT_ID, b"LO", b"A\nB ", None);
+    assert!(matches!(whole(&b, E), Err(Violation::BadValue(..))));
+    // the query level is one value
+    let b = ex(tags::QUERY_RETRIEVE_LEVEL, b"CS", b"STUDY\\SERIES", None);
     assert!(matches!(whole(&b, E), Err(Violation::BadValue(..))));
     // a judged attribute as a sequence
     let b = sq(E, tags::PATIENT_ID, &[], false);

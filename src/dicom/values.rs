@@ -19,6 +19,8 @@ pub enum Form {
     Uids,
     /// Printable ASCII text, each `\`-separated value at most this many bytes.
     Text(usize),
+    /// The same, one value only.
+    Single(usize),
 }
 
 /// The VR and form of an attribute the gateway judges; `None` for every other attribute.
@@ -32,11 +34,13 @@ pub fn judged(tag: Tag) -> Option<(VR, Form)> {
         | tags::STUDY_INSTANCE_UID
         | tags::SERIES_INSTANCE_UID => (VR::UI, Form::Uids),
         tags::STUDY_DATE => (VR::DA, Form::Text(18)),
-        tags::QUERY_RETRIEVE_LEVEL | tags::MODALITY | tags::MODALITIES_IN_STUDY => {
-            (VR::CS, Form::Text(16))
-        }
-        tags::TIMEZONE_OFFSET_FROM_UTC => (VR::SH, Form::Text(16)),
-        tags::PATIENT_ID | tags::ISSUER_OF_PATIENT_ID => (VR::LO, Form::Text(64)),
+        tags::QUERY_RETRIEVE_LEVEL => (VR::CS, Form::Single(16)),
+        // A query may match a list of modalities.
+        tags::MODALITY | tags::MODALITIES_IN_STUDY => (VR::CS, Form::Text(16)),
+        tags::TIMEZONE_OFFSET_FROM_UTC => (VR::SH, Form::Single(16)),
+        tags::ISSUER_OF_PATIENT_ID => (VR::LO, Form::Single(64)),
+        // Several PatientIDs are refused by the policy core with its own answer.
+        tags::PATIENT_ID => (VR::LO, Form::Text(64)),
         _ => return None,
     })
 }
@@ -61,6 +65,14 @@ pub fn check(tag: Tag, vr: Option<VR>, value: &[u8]) -> Result<(), Violation> {
         Form::Text(max) => text(value, max)
             .map(|_| ())
             .map_err(|why| Violation::BadValue(tag, why)),
+        Form::Single(max) => match text(value, max) {
+            Ok(t) if t.contains('\\') => Err(Violation::BadValue(
+                tag,
+                "several values where one is allowed",
+            )),
+            Ok(_) => Ok(()),
+            Err(why) => Err(Violation::BadValue(tag, why)),
+        },
     }
 }
 

@@ -130,7 +130,10 @@ pub async fn stream(
     to.send_command(pc_id, command)
         .await
         .map_err(|e| StreamError::To(e.to_string()))?;
-    to.queue_data(pc_id, &bytes, last);
+    // Fragments go on with even lengths: DCMTK-based peers refuse odd ones, which a client
+    // may send. An odd fragment's last byte waits for the next one.
+    let mut carry: Option<u8> = None;
+    queue_even(to, pc_id, &bytes, last, &mut carry);
     drop(bytes);
     let mut last = last;
     loop {
@@ -151,8 +154,33 @@ pub async fn stream(
             .and_then(|()| if l { reader.finish() } else { Ok(()) })
             .map_err(StreamError::Invalid)?;
         last = l;
-        to.queue_data(pc_id, &chunk, last);
+        queue_even(to, pc_id, &chunk, last, &mut carry);
     }
+}
+
+/// Queues a fragment with an even length, holding back an odd last byte until the next one
+/// (the final fragment goes whole: a data set has an even length).
+fn queue_even(to: &mut Peer, pc_id: u8, bytes: &[u8], last: bool, carry: &mut Option<u8>) {
+    let joined;
+    let bytes = match carry.take() {
+        Some(b) => {
+            let mut v = Vec::with_capacity(bytes.len() + 1);
+            v.push(b);
+            v.extend_from_slice(bytes);
+            joined = v;
+            &joined[..]
+        }
+        None => bytes,
+    };
+    if !last && bytes.len() % 2 == 1 {
+        let (even, odd) = bytes.split_at(bytes.len() - 1);
+        *carry = odd.first().copied();
+        if !even.is_empty() {
+            to.queue_data(pc_id, even, false);
+        }
+        return;
+    }
+    to.queue_data(pc_id, bytes, last);
 }
 
 /// Reads and drops the rest of a data set (of an instance that was refused).

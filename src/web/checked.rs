@@ -302,6 +302,8 @@ impl Relay {
             if let Some(r) = self.failed.take() {
                 self.check.anomaly(&r.reason());
                 self.done = true;
+                // Let the connection write what was judged before the error breaks it off.
+                tokio::task::yield_now().await;
                 return Some(Err(std::io::Error::other("retrieval ended by the gateway")));
             }
             let mut r = self.pull().await;
@@ -315,8 +317,8 @@ impl Relay {
                 }
                 more += 1;
             }
+            // What is queued belongs to instances already judged: it goes out, then the error.
             if let Err(r) = r {
-                self.out.clear();
                 self.failed = Some(r);
             }
         }
@@ -325,8 +327,13 @@ impl Relay {
     /// Works the answer until the first instance is judged (or the answer ends), so that a
     /// refusal of the first can still be an HTTP status.
     async fn prime(&mut self) -> Result<(), Refused> {
-        while self.sent_parts == 0 && !self.done {
-            self.pull().await?;
+        while self.sent_parts == 0 && !self.done && self.failed.is_none() {
+            match self.pull().await {
+                Ok(()) => {}
+                // A refusal after the first instance passed ends the response later.
+                Err(r) if self.sent_parts > 0 => self.failed = Some(r),
+                Err(r) => return Err(r),
+            }
         }
         Ok(())
     }
