@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 /// The bounds a listener serves under.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bounds {
     pub max_connections: usize,
     pub max_per_peer: usize,
@@ -32,7 +32,14 @@ pub struct Bounds {
     pub idle_timeout: Duration,
     /// How long running requests may take to finish after a stop.
     pub drain: Duration,
+    /// Addresses of the monitoring (`gateway.metrics_clients`): when every connection slot is
+    /// taken, they still get one of a few reserved ones, so `/healthz` and `/metrics` answer
+    /// during a flood.
+    pub monitors: Vec<ipnet::IpNet>,
 }
+
+/// Connections kept for the monitoring beyond `max_connections`.
+const MONITOR_RESERVE: usize = 8;
 
 /// Connections per peer address; a claim frees its share when dropped.
 #[derive(Default)]
@@ -144,6 +151,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    let reserve = Arc::new(Semaphore::new(MONITOR_RESERVE));
     let peers = Arc::new(PerPeer::default());
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -157,9 +165,22 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!(%addr, "HTTP connection limit reached; closed");
-                    continue;
+                let monitor = || {
+                    let ip = match addr.ip() {
+                        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+                        v4 => v4,
+                    };
+                    bounds.monitors.iter().any(|n| n.contains(&ip))
+                };
+                let slot = match slots.clone().try_acquire_owned() {
+                    Ok(s) => s,
+                    Err(_) => match reserve.clone().try_acquire_owned() {
+                        Ok(s) if monitor() => s,
+                        _ => {
+                            tracing::debug!(%addr, "HTTP connection limit reached; closed");
+                            continue;
+                        }
+                    },
                 };
                 let Some(claim) = peers.claim(addr.ip(), bounds.max_per_peer) else {
                     tracing::debug!(%addr, "HTTP connections per peer limit reached; closed");
@@ -168,9 +189,10 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let router = router.clone();
                 let stop = shutdown.clone();
+                let b = bounds.clone();
                 tasks.spawn(async move {
                     let _held = (slot, claim);
-                    connection(stream, addr, router, bounds, stop).await;
+                    connection(stream, addr, router, b, stop).await;
                 });
             }
             _ = shutdown.changed() => break,

@@ -286,6 +286,7 @@ pub async fn serve(
         max_header_bytes: l.max_http_header_bytes,
         idle_timeout: l.idle_timeout,
         drain: Duration::from_secs(20),
+        monitors: ctx.cfg.gateway.metrics_clients.clone(),
     };
     listener::serve(listener, router(ctx.clone()), bounds, shutdown).await;
     Ok(())
