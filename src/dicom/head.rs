@@ -134,6 +134,8 @@ pub struct InstanceReader {
     limits: Limits,
     state: State,
     finished: bool,
+    /// The first violation: every later call refuses with it, so no caller can go on past it.
+    failed: Option<Violation>,
 }
 
 impl InstanceReader {
@@ -148,6 +150,7 @@ impl InstanceReader {
                 syntax,
             },
             finished: false,
+            failed: None,
         }
     }
 
@@ -157,11 +160,28 @@ impl InstanceReader {
             limits,
             state: State::Meta(Vec::new()),
             finished: false,
+            failed: None,
         }
+    }
+
+    /// Remembers the first violation of `r`.
+    fn latch<T>(&mut self, r: Result<T, Violation>) -> Result<T, Violation> {
+        if let Err(v) = &r {
+            self.failed.get_or_insert_with(|| v.clone());
+        }
+        r
     }
 
     /// Reads the next piece of the instance.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), Violation> {
+        if let Some(v) = &self.failed {
+            return Err(v.clone());
+        }
+        let r = self.feed_inner(chunk);
+        self.latch(r)
+    }
+
+    fn feed_inner(&mut self, chunk: &[u8]) -> Result<(), Violation> {
         match &mut self.state {
             State::Body { reader, judged, .. } => reader.feed(chunk, judged),
             State::Meta(buf) => {
@@ -193,14 +213,17 @@ impl InstanceReader {
 
     /// The instance has ended: it must be complete.
     pub fn finish(&mut self) -> Result<(), Violation> {
-        match &mut self.state {
-            State::Body { reader, .. } => {
-                reader.finish()?;
-                self.finished = true;
-                Ok(())
-            }
-            State::Meta(_) => Err(Violation::Truncated),
+        if let Some(v) = &self.failed {
+            return Err(v.clone());
         }
+        let r = match &mut self.state {
+            State::Body { reader, .. } => reader.finish(),
+            State::Meta(_) => Err(Violation::Truncated),
+        };
+        if r.is_ok() {
+            self.finished = true;
+        }
+        self.latch(r)
     }
 
     /// The data set's transfer syntax, once known.
@@ -221,6 +244,9 @@ impl InstanceReader {
 
     /// The instance's head once every judged attribute is known (`Ok(None)`: read more).
     pub fn head(&self) -> Result<Option<InstanceHead>, Violation> {
+        if let Some(v) = &self.failed {
+            return Err(v.clone());
+        }
         let State::Body {
             reader,
             judged,

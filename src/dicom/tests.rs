@@ -682,3 +682,36 @@ fn part10_files_are_read_with_their_meta_group() {
     no_dicm[128] = b'X';
     assert!(read(&no_dicm).is_err());
 }
+
+#[test]
+fn a_refused_instance_stays_refused() {
+    // Found by fuzzing: after the first bytes of the data set were refused, a later piece
+    // started a fresh data set.
+    let body = instance(E, &ex(tags::PIXEL_DATA, b"OB", &[1u8; 64], None));
+    let file = part10(b"1.2.3.4\0", b"1.2.840.10008.1.2.1\0", &body);
+    let meta_end = 144 + u32::from_le_bytes([file[140], file[141], file[142], file[143]]) as usize;
+    let first = 8 + u16::from_le_bytes([file[meta_end + 6], file[meta_end + 7]]) as usize;
+    let mut bad = file[..meta_end + first].to_vec();
+    bad.extend_from_slice(&file[meta_end..meta_end + first]);
+    let mut r = InstanceReader::part10(Limits::default());
+    assert!(r.feed(&bad).is_err());
+    assert!(r.feed(&file[meta_end..]).is_err());
+    assert!(r.finish().is_err());
+    assert!(r.head().is_err());
+}
+
+#[test]
+fn fuzz_and_differential_regressions_are_refused() {
+    // Implicit VR: PatientName of undefined length holding an item with another PatientID,
+    // then the top-level PatientID (DCMTK refuses the file; the reader must too).
+    let b = [
+        0x10, 0x00, 0x10, 0x00, 0xff, 0xff, 0xff, 0xff, 0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff,
+        0xff, 0x10, 0x00, 0x20, 0x00, 0x04, 0x00, 0x00, 0x00, b'E', b'V', b'I', b'L', 0xfe, 0xff,
+        0x0d, 0xe0, 0x00, 0x00, 0x00, 0x00, 0xfe, 0xff, 0xdd, 0xe0, 0x00, 0x00, 0x00, 0x00, 0x10,
+        0x00, 0x20, 0x00, 0x06, 0x00, 0x00, 0x00, b'P', b'A', b'T', b'-', b'A', b' ',
+    ];
+    assert_eq!(
+        whole(&b, I).unwrap_err(),
+        Violation::UndefinedLength(tags::PATIENT_NAME)
+    );
+}
