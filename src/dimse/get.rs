@@ -371,7 +371,7 @@ async fn sub_store(
             tracing::warn!(assoc = s.id, reason = %e, "sub-operation broken off");
             return s.abort_both().await;
         }
-        Err(StreamError::Invalid(v)) => {
+        Err(StreamError::Invalid { why: v, .. }) => {
             tracing::warn!(assoc = s.id, violation = %v, "PACS sent an instance whose tail the strict reader refused");
             return s.abort_both().await;
         }

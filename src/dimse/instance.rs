@@ -43,7 +43,11 @@ pub enum StreamError {
     From(String),
     To(String),
     /// The strict reader refused the rest of the instance; the last fragment was not sent.
-    Invalid(Violation),
+    /// `ended`: the refused fragment was the data set's last (nothing more to drain).
+    Invalid {
+        why: Violation,
+        ended: bool,
+    },
 }
 
 /// Reads fragments of the current data set from `from` until the instance's head is known.
@@ -152,7 +156,7 @@ pub async fn stream(
         reader
             .feed(&chunk)
             .and_then(|()| if l { reader.finish() } else { Ok(()) })
-            .map_err(StreamError::Invalid)?;
+            .map_err(|why| StreamError::Invalid { why, ended: l })?;
         last = l;
         queue_even(to, pc_id, &chunk, last, &mut carry);
     }

@@ -262,7 +262,7 @@ async fn negotiate(
         assoc::upstream_request(rq, &cfg.pacs.calling_ae_title, &cfg.pacs.ae_title, our_max);
     let (up_stream, up_ac) = match crate::pacs::associate(
         &cfg.pacs,
-        up_rq,
+        up_rq.clone(),
         cfg.limits.upstream_timeout,
     )
     .await
@@ -298,6 +298,7 @@ async fn negotiate(
         calling_ae: rq.calling_ae_title.trim().to_string(),
         client,
         pacs,
+        upstream_rq: up_rq,
         principal,
         contexts,
         ctx: ctx.clone(),

@@ -479,7 +479,7 @@ impl Receiver {
                 self.dest = None;
                 return false;
             }
-            Err(StreamError::Invalid(v)) => {
+            Err(StreamError::Invalid { why: v, ended }) => {
                 // The destination holds part of an instance: its association is aborted, so
                 // it never completes; the rest from the PACS is read and dropped.
                 tracing::warn!(violation = %v, "receiver: the tail of an instance was refused");
@@ -490,7 +490,7 @@ impl Receiver {
                         Some(&route),
                         pc_id,
                         &cmd,
-                        false,
+                        ended,
                         WITHHELD_TO_PACS,
                         "data set is not well formed",
                     )

@@ -33,6 +33,8 @@ pub struct Session {
     pub client: Peer,
     /// The gateway's own association to the PACS, opened for this client.
     pub pacs: Peer,
+    /// The request that opened it, to open another one like it (see [`Session::renew_pacs`]).
+    pub upstream_rq: dicom_ul::pdu::AssociationRQ,
     /// Who the token says the caller is; every operation is decided for it.
     pub principal: Principal,
     /// The presentation contexts accepted on both legs, by id.
@@ -328,6 +330,45 @@ impl Session {
         self.client.close().await;
         tracing::info!(assoc = self.id, "association released");
         Flow::End
+    }
+
+    /// Aborts the PACS association and opens a new one like it, so the client's association
+    /// goes on (after an instance had to be broken off mid-stream). `false` when the PACS does
+    /// not accept every context as before: the client's association cannot go on then.
+    pub async fn renew_pacs(&mut self) -> bool {
+        use dicom_ul::pdu::PresentationContextResultReason as R;
+        self.pacs.abort().await;
+        let cfg = &self.ctx.cfg;
+        let Ok((stream, ac)) = crate::pacs::associate(
+            &cfg.pacs,
+            self.upstream_rq.clone(),
+            cfg.limits.upstream_timeout,
+        )
+        .await
+        else {
+            return false;
+        };
+        let same = self.contexts.iter().all(|(id, c)| {
+            ac.presentation_contexts.iter().any(|r| {
+                r.id == *id
+                    && r.reason == R::Acceptance
+                    && r.transfer_syntax.trim_end_matches('\0') == c.transfer_syntax
+            })
+        });
+        let peer_max = super::assoc::announced_max(&ac.user_variables);
+        let mut pacs = Peer::new(
+            "pacs",
+            stream,
+            cfg.limits.max_pdu_length + super::PDU_SLACK,
+            peer_max,
+        )
+        .is_pacs();
+        if !same || peer_max != self.pacs.peer_max {
+            pacs.abort().await;
+            return false;
+        }
+        self.pacs = pacs;
+        true
     }
 
     pub async fn abort_both(&mut self) -> Flow {

@@ -135,9 +135,9 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE; PACS association aborted");
             return s.abort_both().await;
         }
-        Err(StreamError::Invalid(v)) => {
+        Err(StreamError::Invalid { why: v, ended }) => {
             // The PACS holds part of an instance without its last fragment: aborting its
-            // association makes it drop that part.
+            // association makes it drop that part; a new one takes over for the client.
             audit::record(
                 "dimse",
                 s.id,
@@ -146,14 +146,25 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 Outcome::Denied,
                 &format!("data set refused by the strict reader after the head: {v}"),
             );
-            s.pacs.abort().await;
+            // The client may have sent the rest already: it is read and dropped.
+            if let Err(flow) = drain_client(s, pc_id, ended).await {
+                return flow;
+            }
+            if !s.renew_pacs().await {
+                tracing::warn!(assoc = s.id, "the PACS association could not be renewed");
+                let rsp = cmd.response(
+                    command::STATUS_CANNOT_UNDERSTAND,
+                    Some("data set is not well formed"),
+                );
+                let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
+                s.client.abort().await;
+                return Flow::End;
+            }
             let rsp = cmd.response(
                 command::STATUS_CANNOT_UNDERSTAND,
                 Some("data set is not well formed"),
             );
-            let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
-            s.client.abort().await;
-            return Flow::End;
+            return s.reply(pc_id, &rsp, None).await;
         }
         Err(StreamError::To(e)) => {
             tracing::warn!(assoc = s.id, reason = %e, "PACS failed during C-STORE");
