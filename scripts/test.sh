@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting and lints, Rust unit tests, and the integration tests that
-# run the real gateway against Orthanc with pynetdicom and dcmtk as clients. Installs what is
-# missing first (scripts/setup.sh). Exits non-zero on any failure.
+# The whole test suite: formatting and lints, Rust unit tests, the integration tests that run
+# the real gateway against Orthanc with pynetdicom and dcmtk as clients (the attack suite
+# among them), a short run of every fuzz target, and the strict reader checked against DCMTK.
+# Installs what is missing first (scripts/setup.sh). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
@@ -15,3 +16,7 @@ cargo test --locked
 echo "== integration tests (Orthanc, pynetdicom, dcmtk)"
 cargo build --locked --bin pacsgate
 PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest tests/integration -q -p no:cacheprovider
+echo "== fuzz targets, a short run each (scripts/fuzz.sh)"
+scripts/fuzz.sh 5
+echo "== the strict reader against DCMTK's reading (scripts/differential.py)"
+.venv/bin/python scripts/differential.py

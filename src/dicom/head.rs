@@ -177,6 +177,9 @@ impl InstanceReader {
         if let Some(v) = &self.failed {
             return Err(v.clone());
         }
+        if self.finished && !chunk.is_empty() {
+            return self.latch(Err(Violation::AfterEnd));
+        }
         let r = self.feed_inner(chunk);
         self.latch(r)
     }
@@ -243,10 +246,15 @@ impl InstanceReader {
     }
 
     /// The instance's head once every judged attribute is known (`Ok(None)`: read more).
-    pub fn head(&self) -> Result<Option<InstanceHead>, Violation> {
+    pub fn head(&mut self) -> Result<Option<InstanceHead>, Violation> {
         if let Some(v) = &self.failed {
             return Err(v.clone());
         }
+        let r = self.head_inner();
+        self.latch(r)
+    }
+
+    fn head_inner(&self) -> Result<Option<InstanceHead>, Violation> {
         let State::Body {
             reader,
             judged,

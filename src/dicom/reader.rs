@@ -95,6 +95,8 @@ pub enum Violation {
     UnsupportedSyntax,
     #[error("{0} is larger than the gateway holds")]
     TooLarge(&'static str),
+    #[error("bytes follow the end of the data set")]
+    AfterEnd,
 }
 
 pub const ITEM: Tag = Tag(0xFFFE, 0xE000);

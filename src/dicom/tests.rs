@@ -698,6 +698,17 @@ fn a_refused_instance_stays_refused() {
     assert!(r.feed(&file[meta_end..]).is_err());
     assert!(r.finish().is_err());
     assert!(r.head().is_err());
+    // a violation only the head finds (the meta group names another instance) stays too
+    let other = part10(b"1.2.3.5\0", b"1.2.840.10008.1.2.1\0", &body);
+    let mut r = InstanceReader::part10(Limits::default());
+    r.feed(&other).unwrap();
+    assert!(r.head().is_err());
+    assert!(r.feed(&[]).is_err() && r.finish().is_err());
+    // nothing after the end
+    let mut r = InstanceReader::part10(Limits::default());
+    r.feed(&file).unwrap();
+    r.finish().unwrap();
+    assert_eq!(r.feed(&[0, 0]).unwrap_err(), Violation::AfterEnd);
 }
 
 #[test]
