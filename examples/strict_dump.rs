@@ -27,7 +27,10 @@ fn read(bytes: &[u8]) -> Result<(InstanceHead, String), Violation> {
         // what a front end judged on is what the whole instance says
         assert_eq!(e, head, "early head differs from the final head");
     }
-    let ts = r.meta().map(|m| m.transfer_syntax.clone()).unwrap_or_default();
+    let ts = r
+        .meta()
+        .map(|m| m.transfer_syntax.clone())
+        .unwrap_or_default();
     Ok((head, ts))
 }
 

@@ -5,11 +5,11 @@
 //! and that what the gateway writes, dicom-ul reads back the same.
 #![no_main]
 
+use dicom_ul::Pdu;
 use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, MAXIMUM_PDU_SIZE, PresentationContextResult,
     PresentationContextResultReason as Reason, UserVariableItem,
 };
-use dicom_ul::Pdu;
 use libfuzzer_sys::fuzz_target;
 use pacsgate::dicom::syntax;
 use pacsgate::dimse::assoc;
@@ -25,7 +25,10 @@ fn reread(pdu: &Pdu) {
         let back = dicom_ul::read_pdu(&bytes[..], MAXIMUM_PDU_SIZE, false)
             .unwrap_or_else(|e| panic!("dicom-ul cannot read what it wrote for {pdu:?}: {e}"))
             .expect("a whole PDU");
-        assert_eq!(&back, pdu, "what the gateway sends is read back differently");
+        assert_eq!(
+            &back, pdu,
+            "what the gateway sends is read back differently"
+        );
     }
 }
 
@@ -49,7 +52,11 @@ fn exercise(rq: &AssociationRQ) {
     }
     for pc in &up.presentation_contexts {
         assert!(!pc.transfer_syntaxes.is_empty());
-        assert!(pc.transfer_syntaxes.iter().all(|t| syntax::readable(t).is_some()));
+        assert!(
+            pc.transfer_syntaxes
+                .iter()
+                .all(|t| syntax::readable(t).is_some())
+        );
     }
     reread(&Pdu::AssociationRQ(up.clone()));
 
@@ -70,7 +77,11 @@ fn exercise(rq: &AssociationRQ) {
                 _ if pc.transfer_syntaxes.is_empty() => String::new(),
                 i => pc.transfer_syntaxes[i % pc.transfer_syntaxes.len()].clone(),
             };
-            PresentationContextResult { id: pc.id, reason, transfer_syntax }
+            PresentationContextResult {
+                id: pc.id,
+                reason,
+                transfer_syntax,
+            }
         })
         .collect();
     results.push(PresentationContextResult {
@@ -86,9 +97,14 @@ fn exercise(rq: &AssociationRQ) {
         presentation_contexts: results,
         user_variables: rq.user_variables.clone(),
     };
-    let positive = identity.as_ref().is_ok_and(|i| i.positive_response_requested);
+    let positive = identity
+        .as_ref()
+        .is_ok_and(|i| i.positive_response_requested);
     let (down, accepted) = assoc::downstream_accept(rq, &ac, 16384, positive);
-    assert_eq!(down.presentation_contexts.len(), rq.presentation_contexts.len());
+    assert_eq!(
+        down.presentation_contexts.len(),
+        rq.presentation_contexts.len()
+    );
     for (id, a) in &accepted {
         let proposed = rq
             .presentation_contexts
@@ -96,10 +112,12 @@ fn exercise(rq: &AssociationRQ) {
             .find(|pc| pc.id == *id)
             .expect("an accepted context was proposed");
         assert!(syntax::readable(&a.transfer_syntax).is_some());
-        assert!(proposed
-            .transfer_syntaxes
-            .iter()
-            .any(|t| t.trim_end_matches('\0') == a.transfer_syntax));
+        assert!(
+            proposed
+                .transfer_syntaxes
+                .iter()
+                .any(|t| t.trim_end_matches('\0') == a.transfer_syntax)
+        );
     }
     for v in &down.user_variables {
         assert!(!matches!(v, UserVariableItem::UserIdentityItem(_)));

@@ -20,10 +20,17 @@ fuzz_target!(|data: &[u8]| {
     let strict = Command::decode(data);
     let tolerant = Command::decode_with_tail(data);
     if pacsgate_fuzz::verbose() {
-        eprintln!("decode: {strict:?}\ndecode_with_tail: {:?}", tolerant.as_ref().map(|c| c.field));
+        eprintln!(
+            "decode: {strict:?}\ndecode_with_tail: {:?}",
+            tolerant.as_ref().map(|c| c.field)
+        );
     }
     if let Ok(c) = &strict {
-        assert_eq!(tolerant.as_ref(), Ok(c), "decode accepted, decode_with_tail did not agree");
+        assert_eq!(
+            tolerant.as_ref(),
+            Ok(c),
+            "decode accepted, decode_with_tail did not agree"
+        );
         roundtrip(c);
         if matches!(
             c.field,
@@ -33,8 +40,15 @@ fuzz_target!(|data: &[u8]| {
                 | command::C_MOVE_RQ
                 | command::C_ECHO_RQ
         ) {
-            let comment = String::from_utf8_lossy(data.get(data.len().saturating_sub(80)..).unwrap_or_default());
-            for status in [command::STATUS_SUCCESS, command::STATUS_NOT_AUTHORIZED, 0xFF00] {
+            let comment = String::from_utf8_lossy(
+                data.get(data.len().saturating_sub(80)..)
+                    .unwrap_or_default(),
+            );
+            for status in [
+                command::STATUS_SUCCESS,
+                command::STATUS_NOT_AUTHORIZED,
+                0xFF00,
+            ] {
                 let r = c.response(status, Some(&comment));
                 let back = Command::decode(&r.encode())
                     .unwrap_or_else(|e| panic!("the response {r:?} is refused: {e}"));

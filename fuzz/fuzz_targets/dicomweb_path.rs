@@ -11,11 +11,16 @@ fn check_path(p: &str) {
     if let Ok(r) = path::parse(p) {
         let up = r.upstream_path();
         assert!(
-            up.bytes().all(|b| b.is_ascii_alphanumeric() || b"./,".contains(&b)),
+            up.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"./,".contains(&b)),
             "unsafe upstream path {up:?}"
         );
         assert!(!up.split('/').any(|s| s.is_empty() || s == "." || s == ".."));
-        assert_eq!(path::parse(&up).as_ref(), Ok(&r), "the upstream path names another resource");
+        assert_eq!(
+            path::parse(&up).as_ref(),
+            Ok(&r),
+            "the upstream path names another resource"
+        );
     }
 }
 

@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     };
     for token in [s, s.trim_matches(|c: char| c.is_ascii_whitespace())] {
         if let Ok(Some(p)) = trust::preflight(token) {
-            assert_eq!(token.split('.').count(), 3, "a preflight read a token that is not a JWS");
+            assert_eq!(
+                token.split('.').count(),
+                3,
+                "a preflight read a token that is not a JWS"
+            );
             let _ = (p.alg.is_ok(), p.header.is_ok(), p.iss.len());
         }
     }

@@ -37,11 +37,18 @@ fuzz_target!(|input: &[u8]| {
         let got = d.found_in(chunk);
         let end = at + chunk.len();
         let want = ends.iter().any(|&e| e > at && e <= end);
-        assert_eq!(got, want, "chunk {n} ({at}..{end}): scan says {got}, the bytes say {want}");
+        assert_eq!(
+            got, want,
+            "chunk {n} ({at}..{end}): scan says {got}, the bytes say {want}"
+        );
         if got && first_flag.is_none() {
             first_flag = Some(n);
         }
         at = end;
     }
-    assert_eq!(first_flag.is_some(), !ends.is_empty(), "the scan and a search of the whole disagree");
+    assert_eq!(
+        first_flag.is_some(),
+        !ends.is_empty(),
+        "the scan and a search of the whole disagree"
+    );
 });

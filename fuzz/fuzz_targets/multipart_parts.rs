@@ -24,7 +24,9 @@ fn reference(body: &[u8], boundary: &str) -> (Vec<(Vec<u8>, Vec<u8>)>, bool) {
             .map(|p| p + from)
     };
     let mut parts = Vec::new();
-    let Some(mut at) = find(0) else { return (parts, false) };
+    let Some(mut at) = find(0) else {
+        return (parts, false);
+    };
     loop {
         let after = at + needle.len();
         if text[after..].starts_with(b"--") {
@@ -47,7 +49,9 @@ fn reference(body: &[u8], boundary: &str) -> (Vec<(Vec<u8>, Vec<u8>)>, bool) {
                 None => return (parts, false),
             }
         };
-        let Some(next) = find(data_start) else { return (parts, false) };
+        let Some(next) = find(data_start) else {
+            return (parts, false);
+        };
         parts.push((headers, text[data_start..next].to_vec()));
         at = next;
     }
@@ -85,7 +89,11 @@ fuzz_target!(|input: &[u8]| {
     for p in pieces {
         match p {
             Piece::Start(h) => open = Some((h, Vec::new())),
-            Piece::Data(d) => open.as_mut().expect("data outside a part").1.extend_from_slice(&d),
+            Piece::Data(d) => open
+                .as_mut()
+                .expect("data outside a part")
+                .1
+                .extend_from_slice(&d),
             Piece::PartEnd => got.push(open.take().expect("an end outside a part")),
             Piece::End => ended = true,
         }

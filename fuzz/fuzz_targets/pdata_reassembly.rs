@@ -7,11 +7,11 @@
 #![no_main]
 
 use bytes::Bytes;
-use dicom_ul::pdu::PDataValueType;
 use dicom_ul::Pdu;
+use dicom_ul::pdu::PDataValueType;
 use libfuzzer_sys::fuzz_target;
 use pacsgate::dicom::command::Command;
-use pacsgate::dimse::message::{parse_pdata, Assembler, Event, DEFAULT_MAX_COMMAND};
+use pacsgate::dimse::message::{Assembler, DEFAULT_MAX_COMMAND, Event, parse_pdata};
 
 fuzz_target!(|input: &[u8]| {
     let Some((&flags, mut rest)) = input.split_first() else {
@@ -36,9 +36,10 @@ fuzz_target!(|input: &[u8]| {
         rest = &rest[total..];
         let ours = parse_pdata(frame.clone());
         if total == 6 + len && frame[0] == 0x04 {
-            if let (Ok(pdvs), Ok(Some(Pdu::PData { data: theirs }))) =
-                (&ours, dicom_ul::read_pdu(&frame[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false))
-            {
+            if let (Ok(pdvs), Ok(Some(Pdu::PData { data: theirs }))) = (
+                &ours,
+                dicom_ul::read_pdu(&frame[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false),
+            ) {
                 assert_eq!(pdvs.len(), theirs.len(), "PDV count differs from dicom-ul");
                 for (o, t) in pdvs.iter().zip(theirs.iter()) {
                     assert_eq!(o.presentation_context_id, t.presentation_context_id);
@@ -49,7 +50,11 @@ fuzz_target!(|input: &[u8]| {
             }
         }
         if pacsgate_fuzz::verbose() && ours.is_err() {
-            eprintln!("PDU type {:#04x}, {} bytes: {ours:?}", frame[0], frame.len());
+            eprintln!(
+                "PDU type {:#04x}, {} bytes: {ours:?}",
+                frame[0],
+                frame.len()
+            );
         }
         let Ok(pdvs) = ours else { continue };
         let inner: usize = pdvs.iter().map(|p| p.data.len() + 6).sum();
@@ -58,7 +63,12 @@ fuzz_target!(|input: &[u8]| {
             let copy = pdv.clone();
             let pushed = a.push(pdv);
             if pacsgate_fuzz::verbose() {
-                eprintln!("{:?} last {} {} bytes: {pushed:?}", copy.value_type, copy.is_last, copy.data.len());
+                eprintln!(
+                    "{:?} last {} {} bytes: {pushed:?}",
+                    copy.value_type,
+                    copy.is_last,
+                    copy.data.len()
+                );
             }
             match pushed {
                 Err(_) => return, // the association is aborted

@@ -8,10 +8,20 @@ use pacsgate::trust::scopes::{Constraint, DateOp, Level, ScopeSet};
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
     let set = ScopeSet::parse(&s);
-    let items = s.split([' ', '\t', '\n', '\r']).filter(|x| !x.is_empty()).count();
-    assert_eq!(set.scopes.len() + set.other.len(), items, "a scope string was lost");
+    let items = s
+        .split([' ', '\t', '\n', '\r'])
+        .filter(|x| !x.is_empty())
+        .count();
+    assert_eq!(
+        set.scopes.len() + set.other.len(),
+        items,
+        "a scope string was lost"
+    );
     for sc in &set.scopes {
-        assert!(!sc.perms.is_empty(), "a parsed scope grants nothing: {sc:?}");
+        assert!(
+            !sc.perms.is_empty(),
+            "a parsed scope grants nothing: {sc:?}"
+        );
         if let Some(cs) = sc.study_constraints() {
             assert_eq!(cs.len(), sc.constraints.len());
             for c in cs {
@@ -41,6 +51,8 @@ fuzz_target!(|data: &[u8]| {
     for level in [Level::Patient, Level::User, Level::System] {
         let _ = set.granted(level, "ImagingStudy");
     }
-    let _ = set.grants(&[Level::Patient, Level::User], "ImagingStudy", |p| p.read && p.search);
+    let _ = set.grants(&[Level::Patient, Level::User], "ImagingStudy", |p| {
+        p.read && p.search
+    });
     let _ = set.levels_naming("ImagingStudy");
 });

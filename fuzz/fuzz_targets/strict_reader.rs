@@ -17,7 +17,14 @@ use pacsgate::dicom::reader::{Encoding, Limits, Reader, Scope, Violation};
 use pacsgate::dicom::syntax::{self, Syntax};
 use pacsgate_fuzz::{Record, Splitter};
 
-fn whole_vs_streamed(seed: u8, scope: Scope, enc: Encoding, encap: bool, limits: Limits, data: &[u8]) {
+fn whole_vs_streamed(
+    seed: u8,
+    scope: Scope,
+    enc: Encoding,
+    encap: bool,
+    limits: Limits,
+    data: &[u8],
+) {
     let mut whole = Reader::with_length(scope, enc, encap, limits, data.len() as u64);
     let mut w = Record::default();
     let whole_ok = whole.feed(data, &mut w).and_then(|()| whole.finish());
@@ -36,7 +43,9 @@ fn whole_vs_streamed(seed: u8, scope: Scope, enc: Encoding, encap: bool, limits:
         streamed_ok = streamed.finish();
     }
     if pacsgate_fuzz::verbose() {
-        eprintln!("Reader {scope:?} {enc:?} encapsulated {encap}: whole {whole_ok:?}, streamed {streamed_ok:?}");
+        eprintln!(
+            "Reader {scope:?} {enc:?} encapsulated {encap}: whole {whole_ok:?}, streamed {streamed_ok:?}"
+        );
     }
     assert_eq!(
         whole_ok.is_ok(),
@@ -45,14 +54,20 @@ fn whole_vs_streamed(seed: u8, scope: Scope, enc: Encoding, encap: bool, limits:
          ({scope:?}, {enc:?}, encapsulated {encap})"
     );
     if whole_ok.is_ok() {
-        assert_eq!(w.seen, s.seen, "whole and streamed reading report different elements");
+        assert_eq!(
+            w.seen, s.seen,
+            "whole and streamed reading report different elements"
+        );
         assert_eq!(whole.position(), data.len() as u64);
         assert_eq!(streamed.position(), data.len() as u64);
         // top-level elements tile the input, in strictly ascending tag order
         let mut at = 0u64;
         let mut prev = None;
         for e in &w.seen {
-            assert_eq!(e.element.start, at, "a gap or overlap between top-level elements");
+            assert_eq!(
+                e.element.start, at,
+                "a gap or overlap between top-level elements"
+            );
             at = e.end.expect("an accepted element has an end");
             assert!(prev < Some(e.element.tag));
             prev = Some(e.element.tag);
@@ -77,9 +92,17 @@ fn dataset(enc: Encoding, limits: Limits, data: &[u8]) {
     let direct = r.feed(data, &mut rec).and_then(|()| r.finish());
     let set = DataSet::read(data, enc, limits);
     if pacsgate_fuzz::verbose() {
-        eprintln!("DataSet::read {enc:?}: {:?}", set.as_ref().map(|s| s.tags().count()));
+        eprintln!(
+            "DataSet::read {enc:?}: {:?}",
+            set.as_ref().map(|s| s.tags().count())
+        );
     }
-    assert_eq!(set.is_ok(), direct.is_ok(), "DataSet::read {:?} vs reader {direct:?}", set.as_ref().err());
+    assert_eq!(
+        set.is_ok(),
+        direct.is_ok(),
+        "DataSet::read {:?} vs reader {direct:?}",
+        set.as_ref().err()
+    );
     let Ok(set) = set else { return };
     let tags: Vec<_> = set.tags().collect();
     let seen: Vec<_> = rec.seen.iter().map(|s| s.element.tag).collect();
@@ -99,7 +122,10 @@ fn dataset(enc: Encoding, limits: Limits, data: &[u8]) {
     ]);
     let again = DataSet::read(&edited, enc, limits)
         .unwrap_or_else(|v| panic!("the gateway's own edit is refused: {v}"));
-    assert_eq!(again.text(tags::PATIENT_ID).map(values::trim_text), Some("FUZZ1"));
+    assert_eq!(
+        again.text(tags::PATIENT_ID).map(values::trim_text),
+        Some("FUZZ1")
+    );
     assert!(!again.contains(tags::ISSUER_OF_PATIENT_ID));
     for t in set.tags() {
         if t != tags::PATIENT_ID && t != tags::ISSUER_OF_PATIENT_ID {
@@ -115,12 +141,20 @@ fn dataset(enc: Encoding, limits: Limits, data: &[u8]) {
 fn instance(
     mut reader: InstanceReader,
     pieces: &[&[u8]],
-) -> (Result<(), Violation>, Option<InstanceHead>, Option<InstanceHead>) {
+) -> (
+    Result<(), Violation>,
+    Option<InstanceHead>,
+    Option<InstanceHead>,
+) {
     let (r, _from_head) = instance_inner(&mut reader, pieces);
     if r.0.is_err() {
         for p in pieces {
             let again = reader.feed(p);
-            assert!(again.is_err(), "a refused instance ({:?}) reads on: {again:?}", r.0);
+            assert!(
+                again.is_err(),
+                "a refused instance ({:?}) reads on: {again:?}",
+                r.0
+            );
         }
         assert!(reader.finish().is_err(), "a refused instance finishes");
         assert!(reader.head().is_err(), "a refused instance has a head");
@@ -128,7 +162,11 @@ fn instance(
     r
 }
 
-type Verdict = (Result<(), Violation>, Option<InstanceHead>, Option<InstanceHead>);
+type Verdict = (
+    Result<(), Violation>,
+    Option<InstanceHead>,
+    Option<InstanceHead>,
+);
 
 /// The verdict, and whether the refusal came from `head()`.
 fn instance_inner(reader: &mut InstanceReader, pieces: &[&[u8]]) -> (Verdict, bool) {
@@ -172,7 +210,11 @@ fn instances(seed: u8, limits: Limits, data: &[u8], syntax: Syntax) {
             assert!(whole_head.is_some(), "a finished instance has a head");
             assert_eq!(whole_head, streamed_head);
             if let Some(e) = early {
-                assert_eq!(Some(e), streamed_head, "the head judged early is not the instance's");
+                assert_eq!(
+                    Some(e),
+                    streamed_head,
+                    "the head judged early is not the instance's"
+                );
             }
         }
     }

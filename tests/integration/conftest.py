@@ -47,6 +47,14 @@ def binary() -> Path:
     return path
 
 
+def peak_memory_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,7 +308,12 @@ def issuer(tmp_root):
 def gateway(tmp_root, orthanc, issuer, ports):
     g = Gateway(tmp_root, orthanc, issuer, receive_port=ports["receive"], destinations=[("DEST", ports["dest"])])
     yield g
+    # Every test (the attack suite included) ran against this process: its peak memory stays
+    # small, whatever was thrown at it.
+    hwm = peak_memory_mib(g.proc.pid)
+    print(f"\nsession gateway peak memory: {hwm:.1f} MiB")
     stop(g.proc)
+    assert hwm < 100, f"the gateway's peak memory was {hwm:.1f} MiB"
     assert g.proc.returncode == 0, f"pacsgate did not stop cleanly: {g.proc.returncode}"
     log = g.log_text()
     # No token ever reaches a log: every minted token has the same JWS header prefix.
