@@ -12,6 +12,7 @@ Run it through scripts/bench-dimse.sh, which builds what it needs.
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def main():
     finally:
         for p in reversed(procs):
             stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ impl<'a> DataSet<'a> {
         let mut r = Reader::with_length(scope, encoding, false, limits, bytes.len() as u64);
         let mut sink = Spans {
             bytes,
-            out: Vec::new(),
+            // Most sets hold a few dozen elements of at least 8 bytes each.
+            out: Vec::with_capacity((bytes.len() / 16).min(64)),
         };
         r.feed(bytes, &mut sink)?;
         r.finish()?;

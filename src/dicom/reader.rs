@@ -282,6 +282,17 @@ impl Reader {
                     }
                     r
                 }
+                // A whole header at hand (the common case): one fixed-size copy.
+                Want::Header if self.hdr_len == 0 && data.len() >= self.hdr.len() => {
+                    self.hdr.copy_from_slice(&data[..12]);
+                    self.hdr_len = 12;
+                    let need = self.header_size();
+                    self.hdr_len = 0;
+                    data = &data[need..];
+                    let start = self.pos;
+                    self.pos += need as u64;
+                    self.header(start, need, sink)
+                }
                 Want::Header => {
                     let need = self.header_size();
                     let take = (need - self.hdr_len).min(data.len());
@@ -705,8 +716,52 @@ fn dictionary_sq(tag: Tag) -> bool {
     {
         return false;
     }
-    matches!(
-        StandardDataDictionary.by_tag(tag).map(|e| e.vr()),
-        Some(VirtualVr::Exact(VR::SQ))
-    )
+    // The dictionary look-up hashes; the few other tags a stream carries repeat, so a small
+    // direct-mapped cache per thread answers them (bounded: 256 entries).
+    thread_local! {
+        static SQ_CACHE: [std::cell::Cell<(u32, bool)>; 256] =
+            const { [const { std::cell::Cell::new((u32::MAX, false)) }; 256] };
+    }
+    let key = ((tag.0 as u32) << 16) | tag.1 as u32;
+    let slot = ((tag.0 ^ tag.1 ^ (tag.1 >> 8)) & 0xFF) as usize;
+    SQ_CACHE.with(|table| {
+        let (k, sq) = table[slot].get();
+        if k == key {
+            return sq;
+        }
+        let sq = matches!(
+            StandardDataDictionary.by_tag(tag).map(|e| e.vr()),
+            Some(VirtualVr::Exact(VR::SQ))
+        );
+        table[slot].set((key, sq));
+        sq
+    })
+}
+
+#[cfg(test)]
+mod sq_cache {
+    use super::dictionary_sq;
+    use dicom_core::Tag;
+    use dicom_dictionary_std::tags;
+
+    #[test]
+    fn answers_stay_right_when_tags_share_a_slot() {
+        // (0008,1115) is a sequence and (0008,0105) is not, and both take cache slot 0x0C:
+        // every answer must still be the dictionary's, in any order, repeatedly.
+        let cases = [
+            (tags::REFERENCED_SERIES_SEQUENCE, true),
+            (Tag(0x0008, 0x0105), false),
+            (tags::PROCEDURE_CODE_SEQUENCE, true),
+            (tags::INSTITUTION_NAME, false),
+            (tags::REQUEST_ATTRIBUTES_SEQUENCE, true),
+        ];
+        for _ in 0..3 {
+            for (tag, sq) in cases {
+                assert_eq!(dictionary_sq(tag), sq, "{tag}");
+            }
+            for (tag, sq) in cases.iter().rev() {
+                assert_eq!(dictionary_sq(*tag), *sq, "{tag}");
+            }
+        }
+    }
 }

@@ -113,7 +113,9 @@ pub async fn serve<F, Fut>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                tasks.spawn(handle(stream, addr, pending));
+                // Boxed: an association's state machine is large, and tokio moves the future it
+                // is given into the task and its output out of it.
+                tasks.spawn(Box::pin(handle(stream, addr, pending)));
             }
             _ = shutdown.changed() => break,
         }

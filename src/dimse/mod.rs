@@ -159,7 +159,7 @@ async fn handle(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: 
     let _active = crate::metrics::association_started();
     tracing::info!(assoc = id, %addr, calling_ae = %Clean(rq.calling_ae_title.trim()), called_ae = %Clean(rq.called_ae_title.trim()), "association requested");
     if let Some(session) = negotiate(stream, id, &rq, &ctx).await {
-        session.run().await;
+        Box::pin(session.run()).await;
     }
 }
 
