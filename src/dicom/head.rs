@@ -19,6 +19,8 @@ use dicom_dictionary_std::tags;
 const MAX_JUDGED_BYTES: usize = 1024;
 /// The largest file meta group accepted.
 pub const MAX_META: usize = 64 * 1024;
+/// The Part 10 preamble before the `DICM` prefix (PS3.10 7.1).
+pub const PREAMBLE: usize = 128;
 /// Judged attributes of an instance sit up to here; past it, the head is known.
 const LAST_JUDGED: Tag = tags::SERIES_INSTANCE_UID;
 
@@ -304,7 +306,7 @@ fn read_meta(buf: &[u8], limits: Limits) -> Result<Option<(FileMeta, usize)>, Vi
     if buf.len() < 144 {
         return Ok(None);
     }
-    if &buf[128..132] != b"DICM" {
+    if &buf[PREAMBLE..PREAMBLE + 4] != b"DICM" {
         return Err(Violation::BadValue(
             GROUP_LENGTH,
             "not a DICOM file (no DICM prefix)",

@@ -19,7 +19,7 @@ use super::multipart::{Delimiter, random_boundary};
 use super::path::is_uid;
 use super::qido::read_bounded;
 use crate::audit::{self, Outcome};
-use crate::dicom::head::InstanceReader;
+use crate::dicom::head::{InstanceReader, PREAMBLE};
 use crate::dicom::reader::Violation;
 use crate::dimse::instance::MAX_HEAD;
 use crate::policy::{Decision, Denial, StoreRequest};
@@ -230,6 +230,12 @@ async fn store_part(
             return Ok(());
         }
     };
+    // The 128-byte preamble is the sender's to fill (PS3.10 7.1) and nothing the reader judges:
+    // a PACS may read it as something else (Orthanc takes a body opening with a ZIP signature
+    // for a ZIP archive of other instances). What goes on carries zeros there.
+    if let Some(preamble) = head.get_mut(..PREAMBLE) {
+        preamble.fill(0);
+    }
     let class = h.sop_class.clone().unwrap_or_default();
     let instance = h.sop_instance.clone().unwrap_or_default();
     let study = h.study.clone().unwrap_or_default();

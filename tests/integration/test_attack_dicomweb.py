@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import threading
+import zipfile
 import zlib
 
 import pydicom
@@ -281,6 +282,53 @@ def test_stow_smuggled_part_never_reaches_the_pacs(gateway, orthanc, issuer, wri
     if outer_sop in listed(r):
         assert orthanc.holds(outer_sop), "a part was reported stored that the PACS does not hold"
     assert smuggled_sop not in listed(r)
+    assert_unharmed(gateway, issuer, orthanc, before, allowed_new={outer_sop})
+
+
+def zip_polyglot(outer_els, inner_file: bytes) -> bytes:
+    """A Part 10 file of `outer_els` that is also a ZIP archive holding `inner_file`: the
+    preamble opens with a ZIP local-file signature and a last private element holds the
+    archive (offsets counted from the start of the file, as a ZIP reader wants them)."""
+    sop = next(e.value for e in outer_els if e.tag == T["SOPInstanceUID"])
+    meta = rd.file_meta(rd.file_meta_elements(rd.SECONDARY_CAPTURE, sop, rd.EXPLICIT_LE))
+    data = rd.encode(outer_els + [E(0x7FE10010, "LO", "ATTACK")], explicit=True)
+    # (7FE1,1010) OB with a length filled in once the archive is written
+    prefix = b"PK\x03\x04" + b"\0" * 124 + b"DICM" + meta + data + bytes.fromhex("e17f1010") + b"OB\0\0" + b"\0" * 4
+    for comment in (b"", b"A"):
+        buf = io.BytesIO()
+        buf.write(prefix)
+        with zipfile.ZipFile(buf, "a", zipfile.ZIP_STORED) as z:
+            z.writestr("x.dcm", inner_file)
+            z.comment = comment
+        whole = bytearray(buf.getvalue())
+        n = len(whole) - len(prefix)
+        if n % 2 == 0:
+            whole[len(prefix) - 4:len(prefix)] = n.to_bytes(4, "little")
+            return bytes(whole)
+    raise AssertionError("no even-length archive")
+
+
+@pytest.mark.parametrize("case", ["other_patient_new_study", "other_patient_their_study", "own_patient_their_study"])
+def test_stow_part_that_is_also_a_zip_archive_stores_only_what_was_judged(gateway, orthanc, issuer, writer, case):
+    """The preamble is nothing the gateway judges; Orthanc reads a body opening with a ZIP
+    signature as an archive of other instances. What goes to the PACS carries a zero preamble,
+    so the PACS stores the instance the gateway checked, and only that."""
+    before = PacsState(orthanc)
+    theirs = own(orthanc, "PAT-B")[0]
+    if case == "other_patient_new_study":
+        inner, inner_sop = fresh_instance("PAT-B")
+    elif case == "other_patient_their_study":
+        inner, inner_sop = fresh_instance("PAT-B", study=theirs[1])
+    else:
+        inner, inner_sop = fresh_instance(ATTACKER, study=theirs[1])
+    outer, outer_sop = fresh_instance()
+    part = zip_polyglot(outer, p10(inner))
+    assert zipfile.ZipFile(io.BytesIO(part)).read("x.dcm") == p10(inner), "the test file is not a ZIP archive"
+    r = stow(gateway, writer, [part])
+    assert r.status_code == 200, r.text
+    assert listed(r) == [outer_sop]
+    assert not orthanc.holds(inner_sop), "an instance hidden in the preamble's archive reached the PACS"
+    assert sop_owners(orthanc, outer_sop) == [ATTACKER], "the checked instance was not what the PACS stored"
     assert_unharmed(gateway, issuer, orthanc, before, allowed_new={outer_sop})
 
 
