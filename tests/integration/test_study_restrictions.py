@@ -276,8 +276,10 @@ def test_ehr_check_shows_what_the_ehr_shows_the_caller(env, gateway, orthanc, st
     before = searches()
     # Queries across patients return exactly what the EHR shows this user...
     assert qido_studies(g, token) == shown
-    # ...asked in one batched search for all the studies of the answer (fewer than 50 here).
-    assert searches() - before == 1
+    # ...asked in batched searches of 50 for all the studies of the PACS's answer (how many
+    # the shared PACS holds depends on the tests that ran before).
+    held = len(requests.get(f"{orthanc.url}/studies", timeout=30).json())
+    assert searches() - before == -(-held // 50), f"{held} studies"
     fresh = ehr.mint(scope="user/ImagingStudy.rs", claims={"ehr_studies": sorted(shown)})
     before = searches()
     assoc, _ = associate(g, fresh)
