@@ -196,8 +196,10 @@ mod tests {
         assert_eq!(uid_list(b"1.2\\1.3").unwrap(), vec!["1.2", "1.3"]);
         assert!(uid_list(b"").unwrap().is_empty());
         assert!(uid_list(b"\0").unwrap().is_empty());
-        for bad in [
-            &b" 1.2.3"[..],
+        let long = "1.".repeat(32) + "1";
+        assert_eq!(long.len(), 65);
+        let bad: [&[u8]; 14] = [
+            b" 1.2.3",
             b"1.2.3 ",
             b"1.2.3\0\0",
             b"1.2.\0",
@@ -210,37 +212,25 @@ mod tests {
             b"*",
             b"1.2\x001",
             "1.2\u{fe0f}".as_bytes(),
-        ] {
-            assert!(uid_list(bad).is_err(), "{bad:?} accepted");
+            long.as_bytes(),
+        ];
+        for v in bad {
+            assert!(uid_list(v).is_err(), "{v:?} accepted");
         }
-        let long = "1.".repeat(32) + "1";
-        assert_eq!(long.len(), 65);
-        assert!(uid_list(long.as_bytes()).is_err());
         assert!(is_uid("0.0") && is_uid("2.25.10"));
         // the one-pass check agrees with the list reading on every case
-        for v in [
-            &b"1.2.840.10008.1.2\0"[..],
+        let others: [&[u8]; 9] = [
+            b"1.2.840.10008.1.2\0",
             b"1.2\\1.3",
             b"",
             b"\0",
-            b" 1.2.3",
-            b"1.2.3 ",
-            b"1.2.3\0\0",
-            b"1.2.\0",
-            b".1.2",
-            b"1..2",
-            b"1.02",
-            b"1.2\\",
-            b"1.2\\\\1.3",
-            b"1.2a",
-            b"*",
             b"0",
             b"0.0",
             b"10.20",
             b"01",
-            long.as_bytes(),
-            b"1.2\x001",
-        ] {
+            b"2.25.10",
+        ];
+        for v in others.iter().chain(bad.iter()) {
             assert_eq!(check_uids(v).is_ok(), uid_list(v).is_ok(), "{v:?}");
         }
     }
