@@ -17,8 +17,9 @@ use dicom_ul::pdu::{
     AssociationRQ, PresentationContextProposed, UserIdentity, UserIdentityType, UserVariableItem,
 };
 use pacsgate::dicom::command::{self, Command};
-use pacsgate::dimse::message::Event;
-use pacsgate::dimse::peer::{Incoming, Peer, read_pdu, write_pdu};
+use pacsgate::dicom::message::Event;
+use pacsgate::dicom::pdu::{read_pdu, write_pdu};
+use pacsgate::dicom::peer::{Incoming, Peer};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 

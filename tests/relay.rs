@@ -19,11 +19,12 @@ use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevIssuer, DevKey, MintRequest};
 use pacsgate::dicom::command;
-use pacsgate::dimse::{
-    self,
+use pacsgate::dicom::{
     message::Event,
-    peer::{Incoming, Peer, read_pdu, write_pdu},
+    pdu::{read_pdu, write_pdu},
+    peer::{Incoming, Peer},
 };
+use pacsgate::dimse;
 use pacsgate::policy::Policy;
 use pacsgate::trust::TrustCore;
 use std::sync::{Arc, Mutex};

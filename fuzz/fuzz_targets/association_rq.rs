@@ -1,5 +1,5 @@
 //! A-ASSOCIATE-RQ as the listener reads it: `dicom_ul::read_pdu` (lenient, as
-//! `dimse::peer` calls it, and strict), then for a request the user identity, the request sent
+//! `dicom::peer` calls it, and strict), then for a request the user identity, the request sent
 //! upstream and the answer built from a PACS answer derived from the input. Checks that the
 //! token never goes upstream, that only readable transfer syntaxes are offered and accepted,
 //! and that what the gateway writes, dicom-ul reads back the same.
@@ -12,7 +12,7 @@ use dicom_ul::pdu::{
 };
 use libfuzzer_sys::fuzz_target;
 use pacsgate::dicom::syntax;
-use pacsgate::dimse::assoc;
+use pacsgate::dicom::negotiation as assoc;
 
 fn written(pdu: &Pdu) -> Option<Vec<u8>> {
     let mut out = Vec::new();

@@ -1,5 +1,5 @@
 //! P-DATA-TF parsing and message reassembly. The input is a byte stream cut into PDUs by
-//! their own length fields, as `dimse::peer` cuts what arrives; the first byte chooses the
+//! their own length fields, as `dicom::peer` cuts what arrives; the first byte chooses the
 //! assembler's command size cap and whether command tails are tolerated (the PACS side).
 //! Checks: parse_pdata agrees with dicom-ul on the PDVs when both accept; reassembled
 //! commands are the strict decode of their fragments; data events carry the fragments as
@@ -11,7 +11,7 @@ use dicom_ul::Pdu;
 use dicom_ul::pdu::PDataValueType;
 use libfuzzer_sys::fuzz_target;
 use pacsgate::dicom::command::Command;
-use pacsgate::dimse::message::{Assembler, DEFAULT_MAX_COMMAND, Event, parse_pdata};
+use pacsgate::dicom::message::{Assembler, DEFAULT_MAX_COMMAND, Event, parse_pdata};
 
 fuzz_target!(|input: &[u8]| {
     let Some((&flags, mut rest)) = input.split_first() else {

@@ -15,6 +15,10 @@ use super::values;
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 
+/// The most of an instance held before its PatientID and UIDs are known. They sit at the
+/// start (groups 0008 to 0020), so only instances with huge early elements come near it.
+pub const MAX_HEAD: usize = 1024 * 1024;
+
 /// The longest judged value held (instance UIDs and identifiers are far shorter).
 const MAX_JUDGED_BYTES: usize = 1024;
 /// The largest file meta group accepted.

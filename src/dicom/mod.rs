@@ -11,6 +11,10 @@
 pub mod command;
 pub mod dataset;
 pub mod head;
+pub mod message;
+pub mod negotiation;
+pub mod pdu;
+pub mod peer;
 pub mod reader;
 pub mod syntax;
 pub mod values;

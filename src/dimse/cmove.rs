@@ -10,8 +10,8 @@
 //! relayed.
 
 use super::get;
-use super::message::Event;
-use super::peer::Incoming;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use super::receiver::Route;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};

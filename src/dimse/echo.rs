@@ -1,8 +1,8 @@
 //! C-ECHO through the gateway: allowed for any principal whose token is still valid, and relayed
 //! to the PACS so that success means the whole path works.
 
-use super::message::Event;
-use super::peer::Incoming;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::dicom::command::{self, Command};
 use crate::policy::{Action, Decision};

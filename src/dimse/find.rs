@@ -10,8 +10,8 @@
 //! added), and each match's study is put to the policy core's study gate; matches outside are
 //! withheld. C-CANCEL is relayed.
 
-use super::message::Event;
-use super::peer::Incoming;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};

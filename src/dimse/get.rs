@@ -10,8 +10,8 @@
 //! answered (a withheld instance counts as failed). C-CANCEL is relayed.
 
 use super::instance::{self, HeadError, StreamError};
-use super::message::Event;
-use super::peer::Incoming;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command, Service};

@@ -9,16 +9,12 @@
 //! [`MAX_HEAD`]) plus one PDU. Must not decide: callers ask the policy core with what the head
 //! says.
 
-use super::message::Event;
-use super::peer::{Incoming, MAX_BATCH, Peer};
-use crate::dicom::head::{InstanceHead, InstanceReader};
+use crate::dicom::message::Event;
+use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
+use crate::dicom::head::{InstanceHead, InstanceReader, MAX_HEAD};
 use crate::dicom::reader::{Limits, Violation};
 use crate::dicom::syntax::Syntax;
 use std::time::Duration;
-
-/// The most of an instance held before its PatientID and UIDs are known. They sit at the
-/// start (groups 0008 to 0020), so only instances with huge early elements come near it.
-pub const MAX_HEAD: usize = 1024 * 1024;
 
 /// The start of an instance's data set, what it says, and the reader that goes on reading it.
 pub struct Head {

@@ -7,15 +7,12 @@
 //! the PACS accepted. Sessions ([`session`]) then relay one service at a time. Must not know
 //! HTTP, and decides no access itself.
 
-pub mod assoc;
 pub mod cmove;
 pub mod echo;
 pub mod find;
 pub mod get;
 pub mod instance;
 pub mod listener;
-pub mod message;
-pub mod peer;
 pub mod receiver;
 pub mod session;
 pub mod store;
@@ -25,19 +22,17 @@ use crate::config::Config;
 use crate::logtext::Clean;
 use crate::policy::{Action, Decision, Policy};
 use crate::trust::{TrustCore, TrustError, keys::KeyError};
-use assoc::{Refusal, reject};
+use crate::dicom::negotiation::{self as assoc, Refusal, reject};
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use listener::{Admission, Pending};
-use peer::{Peer, read_pdu, write_pdu};
+use crate::dicom::pdu::{PDU_SLACK, read_pdu, write_pdu};
+use crate::dicom::peer::Peer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-/// Slack over the announced Maximum Length tolerated in PDUs from peers.
-pub(crate) const PDU_SLACK: u32 = 64;
 
 /// What every association shares.
 pub struct Ctx {

@@ -15,9 +15,11 @@
 use super::get::Tally;
 use super::instance::{self, HeadError, StreamError};
 use super::listener::Pending;
-use super::message::Event;
-use super::peer::{Incoming, Peer, write_pdu};
-use super::{Ctx, PDU_SLACK, assoc, read_request, send_reject};
+use crate::dicom::message::Event;
+use crate::dicom::pdu::{PDU_SLACK, write_pdu};
+use crate::dicom::peer::{Incoming, Peer};
+use super::{Ctx, read_request, send_reject};
+use crate::dicom::negotiation as assoc;
 use crate::audit::{self, Outcome};
 use crate::config::Destination;
 use crate::dicom::command::{self, Command};

@@ -7,9 +7,9 @@
 //! C-GET on GET, C-MOVE on MOVE, C-STORE on storage, C-ECHO on Verification) and name that
 //! class as its Affected SOP Class. Must not decide access: services ask the policy core.
 
-use super::assoc::AcceptedContext;
-use super::message::Event;
-use super::peer::{Incoming, MAX_BATCH, Peer};
+use crate::dicom::negotiation::AcceptedContext;
+use crate::dicom::message::Event;
+use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
 use super::{Ctx, cmove, echo, find, get, store};
 use crate::dicom::command::{self, Command, Service};
 use crate::dicom::dataset::DataSet;
@@ -355,11 +355,11 @@ impl Session {
                     && r.transfer_syntax.trim_end_matches('\0') == c.transfer_syntax
             })
         });
-        let peer_max = super::assoc::announced_max(&ac.user_variables);
+        let peer_max = crate::dicom::negotiation::announced_max(&ac.user_variables);
         let mut pacs = Peer::new(
             "pacs",
             stream,
-            cfg.limits.max_pdu_length + super::PDU_SLACK,
+            cfg.limits.max_pdu_length + crate::dicom::pdu::PDU_SLACK,
             peer_max,
         )
         .is_pacs();

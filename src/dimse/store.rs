@@ -12,8 +12,8 @@
 //! failure status, never a success.
 
 use super::instance::{self, HeadError, StreamError};
-use super::message::Event;
-use super::peer::Incoming;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};

@@ -5,6 +5,7 @@
 //! and policy refusals into HTTP statuses and `WWW-Authenticate` headers. Error bodies carry no
 //! PHI and no token. Must not decide access.
 
+use crate::pacs::dicomweb::DicomWebError;
 use crate::policy::Denial;
 use crate::trust::{Principal, TrustCore, TrustError, keys::KeyError};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -32,6 +33,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// DICOMweb is asked for but the PACS has no DICOMweb service configured.
+    pub fn not_configured() -> ApiError {
+        ApiError::Unavailable("DICOMweb is not configured: set pacs.dicomweb_url".into())
+    }
+
     /// Maps a policy denial to its HTTP form.
     pub fn from_denial(d: Denial) -> ApiError {
         match d {
@@ -46,6 +52,21 @@ impl ApiError {
             ),
             Denial::BadIdentifier(why) => ApiError::BadRequest(why.into()),
             other => ApiError::Forbidden(other.to_string()),
+        }
+    }
+}
+
+impl From<DicomWebError> for ApiError {
+    /// What the PACS's DICOMweb answer means to the caller: its 404 is ours, its other refusals
+    /// are the request's fault, anything else is the PACS's (502). Its body is never passed on.
+    fn from(e: DicomWebError) -> ApiError {
+        match e {
+            DicomWebError::Status(404) => ApiError::NotFound,
+            DicomWebError::Status(s) if (400..500).contains(&s) => {
+                ApiError::BadRequest(format!("the PACS refused the request ({s})"))
+            }
+            DicomWebError::NoWadoUri => ApiError::Unavailable(e.to_string()),
+            other => ApiError::Upstream(other.to_string()),
         }
     }
 }

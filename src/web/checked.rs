@@ -17,7 +17,7 @@ use super::multipart::{Piece, Splitter, header_value, random_boundary};
 use crate::audit::{self, Outcome};
 use crate::dicom::head::InstanceReader;
 use crate::dicom::reader::{Limits, Violation};
-use crate::dimse::instance::MAX_HEAD;
+use crate::dicom::head::MAX_HEAD;
 use crate::policy::{Allowed, InstanceId};
 use crate::trust::Principal;
 use axum::body::Body;

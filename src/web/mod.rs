@@ -19,6 +19,7 @@ pub mod wado_uri;
 
 use crate::config::Config;
 use crate::pacs::PacsLookup;
+use crate::pacs::dicomweb::DicomWeb;
 use crate::policy::Policy;
 use crate::trust::TrustCore;
 use auth::{ApiError, Challenge};
@@ -65,12 +66,13 @@ pub struct WebCtx {
     pub trust: Arc<TrustCore>,
     pub policy: Arc<Policy>,
     pub lookup: Arc<PacsLookup>,
+    /// For the discovery documents' issuer metadata.
     pub http: reqwest::Client,
     pub challenge: Challenge,
     /// `{public_url}/dicom-web`: what clients see as the DICOMweb root.
     pub public_base: String,
-    /// The PACS's DICOMweb root, without a trailing slash.
-    pub upstream_base: Option<String>,
+    /// The PACS's DICOMweb service; `None` when `pacs.dicomweb_url` is not set.
+    pub pacs: Option<DicomWeb>,
     slots: Semaphore,
     discovery: discovery::Cache,
 }
@@ -95,11 +97,7 @@ impl WebCtx {
                 resource_metadata: format!("{public}/.well-known/oauth-protected-resource"),
             },
             public_base: format!("{public}/dicom-web"),
-            upstream_base: cfg
-                .pacs
-                .dicomweb_url
-                .as_ref()
-                .map(|u| u.trim_end_matches('/').to_string()),
+            pacs: DicomWeb::new(&cfg)?,
             http,
             slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
             discovery: discovery::Cache::default(),
@@ -124,8 +122,8 @@ impl WebCtx {
 
     /// Rewrites the PACS's URLs in a response body to the gateway's.
     pub fn rewrite_urls(&self, body: &str) -> String {
-        match &self.upstream_base {
-            Some(up) => body.replace(up.as_str(), &self.public_base),
+        match &self.pacs {
+            Some(pacs) => pacs.rewrite_urls(body, &self.public_base),
             None => body.to_string(),
         }
     }
@@ -199,10 +197,8 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
             return ctx.challenge.respond(e);
         }
     };
-    let Some(upstream) = ctx.upstream_base.clone() else {
-        return ctx.challenge.respond(ApiError::Unavailable(
-            "DICOMweb is not configured: set pacs.dicomweb_url".into(),
-        ));
+    let Some(upstream) = ctx.pacs.as_ref() else {
+        return ctx.challenge.respond(ApiError::not_configured());
     };
     // Everything up to the response head is bounded in time; a streamed body is then bounded
     // by the PACS read timeout per chunk.
@@ -214,7 +210,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
                     &principal,
                     &resource,
                     uri.query().unwrap_or(""),
-                    &upstream,
+                    upstream,
                 )
                 .await
             }
@@ -225,7 +221,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
                     &resource,
                     uri.query(),
                     &headers,
-                    &upstream,
+                    upstream,
                 )
                 .await
             }

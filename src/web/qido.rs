@@ -11,6 +11,7 @@ use super::auth::ApiError;
 use super::path::{self, Resource};
 use crate::audit::{self, Outcome};
 use crate::policy::{Action, Decision};
+use crate::pacs::dicomweb::DicomWeb;
 use crate::trust::Principal;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,7 @@ pub async fn search(
     p: &Principal,
     resource: &Resource,
     query: &str,
-    upstream: &str,
+    upstream: &DicomWeb,
 ) -> Result<Response, ApiError> {
     let mut pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
     let asked: Vec<String> = pairs
@@ -160,39 +161,13 @@ pub async fn search(
         if let Some(pid) = pid {
             q.push(("PatientID".into(), pid));
         }
-        let url = format!(
-            "{upstream}/{}?{}",
-            resource.upstream_path(),
-            path::encode_query(&q)
-        );
-        let resp = ctx
-            .http
-            .get(&url)
-            .header(header::ACCEPT, "application/dicom+json")
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::Upstream(format!(
-                    "the PACS did not answer the search: {}",
-                    e.without_url()
-                ))
-            })?;
-        let status = resp.status();
-        if status == StatusCode::NO_CONTENT {
-            continue;
-        }
-        if !status.is_success() {
-            return Err(upstream_status(status));
-        }
+        let target = format!("{}?{}", resource.upstream_path(), path::encode_query(&q));
         // One budget for all the searches of a request.
-        let body = read_bounded(resp, MAX_QIDO_BYTES.saturating_sub(read_so_far)).await?;
-        read_so_far += body.len();
-        if !body.is_empty() {
-            let part: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|_| {
-                ApiError::Upstream("the PACS answered the search with invalid JSON".into())
-            })?;
-            results.extend(part);
-        }
+        let (part, read) = upstream
+            .search(&target, MAX_QIDO_BYTES.saturating_sub(read_so_far))
+            .await?;
+        read_so_far += read;
+        results.extend(part);
     }
     let total = results.len();
     // A search inside a study is about that study even if a result leaves its UID out.
@@ -372,38 +347,6 @@ pub fn json_response(body: Vec<u8>) -> Response {
         HeaderValue::from_static("private, no-store"),
     );
     r
-}
-
-/// The PACS's error status, passed on without its body.
-pub fn upstream_status(status: StatusCode) -> ApiError {
-    if status.is_server_error() {
-        ApiError::Upstream(format!("the PACS answered {}", status.as_u16()))
-    } else if status == StatusCode::NOT_FOUND {
-        ApiError::NotFound
-    } else {
-        ApiError::BadRequest(format!(
-            "the PACS refused the request ({})",
-            status.as_u16()
-        ))
-    }
-}
-
-/// Reads a response body of at most `max` bytes.
-pub async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ApiError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ApiError::Upstream(format!("the PACS broke off: {}", e.without_url())))?
-    {
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::Upstream(format!(
-                "the PACS's answer is larger than {max} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 #[cfg(test)]

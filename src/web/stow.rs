@@ -17,11 +17,11 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::multipart::{Delimiter, random_boundary};
 use super::path::is_uid;
-use super::qido::read_bounded;
+use crate::pacs::dicomweb::{DicomWeb, read_bounded};
 use crate::audit::{self, Outcome};
 use crate::dicom::head::{InstanceReader, PREAMBLE};
 use crate::dicom::reader::Violation;
-use crate::dimse::instance::MAX_HEAD;
+use crate::dicom::head::MAX_HEAD;
 use crate::policy::{Decision, Denial, StoreRequest};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -97,10 +97,8 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         Ok(_) => return Err(ApiError::from_denial(Denial::NoWrite)),
         Err(d) => return Err(ApiError::from_denial(d)),
     }
-    let Some(upstream) = ctx.upstream_base.clone() else {
-        return Err(ApiError::Unavailable(
-            "DICOMweb is not configured: set pacs.dicomweb_url".into(),
-        ));
+    let Some(upstream) = ctx.pacs.as_ref() else {
+        return Err(ApiError::not_configured());
     };
     let ct = req
         .headers()
@@ -160,7 +158,7 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
                 "more than {MAX_PARTS} instances in one request; send them in several"
             )));
         }
-        store_part(ctx, &p, field, path_study.as_deref(), &upstream, &mut out).await?;
+        store_part(ctx, &p, field, path_study.as_deref(), upstream, &mut out).await?;
         if out.malformed {
             break;
         }
@@ -194,7 +192,7 @@ async fn store_part(
     p: &crate::trust::Principal,
     mut field: multer::Field<'_>,
     path_study: Option<&str>,
-    upstream: &str,
+    upstream: &DicomWeb,
     out: &mut Outcomes,
 ) -> Result<(), ApiError> {
     let wait = ctx.cfg.limits.idle_timeout;
@@ -293,16 +291,7 @@ async fn store_part(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    let request = ctx
-        .http
-        .post(format!("{upstream}/studies"))
-        .header(
-            header::CONTENT_TYPE,
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-        )
-        .header(header::ACCEPT, "application/dicom+json")
-        .body(reqwest::Body::wrap_stream(stream))
-        .send();
+    let request = upstream.store(&boundary, reqwest::Body::wrap_stream(stream));
     let feed = async {
         let send = |b: Bytes| tx.send(Ok(b));
         send(Bytes::from(format!(

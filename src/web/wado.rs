@@ -11,7 +11,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{Part, Resource};
-use super::qido::{read_bounded, upstream_status};
+use crate::pacs::dicomweb::{DicomWeb, read_bounded};
 use crate::audit::{self, Outcome};
 use crate::policy::{Decision, RetrieveRequest, UidLevel};
 use crate::trust::Principal;
@@ -36,7 +36,7 @@ pub async fn retrieve(
     resource: &Resource,
     query: Option<&str>,
     headers: &HeaderMap,
-    upstream: &str,
+    upstream: &DicomWeb,
 ) -> Result<Response, ApiError> {
     let Resource::Retrieve {
         study,
@@ -106,28 +106,15 @@ pub async fn retrieve(
         limits: ctx.cfg.limits.reader(),
         wait: ctx.cfg.limits.upstream_timeout,
     };
-    let mut url = format!("{upstream}/{}", resource.upstream_path());
-    if let Some(q) = query.filter(|q| !q.is_empty()) {
-        if !safe_query(q) {
-            return Err(ApiError::BadRequest(
-                "the query string holds characters that are not allowed".into(),
-            ));
-        }
-        url.push('?');
-        url.push_str(q);
+    if query.is_some_and(|q| !q.is_empty() && !safe_query(q)) {
+        return Err(ApiError::BadRequest(
+            "the query string holds characters that are not allowed".into(),
+        ));
     }
-    let mut rq = ctx.http.get(&url);
-    if let Some(a) = headers.get(header::ACCEPT) {
-        rq = rq.header(header::ACCEPT, a.clone());
-    }
-    let resp = rq
-        .send()
-        .await
-        .map_err(|e| ApiError::Upstream(format!("the PACS did not answer: {}", e.without_url())))?;
+    let resp = upstream
+        .retrieve(&resource.upstream_path(), query, headers.get(header::ACCEPT))
+        .await?;
     let status = resp.status();
-    if !status.is_success() {
-        return Err(upstream_status(status));
-    }
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let mut out = match what {
         // Instances carry who they are: each is checked as it streams.

@@ -10,7 +10,6 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{self, is_uid};
-use super::qido::upstream_status;
 use crate::audit::{self, Outcome};
 use crate::policy::{Decision, RetrieveRequest, UidLevel};
 use axum::body::Body;
@@ -99,18 +98,8 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             a
         }
     };
-    let Some(base) = ctx.upstream_base.as_deref() else {
-        return Err(ApiError::Unavailable(
-            "DICOMweb is not configured: set pacs.dicomweb_url".into(),
-        ));
-    };
-    let wado_base = match base.rsplit_once('/') {
-        Some((root, _)) => format!("{root}/wado"),
-        None => {
-            return Err(ApiError::Unavailable(
-                "pacs.dicomweb_url has no path".into(),
-            ));
-        }
+    let Some(upstream) = ctx.pacs.as_ref() else {
+        return Err(ApiError::not_configured());
     };
     let mut out = vec![
         ("requestType".to_string(), "WADO".to_string()),
@@ -132,14 +121,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             out.push((k.to_string(), v));
         }
     }
-    let url = format!("{wado_base}?{}", path::encode_query(&out));
-    let resp =
-        ctx.http.get(&url).send().await.map_err(|e| {
-            ApiError::Upstream(format!("the PACS did not answer: {}", e.without_url()))
-        })?;
-    if !resp.status().is_success() {
-        return Err(upstream_status(resp.status()));
-    }
+    let resp = upstream.wado_uri(&path::encode_query(&out)).await?;
     let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
     let is_dicom = ct
         .as_ref()

@@ -1,70 +1,15 @@
-//! Talking to the upstream PACS under the gateway's own identity.
+//! Ownership look-ups: which patient (and issuer) the PACS holds a study, series or instance
+//! under, asked by C-FIND on associations of the gateway's own, pooled.
 //!
-//! Owns: opening a DIMSE association to the PACS (connect with a timeout, TCP_NODELAY, send the
-//! A-ASSOCIATE-RQ, read the answer with a size cap and a timeout). Must not know tokens: the
-//! caller's token never goes upstream.
+//! Owns: the look-up association pool (bounded, idle ones released), the C-FIND it sends and
+//! the strict reading of every answer. Reports every owner it saw; the policy core judges.
+//! Must not know tokens or front ends.
 
+use super::associate;
+use dicom_ul::pdu::{AssociationRQ, Pdu};
 use crate::config::Pacs;
-use crate::dimse::peer::{PduError, read_pdu, write_pdu};
 use crate::policy::{LookupFuture, Owner, OwnerLookup, StudyFacts, UidLevel};
-use dicom_ul::pdu::{AssociationAC, AssociationRJ, AssociationRQ, Pdu};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("cannot connect to the PACS at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
-    #[error("the PACS did not answer the association request within {0:?}")]
-    Timeout(Duration),
-    #[error("the PACS rejected the association: {0:?}")]
-    Rejected(AssociationRJ),
-    #[error("the PACS answered with {0}")]
-    Unexpected(String),
-    #[error("association with the PACS failed: {0}")]
-    Pdu(#[from] PduError),
-}
-
-/// The largest A-ASSOCIATE-AC accepted from the PACS.
-const MAX_AC_BYTES: u32 = 256 * 1024;
-
-/// Opens an association to the PACS with `rq`; returns the connection and the PACS's answer.
-pub async fn associate(
-    pacs: &Pacs,
-    rq: AssociationRQ,
-    answer_timeout: Duration,
-) -> Result<(TcpStream, AssociationAC), UpstreamError> {
-    let connect =
-        tokio::time::timeout(pacs.connect_timeout, TcpStream::connect(&pacs.address)).await;
-    let mut stream = match connect {
-        Err(_) => {
-            return Err(UpstreamError::Connect {
-                addr: pacs.address.clone(),
-                reason: format!("no answer within {:?}", pacs.connect_timeout),
-            });
-        }
-        Ok(Err(e)) => {
-            return Err(UpstreamError::Connect {
-                addr: pacs.address.clone(),
-                reason: e.to_string(),
-            });
-        }
-        Ok(Ok(s)) => s,
-    };
-    // Without it every DIMSE exchange waits for delayed ACKs (about 40 ms on Linux).
-    let _ = stream.set_nodelay(true);
-    write_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
-    let answer = tokio::time::timeout(answer_timeout, read_pdu(&mut stream, MAX_AC_BYTES))
-        .await
-        .map_err(|_| UpstreamError::Timeout(answer_timeout))??;
-    match answer {
-        Pdu::AssociationAC(ac) => Ok((stream, ac)),
-        Pdu::AssociationRJ(rj) => Err(UpstreamError::Rejected(rj)),
-        other => Err(UpstreamError::Unexpected(
-            other.short_description().to_string(),
-        )),
-    }
-}
 
 /// Study Root Query/Retrieve Information Model – FIND.
 pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
@@ -80,7 +25,7 @@ const MAX_IDLE_TIME: Duration = Duration::from_secs(10);
 
 /// A look-up association and what it needs for the next C-FIND.
 struct Conn {
-    peer: crate::dimse::peer::Peer,
+    peer: crate::dicom::peer::Peer,
     syntax: crate::dicom::syntax::Syntax,
     next_message_id: u16,
     idle_since: Instant,
@@ -228,7 +173,7 @@ impl PacsLookup {
 
     /// Opens a look-up association (Study Root C-FIND only).
     async fn open(&self) -> Result<Conn, String> {
-        use crate::dimse::peer::Peer;
+        use crate::dicom::peer::Peer;
         use dicom_ul::pdu::{
             PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
         };
@@ -237,7 +182,7 @@ impl PacsLookup {
             protocol_version: 1,
             calling_ae_title: self.pacs.calling_ae_title.clone(),
             called_ae_title: self.pacs.ae_title.clone(),
-            application_context_name: crate::dimse::assoc::APPLICATION_CONTEXT.into(),
+            application_context_name: crate::dicom::negotiation::APPLICATION_CONTEXT.into(),
             presentation_contexts: vec![PresentationContextProposed {
                 id: 1,
                 abstract_syntax: STUDY_ROOT_FIND.into(),
@@ -246,10 +191,10 @@ impl PacsLookup {
             user_variables: vec![
                 UserVariableItem::MaxLength(self.our_max),
                 UserVariableItem::ImplementationClassUID(
-                    crate::dimse::assoc::IMPLEMENTATION_CLASS_UID.into(),
+                    crate::dicom::negotiation::IMPLEMENTATION_CLASS_UID.into(),
                 ),
                 UserVariableItem::ImplementationVersionName(
-                    crate::dimse::assoc::IMPLEMENTATION_VERSION_NAME.into(),
+                    crate::dicom::negotiation::IMPLEMENTATION_VERSION_NAME.into(),
                 ),
             ],
         };
@@ -268,7 +213,7 @@ impl PacsLookup {
             "pacs-lookup",
             stream,
             self.our_max + 64,
-            crate::dimse::assoc::announced_max(&ac.user_variables),
+            crate::dicom::negotiation::announced_max(&ac.user_variables),
         )
         .is_pacs();
         Ok(Conn {
@@ -289,8 +234,8 @@ impl PacsLookup {
     ) -> Result<Result<Option<Owner>, String>, String> {
         use crate::dicom::command::{self, Command};
         use crate::dicom::dataset::{DataSet, encode_element};
-        use crate::dimse::message::Event;
-        use crate::dimse::peer::Incoming;
+        use crate::dicom::message::Event;
+        use crate::dicom::peer::Incoming;
         use dicom_core::VR;
         use dicom_dictionary_std::tags;
 
@@ -435,7 +380,7 @@ impl PacsLookup {
 
     /// Releases a look-up association (politely, but without waiting long).
     async fn release(mut conn: Conn) {
-        use crate::dimse::peer::Incoming;
+        use crate::dicom::peer::Incoming;
         let peer = &mut conn.peer;
         let _ = peer.send_pdu(&Pdu::ReleaseRQ).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {

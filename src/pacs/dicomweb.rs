@@ -1,0 +1,178 @@
+//! The DICOMweb client: the gateway's requests to the PACS's own DICOMweb service.
+//!
+//! Owns: the HTTP client toward the PACS (connect and read timeouts, no redirects, the
+//! gateway's user agent), the URLs of its DICOMweb and WADO-URI services, reading answers under
+//! a size bound, what an answer's status means, and rewriting the PACS's URLs in a body to the
+//! gateway's. Requests carry no token of the caller: the PACS sees the gateway only. Must not
+//! know tokens, policy or the HTTP front end; it returns typed errors that the front end maps
+//! to its wire.
+
+use crate::config::Config;
+use reqwest::header::{self, HeaderValue};
+
+/// Why a request to the PACS's DICOMweb service did not give an answer to relay.
+#[derive(Debug, thiserror::Error)]
+pub enum DicomWebError {
+    #[error("the PACS did not answer: {0}")]
+    Unreachable(String),
+    /// The PACS answered with this non-success status (its body is not passed on).
+    #[error("the PACS answered {0}")]
+    Status(u16),
+    #[error("the PACS broke off: {0}")]
+    BrokeOff(String),
+    #[error("the PACS's answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the PACS answered the search with invalid JSON")]
+    BadJson,
+    #[error("pacs.dicomweb_url has no path, so the WADO-URI service cannot be located")]
+    NoWadoUri,
+}
+
+/// The PACS's DICOMweb service, as `pacs.dicomweb_url` names it.
+pub struct DicomWeb {
+    http: reqwest::Client,
+    /// The DICOMweb root, without a trailing slash.
+    base: String,
+    /// The WADO-URI service: the root with its last path segment replaced by `wado`, as Orthanc
+    /// lays it out.
+    wado_uri: Option<String>,
+}
+
+impl DicomWeb {
+    /// The client for `pacs.dicomweb_url`; `None` when it is not configured.
+    pub fn new(cfg: &Config) -> anyhow::Result<Option<DicomWeb>> {
+        let Some(url) = cfg.pacs.dicomweb_url.as_ref() else {
+            return Ok(None);
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.pacs.connect_timeout)
+            .read_timeout(cfg.limits.upstream_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let base = url.trim_end_matches('/').to_string();
+        let wado_uri = base
+            .rsplit_once('/')
+            .filter(|(root, _)| root.contains("://") && !root.ends_with('/'))
+            .map(|(root, _)| format!("{root}/wado"));
+        Ok(Some(DicomWeb {
+            http,
+            base,
+            wado_uri,
+        }))
+    }
+
+    /// A QIDO-RS search (`path_and_query` below the root, already encoded): the matches, and
+    /// the bytes read, at most `budget` of them. 204 is no matches.
+    pub async fn search(
+        &self,
+        path_and_query: &str,
+        budget: usize,
+    ) -> Result<(Vec<serde_json::Value>, usize), DicomWebError> {
+        let resp = self
+            .http
+            .get(format!("{}/{path_and_query}", self.base))
+            .header(header::ACCEPT, "application/dicom+json")
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok((Vec::new(), 0));
+        }
+        let resp = success(resp)?;
+        let body = read_bounded(resp, budget).await?;
+        if body.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let matches = serde_json::from_slice(&body).map_err(|_| DicomWebError::BadJson)?;
+        Ok((matches, body.len()))
+    }
+
+    /// A WADO-RS retrieval (`path` below the root; `query` already checked by the caller), with
+    /// the caller's Accept header passed on. Only a success is returned.
+    pub async fn retrieve(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        accept: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, DicomWebError> {
+        let mut url = format!("{}/{path}", self.base);
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        let mut rq = self.http.get(&url);
+        if let Some(a) = accept {
+            rq = rq.header(header::ACCEPT, a.clone());
+        }
+        success(rq.send().await.map_err(unreachable)?)
+    }
+
+    /// A WADO-URI request with an encoded query. Only a success is returned.
+    pub async fn wado_uri(&self, query: &str) -> Result<reqwest::Response, DicomWebError> {
+        let base = self.wado_uri.as_ref().ok_or(DicomWebError::NoWadoUri)?;
+        let resp = self
+            .http
+            .get(format!("{base}?{query}"))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        success(resp)
+    }
+
+    /// A STOW-RS request of one multipart/related body framed with `boundary`. The answer is
+    /// returned whatever its status: the front end judges what the PACS says it stored.
+    pub async fn store(
+        &self,
+        boundary: &str,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, DicomWebError> {
+        self.http
+            .post(format!("{}/studies", self.base))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+            )
+            .header(header::ACCEPT, "application/dicom+json")
+            .body(body)
+            .send()
+            .await
+            .map_err(unreachable)
+    }
+
+    /// The PACS's URLs in a body, rewritten to `public_base`.
+    pub fn rewrite_urls(&self, body: &str, public_base: &str) -> String {
+        body.replace(self.base.as_str(), public_base)
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> DicomWebError {
+    DicomWebError::Unreachable(e.without_url().to_string())
+}
+
+fn success(resp: reqwest::Response) -> Result<reqwest::Response, DicomWebError> {
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        Err(DicomWebError::Status(resp.status().as_u16()))
+    }
+}
+
+/// Reads a response body of at most `max` bytes.
+pub async fn read_bounded(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, DicomWebError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| DicomWebError::BrokeOff(e.without_url().to_string()))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(DicomWebError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
