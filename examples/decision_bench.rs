@@ -9,11 +9,11 @@ use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
 use pacsgate::policy::{
-    Action, Decision, LookupFuture, OwnerLookup, Policy, ResultStudy, StudyMemo, UidLevel,
+    Action, LookupFuture, MatchView, OwnerLookup, Policy, Ports, QueryRequest, UidLevel, Verdict,
 };
 use pacsgate::trust::TrustCore;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 const N: usize = 2000;
 
@@ -67,11 +67,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let jwt_cfg = config("jwt")?;
     let intro_cfg = config("introspection")?;
-    let policy = Policy::new(&jwt_cfg);
-
     let mut rows = Vec::new();
     // local JWT verification (keys fetched once beforehand)
     let trust = TrustCore::new(&jwt_cfg)?;
+    let policy = Policy::new(&jwt_cfg, Ports::new(Arc::new(NoPacs), trust.clone()));
+    let query = || Action::Query(QueryRequest::with_patient(None));
     trust.verify(&issuer.mint(&req())?).await?;
     let tokens: Vec<String> = (0..N)
         .map(|_| issuer.mint(&req()))
@@ -80,8 +80,8 @@ async fn main() -> anyhow::Result<()> {
     for t in &tokens {
         let s = Instant::now();
         let p = trust.verify(t).await?;
-        let d = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
-        assert!(matches!(d, Decision::Allow(_)));
+        let c = policy.caller(p).await;
+        anyhow::ensure!(policy.decide(&c, query()).await.is_ok(), "query refused");
         us.push(s.elapsed().as_secs_f64() * 1e6);
     }
     rows.push(("local JWT (ES256), keys cached", us));
@@ -94,14 +94,16 @@ async fn main() -> anyhow::Result<()> {
     for t in &opaque {
         let s = Instant::now();
         let p = trust.verify(t).await?;
-        let _ = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
+        let c = policy.caller(p).await;
+        let _ = policy.decide(&c, query()).await;
         cold.push(s.elapsed().as_secs_f64() * 1e6);
     }
     let mut warm = Vec::with_capacity(N);
     for t in &opaque {
         let s = Instant::now();
         let p = trust.verify(t).await?;
-        let _ = policy.decide(&p, Action::Query { patient_id: None }, SystemTime::now());
+        let c = policy.caller(p).await;
+        let _ = policy.decide(&c, query()).await;
         warm.push(s.elapsed().as_secs_f64() * 1e6);
     }
     rows.push((
@@ -117,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let trust = TrustCore::new(&jwt_cfg)?;
+    let policy = Policy::new(&jwt_cfg, Ports::new(Arc::new(NoPacs), trust.clone()));
     let principals = futures_util::future::try_join_all((0..N).map(|n| {
         let t = issuer.mint(&user(n));
         let trust = trust.clone();
@@ -127,21 +130,15 @@ async fn main() -> anyhow::Result<()> {
     for round in [&mut cold, &mut warm] {
         for (n, p) in principals.iter().enumerate() {
             let s = Instant::now();
-            let Decision::Allow(a) =
-                policy.decide(p, Action::Query { patient_id: None }, SystemTime::now())
-            else {
+            let c = policy.caller(p.clone()).await;
+            let Ok(a) = policy.decide(&c, query()).await else {
                 anyhow::bail!("user-level query refused");
             };
-            let shown = policy
-                .admits_result(
-                    p,
-                    &a,
-                    ResultStudy::uid(Some(&format!("1.2.3.{n}"))),
-                    &mut StudyMemo::default(),
-                    &NoPacs,
-                    &*trust,
-                )
-                .await;
+            let view = MatchView {
+                study: Some(format!("1.2.3.{n}")),
+                ..MatchView::default()
+            };
+            let shown = policy.judge(&c, &a).judge(&[view]).await == [Verdict::Admit];
             round.push(s.elapsed().as_secs_f64() * 1e6);
             anyhow::ensure!(shown, "the EHR shows this study to this user");
         }

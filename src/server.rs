@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::dimse;
-use crate::policy::Policy;
+use crate::policy::{Policy, Ports};
 use crate::trust::TrustCore;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,11 +63,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         anyhow::bail!("cannot start: gateway.dimse_listen is not bound");
     };
     let trust = TrustCore::new(&cfg)?;
-    let policy = Arc::new(Policy::new(&cfg));
+    // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
+    let lookup = Arc::new(crate::pacs::PacsLookup::new(&cfg));
+    let policy = Arc::new(Policy::new(&cfg, Ports::new(lookup, trust.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
-    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy, ctx.lookup.clone())?;
+    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy)?;
     tracing::info!(addr = %dimse_l.local_addr()?, ae_title = %cfg.gateway.ae_title, "DIMSE front end listening");
     let receive_task = match receive_l {
         Some(l) => {

@@ -25,7 +25,8 @@ use pacsgate::dicom::{
     peer::{Incoming, Peer},
 };
 use pacsgate::dimse;
-use pacsgate::policy::Policy;
+use pacsgate::pacs::PacsLookup;
+use pacsgate::policy::{Policy, Ports};
 use pacsgate::trust::TrustCore;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -453,11 +454,9 @@ issuer = "{issuer_url}"
     let cfg = Arc::new(cfg);
     let gl = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = gl.local_addr().unwrap();
-    let ctx = dimse::Ctx::new(
-        cfg.clone(),
-        TrustCore::new(&cfg).unwrap(),
-        Arc::new(Policy::new(&cfg)),
-    );
+    let trust = TrustCore::new(&cfg).unwrap();
+    let ports = Ports::new(Arc::new(PacsLookup::new(&cfg)), trust.clone());
+    let ctx = dimse::Ctx::new(cfg.clone(), trust, Arc::new(Policy::new(&cfg, ports)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _keep = _tx;

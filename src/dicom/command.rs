@@ -46,6 +46,18 @@ pub const STATUS_UNABLE_TO_PROCESS: u16 = 0xC001;
 pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
 /// C-MOVE: Move destination unknown.
 pub const STATUS_MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+
+/// The status for a request refused because what its decision needs could not be asked (the
+/// PACS's ownership answer, the EHR's): "Refused: Out of Resources" (PS3.4 C.4.1.1.4 A700H
+/// for C-FIND, C.4.2.1.5 and C.4.3.1.4 A701H for C-MOVE and C-GET, 9.1.1.1.9 A7xxH for
+/// C-STORE), which tells the caller a retry may succeed; C001H "Unable to process" otherwise.
+pub fn unavailable_status(request_field: u16) -> u16 {
+    match request_field {
+        C_FIND_RQ | C_STORE_RQ => 0xA700,
+        C_GET_RQ | C_MOVE_RQ => 0xA701,
+        _ => STATUS_UNABLE_TO_PROCESS,
+    }
+}
 /// C-MOVE/C-GET: Warning, sub-operations complete with one or more failures.
 pub const STATUS_SUBOPS_WARNING: u16 = 0xB000;
 

@@ -58,4 +58,3 @@ pub async fn write_pdu(w: &mut (impl AsyncWriteExt + Unpin), pdu: &Pdu) -> Resul
     w.write_all(&bytes).await?;
     Ok(())
 }
-

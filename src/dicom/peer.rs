@@ -4,10 +4,10 @@
 //! session can wait on both peers at once), writing PDUs, and turning P-DATA into message events
 //! through the [`Assembler`]. Must not know what messages mean.
 
-use super::pdu::{PduError, write_pdu};
 use super::message::{
     Assembler, DEFAULT_MAX_COMMAND, Event, FramingError, Pdv, encode_fragments, parse_pdata,
 };
+use super::pdu::{PduError, write_pdu};
 use bytes::BytesMut;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
 use std::collections::VecDeque;

@@ -10,12 +10,12 @@
 //! relayed.
 
 use super::get;
-use crate::dicom::message::Event;
-use crate::dicom::peer::Incoming;
 use super::receiver::Route;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use crate::logtext::Clean;
 use std::sync::atomic::Ordering;
 
@@ -40,7 +40,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         audit::record(
             "dimse",
             s.id,
-            Some(&s.principal),
+            Some(s.caller.principal()),
             &format!(
                 "C-MOVE to {}",
                 Clean(cmd.move_destination.as_deref().unwrap_or("-"))
@@ -173,7 +173,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 audit::record(
                     "dimse",
                     s.id,
-                    Some(&s.principal),
+                    Some(s.caller.principal()),
                     "C-MOVE",
                     Outcome::Anomaly,
                     &format!(

@@ -1,19 +1,14 @@
 //! C-ECHO through the gateway: allowed for any principal whose token is still valid, and relayed
 //! to the PACS so that success means the whole path works.
 
-use crate::dicom::message::Event;
-use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::dicom::command::{self, Command};
-use crate::policy::{Action, Decision};
-use std::time::SystemTime;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
+use crate::policy::Action;
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
-    if let Decision::Deny(d) = s
-        .ctx
-        .policy
-        .decide(&s.principal, Action::Echo, SystemTime::now())
-    {
+    if let Err(d) = s.ctx.policy.decide(&s.caller, Action::Echo).await {
         return s.refuse(pc_id, &cmd, "C-ECHO", &d).await;
     }
     if let Err(e) = s.pacs.send_message(pc_id, &cmd.encode(), None).await {

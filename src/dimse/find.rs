@@ -1,36 +1,27 @@
 //! C-FIND through the gateway (Patient Root and Study Root, every level).
 //!
 //! The identifier is read strictly (a malformed one is A900H and never reaches the PACS). The
-//! policy core decides how it is narrowed; this file applies it: PatientID is set to the value
-//! the decision names (added as a key when the caller did not send one, and then stripped from
-//! what the caller gets back), the query goes to the PACS, and every pending response is read
-//! strictly and checked against the decision's patient filter before it is relayed: a response
-//! for another patient, or one that cannot be read unambiguously, is dropped and recorded as an
-//! anomaly. Under a study restriction the Study Instance UID is asked for too (and stripped when
-//! added), and each match's study is put to the policy core's study gate; matches outside are
-//! withheld. C-CANCEL is relayed.
+//! policy core decides the query and its plan ([`crate::policy::query`]); this file applies
+//! them: PatientID is set to the value the permit names (one query per value), the return keys
+//! the plan needs are added when the caller did not ask for them (and stripped again from what
+//! the caller gets back), the query goes to the PACS, and every pending response is read
+//! strictly and put to the policy core's result judge before it is relayed: a match of another
+//! patient, outside the token's study restriction, or that cannot be read unambiguously, is
+//! withheld (the first and last recorded as anomalies). C-CANCEL is relayed.
 
-use crate::dicom::message::Event;
-use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};
 use crate::dicom::dataset::{DataSet, Edit};
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use crate::dicom::reader::Encoding;
 use crate::dicom::values;
-use crate::policy::{
-    Action, Allowed, Decision, EHR_BATCH, ResultStudy, StudyFacts, StudyGate, StudyMemo,
-};
+use crate::policy::query::PATIENT_COUNTS;
+use crate::policy::{Action, MatchView, QueryLevel, QueryRequest, ResultJudge, ResultKey, Verdict};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
-use std::time::SystemTime;
-
-/// Patient-level counts (Number of Patient Related Studies, Series, Instances).
-const PATIENT_COUNTS: [Tag; 3] = [
-    Tag(0x0020, 0x1200),
-    Tag(0x0020, 0x1202),
-    Tag(0x0020, 0x1204),
-];
+use std::sync::Arc;
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let (identifier, syntax) = match s.read_identifier(pc_id, &cmd).await {
@@ -42,92 +33,79 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         Ok(q) => q,
         Err(v) => return s.bad_identifier(pc_id, &cmd, &v).await,
     };
-    let requested = query.text(tags::PATIENT_ID);
-    let decision = s.ctx.policy.decide(
-        &s.principal,
-        Action::Query {
-            patient_id: requested,
-        },
-        SystemTime::now(),
-    );
-    let level = query
+    let level_name = query
         .text(tags::QUERY_RETRIEVE_LEVEL)
         .map(values::trim_text)
         .unwrap_or_default()
         .to_string();
-    let what = format!("C-FIND level={level}");
-    let allowed = match decision {
-        Decision::Deny(d) => {
-            return s.refuse(pc_id, &cmd, &what, &d).await;
-        }
-        Decision::Allow(a) => a,
+    let level = match level_name.as_str() {
+        "PATIENT" => QueryLevel::Patient,
+        "SERIES" => QueryLevel::Series,
+        "IMAGE" => QueryLevel::Image,
+        _ => QueryLevel::Study,
+    };
+    let one = |tag| match query.uids(tag).as_slice() {
+        [uid] => Some(*uid),
+        _ => None,
+    };
+    // A key with an empty value is a return key; one with a value is matched on.
+    let matched = |t| query.contains(t) && !query.is_empty(t);
+    let requested = query.text(tags::PATIENT_ID);
+    let request = QueryRequest {
+        level,
+        patient_id: requested,
+        // Below STUDY level a query naming one study (and at IMAGE level one series) searches
+        // inside it, as a QIDO-RS search under /studies/{uid} does.
+        inside_study: matches!(level, QueryLevel::Series | QueryLevel::Image)
+            .then(|| one(tags::STUDY_INSTANCE_UID))
+            .flatten(),
+        inside_series: (level == QueryLevel::Image)
+            .then(|| one(tags::SERIES_INSTANCE_UID))
+            .flatten()
+            .filter(|_| one(tags::STUDY_INSTANCE_UID).is_some()),
+        matches_on_facts: matched(tags::MODALITIES_IN_STUDY)
+            || matched(tags::STUDY_DATE)
+            || query.contains(tags::TIMEZONE_OFFSET_FROM_UTC),
+    };
+    let what = format!("C-FIND level={level_name}");
+    let permit = match s.ctx.policy.decide(&s.caller, Action::Query(request)).await {
+        Ok(p) => p,
+        Err(d) => return s.refuse(pc_id, &cmd, &what, &d).await,
     };
     audit::record(
         "dimse",
         s.id,
-        Some(&s.principal),
+        Some(s.caller.principal()),
         &what,
         Outcome::Allowed,
         "patient scope applied",
     );
 
-    // Narrow the identifier as decided (one query per PatientID the caller may see); re-encode
-    // only when it changed. Return keys the judgement needs are asked for, and stripped again
-    // from the matches when the caller did not ask: the Study Instance UID under a study
-    // restriction, IssuerOfPatientID where the issuer counts (patients.use_issuer), and at
-    // STUDY level the facts a granular scope is judged on (so no look-up per study is needed).
-    let gated = !matches!(allowed.studies, StudyGate::Open);
-    // A match's facts are trusted only when the caller did not match on them: a PACS may echo
-    // a matching value back instead of the study's own.
-    let unmatched = |t| !query.contains(t) || query.is_empty(t);
-    // A timezone offset in the query may shift the dates the PACS answers with.
-    let study_facts = level == "STUDY"
-        && allowed.wants_study_facts()
-        && unmatched(tags::MODALITIES_IN_STUDY)
-        && unmatched(tags::STUDY_DATE)
-        && !query.contains(tags::TIMEZONE_OFFSET_FROM_UTC);
+    // The return keys the judgement needs are asked for, and stripped again from the matches
+    // when the caller did not ask; one query per PatientID the caller may see. The identifier
+    // is re-encoded only when it changed: bytes relayed unchanged are the bytes judged.
+    let pids = permit.query_patient_ids();
     let mut added: Vec<Tag> = Vec::new();
     let mut edits: Vec<Edit<'_>> = Vec::new();
-    for (tag, vr, wanted) in [
-        (
-            tags::PATIENT_ID,
-            VR::LO,
-            !allowed.query_patient_ids.is_empty(),
-        ),
-        (
-            tags::ISSUER_OF_PATIENT_ID,
-            VR::LO,
-            allowed.filter.compares_issuer(),
-        ),
-        (
-            tags::STUDY_INSTANCE_UID,
-            VR::UI,
-            gated && level != "PATIENT",
-        ),
-        (tags::MODALITIES_IN_STUDY, VR::CS, study_facts),
-        (tags::STUDY_DATE, VR::DA, study_facts),
-    ] {
-        if wanted && !query.contains(tag) {
-            added.push(tag);
-            if tag != tags::PATIENT_ID {
-                edits.push(Edit::Set(tag, vr, b""));
-            }
+    for key in permit.result_keys() {
+        let tag = key.tag();
+        if query.contains(tag) {
+            continue;
+        }
+        added.push(tag);
+        // PatientID is set below to the value each query carries.
+        if *key != ResultKey::PatientId || pids.is_empty() {
+            edits.push(Edit::Set(tag, vr_of(*key), b""));
         }
     }
-    let keys_added = !edits.is_empty();
-    let pids: Vec<Option<&str>> = if allowed.query_patient_ids.is_empty() {
+    let targets: Vec<Option<&str>> = if pids.is_empty() {
         vec![None]
     } else {
-        allowed
-            .query_patient_ids
-            .iter()
-            .map(|p| Some(p.as_str()))
-            .collect()
+        pids.iter().map(|p| Some(p.as_str())).collect()
     };
     let mut queries = Vec::new();
-    for pid in pids {
-        // The bytes relayed unchanged are the bytes the strict reader judged.
-        if !keys_added && (pid.is_none() || requested == pid) {
+    for pid in targets {
+        if edits.is_empty() && (pid.is_none() || requested == pid) {
             queries.push(identifier.clone());
             continue;
         }
@@ -144,8 +122,18 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         queries.push(query.rewrite(&e));
     }
     let n = queries.len();
-    let mut memo = StudyMemo::default();
     let upstream_cmd = cmd.encode();
+    let (ctx, caller) = (s.ctx.clone(), s.caller.clone());
+    let mut pass = Pass {
+        judge: ctx.policy.judge(&caller, &permit),
+        strip: added,
+        encoding: syntax.encoding,
+        last: false,
+        pc_id,
+        held: Vec::new(),
+        held_bytes: 0,
+        unreadable: 0,
+    };
     for (k, upstream_identifier) in queries.into_iter().enumerate() {
         if let Err(e) = s
             .pacs
@@ -155,20 +143,22 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
             return fail_upstream(s, pc_id, &cmd).await;
         }
-        let pass = Pass {
-            allowed: &allowed,
-            strip: &added,
-            study_facts,
-            encoding: syntax.encoding,
-            last: k + 1 == n,
-            pc_id,
-        };
-        match relay_responses(s, pc_id, &cmd, pass, &mut memo).await {
+        pass.last = k + 1 == n;
+        match relay_responses(s, &cmd, &mut pass).await {
             Step::Next => continue,
             Step::Done(flow) => return flow,
         }
     }
     Flow::Continue
+}
+
+fn vr_of(key: ResultKey) -> VR {
+    match key {
+        ResultKey::PatientId | ResultKey::IssuerOfPatientId => VR::LO,
+        ResultKey::StudyInstanceUid => VR::UI,
+        ResultKey::ModalitiesInStudy => VR::CS,
+        ResultKey::StudyDate => VR::DA,
+    }
 }
 
 /// Where a query for one PatientID left the operation.
@@ -178,48 +168,41 @@ enum Step {
     Done(Flow),
 }
 
-/// How one upstream query's matches are judged and relayed.
+/// How the operation's matches are judged and relayed, across its queries.
 struct Pass<'a> {
-    allowed: &'a Allowed,
+    judge: ResultJudge<'a>,
     /// Keys the gateway added to the identifier, removed again from each match.
-    strip: &'a [Tag],
-    /// Matches are studies carrying ModalitiesInStudy and StudyDate to be judged on.
-    study_facts: bool,
+    strip: Vec<Tag>,
     encoding: Encoding,
     /// The last of the operation's queries: its final response goes to the client.
     last: bool,
     pc_id: u8,
+    /// Matches read and waiting to be judged together (one EHR search for a batch).
+    held: Vec<HeldMatch>,
+    held_bytes: usize,
+    /// Matches the strict reader refused.
+    unreadable: usize,
 }
 
-/// A match admitted for its patient, waiting for its study to be judged and to be relayed.
+/// A match read, waiting to be judged and relayed.
 struct HeldMatch {
     /// The pending response's command set, encoded (shared: consecutive ones are alike).
-    rsp: std::sync::Arc<Vec<u8>>,
+    rsp: Arc<Vec<u8>>,
     /// The match as it goes to the client: the bytes read, less what the gateway added.
     data: Vec<u8>,
-    study: Option<String>,
-    facts: Option<StudyFacts>,
+    view: MatchView,
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
-async fn relay_responses(
-    s: &mut Session,
-    pc_id: u8,
-    cmd: &Command,
-    pass: Pass<'_>,
-    memo: &mut StudyMemo,
-) -> Step {
-    let (allowed, last) = (pass.allowed, pass.last);
+async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) -> Step {
+    let pc_id = pass.pc_id;
     let limits = s.ctx.cfg.limits.clone();
     let reader_limits = limits.reader();
-    let mut counts = Counts::default();
-    let mut held = Held::default();
-    let mut last_rsp: Option<(Box<Command>, std::sync::Arc<Vec<u8>>)> = None;
-    let batching = allowed.asks_ehr();
+    let mut last_rsp: Option<(Box<Command>, Arc<Vec<u8>>)> = None;
     loop {
         // Never wait on the PACS with matches held back for the client.
         if !s.pacs.has_input_at_hand() {
-            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+            if let Flow::End = relay_held(s, pass).await {
                 return Step::Done(Flow::End);
             }
             if s.client.queued_bytes() > 0
@@ -232,8 +215,8 @@ async fn relay_responses(
         }
         let incoming = tokio::select! {
             // Held matches wait only briefly for the rest of a message the PACS is sending.
-            _ = tokio::time::sleep(MAX_HOLD), if !held.matches.is_empty() => {
-                if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+            _ = tokio::time::sleep(MAX_HOLD), if !pass.held.is_empty() => {
+                if let Flow::End = relay_held(s, pass).await {
                     return Step::Done(Flow::End);
                 }
                 continue;
@@ -306,51 +289,15 @@ async fn relay_responses(
             None
         };
         if !command::is_pending(status) {
-            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+            if let Flow::End = relay_held(s, pass).await {
                 return Step::Done(Flow::End);
             }
-            let Counts {
-                relayed,
-                dropped,
-                outside,
-            } = counts;
-            tracing::debug!(
-                assoc = s.id,
-                relayed,
-                dropped,
-                status = format!("{status:#06x}"),
-                "C-FIND done"
-            );
-            if outside > 0 {
-                audit::record(
-                    "dimse",
-                    s.id,
-                    Some(&s.principal),
-                    "C-FIND",
-                    Outcome::Allowed,
-                    &format!(
-                        "{outside} match(es) outside the token's study restriction withheld{}",
-                        memo.stopped
-                            .map(|why| format!(" (judging stopped: {why})"))
-                            .unwrap_or_default()
-                    ),
-                );
-            }
-            if dropped > 0 {
-                audit::record(
-                    "dimse",
-                    s.id,
-                    Some(&s.principal),
-                    "C-FIND",
-                    Outcome::Anomaly,
-                    &format!(
-                        "{dropped} PACS match(es) for other patients (or unreadable) were withheld"
-                    ),
-                );
+            if pass.last {
+                record_withheld(s, pass);
             }
             // A final response never carries a match; any data set it has is withheld.
             rsp.data_set_type = command::NO_DATA_SET;
-            if !last && status == command::STATUS_SUCCESS {
+            if !pass.last && status == command::STATUS_SUCCESS {
                 return Step::Next;
             }
             return Step::Done(s.reply(pc_id, &rsp, None).await);
@@ -358,7 +305,7 @@ async fn relay_responses(
         let Some(data) = data else {
             // A pending response without a match: nothing to check, relay as is (after any
             // matches held before it, to keep the order).
-            if let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+            if let Flow::End = relay_held(s, pass).await {
                 return Step::Done(Flow::End);
             }
             if let Flow::End = s.relay_to_client(pc_id, &rsp, None).await {
@@ -370,68 +317,99 @@ async fn relay_responses(
         let encoded = match &last_rsp {
             Some((c, e)) if **c == *rsp => e.clone(),
             _ => {
-                let e = std::sync::Arc::new(rsp.encode());
+                let e = Arc::new(rsp.encode());
                 last_rsp = Some((rsp, e.clone()));
                 e
             }
         };
-        let Some(m) = judge_patient(&pass, reader_limits, encoded, data) else {
-            counts.dropped += 1;
+        let Some(m) = read_match(pass, reader_limits, encoded, data) else {
+            pass.unreadable += 1;
             tracing::warn!(
                 assoc = s.id,
-                "PACS returned a C-FIND match for another patient (or none, or unreadable); withheld"
+                "PACS returned a C-FIND match the strict reader refused; withheld"
             );
             continue;
         };
-        held.bytes += m.data.len();
-        held.matches.push(m);
-        // Under ehr-check matches gather (up to a batch) while the PACS has more at hand, so
-        // one EHR search judges them all; the loop's top relays them as soon as it has not.
-        let flush = !batching || held.matches.len() >= EHR_BATCH || held.bytes >= MAX_HELD_BYTES;
-        if flush && let Flow::End = relay_held(s, &pass, &mut held, memo, &mut counts).await {
+        pass.held_bytes += m.data.len();
+        pass.held.push(m);
+        if (pass.held.len() >= pass.judge.batch() || pass.held_bytes >= MAX_HELD_BYTES)
+            && let Flow::End = relay_held(s, pass).await
+        {
             return Step::Done(Flow::End);
         }
     }
 }
 
-/// Reads a match strictly and checks its patient (and issuer, where it counts: a match must
-/// say it, an empty value saying "none"), and strips what the gateway added (and, under a
-/// study restriction, the patient-wide counts). `None`: withheld.
-fn judge_patient(
+/// Records in the audit trail what the operation withheld.
+fn record_withheld(s: &Session, pass: &Pass<'_>) {
+    let tally = pass.judge.tally();
+    tracing::debug!(
+        assoc = s.id,
+        relayed = tally.admitted,
+        withheld = tally.other_patient + tally.outside + pass.unreadable,
+        "C-FIND done"
+    );
+    if tally.outside > 0 {
+        audit::record(
+            "dimse",
+            s.id,
+            Some(s.caller.principal()),
+            "C-FIND",
+            Outcome::Allowed,
+            &format!(
+                "{} match(es) outside the token's study restriction withheld{}",
+                tally.outside,
+                pass.judge
+                    .stopped()
+                    .map(|why| format!(" (judging stopped: {why})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    let dropped = tally.other_patient + pass.unreadable;
+    if dropped > 0 {
+        audit::record(
+            "dimse",
+            s.id,
+            Some(s.caller.principal()),
+            "C-FIND",
+            Outcome::Anomaly,
+            &format!("{dropped} PACS match(es) for other patients (or unreadable) were withheld"),
+        );
+    }
+}
+
+/// Reads a match strictly into the view the judge needs, and strips what the gateway added
+/// (and, under a study restriction, the patient-wide counts). `None`: unreadable.
+fn read_match(
     pass: &Pass<'_>,
     limits: crate::dicom::reader::Limits,
-    rsp: std::sync::Arc<Vec<u8>>,
+    rsp: Arc<Vec<u8>>,
     data: Vec<u8>,
 ) -> Option<HeldMatch> {
-    let allowed = pass.allowed;
     let m = DataSet::read(&data, pass.encoding, limits).ok()?;
-    let issuer = if allowed.filter.compares_issuer() {
-        Some(m.text(tags::ISSUER_OF_PATIENT_ID)?)
-    } else {
-        None
-    };
-    if !allowed.filter.admits(m.text(tags::PATIENT_ID), issuer) {
+    let text = |t| m.text(t).map(str::to_string);
+    // Present but not a judged text value: nothing can be said of its issuer.
+    if m.contains(tags::ISSUER_OF_PATIENT_ID) && m.text(tags::ISSUER_OF_PATIENT_ID).is_none() {
         return None;
     }
-    let gated = !matches!(allowed.studies, StudyGate::Open);
-    let study = m
-        .uids(tags::STUDY_INSTANCE_UID)
-        .first()
-        .map(|u| u.to_string());
-    let facts = (gated && pass.study_facts).then(|| StudyFacts {
+    let view = MatchView {
+        patient_id: text(tags::PATIENT_ID),
+        issuer: m
+            .contains(tags::ISSUER_OF_PATIENT_ID)
+            .then(|| text(tags::ISSUER_OF_PATIENT_ID)),
+        study: m
+            .uids(tags::STUDY_INSTANCE_UID)
+            .first()
+            .map(|u| u.to_string()),
         modalities: m
             .text(tags::MODALITIES_IN_STUDY)
-            .map(|v| {
-                v.split('\\')
-                    .map(|x| x.trim_matches(' ').to_string())
-                    .filter(|x| !x.is_empty())
-                    .collect()
-            })
+            .map(|v| v.split('\\').map(str::to_string).collect())
             .unwrap_or_default(),
-        study_date: m.text(tags::STUDY_DATE).map(str::to_string),
-    });
-    // Patient-wide counts would tell of studies outside the restriction.
-    let counts = gated && PATIENT_COUNTS.iter().any(|t| m.contains(*t));
+        study_date: text(tags::STUDY_DATE),
+    };
+    let counts =
+        pass.judge.strips_patient_counts() && PATIENT_COUNTS.iter().any(|t| m.contains(*t));
     let data = if !pass.strip.is_empty() || counts {
         let mut edits: Vec<Edit<'_>> = pass.strip.iter().map(|t| Edit::Remove(*t)).collect();
         if counts {
@@ -441,12 +419,7 @@ fn judge_patient(
     } else {
         data
     };
-    Some(HeldMatch {
-        rsp,
-        study,
-        facts,
-        data,
-    })
+    Some(HeldMatch { rsp, data, view })
 }
 
 /// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
@@ -457,71 +430,32 @@ async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
     s.abort_both().await
 }
 
-/// Matches a study gate has yet to judge, held for one batched EHR search.
-#[derive(Default)]
-struct Held {
-    matches: Vec<HeldMatch>,
-    bytes: usize,
-}
-
 /// The most match bytes held back for a batch.
 const MAX_HELD_BYTES: usize = 1024 * 1024;
-
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    relayed: usize,
-    dropped: usize,
-    outside: usize,
-}
 
 /// How long held matches wait for the rest of a message the PACS is sending.
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Judges the held matches against the study gate (asking the EHR about all their studies at
-/// once first) and relays the admitted ones in order.
-async fn relay_held(
-    s: &mut Session,
-    pass: &Pass<'_>,
-    held: &mut Held,
-    memo: &mut StudyMemo,
-    counts: &mut Counts,
-) -> Flow {
-    if held.matches.is_empty() {
+/// Puts the held matches to the judge and relays the admitted ones in order.
+async fn relay_held(s: &mut Session, pass: &mut Pass<'_>) -> Flow {
+    if pass.held.is_empty() {
         return Flow::Continue;
     }
-    let matches = std::mem::take(&mut held.matches);
-    held.bytes = 0;
-    let Pass { allowed, pc_id, .. } = *pass;
-    let ctx = s.ctx.clone();
-    let gated = !matches!(allowed.studies, StudyGate::Open);
-    if allowed.asks_ehr() {
-        let uids: Vec<String> = matches.iter().filter_map(|m| m.study.clone()).collect();
-        ctx.policy
-            .prefetch_ehr(&s.principal, allowed, &uids, memo, &*ctx.trust)
-            .await;
-    }
-    for m in matches {
-        if gated
-            && !ctx
-                .policy
-                .admits_result(
-                    &s.principal,
-                    allowed,
-                    ResultStudy {
-                        uid: m.study.as_deref(),
-                        facts: m.facts.as_ref(),
-                    },
-                    memo,
-                    &*ctx.lookup,
-                    &*ctx.trust,
-                )
-                .await
-        {
-            counts.outside += 1;
+    let held = std::mem::take(&mut pass.held);
+    pass.held_bytes = 0;
+    let views: Vec<MatchView> = held.iter().map(|m| m.view.clone()).collect();
+    let verdicts = pass.judge.judge(&views).await;
+    for (m, v) in held.into_iter().zip(verdicts) {
+        if v != Verdict::Admit {
+            if v == Verdict::OtherPatient {
+                tracing::warn!(
+                    assoc = s.id,
+                    "PACS returned a C-FIND match for another patient (or one whose patient cannot be established); withheld"
+                );
+            }
             continue;
         }
-        counts.relayed += 1;
-        if let Flow::End = s.relay_encoded(pc_id, &m.rsp, Some(&m.data)).await {
+        if let Flow::End = s.relay_encoded(pass.pc_id, &m.rsp, Some(&m.data)).await {
             return Flow::End;
         }
     }

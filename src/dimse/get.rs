@@ -10,17 +10,16 @@
 //! answered (a withheld instance counts as failed). C-CANCEL is relayed.
 
 use super::instance::{self, HeadError, StreamError};
-use crate::dicom::message::Event;
-use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command, Service};
 use crate::dicom::dataset::{DataSet, Edit};
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
 use crate::dicom::values;
-use crate::policy::{Allowed, Decision, InstanceId, RetrieveRequest, UidLevel};
+use crate::policy::{Action, InstanceId, Permit, RetrieveRequest, UidLevel};
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use std::time::SystemTime;
 
 /// What a retrieval identifier (C-GET or C-MOVE) asks for.
 pub struct Retrieval {
@@ -69,7 +68,7 @@ pub async fn authorize(
     pc_id: u8,
     cmd: &Command,
     op: &str,
-) -> Result<(Vec<u8>, Allowed), Flow> {
+) -> Result<(Vec<u8>, Permit), Flow> {
     let (bytes, syntax) = s.read_identifier(pc_id, cmd).await?;
     let identifier = match DataSet::read(&bytes, syntax.encoding, s.ctx.cfg.limits.reader()) {
         Ok(d) => d,
@@ -89,37 +88,24 @@ pub async fn authorize(
         series_uids: r.series_uids,
         instance_uids: r.instance_uids,
     };
-    let decision = s
-        .ctx
-        .policy
-        .decide_retrieve(
-            &s.principal,
-            &req,
-            &*s.ctx.lookup,
-            &*s.ctx.trust,
-            SystemTime::now(),
-        )
-        .await;
     let what = format!(
         "{op} level={} uids={}",
         r.level_name,
         req.study_uids.len() + req.series_uids.len() + req.instance_uids.len()
     );
-    let allowed = match decision {
-        Decision::Deny(d) => {
-            return Err(s.refuse(pc_id, cmd, &what, &d).await);
-        }
-        Decision::Allow(a) => a,
+    let allowed = match s.ctx.policy.decide(&s.caller, Action::Retrieve(req)).await {
+        Ok(a) => a,
+        Err(d) => return Err(s.refuse(pc_id, cmd, &what, &d).await),
     };
     audit::record(
         "dimse",
         s.id,
-        Some(&s.principal),
+        Some(s.caller.principal()),
         &what,
         Outcome::Allowed,
         "every UID belongs to the caller's patient",
     );
-    let upstream = match allowed.query_patient_ids.first() {
+    let upstream = match allowed.query_patient_ids().first() {
         Some(pid) => identifier.rewrite(&[Edit::Set(tags::PATIENT_ID, VR::LO, pid.as_bytes())]),
         None => bytes.clone(),
     };
@@ -256,7 +242,7 @@ fn finish(s: &mut Session, flow: Flow, withheld: usize) -> Flow {
         audit::record(
             "dimse",
             s.id,
-            Some(&s.principal),
+            Some(s.caller.principal()),
             "C-GET",
             Outcome::Anomaly,
             &format!(
@@ -306,7 +292,7 @@ async fn sub_store(
     s: &mut Session,
     sub_pc: u8,
     sub: Command,
-    allowed: &Allowed,
+    allowed: &Permit,
     tally: &mut Tally,
 ) -> Flow {
     let wait = s.ctx.cfg.limits.upstream_timeout;

@@ -9,9 +9,9 @@
 //! [`MAX_HEAD`]) plus one PDU. Must not decide: callers ask the policy core with what the head
 //! says.
 
+use crate::dicom::head::{InstanceHead, InstanceReader, MAX_HEAD};
 use crate::dicom::message::Event;
 use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
-use crate::dicom::head::{InstanceHead, InstanceReader, MAX_HEAD};
 use crate::dicom::reader::{Limits, Violation};
 use crate::dicom::syntax::Syntax;
 use std::time::Duration;

@@ -19,18 +19,18 @@ pub mod store;
 
 use crate::audit::{self, Outcome};
 use crate::config::Config;
-use crate::logtext::Clean;
-use crate::policy::{Action, Decision, Policy};
-use crate::trust::{TrustCore, TrustError, keys::KeyError};
 use crate::dicom::negotiation::{self as assoc, Refusal, reject};
-use dicom_ul::pdu::{AssociationRQ, Pdu};
-use listener::{Admission, Pending};
 use crate::dicom::pdu::{PDU_SLACK, read_pdu, write_pdu};
 use crate::dicom::peer::Peer;
+use crate::logtext::Clean;
+use crate::policy::{Action, Policy};
+use crate::trust::{TrustCore, TrustError, keys::KeyError};
+use dicom_ul::pdu::{AssociationRQ, Pdu};
+use listener::{Admission, Pending};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -41,8 +41,6 @@ pub struct Ctx {
     pub trust: Arc<TrustCore>,
     /// Decides every operation.
     pub policy: Arc<Policy>,
-    /// Resolves UIDs to owners for the policy core's retrieval and store decisions.
-    pub lookup: Arc<crate::pacs::PacsLookup>,
     /// C-MOVEs in flight, for the receiver to route their sub-operations.
     pub moves: Arc<receiver::MoveRegistry>,
     /// Admission of client connections (pending budget, association slots).
@@ -55,7 +53,6 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(cfg: Arc<Config>, trust: Arc<TrustCore>, policy: Arc<Policy>) -> Arc<Ctx> {
         Arc::new(Ctx {
-            lookup: Arc::new(crate::pacs::PacsLookup::new(&cfg)),
             moves: Arc::new(receiver::MoveRegistry::default()),
             admission: Arc::new(Admission::new(&cfg.limits)),
             receiver_admission: Arc::new(Admission::new(&cfg.limits)),
@@ -203,7 +200,7 @@ async fn negotiate(
         ctx.trust.verify(&identity.token),
     )
     .await;
-    let mut principal = match verified {
+    let principal = match verified {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             audit::record(
@@ -236,15 +233,12 @@ async fn negotiate(
             return None;
         }
     };
-    ctx.policy.prepare(&mut principal, &*ctx.trust).await;
-    if let Decision::Deny(d) = ctx
-        .policy
-        .decide(&principal, Action::Connect, SystemTime::now())
-    {
+    let caller = ctx.policy.caller(principal).await;
+    if let Err(d) = ctx.policy.decide(&caller, Action::Connect).await {
         audit::record(
             "dimse",
             id,
-            Some(&principal),
+            Some(caller.principal()),
             "A-ASSOCIATE",
             Outcome::Denied,
             &d.to_string(),
@@ -282,7 +276,7 @@ async fn negotiate(
     audit::record(
         "dimse",
         id,
-        Some(&principal),
+        Some(caller.principal()),
         "A-ASSOCIATE",
         Outcome::Allowed,
         &format!("{} presentation context(s) accepted", contexts.len()),
@@ -294,7 +288,7 @@ async fn negotiate(
         client,
         pacs,
         upstream_rq: up_rq,
-        principal,
+        caller,
         contexts,
         ctx: ctx.clone(),
     })

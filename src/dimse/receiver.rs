@@ -15,17 +15,17 @@
 use super::get::Tally;
 use super::instance::{self, HeadError, StreamError};
 use super::listener::Pending;
-use crate::dicom::message::Event;
-use crate::dicom::pdu::{PDU_SLACK, write_pdu};
-use crate::dicom::peer::{Incoming, Peer};
 use super::{Ctx, read_request, send_reject};
-use crate::dicom::negotiation as assoc;
 use crate::audit::{self, Outcome};
 use crate::config::Destination;
 use crate::dicom::command::{self, Command};
+use crate::dicom::message::Event;
+use crate::dicom::negotiation as assoc;
+use crate::dicom::pdu::{PDU_SLACK, write_pdu};
+use crate::dicom::peer::{Incoming, Peer};
 use crate::dicom::syntax;
 use crate::logtext::Clean;
-use crate::policy::{Allowed, InstanceId};
+use crate::policy::{InstanceId, Permit};
 use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResult,
     PresentationContextResultReason, UserVariableItem,
@@ -45,7 +45,7 @@ const MAX_MOVES: usize = 1024;
 pub struct Route {
     pub destination: Destination,
     /// The policy core's decision: every instance must pass its `admits_instance`.
-    pub allowed: Allowed,
+    pub allowed: Permit,
     /// The client's AE title and message ID, shown to the destination as the move originator.
     pub client_ae: String,
     pub client_message_id: u16,
@@ -63,7 +63,7 @@ pub struct Route {
 impl Route {
     pub fn new(
         destination: Destination,
-        allowed: Allowed,
+        allowed: Permit,
         client_ae: String,
         client_message_id: u16,
         session: u64,

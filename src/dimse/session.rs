@@ -7,15 +7,15 @@
 //! C-GET on GET, C-MOVE on MOVE, C-STORE on storage, C-ECHO on Verification) and name that
 //! class as its Affected SOP Class. Must not decide access: services ask the policy core.
 
-use crate::dicom::negotiation::AcceptedContext;
-use crate::dicom::message::Event;
-use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
 use super::{Ctx, cmove, echo, find, get, store};
 use crate::dicom::command::{self, Command, Service};
 use crate::dicom::dataset::DataSet;
+use crate::dicom::message::Event;
+use crate::dicom::negotiation::AcceptedContext;
+use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
 use crate::dicom::reader::Violation;
 use crate::dicom::syntax::{self, Syntax};
-use crate::trust::Principal;
+use crate::policy::Caller;
 use dicom_ul::pdu::Pdu;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +35,9 @@ pub struct Session {
     pub pacs: Peer,
     /// The request that opened it, to open another one like it (see [`Session::renew_pacs`]).
     pub upstream_rq: dicom_ul::pdu::AssociationRQ,
-    /// Who the token says the caller is; every operation is decided for it.
-    pub principal: Principal,
+    /// Who the token says the caller is, prepared by the policy core; every operation is
+    /// decided for it.
+    pub caller: Caller,
     /// The presentation contexts accepted on both legs, by id.
     pub contexts: HashMap<u8, AcceptedContext>,
     pub ctx: Arc<Ctx>,
@@ -201,7 +202,7 @@ impl Session {
         crate::audit::record(
             "dimse",
             self.id,
-            Some(&self.principal),
+            Some(self.caller.principal()),
             "DIMSE request",
             crate::audit::Outcome::Denied,
             "command does not belong to the SOP class of its presentation context",
@@ -225,12 +226,19 @@ impl Session {
         crate::audit::record(
             "dimse",
             self.id,
-            Some(&self.principal),
+            Some(self.caller.principal()),
             what,
             crate::audit::Outcome::Denied,
             &denial.to_string(),
         );
-        let rsp = cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized"));
+        // Every refusal is 0124H but one: what could not be asked may be asked again.
+        let rsp = match denial.kind() {
+            crate::policy::DenialKind::Unavailable => cmd.response(
+                command::unavailable_status(cmd.field),
+                Some("PACS or EHR unavailable"),
+            ),
+            _ => cmd.response(command::STATUS_NOT_AUTHORIZED, Some("not authorized")),
+        };
         self.reply(pc_id, &rsp, None).await
     }
 
@@ -240,7 +248,7 @@ impl Session {
         crate::audit::record(
             "dimse",
             self.id,
-            Some(&self.principal),
+            Some(self.caller.principal()),
             "DIMSE identifier",
             crate::audit::Outcome::Denied,
             &format!("malformed identifier: {v}"),

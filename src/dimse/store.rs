@@ -12,13 +12,12 @@
 //! failure status, never a success.
 
 use super::instance::{self, HeadError, StreamError};
-use crate::dicom::message::Event;
-use crate::dicom::peer::Incoming;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};
-use crate::policy::{Decision, StoreRequest};
-use std::time::SystemTime;
+use crate::dicom::message::Event;
+use crate::dicom::peer::Incoming;
+use crate::policy::{Action, StoreRequest};
 
 pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let wait = s.ctx.cfg.limits.idle_timeout;
@@ -53,7 +52,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             audit::record(
                 "dimse",
                 s.id,
-                Some(&s.principal),
+                Some(s.caller.principal()),
                 "C-STORE",
                 Outcome::Denied,
                 &format!("data set refused by the strict reader: {why}"),
@@ -93,7 +92,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         audit::record(
             "dimse",
             s.id,
-            Some(&s.principal),
+            Some(s.caller.principal()),
             &what,
             Outcome::Denied,
             why,
@@ -109,23 +108,15 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         modality: h.modality.as_deref(),
         study_date: h.study_date.as_deref(),
     };
-    let decision = s
-        .ctx
-        .policy
-        .decide_store(
-            &s.principal,
-            &req,
-            &*s.ctx.lookup,
-            &*s.ctx.trust,
-            SystemTime::now(),
-        )
-        .await;
-    if let Decision::Deny(d) = decision {
-        if let Err(flow) = drain_client(s, pc_id, head.last).await {
-            return flow;
+    let permit = match s.ctx.policy.decide(&s.caller, Action::Store(req)).await {
+        Ok(p) => p,
+        Err(d) => {
+            if let Err(flow) = drain_client(s, pc_id, head.last).await {
+                return flow;
+            }
+            return s.refuse(pc_id, &cmd, &what, &d).await;
         }
-        return s.refuse(pc_id, &cmd, &what, &d).await;
-    }
+    };
 
     let upstream = cmd.encode();
     match instance::stream(&mut s.client, &mut s.pacs, pc_id, &upstream, head, wait).await {
@@ -141,7 +132,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             audit::record(
                 "dimse",
                 s.id,
-                Some(&s.principal),
+                Some(s.caller.principal()),
                 &what,
                 Outcome::Denied,
                 &format!("data set refused by the strict reader after the head: {v}"),
@@ -186,12 +177,12 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
             let stored = command::is_stored(status);
             if stored {
-                s.ctx.policy.remember_stored(&req).await;
+                s.ctx.policy.stored(&permit, &req).await;
             }
             audit::record(
                 "dimse",
                 s.id,
-                Some(&s.principal),
+                Some(s.caller.principal()),
                 &what,
                 if stored {
                     Outcome::Allowed

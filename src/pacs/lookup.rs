@@ -6,9 +6,9 @@
 //! Must not know tokens or front ends.
 
 use super::associate;
-use dicom_ul::pdu::{AssociationRQ, Pdu};
 use crate::config::Pacs;
 use crate::policy::{LookupFuture, Owner, OwnerLookup, StudyFacts, UidLevel};
+use dicom_ul::pdu::{AssociationRQ, Pdu};
 use std::time::{Duration, Instant};
 
 /// Study Root Query/Retrieve Information Model – FIND.

@@ -72,4 +72,3 @@ pub async fn associate(
         )),
     }
 }
-

@@ -11,6 +11,9 @@
 //! or HTTP: front ends translate their protocol into an `Action` and apply the `Decision`.
 
 pub mod mapping;
+pub mod query;
+
+pub use query::{MatchView, ResultJudge, ResultKey, Tally, Verdict};
 
 use crate::config::{Config, PatientMap, UserLevel};
 use crate::trust::scopes::{Constraint, Level};
@@ -285,37 +288,120 @@ pub struct StoreRequest<'a> {
 }
 
 /// What the caller asks to do, in protocol-neutral terms.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Action<'a> {
     /// Open a session (DIMSE association): the token must grant some imaging access at all.
     Connect,
     /// Verification (C-ECHO).
     Echo,
-    /// A query. `patient_id` is the PatientID matching key as the caller sent it: `None` when
-    /// the key is absent, else its raw value (empty means universal matching).
-    Query { patient_id: Option<&'a str> },
+    /// A query (C-FIND, QIDO-RS, a FHIR ImagingStudy search).
+    Query(QueryRequest<'a>),
+    /// A retrieval (C-GET, C-MOVE, WADO-RS, WADO-URI).
+    Retrieve(RetrieveRequest<'a>),
+    /// The start of a store request whose instances are not read yet (STOW-RS): only whether
+    /// the caller may write at all, so a refused request's body need not be read.
+    BeginStore,
+    /// One instance to store (C-STORE, a STOW-RS part).
+    Store(StoreRequest<'a>),
+}
+
+/// The level a query asks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryLevel {
+    Patient,
+    #[default]
+    Study,
+    Series,
+    Image,
+}
+
+/// A query as the policy core sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryRequest<'a> {
+    pub level: QueryLevel,
+    /// The PatientID matching key as the caller sent it: `None` when the key is absent, else
+    /// its raw value (empty means universal matching).
+    pub patient_id: Option<&'a str>,
+    /// The study the query searches inside (a QIDO-RS search under `/studies/{uid}`, a C-FIND
+    /// below STUDY level naming one Study Instance UID), and the series (under
+    /// `/series/{uid}`, a C-FIND at IMAGE level naming one Series Instance UID). A look into a
+    /// study is judged like a retrieval of it before the query runs.
+    pub inside_study: Option<&'a str>,
+    pub inside_series: Option<&'a str>,
+    /// The caller matches on ModalitiesInStudy or StudyDate, or shifts dates with a timezone
+    /// offset: a PACS may echo a matching value back instead of the study's own, so the
+    /// matches' values of them are not the study's facts.
+    pub matches_on_facts: bool,
+}
+
+impl<'a> QueryRequest<'a> {
+    /// A STUDY-level query with this PatientID key and nothing else to say.
+    pub fn with_patient(patient_id: Option<&'a str>) -> QueryRequest<'a> {
+        QueryRequest {
+            patient_id,
+            ..QueryRequest::default()
+        }
+    }
+}
+
+/// What the policy core asks of the world, owned by it so no front end passes them: the PACS
+/// (who holds a UID), the EHR (FHIR reads with the gateway's or the caller's token) and the
+/// clock every decision is made at.
+#[derive(Clone)]
+pub struct Ports {
+    pub lookup: Arc<dyn OwnerLookup>,
+    pub ehr: Arc<dyn EhrDirectory>,
+    pub clock: fn() -> SystemTime,
+}
+
+impl Ports {
+    pub fn new(lookup: Arc<dyn OwnerLookup>, ehr: Arc<dyn EhrDirectory>) -> Ports {
+        Ports {
+            lookup,
+            ehr,
+            clock: SystemTime::now,
+        }
+    }
+}
+
+/// A verified principal the policy core has prepared for its decisions (the FHIR Patient
+/// looked up where `patients.map = "fhir"`, launch-context study references resolved). Only
+/// [`Policy::caller`] builds one, so no decision is ever made for an unprepared principal.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    principal: Principal,
+}
+
+impl Caller {
+    /// Who the token says the caller is (for the audit trail and the EHR's questions).
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
 }
 
 /// What the policy decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow(Allowed),
+    Allow(Permit),
     Deny(Denial),
 }
 
-/// An allowed action and the conditions the front end must apply.
+/// An allowed action and the conditions the front end must apply. Only the policy core builds
+/// one (its fields are private to it), so a front end cannot act on a decision it did not get.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allowed {
+pub struct Permit {
     /// For queries: the PatientID matching values the query must carry upstream, one query per
     /// value (empty: leave the caller's key as it is).
-    pub query_patient_ids: Vec<String>,
+    pub(in crate::policy) query_patient_ids: Vec<String>,
     /// Every result must pass this filter before it reaches the caller.
-    pub filter: PatientFilter,
+    pub(in crate::policy) filter: PatientFilter,
     /// And every result's study this gate.
-    pub studies: StudyGate,
+    pub(in crate::policy) studies: StudyGate,
     /// For retrievals: what the request named. Every instance that flows back must be one of
     /// them (its study, series or instance UID), not merely the caller's patient's.
-    pub retrieval: Option<Named>,
+    pub(in crate::policy) retrieval: Option<Named>,
+    /// For queries: what the query must ask for back, and how its matches are judged.
+    pub(in crate::policy) plan: query::QueryPlan,
 }
 
 /// The UIDs a retrieval named, by level (empty: that level was not named).
@@ -350,14 +436,22 @@ impl<'a> InstanceId<'a> {
     }
 }
 
-impl Allowed {
-    fn new(filter: PatientFilter) -> Allowed {
-        Allowed {
+impl Permit {
+    fn new(filter: PatientFilter) -> Permit {
+        Permit {
             query_patient_ids: Vec::new(),
             filter,
             studies: StudyGate::Open,
             retrieval: None,
+            plan: query::QueryPlan::default(),
         }
+    }
+
+    /// For queries: the PatientID each query sent upstream must carry, one query per value
+    /// (empty: the caller's key stays as it is). For a PATIENT-level retrieval: the one
+    /// PatientID it retrieves.
+    pub fn query_patient_ids(&self) -> &[String] {
+        &self.query_patient_ids
     }
 
     /// Whether judging results needs each study's Modality and StudyDate facts (a result that
@@ -403,7 +497,7 @@ pub enum Denial {
     /// Patient-level scopes but no patient in context.
     NoPatientContext,
     /// Only user- or system-level scopes, and `[policy] user_level` does not allow them.
-    UserLevelNotAllowed,
+    UserLevelNotPermit,
     /// The request names another patient.
     ForeignPatient,
     /// The request uses a wildcard or several values on PatientID.
@@ -433,6 +527,40 @@ pub enum Denial {
     EhrUnavailable,
 }
 
+/// How a front end answers a refusal: each front end maps these to its wire once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenialKind {
+    /// The token no longer authenticates the caller (it expired).
+    Unauthenticated,
+    /// The caller may not do this.
+    Forbidden,
+    /// The request cannot be decided as it stands (a missing unique key, too many UIDs).
+    BadRequest,
+    /// What the decision needs could not be asked (the PACS's or the EHR's answer): a retry
+    /// may succeed. Fail closed.
+    Unavailable,
+}
+
+impl Denial {
+    pub fn kind(&self) -> DenialKind {
+        match self {
+            Denial::Expired => DenialKind::Unauthenticated,
+            Denial::BadIdentifier(_) => DenialKind::BadRequest,
+            Denial::LookupFailed | Denial::EhrUnavailable => DenialKind::Unavailable,
+            _ => DenialKind::Forbidden,
+        }
+    }
+
+    /// The scope that would have granted the action, when the lack of one is the reason.
+    pub fn needed_scope(&self) -> Option<&'static str> {
+        match self {
+            Denial::InsufficientScope(s) => Some(s),
+            Denial::NoWrite => Some("patient/ImagingStudy.c"),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -441,7 +569,7 @@ impl fmt::Display for Denial {
             Denial::NoPatientContext => {
                 write!(f, "patient-level scopes without a patient in context")
             }
-            Denial::UserLevelNotAllowed => write!(
+            Denial::UserLevelNotPermit => write!(
                 f,
                 "user/system-level access is not allowed (policy.user_level)"
             ),
@@ -518,6 +646,8 @@ const EHR_CACHE_ENTRIES: u64 = 100_000;
 
 /// The policy core.
 pub struct Policy {
+    /// The PACS, the EHR and the clock.
+    ports: Ports,
     user_level: UserLevel,
     write: bool,
     map: PatientMap,
@@ -538,8 +668,9 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(cfg: &Config) -> Policy {
+    pub fn new(cfg: &Config, ports: Ports) -> Policy {
         Policy {
+            ports,
             user_level: cfg.policy.user_level,
             write: cfg.policy.write,
             map: cfg.patients.map.clone(),
@@ -567,6 +698,41 @@ impl Policy {
                 .time_to_live(OWNER_TTL)
                 .build(),
         }
+    }
+
+    /// Turns a verified principal into a caller: fetches what decisions need from the EHR
+    /// first (see [`Policy::prepare`]).
+    pub async fn caller(&self, mut principal: Principal) -> Caller {
+        self.prepare(&mut principal, &*self.ports.ehr).await;
+        Caller { principal }
+    }
+
+    /// Decides one action for a caller, now: a permit with the conditions to apply, or why
+    /// not.
+    pub async fn decide(&self, caller: &Caller, action: Action<'_>) -> Result<Permit, Denial> {
+        let now = (self.ports.clock)();
+        let (p, lookup, ehr) = (&caller.principal, &*self.ports.lookup, &*self.ports.ehr);
+        let decision = match action {
+            Action::Retrieve(req) => self.decide_retrieve(p, &req, lookup, ehr, now).await,
+            Action::Store(req) => self.decide_store(p, &req, lookup, ehr, now).await,
+            Action::Query(q) => self.decide_query(p, &q, lookup, ehr, now).await,
+            Action::BeginStore => match self.access_at(p, now) {
+                Ok(a) if a.write.is_some() => Decision::Allow(Permit::new(a.write_patients)),
+                Ok(_) => Decision::Deny(Denial::NoWrite),
+                Err(d) => Decision::Deny(d),
+            },
+            other => self.decide_at(p, &other, now),
+        };
+        match decision {
+            Decision::Allow(permit) => Ok(permit),
+            Decision::Deny(d) => Err(d),
+        }
+    }
+
+    /// Records what a store the PACS confirmed proved (see [`Policy::remember_stored`]). Takes
+    /// the permit the store was decided with, so only a decided store is remembered.
+    pub async fn stored(&self, _permit: &Permit, req: &StoreRequest<'_>) {
+        self.remember_stored(req).await;
     }
 
     /// The owner of a UID, from the cache or the PACS.
@@ -749,7 +915,7 @@ impl Policy {
     pub async fn prefetch_ehr(
         &self,
         p: &Principal,
-        allowed: &Allowed,
+        allowed: &Permit,
         study_uids: &[String],
         memo: &StudyMemo,
         ehr: &dyn EhrDirectory,
@@ -806,7 +972,7 @@ impl Policy {
     pub async fn admits_result(
         &self,
         p: &Principal,
-        allowed: &Allowed,
+        allowed: &Permit,
         result: ResultStudy<'_>,
         memo: &mut StudyMemo,
         lookup: &dyn OwnerLookup,
@@ -880,7 +1046,7 @@ impl Policy {
                 PatientFilter::Any => match req.patient_id.map(|v| v.trim_matches(' ')) {
                     // Any patient may be asked for, but what comes back must be that one.
                     Some(v) if !v.is_empty() && !v.contains(['*', '?', '\\']) => {
-                        Decision::Allow(Allowed::new(PatientFilter::Only(vec![DicomPatient {
+                        Decision::Allow(Permit::new(PatientFilter::Only(vec![DicomPatient {
                             patient_id: v.to_string(),
                             ..DicomPatient::default()
                         }])))
@@ -991,7 +1157,7 @@ impl Policy {
                 }
             }
         }
-        let mut allowed = Allowed::new(access.patients);
+        let mut allowed = Permit::new(access.patients);
         allowed.retrieval = Some(Named {
             studies: req.study_uids.clone(),
             series: req.series_uids.clone(),
@@ -1137,7 +1303,7 @@ impl Policy {
                 }
             }
         }
-        Decision::Allow(Allowed::new(access.write_patients))
+        Decision::Allow(Permit::new(access.write_patients))
     }
 
     /// The DICOM identities of the patient the token names: `None` without patient context,
@@ -1353,7 +1519,7 @@ impl Policy {
             let ehr = match self.user_level {
                 UserLevel::Allow => false,
                 UserLevel::EhrCheck => true,
-                UserLevel::Deny => return Err(Denial::UserLevelNotAllowed),
+                UserLevel::Deny => return Err(Denial::UserLevelNotPermit),
             };
             return Ok(Access {
                 read: ur.map(|g| rule(g, ehr)),
@@ -1370,22 +1536,27 @@ impl Policy {
         ))
     }
 
-    /// Decides one action at time `now`.
-    pub fn decide(&self, p: &Principal, action: Action<'_>, now: SystemTime) -> Decision {
+    /// Decides an action that needs no look-up at time `now` (a query's narrowing, without
+    /// the look into the study it may search inside).
+    fn decide_at(&self, p: &Principal, action: &Action<'_>, now: SystemTime) -> Decision {
         let access = match self.access_at(p, now) {
             Ok(a) => a,
             Err(d) => return Decision::Deny(d),
         };
         match action {
-            Action::Connect | Action::Echo => Decision::Allow(Allowed::new(access.patients)),
-            Action::Query { patient_id } => {
+            Action::Connect | Action::Echo => Decision::Allow(Permit::new(access.patients)),
+            Action::Retrieve(_) | Action::Store(_) | Action::BeginStore => {
+                Decision::Deny(Denial::BadIdentifier("not decided without a look-up"))
+            }
+            Action::Query(QueryRequest { patient_id, .. }) => {
+                let patient_id = *patient_id;
                 let Some(rule) = access.read else {
                     return Decision::Deny(Denial::InsufficientScope(
                         "imaging read (patient/ImagingStudy.rs)",
                     ));
                 };
                 let decision = match &access.patients {
-                    PatientFilter::Any => Decision::Allow(Allowed::new(PatientFilter::Any)),
+                    PatientFilter::Any => Decision::Allow(Permit::new(PatientFilter::Any)),
                     PatientFilter::Only(ids) => narrow_query(ids, patient_id, &access.patients),
                 };
                 match decision {
@@ -1469,11 +1640,9 @@ fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientF
         return Decision::Deny(Denial::Unmapped);
     }
     let allow = |pids: Vec<String>| {
-        Decision::Allow(Allowed {
-            retrieval: None,
+        Decision::Allow(Permit {
             query_patient_ids: pids,
-            filter: filter.clone(),
-            studies: StudyGate::Open,
+            ..Permit::new(filter.clone())
         })
     };
     let value = requested.map(|v| v.trim_matches(' ')).unwrap_or("");
@@ -1499,6 +1668,31 @@ fn narrow_query(ids: &[DicomPatient], requested: Option<&str>, filter: &PatientF
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PACS and an EHR that never answer: the tests hand each decision the ports it needs.
+    struct Nowhere;
+    impl OwnerLookup for Nowhere {
+        fn owner<'a>(&'a self, _: UidLevel, _: &'a str) -> LookupFuture<'a> {
+            Box::pin(async { Err("no PACS in this test".to_string()) })
+        }
+    }
+    impl EhrDirectory for Nowhere {
+        fn patient<'a>(&'a self, _: &'a str, _: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR in this test".to_string()) })
+        }
+        fn imaging_study<'a>(&'a self, _: &'a str, _: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR in this test".to_string()) })
+        }
+        fn studies_seen_by<'a>(&'a self, _: &'a Principal, _: &'a [String]) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR in this test".to_string()) })
+        }
+    }
+
+    impl Policy {
+        fn bare(cfg: &Config) -> Policy {
+            Policy::new(cfg, Ports::new(Arc::new(Nowhere), Arc::new(Nowhere)))
+        }
+    }
     use crate::trust::scopes::ScopeSet;
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -1544,12 +1738,16 @@ user_level = "{user_level}"
     }
 
     fn query(pol: &Policy, p: &Principal, pid: Option<&str>) -> Decision {
-        pol.decide(p, Action::Query { patient_id: pid }, SystemTime::now())
+        pol.decide_at(
+            p,
+            &Action::Query(QueryRequest::with_patient(pid)),
+            SystemTime::now(),
+        )
     }
 
     #[test]
     fn patient_query_is_narrowed_or_refused() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let p = principal("patient/ImagingStudy.rs", Some("PAT1"));
         for req in [
             None,
@@ -1604,7 +1802,7 @@ user_level = "{user_level}"
 
     #[test]
     fn scopes_decide_access() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         // imaging read in its many spellings
         for s in [
             "patient/ImagingStudy.rs",
@@ -1627,7 +1825,11 @@ user_level = "{user_level}"
             "patient/ImagingStudy.r",
             "patient/ImagingStudy.rs?category=exam",
         ] {
-            let d = pol.decide(&principal(s, Some("A")), Action::Connect, SystemTime::now());
+            let d = pol.decide_at(
+                &principal(s, Some("A")),
+                &Action::Connect,
+                SystemTime::now(),
+            );
             assert!(
                 matches!(d, Decision::Deny(Denial::InsufficientScope(_))),
                 "{s}: {d:?}"
@@ -1636,7 +1838,7 @@ user_level = "{user_level}"
         // write-only token may connect but not query
         let w = principal("patient/ImagingStudy.c", Some("A"));
         assert!(matches!(
-            pol.decide(&w, Action::Connect, SystemTime::now()),
+            pol.decide_at(&w, &Action::Connect, SystemTime::now()),
             Decision::Allow(_)
         ));
         assert!(matches!(
@@ -1647,10 +1849,10 @@ user_level = "{user_level}"
 
     #[test]
     fn patient_scope_without_patient_is_denied() {
-        let pol = Policy::new(&cfg("allow"));
-        let d = pol.decide(
+        let pol = Policy::bare(&cfg("allow"));
+        let d = pol.decide_at(
             &principal("patient/ImagingStudy.rs", None),
-            Action::Connect,
+            &Action::Connect,
             SystemTime::now(),
         );
         assert_eq!(d, Decision::Deny(Denial::NoPatientContext));
@@ -1659,12 +1861,12 @@ user_level = "{user_level}"
     #[test]
     fn user_level_follows_policy() {
         let p = principal("user/ImagingStudy.rs", None);
-        let deny = Policy::new(&cfg("deny"));
+        let deny = Policy::bare(&cfg("deny"));
         assert_eq!(
-            deny.decide(&p, Action::Connect, SystemTime::now()),
-            Decision::Deny(Denial::UserLevelNotAllowed)
+            deny.decide_at(&p, &Action::Connect, SystemTime::now()),
+            Decision::Deny(Denial::UserLevelNotPermit)
         );
-        let allow = Policy::new(&cfg("allow"));
+        let allow = Policy::bare(&cfg("allow"));
         match query(&allow, &p, Some("ANYONE")) {
             Decision::Allow(a) => {
                 assert_eq!(a.filter, PatientFilter::Any);
@@ -1675,8 +1877,8 @@ user_level = "{user_level}"
         // system scopes count as user-level
         let s = principal("system/ImagingStudy.rs", None);
         assert_eq!(
-            deny.decide(&s, Action::Connect, SystemTime::now()),
-            Decision::Deny(Denial::UserLevelNotAllowed)
+            deny.decide_at(&s, &Action::Connect, SystemTime::now()),
+            Decision::Deny(Denial::UserLevelNotPermit)
         );
         // user scopes never widen a patient-level token under "deny"
         let both = principal("patient/ImagingStudy.rs user/ImagingStudy.rs", Some("A"));
@@ -1688,19 +1890,23 @@ user_level = "{user_level}"
 
     #[test]
     fn expiry_is_checked_on_every_action() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let p = principal("patient/ImagingStudy.rs", Some("A"));
         let later = UNIX_EPOCH + Duration::from_secs(p.expires_at);
         assert_eq!(
-            pol.decide(&p, Action::Echo, later),
+            pol.decide_at(&p, &Action::Echo, later),
             Decision::Deny(Denial::Expired)
         );
         assert_eq!(
             query(&pol, &p, None).clone(),
-            pol.decide(&p, Action::Query { patient_id: None }, SystemTime::now())
+            pol.decide_at(
+                &p,
+                &Action::Query(QueryRequest::with_patient(None)),
+                SystemTime::now()
+            )
         );
         assert_eq!(
-            pol.decide(&p, Action::Query { patient_id: None }, later),
+            pol.decide_at(&p, &Action::Query(QueryRequest::with_patient(None)), later),
             Decision::Deny(Denial::Expired)
         );
     }
@@ -1834,7 +2040,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn retrieval_is_decided_on_what_uids_resolve_to() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let a = principal("patient/ImagingStudy.rs", Some("A"));
         use UidLevel::*;
         assert!(matches!(
@@ -1933,7 +2139,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn stores_need_write_and_own_studies() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let lookup = FakePacs { fail: false };
         let w = principal("patient/ImagingStudy.cruds", Some("A"));
         let st = |pid, study, series| StoreRequest {
@@ -2082,10 +2288,10 @@ user_level = "{user_level}"
     fn claim_mapping_denies_a_patient_that_maps_to_nothing() {
         let mut c = cfg("deny");
         c.patients.map = PatientMap::Claim("dicom_patient_id".into());
-        let pol = Policy::new(&c);
+        let pol = Policy::bare(&c);
         let mut p = principal("patient/ImagingStudy.rs", Some("EHR-1"));
         assert_eq!(
-            pol.decide(&p, Action::Connect, SystemTime::now()),
+            pol.decide_at(&p, &Action::Connect, SystemTime::now()),
             Decision::Deny(Denial::Unmapped)
         );
         p.claims = Arc::new(serde_json::json!({"dicom_patient_id": "MRN-1"}));
@@ -2106,7 +2312,7 @@ user_level = "{user_level}"
             ae_title: "WS1".into(),
             address: "127.0.0.1:104".into(),
         }];
-        let pol = Policy::new(&c);
+        let pol = Policy::bare(&c);
         assert_eq!(
             pol.move_destination(Some("WS1")).map(|d| d.address),
             Some("127.0.0.1:104".into())
@@ -2134,7 +2340,11 @@ user_level = "{user_level}"
                     SystemTime::now(),
                 )
                 .await;
-            let q = match pol.decide(p, Action::Query { patient_id: None }, SystemTime::now()) {
+            let q = match pol.decide_at(
+                p,
+                &Action::Query(QueryRequest::with_patient(None)),
+                SystemTime::now(),
+            ) {
                 Decision::Allow(a) => {
                     pol.admits_result(
                         p,
@@ -2165,7 +2375,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn granular_scope_constraints_narrow_studies() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let ehr = FakeEhr::default();
         for (scope, s1, s2) in [
             ("patient/ImagingStudy.rs", true, true),
@@ -2287,13 +2497,17 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn study_uid_constraint_and_sub_operations() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let ehr = FakeEhr::default();
         let p = principal(
             "patient/ImagingStudy.rs?identifier=urn:dicom:uid|urn:oid:1.2.3",
             Some("A"),
         );
-        let a = match pol.decide(&p, Action::Query { patient_id: None }, SystemTime::now()) {
+        let a = match pol.decide_at(
+            &p,
+            &Action::Query(QueryRequest::with_patient(None)),
+            SystemTime::now(),
+        ) {
             Decision::Allow(a) => a,
             d => panic!("{d:?}"),
         };
@@ -2401,7 +2615,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn write_constraints_are_judged_on_the_instance() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let ehr = FakeEhr::default();
         let lookup = FakePacs { fail: false };
         let w = principal(
@@ -2439,7 +2653,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_write_cannot_widen_a_restricted_read() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let ehr = FakeEhr::default();
         let lookup = FakePacs { fail: false };
         let w = principal("patient/ImagingStudy.crs?modality=CT", Some("A"));
@@ -2470,7 +2684,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn launch_context_restricts_to_its_study() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let ehr = FakeEhr::default();
         let mut p = principal("patient/ImagingStudy.rs", Some("A"));
         p.launch_studies = Some(vec![ContextStudy::Uid("S2".into())]);
@@ -2521,18 +2735,18 @@ user_level = "{user_level}"
         let user = principal("user/ImagingStudy.rs", None);
         // deny and allow as before
         assert_eq!(
-            Policy::new(&cfg("deny")).access(&user),
-            Err(Denial::UserLevelNotAllowed)
+            Policy::bare(&cfg("deny")).access(&user),
+            Err(Denial::UserLevelNotPermit)
         );
         let ehr = FakeEhr {
             visible: vec!["S2", "S3"],
             ..FakeEhr::default()
         };
         assert_eq!(
-            reach(&Policy::new(&cfg("allow")), &user, &ehr).await,
+            reach(&Policy::bare(&cfg("allow")), &user, &ehr).await,
             vec![("S1", true), ("S2", true)]
         );
-        let pol = Policy::new(&cfg("ehr-check"));
+        let pol = Policy::bare(&cfg("ehr-check"));
         let before = ehr.searches.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
             reach(&pol, &user, &ehr).await,
@@ -2571,9 +2785,9 @@ user_level = "{user_level}"
             )
             .await;
         assert_eq!(d, Decision::Deny(Denial::EhrUnavailable));
-        let a = match pol.decide(
+        let a = match pol.decide_at(
             &fresh,
-            Action::Query { patient_id: None },
+            &Action::Query(QueryRequest::with_patient(None)),
             SystemTime::now(),
         ) {
             Decision::Allow(a) => a,
@@ -2642,9 +2856,9 @@ user_level = "{user_level}"
         );
         // A search's studies are asked about in batches first, then judged from the cache.
         let batcher = principal("user/ImagingStudy.rs user/Encounter.rs", None);
-        let Decision::Allow(a) = pol.decide(
+        let Decision::Allow(a) = pol.decide_at(
             &batcher,
-            Action::Query { patient_id: None },
+            &Action::Query(QueryRequest::with_patient(None)),
             SystemTime::now(),
         ) else {
             panic!()
@@ -2735,7 +2949,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_patient_write_scope_writes_for_its_patient_only_under_allow() {
-        let pol = Policy::new(&cfg("allow"));
+        let pol = Policy::bare(&cfg("allow"));
         let p = principal("user/ImagingStudy.rs patient/ImagingStudy.c", Some("A"));
         let a = pol.access(&p).unwrap();
         assert_eq!(a.patients, PatientFilter::Any);
@@ -2779,7 +2993,7 @@ user_level = "{user_level}"
 
     #[tokio::test(flavor = "multi_thread")]
     async fn an_instance_named_under_its_study_and_series_costs_one_look_up() {
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let a = principal("patient/ImagingStudy.rs", Some("A"));
         let pacs = CountingPacs(Default::default());
         let d = pol
@@ -2794,7 +3008,7 @@ user_level = "{user_level}"
         assert!(matches!(d, Decision::Allow(_)), "{d:?}");
         assert_eq!(pacs.0.load(std::sync::atomic::Ordering::Relaxed), 1);
         // A study the instances do not cover is still looked up, and judged.
-        let pol = Policy::new(&cfg("deny"));
+        let pol = Policy::bare(&cfg("deny"));
         let d = pol
             .decide_retrieve(
                 &a,
@@ -2829,7 +3043,7 @@ user_level = "{user_level}"
                 2,
             ),
         ] {
-            let pol = Policy::new(&cfg("deny"));
+            let pol = Policy::bare(&cfg("deny"));
             let pacs = CountingPacs(Default::default());
             let d = pol
                 .decide_retrieve(&a, &req, &pacs, &FakeEhr::default(), SystemTime::now())
@@ -2840,7 +3054,7 @@ user_level = "{user_level}"
         let unknown: Vec<String> = (0..100).map(|n| format!("U{n}")).collect();
         let unknown: Vec<&str> = unknown.iter().map(String::as_str).collect();
         let pacs = CountingPacs(Default::default());
-        let d = Policy::new(&cfg("deny"))
+        let d = Policy::bare(&cfg("deny"))
             .decide_retrieve(
                 &a,
                 &retrieve(Some(UidLevel::Instance), &[], &[], &unknown, None),
@@ -2901,7 +3115,7 @@ use_issuer = {use_issuer}
         };
         let mut p = principal("patient/ImagingStudy.rs", Some("EHR-1"));
         p.claims = Arc::new(serde_json::json!({"pid": ["P1^^^&1.2.3&ISO", "P2^^^NSB", "P3"]}));
-        let pol = Policy::new(&cfg(true));
+        let pol = Policy::bare(&cfg(true));
         let Decision::Allow(a) = query(&pol, &p, None) else {
             panic!()
         };
@@ -2928,7 +3142,7 @@ use_issuer = {use_issuer}
             );
         }
         // Without use_issuer the issuer is not compared.
-        let Decision::Allow(a) = query(&Policy::new(&cfg(false)), &p, None) else {
+        let Decision::Allow(a) = query(&Policy::bare(&cfg(false)), &p, None) else {
             panic!()
         };
         assert!(!a.filter.compares_issuer());

@@ -6,7 +6,7 @@
 //! PHI and no token. Must not decide access.
 
 use crate::pacs::dicomweb::DicomWebError;
-use crate::policy::Denial;
+use crate::policy::{Denial, DenialKind};
 use crate::trust::{Principal, TrustCore, TrustError, keys::KeyError};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -38,20 +38,15 @@ impl ApiError {
         ApiError::Unavailable("DICOMweb is not configured: set pacs.dicomweb_url".into())
     }
 
-    /// Maps a policy denial to its HTTP form.
+    /// Maps a policy denial to its HTTP form (RFC 6750 section 3.1 for the token's faults; 503
+    /// with Retry-After when the PACS or the EHR could not be asked).
     pub fn from_denial(d: Denial) -> ApiError {
-        match d {
-            Denial::Expired => ApiError::InvalidToken("the token has expired".into()),
-            Denial::InsufficientScope(s) => ApiError::InsufficientScope(s),
-            Denial::NoWrite => ApiError::InsufficientScope("patient/ImagingStudy.c"),
-            Denial::LookupFailed => {
-                ApiError::Unavailable("the PACS could not be asked who owns the data".into())
-            }
-            Denial::EhrUnavailable => ApiError::Unavailable(
-                "the EHR could not be asked whether the caller may see the study".into(),
-            ),
-            Denial::BadIdentifier(why) => ApiError::BadRequest(why.into()),
-            other => ApiError::Forbidden(other.to_string()),
+        match (d.kind(), d.needed_scope()) {
+            (DenialKind::Unauthenticated, _) => ApiError::InvalidToken(d.to_string()),
+            (DenialKind::Forbidden, Some(scope)) => ApiError::InsufficientScope(scope),
+            (DenialKind::Forbidden, None) => ApiError::Forbidden(d.to_string()),
+            (DenialKind::BadRequest, _) => ApiError::BadRequest(d.to_string()),
+            (DenialKind::Unavailable, _) => ApiError::Unavailable(d.to_string()),
         }
     }
 }

@@ -16,9 +16,9 @@ use super::auth::ApiError;
 use super::multipart::{Piece, Splitter, header_value, random_boundary};
 use crate::audit::{self, Outcome};
 use crate::dicom::head::InstanceReader;
-use crate::dicom::reader::{Limits, Violation};
 use crate::dicom::head::MAX_HEAD;
-use crate::policy::{Allowed, InstanceId};
+use crate::dicom::reader::{Limits, Violation};
+use crate::policy::{InstanceId, Permit};
 use crate::trust::Principal;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -32,7 +32,7 @@ use std::time::Duration;
 /// What each check needs besides the answer.
 #[derive(Clone)]
 pub struct Check {
-    pub allowed: Allowed,
+    pub allowed: Permit,
     pub principal: Principal,
     /// The request, for the audit trail.
     pub request_id: u64,

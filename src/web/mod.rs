@@ -18,7 +18,6 @@ pub mod wado;
 pub mod wado_uri;
 
 use crate::config::Config;
-use crate::pacs::PacsLookup;
 use crate::pacs::dicomweb::DicomWeb;
 use crate::policy::Policy;
 use crate::trust::TrustCore;
@@ -65,7 +64,6 @@ pub struct WebCtx {
     pub cfg: Arc<Config>,
     pub trust: Arc<TrustCore>,
     pub policy: Arc<Policy>,
-    pub lookup: Arc<PacsLookup>,
     /// For the discovery documents' issuer metadata.
     pub http: reqwest::Client,
     pub challenge: Challenge,
@@ -82,7 +80,6 @@ impl WebCtx {
         cfg: Arc<Config>,
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
-        lookup: Arc<PacsLookup>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.pacs.connect_timeout)
@@ -104,20 +101,17 @@ impl WebCtx {
             cfg,
             trust,
             policy,
-            lookup,
         }))
     }
 
-    /// The request's principal, verified by the trust core and prepared for the policy core's
-    /// patient mapping.
+    /// The request's caller: its token verified by the trust core, then prepared by the
+    /// policy core.
     pub async fn authenticate(
         &self,
         headers: &axum::http::HeaderMap,
-    ) -> Result<crate::trust::Principal, ApiError> {
-        let mut p =
-            auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await?;
-        self.policy.prepare(&mut p, &*self.trust).await;
-        Ok(p)
+    ) -> Result<crate::policy::Caller, ApiError> {
+        let p = auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await?;
+        Ok(self.policy.caller(p).await)
     }
 
     /// Rewrites the PACS's URLs in a response body to the gateway's.
@@ -215,15 +209,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
                 .await
             }
             path::Resource::Retrieve { .. } => {
-                wado::retrieve(
-                    &ctx,
-                    &principal,
-                    &resource,
-                    uri.query(),
-                    &headers,
-                    upstream,
-                )
-                .await
+                wado::retrieve(&ctx, &principal, &resource, uri.query(), &headers, upstream).await
             }
         }
     };

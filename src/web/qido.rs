@@ -1,36 +1,53 @@
 //! QIDO-RS through the gateway.
 //!
-//! The caller's PatientID matching key (if any) goes to the policy core exactly as a C-FIND's
-//! does; the query sent to the PACS carries the PatientID the decision names (decoded once,
-//! re-encoded the way the PACS understands) and always asks for PatientID back; every result
-//! is checked again (PatientID compared as an LO value, byte for byte) before it goes out,
-//! because PACS matching differs (Orthanc's QIDO folds case).
+//! The search goes to the policy core as a query exactly as a C-FIND's does (its PatientID key
+//! in any spelling, the study and series it searches inside, whether it matches on a study's
+//! facts); the search sent to the PACS carries the PatientID the permit names (decoded once,
+//! re-encoded the way the PACS understands) and includes the attributes the plan needs; every
+//! result is put to the policy core's result judge before it goes out, because PACS matching
+//! differs (Orthanc's QIDO folds case).
 
 use super::WebCtx;
 use super::auth::ApiError;
 use super::path::{self, Resource};
 use crate::audit::{self, Outcome};
-use crate::policy::{Action, Decision};
 use crate::pacs::dicomweb::DicomWeb;
-use crate::trust::Principal;
+use crate::policy::query::PATIENT_COUNTS;
+use crate::policy::{Action, Caller, MatchView, QueryLevel, QueryRequest, ResultKey, Verdict};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::time::SystemTime;
 
 /// The largest QIDO response read from the PACS.
 const MAX_QIDO_BYTES: usize = 64 * 1024 * 1024;
 
+/// A query key as the PACS may read it: letters and digits only, lower case, so that every
+/// spelling of an attribute (keyword, tag, tag with a comma, any case) is known as one.
+fn key_name(k: &str) -> String {
+    k.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Whether a query key names PatientID, in any spelling the PACS might accept.
 fn is_patient_id_key(k: &str) -> bool {
-    k == "PatientID" || k == "00100020"
+    matches!(key_name(k).as_str(), "patientid" | "00100020")
+}
+
+/// The tag of a return key, as QIDO-RS includefield names it.
+fn include(key: ResultKey) -> String {
+    let t = key.tag();
+    format!("{:04X}{:04X}", t.group(), t.element())
 }
 
 pub async fn search(
     ctx: &WebCtx,
-    p: &Principal,
+    caller: &Caller,
     resource: &Resource,
     query: &str,
     upstream: &DicomWeb,
 ) -> Result<Response, ApiError> {
+    let p = caller.principal();
     let mut pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
     let asked: Vec<String> = pairs
         .iter()
@@ -43,51 +60,43 @@ pub async fn search(
         1 => Some(asked[0].clone()),
         _ => Some(asked.join("\\")),
     };
-    let decision = ctx.policy.decide(
-        p,
-        Action::Query {
-            patient_id: requested.as_deref(),
-        },
-        SystemTime::now(),
-    );
-    let allowed = match decision {
-        Decision::Deny(d) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                "QIDO-RS",
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            return Err(ApiError::from_denial(d));
-        }
-        Decision::Allow(a) => a,
+    let (level, inside_study, inside_series) = match resource {
+        Resource::Search {
+            level,
+            study,
+            series,
+        } => (
+            match level {
+                path::SearchLevel::Studies => QueryLevel::Study,
+                path::SearchLevel::Series => QueryLevel::Series,
+                path::SearchLevel::Instances => QueryLevel::Image,
+            },
+            study.as_deref(),
+            series.as_deref(),
+        ),
+        _ => return Err(ApiError::NotFound),
     };
-    // A search inside a study or series is a look into that study: it must be the caller's
-    // patient's, like a retrieval (403 for another patient's or an unknown one).
-    if let Resource::Search {
-        study: Some(study),
-        series,
-        ..
-    } = resource
-    {
-        let req = crate::policy::RetrieveRequest {
-            level: Some(if series.is_some() {
-                crate::policy::UidLevel::Series
-            } else {
-                crate::policy::UidLevel::Study
-            }),
-            patient_id: None,
-            study_uids: vec![study.clone()],
-            series_uids: series.iter().cloned().collect(),
-            instance_uids: Vec::new(),
-        };
-        if let Decision::Deny(d) = ctx
-            .policy
-            .decide_retrieve(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
-            .await
-        {
+    let request = QueryRequest {
+        level,
+        patient_id: requested.as_deref(),
+        inside_study,
+        inside_series,
+        // Any key present counts: a QIDO-RS key has no "return key" form.
+        matches_on_facts: pairs.iter().any(|(k, _)| {
+            matches!(
+                key_name(k).as_str(),
+                "modalitiesinstudy"
+                    | "00080061"
+                    | "studydate"
+                    | "00080020"
+                    | "timezoneoffsetfromutc"
+                    | "00080201"
+            )
+        }),
+    };
+    let permit = match ctx.policy.decide(caller, Action::Query(request)).await {
+        Ok(a) => a,
+        Err(d) => {
             audit::record(
                 "http",
                 super::request_id(),
@@ -98,61 +107,23 @@ pub async fn search(
             );
             return Err(ApiError::from_denial(d));
         }
-    }
-    // One upstream search per PatientID the caller may see (usually one).
-    let pids: Vec<Option<String>> = if allowed.query_patient_ids.is_empty() {
+    };
+    // One upstream search per PatientID the caller may see (usually one). QIDO-RS answers
+    // carry the PACS's default attributes as well as those included, so what the gateway
+    // includes is not stripped again.
+    let pids: Vec<Option<String>> = if permit.query_patient_ids().is_empty() {
         vec![None]
     } else {
-        allowed
-            .query_patient_ids
+        permit
+            .query_patient_ids()
             .iter()
             .cloned()
             .map(Some)
             .collect()
     };
-    pairs.retain(|(k, _)| allowed.query_patient_ids.is_empty() || !is_patient_id_key(k));
-    pairs.push(("includefield".into(), "00100020".into()));
-    if allowed.filter.compares_issuer() {
-        pairs.push(("includefield".into(), "00100021".into()));
-        pairs.push(("includefield".into(), "0020000D".into()));
-    }
-    let gated = !matches!(allowed.studies, crate::policy::StudyGate::Open);
-    if gated {
-        pairs.push(("includefield".into(), "0020000D".into()));
-    }
-    // Study results carry what a granular scope is judged on: no look-up per study.
-    // Trusted only when the caller did not match on them: a PACS may echo a matching value
-    // back instead of the study's own.
-    // Any spelling of the attribute counts (keyword, tag, tag with a comma), and a timezone
-    // offset too (it may shift the dates the PACS answers with).
-    let matched_on_facts = pairs.iter().any(|(k, _)| {
-        let k: String = k
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        matches!(
-            k.as_str(),
-            "modalitiesinstudy"
-                | "00080061"
-                | "studydate"
-                | "00080020"
-                | "timezoneoffsetfromutc"
-                | "00080201"
-        )
-    });
-    let study_facts = allowed.wants_study_facts()
-        && !matched_on_facts
-        && matches!(
-            resource,
-            Resource::Search {
-                level: path::SearchLevel::Studies,
-                ..
-            }
-        );
-    if study_facts {
-        pairs.push(("includefield".into(), "00080061".into()));
-        pairs.push(("includefield".into(), "00080020".into()));
+    pairs.retain(|(k, _)| permit.query_patient_ids().is_empty() || !is_patient_id_key(k));
+    for key in permit.result_keys() {
+        pairs.push(("includefield".into(), include(*key)));
     }
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut read_so_far = 0usize;
@@ -169,111 +140,50 @@ pub async fn search(
         read_so_far += read;
         results.extend(part);
     }
-    let total = results.len();
-    // A search inside a study is about that study even if a result leaves its UID out.
-    let path_study = match resource {
-        Resource::Search { study, .. } => study.clone(),
-        _ => None,
-    };
+    let mut judge = ctx.policy.judge(caller, &permit);
+    let views: Vec<MatchView> = results.iter().map(view_of).collect();
     let mut kept: Vec<serde_json::Value> = Vec::with_capacity(results.len());
-    for r in results {
-        let pid = patient_id(&r);
-        let admitted = if !allowed.filter.compares_issuer() {
-            allowed.filter.admits(pid.as_deref(), None)
-        } else {
-            // A result must say its issuer (present without a value says "none"). Orthanc
-            // leaves an absent one out even when asked: then the study's owner, as the
-            // gateway's own C-FIND finds it, says it; failing that the result is withheld.
-            let said = match issuer(&r) {
-                Some(i) => Some(i),
-                None => match study_uid(&r).or_else(|| path_study.clone()) {
-                    Some(st) => ctx.policy.study_issuer(&*ctx.lookup, &st).await,
-                    None => None,
-                },
-            };
-            said.is_some_and(|i| allowed.filter.admits(pid.as_deref(), i.as_deref()))
-        };
-        if admitted {
+    for (chunk, views) in results
+        .chunks(judge.batch())
+        .zip(views.chunks(judge.batch()))
+    {
+        let verdicts = judge.judge(views).await;
+        for (r, v) in chunk.iter().zip(verdicts) {
+            if v != Verdict::Admit {
+                continue;
+            }
+            let mut r = r.clone();
+            if judge.strips_patient_counts()
+                && let Some(o) = r.as_object_mut()
+            {
+                for t in PATIENT_COUNTS {
+                    o.remove(&format!("{:04X}{:04X}", t.group(), t.element()));
+                }
+            }
             kept.push(r);
         }
     }
-    let (kept, outside) = if gated {
-        let mut inside = Vec::with_capacity(kept.len());
-        let mut outside = 0usize;
-        let mut memo = crate::policy::StudyMemo::default();
-        // With ehr-check, ask the EHR about all these studies in a few batched searches.
-        let uids: Vec<String> = kept
-            .iter()
-            .filter_map(|r| study_uid(r).or_else(|| path_study.clone()))
-            .collect();
-        ctx.policy
-            .prefetch_ehr(p, &allowed, &uids, &memo, &*ctx.trust)
-            .await;
-        for mut r in kept {
-            let study = study_uid(&r).or_else(|| path_study.clone());
-            let facts = study_facts.then(|| crate::policy::StudyFacts {
-                modalities: r
-                    .get("00080061")
-                    .and_then(|e| e.get("Value"))
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|m| m.as_str())
-                            .map(|m| m.trim_matches(' ').to_string())
-                            .filter(|m| !m.is_empty())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                study_date: first_text(&r, "00080020"),
-            });
-            if ctx
-                .policy
-                .admits_result(
-                    p,
-                    &allowed,
-                    crate::policy::ResultStudy {
-                        uid: study.as_deref(),
-                        facts: facts.as_ref(),
-                    },
-                    &mut memo,
-                    &*ctx.lookup,
-                    &*ctx.trust,
-                )
-                .await
-            {
-                // Patient-wide counts would tell of studies outside the restriction.
-                if let Some(o) = r.as_object_mut() {
-                    for t in ["00201200", "00201202", "00201204"] {
-                        o.remove(t);
-                    }
-                }
-                inside.push(r);
-            } else {
-                outside += 1;
-            }
-        }
-        if let Some(why) = memo.stopped {
-            tracing::warn!(
-                reason = why,
-                "study judging stopped; remaining results withheld"
-            );
-        }
-        (inside, outside)
-    } else {
-        (kept, 0)
-    };
-    let total = total - outside;
-    if outside > 0 {
+    let tally = judge.tally();
+    if let Some(why) = judge.stopped() {
+        tracing::warn!(
+            reason = why,
+            "study judging stopped; remaining results withheld"
+        );
+    }
+    if tally.outside > 0 {
         audit::record(
             "http",
             super::request_id(),
             Some(p),
             "QIDO-RS",
             Outcome::Allowed,
-            &format!("{outside} result(s) outside the token's study restriction withheld"),
+            &format!(
+                "{} result(s) outside the token's study restriction withheld",
+                tally.outside
+            ),
         );
     }
-    if kept.len() < total {
+    if tally.other_patient > 0 {
         audit::record(
             "http",
             super::request_id(),
@@ -282,7 +192,7 @@ pub async fn search(
             Outcome::Anomaly,
             &format!(
                 "{} PACS result(s) for other patients were withheld",
-                total - kept.len()
+                tally.other_patient
             ),
         );
     }
@@ -297,6 +207,27 @@ pub async fn search(
     let text = serde_json::to_string(&kept)
         .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
     Ok(json_response(ctx.rewrite_urls(&text).into_bytes()))
+}
+
+/// What the result judge needs of a DICOM JSON match.
+fn view_of(r: &serde_json::Value) -> MatchView {
+    MatchView {
+        patient_id: patient_id(r),
+        issuer: issuer(r),
+        study: study_uid(r),
+        modalities: r
+            .get("00080061")
+            .and_then(|e| e.get("Value"))
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.as_str())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        study_date: first_text(r, "00080020"),
+    }
 }
 
 /// The first text value of an attribute of a DICOM JSON object.

@@ -17,12 +17,12 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::multipart::{Delimiter, random_boundary};
 use super::path::is_uid;
-use crate::pacs::dicomweb::{DicomWeb, read_bounded};
 use crate::audit::{self, Outcome};
+use crate::dicom::head::MAX_HEAD;
 use crate::dicom::head::{InstanceReader, PREAMBLE};
 use crate::dicom::reader::Violation;
-use crate::dicom::head::MAX_HEAD;
-use crate::policy::{Decision, Denial, StoreRequest};
+use crate::pacs::dicomweb::{DicomWeb, read_bounded};
+use crate::policy::{Action, Caller, StoreRequest};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -30,7 +30,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// The most one request may carry, and one instance.
 const MAX_REQUEST_BYTES: u64 = 16 * 1024 * 1024 * 1024;
@@ -90,12 +89,10 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         }
         None => return Err(ApiError::NotFound),
     };
-    let p = ctx.authenticate(req.headers()).await?;
+    let caller = ctx.authenticate(req.headers()).await?;
     // Without write access no byte of the body needs to be read.
-    match ctx.policy.access(&p) {
-        Ok(a) if a.write.is_some() => {}
-        Ok(_) => return Err(ApiError::from_denial(Denial::NoWrite)),
-        Err(d) => return Err(ApiError::from_denial(d)),
+    if let Err(d) = ctx.policy.decide(&caller, Action::BeginStore).await {
+        return Err(ApiError::from_denial(d));
     }
     let Some(upstream) = ctx.pacs.as_ref() else {
         return Err(ApiError::not_configured());
@@ -158,7 +155,15 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
                 "more than {MAX_PARTS} instances in one request; send them in several"
             )));
         }
-        store_part(ctx, &p, field, path_study.as_deref(), upstream, &mut out).await?;
+        store_part(
+            ctx,
+            &caller,
+            field,
+            path_study.as_deref(),
+            upstream,
+            &mut out,
+        )
+        .await?;
         if out.malformed {
             break;
         }
@@ -189,12 +194,13 @@ fn malformed(ctx: &WebCtx, p: &crate::trust::Principal, out: &mut Outcomes, v: &
 /// allowed.
 async fn store_part(
     ctx: &WebCtx,
-    p: &crate::trust::Principal,
+    caller: &Caller,
     mut field: multer::Field<'_>,
     path_study: Option<&str>,
     upstream: &DicomWeb,
     out: &mut Outcomes,
 ) -> Result<(), ApiError> {
+    let p = caller.principal();
     let wait = ctx.cfg.limits.idle_timeout;
     let mut reader = InstanceReader::part10(ctx.cfg.limits.reader());
     let mut head: Vec<u8> = Vec::new();
@@ -252,23 +258,22 @@ async fn store_part(
         modality: h.modality.as_deref(),
     };
     let action = format!("STOW-RS study={study} instance={instance}");
-    if let Decision::Deny(d) = ctx
-        .policy
-        .decide_store(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
-        .await
-    {
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            &action,
-            Outcome::Denied,
-            &d.to_string(),
-        );
-        drain(&mut field, ended, wait).await?;
-        out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
-        return Ok(());
-    }
+    let permit = match ctx.policy.decide(caller, Action::Store(req)).await {
+        Ok(permit) => permit,
+        Err(d) => {
+            audit::record(
+                "http",
+                super::request_id(),
+                Some(p),
+                &action,
+                Outcome::Denied,
+                &d.to_string(),
+            );
+            drain(&mut field, ended, wait).await?;
+            out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
+            return Ok(());
+        }
+    };
 
     // Stream the part to the PACS as a STOW-RS request of its own, under a boundary nobody
     // can know, each chunk read strictly and scanned for that boundary before it goes on.
@@ -382,7 +387,7 @@ async fn store_part(
         );
     }
     if stored {
-        ctx.policy.remember_stored(&req).await;
+        ctx.policy.stored(&permit, &req).await;
         audit::record(
             "http",
             super::request_id(),

@@ -11,14 +11,12 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{Part, Resource};
-use crate::pacs::dicomweb::{DicomWeb, read_bounded};
 use crate::audit::{self, Outcome};
-use crate::policy::{Decision, RetrieveRequest, UidLevel};
-use crate::trust::Principal;
+use crate::pacs::dicomweb::{DicomWeb, read_bounded};
+use crate::policy::{Action, Caller, RetrieveRequest, UidLevel};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use std::time::SystemTime;
 
 /// The largest metadata document read (it is rewritten, so it is held whole).
 const MAX_METADATA_BYTES: usize = 256 * 1024 * 1024;
@@ -32,7 +30,7 @@ fn safe_query(q: &str) -> bool {
 
 pub async fn retrieve(
     ctx: &WebCtx,
-    p: &Principal,
+    caller: &Caller,
     resource: &Resource,
     query: Option<&str>,
     headers: &HeaderMap,
@@ -70,12 +68,9 @@ pub async fn retrieve(
         Part::Bulk(_) => "bulkdata",
     };
     let action = format!("WADO-RS {what_name} study={study}");
-    let allowed = match ctx
-        .policy
-        .decide_retrieve(p, &req, &*ctx.lookup, &*ctx.trust, SystemTime::now())
-        .await
-    {
-        Decision::Deny(d) => {
+    let p = caller.principal();
+    let allowed = match ctx.policy.decide(caller, Action::Retrieve(req)).await {
+        Err(d) => {
             audit::record(
                 "http",
                 super::request_id(),
@@ -86,7 +81,7 @@ pub async fn retrieve(
             );
             return Err(ApiError::from_denial(d));
         }
-        Decision::Allow(a) => {
+        Ok(a) => {
             audit::record(
                 "http",
                 super::request_id(),
@@ -112,7 +107,11 @@ pub async fn retrieve(
         ));
     }
     let resp = upstream
-        .retrieve(&resource.upstream_path(), query, headers.get(header::ACCEPT))
+        .retrieve(
+            &resource.upstream_path(),
+            query,
+            headers.get(header::ACCEPT),
+        )
         .await?;
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();

@@ -11,13 +11,12 @@ use super::auth::ApiError;
 use super::checked;
 use super::path::{self, is_uid};
 use crate::audit::{self, Outcome};
-use crate::policy::{Decision, RetrieveRequest, UidLevel};
+use crate::policy::{Action, RetrieveRequest, UidLevel};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// WADO-URI parameters passed on, besides the UIDs.
 const PASSED: [&str; 12] = [
@@ -61,7 +60,6 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             "a UID is not valid (digits and dots, at most 64 characters)".into(),
         ));
     }
-    let p = ctx.authenticate(req.headers()).await?;
     let rr = RetrieveRequest {
         level: Some(UidLevel::Instance),
         patient_id: None,
@@ -70,27 +68,25 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         instance_uids: vec![object.clone()],
     };
     let action = format!("WADO-URI study={study}");
-    let allowed = match ctx
-        .policy
-        .decide_retrieve(&p, &rr, &*ctx.lookup, &*ctx.trust, SystemTime::now())
-        .await
-    {
-        Decision::Deny(d) => {
+    let caller = ctx.authenticate(req.headers()).await?;
+    let p = caller.principal();
+    let allowed = match ctx.policy.decide(&caller, Action::Retrieve(rr)).await {
+        Err(d) => {
             audit::record(
                 "http",
                 super::request_id(),
-                Some(&p),
+                Some(p),
                 &action,
                 Outcome::Denied,
                 &d.to_string(),
             );
             return Err(ApiError::from_denial(d));
         }
-        Decision::Allow(a) => {
+        Ok(a) => {
             audit::record(
                 "http",
                 super::request_id(),
-                Some(&p),
+                Some(p),
                 &action,
                 Outcome::Allowed,
                 "the UIDs belong to the caller's patient",
