@@ -497,7 +497,7 @@ pub enum Denial {
     /// Patient-level scopes but no patient in context.
     NoPatientContext,
     /// Only user- or system-level scopes, and `[policy] user_level` does not allow them.
-    UserLevelNotPermit,
+    UserLevelNotAllowed,
     /// The request names another patient.
     ForeignPatient,
     /// The request uses a wildcard or several values on PatientID.
@@ -569,7 +569,7 @@ impl fmt::Display for Denial {
             Denial::NoPatientContext => {
                 write!(f, "patient-level scopes without a patient in context")
             }
-            Denial::UserLevelNotPermit => write!(
+            Denial::UserLevelNotAllowed => write!(
                 f,
                 "user/system-level access is not allowed (policy.user_level)"
             ),
@@ -1519,7 +1519,7 @@ impl Policy {
             let ehr = match self.user_level {
                 UserLevel::Allow => false,
                 UserLevel::EhrCheck => true,
-                UserLevel::Deny => return Err(Denial::UserLevelNotPermit),
+                UserLevel::Deny => return Err(Denial::UserLevelNotAllowed),
             };
             return Ok(Access {
                 read: ur.map(|g| rule(g, ehr)),
@@ -1864,7 +1864,7 @@ user_level = "{user_level}"
         let deny = Policy::bare(&cfg("deny"));
         assert_eq!(
             deny.decide_at(&p, &Action::Connect, SystemTime::now()),
-            Decision::Deny(Denial::UserLevelNotPermit)
+            Decision::Deny(Denial::UserLevelNotAllowed)
         );
         let allow = Policy::bare(&cfg("allow"));
         match query(&allow, &p, Some("ANYONE")) {
@@ -1878,7 +1878,7 @@ user_level = "{user_level}"
         let s = principal("system/ImagingStudy.rs", None);
         assert_eq!(
             deny.decide_at(&s, &Action::Connect, SystemTime::now()),
-            Decision::Deny(Denial::UserLevelNotPermit)
+            Decision::Deny(Denial::UserLevelNotAllowed)
         );
         // user scopes never widen a patient-level token under "deny"
         let both = principal("patient/ImagingStudy.rs user/ImagingStudy.rs", Some("A"));
@@ -2736,7 +2736,7 @@ user_level = "{user_level}"
         // deny and allow as before
         assert_eq!(
             Policy::bare(&cfg("deny")).access(&user),
-            Err(Denial::UserLevelNotPermit)
+            Err(Denial::UserLevelNotAllowed)
         );
         let ehr = FakeEhr {
             visible: vec!["S2", "S3"],

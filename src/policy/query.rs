@@ -306,3 +306,260 @@ fn facts_of(m: &MatchView) -> StudyFacts {
         study_date: m.study_date.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        Config, DirectoryFuture, LookupFuture, Owner, Ports, QueryRequest, StudyFacts,
+    };
+    use super::*;
+    use crate::trust::scopes::ScopeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A PACS holding three studies: S1 (CT, patient A, issuer HOSP_A), S2 (MR, patient A,
+    /// issuer HOSP_A), S3 (CT, patient B, issuer HOSP_B). Counts its look-ups.
+    #[derive(Default)]
+    struct Pacs(AtomicUsize);
+
+    impl OwnerLookup for Pacs {
+        fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                let (patient, issuer, modality) = match (level, uid) {
+                    (UidLevel::Study, "S1") => ("A", "HOSP_A", "CT"),
+                    (UidLevel::Study, "S2") => ("A", "HOSP_A", "MR"),
+                    (UidLevel::Study, "S3") => ("B", "HOSP_B", "CT"),
+                    _ => return Ok(None),
+                };
+                Ok(Some(Owner {
+                    patient_id: patient.into(),
+                    issuer: Some(issuer.into()),
+                    issuer_known: true,
+                    study_uid: uid.into(),
+                    series_uid: None,
+                    facts: Some(StudyFacts {
+                        modalities: vec![modality.into()],
+                        study_date: Some("20240101".into()),
+                    }),
+                }))
+            })
+        }
+    }
+
+    struct NoEhr;
+
+    impl EhrDirectory for NoEhr {
+        fn patient<'a>(&'a self, _: &'a str, _: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR".to_string()) })
+        }
+        fn imaging_study<'a>(&'a self, _: &'a str, _: &'a str) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR".to_string()) })
+        }
+        fn studies_seen_by<'a>(&'a self, _: &'a Principal, _: &'a [String]) -> DirectoryFuture<'a> {
+            Box::pin(async { Err("no EHR".to_string()) })
+        }
+    }
+
+    fn policy(use_issuer: bool) -> (Policy, Arc<Pacs>) {
+        let cfg = Config::parse(&format!(
+            r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:11112"
+public_url = "http://127.0.0.1:8080"
+[pacs]
+ae_title = "ORTHANC"
+address = "127.0.0.1:4242"
+[[issuers]]
+issuer = "http://127.0.0.1:9400"
+[patients]
+map = "claim"
+claim = "pid"
+use_issuer = {use_issuer}
+"#
+        ))
+        .unwrap();
+        let pacs = Arc::new(Pacs::default());
+        let ports = Ports::new(pacs.clone(), Arc::new(NoEhr));
+        (Policy::new(&cfg, ports), pacs)
+    }
+
+    async fn caller(pol: &Policy, scope: &str) -> super::super::Caller {
+        let p = Principal {
+            issuer: "http://127.0.0.1:9400".into(),
+            subject: None,
+            client_id: None,
+            fhir_user: None,
+            scopes: ScopeSet::parse(scope),
+            patient: Some("EHR-1".into()),
+            expires_at: u64::MAX / 2,
+            jti: None,
+            token_id: "t".into(),
+            claims: Arc::new(serde_json::json!({"pid": ["A^^^HOSP_A"]})),
+            fhir_patient: None,
+            launch_studies: None,
+            bearer: crate::trust::Bearer::new(scope),
+        };
+        pol.caller(p).await
+    }
+
+    fn study(patient: &str, issuer: Option<Option<&str>>, uid: Option<&str>) -> MatchView {
+        MatchView {
+            patient_id: Some(patient.into()),
+            issuer: issuer.map(|i| i.map(str::to_string)),
+            study: uid.map(str::to_string),
+            ..MatchView::default()
+        }
+    }
+
+    async fn permit(pol: &Policy, c: &super::super::Caller, q: QueryRequest<'_>) -> Permit {
+        pol.decide(c, super::super::Action::Query(q)).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn matches_are_judged_on_patient_and_issuer_looked_up_when_missing() {
+        let (pol, pacs) = policy(true);
+        let c = caller(&pol, "patient/ImagingStudy.rs").await;
+        let a = permit(&pol, &c, QueryRequest::default()).await;
+        assert_eq!(
+            a.result_keys(),
+            [
+                ResultKey::PatientId,
+                ResultKey::IssuerOfPatientId,
+                ResultKey::StudyInstanceUid
+            ]
+        );
+        let mut judge = pol.judge(&c, &a);
+        let cases = [
+            // Said by the match itself, padding aside.
+            (
+                study("A ", Some(Some(" HOSP_A")), Some("S1")),
+                Verdict::Admit,
+            ),
+            (
+                study("A", Some(Some("HOSP_B")), Some("S1")),
+                Verdict::OtherPatient,
+            ),
+            (
+                study("B", Some(Some("HOSP_A")), Some("S3")),
+                Verdict::OtherPatient,
+            ),
+            // Present without a value says "none", which is not HOSP_A.
+            (study("A", Some(None), Some("S1")), Verdict::OtherPatient),
+            // Absent: the gateway's own look-up of the study says it.
+            (study("A", None, Some("S1")), Verdict::Admit),
+            (study("A", None, Some("S3")), Verdict::OtherPatient),
+            // Absent, and the study is unknown or not named: withheld.
+            (study("A", None, Some("S9")), Verdict::OtherPatient),
+            (study("A", None, None), Verdict::OtherPatient),
+        ];
+        for (m, want) in cases {
+            assert_eq!(judge.judge(std::slice::from_ref(&m)).await, [want], "{m:?}");
+        }
+        assert_eq!(
+            judge.tally(),
+            Tally {
+                admitted: 2,
+                other_patient: 6,
+                outside: 0
+            }
+        );
+        // Each study asked about at most once (answers are cached).
+        assert!(pacs.0.load(Ordering::Relaxed) <= 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn study_facts_are_trusted_only_where_the_caller_did_not_match_on_them() {
+        let (pol, pacs) = policy(false);
+        let c = caller(&pol, "patient/ImagingStudy.rs?modality=CT").await;
+        let a = permit(&pol, &c, QueryRequest::default()).await;
+        assert_eq!(
+            a.result_keys(),
+            [
+                ResultKey::PatientId,
+                ResultKey::StudyInstanceUid,
+                ResultKey::ModalitiesInStudy,
+                ResultKey::StudyDate
+            ]
+        );
+        let mut judge = pol.judge(&c, &a);
+        assert!(judge.strips_patient_counts());
+        let with = |uid: &str, modalities: &[&str]| MatchView {
+            modalities: modalities.iter().map(|m| m.to_string()).collect(),
+            ..study("A", None, Some(uid))
+        };
+        // Judged on the match's own facts (padding trimmed), without a look-up.
+        assert_eq!(
+            judge
+                .judge(&[with("S1", &["CT\0"]), with("S2", &["MR "])])
+                .await,
+            [Verdict::Admit, Verdict::OutsideStudies]
+        );
+        assert_eq!(pacs.0.load(Ordering::Relaxed), 0);
+        // Matching on ModalitiesInStudy: the echoed value is not the study's; the PACS says.
+        let q = QueryRequest {
+            matches_on_facts: true,
+            ..QueryRequest::default()
+        };
+        let a = permit(&pol, &c, q).await;
+        assert_eq!(
+            a.result_keys(),
+            [ResultKey::PatientId, ResultKey::StudyInstanceUid]
+        );
+        let mut judge = pol.judge(&c, &a);
+        assert_eq!(
+            judge.judge(&[with("S2", &["CT"])]).await,
+            [Verdict::OutsideStudies]
+        );
+        assert_eq!(pacs.0.load(Ordering::Relaxed), 1);
+        // Below STUDY level there are no study facts to trust.
+        let q = QueryRequest {
+            level: QueryLevel::Series,
+            ..QueryRequest::default()
+        };
+        let a = permit(&pol, &c, q).await;
+        assert!(!a.result_keys().contains(&ResultKey::ModalitiesInStudy));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_search_inside_a_study_is_a_look_into_it() {
+        let (pol, _) = policy(false);
+        let c = caller(&pol, "patient/ImagingStudy.rs").await;
+        let inside = |uid| QueryRequest {
+            level: QueryLevel::Series,
+            inside_study: Some(uid),
+            ..QueryRequest::default()
+        };
+        let q = super::super::Action::Query;
+        assert!(pol.decide(&c, q(inside("S1"))).await.is_ok());
+        for uid in ["S3", "S9"] {
+            assert_eq!(
+                pol.decide(&c, q(inside(uid))).await,
+                Err(super::super::Denial::NotOwned(UidLevel::Study)),
+                "{uid}"
+            );
+        }
+        // A match leaving its study out is of the study searched inside.
+        let c = caller(&pol, "patient/ImagingStudy.rs?modality=CT").await;
+        let a = pol.decide(&c, q(inside("S1"))).await.unwrap();
+        assert_eq!(
+            pol.judge(&c, &a).judge(&[study("A", None, None)]).await,
+            [Verdict::Admit]
+        );
+        assert!(pol.decide(&c, q(inside("S2"))).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn user_level_queries_are_refused_under_the_default_policy() {
+        let (pol, _) = policy(false);
+        let mut c = caller(&pol, "user/ImagingStudy.rs").await;
+        c.principal.patient = None;
+        // user_level defaults to deny: refused before any plan is made.
+        assert_eq!(
+            pol.decide(&c, super::super::Action::Query(QueryRequest::default()))
+                .await,
+            Err(super::super::Denial::UserLevelNotAllowed)
+        );
+    }
+}
