@@ -8,6 +8,7 @@
 use jsonwebtoken::Algorithm;
 use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
+use pacsgate::ehr::Ehr;
 use pacsgate::policy::{
     Action, LookupFuture, MatchView, OwnerLookup, Policy, Ports, QueryRequest, UidLevel, Verdict,
 };
@@ -70,7 +71,13 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     // local JWT verification (keys fetched once beforehand)
     let trust = TrustCore::new(&jwt_cfg)?;
-    let policy = Policy::new(&jwt_cfg, Ports::new(Arc::new(NoPacs), trust.clone()));
+    let policy = Policy::new(
+        &jwt_cfg,
+        Ports::new(
+            Arc::new(NoPacs),
+            Arc::new(Ehr::new(&jwt_cfg, trust.clone())?),
+        ),
+    );
     let query = || Action::Query(QueryRequest::with_patient(None));
     trust.verify(&issuer.mint(&req())?).await?;
     let tokens: Vec<String> = (0..N)
@@ -119,7 +126,13 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let trust = TrustCore::new(&jwt_cfg)?;
-    let policy = Policy::new(&jwt_cfg, Ports::new(Arc::new(NoPacs), trust.clone()));
+    let policy = Policy::new(
+        &jwt_cfg,
+        Ports::new(
+            Arc::new(NoPacs),
+            Arc::new(Ehr::new(&jwt_cfg, trust.clone())?),
+        ),
+    );
     let principals = futures_util::future::try_join_all((0..N).map(|n| {
         let t = issuer.mint(&user(n));
         let trust = trust.clone();

@@ -796,7 +796,7 @@ impl Config {
                 );
             }
             if let Some(ClientAuth::PrivateKeyJwt(f)) = &client_auth
-                && let Err(e) = crate::trust::client::ClientKey::load(Path::new(f))
+                && let Err(e) = crate::crypto::SigningKey::load_any(Path::new(f), &CLIENT_KEY_ALGS)
             {
                 c.problem(
                     k("client_key_file"),
@@ -904,7 +904,7 @@ impl Config {
             },
             "table" => match rp.table_file.as_deref().map(resolve) {
                 Some(f) => {
-                    if let Err(e) = crate::policy::mapping::Table::read(Path::new(&f)) {
+                    if let Err(e) = read_patient_table(Path::new(&f)) {
                         c.problem(
                             "patients.table_file",
                             format!(
@@ -1125,6 +1125,85 @@ impl Config {
             destinations,
         })
     }
+}
+
+/// The algorithms a `client_key_file` may sign client assertions with (SMART Backend
+/// Services: RS384 for an RSA key, ES384 for an EC P-384 key).
+pub const CLIENT_KEY_ALGS: [jsonwebtoken::Algorithm; 2] = [
+    jsonwebtoken::Algorithm::RS384,
+    jsonwebtoken::Algorithm::ES384,
+];
+
+/// The largest patient mapping table read.
+const MAX_TABLE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One row of a patient mapping table (`patients.table_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRow {
+    /// The token's patient.
+    pub patient: String,
+    /// A DICOM PatientID of that patient (one LO value).
+    pub patient_id: String,
+    /// Its IssuerOfPatientID, when the table gives one.
+    pub issuer: Option<String>,
+}
+
+/// Reads `patient,patient_id,issuer` rows (header first; `#` lines are comments; the issuer
+/// column may be empty). Every problem names its line.
+pub fn read_patient_table(path: &Path) -> Result<Vec<TableRow>, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.len() > MAX_TABLE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_TABLE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let header: Vec<String> = match lines.next() {
+        Some((_, h)) => h
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect(),
+        None => return Err(format!("{} is empty", path.display())),
+    };
+    if header.first().map(String::as_str) != Some("patient")
+        || header.get(1).map(String::as_str) != Some("patient_id")
+    {
+        return Err(format!(
+            "{}: the first line must be the header patient,patient_id,issuer",
+            path.display()
+        ));
+    }
+    let mut rows = Vec::new();
+    for (n, line) in lines {
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        let (Some(patient), Some(pid)) = (cols.first(), cols.get(1)) else {
+            return Err(format!(
+                "{} line {}: expected patient,patient_id[,issuer]",
+                path.display(),
+                n + 1
+            ));
+        };
+        if patient.is_empty() || pid.is_empty() || pid.len() > 64 || pid.contains('\\') {
+            return Err(format!(
+                "{} line {}: empty patient, or a PatientID that is not a single LO value",
+                path.display(),
+                n + 1
+            ));
+        }
+        rows.push(TableRow {
+            patient: patient.to_string(),
+            patient_id: pid.to_string(),
+            issuer: cols.get(2).filter(|i| !i.is_empty()).map(|i| i.to_string()),
+        });
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

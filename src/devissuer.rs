@@ -6,183 +6,20 @@
 //! token, which is exactly what a test needs and what production must never have. Must not know
 //! the gateway's policy or DICOM.
 
-use anyhow::{Context, bail};
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
-};
+use anyhow::bail;
 use axum::extract::{Form, Query, State};
 use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
 use axum::{Router, http::StatusCode};
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
-/// A signing key of the development issuer.
-pub struct DevKey {
-    pub alg: Algorithm,
-    pub kid: String,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    public_jwk: Value,
-    pkcs8_pem: String,
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-fn pem_der(text: &str) -> anyhow::Result<Vec<u8>> {
-    let body: String = text
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .map(str::trim)
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .context("the key file is not PEM")
-}
-
-impl DevKey {
-    /// Generates a fresh key for `alg` (ES256, ES384, RS256 or PS256 and the other RSA algorithms).
-    pub fn generate(alg: Algorithm) -> anyhow::Result<DevKey> {
-        let rng = SystemRandom::new();
-        let der: Vec<u8> = match alg {
-            Algorithm::ES256 => {
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                    .map_err(|_| anyhow::anyhow!("EC key generation failed"))?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::ES384 => {
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
-                    .map_err(|_| anyhow::anyhow!("EC key generation failed"))?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::RS256
-            | Algorithm::RS384
-            | Algorithm::RS512
-            | Algorithm::PS256
-            | Algorithm::PS384
-            | Algorithm::PS512 => {
-                let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-                    .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
-                kp.as_der()
-                    .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?
-                    .as_ref()
-                    .to_vec()
-            }
-            other => bail!("the dev issuer signs with ES256, ES384, RS* or PS*, not {other:?}"),
-        };
-        DevKey::from_pkcs8(&der, alg)
-    }
-
-    /// Builds the key from PKCS#8 DER.
-    pub fn from_pkcs8(der: &[u8], alg: Algorithm) -> anyhow::Result<DevKey> {
-        let pkcs8_pem = pem("PRIVATE KEY", der);
-        let (encoding, public_jwk) = match alg {
-            Algorithm::ES256 | Algorithm::ES384 => {
-                let (sig_alg, crv) = if alg == Algorithm::ES256 {
-                    (&ECDSA_P256_SHA256_FIXED_SIGNING, "P-256")
-                } else {
-                    (&ECDSA_P384_SHA384_FIXED_SIGNING, "P-384")
-                };
-                let kp = EcdsaKeyPair::from_pkcs8(sig_alg, der)
-                    .map_err(|_| anyhow::anyhow!("not an EC {crv} PKCS#8 key"))?;
-                let point = kp.public_key().as_ref();
-                let n = (point.len() - 1) / 2;
-                let jwk = json!({
-                    "kty": "EC", "crv": crv,
-                    "x": B64URL.encode(&point[1..1 + n]),
-                    "y": B64URL.encode(&point[1 + n..]),
-                });
-                (EncodingKey::from_ec_pem(pkcs8_pem.as_bytes())?, jwk)
-            }
-            _ => {
-                let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(der)
-                    .map_err(|_| anyhow::anyhow!("not an RSA PKCS#8 key"))?;
-                let pk = kp.public_key();
-                let jwk = json!({
-                    "kty": "RSA",
-                    "n": B64URL.encode(pk.modulus().big_endian_without_leading_zero()),
-                    "e": B64URL.encode(pk.exponent().big_endian_without_leading_zero()),
-                });
-                (EncodingKey::from_rsa_pem(pkcs8_pem.as_bytes())?, jwk)
-            }
-        };
-        // The kid is a thumbprint-like digest of the public key, so it changes when the key does.
-        let kid = crate::trust::token_id(&public_jwk.to_string());
-        let mut public_jwk = public_jwk;
-        public_jwk["kid"] = json!(kid);
-        public_jwk["use"] = json!("sig");
-        public_jwk["alg"] = json!(format!("{alg:?}"));
-        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(public_jwk.clone())?;
-        let decoding = DecodingKey::from_jwk(&jwk)?;
-        Ok(DevKey {
-            alg,
-            kid,
-            encoding,
-            decoding,
-            public_jwk,
-            pkcs8_pem,
-        })
-    }
-
-    /// Loads a PKCS#8 PEM key written by [`DevKey::save`] (or by openssl).
-    pub fn load(path: &Path, alg: Algorithm) -> anyhow::Result<DevKey> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read key file {}", path.display()))?;
-        DevKey::from_pkcs8(&pem_der(&text)?, alg)
-            .with_context(|| format!("key file {} does not hold a {alg:?} key", path.display()))
-    }
-
-    /// Loads the key file if it exists, otherwise generates one and writes it there.
-    pub fn load_or_create(path: &Path, alg: Algorithm) -> anyhow::Result<DevKey> {
-        if path.exists() {
-            return DevKey::load(path, alg);
-        }
-        let k = DevKey::generate(alg)?;
-        k.save(path)?;
-        Ok(k)
-    }
-
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, &self.pkcs8_pem)
-            .with_context(|| format!("cannot write key file {}", path.display()))
-    }
-
-    pub fn public_jwk(&self) -> &Value {
-        &self.public_jwk
-    }
-
-    /// Signs claims as an RFC 9068 access token (`typ: at+jwt`).
-    pub fn sign(&self, claims: &Value) -> anyhow::Result<String> {
-        self.sign_with_typ(claims, Some("at+jwt"))
-    }
-
-    pub fn sign_with_typ(&self, claims: &Value, typ: Option<&str>) -> anyhow::Result<String> {
-        let mut h = Header::new(self.alg);
-        h.kid = Some(self.kid.clone());
-        h.typ = typ.map(str::to_string);
-        Ok(jsonwebtoken::encode(&h, claims, &self.encoding)?)
-    }
-}
+/// The development issuer's signing key: the production key type (see [`crate::crypto`]).
+pub type DevKey = crate::crypto::SigningKey;
 
 /// What a caller asks to be minted.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -271,7 +108,7 @@ impl DevIssuer {
             .revoked
             .lock()
             .ok()?
-            .contains(&crate::trust::token_id(token))
+            .contains(&crate::crypto::token_id(token))
         {
             return None;
         }
@@ -283,7 +120,7 @@ impl DevIssuer {
         v.validate_aud = false;
         v.leeway = 0;
         v.set_issuer(&[self.issuer.as_str()]);
-        jsonwebtoken::decode::<Value>(token, &self.key.decoding, &v)
+        jsonwebtoken::decode::<Value>(token, self.key.decoding(), &v)
             .ok()
             .map(|d| d.claims)
     }
@@ -336,7 +173,7 @@ impl DevIssuer {
             v.set_audience(&[format!("{}/token", self.issuer)]);
             v.set_issuer(&[id.as_str()]);
             v.sub = Some(id.clone());
-            jsonwebtoken::decode::<Value>(assertion, &key.decoding, &v).ok()?;
+            jsonwebtoken::decode::<Value>(assertion, key.decoding(), &v).ok()?;
             return Some(id);
         }
         let b = authorization?.strip_prefix("Basic ")?;
@@ -364,7 +201,7 @@ impl DevIssuer {
             "aud": req.aud.clone().unwrap_or_else(|| self.default_aud.clone()),
             "exp": exp,
             "iat": iat,
-            "jti": crate::trust::token_id(&format!("{iat}{}", rand_hex())),
+            "jti": crate::crypto::token_id(&format!("{iat}{}", rand_hex())),
             "client_id": client_id,
             "scope": req.scope.clone().unwrap_or_else(|| "patient/ImagingStudy.rs".into()),
         });
@@ -631,7 +468,7 @@ async fn revoke(State(s): State<Arc<DevIssuer>>, Form(f): Form<IntrospectForm>) 
         if r.len() >= MAX_OPAQUE {
             r.clear();
         }
-        r.insert(crate::trust::token_id(f.token.trim()));
+        r.insert(crate::crypto::token_id(f.token.trim()));
     }
     StatusCode::OK
 }

@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod devissuer;
 pub mod dicom;
 pub mod dimse;
+pub mod ehr;
 pub mod logtext;
 pub mod metrics;
 pub mod pacs;

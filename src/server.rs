@@ -65,7 +65,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let trust = TrustCore::new(&cfg)?;
     // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
     let lookup = Arc::new(crate::pacs::PacsLookup::new(&cfg));
-    let policy = Arc::new(Policy::new(&cfg, Ports::new(lookup, trust.clone())));
+    let ehr = Arc::new(crate::ehr::Ehr::new(&cfg, trust.clone())?);
+    let policy = Arc::new(Policy::new(&cfg, Ports::new(lookup, ehr)));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());

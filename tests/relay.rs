@@ -455,7 +455,8 @@ issuer = "{issuer_url}"
     let gl = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = gl.local_addr().unwrap();
     let trust = TrustCore::new(&cfg).unwrap();
-    let ports = Ports::new(Arc::new(PacsLookup::new(&cfg)), trust.clone());
+    let ehr = Arc::new(pacsgate::ehr::Ehr::new(&cfg, trust.clone()).unwrap());
+    let ports = Ports::new(Arc::new(PacsLookup::new(&cfg)), ehr);
     let ctx = dimse::Ctx::new(cfg.clone(), trust, Arc::new(Policy::new(&cfg, ports)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -18,6 +18,45 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+/// What a connection's task hears of the gateway stopping. `draining` turns true when the
+/// listener stops accepting: an association finishes the operation it runs and then ends.
+/// `cut` turns true when the drain time is over: what is left ends now, with an A-ABORT to
+/// each peer, so no peer is left with a connection that simply disappears.
+#[derive(Clone)]
+pub struct Stop {
+    draining: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
+}
+
+impl Stop {
+    /// A stop that never comes (for associations outside a listener).
+    pub fn never() -> Stop {
+        let (_, draining) = watch::channel(false);
+        let (_, cut) = watch::channel(false);
+        Stop { draining, cut }
+    }
+
+    /// Resolves once the gateway is draining.
+    pub async fn draining(&mut self) {
+        until(&mut self.draining).await
+    }
+
+    /// Resolves once the drain time is over.
+    pub async fn cut(&mut self) {
+        until(&mut self.cut).await
+    }
+}
+
+/// Waits for a signal to turn true; a signal whose sender is gone never does.
+async fn until(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How long associations have, once cut, to send their A-ABORTs before their tasks end.
+const CUT_WAIT: Duration = Duration::from_secs(3);
+
 /// The budgets a listener admits connections under.
 pub struct Admission {
     /// Connections that have not sent a complete A-ASSOCIATE-RQ yet.
@@ -80,8 +119,8 @@ impl Admission {
 }
 
 /// Accepts connections until `shutdown` turns true, giving each admitted one to `handle`
-/// with its pending claim (which `handle` drops once the request is read); then waits up to
-/// `grace` for running ones.
+/// with its pending claim (which `handle` drops once the request is read) and the [`Stop`] it
+/// must heed; then waits up to `grace` for running ones, and cuts what is left.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
@@ -90,10 +129,15 @@ pub async fn serve<F, Fut>(
     grace: Duration,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Pending) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Pending, Stop) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut tasks = JoinSet::new();
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let stop = Stop {
+        draining: shutdown.clone(),
+        cut: cut_rx,
+    };
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -115,7 +159,7 @@ pub async fn serve<F, Fut>(
                 let _ = stream.set_nodelay(true);
                 // Boxed: an association's state machine is large, and tokio moves the future it
                 // is given into the task and its output out of it.
-                tasks.spawn(Box::pin(handle(stream, addr, pending)));
+                tasks.spawn(Box::pin(handle(stream, addr, pending, stop.clone())));
             }
             _ = shutdown.changed() => break,
         }
@@ -128,5 +172,17 @@ pub async fn serve<F, Fut>(
         "listener stopped; waiting for running associations"
     );
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if !tasks.is_empty() {
+        tracing::warn!(
+            listener = name,
+            running = tasks.len(),
+            "drain time over; aborting what is left"
+        );
+        let _ = cut_tx.send(true);
+        let _ = tokio::time::timeout(CUT_WAIT, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
     tasks.abort_all();
 }

@@ -26,7 +26,7 @@ use crate::logtext::Clean;
 use crate::policy::{Action, Policy};
 use crate::trust::{TrustCore, TrustError, keys::KeyError};
 use dicom_ul::pdu::{AssociationRQ, Pdu};
-use listener::{Admission, Pending};
+use listener::{Admission, Pending, Stop};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +78,7 @@ pub async fn serve(
         admission,
         shutdown,
         grace,
-        move |stream, addr, pending| handle(stream, addr, pending, ctx.clone()),
+        move |stream, addr, pending, stop| handle(stream, addr, pending, stop, ctx.clone()),
     )
     .await
 }
@@ -137,7 +137,13 @@ pub(crate) async fn read_request(
 }
 
 /// Negotiates one association and, if it is accepted, runs it to its end.
-async fn handle(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: Arc<Ctx>) {
+async fn handle(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    pending: Pending,
+    stop: Stop,
+    ctx: Arc<Ctx>,
+) {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(rq) = read_request(&mut stream, addr, id, &ctx.cfg.limits).await else {
         return;
@@ -150,7 +156,7 @@ async fn handle(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: 
     };
     let _active = crate::metrics::association_started();
     tracing::info!(assoc = id, %addr, calling_ae = %Clean(rq.calling_ae_title.trim()), called_ae = %Clean(rq.called_ae_title.trim()), "association requested");
-    if let Some(session) = negotiate(stream, id, &rq, &ctx).await {
+    if let Some(session) = negotiate(stream, id, &rq, stop, &ctx).await {
         Box::pin(session.run()).await;
     }
 }
@@ -161,6 +167,7 @@ async fn negotiate(
     mut stream: TcpStream,
     id: u64,
     rq: &AssociationRQ,
+    stop: Stop,
     ctx: &Arc<Ctx>,
 ) -> Option<session::Session> {
     let cfg = &ctx.cfg;
@@ -289,6 +296,7 @@ async fn negotiate(
         pacs,
         upstream_rq: up_rq,
         caller,
+        stop,
         contexts,
         ctx: ctx.clone(),
     })

@@ -15,6 +15,7 @@
 use super::get::Tally;
 use super::instance::{self, HeadError, StreamError};
 use super::listener::Pending;
+use super::listener::Stop;
 use super::{Ctx, read_request, send_reject};
 use crate::audit::{self, Outcome};
 use crate::config::Destination;
@@ -187,7 +188,7 @@ pub async fn serve(
         admission,
         shutdown,
         grace,
-        move |stream, addr, pending| receive(stream, addr, pending, ctx.clone()),
+        move |stream, addr, pending, stop| receive(stream, addr, pending, stop, ctx.clone()),
     )
     .await
 }
@@ -200,7 +201,13 @@ async fn from_pacs(ctx: &Ctx, addr: SocketAddr) -> bool {
     }
 }
 
-async fn receive(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx: Arc<Ctx>) {
+async fn receive(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    pending: Pending,
+    stop: Stop,
+    ctx: Arc<Ctx>,
+) {
     let limits = &ctx.cfg.limits;
     let Some(rq) = read_request(&mut stream, addr, 0, limits).await else {
         return;
@@ -280,7 +287,20 @@ async fn receive(mut stream: TcpStream, addr: SocketAddr, pending: Pending, ctx:
         accepted,
         dest: None,
     };
-    r.run().await;
+    // The PACS's sub-operations serve C-MOVEs the front end drains; once the drain time is
+    // over, what is left is aborted on both legs.
+    let mut stop = stop;
+    let cut = tokio::select! {
+        _ = r.run() => false,
+        _ = stop.cut() => true,
+    };
+    if cut {
+        tracing::warn!("drain time over during C-MOVE sub-operations; aborting both legs");
+        if let Some(d) = r.dest.as_mut().and_then(|d| d.peer.as_mut()) {
+            d.abort().await;
+        }
+        r.pacs.abort().await;
+    }
 }
 
 /// The association to a destination, opened on the first instance of a route.

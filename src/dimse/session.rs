@@ -38,6 +38,9 @@ pub struct Session {
     /// Who the token says the caller is, prepared by the policy core; every operation is
     /// decided for it.
     pub caller: Caller,
+    /// The gateway stopping: the association ends between operations once it drains, and
+    /// at once (A-ABORT to both peers) when the drain time is over.
+    pub stop: super::listener::Stop,
     /// The presentation contexts accepted on both legs, by id.
     pub contexts: HashMap<u8, AcceptedContext>,
     pub ctx: Arc<Ctx>,
@@ -54,6 +57,7 @@ enum Side {
     Client(Incoming),
     Pacs(Incoming),
     Idle,
+    Stopping,
 }
 
 impl Session {
@@ -64,6 +68,7 @@ impl Session {
                 i = self.client.next() => Side::Client(i),
                 i = self.pacs.next() => Side::Pacs(i),
                 _ = tokio::time::sleep(idle) => Side::Idle,
+                _ = self.stop.draining() => Side::Stopping,
             };
             let flow = match side {
                 Side::Idle => {
@@ -73,8 +78,30 @@ impl Session {
                     );
                     self.abort_both().await
                 }
+                Side::Stopping => {
+                    tracing::info!(
+                        assoc = self.id,
+                        "the gateway is stopping; the association ends between operations"
+                    );
+                    self.end_for_stop().await
+                }
                 Side::Client(Incoming::Message(Event::Command { pc_id, command })) => {
-                    self.dispatch(pc_id, *command).await
+                    // The operation runs to its end unless the drain time runs out first.
+                    let mut stop = self.stop.clone();
+                    let done = tokio::select! {
+                        flow = self.dispatch(pc_id, *command) => Some(flow),
+                        _ = stop.cut() => None,
+                    };
+                    match done {
+                        Some(flow) => flow,
+                        None => {
+                            tracing::warn!(
+                                assoc = self.id,
+                                "drain time over during an operation; aborting both associations"
+                            );
+                            self.abort_both().await
+                        }
+                    }
                 }
                 Side::Client(Incoming::Message(Event::Data { .. })) => {
                     self.protocol_violation("client", "data set without a command")
@@ -307,6 +334,16 @@ impl Session {
     }
 
     async fn release(&mut self) -> Flow {
+        self.release_pacs().await;
+        let _ = self.client.send_pdu(&Pdu::ReleaseRP).await;
+        self.client.close().await;
+        tracing::info!(assoc = self.id, "association released");
+        Flow::End
+    }
+
+    /// Releases the gateway's association to the PACS (A-ABORT when the PACS does not answer
+    /// in time).
+    async fn release_pacs(&mut self) {
         let upstream = async {
             self.pacs
                 .send_pdu(&Pdu::ReleaseRQ)
@@ -334,9 +371,14 @@ impl Session {
                 self.pacs.abort().await;
             }
         }
-        let _ = self.client.send_pdu(&Pdu::ReleaseRP).await;
-        self.client.close().await;
-        tracing::info!(assoc = self.id, "association released");
+    }
+
+    /// Ends the association because the gateway is stopping, between operations: the PACS
+    /// association is released, the client's aborted (the gateway accepted it, and the
+    /// acceptor does not ask for a release).
+    async fn end_for_stop(&mut self) -> Flow {
+        self.release_pacs().await;
+        self.client.abort().await;
         Flow::End
     }
 

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// The largest mapping table read.
-const MAX_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 /// How often the table file is looked at for changes.
 const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
@@ -109,60 +107,13 @@ impl Table {
     /// Reads `patient,patient_id,issuer` rows (header first; `#` lines are comments; the issuer
     /// column may be empty). Every problem names its line.
     pub fn read(path: &Path) -> Result<Table, String> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if meta.len() > MAX_TABLE_BYTES {
-            return Err(format!(
-                "{} is larger than {MAX_TABLE_BYTES} bytes",
-                path.display()
-            ));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
-        let header: Vec<String> = match lines.next() {
-            Some((_, h)) => h
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .collect(),
-            None => return Err(format!("{} is empty", path.display())),
-        };
-        if header.first().map(String::as_str) != Some("patient")
-            || header.get(1).map(String::as_str) != Some("patient_id")
-        {
-            return Err(format!(
-                "{}: the first line must be the header patient,patient_id,issuer",
-                path.display()
-            ));
-        }
         let mut rows: HashMap<String, Vec<DicomPatient>> = HashMap::new();
-        for (n, line) in lines {
-            let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-            let (Some(patient), Some(pid)) = (cols.first(), cols.get(1)) else {
-                return Err(format!(
-                    "{} line {}: expected patient,patient_id[,issuer]",
-                    path.display(),
-                    n + 1
-                ));
-            };
-            if patient.is_empty() || pid.is_empty() || pid.len() > 64 || pid.contains('\\') {
-                return Err(format!(
-                    "{} line {}: empty patient, or a PatientID that is not a single LO value",
-                    path.display(),
-                    n + 1
-                ));
-            }
-            let issuer = cols.get(2).filter(|i| !i.is_empty()).map(|i| i.to_string());
-            rows.entry(patient.to_string())
-                .or_default()
-                .push(DicomPatient {
-                    patient_id: pid.to_string(),
-                    issuer,
-                    issuer_match: None,
-                });
+        for row in crate::config::read_patient_table(path)? {
+            rows.entry(row.patient).or_default().push(DicomPatient {
+                patient_id: row.patient_id,
+                issuer: row.issuer,
+                issuer_match: None,
+            });
         }
         Ok(Table { rows })
     }

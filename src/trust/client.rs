@@ -7,10 +7,9 @@
 
 use super::keys::get_json;
 use crate::config::{ClientAuth, Issuer};
-use crate::devissuer::DevKey;
+use crate::crypto::SigningKey as DevKey;
 use anyhow::Context;
 use base64::Engine;
-use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -31,8 +30,7 @@ pub struct ClientKey(DevKey);
 
 impl ClientKey {
     pub fn load(path: &Path) -> anyhow::Result<ClientKey> {
-        DevKey::load(path, Algorithm::RS384)
-            .or_else(|_| DevKey::load(path, Algorithm::ES384))
+        DevKey::load_any(path, &crate::config::CLIENT_KEY_ALGS)
             .map(ClientKey)
             .with_context(|| format!("{} holds no RSA or EC P-384 private key", path.display()))
     }
@@ -163,6 +161,11 @@ impl IssuerClient {
 
     /// The gateway's own access token (SMART Backend Services), cached until shortly before
     /// it expires.
+    /// The HTTP client toward this issuer (its timeouts; no redirects).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub async fn own_token(&self) -> Result<String, String> {
         let mut g = self.own_token.lock().await;
         if let Some((t, until)) = g.as_ref()
@@ -212,32 +215,6 @@ impl IssuerClient {
         let until = Instant::now() + Duration::from_secs(lifetime).saturating_sub(RENEW_BEFORE);
         *g = Some((token.to_string(), until));
         Ok(token.to_string())
-    }
-
-    /// `GET {fhir_base}/{resource}/{id}` with the gateway's own token. `Ok(None)`: no such
-    /// resource. `id` was checked to be a FHIR id by the caller.
-    pub async fn fhir_read(
-        &self,
-        fhir_base: &str,
-        resource: &str,
-        id: &str,
-    ) -> Result<Option<Value>, String> {
-        let token = self.own_token().await?;
-        let url = format!("{}/{resource}/{id}", fhir_base.trim_end_matches('/'));
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(token)
-            .header("accept", "application/fhir+json")
-            .send()
-            .await
-            .map_err(|e| format!("{resource} look-up failed: {}", e.without_url()))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND
-            || resp.status() == reqwest::StatusCode::GONE
-        {
-            return Ok(None);
-        }
-        read_json(resp).await.map(Some)
     }
 
     /// Asks the issuer about a token (RFC 7662), with a cache keyed by a digest of the token.
@@ -298,49 +275,12 @@ impl IssuerClient {
     }
 }
 
-/// The largest FHIR search answer read (a Bundle of ImagingStudy resources with their series).
-const MAX_SEARCH_BYTES: usize = 4 * 1024 * 1024;
-
-/// `GET {fhir_base}/ImagingStudy?identifier=urn:oid:{uid}[,..]&_count={n}` with the caller's own
-/// token: what the EHR shows this caller. `Ok(None)` when the EHR refuses the caller (401 or 403); any
-/// other failure is an error (the caller is then denied, and nothing is cached).
-pub async fn caller_study_search(
-    http: &reqwest::Client,
-    fhir_base: &str,
-    bearer: &super::Bearer,
-    study_uids: &[String],
-) -> Result<Option<Value>, String> {
-    let url = format!("{}/ImagingStudy", fhir_base.trim_end_matches('/'));
-    let identifiers = study_uids
-        .iter()
-        .map(|u| format!("urn:oid:{u}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let resp = http
-        .get(&url)
-        .query(&[
-            ("identifier", identifiers),
-            ("_count", study_uids.len().max(1).to_string()),
-        ])
-        .bearer_auth(bearer.expose())
-        .header("accept", "application/fhir+json")
-        .send()
-        .await
-        .map_err(|e| format!("ImagingStudy search failed: {}", e.without_url()))?;
-    if matches!(
-        resp.status(),
-        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
-    ) {
-        return Ok(None);
-    }
-    read_json_max(resp, MAX_SEARCH_BYTES).await.map(Some)
-}
-
 async fn read_json(resp: reqwest::Response) -> Result<Value, String> {
     read_json_max(resp, MAX_RESPONSE_BYTES).await
 }
 
-async fn read_json_max(mut resp: reqwest::Response, max: usize) -> Result<Value, String> {
+/// Reads a JSON answer of at most `max` bytes; a non-success status is an error.
+pub async fn read_json_max(mut resp: reqwest::Response, max: usize) -> Result<Value, String> {
     let status = resp.status();
     let mut body = Vec::new();
     while let Some(c) = resp

@@ -149,9 +149,6 @@ struct TrustedIssuer {
 /// The trust core.
 pub struct TrustCore {
     issuers: HashMap<String, TrustedIssuer>,
-    /// For calls made with the caller's own token: no redirects are followed, so the token
-    /// goes only to the configured FHIR base.
-    caller_http: reqwest::Client,
     /// The gateway's own URLs: an `authorization_details` entry naming one of them in its
     /// `locations` applies its own scope and patient here.
     locations: Vec<String>,
@@ -217,17 +214,7 @@ impl TrustCore {
             .into_iter()
             .map(|l| l.trim_end_matches('/').to_string())
             .collect();
-        let caller_http = reqwest::Client::builder()
-            .timeout(cfg.limits.http_fetch_timeout)
-            .connect_timeout(cfg.limits.http_fetch_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Arc::new(TrustCore {
-            issuers,
-            caller_http,
-            locations,
-        }))
+        Ok(Arc::new(TrustCore { issuers, locations }))
     }
 
     /// Verifies a token; on success, the principal it stands for.
@@ -683,83 +670,25 @@ fn launch_studies(ctx: Option<&serde_json::Value>, issuer: &Issuer) -> Option<Ve
 
 impl TrustCore {
     /// The issuer's FHIR base and the gateway's client there, for calls with its own token.
-    fn ehr_client(&self, issuer: &str) -> Result<(&client::IssuerClient, &str), String> {
+    pub fn ehr_client(&self, issuer: &str) -> Result<(&client::IssuerClient, &str), String> {
         let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
         match (&ti.client, &ti.cfg.fhir_base_url) {
             (Some(c), Some(b)) => Ok((c, b.as_str())),
             _ => Err("the issuer has no fhir_base_url or no gateway credentials".to_string()),
         }
     }
-}
 
-/// Counts an EHR request's outcome and passes it on.
-fn counted(
-    issuer: &str,
-    kind: &'static str,
-    r: Result<Option<serde_json::Value>, String>,
-) -> Result<Option<serde_json::Value>, String> {
-    let result = match &r {
-        Ok(Some(_)) => "ok",
-        Ok(None) => "not_found_or_refused",
-        Err(_) => "error",
-    };
-    crate::metrics::issuer_request(issuer, kind, result);
-    r
-}
-
-impl crate::policy::EhrDirectory for TrustCore {
-    fn patient<'a>(&'a self, issuer: &'a str, id: &'a str) -> crate::policy::DirectoryFuture<'a> {
-        Box::pin(async move {
-            let (client, base) = self.ehr_client(issuer)?;
-            counted(
-                issuer,
-                "patient",
-                client.fhir_read(base, "Patient", id).await,
-            )
-        })
-    }
-
-    fn imaging_study<'a>(
-        &'a self,
-        issuer: &'a str,
-        id: &'a str,
-    ) -> crate::policy::DirectoryFuture<'a> {
-        Box::pin(async move {
-            let (client, base) = self.ehr_client(issuer)?;
-            counted(
-                issuer,
-                "imaging_study",
-                client.fhir_read(base, "ImagingStudy", id).await,
-            )
-        })
-    }
-
-    fn studies_seen_by<'a>(
-        &'a self,
-        p: &'a Principal,
-        study_uids: &'a [String],
-    ) -> crate::policy::DirectoryFuture<'a> {
-        Box::pin(async move {
-            let ti = self.issuers.get(&p.issuer).ok_or("unknown issuer")?;
-            let base = ti
-                .cfg
-                .fhir_base_url
-                .as_deref()
-                .ok_or("the issuer has no fhir_base_url")?;
-            counted(
-                &p.issuer,
-                "study_search",
-                client::caller_study_search(&self.caller_http, base, &p.bearer, study_uids).await,
-            )
-        })
+    /// The issuer's FHIR base, for calls with the caller's own token.
+    pub fn fhir_base(&self, issuer: &str) -> Result<&str, String> {
+        let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
+        ti.cfg
+            .fhir_base_url
+            .as_deref()
+            .ok_or_else(|| "the issuer has no fhir_base_url".to_string())
     }
 }
 
-/// A stable, non-reversible id of a token for logs and cache keys.
-pub fn token_id(token: &str) -> String {
-    let d = sha2::Sha256::digest(token.as_bytes());
-    d[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::crypto::token_id;
 
 fn now_secs() -> u64 {
     SystemTime::now()

@@ -270,3 +270,51 @@ def test_pacs_stopped_during_c_move_and_c_store(env, issuer):
         assoc.release()
     else:
         assert assoc.is_rejected
+
+
+def test_sigterm_finishes_the_running_operation_then_ends_every_association(tmp_root, issuer):
+    """On SIGTERM the gateway stops accepting, lets a running C-GET finish, then ends each
+    association (A-ABORT to the client, A-RELEASE to the PACS) and exits well within the drain
+    time; an idle association does not hold the stop up."""
+    d = tmp_root / "stopping"
+    d.mkdir()
+    o = Orthanc(d)
+    study, series = generate_uid(), generate_uid()
+    for _ in range(6):
+        buf = io.BytesIO()
+        big_instance("PAT-F", study, series, 4).save_as(buf, enforce_file_format=True)
+        o.upload(buf.getvalue())
+    env = {"study": study}
+    g = Gateway(d, o, issuer, name="stopping-gateway")
+    try:
+        token = issuer.mint(patient="PAT-F", scope="patient/ImagingStudy.rs")
+        idle = associate(g, token, [Verification])
+        received = []
+
+        def on_store(e):
+            received.append(1)
+            if len(received) == 1:
+                g.proc.send_signal(signal.SIGTERM)
+            return 0x0000
+
+        busy = associate(g, token, [STUDY_GET, SecondaryCaptureImageStorage],
+                         ext=[build_role(SecondaryCaptureImageStorage, scp_role=True)],
+                         handlers=[(evt.EVT_C_STORE, on_store)])
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = env["study"]
+        t0 = time.monotonic()
+        statuses = [s.Status for s, _ in busy.send_c_get(q, STUDY_GET) if s]
+        assert statuses[-1] == 0x0000 and len(received) == 6, "the running C-GET finished"
+        assert g.proc.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 12, "the stop waited for nothing but the running operation"
+        deadline = time.monotonic() + 5
+        while (idle.is_established or busy.is_established) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.is_aborted and busy.is_aborted
+        log = g.log_text()
+        assert log.count("the gateway is stopping; the association ends between operations") == 2
+        assert "drain time over" not in log
+    finally:
+        stop(g.proc)
+        stop(o.proc)
