@@ -82,10 +82,10 @@ def session(token=None):
     return s
 
 
-def qido_latencies(url, token=None):
+def qido_latencies(url, token=None, n=QIDO_N):
     s = session(token)
     lat = []
-    for _ in range(QIDO_N):
+    for _ in range(n):
         t = time.perf_counter()
         r = s.get(url, timeout=30)
         lat.append((time.perf_counter() - t) * 1000)
@@ -192,7 +192,7 @@ def main():
             return (f"{base}/studies", tok) if k[1] == "gateway" else (f"{base}/studies?PatientID=QIDO", None)
 
         for k in sides:  # warm-up
-            qido_latencies(*qido_url(k))
+            qido_latencies(*qido_url(k), n=min(QIDO_N, 30))
         qido = {k: qido_latencies(*qido_url(k)) for k in sides}
         meta = {k: meta_latencies(base, small, tok) for k, (base, _, tok) in sides.items()}
 
