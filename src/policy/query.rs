@@ -9,14 +9,94 @@
 //! restriction). Front ends translate their matches into a protocol-neutral [`MatchView`] and
 //! apply the verdicts. Must not know DICOM encodings, JSON or sockets.
 
-use super::{
-    Decision, EHR_BATCH, EhrDirectory, OwnerLookup, Permit, Policy, QueryLevel, QueryRequest,
-    RetrieveRequest, StudyFacts, StudyGate, StudyMemo, UidLevel,
-};
-use crate::trust::Principal;
+#[allow(unused_imports)]
+use super::*;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use std::time::SystemTime;
+
+/// The most distinct studies one query's results are judged for under a study restriction;
+/// results of further studies are withheld.
+pub const MAX_STUDIES_JUDGED: usize = 1000;
+
+/// The study a query result belongs to, as the result shows it: its UID, and (for a
+/// STUDY-level match) its ModalitiesInStudy and StudyDate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResultStudy<'a> {
+    pub uid: Option<&'a str>,
+    pub facts: Option<&'a StudyFacts>,
+}
+
+impl<'a> ResultStudy<'a> {
+    pub fn uid(uid: Option<&'a str>) -> ResultStudy<'a> {
+        ResultStudy { uid, facts: None }
+    }
+}
+
+/// Study UIDs asked about in one EHR search.
+pub const EHR_BATCH: usize = 50;
+
+/// What one query's study judgements learned: each study's verdict, and why judging stopped.
+#[derive(Debug, Default)]
+pub struct StudyMemo {
+    pub(super) judged: std::collections::HashMap<String, bool>,
+    /// Set when judging stopped early; every later result is withheld.
+    pub stopped: Option<&'static str>,
+}
+
+impl Policy {
+    /// Whether one result of an allowed query (a C-FIND match, a QIDO result) may reach the
+    /// caller under the decision's study gate. A result without a study UID passes only an
+    /// open gate. The result's own study facts are used when it carries them (else they are
+    /// looked up when a constraint needs them). Each study is judged once per
+    /// request (`memo`), at most
+    /// [`MAX_STUDIES_JUDGED`] of them; after the first failure to judge (the PACS or the EHR
+    /// did not answer) no more are asked about, and the rest are withheld.
+    pub async fn admits_result(
+        &self,
+        p: &Principal,
+        allowed: &Permit,
+        result: ResultStudy<'_>,
+        memo: &mut StudyMemo,
+        lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
+    ) -> bool {
+        let ResultStudy { uid, facts } = result;
+        let uid = uid
+            .map(|u| u.trim_end_matches(['\0', ' ']))
+            .filter(|u| !u.is_empty());
+        match (&allowed.studies, uid) {
+            (StudyGate::Open, _) => true,
+            (_, None) => false,
+            (StudyGate::Within(uids), Some(u)) => uids.iter().any(|x| x == u),
+            (StudyGate::Check(rule), Some(u)) => {
+                if let Some(v) = memo.judged.get(u) {
+                    return *v;
+                }
+                if memo.stopped.is_some() {
+                    return false;
+                }
+                if memo.judged.len() >= MAX_STUDIES_JUDGED {
+                    memo.stopped = Some("too many studies to judge in one request");
+                    return false;
+                }
+                match self.admits_study(p, rule, u, facts, lookup, ehr).await {
+                    Ok(v) => {
+                        memo.judged.insert(u.to_string(), v);
+                        v
+                    }
+                    Err(d) => {
+                        memo.stopped = Some(match d {
+                            Denial::EhrUnavailable => "the EHR could not be asked",
+                            _ => "the PACS could not be asked",
+                        });
+                        false
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// A return key a query must carry so its matches can be judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,175 @@
+//! Stores: C-STORE and STOW-RS parts decided on what the instance says of itself.
+//!
+//! Owns: the write decision (write scope, the caller's patient, a study, series or SOP Instance
+//! UID the PACS already holds must be that patient's, the write restriction) and what a
+//! confirmed store proves for later decisions.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Policy {
+    /// Records what a successful store proved: the PACS now holds this study and series under
+    /// this patient. Later instances of the same study are then decided without a look-up.
+    pub async fn remember_stored(&self, req: &StoreRequest<'_>) {
+        let (Some(study_uid), Some(patient_id)) = (req.study_uid, req.patient_id) else {
+            return;
+        };
+        let patient_id = patient_id.trim_matches(' ');
+        let issuer = req
+            .issuer
+            .map(|i| i.trim_matches([' ', '\0']).to_string())
+            .filter(|i| !i.is_empty());
+        let owner = |series: Option<&str>| {
+            Arc::new(Owner {
+                patient_id: patient_id.to_string(),
+                issuer: issuer.clone(),
+                issuer_known: true,
+                study_uid: study_uid.to_string(),
+                series_uid: series.map(str::to_string),
+                facts: None,
+            })
+        };
+        self.owners
+            .insert((UidLevel::Study, study_uid.to_string()), owner(None))
+            .await;
+        if let Some(s) = req.series_uid {
+            self.owners
+                .insert((UidLevel::Series, s.to_string()), owner(Some(s)))
+                .await;
+            if let Some(i) = req.instance_uid {
+                self.owners
+                    .insert((UidLevel::Instance, i.to_string()), owner(Some(s)))
+                    .await;
+            }
+        }
+    }
+
+    /// Decides a store: the token must grant write, the instance's PatientID must be an allowed
+    /// patient's, a study or series it names that the PACS already holds must be that
+    /// patient's too (no writing into another patient's study), and the instance must pass the
+    /// write scope's study restriction (judged on the instance's own Modality and StudyDate).
+    pub async fn decide_store(
+        &self,
+        p: &Principal,
+        req: &StoreRequest<'_>,
+        lookup: &dyn OwnerLookup,
+        ehr: &dyn EhrDirectory,
+        now: SystemTime,
+    ) -> Decision {
+        let access = match self.access_at(p, now) {
+            Ok(a) => a,
+            Err(d) => return Decision::Deny(d),
+        };
+        let Some(rule) = access.write else {
+            return Decision::Deny(Denial::NoWrite);
+        };
+        let pid = req.patient_id.map(|v| v.trim_matches(' ')).unwrap_or("");
+        if pid.is_empty()
+            || pid.contains('\\')
+            || !access.write_patients.admits(Some(pid), req.issuer)
+        {
+            return Decision::Deny(Denial::ForeignPatient);
+        }
+        let mut study = "";
+        let mut study_exists = false;
+        for (l, uid) in [
+            (UidLevel::Study, req.study_uid),
+            (UidLevel::Series, req.series_uid),
+        ] {
+            let Some(uid) = uid
+                .map(|u| u.trim_end_matches(['\0', ' ']))
+                .filter(|u| !u.is_empty())
+            else {
+                return Decision::Deny(Denial::BadIdentifier(
+                    "the instance has no study or series UID",
+                ));
+            };
+            if l == UidLevel::Study {
+                study = uid;
+            }
+            match self.owner(lookup, l, uid).await {
+                Ok(None) => {}
+                Ok(Some(o)) => {
+                    study_exists |= l == UidLevel::Study;
+                    if self.use_issuer && !o.issuer_known {
+                        tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
+                        return Decision::Deny(Denial::LookupFailed);
+                    }
+                    let same_issuer = || {
+                        let norm = |i: Option<&str>| {
+                            i.map(|i| i.trim_matches(' ').to_string())
+                                .filter(|i| !i.is_empty())
+                        };
+                        norm(o.issuer.as_deref()) == norm(req.issuer)
+                    };
+                    if !lo_eq(&o.patient_id, pid) || (self.use_issuer && !same_issuer()) {
+                        return Decision::Deny(Denial::ForeignStudy);
+                    }
+                }
+                Err(d) => return Decision::Deny(d),
+            }
+        }
+        // One UID under two patients, studies or series would make the PACS answer for the
+        // wrong data: the instance must be new, or the caller's own in the same place.
+        let Some(instance) = req.instance_uid.filter(|u| !u.is_empty()) else {
+            return Decision::Deny(Denial::BadIdentifier(
+                "the instance has no SOP Instance UID",
+            ));
+        };
+        match self.owner(lookup, UidLevel::Instance, instance).await {
+            Ok(None) => {}
+            Ok(Some(o)) => {
+                let same_issuer = !self.use_issuer
+                    || (o.issuer_known
+                        && o.issuer
+                            .as_deref()
+                            .map(|i| i.trim_matches(' '))
+                            .filter(|i| !i.is_empty())
+                            == req
+                                .issuer
+                                .map(|i| i.trim_matches(' '))
+                                .filter(|i| !i.is_empty()));
+                let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
+                if !lo_eq(&o.patient_id, pid)
+                    || !same_issuer
+                    || o.study_uid != study
+                    || o.series_uid.as_deref() != series
+                {
+                    return Decision::Deny(Denial::ForeignInstance);
+                }
+            }
+            Err(d) => return Decision::Deny(d),
+        }
+        if !rule.is_open() {
+            let facts = StudyFacts {
+                modalities: req
+                    .modality
+                    .map(|m| m.trim_matches([' ', '\0']).to_string())
+                    .into_iter()
+                    .filter(|m| !m.is_empty())
+                    .collect(),
+                study_date: req
+                    .study_date
+                    .map(|d| d.trim_matches([' ', '\0']).to_string()),
+            };
+            match self
+                .admits_study(p, &rule, study, Some(&facts), lookup, ehr)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Decision::Deny(Denial::OutsideStudies),
+                Err(d) => return Decision::Deny(d),
+            }
+            // Writing into a study the PACS holds is writing into that study: it must be inside
+            // the restriction as it stands (else a CT instance could make an MR study readable).
+            if study_exists {
+                match self.admits_study(p, &rule, study, None, lookup, ehr).await {
+                    Ok(true) => {}
+                    Ok(false) => return Decision::Deny(Denial::OutsideStudies),
+                    Err(d) => return Decision::Deny(d),
+                }
+            }
+        }
+        Decision::Allow(Permit::new(access.write_patients))
+    }
+}
