@@ -9,8 +9,8 @@
 //! gateway saw answered at the destination (a withheld instance counts as failed). C-CANCEL is
 //! relayed.
 
-use super::get;
 use super::receiver::Route;
+use super::retrieve;
 use super::session::{Flow, Session};
 use crate::audit::{self, Outcome};
 use crate::dicom::command::{self, Command};
@@ -54,7 +54,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         );
         return s.reply(pc_id, &rsp, None).await;
     };
-    let (identifier, allowed) = match get::authorize(s, pc_id, &cmd, "C-MOVE").await {
+    let (identifier, allowed) = match retrieve::authorize(s, pc_id, &cmd, "C-MOVE").await {
         Ok(x) => x,
         Err(flow) => return flow,
     };

@@ -7,15 +7,16 @@
 //! the PACS accepted. Sessions ([`session`]) then relay one service at a time. Must not know
 //! HTTP, and decides no access itself.
 
-pub mod cmove;
-pub mod echo;
-pub mod find;
-pub mod get;
+pub(crate) mod cmove;
+pub(crate) mod echo;
+pub(crate) mod find;
+pub(crate) mod get;
 pub mod instance;
 pub mod listener;
-pub mod receiver;
-pub mod session;
-pub mod store;
+pub(crate) mod receiver;
+pub(crate) mod retrieve;
+pub(crate) mod session;
+pub(crate) mod store;
 
 use crate::audit::{self, Outcome};
 use crate::config::Config;
@@ -24,7 +25,7 @@ use crate::dicom::pdu::{PDU_SLACK, read_pdu, write_pdu};
 use crate::dicom::peer::Peer;
 use crate::logtext::Clean;
 use crate::policy::{Action, Policy};
-use crate::trust::{TrustCore, TrustError, keys::KeyError};
+use crate::trust::TrustCore;
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use listener::{Admission, Pending, Stop};
 use std::net::SocketAddr;
@@ -218,11 +219,10 @@ async fn negotiate(
                 Outcome::Denied,
                 &format!("token refused: {e}"),
             );
-            let refusal = match e {
-                TrustError::Keys(KeyError::Unavailable { .. }) | TrustError::Unavailable(_) => {
-                    Refusal::Unavailable
-                }
-                _ => Refusal::Identity,
+            let refusal = if e.is_transient() {
+                Refusal::Unavailable
+            } else {
+                Refusal::Identity
             };
             send_reject(&mut stream, refusal).await;
             return None;

@@ -12,10 +12,10 @@
 //! (its AE title and address). Must not decide access itself: routes carry the policy core's
 //! decision.
 
-use super::get::Tally;
 use super::instance::{self, HeadError, StreamError};
 use super::listener::Pending;
 use super::listener::Stop;
+use super::retrieve::Tally;
 use super::{Ctx, read_request, send_reject};
 use crate::audit::{self, Outcome};
 use crate::config::Destination;

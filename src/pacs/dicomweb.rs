@@ -39,17 +39,23 @@ pub struct DicomWeb {
 }
 
 impl DicomWeb {
-    /// The client for `pacs.dicomweb_url`; `None` when it is not configured.
-    pub fn new(cfg: &Config) -> anyhow::Result<Option<DicomWeb>> {
-        let Some(url) = cfg.pacs.dicomweb_url.as_ref() else {
-            return Ok(None);
-        };
-        let http = reqwest::Client::builder()
+    /// The HTTP client toward the PACS: its connect and read timeouts, no redirects, the
+    /// gateway's user agent.
+    pub fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
             .connect_timeout(cfg.pacs.connect_timeout)
             .read_timeout(cfg.limits.upstream_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build()?)
+    }
+
+    /// The client for `pacs.dicomweb_url` over `http` (see [`DicomWeb::http_client`]);
+    /// `None` when it is not configured.
+    pub fn new(cfg: &Config, http: reqwest::Client) -> anyhow::Result<Option<DicomWeb>> {
+        let Some(url) = cfg.pacs.dicomweb_url.as_ref() else {
+            return Ok(None);
+        };
         let base = url.trim_end_matches('/').to_string();
         let wado_uri = base
             .rsplit_once('/')

@@ -138,6 +138,18 @@ pub enum TrustError {
     Unavailable(String),
 }
 
+impl TrustError {
+    /// Whether the token could not be checked at all (the issuer's keys or its introspection
+    /// endpoint could not be reached): the caller is told to try again, not that its token is
+    /// bad.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TrustError::Keys(keys::KeyError::Unavailable { .. }) | TrustError::Unavailable(_)
+        )
+    }
+}
+
 struct TrustedIssuer {
     cfg: Issuer,
     keys: IssuerKeys,
@@ -222,7 +234,7 @@ impl TrustCore {
         let r = self.verify_token(token).await;
         crate::metrics::token_check(match &r {
             Ok(_) => "valid",
-            Err(TrustError::Unavailable(_)) | Err(TrustError::Keys(_)) => "unavailable",
+            Err(e) if e.is_transient() => "unavailable",
             Err(_) => "refused",
         });
         r

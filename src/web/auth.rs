@@ -7,7 +7,7 @@
 
 use crate::pacs::dicomweb::DicomWebError;
 use crate::policy::{Denial, DenialKind};
-use crate::trust::{Principal, TrustCore, TrustError, keys::KeyError};
+use crate::trust::{Principal, TrustCore};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
@@ -168,11 +168,9 @@ pub async fn principal(
     let token = bearer(headers)?;
     match tokio::time::timeout(wait, trust.verify(token)).await {
         Ok(Ok(p)) => Ok(p),
-        Ok(Err(TrustError::Keys(KeyError::Unavailable { .. }) | TrustError::Unavailable(_))) => {
-            Err(ApiError::Unavailable(
-                "the token's issuer cannot be reached to check it".into(),
-            ))
-        }
+        Ok(Err(e)) if e.is_transient() => Err(ApiError::Unavailable(
+            "the token's issuer cannot be reached to check it".into(),
+        )),
         Ok(Err(e)) => Err(ApiError::InvalidToken(e.to_string())),
         Err(_) => Err(ApiError::Unavailable("token verification timed out".into())),
     }

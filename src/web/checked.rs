@@ -27,7 +27,6 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::time::Duration;
 
 /// What each check needs besides the answer.
 #[derive(Clone)]
@@ -37,9 +36,9 @@ pub struct Check {
     /// The request, for the audit trail.
     pub request_id: u64,
     pub action: String,
+    /// Bounds of the strict reader. (How long the PACS may take for its next chunk is the
+    /// DICOMweb client's read timeout.)
     pub limits: Limits,
-    /// How long the PACS may take for its next chunk.
-    pub wait: Duration,
 }
 
 impl Check {

@@ -5,17 +5,17 @@
 //! [`listener`]), routing, and the relay to the PACS's DICOMweb service. Every access question goes to the policy core through
 //! the same `Action`s and requests as DIMSE; no rule lives here. Must not know DIMSE framing.
 
-pub mod auth;
-pub mod checked;
-pub mod cors;
-pub mod discovery;
-pub mod listener;
+pub(crate) mod auth;
+pub(crate) mod checked;
+pub(crate) mod cors;
+pub(crate) mod discovery;
+pub(crate) mod listener;
 pub mod multipart;
 pub mod path;
-pub mod qido;
-pub mod stow;
-pub mod wado;
-pub mod wado_uri;
+pub(crate) mod qido;
+pub(crate) mod stow;
+pub(crate) mod wado;
+pub(crate) mod wado_uri;
 
 use crate::config::Config;
 use crate::pacs::dicomweb::DicomWeb;
@@ -81,12 +81,9 @@ impl WebCtx {
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
     ) -> anyhow::Result<Arc<WebCtx>> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.pacs.connect_timeout)
-            .read_timeout(cfg.limits.upstream_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        // One client (one connection pool, one set of trust anchors) for the PACS and the
+        // issuers' metadata the discovery documents point at.
+        let http = DicomWeb::http_client(&cfg)?;
         let public = cfg.gateway.public_url.trim_end_matches('/').to_string();
         Ok(Arc::new(WebCtx {
             challenge: Challenge {
@@ -94,7 +91,7 @@ impl WebCtx {
                 resource_metadata: format!("{public}/.well-known/oauth-protected-resource"),
             },
             public_base: format!("{public}/dicom-web"),
-            pacs: DicomWeb::new(&cfg)?,
+            pacs: DicomWeb::new(&cfg, http.clone())?,
             http,
             slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
             discovery: discovery::Cache::default(),

@@ -99,7 +99,6 @@ pub async fn retrieve(
         request_id: super::request_id(),
         action: action.clone(),
         limits: ctx.cfg.limits.reader(),
-        wait: ctx.cfg.limits.upstream_timeout,
     };
     if query.is_some_and(|q| !q.is_empty() && !safe_query(q)) {
         return Err(ApiError::BadRequest(

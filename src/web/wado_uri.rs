@@ -132,7 +132,6 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             request_id: super::request_id(),
             action,
             limits: ctx.cfg.limits.reader(),
-            wait: ctx.cfg.limits.upstream_timeout,
         };
         checked::single(resp, check).await?
     } else {
