@@ -131,6 +131,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         last: false,
         pc_id,
         held: Vec::new(),
+        held_views: Vec::new(),
         held_bytes: 0,
         unreadable: 0,
     };
@@ -177,8 +178,10 @@ struct Pass<'a> {
     /// The last of the operation's queries: its final response goes to the client.
     last: bool,
     pc_id: u8,
-    /// Matches read and waiting to be judged together (one EHR search for a batch).
+    /// Matches read and waiting to be judged together (one EHR search for a batch), and what
+    /// the judge is shown of each.
     held: Vec<HeldMatch>,
+    held_views: Vec<MatchView>,
     held_bytes: usize,
     /// Matches the strict reader refused.
     unreadable: usize,
@@ -190,7 +193,6 @@ struct HeldMatch {
     rsp: Arc<Vec<u8>>,
     /// The match as it goes to the client: the bytes read, less what the gateway added.
     data: Vec<u8>,
-    view: MatchView,
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
@@ -322,7 +324,7 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
                 e
             }
         };
-        let Some(m) = read_match(pass, reader_limits, encoded, data) else {
+        let Some((m, view)) = read_match(pass, reader_limits, encoded, data) else {
             pass.unreadable += 1;
             tracing::warn!(
                 assoc = s.id,
@@ -330,8 +332,25 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
             );
             continue;
         };
+        // Nothing to ask and nothing held before it: judged and relayed at once.
+        if pass.held.is_empty()
+            && let Some(v) = pass.judge.judge_now(&view)
+        {
+            if v == Verdict::Admit {
+                if let Flow::End = s.relay_encoded(pc_id, &m.rsp, Some(&m.data)).await {
+                    return Step::Done(Flow::End);
+                }
+            } else {
+                tracing::warn!(
+                    assoc = s.id,
+                    "PACS returned a C-FIND match for another patient (or one whose patient cannot be established); withheld"
+                );
+            }
+            continue;
+        }
         pass.held_bytes += m.data.len();
         pass.held.push(m);
+        pass.held_views.push(view);
         if (pass.held.len() >= pass.judge.batch() || pass.held_bytes >= MAX_HELD_BYTES)
             && let Flow::End = relay_held(s, pass).await
         {
@@ -386,7 +405,7 @@ fn read_match(
     limits: crate::dicom::reader::Limits,
     rsp: Arc<Vec<u8>>,
     data: Vec<u8>,
-) -> Option<HeldMatch> {
+) -> Option<(HeldMatch, MatchView)> {
     let m = DataSet::read(&data, pass.encoding, limits).ok()?;
     let text = |t| m.text(t).map(str::to_string);
     // Present but not a judged text value: nothing can be said of its issuer.
@@ -419,7 +438,7 @@ fn read_match(
     } else {
         data
     };
-    Some(HeldMatch { rsp, data, view })
+    Some((HeldMatch { rsp, data }, view))
 }
 
 /// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
@@ -441,11 +460,11 @@ async fn relay_held(s: &mut Session, pass: &mut Pass<'_>) -> Flow {
     if pass.held.is_empty() {
         return Flow::Continue;
     }
-    let held = std::mem::take(&mut pass.held);
     pass.held_bytes = 0;
-    let views: Vec<MatchView> = held.iter().map(|m| m.view.clone()).collect();
-    let verdicts = pass.judge.judge(&views).await;
-    for (m, v) in held.into_iter().zip(verdicts) {
+    let verdicts = pass.judge.judge(&pass.held_views).await;
+    pass.held_views.clear();
+    // Drained, not taken: the buffers keep their room for the next batch.
+    for (m, v) in pass.held.drain(..).zip(verdicts) {
         if v != Verdict::Admit {
             if v == Verdict::OtherPatient {
                 tracing::warn!(

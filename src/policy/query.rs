@@ -286,6 +286,37 @@ impl ResultJudge<'_> {
         self.memo.stopped
     }
 
+    /// Judges a match at once when nothing needs asking: no study restriction, and its issuer
+    /// (where the issuer counts) said by the match itself. `None`: it needs
+    /// [`ResultJudge::judge`]. The verdict is the one `judge` would give.
+    pub fn judge_now(&mut self, m: &MatchView) -> Option<Verdict> {
+        if !matches!(self.permit.studies, StudyGate::Open) {
+            return None;
+        }
+        let filter = &self.permit.filter;
+        let admitted = if filter.compares_issuer() {
+            let issuer = m.issuer.as_ref()?;
+            filter.admits(m.patient_id.as_deref(), issuer.as_deref())
+        } else {
+            filter.admits(m.patient_id.as_deref(), None)
+        };
+        let v = if admitted {
+            Verdict::Admit
+        } else {
+            Verdict::OtherPatient
+        };
+        self.count(v);
+        Some(v)
+    }
+
+    fn count(&mut self, v: Verdict) {
+        match v {
+            Verdict::Admit => self.tally.admitted += 1,
+            Verdict::OtherPatient => self.tally.other_patient += 1,
+            Verdict::OutsideStudies => self.tally.outside += 1,
+        }
+    }
+
     /// Judges a batch of matches, in order. A match is admitted only when its patient is an
     /// allowed one and, where the issuer counts, its IssuerOfPatientID is known (from the match,
     /// or failing that from the gateway's own look-up of its study) and allowed; then, under a
@@ -355,11 +386,7 @@ impl ResultJudge<'_> {
             }
         }
         for v in &verdicts {
-            match v {
-                Verdict::Admit => self.tally.admitted += 1,
-                Verdict::OtherPatient => self.tally.other_patient += 1,
-                Verdict::OutsideStudies => self.tally.outside += 1,
-            }
+            self.count(*v);
         }
         verdicts
     }
