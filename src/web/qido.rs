@@ -142,26 +142,29 @@ pub async fn search(
     }
     let mut judge = ctx.policy.judge(caller, &permit);
     let views: Vec<MatchView> = results.iter().map(view_of).collect();
+    let mut verdicts = Vec::with_capacity(views.len());
+    for batch in views.chunks(judge.batch()) {
+        verdicts.extend(judge.judge(batch).await);
+    }
+    let counts: Vec<String> = if judge.strips_patient_counts() {
+        PATIENT_COUNTS
+            .iter()
+            .map(|t| format!("{:04X}{:04X}", t.group(), t.element()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut kept: Vec<serde_json::Value> = Vec::with_capacity(results.len());
-    for (chunk, views) in results
-        .chunks(judge.batch())
-        .zip(views.chunks(judge.batch()))
-    {
-        let verdicts = judge.judge(views).await;
-        for (r, v) in chunk.iter().zip(verdicts) {
-            if v != Verdict::Admit {
-                continue;
-            }
-            let mut r = r.clone();
-            if judge.strips_patient_counts()
-                && let Some(o) = r.as_object_mut()
-            {
-                for t in PATIENT_COUNTS {
-                    o.remove(&format!("{:04X}{:04X}", t.group(), t.element()));
-                }
-            }
-            kept.push(r);
+    for (mut r, v) in results.into_iter().zip(verdicts) {
+        if v != Verdict::Admit {
+            continue;
         }
+        if let Some(o) = r.as_object_mut() {
+            for t in &counts {
+                o.remove(t);
+            }
+        }
+        kept.push(r);
     }
     let tally = judge.tally();
     if let Some(why) = judge.stopped() {
