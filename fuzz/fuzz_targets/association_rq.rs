@@ -11,8 +11,8 @@ use dicom_ul::pdu::{
     PresentationContextResultReason as Reason, UserVariableItem,
 };
 use libfuzzer_sys::fuzz_target;
-use pacsgate::dicom::syntax;
 use pacsgate::dicom::negotiation as assoc;
+use pacsgate::dicom::syntax;
 
 fn written(pdu: &Pdu) -> Option<Vec<u8>> {
     let mut out = Vec::new();
