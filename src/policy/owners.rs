@@ -82,14 +82,21 @@ impl Policy {
     }
 
     /// The IssuerOfPatientID a study is held under, as the PACS answers the gateway's own
-    /// look-up: `Some(None)` for none, `None` when that cannot be established.
-    pub async fn study_issuer(
+    /// look-up, when the PACS holds it under `patient_id` (a match that names another
+    /// patient than its study's owner says nothing about its issuer): `Some(None)` for none,
+    /// `None` when that cannot be established.
+    pub(super) async fn study_issuer(
         &self,
         lookup: &dyn OwnerLookup,
         study_uid: &str,
+        patient_id: Option<&str>,
     ) -> Option<Option<String>> {
         match self.owner(lookup, UidLevel::Study, study_uid).await {
-            Ok(Some(o)) if o.issuer_known => Some(o.issuer.clone()),
+            Ok(Some(o))
+                if o.issuer_known && patient_id.is_some_and(|p| lo_eq(&o.patient_id, p)) =>
+            {
+                Some(o.issuer.clone())
+            }
             _ => None,
         }
     }

@@ -332,7 +332,7 @@ impl ResultJudge<'_> {
                     None => match self.study_of(m) {
                         Some(st) => {
                             self.policy
-                                .study_issuer(&*self.policy.ports.lookup, st)
+                                .study_issuer(&*self.policy.ports.lookup, st, pid)
                                 .await
                         }
                         None => None,
@@ -437,6 +437,8 @@ mod tests {
                     (UidLevel::Study, "S1") => ("A", "HOSP_A", "CT"),
                     (UidLevel::Study, "S2") => ("A", "HOSP_A", "MR"),
                     (UidLevel::Study, "S3") => ("B", "HOSP_B", "CT"),
+                    // Another patient under the caller's issuer.
+                    (UidLevel::Study, "S4") => ("B", "HOSP_A", "CT"),
                     _ => return Ok(None),
                 };
                 Ok(Some(Owner {
@@ -557,6 +559,8 @@ use_issuer = {use_issuer}
             // Absent: the gateway's own look-up of the study says it.
             (study("A", None, Some("S1")), Verdict::Admit),
             (study("A", None, Some("S3")), Verdict::OtherPatient),
+            // The looked-up study is another patient's: its issuer says nothing of this match.
+            (study("A", None, Some("S4")), Verdict::OtherPatient),
             // Absent, and the study is unknown or not named: withheld.
             (study("A", None, Some("S9")), Verdict::OtherPatient),
             (study("A", None, None), Verdict::OtherPatient),
@@ -568,12 +572,12 @@ use_issuer = {use_issuer}
             judge.tally(),
             Tally {
                 admitted: 2,
-                other_patient: 6,
+                other_patient: 7,
                 outside: 0
             }
         );
         // Each study asked about at most once (answers are cached).
-        assert!(pacs.0.load(Ordering::Relaxed) <= 3);
+        assert!(pacs.0.load(Ordering::Relaxed) <= 4);
     }
 
     #[tokio::test(flavor = "multi_thread")]
