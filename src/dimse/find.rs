@@ -89,6 +89,12 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     let mut edits: Vec<Edit<'_>> = Vec::new();
     for key in permit.result_keys() {
         let tag = key.tag();
+        // A PACS may echo a matching value back instead of the record's own: the issuer a match
+        // is judged by is never one the caller chose, so the caller's value becomes a return key.
+        if *key == ResultKey::IssuerOfPatientId && matched(tag) {
+            edits.push(Edit::Set(tag, VR::LO, b""));
+            continue;
+        }
         if query.contains(tag) {
             continue;
         }
@@ -412,15 +418,14 @@ fn read_match(
     if m.contains(tags::ISSUER_OF_PATIENT_ID) && m.text(tags::ISSUER_OF_PATIENT_ID).is_none() {
         return None;
     }
+    let studies = m.uids(tags::STUDY_INSTANCE_UID);
     let view = MatchView {
         patient_id: text(tags::PATIENT_ID),
         issuer: m
             .contains(tags::ISSUER_OF_PATIENT_ID)
             .then(|| text(tags::ISSUER_OF_PATIENT_ID)),
-        study: m
-            .uids(tags::STUDY_INSTANCE_UID)
-            .first()
-            .map(|u| u.to_string()),
+        study: studies.first().map(|u| u.to_string()),
+        several_studies: studies.len() > 1,
         modalities: m
             .text(tags::MODALITIES_IN_STUDY)
             .map(|v| v.split('\\').map(str::to_string).collect())

@@ -158,6 +158,8 @@ pub struct MatchView {
     /// ModalitiesInStudy, one entry per value.
     pub modalities: Vec<String>,
     pub study_date: Option<String>,
+    /// The match names more than one study: it cannot be judged as one, and is withheld.
+    pub several_studies: bool,
 }
 
 /// Whether a match may reach the caller.
@@ -294,7 +296,9 @@ impl ResultJudge<'_> {
             return None;
         }
         let filter = &self.permit.filter;
-        let admitted = if filter.compares_issuer() {
+        let admitted = if m.several_studies {
+            false
+        } else if filter.compares_issuer() {
             let issuer = m.issuer.as_ref()?;
             filter.admits(m.patient_id.as_deref(), issuer.as_deref())
         } else {
@@ -326,7 +330,9 @@ impl ResultJudge<'_> {
         let mut verdicts = Vec::with_capacity(matches.len());
         for m in matches {
             let pid = m.patient_id.as_deref();
-            let admitted = if permit.filter.compares_issuer() {
+            let admitted = if m.several_studies {
+                false
+            } else if permit.filter.compares_issuer() {
                 let issuer = match &m.issuer {
                     Some(i) => Some(i.clone()),
                     None => match self.study_of(m) {
@@ -564,6 +570,14 @@ use_issuer = {use_issuer}
             // Absent, and the study is unknown or not named: withheld.
             (study("A", None, Some("S9")), Verdict::OtherPatient),
             (study("A", None, None), Verdict::OtherPatient),
+            // Two studies in one match: not judged as either.
+            (
+                MatchView {
+                    several_studies: true,
+                    ..study("A", Some(Some("HOSP_A")), Some("S1"))
+                },
+                Verdict::OtherPatient,
+            ),
         ];
         for (m, want) in cases {
             assert_eq!(judge.judge(std::slice::from_ref(&m)).await, [want], "{m:?}");
@@ -572,7 +586,7 @@ use_issuer = {use_issuer}
             judge.tally(),
             Tally {
                 admitted: 2,
-                other_patient: 7,
+                other_patient: 8,
                 outside: 0
             }
         );

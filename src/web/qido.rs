@@ -122,6 +122,11 @@ pub async fn search(
             .collect()
     };
     pairs.retain(|(k, _)| permit.query_patient_ids().is_empty() || !is_patient_id_key(k));
+    // A PACS may echo a matching value back instead of the record's own: the issuer a result
+    // is judged by is never one the caller chose.
+    if permit.result_keys().contains(&ResultKey::IssuerOfPatientId) {
+        pairs.retain(|(k, _)| !matches!(key_name(k).as_str(), "issuerofpatientid" | "00100021"));
+    }
     for key in permit.result_keys() {
         pairs.push(("includefield".into(), include(*key)));
     }
@@ -218,6 +223,11 @@ fn view_of(r: &serde_json::Value) -> MatchView {
         patient_id: patient_id(r),
         issuer: issuer(r),
         study: study_uid(r),
+        several_studies: r
+            .get("0020000D")
+            .and_then(|e| e.get("Value"))
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.len() > 1),
         modalities: r
             .get("00080061")
             .and_then(|e| e.get("Value"))
