@@ -102,30 +102,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     Metrics { registry, ..m }
 });
 
-/// The operations named in decision records; anything else counts as `other`.
-const OPERATIONS: &[&str] = &[
-    "A-ASSOCIATE",
-    "C-ECHO",
-    "C-FIND",
-    "C-GET",
-    "C-MOVE",
-    "C-STORE",
-    "QIDO-RS",
-    "WADO-RS",
-    "WADO-URI",
-    "STOW-RS",
-];
-
-/// One audit record (a decision, or a note on results withheld). `action` is the record's free
-/// text; only its first word (the operation) becomes a label.
-pub fn audit_record(channel: &str, action: &str, outcome: &'static str) {
-    let first = action.split_whitespace().next().unwrap_or("");
-    let operation = OPERATIONS
-        .iter()
-        .find(|o| **o == first)
-        .copied()
-        .unwrap_or("other");
-    let channel = if channel == "dimse" { "dimse" } else { "http" };
+/// One audit record, by channel, operation family and outcome.
+pub fn audit_record(channel: &'static str, operation: &'static str, outcome: &'static str) {
     METRICS
         .decisions
         .get_or_create(&DecisionLabels {
@@ -220,9 +198,26 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_and_rendered() {
-        audit_record("dimse", "C-FIND level=STUDY", "allowed");
-        audit_record("http", "STOW-RS study=1.2.3", "denied");
-        audit_record("http", "something new", "denied");
+        use crate::audit::{Channel, Operation, Outcome, Trail};
+        // Labels come from the typed operation, never from the record's object.
+        Trail::new(Channel::Dimse, 1, None).record(
+            Operation::Find,
+            "level=STUDY",
+            Outcome::Allowed,
+            "",
+        );
+        Trail::new(Channel::Http, 2, None).record(
+            Operation::Stow,
+            "study=1.2.3",
+            Outcome::Denied,
+            "",
+        );
+        Trail::new(Channel::Http, 3, None).record(
+            Operation::HttpRequest,
+            "/dicom-web/studies/1.2.3",
+            Outcome::Denied,
+            "",
+        );
         token_check("unavailable");
         issuer_request("http://ehr.example", "introspection", "error");
         let g = association_started();

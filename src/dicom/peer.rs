@@ -32,7 +32,47 @@ pub enum Incoming {
     ReleaseRp,
     Abort,
     /// The peer closed the connection or broke the protocol; the association is over.
-    Gone(String),
+    Gone(Gone),
+}
+
+/// Why a peer's leg is over. A peer that broke the protocol is told which rule by the reason
+/// of the A-ABORT it is sent ([`Gone::abort_reason`], PS3.8 9.3.8).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Gone {
+    /// The connection closed or failed: nobody is left to tell.
+    #[error("{0}")]
+    Connection(String),
+    /// A PDU larger than the negotiated limit, or one that does not parse.
+    #[error("{0}")]
+    BadPdu(String),
+    /// A PDU the established association does not admit (an A-ASSOCIATE-RQ, say).
+    #[error("unexpected {0}")]
+    UnexpectedPdu(String),
+    /// A P-DATA framing or command set rule broken.
+    #[error("DIMSE framing violation: {0}")]
+    Framing(FramingError),
+}
+
+impl Gone {
+    pub fn abort_reason(&self) -> AbortRQServiceProviderReason {
+        use AbortRQServiceProviderReason as R;
+        match self {
+            Gone::Connection(_) => R::ReasonNotSpecified,
+            Gone::BadPdu(_) => R::InvalidPduParameter,
+            Gone::UnexpectedPdu(_) => R::UnexpectedPdu,
+            Gone::Framing(FramingError::Command(_)) => R::InvalidPduParameter,
+            Gone::Framing(_) => R::UnexpectedPduParameter,
+        }
+    }
+}
+
+impl From<PduError> for Gone {
+    fn from(e: PduError) -> Gone {
+        match e {
+            PduError::Closed | PduError::Io(_) => Gone::Connection(e.to_string()),
+            PduError::TooLarge { .. } | PduError::Malformed(_) => Gone::BadPdu(e.to_string()),
+        }
+    }
 }
 
 /// One established peer of a relayed association.
@@ -43,7 +83,7 @@ pub struct Peer {
     buf: BytesMut,
     read_max: u32,
     /// Set once the connection failed; every later read reports it again.
-    failed: Option<String>,
+    failed: Option<Gone>,
     writer: OwnedWriteHalf,
     /// Encoded PDUs not yet written: messages are batched while more input is already at hand,
     /// so a burst of responses costs one write (and one wake-up of the peer), not one each.
@@ -138,8 +178,9 @@ impl Peer {
             let frame = match self.read_frame().await {
                 Ok(p) => p,
                 Err(e) => {
-                    self.failed = Some(e.to_string());
-                    return Incoming::Gone(e.to_string());
+                    let why = Gone::from(e);
+                    self.failed = Some(why.clone());
+                    return Incoming::Gone(why);
                 }
             };
             match frame {
@@ -149,7 +190,7 @@ impl Peer {
                             Ok(Some(ev)) => self.queue.push_back(Incoming::Message(ev)),
                             Ok(None) => {}
                             Err(e) => {
-                                let why = framing(e);
+                                let why = Gone::Framing(e);
                                 self.failed = Some(why.clone());
                                 self.queue.push_back(Incoming::Gone(why));
                                 break;
@@ -161,7 +202,9 @@ impl Peer {
                 Frame::Other(Pdu::ReleaseRP) => return Incoming::ReleaseRp,
                 Frame::Other(Pdu::AbortRQ { .. }) => return Incoming::Abort,
                 Frame::Other(other) => {
-                    return Incoming::Gone(format!("unexpected {}", other.short_description()));
+                    return Incoming::Gone(Gone::UnexpectedPdu(
+                        other.short_description().to_string(),
+                    ));
                 }
             }
         }
@@ -347,10 +390,14 @@ impl Peer {
 
     /// Sends an A-ABORT (service provider) and closes; errors are moot at this point.
     pub async fn abort(&mut self) {
+        self.abort_with(AbortRQServiceProviderReason::ReasonNotSpecified)
+            .await
+    }
+
+    /// Sends an A-ABORT (source: service provider) with `reason` and closes the connection.
+    pub async fn abort_with(&mut self, reason: AbortRQServiceProviderReason) {
         let pdu = Pdu::AbortRQ {
-            source: AbortRQSource::ServiceProvider(
-                AbortRQServiceProviderReason::ReasonNotSpecified,
-            ),
+            source: AbortRQSource::ServiceProvider(reason),
         };
         self.out.clear();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
@@ -364,10 +411,6 @@ impl Peer {
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(2), self.writer.shutdown()).await;
     }
-}
-
-fn framing(e: FramingError) -> String {
-    format!("DIMSE framing violation: {e}")
 }
 
 #[cfg(test)]

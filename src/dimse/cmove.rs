@@ -9,17 +9,17 @@
 //! gateway saw answered at the destination (a withheld instance counts as failed). C-CANCEL is
 //! relayed.
 
+use super::association::{Association, Flow, Misbehaviour, Side};
 use super::receiver::Route;
 use super::retrieve;
-use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
 use crate::dicom::peer::Incoming;
 use crate::logtext::Clean;
 use std::sync::atomic::Ordering;
 
-pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     let cfg = s.ctx.cfg.clone();
     let client_id = cmd.message_id.unwrap_or(0);
     let destination = s
@@ -37,12 +37,10 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 return s.abort_both().await;
             }
         }
-        audit::record(
-            "dimse",
-            s.id,
-            Some(s.caller.principal()),
+        s.trail().record(
+            Operation::Move,
             &format!(
-                "C-MOVE to {}",
+                "to {}",
                 Clean(cmd.move_destination.as_deref().unwrap_or("-"))
             ),
             Outcome::Denied,
@@ -54,7 +52,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         );
         return s.reply(pc_id, &rsp, None).await;
     };
-    let (identifier, allowed) = match retrieve::authorize(s, pc_id, &cmd, "C-MOVE").await {
+    let (identifier, allowed) = match retrieve::authorize(s, pc_id, &cmd, Operation::Move).await {
         Ok(x) => x,
         Err(flow) => return flow,
     };
@@ -75,7 +73,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         .await
     {
         tracing::warn!(assoc = s.id, reason = %e, "cannot send C-MOVE to the PACS");
-        return fail(s, pc_id, &cmd).await;
+        return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
     }
     loop {
         let incoming = tokio::select! {
@@ -83,7 +81,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 Ok(i) => i,
                 Err(_) => {
                     tracing::warn!(assoc = s.id, "PACS went silent during C-MOVE");
-                    return fail(s, pc_id, &cmd).await;
+                    return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
                 }
             },
             c = s.client.next() => {
@@ -98,14 +96,14 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                         continue;
                     }
                     Incoming::Message(_) => {
-                        return s.protocol_violation("client", "unexpected message during C-MOVE").await;
+                        return s.protocol_violation(Side::Client, Misbehaviour::UnexpectedMessage, Some(Operation::Move)).await;
                     }
                     Incoming::Abort | Incoming::Gone(_) => {
                         tracing::info!(assoc = s.id, "client left during C-MOVE");
                         s.pacs.abort().await;
                         return Flow::End;
                     }
-                    _ => return s.protocol_violation("client", "unexpected PDU during C-MOVE").await,
+                    _ => return s.protocol_violation(Side::Client, Misbehaviour::UnexpectedPdu, Some(Operation::Move)).await,
                 }
             }
         };
@@ -116,12 +114,16 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             }) => (rpc, command),
             _ => {
                 tracing::warn!(assoc = s.id, "PACS went away during C-MOVE");
-                return fail(s, pc_id, &cmd).await;
+                return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
             }
         };
         if rsp.field != command::C_MOVE_RSP || rpc != pc_id {
             return s
-                .protocol_violation("pacs", "unexpected message during C-MOVE")
+                .protocol_violation(
+                    Side::Pacs,
+                    Misbehaviour::UnexpectedMessage,
+                    Some(Operation::Move),
+                )
                 .await;
         }
         let data = if rsp.has_data_set() {
@@ -138,12 +140,16 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                     });
                     if !ok {
                         return s
-                            .protocol_violation("pacs", "malformed C-MOVE-RSP data set")
+                            .protocol_violation(
+                                Side::Pacs,
+                                Misbehaviour::MalformedDataSet,
+                                Some(Operation::Move),
+                            )
                             .await;
                     }
                     Some(d)
                 }
-                Err(_) => return fail(s, pc_id, &cmd).await,
+                Err(_) => return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await,
             }
         } else {
             None
@@ -170,11 +176,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         if !pending || matches!(flow, Flow::End) {
             let withheld = guard.route.tally().withheld;
             if withheld > 0 {
-                audit::record(
-                    "dimse",
-                    s.id,
-                    Some(s.caller.principal()),
-                    "C-MOVE",
+                s.trail().record(
+ Operation::Move, "",
                     Outcome::Anomaly,
                     &format!(
                         "{withheld} instance(s) withheld (other patients', not requested, or unreadable)"
@@ -184,10 +187,4 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             return flow;
         }
     }
-}
-
-async fn fail(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
-    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
-    s.abort_both().await
 }

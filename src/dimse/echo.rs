@@ -1,15 +1,16 @@
 //! C-ECHO through the gateway: allowed for any principal whose token is still valid, and relayed
 //! to the PACS so that success means the whole path works.
 
-use super::session::{Flow, Session};
+use super::association::{Association, Flow, Misbehaviour, Side};
+use crate::audit::Operation;
 use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
 use crate::dicom::peer::Incoming;
 use crate::policy::Action;
 
-pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     if let Err(d) = s.ctx.policy.decide(&s.caller, Action::Echo).await {
-        return s.refuse(pc_id, &cmd, "C-ECHO", &d).await;
+        return s.refuse(pc_id, &cmd, (Operation::Echo, ""), &d).await;
     }
     if let Err(e) = s.pacs.send_message(pc_id, &cmd.encode(), None).await {
         tracing::warn!(assoc = s.id, reason = %e, "cannot relay C-ECHO to the PACS");
@@ -25,8 +26,12 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             s.reply(pc_id, &rsp, None).await
         }
         Some(_) => {
-            s.protocol_violation("pacs", "unexpected answer to C-ECHO")
-                .await
+            s.protocol_violation(
+                Side::Pacs,
+                Misbehaviour::UnexpectedMessage,
+                Some(Operation::Echo),
+            )
+            .await
         }
         None => {
             let rsp = cmd.response(

@@ -9,8 +9,8 @@
 //! patient, outside the token's study restriction, or that cannot be read unambiguously, is
 //! withheld (the first and last recorded as anomalies). C-CANCEL is relayed.
 
-use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
+use super::association::{Association, Flow, Misbehaviour, Side};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::command::{self, Command};
 use crate::dicom::dataset::{DataSet, Edit};
 use crate::dicom::message::Event;
@@ -23,7 +23,7 @@ use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use std::sync::Arc;
 
-pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     let (identifier, syntax) = match s.read_identifier(pc_id, &cmd).await {
         Ok(x) => x,
         Err(flow) => return flow,
@@ -67,15 +67,13 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             || matched(tags::STUDY_DATE)
             || query.contains(tags::TIMEZONE_OFFSET_FROM_UTC),
     };
-    let what = format!("C-FIND level={level_name}");
+    let what = format!("level={level_name}");
     let permit = match s.ctx.policy.decide(&s.caller, Action::Query(request)).await {
         Ok(p) => p,
-        Err(d) => return s.refuse(pc_id, &cmd, &what, &d).await,
+        Err(d) => return s.refuse(pc_id, &cmd, (Operation::Find, &what), &d).await,
     };
-    audit::record(
-        "dimse",
-        s.id,
-        Some(s.caller.principal()),
+    s.trail().record(
+        Operation::Find,
         &what,
         Outcome::Allowed,
         "patient scope applied",
@@ -148,7 +146,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             .await
         {
             tracing::warn!(assoc = s.id, reason = %e, "cannot send C-FIND to the PACS");
-            return fail_upstream(s, pc_id, &cmd).await;
+            return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
         }
         pass.last = k + 1 == n;
         match relay_responses(s, &cmd, &mut pass).await {
@@ -202,7 +200,7 @@ struct HeldMatch {
 }
 
 /// Relays the PACS's responses until the final one, checking each match; relays C-CANCEL.
-async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) -> Step {
+async fn relay_responses(s: &mut Association, cmd: &Command, pass: &mut Pass<'_>) -> Step {
     let pc_id = pass.pc_id;
     let limits = s.ctx.cfg.limits.clone();
     let reader_limits = limits.reader();
@@ -233,7 +231,7 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
                 Ok(i) => i,
                 Err(_) => {
                     tracing::warn!(assoc = s.id, "PACS did not answer C-FIND within {:?}", limits.upstream_timeout);
-                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
+                    return Step::Done(s.fail_upstream(pc_id, cmd, "PACS unavailable").await);
                 }
             },
             c = s.client.next() => {
@@ -242,19 +240,19 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
                         if cancel.field == command::C_CANCEL_RQ && cpc == pc_id =>
                     {
                         if s.pacs.send_message(pc_id, &cancel.encode(), None).await.is_err() {
-                            return Step::Done(fail_upstream(s, pc_id, cmd).await);
+                            return Step::Done(s.fail_upstream(pc_id, cmd, "PACS unavailable").await);
                         }
                         continue;
                     }
                     Incoming::Message(_) => {
-                        return Step::Done(s.protocol_violation("client", "new request while a C-FIND is running").await);
+                        return Step::Done(s.protocol_violation(Side::Client, Misbehaviour::UnexpectedMessage, Some(Operation::Find)).await);
                     }
                     Incoming::Abort | Incoming::Gone(_) => {
                         tracing::info!(assoc = s.id, "client left during C-FIND");
                         s.pacs.abort().await;
                         return Step::Done(Flow::End);
                     }
-                    _ => return Step::Done(s.protocol_violation("client", "unexpected PDU during C-FIND").await),
+                    _ => return Step::Done(s.protocol_violation(Side::Client, Misbehaviour::UnexpectedPdu, Some(Operation::Find)).await),
                 }
             }
         };
@@ -265,19 +263,27 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
             }) => (rpc, command),
             Incoming::Abort | Incoming::Gone(_) | Incoming::ReleaseRq | Incoming::ReleaseRp => {
                 tracing::warn!(assoc = s.id, "PACS went away during C-FIND");
-                return Step::Done(fail_upstream(s, pc_id, cmd).await);
+                return Step::Done(s.fail_upstream(pc_id, cmd, "PACS unavailable").await);
             }
             Incoming::Message(Event::Data { .. }) => {
                 return Step::Done(
-                    s.protocol_violation("pacs", "data set without a command")
-                        .await,
+                    s.protocol_violation(
+                        Side::Pacs,
+                        Misbehaviour::DataSetWithoutCommand,
+                        Some(Operation::Find),
+                    )
+                    .await,
                 );
             }
         };
         if rsp.field != command::C_FIND_RSP || rpc != pc_id {
             return Step::Done(
-                s.protocol_violation("pacs", "unexpected message during C-FIND")
-                    .await,
+                s.protocol_violation(
+                    Side::Pacs,
+                    Misbehaviour::UnexpectedMessage,
+                    Some(Operation::Find),
+                )
+                .await,
             );
         }
         let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
@@ -290,7 +296,7 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
                 Ok(d) => Some(d),
                 Err(e) => {
                     tracing::warn!(assoc = s.id, reason = %e, "PACS failed while sending a C-FIND match");
-                    return Step::Done(fail_upstream(s, pc_id, cmd).await);
+                    return Step::Done(s.fail_upstream(pc_id, cmd, "PACS unavailable").await);
                 }
             }
         } else {
@@ -366,7 +372,7 @@ async fn relay_responses(s: &mut Session, cmd: &Command, pass: &mut Pass<'_>) ->
 }
 
 /// Records in the audit trail what the operation withheld.
-fn record_withheld(s: &Session, pass: &Pass<'_>) {
+fn record_withheld(s: &Association, pass: &Pass<'_>) {
     let tally = pass.judge.tally();
     tracing::debug!(
         assoc = s.id,
@@ -375,11 +381,9 @@ fn record_withheld(s: &Session, pass: &Pass<'_>) {
         "C-FIND done"
     );
     if tally.outside > 0 {
-        audit::record(
-            "dimse",
-            s.id,
-            Some(s.caller.principal()),
-            "C-FIND",
+        s.trail().record(
+            Operation::Find,
+            "",
             Outcome::Allowed,
             &format!(
                 "{} match(es) outside the token's study restriction withheld{}",
@@ -393,11 +397,9 @@ fn record_withheld(s: &Session, pass: &Pass<'_>) {
     }
     let dropped = tally.other_patient + pass.unreadable;
     if dropped > 0 {
-        audit::record(
-            "dimse",
-            s.id,
-            Some(s.caller.principal()),
-            "C-FIND",
+        s.trail().record(
+            Operation::Find,
+            "",
             Outcome::Anomaly,
             &format!("{dropped} PACS match(es) for other patients (or unreadable) were withheld"),
         );
@@ -446,14 +448,6 @@ fn read_match(
     Some((HeldMatch { rsp, data }, view))
 }
 
-/// The PACS failed: the client gets a failure status for its C-FIND, then both associations end,
-/// since the upstream one is in an unknown state.
-async fn fail_upstream(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
-    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
-    s.abort_both().await
-}
-
 /// The most match bytes held back for a batch.
 const MAX_HELD_BYTES: usize = 1024 * 1024;
 
@@ -461,7 +455,7 @@ const MAX_HELD_BYTES: usize = 1024 * 1024;
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Puts the held matches to the judge and relays the admitted ones in order.
-async fn relay_held(s: &mut Session, pass: &mut Pass<'_>) -> Flow {
+async fn relay_held(s: &mut Association, pass: &mut Pass<'_>) -> Flow {
     if pass.held.is_empty() {
         return Flow::Continue;
     }

@@ -9,18 +9,18 @@
 //! retrieval goes on with the rest. The counts in the C-GET responses are those the gateway saw
 //! answered (a withheld instance counts as failed). C-CANCEL is relayed.
 
+use super::association::{Association, Flow, Misbehaviour, Side};
 use super::instance::{self, HeadError, StreamError};
 use super::retrieve::{Tally, authorize, relay_cancel};
-use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::command::{self, Command, Service};
 use crate::dicom::dataset::DataSet;
 use crate::dicom::message::Event;
 use crate::dicom::peer::Incoming;
 use crate::policy::{InstanceId, Permit};
 
-pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
-    let (identifier, allowed) = match authorize(s, pc_id, &cmd, "C-GET").await {
+pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
+    let (identifier, allowed) = match authorize(s, pc_id, &cmd, Operation::Get).await {
         Ok(x) => x,
         Err(flow) => return flow,
     };
@@ -30,7 +30,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         .await
     {
         tracing::warn!(assoc = s.id, reason = %e, "cannot send C-GET to the PACS");
-        return fail(s, pc_id, &cmd).await;
+        return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
     }
     let limits = s.ctx.cfg.limits.clone();
     let mut tally = Tally::default();
@@ -40,7 +40,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                 Ok(i) => i,
                 Err(_) => {
                     tracing::warn!(assoc = s.id, "PACS went silent during C-GET");
-                    return fail(s, pc_id, &cmd).await;
+                    return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
                 }
             },
             c = s.client.next() => match relay_cancel(s, pc_id, c).await {
@@ -55,7 +55,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             }) => (rpc, command),
             other => {
                 tracing::warn!(assoc = s.id, what = ?other, "PACS went away during C-GET");
-                return fail(s, pc_id, &cmd).await;
+                return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await;
             }
         };
         match rsp.field {
@@ -81,12 +81,16 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
                             });
                             if !ok {
                                 return s
-                                    .protocol_violation("pacs", "malformed C-GET-RSP data set")
+                                    .protocol_violation(
+                                        Side::Pacs,
+                                        Misbehaviour::MalformedDataSet,
+                                        Some(Operation::Get),
+                                    )
                                     .await;
                             }
                             Some(d)
                         }
-                        Err(_) => return fail(s, pc_id, &cmd).await,
+                        Err(_) => return s.fail_upstream(pc_id, &cmd, "PACS unavailable").await,
                     }
                 } else {
                     None
@@ -102,20 +106,22 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             }
             _ => {
                 return s
-                    .protocol_violation("pacs", "unexpected message during C-GET")
+                    .protocol_violation(
+                        Side::Pacs,
+                        Misbehaviour::UnexpectedMessage,
+                        Some(Operation::Get),
+                    )
                     .await;
             }
         }
     }
 }
 
-fn finish(s: &mut Session, flow: Flow, withheld: usize) -> Flow {
+fn finish(s: &mut Association, flow: Flow, withheld: usize) -> Flow {
     if withheld > 0 {
-        audit::record(
-            "dimse",
-            s.id,
-            Some(s.caller.principal()),
-            "C-GET",
+        s.trail().record(
+            Operation::Get,
+            "",
             Outcome::Anomaly,
             &format!(
                 "{withheld} instance(s) withheld (other patients', not requested, or unreadable)"
@@ -132,7 +138,7 @@ const WITHHELD_TO_PACS: u16 = command::STATUS_CANNOT_UNDERSTAND;
 /// One C-STORE sub-operation from the PACS: checked, then streamed to the client, whose answer
 /// goes back to the PACS; or refused toward the PACS.
 async fn sub_store(
-    s: &mut Session,
+    s: &mut Association,
     sub_pc: u8,
     sub: Command,
     allowed: &Permit,
@@ -146,14 +152,19 @@ async fn sub_store(
     if !sub.has_data_set() || !storage_context {
         return s
             .protocol_violation(
-                "pacs",
-                "C-STORE sub-operation without a data set or off a storage context",
+                Side::Pacs,
+                Misbehaviour::BadSubOperation,
+                Some(Operation::Get),
             )
             .await;
     }
     let Some(syntax) = s.syntax(sub_pc) else {
         return s
-            .protocol_violation("pacs", "sub-operation on a context that was not accepted")
+            .protocol_violation(
+                Side::Pacs,
+                Misbehaviour::UnacceptedContext(sub_pc),
+                Some(Operation::Get),
+            )
             .await;
     };
     let limits = s.ctx.cfg.limits.reader();
@@ -231,7 +242,11 @@ async fn sub_store(
                 }
                 _ => {
                     return s
-                        .protocol_violation("client", "unexpected message during a sub-operation")
+                        .protocol_violation(
+                            Side::Client,
+                            Misbehaviour::UnexpectedMessage,
+                            Some(Operation::Get),
+                        )
                         .await;
                 }
             },
@@ -241,14 +256,18 @@ async fn sub_store(
             }
             _ => {
                 return s
-                    .protocol_violation("client", "unexpected PDU during a sub-operation")
+                    .protocol_violation(
+                        Side::Client,
+                        Misbehaviour::UnexpectedPdu,
+                        Some(Operation::Get),
+                    )
                     .await;
             }
         }
     }
 }
 
-async fn to_pacs(s: &mut Session, pc_id: u8, command: &Command) -> Flow {
+async fn to_pacs(s: &mut Association, pc_id: u8, command: &Command) -> Flow {
     match s.pacs.send_message(pc_id, &command.encode(), None).await {
         Ok(()) => Flow::Continue,
         Err(e) => {
@@ -256,11 +275,4 @@ async fn to_pacs(s: &mut Session, pc_id: u8, command: &Command) -> Flow {
             s.abort_both().await
         }
     }
-}
-
-/// The PACS failed: a failure status for the retrieval, then both associations end.
-async fn fail(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
-    let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some("PACS unavailable"));
-    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
-    s.abort_both().await
 }

@@ -7,6 +7,7 @@
 //! the PACS accepted. Sessions ([`session`]) then relay one service at a time. Must not know
 //! HTTP, and decides no access itself.
 
+pub(crate) mod association;
 pub(crate) mod cmove;
 pub(crate) mod echo;
 pub(crate) mod find;
@@ -18,7 +19,7 @@ pub(crate) mod retrieve;
 pub(crate) mod session;
 pub(crate) mod store;
 
-use crate::audit::{self, Outcome};
+use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::config::Config;
 use crate::dicom::negotiation::{self as assoc, Refusal, reject};
 use crate::dicom::pdu::{PDU_SLACK, read_pdu, write_pdu};
@@ -191,11 +192,9 @@ async fn negotiate(
     let identity = match assoc::presented_identity(rq) {
         Ok(i) => i,
         Err(e) => {
-            audit::record(
-                "dimse",
-                id,
-                None,
-                "A-ASSOCIATE",
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
                 Outcome::Denied,
                 &e.to_string(),
             );
@@ -211,11 +210,9 @@ async fn negotiate(
     let principal = match verified {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            audit::record(
-                "dimse",
-                id,
-                None,
-                "A-ASSOCIATE",
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
                 Outcome::Denied,
                 &format!("token refused: {e}"),
             );
@@ -228,11 +225,9 @@ async fn negotiate(
             return None;
         }
         Err(_) => {
-            audit::record(
-                "dimse",
-                id,
-                None,
-                "A-ASSOCIATE",
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
                 Outcome::Denied,
                 "token verification timed out",
             );
@@ -242,11 +237,9 @@ async fn negotiate(
     };
     let caller = ctx.policy.caller(principal).await;
     if let Err(d) = ctx.policy.decide(&caller, Action::Connect).await {
-        audit::record(
-            "dimse",
-            id,
-            Some(caller.principal()),
-            "A-ASSOCIATE",
+        Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
+            Operation::Associate,
+            "",
             Outcome::Denied,
             &d.to_string(),
         );
@@ -280,24 +273,24 @@ async fn negotiate(
         pacs.abort().await;
         return None;
     }
-    audit::record(
-        "dimse",
-        id,
-        Some(caller.principal()),
-        "A-ASSOCIATE",
+    Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
+        Operation::Associate,
+        "",
         Outcome::Allowed,
         &format!("{} presentation context(s) accepted", contexts.len()),
     );
     let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
     Some(session::Session {
-        id,
-        calling_ae: rq.calling_ae_title.trim().to_string(),
-        client,
-        pacs,
-        upstream_rq: up_rq,
-        caller,
+        assoc: association::Association {
+            id,
+            calling_ae: rq.calling_ae_title.trim().to_string(),
+            client,
+            pacs,
+            upstream_rq: up_rq,
+            caller,
+            contexts,
+            ctx: ctx.clone(),
+        },
         stop,
-        contexts,
-        ctx: ctx.clone(),
     })
 }

@@ -17,7 +17,7 @@ use super::listener::Pending;
 use super::listener::Stop;
 use super::retrieve::Tally;
 use super::{Ctx, read_request, send_reject};
-use crate::audit::{self, Outcome};
+use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::config::Destination;
 use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
@@ -413,11 +413,9 @@ impl Receiver {
         let route = route_id.and_then(|id| self.ctx.moves.get(id));
         let (Some(route_id), Some(route)) = (route_id, route) else {
             tracing::warn!("receiver: an instance for no C-MOVE of the gateway; refused");
-            audit::record(
-                "dimse",
-                0,
-                None,
-                "C-MOVE sub-operation",
+            Trail::new(Channel::Dimse, 0, None).record(
+                Operation::MoveSubOperation,
+                "",
                 Outcome::Anomaly,
                 "an instance arrived for no move in flight; refused",
             );
@@ -456,12 +454,8 @@ impl Receiver {
             && h.sop_instance == cmd.affected_sop_instance
             && h.sop_instance.as_deref().is_some_and(|u| route.take(u));
         if !admitted {
-            audit::record(
-                "dimse",
-                route.session,
-                None,
-                "C-MOVE sub-operation",
-                Outcome::Anomaly,
+            Trail::new(Channel::Dimse, route.session, None).record(
+ Operation::MoveSubOperation, "", Outcome::Anomaly,
                 "the PACS sent an instance of another patient, one not requested, or one too many; withheld",
             );
             return self

@@ -6,8 +6,8 @@
 //! identifier sent upstream (the bytes that were judged, or their re-encoding with the
 //! PatientID the permit names). Must not decide: the policy core does.
 
-use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
+use super::association::{Association, Flow, Misbehaviour, Side};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::command::{self, Command};
 use crate::dicom::dataset::{DataSet, Edit};
 use crate::dicom::message::Event;
@@ -60,10 +60,10 @@ pub fn parse_retrieval(identifier: &DataSet<'_>) -> Option<Retrieval> {
 /// send upstream (the bytes that were judged, or their re-encoding with the PatientID the
 /// decision names), and the decision every instance must pass.
 pub async fn authorize(
-    s: &mut Session,
+    s: &mut Association,
     pc_id: u8,
     cmd: &Command,
-    op: &str,
+    op: Operation,
 ) -> Result<(Vec<u8>, Permit), Flow> {
     let (bytes, syntax) = s.read_identifier(pc_id, cmd).await?;
     let identifier = match DataSet::read(&bytes, syntax.encoding, s.ctx.cfg.limits.reader()) {
@@ -85,18 +85,16 @@ pub async fn authorize(
         instance_uids: r.instance_uids,
     };
     let what = format!(
-        "{op} level={} uids={}",
+        "level={} uids={}",
         r.level_name,
         req.study_uids.len() + req.series_uids.len() + req.instance_uids.len()
     );
     let allowed = match s.ctx.policy.decide(&s.caller, Action::Retrieve(req)).await {
         Ok(a) => a,
-        Err(d) => return Err(s.refuse(pc_id, cmd, &what, &d).await),
+        Err(d) => return Err(s.refuse(pc_id, cmd, (op, &what), &d).await),
     };
-    audit::record(
-        "dimse",
-        s.id,
-        Some(s.caller.principal()),
+    s.trail().record(
+        op,
         &what,
         Outcome::Allowed,
         "every UID belongs to the caller's patient",
@@ -145,7 +143,7 @@ impl Tally {
 
 /// Handles something from the client while a retrieval runs: a C-CANCEL is relayed (`None`:
 /// go on); anything else ends the association.
-pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flow> {
+pub async fn relay_cancel(s: &mut Association, pc_id: u8, c: Incoming) -> Option<Flow> {
     match c {
         Incoming::Message(Event::Command {
             pc_id: cpc,
@@ -157,7 +155,7 @@ pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flo
             }
         }
         Incoming::Message(_) => Some(
-            s.protocol_violation("client", "unexpected message during a retrieval")
+            s.protocol_violation(Side::Client, Misbehaviour::UnexpectedMessage, None)
                 .await,
         ),
         Incoming::Abort | Incoming::Gone(_) => {
@@ -166,7 +164,7 @@ pub async fn relay_cancel(s: &mut Session, pc_id: u8, c: Incoming) -> Option<Flo
             Some(Flow::End)
         }
         _ => Some(
-            s.protocol_violation("client", "unexpected PDU during a retrieval")
+            s.protocol_violation(Side::Client, Misbehaviour::UnexpectedPdu, None)
                 .await,
         ),
     }

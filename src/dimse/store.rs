@@ -11,15 +11,15 @@
 //! the PACS's own answer, so success means stored; a PACS failure, timeout or abort is a
 //! failure status, never a success.
 
+use super::association::{Association, Flow, Misbehaviour, Side};
 use super::instance::{self, HeadError, StreamError};
-use super::session::{Flow, Session};
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
 use crate::dicom::peer::Incoming;
 use crate::policy::{Action, StoreRequest};
 
-pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
+pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     let wait = s.ctx.cfg.limits.idle_timeout;
     if !cmd.has_data_set() {
         let rsp = cmd.response(
@@ -49,11 +49,9 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             if let Err(flow) = drain_client(s, pc_id, last).await {
                 return flow;
             }
-            audit::record(
-                "dimse",
-                s.id,
-                Some(s.caller.principal()),
-                "C-STORE",
+            s.trail().record(
+                Operation::Store,
+                "",
                 Outcome::Denied,
                 &format!("data set refused by the strict reader: {why}"),
             );
@@ -66,7 +64,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
     };
     let h = head.head.clone();
     let what = format!(
-        "C-STORE study={} instance={}",
+        "study={} instance={}",
         h.study.as_deref().unwrap_or("-"),
         h.sop_instance.as_deref().unwrap_or("-")
     );
@@ -89,14 +87,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         if let Err(flow) = drain_client(s, pc_id, head.last).await {
             return flow;
         }
-        audit::record(
-            "dimse",
-            s.id,
-            Some(s.caller.principal()),
-            &what,
-            Outcome::Denied,
-            why,
-        );
+        s.trail()
+            .record(Operation::Store, &what, Outcome::Denied, why);
         return s.reply(pc_id, &cmd.response(status, Some(why)), None).await;
     }
     let req = StoreRequest {
@@ -114,7 +106,7 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             if let Err(flow) = drain_client(s, pc_id, head.last).await {
                 return flow;
             }
-            return s.refuse(pc_id, &cmd, &what, &d).await;
+            return s.refuse(pc_id, &cmd, (Operation::Store, &what), &d).await;
         }
     };
 
@@ -129,10 +121,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         Err(StreamError::Invalid { why: v, ended }) => {
             // The PACS holds part of an instance without its last fragment: aborting its
             // association makes it drop that part; a new one takes over for the client.
-            audit::record(
-                "dimse",
-                s.id,
-                Some(s.caller.principal()),
+            s.trail().record(
+                Operation::Store,
                 &what,
                 Outcome::Denied,
                 &format!("data set refused by the strict reader after the head: {v}"),
@@ -160,7 +150,9 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         Err(StreamError::To(e)) => {
             tracing::warn!(assoc = s.id, reason = %e, "PACS failed during C-STORE");
             let _ = instance::drain(&mut s.client, pc_id, wait).await;
-            return fail(s, pc_id, &cmd).await;
+            return s
+                .fail_upstream(pc_id, &cmd, "PACS did not store the instance")
+                .await;
         }
     }
     // The PACS's answer is the client's answer.
@@ -171,7 +163,11 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         })) if rpc == pc_id => {
             if rsp.field != command::C_STORE_RSP || rsp.has_data_set() {
                 return s
-                    .protocol_violation("pacs", "unexpected answer to C-STORE")
+                    .protocol_violation(
+                        Side::Pacs,
+                        Misbehaviour::UnexpectedMessage,
+                        Some(Operation::Store),
+                    )
                     .await;
             }
             let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
@@ -179,10 +175,8 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
             if stored {
                 s.ctx.policy.stored(&permit, &req).await;
             }
-            audit::record(
-                "dimse",
-                s.id,
-                Some(s.caller.principal()),
+            s.trail().record(
+                Operation::Store,
                 &what,
                 if stored {
                     Outcome::Allowed
@@ -195,18 +189,20 @@ pub async fn handle(s: &mut Session, pc_id: u8, cmd: Command) -> Flow {
         }
         Some(_) => {
             tracing::warn!(assoc = s.id, "PACS went away before answering C-STORE");
-            fail(s, pc_id, &cmd).await
+            s.fail_upstream(pc_id, &cmd, "PACS did not store the instance")
+                .await
         }
         None => {
             tracing::warn!(assoc = s.id, "PACS did not answer C-STORE in time");
-            fail(s, pc_id, &cmd).await
+            s.fail_upstream(pc_id, &cmd, "PACS did not store the instance")
+                .await
         }
     }
 }
 
 /// Reads and drops the rest of a refused instance (nothing when it has ended already); a
 /// client that fails meanwhile ends the association.
-async fn drain_client(s: &mut Session, pc_id: u8, ended: bool) -> Result<(), Flow> {
+async fn drain_client(s: &mut Association, pc_id: u8, ended: bool) -> Result<(), Flow> {
     if ended {
         return Ok(());
     }
@@ -216,14 +212,4 @@ async fn drain_client(s: &mut Session, pc_id: u8, ended: bool) -> Result<(), Flo
         return Err(s.abort_both().await);
     }
     Ok(())
-}
-
-/// The PACS failed: a failure status to the client (never a success), then both end.
-async fn fail(s: &mut Session, pc_id: u8, cmd: &Command) -> Flow {
-    let rsp = cmd.response(
-        command::STATUS_UNABLE_TO_PROCESS,
-        Some("PACS did not store the instance"),
-    );
-    let _ = s.client.send_message(pc_id, &rsp.encode(), None).await;
-    s.abort_both().await
 }

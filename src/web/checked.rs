@@ -14,7 +14,7 @@
 
 use super::auth::ApiError;
 use super::multipart::{Piece, Splitter, header_value, random_boundary};
-use crate::audit::{self, Outcome};
+use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::dicom::head::InstanceReader;
 use crate::dicom::head::MAX_HEAD;
 use crate::dicom::reader::{Limits, Violation};
@@ -35,7 +35,9 @@ pub struct Check {
     pub principal: Principal,
     /// The request, for the audit trail.
     pub request_id: u64,
-    pub action: String,
+    pub op: Operation,
+    /// What the operation applies to, as the audit record names it.
+    pub object: String,
     /// Bounds of the strict reader. (How long the PACS may take for its next chunk is the
     /// DICOMweb client's read timeout.)
     pub limits: Limits,
@@ -43,11 +45,9 @@ pub struct Check {
 
 impl Check {
     fn anomaly(&self, why: &str) {
-        audit::record(
-            "http",
-            self.request_id,
-            Some(&self.principal),
-            &self.action,
+        Trail::new(Channel::Http, self.request_id, Some(&self.principal)).record(
+            self.op,
+            &self.object,
             Outcome::Anomaly,
             why,
         );

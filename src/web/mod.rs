@@ -17,6 +17,7 @@ pub(crate) mod stow;
 pub(crate) mod wado;
 pub(crate) mod wado_uri;
 
+use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::config::Config;
 use crate::pacs::dicomweb::DicomWeb;
 use crate::policy::Policy;
@@ -41,6 +42,11 @@ static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// The id of the request this task is handling (0 outside a request).
 pub fn request_id() -> u64 {
     REQUEST_ID.try_with(|v| *v).unwrap_or(0)
+}
+
+/// Where the running request's decisions are recorded.
+pub(crate) fn trail(principal: Option<&crate::trust::Principal>) -> Trail<'_> {
+    Trail::new(Channel::Http, request_id(), principal)
 }
 
 /// Gives every request an id, visible in audit records and as `X-Request-Id`.
@@ -111,6 +117,28 @@ impl WebCtx {
         Ok(self.policy.caller(p).await)
     }
 
+    /// Asks the policy core for `action` and records the decision on `on` (operation and
+    /// object) in this request's audit trail; a refusal becomes the HTTP answer its kind says.
+    pub(crate) async fn permit(
+        &self,
+        caller: &crate::policy::Caller,
+        action: crate::policy::Action<'_>,
+        (op, object): (Operation, &str),
+        allowed: &str,
+    ) -> Result<crate::policy::Permit, ApiError> {
+        let trail = trail(Some(caller.principal()));
+        match self.policy.decide(caller, action).await {
+            Ok(permit) => {
+                trail.record(op, object, Outcome::Allowed, allowed);
+                Ok(permit)
+            }
+            Err(d) => {
+                trail.record(op, object, Outcome::Denied, &d.to_string());
+                Err(ApiError::from_denial(d))
+            }
+        }
+    }
+
     /// Rewrites the PACS's URLs in a response body to the gateway's.
     pub fn rewrite_urls(&self, body: &str) -> String {
         match &self.pacs {
@@ -177,12 +205,10 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
     let principal = match ctx.authenticate(&headers).await {
         Ok(p) => p,
         Err(e) => {
-            crate::audit::record(
-                "http",
-                request_id(),
-                None,
+            trail(None).record(
+                Operation::HttpRequest,
                 uri.path(),
-                crate::audit::Outcome::Denied,
+                Outcome::Denied,
                 &format!("{e:?}"),
             );
             return ctx.challenge.respond(e);

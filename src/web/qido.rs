@@ -10,7 +10,7 @@
 use super::WebCtx;
 use super::auth::ApiError;
 use super::path::{self, Resource};
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, Outcome};
 use crate::pacs::dicomweb::DicomWeb;
 use crate::policy::query::PATIENT_COUNTS;
 use crate::policy::{Action, Caller, MatchView, QueryLevel, QueryRequest, ResultKey, Verdict};
@@ -94,20 +94,14 @@ pub async fn search(
             )
         }),
     };
-    let permit = match ctx.policy.decide(caller, Action::Query(request)).await {
-        Ok(a) => a,
-        Err(d) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                "QIDO-RS",
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            return Err(ApiError::from_denial(d));
-        }
-    };
+    let permit = ctx
+        .permit(
+            caller,
+            Action::Query(request),
+            (Operation::Qido, ""),
+            "patient scope applied",
+        )
+        .await?;
     // One upstream search per PatientID the caller may see (usually one). QIDO-RS answers
     // carry the PACS's default attributes as well as those included, so what the gateway
     // includes is not stripped again.
@@ -179,11 +173,9 @@ pub async fn search(
         );
     }
     if tally.outside > 0 {
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            "QIDO-RS",
+        super::trail(Some(p)).record(
+            Operation::Qido,
+            "",
             Outcome::Allowed,
             &format!(
                 "{} result(s) outside the token's study restriction withheld",
@@ -192,11 +184,9 @@ pub async fn search(
         );
     }
     if tally.other_patient > 0 {
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            "QIDO-RS",
+        super::trail(Some(p)).record(
+            Operation::Qido,
+            "",
             Outcome::Anomaly,
             &format!(
                 "{} PACS result(s) for other patients were withheld",
@@ -204,11 +194,9 @@ pub async fn search(
             ),
         );
     }
-    audit::record(
-        "http",
-        super::request_id(),
-        Some(p),
-        "QIDO-RS",
+    super::trail(Some(p)).record(
+        Operation::Qido,
+        "",
         Outcome::Allowed,
         &format!("{} result(s)", kept.len()),
     );

@@ -17,7 +17,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::multipart::{Delimiter, random_boundary};
 use super::path::is_uid;
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, Outcome};
 use crate::dicom::head::MAX_HEAD;
 use crate::dicom::head::{InstanceReader, PREAMBLE};
 use crate::dicom::reader::Violation;
@@ -177,11 +177,9 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
 /// Records a part the strict reader refused: it ends the request.
 fn malformed(ctx: &WebCtx, p: &crate::trust::Principal, out: &mut Outcomes, v: &Violation) {
     let _ = ctx;
-    audit::record(
-        "http",
-        super::request_id(),
-        Some(p),
-        "STOW-RS",
+    super::trail(Some(p)).record(
+        Operation::Stow,
+        "",
         Outcome::Denied,
         &format!("part refused by the strict reader: {v}"),
     );
@@ -257,18 +255,11 @@ async fn store_part(
         study_date: h.study_date.as_deref(),
         modality: h.modality.as_deref(),
     };
-    let action = format!("STOW-RS study={study} instance={instance}");
+    let on = format!("study={study} instance={instance}");
     let permit = match ctx.policy.decide(caller, Action::Store(req)).await {
         Ok(permit) => permit,
         Err(d) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                &action,
-                Outcome::Denied,
-                &d.to_string(),
-            );
+            super::trail(Some(p)).record(Operation::Stow, &on, Outcome::Denied, &d.to_string());
             drain(&mut field, ended, wait).await?;
             out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
             return Ok(());
@@ -377,32 +368,21 @@ async fn store_part(
         Ok(_) | Err(_) => (false, false),
     };
     if anomaly {
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            &action,
+        super::trail(Some(p)).record(
+            Operation::Stow,
+            &on,
             Outcome::Anomaly,
             "the PACS's STOW-RS answer names another instance than the one relayed",
         );
     }
     if stored {
         ctx.policy.stored(&permit, &req).await;
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            &action,
-            Outcome::Allowed,
-            "stored by the PACS",
-        );
+        super::trail(Some(p)).record(Operation::Stow, &on, Outcome::Allowed, "stored by the PACS");
         out.stored.push((class, instance));
     } else {
-        audit::record(
-            "http",
-            super::request_id(),
-            Some(p),
-            &action,
+        super::trail(Some(p)).record(
+            Operation::Stow,
+            &on,
             Outcome::Denied,
             "the PACS did not store the instance",
         );

@@ -11,7 +11,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{Part, Resource};
-use crate::audit::{self, Outcome};
+use crate::audit::{Operation, WadoPart};
 use crate::pacs::dicomweb::{DicomWeb, read_bounded};
 use crate::policy::{Action, Caller, RetrieveRequest, UidLevel};
 use axum::body::Body;
@@ -59,45 +59,30 @@ pub async fn retrieve(
         series_uids: series.iter().cloned().collect(),
         instance_uids: instance.iter().cloned().collect(),
     };
-    let what_name = match what {
-        Part::Instances => "retrieve",
-        Part::Metadata => "metadata",
-        Part::Rendered => "rendered",
-        Part::Thumbnail => "thumbnail",
-        Part::Frames(_) => "frames",
-        Part::Bulk(_) => "bulkdata",
+    let part = match what {
+        Part::Instances => WadoPart::Instances,
+        Part::Metadata => WadoPart::Metadata,
+        Part::Rendered => WadoPart::Rendered,
+        Part::Thumbnail => WadoPart::Thumbnail,
+        Part::Frames(_) => WadoPart::Frames,
+        Part::Bulk(_) => WadoPart::BulkData,
     };
-    let action = format!("WADO-RS {what_name} study={study}");
+    let on = format!("study={study}");
     let p = caller.principal();
-    let allowed = match ctx.policy.decide(caller, Action::Retrieve(req)).await {
-        Err(d) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                &action,
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            return Err(ApiError::from_denial(d));
-        }
-        Ok(a) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                &action,
-                Outcome::Allowed,
-                "the UIDs belong to the caller's patient",
-            );
-            a
-        }
-    };
+    let allowed = ctx
+        .permit(
+            caller,
+            Action::Retrieve(req),
+            (Operation::Wado(part), &on),
+            "the UIDs belong to the caller's patient",
+        )
+        .await?;
     let check = checked::Check {
         allowed,
         principal: p.clone(),
         request_id: super::request_id(),
-        action: action.clone(),
+        op: Operation::Wado(part),
+        object: on.clone(),
         limits: ctx.cfg.limits.reader(),
     };
     if query.is_some_and(|q| !q.is_empty() && !safe_query(q)) {

@@ -10,7 +10,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{self, is_uid};
-use crate::audit::{self, Outcome};
+use crate::audit::Operation;
 use crate::policy::{Action, RetrieveRequest, UidLevel};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -67,33 +67,17 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         series_uids: vec![series.clone()],
         instance_uids: vec![object.clone()],
     };
-    let action = format!("WADO-URI study={study}");
+    let on = format!("study={study}");
     let caller = ctx.authenticate(req.headers()).await?;
     let p = caller.principal();
-    let allowed = match ctx.policy.decide(&caller, Action::Retrieve(rr)).await {
-        Err(d) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                &action,
-                Outcome::Denied,
-                &d.to_string(),
-            );
-            return Err(ApiError::from_denial(d));
-        }
-        Ok(a) => {
-            audit::record(
-                "http",
-                super::request_id(),
-                Some(p),
-                &action,
-                Outcome::Allowed,
-                "the UIDs belong to the caller's patient",
-            );
-            a
-        }
-    };
+    let allowed = ctx
+        .permit(
+            &caller,
+            Action::Retrieve(rr),
+            (Operation::WadoUri, &on),
+            "the UIDs belong to the caller's patient",
+        )
+        .await?;
     let Some(upstream) = ctx.pacs.as_ref() else {
         return Err(ApiError::not_configured());
     };
@@ -130,7 +114,8 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             allowed,
             principal: p.clone(),
             request_id: super::request_id(),
-            action,
+            op: Operation::WadoUri,
+            object: on,
             limits: ctx.cfg.limits.reader(),
         };
         checked::single(resp, check).await?

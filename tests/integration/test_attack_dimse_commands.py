@@ -458,3 +458,62 @@ def test_store_with_several_pdvs_in_one_pdu_is_stored(gateway, issuer, orthanc, 
     a.release()
     assert orthanc.holds(sop)
     assert_unharmed(gateway, issuer, orthanc, before, allowed_new={sop})
+
+
+# ---- a protocol violation ends both associations; the A-ABORT names what was wrong ----
+
+def abort_reason(a: rd.Association, timeout: float = 10.0) -> tuple[int, int] | None:
+    """(source, reason) of the A-ABORT that ends the association; None if it ends otherwise."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            a.recv_pdu(max(0.1, deadline - time.time()))
+        except rd.Aborted as e:
+            return e.source, e.reason
+        except (rd.Closed, OSError):
+            return None
+    return None
+
+
+SERVICE_PROVIDER = 2
+UNEXPECTED_PDU, UNEXPECTED_PARAMETER, INVALID_PARAMETER = 2, 5, 6
+
+
+def violation(case):
+    """The raw bytes of each violation, sent on an established association."""
+    echo_rsp = rd.command_set([(rd.AFFECTED_SOP_CLASS, rd.VERIFICATION), (rd.COMMAND_FIELD, 0x8030),
+                               (rd.RESPONDED_TO, 1), (rd.DATA_SET_TYPE, rd.NO_DATA_SET),
+                               (rd.STATUS, 0)])
+    if case == "data_set_without_command":
+        return rd.p_data_tf(rd.pdv(FIND, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", command=False, last=True))
+    if case == "command_on_unaccepted_context":
+        echo = rd.command_set(rd.c_echo_rq(1))
+        return rd.p_data_tf(rd.pdv(99, echo, command=True, last=True))
+    if case == "response_from_requestor":
+        return rd.p_data_tf(rd.pdv(ECHO, echo_rsp, command=True, last=True))
+    if case == "release_rp_unasked":
+        return rd.RELEASE_RP
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("data_set_without_command", UNEXPECTED_PARAMETER),
+    ("command_on_unaccepted_context", INVALID_PARAMETER),
+    ("response_from_requestor", UNEXPECTED_PARAMETER),
+    ("release_rp_unasked", UNEXPECTED_PDU),
+])
+def test_protocol_violation_is_aborted_with_its_reason(gateway, issuer, orthanc, case, reason):
+    a = connect(gateway, issuer.mint(patient="PAT-A", scope=READ))
+    try:
+        a.send(violation(case))
+        got = abort_reason(a)
+    finally:
+        a.close()
+    assert got == (SERVICE_PROVIDER, reason), f"{case}: expected A-ABORT (2, {reason}), got {got}"
+    # The gateway is unharmed: the next association works.
+    b = connect(gateway, issuer.mint(patient="PAT-A", scope=READ))
+    try:
+        status, _ = find_studies(b)
+        assert status == 0
+    finally:
+        b.close()
