@@ -10,7 +10,8 @@ use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
 use pacsgate::ehr::Ehr;
 use pacsgate::policy::{
-    Action, LookupFuture, MatchView, OwnerLookup, Policy, Ports, QueryRequest, UidLevel, Verdict,
+    Action, LookupError, LookupFuture, MatchView, OwnerLookup, Policy, Ports, QueryRequest,
+    UidLevel, Verdict,
 };
 use pacsgate::trust::TrustCore;
 use std::sync::Arc;
@@ -27,8 +28,12 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 struct NoPacs;
 
 impl OwnerLookup for NoPacs {
-    fn owner<'a>(&'a self, _: UidLevel, _: &'a str) -> LookupFuture<'a> {
-        Box::pin(async { Err("not expected: no study facts are needed".to_string()) })
+    fn owners<'a>(&'a self, _: UidLevel, _: &'a str) -> LookupFuture<'a> {
+        Box::pin(async {
+            Err(LookupError::Unreachable(
+                "not expected: no study facts are needed".to_string(),
+            ))
+        })
     }
 }
 

@@ -173,7 +173,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
             let status = rsp.status.unwrap_or(command::STATUS_UNABLE_TO_PROCESS);
             let stored = command::is_stored(status);
             if stored {
-                s.ctx.policy.stored(&permit, &req).await;
+                s.ctx.policy.stored(&permit).await;
             }
             s.trail().record(
                 Operation::Store,

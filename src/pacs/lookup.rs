@@ -2,12 +2,15 @@
 //! under, asked by C-FIND on associations of the gateway's own, pooled.
 //!
 //! Owns: the look-up association pool (bounded, idle ones released), the C-FIND it sends and
-//! the strict reading of every answer. Reports every owner it saw; the policy core judges.
+//! the strict reading of every answer. Reports every owner the PACS names for exactly the UID
+//! asked; the policy core judges them (one UID under two patients included).
 //! Must not know tokens or front ends.
 
 use super::associate;
 use crate::config::Pacs;
-use crate::policy::{LookupFuture, Owner, OwnerLookup, StudyFacts, UidLevel};
+use crate::policy::{
+    LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup, StudyFacts, UidLevel,
+};
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use std::time::{Duration, Instant};
 
@@ -85,8 +88,12 @@ impl PacsLookup {
         }
     }
 
-    async fn find_owner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
-        let r = self.find_owner_bounded(level, uid).await;
+    async fn find_owners(&self, level: UidLevel, uid: &str) -> Result<Vec<Owner>, LookupError> {
+        let r = match self.find_owner_bounded(level, uid).await {
+            Ok(Ok(owners)) => Ok(owners),
+            Ok(Err(e)) => Err(LookupError::BadAnswer(e)),
+            Err(e) => Err(LookupError::Unreachable(e)),
+        };
         crate::metrics::pacs_lookup(if r.is_ok() { "ok" } else { "error" });
         r
     }
@@ -95,7 +102,7 @@ impl PacsLookup {
         &self,
         level: UidLevel,
         uid: &str,
-    ) -> Result<Option<Owner>, String> {
+    ) -> Result<Result<Vec<Owner>, String>, String> {
         let _slot = tokio::time::timeout(self.timeout, self.slots.acquire())
             .await
             .map_err(|_| "no look-up slot free in time".to_string())?
@@ -112,7 +119,11 @@ impl PacsLookup {
 
     /// One look-up: on an idle pooled association when there is one (a fresh one if that
     /// turns out closed), which then goes back to the pool.
-    async fn find_owner_inner(&self, level: UidLevel, uid: &str) -> Result<Option<Owner>, String> {
+    async fn find_owner_inner(
+        &self,
+        level: UidLevel,
+        uid: &str,
+    ) -> Result<Result<Vec<Owner>, String>, String> {
         if let Some(mut conn) = self.take_idle() {
             // A pooled association may have died silently: it gets a shorter wait of its own,
             // so a fresh one still has time.
@@ -120,7 +131,7 @@ impl PacsLookup {
             match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid)).await {
                 Ok(Ok(answer)) => {
                     self.put_back(conn);
-                    return answer;
+                    return Ok(answer);
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(reason = %e, "pooled look-up association failed; opening a fresh one");
@@ -135,7 +146,7 @@ impl PacsLookup {
         let mut conn = self.open().await?;
         let answer = self.query(&mut conn, level, uid).await?;
         self.put_back(conn);
-        answer
+        Ok(answer)
     }
 
     /// An idle association from the pool; those idle too long are released on the way.
@@ -231,7 +242,7 @@ impl PacsLookup {
         conn: &mut Conn,
         level: UidLevel,
         uid: &str,
-    ) -> Result<Result<Option<Owner>, String>, String> {
+    ) -> Result<Result<Vec<Owner>, String>, String> {
         use crate::dicom::command::{self, Command};
         use crate::dicom::dataset::{DataSet, encode_element};
         use crate::dicom::message::Event;
@@ -342,7 +353,7 @@ impl PacsLookup {
                                     first_uid(tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
                                 }
                             };
-                            if same && owners.len() < 16 {
+                            if same && owners.len() < MAX_OWNERS {
                                 owners.push(owner);
                             }
                         }
@@ -362,20 +373,7 @@ impl PacsLookup {
                 other => return Err(format!("look-up association ended: {other:?}")),
             }
         }
-        match owners.as_slice() {
-            [] => Ok(Ok(None)),
-            [first, rest @ ..] => {
-                // One UID held under two patients (or two issuers) is a PACS inconsistency:
-                // trust neither.
-                if rest.iter().any(|o| {
-                    !crate::policy::lo_eq(&o.patient_id, &first.patient_id)
-                        || o.issuer != first.issuer
-                }) {
-                    return Ok(Err("the UID is held under more than one patient".into()));
-                }
-                Ok(Ok(Some(first.clone())))
-            }
-        }
+        Ok(Ok(owners))
     }
 
     /// Releases a look-up association (politely, but without waiting long).
@@ -397,7 +395,7 @@ impl PacsLookup {
 }
 
 impl OwnerLookup for PacsLookup {
-    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
-        Box::pin(self.find_owner(level, uid))
+    fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+        Box::pin(self.find_owners(level, uid))
     }
 }

@@ -30,6 +30,19 @@ pub struct Permit {
     pub(in crate::policy) retrieval: Option<Named>,
     /// For queries: what the query must ask for back, and how its matches are judged.
     pub(in crate::policy) plan: query::QueryPlan,
+    /// For stores: where the instance goes, which the PACS holds once it confirms the store
+    /// ([`Policy::stored`]).
+    pub(in crate::policy) stores: Option<Box<Placement>>,
+}
+
+/// Where a decided store puts its instance: what a confirmed store proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::policy) struct Placement {
+    pub patient_id: String,
+    pub issuer: Option<String>,
+    pub study: String,
+    pub series: String,
+    pub instance: String,
 }
 
 /// The UIDs a retrieval named, by level (empty: that level was not named).
@@ -72,6 +85,7 @@ impl Permit {
             studies: StudyGate::Open,
             retrieval: None,
             plan: query::QueryPlan::default(),
+            stores: None,
         }
     }
 
@@ -139,6 +153,9 @@ pub enum Denial {
     BadIdentifier(&'static str),
     /// Ownership could not be established (the PACS lookup failed): fail closed.
     LookupFailed,
+    /// The PACS holds one UID under more than one patient (or issuer): neither is trusted.
+    /// A retry cannot help, so this is a refusal, not an unavailable PACS.
+    OwnerConflict,
     /// Writing is switched off (`policy.write = false`) or the token has no write scope.
     NoWrite,
     /// The instance's study or series already belongs to another patient in the PACS.
@@ -218,6 +235,10 @@ impl fmt::Display for Denial {
             Denial::LookupFailed => {
                 write!(f, "ownership could not be established (PACS lookup failed)")
             }
+            Denial::OwnerConflict => write!(
+                f,
+                "the PACS holds a UID of the request under more than one patient"
+            ),
             Denial::NoWrite => write!(
                 f,
                 "no write access (scope patient/ImagingStudy.c, policy.write)"

@@ -25,7 +25,9 @@ pub use access::Access;
 use decision::Decision;
 pub use decision::{Denial, DenialKind, InstanceId, Named, Permit};
 pub use ehr::{DirectoryFuture, EhrDirectory, study_uid_of};
-pub use owners::{LookupFuture, Owner, OwnerLookup};
+pub use owners::{LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup};
+#[cfg(test)]
+use owners::{OneOwner, OneOwnerFuture};
 use patient::narrow_query;
 pub use patient::{DicomPatient, PatientFilter, lo_eq};
 use query::ResultStudy;
@@ -275,10 +277,13 @@ impl Policy {
         }
     }
 
-    /// Records what a store the PACS confirmed proved (see [`Policy::remember_stored`]). Takes
-    /// the permit the store was decided with, so only a decided store is remembered.
-    pub async fn stored(&self, _permit: &Permit, req: &StoreRequest<'_>) {
-        self.remember_stored(req).await;
+    /// Records what a store the PACS confirmed proved: the PACS now holds this study, series
+    /// and instance under the patient the store was decided for. Takes only the permit, so
+    /// what is remembered is what was decided, never what a front end says afterwards.
+    pub async fn stored(&self, permit: &Permit) {
+        if let Some(placement) = &permit.stores {
+            self.remember_placement(placement).await;
+        }
     }
 
     /// The configured destination a C-MOVE may go to, by AE title (exact, padding aside); any

@@ -22,12 +22,41 @@ pub struct Owner {
 
 /// The future an [`OwnerLookup`] returns.
 pub type LookupFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<Owner>, String>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<Vec<Owner>, LookupError>> + Send + 'a>>;
 
-/// Resolves a UID to its owner by asking the PACS. `Ok(None)`: the PACS does not hold it.
-/// Implemented by the PACS client; the policy core only caches and judges the answers.
+/// The most owners a look-up reports for one UID (more say nothing more: two differ already).
+pub const MAX_OWNERS: usize = 16;
+
+/// Why the PACS could not say who holds a UID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The PACS could not be asked in time (no association, no answer, a broken one).
+    #[error("the PACS could not be asked: {0}")]
+    Unreachable(String),
+    /// The PACS answered, but not with something that can be read as an answer (a match the
+    /// strict reader refuses, a failure status).
+    #[error("the PACS's answer cannot be used: {0}")]
+    BadAnswer(String),
+}
+
+/// Asks the PACS who holds a UID: every match it reports for exactly that UID (none: it does
+/// not hold it; at most [`MAX_OWNERS`]). Implemented by the PACS client; the policy core
+/// judges the answers (one owner, or none to trust) and caches them.
 pub trait OwnerLookup: Send + Sync {
-    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
+    fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
+}
+
+/// The one owner a look-up's matches name: `Ok(None)` for no match; an error when they name
+/// more than one patient (or issuer) for the UID, a PACS inconsistency that trusts neither.
+pub(super) fn one_owner(owners: Vec<Owner>) -> Result<Option<Owner>, Denial> {
+    let mut owners = owners.into_iter();
+    let Some(first) = owners.next() else {
+        return Ok(None);
+    };
+    if owners.any(|o| !lo_eq(&o.patient_id, &first.patient_id) || o.issuer != first.issuer) {
+        return Err(Denial::OwnerConflict);
+    }
+    Ok(Some(first))
 }
 
 impl Policy {
@@ -51,7 +80,14 @@ impl Policy {
         level: UidLevel,
         uid: &str,
     ) -> Result<Option<Arc<Owner>>, Denial> {
-        match lookup.owner(level, uid).await {
+        let owners = match lookup.owners(level, uid).await {
+            Ok(owners) => owners,
+            Err(e) => {
+                tracing::warn!(level = ?level, error = %e, "ownership lookup failed; denying");
+                return Err(Denial::LookupFailed);
+            }
+        };
+        match one_owner(owners) {
             Ok(Some(o)) => {
                 let o = Arc::new(o);
                 self.owners
@@ -60,9 +96,9 @@ impl Policy {
                 Ok(Some(o))
             }
             Ok(None) => Ok(None),
-            Err(e) => {
-                tracing::warn!(level = ?level, error = %e, "ownership lookup failed; denying");
-                Err(Denial::LookupFailed)
+            Err(d) => {
+                tracing::warn!(level = ?level, "the PACS holds one UID under more than one patient; denying");
+                Err(d)
             }
         }
     }
@@ -98,6 +134,74 @@ impl Policy {
                 Some(o.issuer.clone())
             }
             _ => None,
+        }
+    }
+}
+
+/// Fakes of the PACS in tests answer one owner or none, as most PACS do.
+#[cfg(test)]
+pub(super) type OneOwnerFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Owner>, String>> + Send + 'a>>;
+
+#[cfg(test)]
+pub(super) trait OneOwner: Send + Sync {
+    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> OneOwnerFuture<'a>;
+}
+
+#[cfg(test)]
+impl<T: OneOwner> OwnerLookup for T {
+    fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+        Box::pin(async move {
+            match self.owner(level, uid).await {
+                Ok(o) => Ok(o.into_iter().collect()),
+                Err(e) => Err(LookupError::Unreachable(e)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(patient: &str, issuer: Option<&str>) -> Owner {
+        Owner {
+            patient_id: patient.into(),
+            issuer: issuer.map(str::to_string),
+            study_uid: "S".into(),
+            series_uid: None,
+            issuer_known: true,
+            facts: None,
+        }
+    }
+
+    #[test]
+    fn one_uid_under_two_patients_trusts_neither() {
+        type Case<'a> = (
+            &'a [(&'a str, Option<&'a str>)],
+            Result<Option<&'a str>, Denial>,
+        );
+        let cases: &[Case] = &[
+            (&[], Ok(None)),
+            (&[("A", None)], Ok(Some("A"))),
+            (&[("A", None), ("A ", None)], Ok(Some("A"))),
+            (&[("A", None), ("B", None)], Err(Denial::OwnerConflict)),
+            (
+                &[("A", Some("H1")), ("A", Some("H2"))],
+                Err(Denial::OwnerConflict),
+            ),
+            (
+                &[("A", Some("H1")), ("A", None)],
+                Err(Denial::OwnerConflict),
+            ),
+            // PatientID is case-sensitive: two patients.
+            (&[("a", None), ("A", None)], Err(Denial::OwnerConflict)),
+        ];
+        for (matches, want) in cases {
+            let got = one_owner(matches.iter().map(|(p, i)| owner(p, *i)).collect());
+            let got = got.map(|o| o.map(|o| o.patient_id));
+            let want = want.clone().map(|o| o.map(str::to_string));
+            assert_eq!(got, want, "{matches:?}");
         }
     }
 }

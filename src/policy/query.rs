@@ -423,7 +423,7 @@ fn facts_of(m: &MatchView) -> StudyFacts {
 #[cfg(test)]
 mod tests {
     use super::super::{
-        Config, DirectoryFuture, LookupFuture, Owner, Ports, QueryRequest, StudyFacts,
+        Config, DirectoryFuture, OneOwner, OneOwnerFuture, Owner, Ports, QueryRequest, StudyFacts,
     };
     use super::*;
     use crate::trust::scopes::ScopeSet;
@@ -435,8 +435,8 @@ mod tests {
     #[derive(Default)]
     struct Pacs(AtomicUsize);
 
-    impl OwnerLookup for Pacs {
-        fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+    impl OneOwner for Pacs {
+        fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> OneOwnerFuture<'a> {
             self.0.fetch_add(1, Ordering::Relaxed);
             Box::pin(async move {
                 let (patient, issuer, modality) = match (level, uid) {

@@ -4,44 +4,36 @@
 //! UID the PACS already holds must be that patient's, the write restriction) and what a
 //! confirmed store proves for later decisions.
 
+use super::decision::Placement;
 #[allow(unused_imports)]
 use super::*;
 
 impl Policy {
-    /// Records what a successful store proved: the PACS now holds this study and series under
-    /// this patient. Later instances of the same study are then decided without a look-up.
-    pub async fn remember_stored(&self, req: &StoreRequest<'_>) {
-        let (Some(study_uid), Some(patient_id)) = (req.study_uid, req.patient_id) else {
-            return;
-        };
-        let patient_id = patient_id.trim_matches(' ');
-        let issuer = req
-            .issuer
-            .map(|i| i.trim_matches([' ', '\0']).to_string())
-            .filter(|i| !i.is_empty());
+    /// Remembers where a confirmed store put its instance. Later instances of the same study
+    /// are then decided without a look-up.
+    pub(super) async fn remember_placement(&self, p: &Placement) {
         let owner = |series: Option<&str>| {
             Arc::new(Owner {
-                patient_id: patient_id.to_string(),
-                issuer: issuer.clone(),
+                patient_id: p.patient_id.clone(),
+                issuer: p.issuer.clone(),
                 issuer_known: true,
-                study_uid: study_uid.to_string(),
+                study_uid: p.study.clone(),
                 series_uid: series.map(str::to_string),
                 facts: None,
             })
         };
         self.owners
-            .insert((UidLevel::Study, study_uid.to_string()), owner(None))
+            .insert((UidLevel::Study, p.study.clone()), owner(None))
             .await;
-        if let Some(s) = req.series_uid {
-            self.owners
-                .insert((UidLevel::Series, s.to_string()), owner(Some(s)))
-                .await;
-            if let Some(i) = req.instance_uid {
-                self.owners
-                    .insert((UidLevel::Instance, i.to_string()), owner(Some(s)))
-                    .await;
-            }
-        }
+        self.owners
+            .insert((UidLevel::Series, p.series.clone()), owner(Some(&p.series)))
+            .await;
+        self.owners
+            .insert(
+                (UidLevel::Instance, p.instance.clone()),
+                owner(Some(&p.series)),
+            )
+            .await;
     }
 
     /// Decides a store: the token must grant write, the instance's PatientID must be an allowed
@@ -95,13 +87,7 @@ impl Policy {
                         tracing::warn!("the PACS did not return IssuerOfPatientID; denying");
                         return Decision::Deny(Denial::LookupFailed);
                     }
-                    let same_issuer = || {
-                        let norm = |i: Option<&str>| {
-                            i.map(|i| i.trim_matches(' ').to_string())
-                                .filter(|i| !i.is_empty())
-                        };
-                        norm(o.issuer.as_deref()) == norm(req.issuer)
-                    };
+                    let same_issuer = || issuer(o.issuer.as_deref()) == issuer(req.issuer);
                     if !lo_eq(&o.patient_id, pid) || (self.use_issuer && !same_issuer()) {
                         return Decision::Deny(Denial::ForeignStudy);
                     }
@@ -120,15 +106,7 @@ impl Policy {
             Ok(None) => {}
             Ok(Some(o)) => {
                 let same_issuer = !self.use_issuer
-                    || (o.issuer_known
-                        && o.issuer
-                            .as_deref()
-                            .map(|i| i.trim_matches(' '))
-                            .filter(|i| !i.is_empty())
-                            == req
-                                .issuer
-                                .map(|i| i.trim_matches(' '))
-                                .filter(|i| !i.is_empty()));
+                    || (o.issuer_known && issuer(o.issuer.as_deref()) == issuer(req.issuer));
                 let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
                 if !lo_eq(&o.patient_id, pid)
                     || !same_issuer
@@ -170,6 +148,21 @@ impl Policy {
                 }
             }
         }
-        Decision::Allow(Permit::new(access.write_patients))
+        let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
+        let mut permit = Permit::new(access.write_patients);
+        permit.stores = Some(Box::new(Placement {
+            patient_id: pid.to_string(),
+            issuer: issuer(req.issuer).map(str::to_string),
+            study: study.to_string(),
+            series: series.unwrap_or_default().to_string(),
+            instance: instance.to_string(),
+        }));
+        Decision::Allow(permit)
     }
+}
+
+/// An IssuerOfPatientID as compared: without padding, empty as none.
+fn issuer(i: Option<&str>) -> Option<&str> {
+    i.map(|i| i.trim_matches([' ', '\0']))
+        .filter(|i| !i.is_empty())
 }

@@ -4,8 +4,8 @@ use super::*;
 
 /// A PACS and an EHR that never answer: the tests hand each decision the ports it needs.
 struct Nowhere;
-impl OwnerLookup for Nowhere {
-    fn owner<'a>(&'a self, _: UidLevel, _: &'a str) -> LookupFuture<'a> {
+impl OneOwner for Nowhere {
+    fn owner<'a>(&'a self, _: UidLevel, _: &'a str) -> OneOwnerFuture<'a> {
         Box::pin(async { Err("no PACS in this test".to_string()) })
     }
 }
@@ -250,8 +250,8 @@ struct FakePacs {
     fail: bool,
 }
 
-impl OwnerLookup for FakePacs {
-    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+impl OneOwner for FakePacs {
+    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> OneOwnerFuture<'a> {
         Box::pin(async move {
             if self.fail {
                 return Err("PACS down".to_string());
@@ -1313,8 +1313,8 @@ async fn a_patient_write_scope_writes_for_its_patient_only_under_allow() {
 /// Counts the look-ups that reach the PACS.
 struct CountingPacs(std::sync::atomic::AtomicUsize);
 
-impl OwnerLookup for CountingPacs {
-    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
+impl OneOwner for CountingPacs {
+    fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> OneOwnerFuture<'a> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(async move { FakePacs { fail: false }.owner(level, uid).await })
     }
@@ -1509,15 +1509,18 @@ use_issuer = {use_issuer}
     );
     // What a store proved is remembered with its issuer: the same PatientID without an
     // issuer is another patient, for stores and retrievals alike.
-    pol.remember_stored(&StoreRequest {
+    let first = StoreRequest {
         instance_uid: Some("NEWSI"),
         patient_id: Some("A"),
         issuer: Some("HOSP_X"),
         study_uid: Some("NEWS"),
         series_uid: Some("NEWSR"),
         ..StoreRequest::default()
-    })
-    .await;
+    };
+    let Decision::Allow(permit) = pol.decide_store(&wa, &first, &lookup, &ehr, now).await else {
+        panic!("a store into a new study is allowed")
+    };
+    pol.stored(&permit).await;
     let into_news = |issuer| StoreRequest {
         instance_uid: Some("NEWI"),
         patient_id: Some("A"),

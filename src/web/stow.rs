@@ -376,7 +376,7 @@ async fn store_part(
         );
     }
     if stored {
-        ctx.policy.stored(&permit, &req).await;
+        ctx.policy.stored(&permit).await;
         super::trail(Some(p)).record(Operation::Stow, &on, Outcome::Allowed, "stored by the PACS");
         out.stored.push((class, instance));
     } else {

@@ -20,7 +20,7 @@ import rawdicom as rd
 from conftest import Gateway, free_port, stop
 from dicomdata import make_instance
 from test_attack_dimse_commands import (
-    CONTEXTS, ECHO, MOVE, PGET, PMOVE, PacsState, StorageSCP, assert_gateway_serves, connect, own,
+    CONTEXTS, ECHO, GET, MOVE, PGET, PMOVE, PacsState, StorageSCP, assert_gateway_serves, connect, own,
 )
 
 PID = "PAT-J"  # one PatientID under HOSP_A (the caller), HOSP_B and no issuer: three patients
@@ -210,3 +210,34 @@ def test_receiver_takes_no_injected_instance(inject_env, orthanc, issuer, when):
     after = PacsState(orthanc)
     assert after.ids == before.ids and after.counts == before.counts
     assert_gateway_serves(g, issuer)
+
+
+# ---- one UID the PACS holds under two patients: neither is trusted ----
+
+@pytest.fixture(scope="module")
+def shared_study(orthanc):
+    """A StudyInstanceUID that Orthanc holds under PAT-X1 and under PAT-X2 (Orthanc keys a
+    study by PatientID and UID, so both are kept), and the two SOP Instance UIDs."""
+    study = generate_uid()
+    sops = []
+    for n, pid in enumerate(["PAT-X1", "PAT-X2"]):
+        data = make_instance(pid, study, generate_uid(), 9700 + n, 1, 1, "20240101")
+        orthanc.upload(data)
+        sops.append(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+    return study, sops
+
+
+def test_a_study_held_under_two_patients_is_refused_on_both_protocols(gateway, issuer, shared_study):
+    study, _ = shared_study
+    token = issuer.mint(patient="PAT-X1")
+    # A retry cannot help, so this is a refusal (0124H, 403), not an unavailable PACS.
+    a = connect(gateway, token)
+    ident = rd.encode(rd.identifier("STUDY", StudyInstanceUID=study))
+    ex = a.dimse(GET, rd.command_set(rd.c_get_rq(1, rd.STUDY_GET)), ident, timeout=30)
+    assert ex.status == rd.NOT_AUTHORIZED, f"{ex.status:#06x}"
+    assert ex.stores == [], "nothing of the study is delivered"
+    a.release()
+    r = requests.get(f"{gateway.public_url}/dicom-web/studies/{study}/metadata",
+                     headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 403, (r.status_code, r.text[:200])
+    assert "Retry-After" not in r.headers
