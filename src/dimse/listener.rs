@@ -29,13 +29,6 @@ pub struct Stop {
 }
 
 impl Stop {
-    /// A stop that never comes (for associations outside a listener).
-    pub fn never() -> Stop {
-        let (_, draining) = watch::channel(false);
-        let (_, cut) = watch::channel(false);
-        Stop { draining, cut }
-    }
-
     /// Resolves once the gateway is draining.
     pub async fn draining(&mut self) {
         until(&mut self.draining).await

@@ -1,6 +1,7 @@
-//! The loop of an established association: it takes the client's messages one at a time,
-//! hands each to its service (one file per service), and handles release, abort, idle time and
-//! the gateway's stop.
+//! One client association from its A-ASSOCIATE-RQ to its end: negotiation (the token, the
+//! policy core's Connect decision, the PACS association, the answer to the client), then the
+//! loop that takes the client's messages one at a time, hands each to its service (one file
+//! per service), and handles release, abort, idle time and the gateway's stop.
 //!
 //! Owns: the association's lifecycle and the first check of every request: a command must
 //! belong to the SOP class of its presentation context (C-FIND on FIND models, C-GET on GET,
@@ -9,13 +10,23 @@
 //! never see it: they take the [`Association`].
 
 use super::association::{Association, Flow, Misbehaviour, RELEASE_TIMEOUT, Side};
-use super::listener::Stop;
-use super::{cmove, echo, find, get, store};
-use crate::audit::{Operation, Outcome};
+use super::listener::{Pending, Stop};
+use super::{Ctx, cmove, echo, find, get, read_request, send_reject, store};
+use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::dicom::command::{self, Command, Service};
 use crate::dicom::message::Event;
+use crate::dicom::negotiation::{self as assoc, Refusal};
+use crate::dicom::pdu::{PDU_SLACK, write_pdu};
 use crate::dicom::peer::Incoming;
+use crate::dicom::peer::Peer;
+use crate::logtext::Clean;
+use crate::policy::Action;
+use dicom_ul::pdu::AssociationRQ;
 use dicom_ul::pdu::Pdu;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpStream;
 
 pub(crate) struct Session {
     pub assoc: Association,
@@ -216,4 +227,161 @@ async fn wrong_sop_class(a: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         Some("command does not belong to the presentation context's SOP class"),
     );
     a.reply(pc_id, &rsp, None).await
+}
+
+/// Negotiates one association and, if it is accepted, runs it to its end.
+pub(crate) async fn handle(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    pending: Pending,
+    stop: Stop,
+    ctx: Arc<Ctx>,
+) {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let Some(rq) = read_request(&mut stream, addr, id, &ctx.cfg.limits).await else {
+        return;
+    };
+    drop(pending);
+    let Some(_slot) = ctx.admission.try_association() else {
+        tracing::warn!(assoc = id, %addr, "association limit reached; refusing");
+        send_reject(&mut stream, Refusal::Busy).await;
+        return;
+    };
+    let _active = crate::metrics::association_started();
+    tracing::info!(assoc = id, %addr, calling_ae = %Clean(rq.calling_ae_title.trim()), called_ae = %Clean(rq.called_ae_title.trim()), "association requested");
+    if let Some(session) = negotiate(stream, id, &rq, stop, &ctx).await {
+        Box::pin(session.run()).await;
+    }
+}
+
+/// Checks the request, the token and the policy, opens the PACS association, and answers the
+/// client. `None` when the association was refused (the client has been answered).
+async fn negotiate(
+    mut stream: TcpStream,
+    id: u64,
+    rq: &AssociationRQ,
+    stop: Stop,
+    ctx: &Arc<Ctx>,
+) -> Option<Session> {
+    let cfg = &ctx.cfg;
+    if cfg.gateway.require_called_ae_title
+        && rq.called_ae_title.trim() != cfg.gateway.ae_title.trim()
+    {
+        tracing::info!(
+            assoc = id,
+            called_ae = %Clean(rq.called_ae_title.trim()),
+            expected = %cfg.gateway.ae_title,
+            "called AE title is not the gateway's; rejected"
+        );
+        send_reject(&mut stream, Refusal::CalledAeTitle).await;
+        return None;
+    }
+    if rq.application_context_name.trim_end_matches('\0') != assoc::APPLICATION_CONTEXT {
+        send_reject(&mut stream, Refusal::ApplicationContext).await;
+        return None;
+    }
+    let identity = match assoc::presented_identity(rq) {
+        Ok(i) => i,
+        Err(e) => {
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
+                Outcome::Denied,
+                &e.to_string(),
+            );
+            send_reject(&mut stream, Refusal::Identity).await;
+            return None;
+        }
+    };
+    let verified = tokio::time::timeout(
+        cfg.limits.token_verify_timeout,
+        ctx.trust.verify(&identity.token),
+    )
+    .await;
+    let principal = match verified {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
+                Outcome::Denied,
+                &format!("token refused: {e}"),
+            );
+            let refusal = if e.is_transient() {
+                Refusal::Unavailable
+            } else {
+                Refusal::Identity
+            };
+            send_reject(&mut stream, refusal).await;
+            return None;
+        }
+        Err(_) => {
+            Trail::new(Channel::Dimse, id, None).record(
+                Operation::Associate,
+                "",
+                Outcome::Denied,
+                "token verification timed out",
+            );
+            send_reject(&mut stream, Refusal::Unavailable).await;
+            return None;
+        }
+    };
+    let caller = ctx.policy.caller(principal).await;
+    if let Err(d) = ctx.policy.decide(&caller, Action::Connect).await {
+        Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
+            Operation::Associate,
+            "",
+            Outcome::Denied,
+            &d.to_string(),
+        );
+        send_reject(&mut stream, Refusal::Identity).await;
+        return None;
+    }
+    let our_max = cfg.limits.max_pdu_length;
+    let up_rq =
+        assoc::upstream_request(rq, &cfg.pacs.calling_ae_title, &cfg.pacs.ae_title, our_max);
+    let (up_stream, up_ac) = match crate::pacs::associate(
+        &cfg.pacs,
+        up_rq.clone(),
+        cfg.limits.upstream_timeout,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(assoc = id, reason = %e, "PACS association failed; client rejected (transient)");
+            send_reject(&mut stream, Refusal::Unavailable).await;
+            return None;
+        }
+    };
+    let (ac, contexts) =
+        assoc::downstream_accept(rq, &up_ac, our_max, identity.positive_response_requested);
+    let client_max = assoc::announced_max(&rq.user_variables);
+    let pacs_max = assoc::announced_max(&up_ac.user_variables);
+    let mut pacs = Peer::new("pacs", up_stream, our_max + PDU_SLACK, pacs_max).is_pacs();
+    if let Err(e) = write_pdu(&mut stream, &Pdu::AssociationAC(ac)).await {
+        tracing::info!(assoc = id, reason = %e, "client went away during negotiation");
+        pacs.abort().await;
+        return None;
+    }
+    Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
+        Operation::Associate,
+        "",
+        Outcome::Allowed,
+        &format!("{} presentation context(s) accepted", contexts.len()),
+    );
+    let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
+    Some(Session {
+        assoc: Association {
+            id,
+            calling_ae: rq.calling_ae_title.trim().to_string(),
+            client,
+            pacs,
+            upstream_rq: up_rq,
+            caller,
+            contexts,
+            ctx: ctx.clone(),
+        },
+        stop,
+    })
 }
