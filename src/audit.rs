@@ -11,7 +11,7 @@ use crate::trust::Principal;
 
 /// The outcome of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Allowed,
     Denied,
     /// Something that should not happen was seen and stopped (e.g. a PACS result for another
@@ -31,7 +31,7 @@ impl Outcome {
 
 /// The front end a record comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Channel {
+pub(crate) enum Channel {
     Dimse,
     Http,
 }
@@ -48,14 +48,14 @@ impl Channel {
 /// What was asked for. The metrics count records by [`Operation::family`]; the log names the
 /// operation itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub(crate) enum Operation {
     Associate,
     Echo,
     Find,
     Get,
     Move,
     /// An instance the PACS sent to the C-MOVE receiver for a move in flight.
-    MoveSubOperation,
+    MoveInstance,
     Store,
     /// A DIMSE request refused before its service was known to apply (wrong SOP class).
     DimseRequest,
@@ -71,7 +71,7 @@ pub enum Operation {
 
 /// What a WADO-RS request retrieves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WadoPart {
+pub(crate) enum WadoPart {
     Instances,
     Metadata,
     Rendered,
@@ -89,7 +89,7 @@ impl Operation {
             Operation::Find => "C-FIND",
             Operation::Get => "C-GET",
             Operation::Move => "C-MOVE",
-            Operation::MoveSubOperation => "C-MOVE sub-operation",
+            Operation::MoveInstance => "C-MOVE sub-operation",
             Operation::Store => "C-STORE",
             Operation::DimseRequest => "DIMSE request",
             Operation::DimseIdentifier => "DIMSE identifier",
@@ -107,13 +107,13 @@ impl Operation {
     }
 
     /// The `operation` label of `pacsgate_audit_records_total`.
-    pub fn family(self) -> &'static str {
+    pub(crate) fn family(self) -> &'static str {
         match self {
             Operation::Associate => "A-ASSOCIATE",
             Operation::Echo => "C-ECHO",
             Operation::Find => "C-FIND",
             Operation::Get => "C-GET",
-            Operation::Move | Operation::MoveSubOperation => "C-MOVE",
+            Operation::Move | Operation::MoveInstance => "C-MOVE",
             Operation::Store => "C-STORE",
             Operation::Qido => "QIDO-RS",
             Operation::Wado(_) => "WADO-RS",
@@ -129,7 +129,7 @@ impl Operation {
 /// Where one association's or one request's records go: its channel, its number and, once
 /// the token was verified, its principal.
 #[derive(Clone, Copy)]
-pub struct Trail<'a> {
+pub(crate) struct Trail<'a> {
     channel: Channel,
     id: u64,
     principal: Option<&'a Principal>,
@@ -146,7 +146,7 @@ impl<'a> Trail<'a> {
 
     /// Records one decision on `op`. `object` names what it applied to (e.g. `study=…`),
     /// empty when the operation says it all; neither it nor `reason` may hold a token.
-    pub fn record(&self, op: Operation, object: &str, outcome: Outcome, reason: &str) {
+    pub(crate) fn record(&self, op: Operation, object: &str, outcome: Outcome, reason: &str) {
         crate::metrics::audit_record(self.channel.as_str(), op.family(), outcome.as_str());
         let (iss, sub, client, patient, token) = match self.principal {
             Some(p) => (

@@ -500,7 +500,7 @@ impl Config {
 
     /// Validates configuration text whose relative file paths (`client_key_file`,
     /// `table_file`) are relative to `base`, the configuration file's directory.
-    pub fn parse_in(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    pub(crate) fn parse_in(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         let resolve = |f: &str| -> String {
             let p = Path::new(f);
             if p.is_absolute() {
@@ -1129,7 +1129,7 @@ impl Config {
 
 /// The algorithms a `client_key_file` may sign client assertions with (SMART Backend
 /// Services: RS384 for an RSA key, ES384 for an EC P-384 key).
-pub const CLIENT_KEY_ALGS: [jsonwebtoken::Algorithm; 2] = [
+pub(crate) const CLIENT_KEY_ALGS: [jsonwebtoken::Algorithm; 2] = [
     jsonwebtoken::Algorithm::RS384,
     jsonwebtoken::Algorithm::ES384,
 ];
@@ -1139,7 +1139,7 @@ const MAX_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One row of a patient mapping table (`patients.table_file`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableRow {
+pub(crate) struct TableRow {
     /// The token's patient.
     pub patient: String,
     /// A DICOM PatientID of that patient (one LO value).
@@ -1150,7 +1150,7 @@ pub struct TableRow {
 
 /// Reads `patient,patient_id,issuer` rows (header first; `#` lines are comments; the issuer
 /// column may be empty). Every problem names its line.
-pub fn read_patient_table(path: &Path) -> Result<Vec<TableRow>, String> {
+pub(crate) fn read_patient_table(path: &Path) -> Result<Vec<TableRow>, String> {
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.len() > MAX_TABLE_BYTES {

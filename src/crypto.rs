@@ -25,7 +25,7 @@ pub fn token_id(token: &str) -> String {
 }
 
 /// Fills `buf` with random bytes; `false` only when no generator answered.
-pub fn random(buf: &mut [u8]) -> bool {
+pub(crate) fn random(buf: &mut [u8]) -> bool {
     getrandom::fill(buf).is_ok() || aws_lc_rs::rand::fill(buf).is_ok()
 }
 
@@ -99,7 +99,7 @@ impl SigningKey {
     }
 
     /// Builds the key from PKCS#8 DER.
-    pub fn from_pkcs8(der: &[u8], alg: Algorithm) -> anyhow::Result<SigningKey> {
+    pub(crate) fn from_pkcs8(der: &[u8], alg: Algorithm) -> anyhow::Result<SigningKey> {
         let pkcs8_pem = pem("PRIVATE KEY", der);
         let (encoding, public_jwk) = match alg {
             Algorithm::ES256 | Algorithm::ES384 => {
@@ -158,7 +158,7 @@ impl SigningKey {
     }
 
     /// Loads a PKCS#8 PEM key for the first of `algs` it serves.
-    pub fn load_any(path: &Path, algs: &[Algorithm]) -> anyhow::Result<SigningKey> {
+    pub(crate) fn load_any(path: &Path, algs: &[Algorithm]) -> anyhow::Result<SigningKey> {
         algs.iter()
             .find_map(|a| SigningKey::load(path, *a).ok())
             .with_context(|| {
@@ -183,26 +183,30 @@ impl SigningKey {
         Ok(k)
     }
 
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> anyhow::Result<()> {
         std::fs::write(path, &self.pkcs8_pem)
             .with_context(|| format!("cannot write key file {}", path.display()))
     }
 
     /// The public half, for verifying what this key signed.
-    pub fn decoding(&self) -> &DecodingKey {
+    pub(crate) fn decoding(&self) -> &DecodingKey {
         &self.decoding
     }
 
-    pub fn public_jwk(&self) -> &Value {
+    pub(crate) fn public_jwk(&self) -> &Value {
         &self.public_jwk
     }
 
     /// Signs claims as an RFC 9068 access token (`typ: at+jwt`).
-    pub fn sign(&self, claims: &Value) -> anyhow::Result<String> {
+    pub(crate) fn sign(&self, claims: &Value) -> anyhow::Result<String> {
         self.sign_with_typ(claims, Some("at+jwt"))
     }
 
-    pub fn sign_with_typ(&self, claims: &Value, typ: Option<&str>) -> anyhow::Result<String> {
+    pub(crate) fn sign_with_typ(
+        &self,
+        claims: &Value,
+        typ: Option<&str>,
+    ) -> anyhow::Result<String> {
         let mut h = Header::new(self.alg);
         h.kid = Some(self.kid.clone());
         h.typ = typ.map(str::to_string);

@@ -225,7 +225,7 @@ impl DevIssuer {
         self.key.sign(&self.claims(req))
     }
 
-    pub fn smart_configuration(&self) -> Value {
+    pub(crate) fn smart_configuration(&self) -> Value {
         let i = &self.issuer;
         json!({
             "issuer": i,
@@ -242,7 +242,7 @@ impl DevIssuer {
         })
     }
 
-    pub fn router(self: Arc<Self>) -> Router {
+    pub(crate) fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/.well-known/smart-configuration", get(well_known))
             .route("/.well-known/openid-configuration", get(well_known))

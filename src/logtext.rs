@@ -11,7 +11,7 @@ use std::fmt;
 const MAX_CHARS: usize = 256;
 
 /// Displays a peer-controlled string escaped (`\n`, `\u{1b}` ...) and cut to a bounded length.
-pub struct Clean<'a>(pub &'a str);
+pub(crate) struct Clean<'a>(pub &'a str);
 
 impl fmt::Display for Clean<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -36,7 +36,7 @@ impl fmt::Debug for Clean<'_> {
 }
 
 /// [`Clean`] as an owned string, for records built from several values.
-pub fn clean(s: &str) -> String {
+pub(crate) fn clean(s: &str) -> String {
     Clean(s).to_string()
 }
 

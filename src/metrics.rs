@@ -103,7 +103,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 });
 
 /// One audit record, by channel, operation family and outcome.
-pub fn audit_record(channel: &'static str, operation: &'static str, outcome: &'static str) {
+pub(crate) fn audit_record(channel: &'static str, operation: &'static str, outcome: &'static str) {
     METRICS
         .decisions
         .get_or_create(&DecisionLabels {
@@ -115,7 +115,7 @@ pub fn audit_record(channel: &'static str, operation: &'static str, outcome: &'s
 }
 
 /// One token verification: `valid`, `refused` or `unavailable`.
-pub fn token_check(result: &'static str) {
+pub(crate) fn token_check(result: &'static str) {
     METRICS
         .token_checks
         .get_or_create(&ResultLabels { result })
@@ -123,7 +123,7 @@ pub fn token_check(result: &'static str) {
 }
 
 /// One request to a configured issuer (its introspection endpoint or its EHR).
-pub fn issuer_request(issuer: &str, kind: &'static str, result: &'static str) {
+pub(crate) fn issuer_request(issuer: &str, kind: &'static str, result: &'static str) {
     METRICS
         .issuer_requests
         .get_or_create(&IssuerLabels {
@@ -136,7 +136,7 @@ pub fn issuer_request(issuer: &str, kind: &'static str, result: &'static str) {
 
 /// One ownership look-up at the PACS: `ok` or `error` (whether the UID was found is not told:
 /// that would tell a caller which UIDs exist).
-pub fn pacs_lookup(result: &'static str) {
+pub(crate) fn pacs_lookup(result: &'static str) {
     METRICS
         .pacs_lookups
         .get_or_create(&ResultLabels { result })
@@ -144,7 +144,7 @@ pub fn pacs_lookup(result: &'static str) {
 }
 
 /// One A-ASSOCIATE-RJ.
-pub fn association_rejected(reason: &'static str) {
+pub(crate) fn association_rejected(reason: &'static str) {
     METRICS
         .associations_rejected
         .get_or_create(&ReasonLabels { reason })
@@ -152,12 +152,12 @@ pub fn association_rejected(reason: &'static str) {
 }
 
 /// Counts an association as served until the guard is dropped.
-pub fn association_started() -> ActiveGuard {
+pub(crate) fn association_started() -> ActiveGuard {
     METRICS.associations_active.inc();
     ActiveGuard(())
 }
 
-pub struct ActiveGuard(());
+pub(crate) struct ActiveGuard(());
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -166,7 +166,7 @@ impl Drop for ActiveGuard {
 }
 
 /// One HTTP response.
-pub fn http_response(status: u16) {
+pub(crate) fn http_response(status: u16) {
     let class = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -181,7 +181,7 @@ pub fn http_response(status: u16) {
 }
 
 /// The OpenMetrics text exposition of every metric.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &METRICS.registry).is_err() {
         out.clear();

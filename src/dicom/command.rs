@@ -21,37 +21,37 @@ pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_CANCEL_RQ: u16 = 0x0FFF;
 pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_GET_RSP: u16 = 0x8010;
-pub const C_FIND_RSP: u16 = 0x8020;
-pub const C_MOVE_RSP: u16 = 0x8021;
-pub const C_ECHO_RSP: u16 = 0x8030;
+pub(crate) const C_FIND_RSP: u16 = 0x8020;
+pub(crate) const C_MOVE_RSP: u16 = 0x8021;
+pub(crate) const C_ECHO_RSP: u16 = 0x8030;
 
 /// CommandDataSetType value meaning "no data set".
 pub const NO_DATA_SET: u16 = 0x0101;
 
 pub const STATUS_SUCCESS: u16 = 0x0000;
 /// Refused: SOP Class not supported (the command does not belong to its context's SOP class).
-pub const STATUS_SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+pub(crate) const STATUS_SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 /// Refused: Not Authorized.
 pub const STATUS_NOT_AUTHORIZED: u16 = 0x0124;
 /// Unrecognized operation.
-pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
+pub(crate) const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
 /// Refused: Out of resources (C-MOVE: unable to perform sub-operations).
-pub const STATUS_OUT_OF_RESOURCES_SUBOPS: u16 = 0xA702;
+pub(crate) const STATUS_OUT_OF_RESOURCES_SUBOPS: u16 = 0xA702;
 /// Identifier does not match SOP Class (C-FIND, C-GET, C-MOVE); for C-STORE: Data Set does
 /// not match SOP Class.
-pub const STATUS_IDENTIFIER_MISMATCH: u16 = 0xA900;
+pub(crate) const STATUS_IDENTIFIER_MISMATCH: u16 = 0xA900;
 /// Unable to process (the upstream PACS failed or did not answer).
 pub const STATUS_UNABLE_TO_PROCESS: u16 = 0xC001;
 /// C-STORE: Cannot understand (the data set could not be read far enough to decide).
 pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
 /// C-MOVE: Move destination unknown.
-pub const STATUS_MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+pub(crate) const STATUS_MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
 
 /// The status for a request refused because what its decision needs could not be asked (the
 /// PACS's ownership answer, the EHR's): "Refused: Out of Resources" (PS3.4 C.4.1.1.4 A700H
 /// for C-FIND, C.4.2.1.5 and C.4.3.1.4 A701H for C-MOVE and C-GET, 9.1.1.1.9 A7xxH for
 /// C-STORE), which tells the caller a retry may succeed; C001H "Unable to process" otherwise.
-pub fn unavailable_status(request_field: u16) -> u16 {
+pub(crate) fn unavailable_status(request_field: u16) -> u16 {
     match request_field {
         C_FIND_RQ | C_STORE_RQ => 0xA700,
         C_GET_RQ | C_MOVE_RQ => 0xA701,
@@ -59,7 +59,7 @@ pub fn unavailable_status(request_field: u16) -> u16 {
     }
 }
 /// C-MOVE/C-GET: Warning, sub-operations complete with one or more failures.
-pub const STATUS_SUBOPS_WARNING: u16 = 0xB000;
+pub(crate) const STATUS_SUBOPS_WARNING: u16 = 0xB000;
 
 /// Whether a status is Pending (more responses follow).
 pub fn is_pending(status: u16) -> bool {
@@ -67,7 +67,7 @@ pub fn is_pending(status: u16) -> bool {
 }
 
 /// Whether a C-STORE status means the instance was stored (success or a warning, PS3.4 B.2.3).
-pub fn is_stored(status: u16) -> bool {
+pub(crate) fn is_stored(status: u16) -> bool {
     status == STATUS_SUCCESS
         || status == 0x0001
         || status == 0x0107
@@ -292,7 +292,7 @@ impl Command {
         self.data_set_type != NO_DATA_SET
     }
 
-    pub fn is_response(&self) -> bool {
+    pub(crate) fn is_response(&self) -> bool {
         self.field & 0x8000 != 0
     }
 
@@ -420,7 +420,7 @@ impl Command {
 
 /// The kind of service a presentation context's abstract syntax is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Service {
+pub(crate) enum Service {
     Verification,
     Find,
     Get,
@@ -477,7 +477,7 @@ impl Service {
     /// Whether a request with this command field belongs to the service (PS3.4: C-FIND only
     /// on FIND models, C-GET on GET, C-MOVE on MOVE, C-STORE on storage, C-ECHO on
     /// Verification; C-CANCEL on the three query/retrieve kinds).
-    pub fn admits(self, field: u16) -> bool {
+    pub(crate) fn admits(self, field: u16) -> bool {
         matches!(
             (self, field),
             (Service::Verification, C_ECHO_RQ)

@@ -13,7 +13,7 @@ use dicom_core::{Tag, VR};
 
 /// One top-level element of a data set read whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
+pub(crate) struct Span {
     pub tag: Tag,
     pub vr: Option<VR>,
     start: usize,
@@ -83,7 +83,7 @@ impl<'a> DataSet<'a> {
     }
 
     /// Reads a whole element list of any kind strictly (a command set, a file meta group).
-    pub fn read_as(
+    pub(crate) fn read_as(
         scope: Scope,
         bytes: &'a [u8],
         encoding: Encoding,
@@ -199,7 +199,7 @@ impl<'a> DataSet<'a> {
 }
 
 /// One element encoded in `encoding`, its value padded to an even length.
-pub fn encode_element(encoding: Encoding, tag: Tag, vr: VR, value: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_element(encoding: Encoding, tag: Tag, vr: VR, value: &[u8]) -> Vec<u8> {
     let value = values::padded(vr, value);
     let mut out = Vec::with_capacity(12 + value.len());
     out.extend_from_slice(&tag.0.to_le_bytes());

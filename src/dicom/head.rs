@@ -17,14 +17,14 @@ use dicom_dictionary_std::tags;
 
 /// The most of an instance held before its PatientID and UIDs are known. They sit at the
 /// start (groups 0008 to 0020), so only instances with huge early elements come near it.
-pub const MAX_HEAD: usize = 1024 * 1024;
+pub(crate) const MAX_HEAD: usize = 1024 * 1024;
 
 /// The longest judged value held (instance UIDs and identifiers are far shorter).
 const MAX_JUDGED_BYTES: usize = 1024;
 /// The largest file meta group accepted.
-pub const MAX_META: usize = 64 * 1024;
+pub(crate) const MAX_META: usize = 64 * 1024;
 /// The Part 10 preamble before the `DICM` prefix (PS3.10 7.1).
-pub const PREAMBLE: usize = 128;
+pub(crate) const PREAMBLE: usize = 128;
 /// Judged attributes of an instance sit up to here; past it, the head is known.
 const LAST_JUDGED: Tag = tags::SERIES_INSTANCE_UID;
 

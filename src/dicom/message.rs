@@ -61,7 +61,7 @@ pub fn parse_pdata(frame: Bytes) -> Result<Vec<Pdv>, String> {
 
 /// Appends P-DATA-TF PDUs (one PDV each) carrying `bytes` to `out`, fragmented to the peer's
 /// maximum; `last` sets the last-fragment flag on the final one.
-pub fn encode_fragments(
+pub(crate) fn encode_fragments(
     out: &mut Vec<u8>,
     pc_id: u8,
     value_type: PDataValueType,
@@ -229,7 +229,7 @@ impl Assembler {
 
 /// The largest PDV payload for a peer that announced `peer_max` (0: no limit, so a sane one is
 /// chosen). The P-DATA-TF length counts the 6-byte PDV header (length, context id, control).
-pub fn fragment_size(peer_max: u32) -> usize {
+pub(crate) fn fragment_size(peer_max: u32) -> usize {
     let max = if peer_max == 0 {
         1 << 20
     } else {

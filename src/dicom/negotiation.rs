@@ -15,10 +15,10 @@ use dicom_ul::pdu::{
 use std::collections::HashMap;
 
 /// The DICOM application context name.
-pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+pub(crate) const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
 /// The gateway's implementation class UID (a UUID-derived UID under 2.25).
-pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.336851160592358114325118563930571390839";
-pub const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE_010";
+pub(crate) const IMPLEMENTATION_CLASS_UID: &str = "2.25.336851160592358114325118563930571390839";
+pub(crate) const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE_010";
 /// Item type of the Asynchronous Operations Window sub-item; the relay runs one operation at a
 /// time, so it never forwards this.
 const ASYNC_OPERATIONS_WINDOW: u8 = 0x53;

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// Slack over the announced Maximum Length tolerated in PDUs from peers (some peers count the
 /// PDV item headers in it, some do not).
-pub const PDU_SLACK: u32 = 64;
+pub(crate) const PDU_SLACK: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PduError {

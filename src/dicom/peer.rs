@@ -54,7 +54,7 @@ pub enum Gone {
 }
 
 impl Gone {
-    pub fn abort_reason(&self) -> AbortRQServiceProviderReason {
+    pub(crate) fn abort_reason(&self) -> AbortRQServiceProviderReason {
         use AbortRQServiceProviderReason as R;
         match self {
             Gone::Connection(_) => R::ReasonNotSpecified,
@@ -95,7 +95,7 @@ pub struct Peer {
 }
 
 /// Queued output is written once it reaches this size, batching or not.
-pub const MAX_BATCH: usize = 64 * 1024;
+pub(crate) const MAX_BATCH: usize = 64 * 1024;
 
 impl Peer {
     /// Takes over an established connection; `read_max` is the largest PDU accepted from it.
@@ -117,7 +117,7 @@ impl Peer {
 
     /// This peer is a PACS: its command sets may carry a tail of other groups, which is read
     /// strictly and dropped (DCMTK-based PACS put C-GET failure lists there).
-    pub fn is_pacs(mut self) -> Peer {
+    pub(crate) fn tolerating_command_tail(mut self) -> Peer {
         self.assembler.tolerate_command_tail();
         self
     }
@@ -223,7 +223,7 @@ impl Peer {
     }
 
     /// Encodes a message into the output queue without writing it; [`Peer::flush`] writes.
-    pub fn queue_message(
+    pub(crate) fn queue_message(
         &mut self,
         pc_id: u8,
         command: &[u8],
@@ -265,7 +265,7 @@ impl Peer {
 
     /// Queues a piece of a data set, fragmented to the peer's maximum; `last` marks the end of
     /// the data set. The caller flushes (see [`Peer::flush`]); nothing but this piece is held.
-    pub fn queue_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) {
+    pub(crate) fn queue_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) {
         encode_fragments(
             &mut self.out,
             pc_id,
@@ -282,7 +282,7 @@ impl Peer {
         self.flush().await
     }
 
-    pub fn queued_bytes(&self) -> usize {
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.out.len()
     }
 
@@ -298,7 +298,7 @@ impl Peer {
 
     /// Whether the next [`Peer::next`] can answer from what was already read: an event is
     /// waiting or a whole PDU is buffered.
-    pub fn has_input_at_hand(&self) -> bool {
+    pub(crate) fn has_input_at_hand(&self) -> bool {
         if !self.queue.is_empty() {
             return true;
         }
@@ -389,13 +389,13 @@ impl Peer {
     }
 
     /// Sends an A-ABORT (service provider) and closes; errors are moot at this point.
-    pub async fn abort(&mut self) {
+    pub(crate) async fn abort(&mut self) {
         self.abort_with(AbortRQServiceProviderReason::ReasonNotSpecified)
             .await
     }
 
     /// Sends an A-ABORT (source: service provider) with `reason` and closes the connection.
-    pub async fn abort_with(&mut self, reason: AbortRQServiceProviderReason) {
+    pub(crate) async fn abort_with(&mut self, reason: AbortRQServiceProviderReason) {
         let pdu = Pdu::AbortRQ {
             source: AbortRQSource::ServiceProvider(reason),
         };

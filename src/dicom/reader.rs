@@ -99,9 +99,9 @@ pub enum Violation {
     AfterEnd,
 }
 
-pub const ITEM: Tag = Tag(0xFFFE, 0xE000);
-pub const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
-pub const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
+pub(crate) const ITEM: Tag = Tag(0xFFFE, 0xE000);
+pub(crate) const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
+pub(crate) const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
 pub const PIXEL_DATA: Tag = Tag(0x7FE0, 0x0010);
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
@@ -249,7 +249,7 @@ impl Reader {
 
     /// The last top-level tag whose header was read, and whether that element is complete.
     /// Tags ascend, so once a tag above `t` was seen, every element up to `t` is known.
-    pub fn top_level_progress(&self) -> (Option<Tag>, bool) {
+    pub(crate) fn top_level_progress(&self) -> (Option<Tag>, bool) {
         (self.last_top, !self.in_top)
     }
 
@@ -620,7 +620,7 @@ impl Reader {
 }
 
 /// VRs whose explicit header has two reserved bytes and a 4-byte length (PS3.5 7.1.2).
-pub fn long_form(code: &[u8; 2]) -> bool {
+pub(crate) fn long_form(code: &[u8; 2]) -> bool {
     matches!(
         code,
         b"OB"

@@ -78,7 +78,7 @@ pub fn check(tag: Tag, vr: Option<VR>, value: &[u8]) -> Result<(), Violation> {
 
 /// Checks a UI value in one pass, without allocating: UIDs as [`is_uid`] defines them,
 /// separated by `\`, one trailing NUL the only padding; an empty value is an empty list.
-pub fn check_uids(value: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn check_uids(value: &[u8]) -> Result<(), &'static str> {
     let value = value.strip_suffix(b"\0").unwrap_or(value);
     if value.is_empty() {
         return Ok(());
@@ -128,7 +128,7 @@ pub fn check_uids(value: &[u8]) -> Result<(), &'static str> {
 }
 
 /// The UIDs of a UI value that [`check_uids`] accepted, its trailing NUL removed.
-pub fn split_uids(value: &[u8]) -> Vec<&str> {
+pub(crate) fn split_uids(value: &[u8]) -> Vec<&str> {
     let value = value.strip_suffix(b"\0").unwrap_or(value);
     match std::str::from_utf8(value) {
         Ok("") | Err(_) => Vec::new(),
@@ -137,7 +137,7 @@ pub fn split_uids(value: &[u8]) -> Vec<&str> {
 }
 
 /// The UIDs of a UI value, its one trailing NUL removed. An empty value is an empty list.
-pub fn uid_list(value: &[u8]) -> Result<Vec<&str>, &'static str> {
+pub(crate) fn uid_list(value: &[u8]) -> Result<Vec<&str>, &'static str> {
     check_uids(value)?;
     Ok(split_uids(value))
 }
@@ -175,7 +175,7 @@ pub fn trim_text(s: &str) -> &str {
 }
 
 /// Encodes a value for writing: text padded with a space, UIDs with a NUL, to an even length.
-pub fn padded(vr: VR, value: &[u8]) -> Vec<u8> {
+pub(crate) fn padded(vr: VR, value: &[u8]) -> Vec<u8> {
     let mut v = value.to_vec();
     if v.len() % 2 == 1 {
         v.push(if vr == VR::UI { 0 } else { b' ' });

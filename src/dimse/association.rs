@@ -121,12 +121,12 @@ impl std::fmt::Display for Misbehaviour {
 
 impl Association {
     /// Where this association's decisions are recorded.
-    pub fn trail(&self) -> Trail<'_> {
+    pub(crate) fn trail(&self) -> Trail<'_> {
         Trail::new(Channel::Dimse, self.id, Some(self.caller.principal()))
     }
 
     /// Reads and drops the data set of a request that is refused before it is looked at.
-    pub async fn drop_data_set(&mut self, pc_id: u8, cmd: &Command) -> Result<(), Flow> {
+    pub(crate) async fn drop_data_set(&mut self, pc_id: u8, cmd: &Command) -> Result<(), Flow> {
         if cmd.has_data_set()
             && let Err(e) = self
                 .client
@@ -162,7 +162,7 @@ impl Association {
     }
 
     /// Answers a request whose identifier the strict reader refused: A900H, nothing relayed.
-    pub async fn bad_identifier(&mut self, pc_id: u8, cmd: &Command, v: &Violation) -> Flow {
+    pub(crate) async fn bad_identifier(&mut self, pc_id: u8, cmd: &Command, v: &Violation) -> Flow {
         tracing::info!(assoc = self.id, violation = %v, "identifier refused by the strict reader");
         self.trail().record(
             Operation::DimseIdentifier,
@@ -179,14 +179,19 @@ impl Association {
 
     /// The PACS failed during an operation: the client gets a failure status for it (never a
     /// success), then both associations end, since the upstream one is in an unknown state.
-    pub async fn fail_upstream(&mut self, pc_id: u8, cmd: &Command, why: &str) -> Flow {
+    pub(crate) async fn fail_upstream(&mut self, pc_id: u8, cmd: &Command, why: &str) -> Flow {
         let rsp = cmd.response(command::STATUS_UNABLE_TO_PROCESS, Some(why));
         let _ = self.client.send_message(pc_id, &rsp.encode(), None).await;
         self.abort_both().await
     }
 
     /// Sends a message to the client; a failure ends the association.
-    pub async fn reply(&mut self, pc_id: u8, command: &Command, data: Option<&[u8]>) -> Flow {
+    pub(crate) async fn reply(
+        &mut self,
+        pc_id: u8,
+        command: &Command,
+        data: Option<&[u8]>,
+    ) -> Flow {
         match self
             .client
             .send_message(pc_id, &command.encode(), data)
@@ -203,7 +208,7 @@ impl Association {
 
     /// Relays a message to the client, holding it back (bounded by [`MAX_BATCH`]) while the
     /// PACS's next message is already at hand, so bursts go out in few writes.
-    pub async fn relay_to_client(
+    pub(crate) async fn relay_to_client(
         &mut self,
         pc_id: u8,
         command: &Command,
@@ -213,7 +218,12 @@ impl Association {
     }
 
     /// [`Association::relay_to_client`] with the command set already encoded.
-    pub async fn relay_encoded(&mut self, pc_id: u8, command: &[u8], data: Option<&[u8]>) -> Flow {
+    pub(crate) async fn relay_encoded(
+        &mut self,
+        pc_id: u8,
+        command: &[u8],
+        data: Option<&[u8]>,
+    ) -> Flow {
         if let Err(e) = self.client.queue_message(pc_id, command, data) {
             tracing::info!(assoc = self.id, reason = %e, "cannot encode for the client");
             return self.abort_both().await;
@@ -233,7 +243,7 @@ impl Association {
 
     /// Releases the gateway's association to the PACS (A-ABORT when the PACS does not answer
     /// within `within`).
-    pub async fn release_pacs(&mut self, within: Duration) {
+    pub(crate) async fn release_pacs(&mut self, within: Duration) {
         let upstream = async {
             self.pacs
                 .send_pdu(&Pdu::ReleaseRQ)
@@ -266,7 +276,7 @@ impl Association {
     /// Aborts the PACS association and opens a new one like it, so the client's association
     /// goes on (after an instance had to be broken off mid-stream). `false` when the PACS does
     /// not accept every context as before: the client's association cannot go on then.
-    pub async fn renew_pacs(&mut self) -> bool {
+    pub(crate) async fn renew_pacs(&mut self) -> bool {
         use dicom_ul::pdu::PresentationContextResultReason as R;
         self.pacs.abort().await;
         let cfg = &self.ctx.cfg;
@@ -293,7 +303,7 @@ impl Association {
             cfg.limits.max_pdu_length + crate::dicom::pdu::PDU_SLACK,
             peer_max,
         )
-        .is_pacs();
+        .tolerating_command_tail();
         if !same || peer_max != self.pacs.peer_max {
             pacs.abort().await;
             return false;
@@ -302,7 +312,7 @@ impl Association {
         true
     }
 
-    pub async fn abort_both(&mut self) -> Flow {
+    pub(crate) async fn abort_both(&mut self) -> Flow {
         self.client.abort().await;
         self.pacs.abort().await;
         Flow::End
@@ -310,7 +320,7 @@ impl Association {
 
     /// Ends the association because a peer broke the protocol during `during`: the peer is
     /// told why by its A-ABORT reason, the other peer is aborted too.
-    pub async fn protocol_violation(
+    pub(crate) async fn protocol_violation(
         &mut self,
         side: Side,
         what: Misbehaviour,
@@ -343,7 +353,7 @@ impl Association {
     /// identifier that is missing or malformed) or the association ended; the `Flow` says
     /// how it goes on. The caller reads the returned bytes with [`DataSet::read`] again,
     /// which cannot fail then.
-    pub async fn read_identifier(
+    pub(crate) async fn read_identifier(
         &mut self,
         pc_id: u8,
         cmd: &Command,
@@ -378,7 +388,7 @@ impl Association {
     }
 
     /// Waits for the PACS, bounded by the upstream timeout.
-    pub async fn pacs_next(&mut self) -> Option<Incoming> {
+    pub(crate) async fn pacs_next(&mut self) -> Option<Incoming> {
         tokio::time::timeout(self.ctx.cfg.limits.upstream_timeout, self.pacs.next())
             .await
             .ok()

@@ -25,7 +25,7 @@ pub struct Head {
     reader: InstanceReader,
 }
 
-pub enum HeadError {
+pub(crate) enum HeadError {
     /// The data set could not be read far enough, or the strict reader refused it (the
     /// violation says why; [`MAX_HEAD`] reached counts too). `last` tells whether the rest
     /// still has to be drained.
@@ -47,7 +47,7 @@ pub enum StreamError {
 }
 
 /// Reads fragments of the current data set from `from` until the instance's head is known.
-pub async fn read_head(
+pub(crate) async fn read_head(
     from: &mut Peer,
     pc_id: u8,
     syntax: Syntax,
@@ -184,7 +184,7 @@ fn queue_even(to: &mut Peer, pc_id: u8, bytes: &[u8], last: bool, carry: &mut Op
 }
 
 /// Reads and drops the rest of a data set (of an instance that was refused).
-pub async fn drain(from: &mut Peer, pc_id: u8, wait: Duration) -> Result<(), String> {
+pub(crate) async fn drain(from: &mut Peer, pc_id: u8, wait: Duration) -> Result<(), String> {
     loop {
         let (_, last) = next_fragment(from, pc_id, wait).await?;
         if last {

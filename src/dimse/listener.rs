@@ -23,14 +23,14 @@ use tokio::task::JoinSet;
 /// `cut` turns true when the drain time is over: what is left ends now, with an A-ABORT to
 /// each peer, so no peer is left with a connection that simply disappears.
 #[derive(Clone)]
-pub struct Stop {
+pub(crate) struct Stop {
     draining: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
 }
 
 impl Stop {
     /// Resolves once the gateway is draining.
-    pub async fn draining(&mut self) {
+    pub(crate) async fn draining(&mut self) {
         until(&mut self.draining).await
     }
 
@@ -62,7 +62,7 @@ pub struct Admission {
 }
 
 /// A pending connection's claim; dropping it frees the slot and the peer's share.
-pub struct Pending {
+pub(crate) struct Pending {
     _permit: OwnedSemaphorePermit,
     peer: IpAddr,
     per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -106,7 +106,7 @@ impl Admission {
     }
 
     /// An association slot, once the request has arrived; `None`: the gateway is full.
-    pub fn try_association(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_association(&self) -> Option<OwnedSemaphorePermit> {
         self.associations.clone().try_acquire_owned().ok()
     }
 }

@@ -94,7 +94,7 @@ impl Route {
         t.withheld += 1;
     }
 
-    pub fn tally(&self) -> Tally {
+    pub(crate) fn tally(&self) -> Tally {
         *self.tally.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -117,7 +117,7 @@ pub struct MoveRegistry {
 }
 
 /// Keeps a route registered; dropping it ends the route.
-pub struct RouteGuard {
+pub(crate) struct RouteGuard {
     registry: Arc<MoveRegistry>,
     pub id: u16,
     pub route: Arc<Route>,
@@ -150,7 +150,7 @@ fn random_id() -> u16 {
 impl MoveRegistry {
     /// Registers a route under a fresh random message ID; `None` when too many moves are in
     /// flight.
-    pub fn register(self: &Arc<Self>, route: Route) -> Option<RouteGuard> {
+    pub(crate) fn register(self: &Arc<Self>, route: Route) -> Option<RouteGuard> {
         let mut m = self.routes.lock().ok()?;
         if m.len() >= MAX_MOVES {
             return None;
@@ -280,7 +280,7 @@ async fn receive(
         our_max + PDU_SLACK,
         assoc::announced_max(&rq.user_variables),
     )
-    .is_pacs();
+    .tolerating_command_tail();
     let mut r = Receiver {
         ctx: ctx.clone(),
         pacs: pacs_peer,
@@ -414,7 +414,7 @@ impl Receiver {
         let (Some(route_id), Some(route)) = (route_id, route) else {
             tracing::warn!("receiver: an instance for no C-MOVE of the gateway; refused");
             Trail::new(Channel::Dimse, 0, None).record(
-                Operation::MoveSubOperation,
+                Operation::MoveInstance,
                 "",
                 Outcome::Anomaly,
                 "an instance arrived for no move in flight; refused",
@@ -455,7 +455,7 @@ impl Receiver {
             && h.sop_instance.as_deref().is_some_and(|u| route.take(u));
         if !admitted {
             Trail::new(Channel::Dimse, route.session, None).record(
- Operation::MoveSubOperation, "", Outcome::Anomaly,
+ Operation::MoveInstance, "", Outcome::Anomaly,
                 "the PACS sent an instance of another patient, one not requested, or one too many; withheld",
             );
             return self

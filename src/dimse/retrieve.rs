@@ -18,7 +18,7 @@ use dicom_core::VR;
 use dicom_dictionary_std::tags;
 
 /// What a retrieval identifier (C-GET or C-MOVE) asks for.
-pub struct Retrieval {
+pub(crate) struct Retrieval {
     pub level_name: String,
     pub level: Option<UidLevel>,
     pub patient_id: Option<String>,
@@ -29,7 +29,7 @@ pub struct Retrieval {
 
 /// Reads what a strictly read retrieval identifier asks for; `None` when it names no valid
 /// level.
-pub fn parse_retrieval(identifier: &DataSet<'_>) -> Option<Retrieval> {
+pub(crate) fn parse_retrieval(identifier: &DataSet<'_>) -> Option<Retrieval> {
     let level_name = values::trim_text(identifier.text(tags::QUERY_RETRIEVE_LEVEL)?).to_string();
     let level = match level_name.as_str() {
         "PATIENT" => None,
@@ -59,7 +59,7 @@ pub fn parse_retrieval(identifier: &DataSet<'_>) -> Option<Retrieval> {
 /// answered and `Err(flow)` says how the association goes on. On success: the identifier to
 /// send upstream (the bytes that were judged, or their re-encoding with the PatientID the
 /// decision names), and the decision every instance must pass.
-pub async fn authorize(
+pub(crate) async fn authorize(
     s: &mut Association,
     pc_id: u8,
     cmd: &Command,
@@ -128,7 +128,7 @@ impl Tally {
 
     /// Puts these counts on a final C-GET or C-MOVE response: the gateway's counts, never
     /// fewer failures than the PACS reported, and a success with failures becomes a warning.
-    pub fn apply_final(&self, rsp: &mut Command) {
+    pub(crate) fn apply_final(&self, rsp: &mut Command) {
         let n = |v: usize| v.min(u16::MAX as usize) as u16;
         let pacs_failed = rsp.failed.unwrap_or(0);
         rsp.completed = Some(n(self.completed));
@@ -143,7 +143,7 @@ impl Tally {
 
 /// Handles something from the client while a retrieval runs: a C-CANCEL is relayed (`None`:
 /// go on); anything else ends the association.
-pub async fn relay_cancel(s: &mut Association, pc_id: u8, c: Incoming) -> Option<Flow> {
+pub(crate) async fn relay_cancel(s: &mut Association, pc_id: u8, c: Incoming) -> Option<Flow> {
     match c {
         Incoming::Message(Event::Command {
             pc_id: cpc,

@@ -358,7 +358,8 @@ async fn negotiate(
         assoc::downstream_accept(rq, &up_ac, our_max, identity.positive_response_requested);
     let client_max = assoc::announced_max(&rq.user_variables);
     let pacs_max = assoc::announced_max(&up_ac.user_variables);
-    let mut pacs = Peer::new("pacs", up_stream, our_max + PDU_SLACK, pacs_max).is_pacs();
+    let mut pacs =
+        Peer::new("pacs", up_stream, our_max + PDU_SLACK, pacs_max).tolerating_command_tail();
     if let Err(e) = write_pdu(&mut stream, &Pdu::AssociationAC(ac)).await {
         tracing::info!(assoc = id, reason = %e, "client went away during negotiation");
         pacs.abort().await;

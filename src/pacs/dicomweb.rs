@@ -41,7 +41,7 @@ pub struct DicomWeb {
 impl DicomWeb {
     /// The HTTP client toward the PACS: its connect and read timeouts, no redirects, the
     /// gateway's user agent.
-    pub fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
+    pub(crate) fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
         Ok(reqwest::Client::builder()
             .connect_timeout(cfg.pacs.connect_timeout)
             .read_timeout(cfg.limits.upstream_timeout)
@@ -96,7 +96,7 @@ impl DicomWeb {
 
     /// A WADO-RS retrieval (`path` below the root; `query` already checked by the caller), with
     /// the caller's Accept header passed on. Only a success is returned.
-    pub async fn retrieve(
+    pub(crate) async fn retrieve(
         &self,
         path: &str,
         query: Option<&str>,
@@ -115,7 +115,7 @@ impl DicomWeb {
     }
 
     /// A WADO-URI request with an encoded query. Only a success is returned.
-    pub async fn wado_uri(&self, query: &str) -> Result<reqwest::Response, DicomWebError> {
+    pub(crate) async fn wado_uri(&self, query: &str) -> Result<reqwest::Response, DicomWebError> {
         let base = self.wado_uri.as_ref().ok_or(DicomWebError::NoWadoUri)?;
         let resp = self
             .http
@@ -147,7 +147,7 @@ impl DicomWeb {
     }
 
     /// The PACS's URLs in a body, rewritten to `public_base`.
-    pub fn rewrite_urls(&self, body: &str, public_base: &str) -> String {
+    pub(crate) fn rewrite_urls(&self, body: &str, public_base: &str) -> String {
         body.replace(self.base.as_str(), public_base)
     }
 }
@@ -165,7 +165,7 @@ fn success(resp: reqwest::Response) -> Result<reqwest::Response, DicomWebError> 
 }
 
 /// Reads a response body of at most `max` bytes.
-pub async fn read_bounded(
+pub(crate) async fn read_bounded(
     mut resp: reqwest::Response,
     max: usize,
 ) -> Result<Vec<u8>, DicomWebError> {

@@ -15,7 +15,7 @@ use dicom_ul::pdu::{AssociationRQ, Pdu};
 use std::time::{Duration, Instant};
 
 /// Study Root Query/Retrieve Information Model – FIND.
-pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+pub(crate) const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 /// Ownership look-ups running against the PACS at once; more wait (bounded by the timeout).
@@ -226,7 +226,7 @@ impl PacsLookup {
             self.our_max + 64,
             crate::dicom::negotiation::announced_max(&ac.user_variables),
         )
-        .is_pacs();
+        .tolerating_command_tail();
         Ok(Conn {
             peer,
             syntax,

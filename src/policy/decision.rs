@@ -9,7 +9,7 @@ use super::*;
 
 /// What the policy decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Allow(Permit),
     Deny(Denial),
 }
@@ -99,19 +99,19 @@ impl Permit {
     /// Whether judging results needs each study's Modality and StudyDate facts (a result that
     /// carries them — a STUDY-level match with ModalitiesInStudy and StudyDate — can be judged
     /// without a look-up).
-    pub fn wants_study_facts(&self) -> bool {
+    pub(crate) fn wants_study_facts(&self) -> bool {
         matches!(&self.studies, StudyGate::Check(rule) if rule.needs_facts())
     }
 
     /// Whether judging results asks the EHR (`user_level = "ehr-check"`): worth batching.
-    pub fn asks_ehr(&self) -> bool {
+    pub(crate) fn asks_ehr(&self) -> bool {
         matches!(&self.studies, StudyGate::Check(rule) if rule.ehr)
     }
 
     /// Whether an instance met during an allowed retrieval (a C-GET or C-MOVE sub-operation,
     /// a WADO part) may reach the caller: its patient must pass the filter, its study the
     /// gate, and it must be one of what the retrieval named.
-    pub fn admits_instance(&self, id: &InstanceId<'_>) -> bool {
+    pub(crate) fn admits_instance(&self, id: &InstanceId<'_>) -> bool {
         let named = |list: &[String], uid: Option<&str>| {
             list.is_empty() || uid.is_some_and(|u| list.iter().any(|x| x == u))
         };
@@ -197,7 +197,7 @@ impl Denial {
     }
 
     /// The scope that would have granted the action, when the lack of one is the reason.
-    pub fn needed_scope(&self) -> Option<&'static str> {
+    pub(crate) fn needed_scope(&self) -> Option<&'static str> {
         match self {
             Denial::InsufficientScope(s) => Some(s),
             Denial::NoWrite => Some("patient/ImagingStudy.c"),

@@ -102,7 +102,7 @@ impl Policy {
     /// than one per study. Only answers the EHR gave for sure are remembered: a study missing
     /// from a Bundle that says it has more pages is left to be asked about alone. Does nothing
     /// unless the decision asks the EHR.
-    pub async fn prefetch_ehr(
+    pub(crate) async fn prefetch_ehr(
         &self,
         p: &Principal,
         allowed: &Permit,

@@ -17,7 +17,7 @@ const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
 /// A CX value (`ID^^^&1.2.3&ISO`, HL7 v2 / IHE): the id, and the assigning authority's universal
 /// id (or namespace) as the issuer.
-pub fn parse_cx(v: &str) -> Option<DicomPatient> {
+pub(crate) fn parse_cx(v: &str) -> Option<DicomPatient> {
     let v = v.trim();
     let mut comps = v.split('^');
     let id = comps.next()?.trim();
@@ -43,7 +43,7 @@ pub fn parse_cx(v: &str) -> Option<DicomPatient> {
 }
 
 /// The identities a claim (dot path) holds: a string (plain or CX) or a list of strings.
-pub fn from_claim(claims: &serde_json::Value, path: &str) -> Vec<DicomPatient> {
+pub(crate) fn from_claim(claims: &serde_json::Value, path: &str) -> Vec<DicomPatient> {
     let mut v = claims;
     for part in path.split('.') {
         match v.get(part) {
@@ -61,7 +61,7 @@ pub fn from_claim(claims: &serde_json::Value, path: &str) -> Vec<DicomPatient> {
 
 /// The identifiers of a FHIR Patient resource with this system and/or this type code (e.g. MR);
 /// the system becomes the issuer.
-pub fn from_fhir(
+pub(crate) fn from_fhir(
     patient: &serde_json::Value,
     system: Option<&str>,
     type_code: Option<&str>,
@@ -99,7 +99,7 @@ pub fn from_fhir(
 
 /// A mapping table: token patient id to DICOM identities.
 #[derive(Debug, Default)]
-pub struct Table {
+pub(crate) struct Table {
     rows: HashMap<String, Vec<DicomPatient>>,
 }
 
@@ -135,7 +135,7 @@ struct Loaded {
 
 /// A table file kept current: looked at every few seconds, reloaded when its modification time
 /// changes; a file that fails to parse keeps the last good table (and says so in the log).
-pub struct TableSource {
+pub(crate) struct TableSource {
     path: PathBuf,
     state: RwLock<Loaded>,
 }
@@ -157,7 +157,7 @@ impl TableSource {
         }
     }
 
-    pub fn current(&self) -> Arc<Table> {
+    pub(crate) fn current(&self) -> Arc<Table> {
         let due = self
             .state
             .read()

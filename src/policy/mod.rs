@@ -175,7 +175,7 @@ pub struct Caller {
 
 impl Caller {
     /// Who the token says the caller is (for the audit trail and the EHR's questions).
-    pub fn principal(&self) -> &Principal {
+    pub(crate) fn principal(&self) -> &Principal {
         &self.principal
     }
 }
@@ -280,7 +280,7 @@ impl Policy {
     /// Records what a store the PACS confirmed proved: the PACS now holds this study, series
     /// and instance under the patient the store was decided for. Takes only the permit, so
     /// what is remembered is what was decided, never what a front end says afterwards.
-    pub async fn stored(&self, permit: &Permit) {
+    pub(crate) async fn stored(&self, permit: &Permit) {
         if let Some(placement) = &permit.stores {
             self.remember_placement(placement).await;
         }
@@ -288,7 +288,10 @@ impl Policy {
 
     /// The configured destination a C-MOVE may go to, by AE title (exact, padding aside); any
     /// other Move Destination is refused.
-    pub fn move_destination(&self, ae_title: Option<&str>) -> Option<crate::config::Destination> {
+    pub(crate) fn move_destination(
+        &self,
+        ae_title: Option<&str>,
+    ) -> Option<crate::config::Destination> {
         let ae = ae_title?.trim_matches(' ');
         self.destinations
             .iter()

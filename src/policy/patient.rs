@@ -51,7 +51,7 @@ impl PatientFilter {
     /// compared byte for byte, never case-folded. The issuer counts only where the mapping says
     /// so (`patients.use_issuer`). Data without a PatientID is never admitted under a
     /// patient-level filter.
-    pub fn admits(&self, patient_id: Option<&str>, issuer: Option<&str>) -> bool {
+    pub(crate) fn admits(&self, patient_id: Option<&str>, issuer: Option<&str>) -> bool {
         match self {
             PatientFilter::Any => true,
             PatientFilter::Only(ids) => match patient_id {
@@ -62,7 +62,7 @@ impl PatientFilter {
     }
 
     /// Whether results must carry IssuerOfPatientID to be judged.
-    pub fn compares_issuer(&self) -> bool {
+    pub(crate) fn compares_issuer(&self) -> bool {
         match self {
             PatientFilter::Any => false,
             PatientFilter::Only(ids) => ids.iter().any(|p| p.issuer_match.is_some()),
@@ -186,7 +186,7 @@ impl Policy {
     /// Patient resource, and the Study Instance UIDs of launch-context ImagingStudy references
     /// (both cached). A failed look-up leaves the principal mapped to nothing, or its context
     /// study unknown; either grants nothing.
-    pub async fn prepare(&self, p: &mut Principal, ehr: &dyn EhrDirectory) {
+    pub(crate) async fn prepare(&self, p: &mut Principal, ehr: &dyn EhrDirectory) {
         if let Some(studies) = p.launch_studies.as_mut() {
             for s in studies.iter_mut() {
                 let ContextStudy::Reference(id) = s else {

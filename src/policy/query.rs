@@ -22,12 +22,13 @@ pub const MAX_STUDIES_JUDGED: usize = 1000;
 /// The study a query result belongs to, as the result shows it: its UID, and (for a
 /// STUDY-level match) its ModalitiesInStudy and StudyDate.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ResultStudy<'a> {
+pub(crate) struct ResultStudy<'a> {
     pub uid: Option<&'a str>,
     pub facts: Option<&'a StudyFacts>,
 }
 
 impl<'a> ResultStudy<'a> {
+    #[cfg(test)]
     pub fn uid(uid: Option<&'a str>) -> ResultStudy<'a> {
         ResultStudy { uid, facts: None }
     }
@@ -52,7 +53,7 @@ impl Policy {
     /// request (`memo`), at most
     /// [`MAX_STUDIES_JUDGED`] of them; after the first failure to judge (the PACS or the EHR
     /// did not answer) no more are asked about, and the rest are withheld.
-    pub async fn admits_result(
+    pub(crate) async fn admits_result(
         &self,
         p: &Principal,
         allowed: &Permit,
@@ -122,7 +123,7 @@ impl ResultKey {
 
 /// Patient-level counts (Number of Patient Related Studies, Series, Instances): under a study
 /// restriction they would tell of studies outside it, so matches lose them.
-pub const PATIENT_COUNTS: [Tag; 3] = [
+pub(crate) const PATIENT_COUNTS: [Tag; 3] = [
     Tag(0x0020, 0x1200),
     Tag(0x0020, 0x1202),
     Tag(0x0020, 0x1204),
@@ -130,7 +131,7 @@ pub const PATIENT_COUNTS: [Tag; 3] = [
 
 /// What an allowed query must ask the PACS for, decided with the permit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct QueryPlan {
+pub(crate) struct QueryPlan {
     /// Return keys the judgement needs, in a fixed order.
     keys: Vec<ResultKey>,
     /// Matches are studies whose ModalitiesInStudy and StudyDate are their study's facts.
@@ -142,7 +143,7 @@ pub struct QueryPlan {
 impl Permit {
     /// The return keys a query must ask for (and a front end that knows what the caller asked
     /// for strips again from each match when it added them).
-    pub fn result_keys(&self) -> &[ResultKey] {
+    pub(crate) fn result_keys(&self) -> &[ResultKey] {
         &self.plan.keys
     }
 }
@@ -269,29 +270,29 @@ impl ResultJudge<'_> {
     /// How many matches are worth gathering before they are judged together: one EHR search
     /// asks about a whole batch under `user_level = "ehr-check"`; otherwise each is judged as
     /// it comes.
-    pub fn batch(&self) -> usize {
+    pub(crate) fn batch(&self) -> usize {
         if self.permit.asks_ehr() { EHR_BATCH } else { 1 }
     }
 
     /// Whether admitted matches lose the patient-wide counts ([`PATIENT_COUNTS`]).
-    pub fn strips_patient_counts(&self) -> bool {
+    pub(crate) fn strips_patient_counts(&self) -> bool {
         !matches!(self.permit.studies, StudyGate::Open)
     }
 
     /// What judging saw so far.
-    pub fn tally(&self) -> Tally {
+    pub(crate) fn tally(&self) -> Tally {
         self.tally
     }
 
     /// Why judging stopped early (every later match withheld), if it did.
-    pub fn stopped(&self) -> Option<&'static str> {
+    pub(crate) fn stopped(&self) -> Option<&'static str> {
         self.memo.stopped
     }
 
     /// Judges a match at once when nothing needs asking: no study restriction, and its issuer
     /// (where the issuer counts) said by the match itself. `None`: it needs
     /// [`ResultJudge::judge`]. The verdict is the one `judge` would give.
-    pub fn judge_now(&mut self, m: &MatchView) -> Option<Verdict> {
+    pub(crate) fn judge_now(&mut self, m: &MatchView) -> Option<Verdict> {
         if !matches!(self.permit.studies, StudyGate::Open) {
             return None;
         }

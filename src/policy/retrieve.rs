@@ -19,7 +19,7 @@ impl Policy {
     /// must pass the token's study restriction; the decision is made on what the UIDs resolve
     /// to, never on a PatientID key the caller sent. At PATIENT level the PatientID key is
     /// narrowed like a query's.
-    pub async fn decide_retrieve(
+    pub(crate) async fn decide_retrieve(
         &self,
         p: &Principal,
         req: &RetrieveRequest<'_>,

@@ -40,7 +40,7 @@ impl Policy {
     /// patient's, a study or series it names that the PACS already holds must be that
     /// patient's too (no writing into another patient's study), and the instance must pass the
     /// write scope's study restriction (judged on the instance's own Modality and StudyDate).
-    pub async fn decide_store(
+    pub(crate) async fn decide_store(
         &self,
         p: &Principal,
         req: &StoreRequest<'_>,

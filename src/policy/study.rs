@@ -31,7 +31,7 @@ pub struct StudyRule {
 }
 
 impl StudyRule {
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.scope_groups.is_empty() && self.context.is_none() && !self.ehr
     }
 

@@ -26,7 +26,7 @@ const CACHE_ENTRIES: u64 = 50_000;
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
 
 /// A private key the gateway signs client assertions with (RS384 for RSA, ES384 for P-384).
-pub struct ClientKey(DevKey);
+pub(crate) struct ClientKey(DevKey);
 
 impl ClientKey {
     pub fn load(path: &Path) -> anyhow::Result<ClientKey> {
@@ -54,7 +54,7 @@ impl ClientKey {
 
 /// What an introspection endpoint said of a token.
 #[derive(Clone)]
-pub enum Introspected {
+pub(crate) enum Introspected {
     /// `active: true`, with the response's claims.
     Active(Arc<Value>),
     Inactive,
@@ -66,7 +66,7 @@ struct Cached {
 }
 
 /// The gateway's client at one issuer.
-pub struct IssuerClient {
+pub(crate) struct IssuerClient {
     issuer: String,
     client_id: String,
     auth: Auth,
@@ -166,7 +166,7 @@ impl IssuerClient {
         &self.http
     }
 
-    pub async fn own_token(&self) -> Result<String, String> {
+    pub(crate) async fn own_token(&self) -> Result<String, String> {
         let mut g = self.own_token.lock().await;
         if let Some((t, until)) = g.as_ref()
             && Instant::now() < *until
@@ -280,7 +280,10 @@ async fn read_json(resp: reqwest::Response) -> Result<Value, String> {
 }
 
 /// Reads a JSON answer of at most `max` bytes; a non-success status is an error.
-pub async fn read_json_max(mut resp: reqwest::Response, max: usize) -> Result<Value, String> {
+pub(crate) async fn read_json_max(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Value, String> {
     let status = resp.status();
     let mut body = Vec::new();
     while let Some(c) = resp

@@ -22,7 +22,7 @@ const MIN_RETRY_WITHOUT_KEYS: Duration = Duration::from_secs(5);
 
 /// The kind of a public key; it fixes which algorithms may be verified with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
+pub(crate) enum KeyKind {
     Rsa,
     EcP256,
     EcP384,
@@ -30,7 +30,7 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// The algorithm allow-list, bound to the key type: never `none`, never HMAC.
-    pub fn allows(self, alg: Algorithm) -> bool {
+    pub(crate) fn allows(self, alg: Algorithm) -> bool {
         matches!(
             (self, alg),
             (
@@ -48,7 +48,7 @@ impl KeyKind {
 }
 
 /// One verification key.
-pub struct VerifyKey {
+pub(crate) struct VerifyKey {
     pub kid: Option<String>,
     pub kind: KeyKind,
     /// The `alg` the JWK pins, if it names one.
@@ -77,7 +77,7 @@ struct KeyState {
 }
 
 /// The key cache of one issuer.
-pub struct IssuerKeys {
+pub(crate) struct IssuerKeys {
     issuer: String,
     configured_jwks_uri: Option<String>,
     http: reqwest::Client,
@@ -98,7 +98,7 @@ impl IssuerKeys {
     }
 
     /// Keys that may verify a token with this `kid` and `alg`, fetching if the cache has none.
-    pub async fn candidates(
+    pub(crate) async fn candidates(
         &self,
         kid: Option<&str>,
         alg: Algorithm,
@@ -222,7 +222,7 @@ fn select(keys: &[Arc<VerifyKey>], kid: Option<&str>, alg: Algorithm) -> Vec<Arc
 }
 
 /// Turns one JWK into a verification key; symmetric, encryption-only and unknown keys are skipped.
-pub fn parse_jwk(v: &serde_json::Value) -> Option<VerifyKey> {
+pub(crate) fn parse_jwk(v: &serde_json::Value) -> Option<VerifyKey> {
     let jwk: Jwk = serde_json::from_value(v.clone()).ok()?;
     if matches!(
         jwk.common.public_key_use,
@@ -253,7 +253,10 @@ pub fn parse_jwk(v: &serde_json::Value) -> Option<VerifyKey> {
 }
 
 /// GET a JSON document with a size cap.
-pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value, String> {
+pub(crate) async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<serde_json::Value, String> {
     let mut resp = http
         .get(url)
         .header("accept", "application/json")

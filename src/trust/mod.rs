@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The largest token accepted (the DIMSE user identity field is limited to 65,535 bytes).
-pub const MAX_TOKEN_BYTES: usize = 65_535;
+pub(crate) const MAX_TOKEN_BYTES: usize = 65_535;
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
-pub const LEEWAY_SECS: u64 = 60;
+pub(crate) const LEEWAY_SECS: u64 = 60;
 
 /// Who the caller is and what its token says, after the token was verified.
 #[derive(Debug, Clone)]
@@ -76,11 +76,11 @@ impl Bearer {
         Bearer(Arc::from(token))
     }
     /// The token, for an `Authorization` header toward the issuer's own EHR.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
     /// A full SHA-256 of the token, for cache keys that must never collide across tokens.
-    pub fn digest(&self) -> [u8; 32] {
+    pub(crate) fn digest(&self) -> [u8; 32] {
         sha2::Sha256::digest(self.0.as_bytes()).into()
     }
 }
@@ -92,7 +92,7 @@ impl fmt::Debug for Bearer {
 }
 
 impl Principal {
-    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_expired_at(&self, now: SystemTime) -> bool {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -142,7 +142,7 @@ impl TrustError {
     /// Whether the token could not be checked at all (the issuer's keys or its introspection
     /// endpoint could not be reached): the caller is told to try again, not that its token is
     /// bad.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             TrustError::Keys(keys::KeyError::Unavailable { .. }) | TrustError::Unavailable(_)
@@ -682,7 +682,7 @@ fn launch_studies(ctx: Option<&serde_json::Value>, issuer: &Issuer) -> Option<Ve
 
 impl TrustCore {
     /// The issuer's FHIR base and the gateway's client there, for calls with its own token.
-    pub fn ehr_client(&self, issuer: &str) -> Result<(&client::IssuerClient, &str), String> {
+    pub(crate) fn ehr_client(&self, issuer: &str) -> Result<(&client::IssuerClient, &str), String> {
         let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
         match (&ti.client, &ti.cfg.fhir_base_url) {
             (Some(c), Some(b)) => Ok((c, b.as_str())),
@@ -691,7 +691,7 @@ impl TrustCore {
     }
 
     /// The issuer's FHIR base, for calls with the caller's own token.
-    pub fn fhir_base(&self, issuer: &str) -> Result<&str, String> {
+    pub(crate) fn fhir_base(&self, issuer: &str) -> Result<&str, String> {
         let ti = self.issuers.get(issuer).ok_or("unknown issuer")?;
         ti.cfg
             .fhir_base_url

@@ -68,9 +68,9 @@ pub struct Scope {
 }
 
 /// The DICOM code system, the only system a `modality` constraint may name.
-pub const DICOM_CODES: &str = "http://dicom.nema.org/resources/ontology/DCM";
+pub(crate) const DICOM_CODES: &str = "http://dicom.nema.org/resources/ontology/DCM";
 /// The identifier system of a study's Study Instance UID in FHIR.
-pub const DICOM_UID_SYSTEM: &str = "urn:dicom:uid";
+pub(crate) const DICOM_UID_SYSTEM: &str = "urn:dicom:uid";
 
 /// A granular-scope constraint on ImagingStudy that can be evaluated on a study. Several
 /// constraints in one scope must all hold; comma-separated values within one are alternatives.

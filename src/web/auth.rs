@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// A refusal or failure of a DICOMweb request.
 #[derive(Debug)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// No token: 401 with a bare `Bearer` challenge.
     NoToken,
     /// The token is not acceptable: 401 `invalid_token`.
@@ -34,13 +34,13 @@ pub enum ApiError {
 
 impl ApiError {
     /// DICOMweb is asked for but the PACS has no DICOMweb service configured.
-    pub fn not_configured() -> ApiError {
+    pub(crate) fn not_configured() -> ApiError {
         ApiError::Unavailable("DICOMweb is not configured: set pacs.dicomweb_url".into())
     }
 
     /// Maps a policy denial to its HTTP form (RFC 6750 section 3.1 for the token's faults; 503
     /// with Retry-After when the PACS or the EHR could not be asked).
-    pub fn from_denial(d: Denial) -> ApiError {
+    pub(crate) fn from_denial(d: Denial) -> ApiError {
         match (d.kind(), d.needed_scope()) {
             (DenialKind::Unauthenticated, _) => ApiError::InvalidToken(d.to_string()),
             (DenialKind::Forbidden, Some(scope)) => ApiError::InsufficientScope(scope),
@@ -82,7 +82,7 @@ impl Challenge {
         HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
     }
 
-    pub fn respond(&self, e: ApiError) -> Response {
+    pub(crate) fn respond(&self, e: ApiError) -> Response {
         let (status, challenge, code, text) = match &e {
             ApiError::NoToken => (
                 StatusCode::UNAUTHORIZED,
@@ -141,7 +141,7 @@ impl Challenge {
 }
 
 /// The bearer token of a request, if it carries one (the scheme is case-insensitive).
-pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let Some(v) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::NoToken);
     };
@@ -160,7 +160,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 }
 
 /// Verifies the request's token.
-pub async fn principal(
+pub(crate) async fn principal(
     trust: &TrustCore,
     headers: &HeaderMap,
     wait: Duration,

@@ -30,7 +30,7 @@ use std::pin::Pin;
 
 /// What each check needs besides the answer.
 #[derive(Clone)]
-pub struct Check {
+pub(crate) struct Check {
     pub allowed: Permit,
     pub principal: Principal,
     /// The request, for the audit trail.
@@ -397,7 +397,7 @@ pub async fn instances(resp: reqwest::Response, check: Check) -> Result<Response
 }
 
 /// A single `application/dicom` answer (WADO-URI), checked like one part.
-pub async fn single(resp: reqwest::Response, check: Check) -> Result<Response, ApiError> {
+pub(crate) async fn single(resp: reqwest::Response, check: Check) -> Result<Response, ApiError> {
     let mut relay = Relay::new(resp, None, check);
     if let Err(r) = relay.prime().await {
         relay.check.anomaly(&r.reason());

@@ -19,7 +19,7 @@ const METADATA_TTL: Duration = Duration::from_secs(3600);
 
 /// The first issuer's metadata, when it could be fetched.
 #[derive(Default)]
-pub struct Cache {
+pub(crate) struct Cache {
     inner: Mutex<Option<(Instant, Value)>>,
 }
 
@@ -53,7 +53,7 @@ async fn issuer_metadata(ctx: &WebCtx) -> Value {
     v
 }
 
-pub async fn smart_configuration(State(ctx): State<Arc<WebCtx>>) -> Response {
+pub(crate) async fn smart_configuration(State(ctx): State<Arc<WebCtx>>) -> Response {
     let meta = issuer_metadata(&ctx).await;
     let issuer = ctx
         .cfg
@@ -96,7 +96,7 @@ pub async fn smart_configuration(State(ctx): State<Arc<WebCtx>>) -> Response {
     with_json_headers(Json(doc).into_response())
 }
 
-pub async fn protected_resource(State(ctx): State<Arc<WebCtx>>) -> Response {
+pub(crate) async fn protected_resource(State(ctx): State<Arc<WebCtx>>) -> Response {
     let doc = json!({
         "resource": ctx.public_base,
         "authorization_servers": ctx.cfg.issuers.iter().map(|i| i.issuer.clone()).collect::<Vec<_>>(),

@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 
 /// The bounds a listener serves under.
 #[derive(Debug, Clone)]
-pub struct Bounds {
+pub(crate) struct Bounds {
     pub max_connections: usize,
     pub max_per_peer: usize,
     pub header_timeout: Duration,

@@ -40,7 +40,7 @@ tokio::task_local! {
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The id of the request this task is handling (0 outside a request).
-pub fn request_id() -> u64 {
+pub(crate) fn request_id() -> u64 {
     REQUEST_ID.try_with(|v| *v).unwrap_or(0)
 }
 
@@ -109,7 +109,7 @@ impl WebCtx {
 
     /// The request's caller: its token verified by the trust core, then prepared by the
     /// policy core.
-    pub async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<crate::policy::Caller, ApiError> {
@@ -140,7 +140,7 @@ impl WebCtx {
     }
 
     /// Rewrites the PACS's URLs in a response body to the gateway's.
-    pub fn rewrite_urls(&self, body: &str) -> String {
+    pub(crate) fn rewrite_urls(&self, body: &str) -> String {
         match &self.pacs {
             Some(pacs) => pacs.rewrite_urls(body, &self.public_base),
             None => body.to_string(),
@@ -249,7 +249,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
     }
 }
 
-pub fn router(ctx: Arc<WebCtx>) -> Router {
+pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

@@ -10,7 +10,7 @@
 use bytes::{Bytes, BytesMut};
 
 /// A boundary toward the PACS that nobody can know in advance (128 random bits).
-pub fn random_boundary() -> String {
+pub(crate) fn random_boundary() -> String {
     let mut b = [0u8; 16];
     if !crate::crypto::random(&mut b) {
         // No generator answered: the clock's nanoseconds, never a constant.
@@ -112,7 +112,8 @@ impl Splitter {
     }
 
     /// Whether the closing delimiter has been read.
-    pub fn is_complete(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_complete(&self) -> bool {
         self.state == SplitState::Epilogue
     }
 
@@ -263,7 +264,7 @@ impl Splitter {
 }
 
 /// The value of a header in a part's header block (names compared without case).
-pub fn header_value<'h>(headers: &'h [u8], name: &str) -> Option<&'h str> {
+pub(crate) fn header_value<'h>(headers: &'h [u8], name: &str) -> Option<&'h str> {
     std::str::from_utf8(headers)
         .ok()?
         .split("\r\n")

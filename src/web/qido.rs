@@ -267,7 +267,7 @@ pub fn patient_id(obj: &serde_json::Value) -> Option<String> {
     Some(texts.join("\\"))
 }
 
-pub fn json_response(body: Vec<u8>) -> Response {
+pub(crate) fn json_response(body: Vec<u8>) -> Response {
     let mut r = (StatusCode::OK, body).into_response();
     let h = r.headers_mut();
     h.insert(

@@ -28,7 +28,7 @@ fn safe_query(q: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"=&,._-%+:;*".contains(&b))
 }
 
-pub async fn retrieve(
+pub(crate) async fn retrieve(
     ctx: &WebCtx,
     caller: &Caller,
     resource: &Resource,
