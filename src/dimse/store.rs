@@ -91,15 +91,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
             .record(Operation::Store, &what, Outcome::Denied, why);
         return s.reply(pc_id, &cmd.response(status, Some(why)), None).await;
     }
-    let req = StoreRequest {
-        instance_uid: h.sop_instance.as_deref(),
-        patient_id: h.patient_id.as_deref(),
-        issuer: h.issuer.as_deref(),
-        study_uid: h.study.as_deref(),
-        series_uid: h.series.as_deref(),
-        modality: h.modality.as_deref(),
-        study_date: h.study_date.as_deref(),
-    };
+    let req = StoreRequest::of(&h);
     let permit = match s.ctx.policy.decide(&s.caller, Action::Store(req)).await {
         Ok(p) => p,
         Err(d) => {

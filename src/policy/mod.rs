@@ -88,6 +88,21 @@ pub struct StoreRequest<'a> {
     pub study_date: Option<&'a str>,
 }
 
+impl<'a> StoreRequest<'a> {
+    /// What an instance read by the strict reader says of itself, for the write decision.
+    pub fn of(h: &'a crate::dicom::head::InstanceHead) -> StoreRequest<'a> {
+        StoreRequest {
+            instance_uid: h.sop_instance.as_deref(),
+            patient_id: h.patient_id.as_deref(),
+            issuer: h.issuer.as_deref(),
+            study_uid: h.study.as_deref(),
+            series_uid: h.series.as_deref(),
+            modality: h.modality.as_deref(),
+            study_date: h.study_date.as_deref(),
+        }
+    }
+}
+
 /// What the caller asks to do, in protocol-neutral terms.
 #[derive(Debug, Clone)]
 pub enum Action<'a> {

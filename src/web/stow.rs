@@ -246,15 +246,7 @@ async fn store_part(
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
         return Ok(());
     }
-    let req = StoreRequest {
-        instance_uid: h.sop_instance.as_deref(),
-        patient_id: h.patient_id.as_deref(),
-        issuer: h.issuer.as_deref(),
-        study_uid: h.study.as_deref(),
-        series_uid: h.series.as_deref(),
-        study_date: h.study_date.as_deref(),
-        modality: h.modality.as_deref(),
-    };
+    let req = StoreRequest::of(&h);
     let on = format!("study={study} instance={instance}");
     let permit = match ctx.policy.decide(caller, Action::Store(req)).await {
         Ok(permit) => permit,
