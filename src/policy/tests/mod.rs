@@ -87,6 +87,14 @@ fn query(pol: &Policy, p: &Principal, pid: Option<&str>) -> Decision {
     )
 }
 
+/// A decision as the tables state it: `None` when allowed, else the denial.
+fn denial(d: &Decision) -> Option<&Denial> {
+    match d {
+        Decision::Allow(_) => None,
+        Decision::Deny(denial) => Some(denial),
+    }
+}
+
 /// A PACS of three studies: S1 and S2 of patient A, S3 of patient B; series R1 in S1, R3 in
 /// S3; instance I1 in R1.
 struct FakePacs {
