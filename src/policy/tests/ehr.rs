@@ -66,28 +66,26 @@ async fn ehr_check_asks_the_ehr_with_the_callers_token() {
         Decision::Allow(a) => a,
         d => panic!("{d:?}"),
     };
-    assert!(
-        !pol.admits_result(
-            &fresh,
-            &a,
-            ResultStudy::uid(Some("S2")),
-            &mut StudyMemo::default(),
-            &FakePacs { fail: false },
-            &down
-        )
-        .await
-    );
-    assert!(
-        pol.admits_result(
-            &fresh,
-            &a,
-            ResultStudy::uid(Some("S2")),
-            &mut StudyMemo::default(),
-            &FakePacs { fail: false },
-            &ehr
-        )
-        .await
-    );
+    for (why, directory, shown) in [
+        ("the EHR fails: withheld", &down, false),
+        ("the EHR answers again: asked again, shown", &ehr, true),
+    ] {
+        let mut memo = StudyMemo::default();
+        let lookup = FakePacs { fail: false };
+        assert_eq!(
+            pol.admits_result(
+                &fresh,
+                &a,
+                ResultStudy::uid(Some("S2")),
+                &mut memo,
+                &lookup,
+                directory
+            )
+            .await,
+            shown,
+            "{why}"
+        );
+    }
     // One request stops asking after the first failure, and judges each study once.
     let mut memo = StudyMemo::default();
     let before = down.searches.load(std::sync::atomic::Ordering::Relaxed);

@@ -87,6 +87,27 @@ fn query(pol: &Policy, p: &Principal, pid: Option<&str>) -> Decision {
     )
 }
 
+/// A decision as the tables state it: `None` when allowed, else the denial.
+fn denial(d: &Decision) -> Option<&Denial> {
+    match d {
+        Decision::Allow(_) => None,
+        Decision::Deny(denial) => Some(denial),
+    }
+}
+
+/// A query decision as the tables state it: the PatientIDs it is narrowed to, or the denial.
+fn narrowed(d: Decision) -> Result<Vec<String>, Denial> {
+    match d {
+        Decision::Allow(a) => Ok(a.query_patient_ids),
+        Decision::Deny(denial) => Err(denial),
+    }
+}
+
+/// The PatientIDs a table row expects, as a decision holds them.
+fn ids(v: Vec<&str>) -> Vec<String> {
+    v.into_iter().map(str::to_string).collect()
+}
+
 /// A PACS of three studies: S1 and S2 of patient A, S3 of patient B; series R1 in S1, R3 in
 /// S3; instance I1 in R1.
 struct FakePacs {

@@ -7,35 +7,30 @@ use super::*;
 fn patient_query_is_narrowed_or_refused() {
     let pol = Policy::bare(&cfg("deny"));
     let p = principal("patient/ImagingStudy.rs", Some("PAT1"));
-    for req in [
-        None,
-        Some(""),
-        Some("*"),
-        Some("  "),
-        Some("PAT1"),
-        Some(" PAT1  "),
+    use Denial::{ForeignPatient, PatientPattern};
+    for (why, req, expected) in [
+        ("no PatientID key", None, Ok(vec!["PAT1"])),
+        ("an empty key", Some(""), Ok(vec!["PAT1"])),
+        ("a lone wildcard", Some("*"), Ok(vec!["PAT1"])),
+        ("spaces only", Some("  "), Ok(vec!["PAT1"])),
+        ("the own PatientID", Some("PAT1"), Ok(vec!["PAT1"])),
+        (
+            "the own PatientID, padded",
+            Some(" PAT1  "),
+            Ok(vec!["PAT1"]),
+        ),
+        ("another patient", Some("PAT2"), Err(ForeignPatient)),
+        ("case matters", Some("pat1"), Err(ForeignPatient)),
+        ("a trailing *", Some("PAT*"), Err(PatientPattern)),
+        ("a ?", Some("PAT?"), Err(PatientPattern)),
+        ("a leading *", Some("*1"), Err(PatientPattern)),
+        ("a list of two", Some("PAT1\\PAT2"), Err(PatientPattern)),
+        ("a list ending empty", Some("PAT1\\"), Err(PatientPattern)),
     ] {
-        match query(&pol, &p, req) {
-            Decision::Allow(a) => {
-                assert_eq!(a.query_patient_ids, vec!["PAT1".to_string()], "{req:?}")
-            }
-            d => panic!("{req:?}: {d:?}"),
-        }
-    }
-    assert_eq!(
-        query(&pol, &p, Some("PAT2")),
-        Decision::Deny(Denial::ForeignPatient)
-    );
-    assert_eq!(
-        query(&pol, &p, Some("pat1")),
-        Decision::Deny(Denial::ForeignPatient),
-        "case matters"
-    );
-    for pattern in ["PAT*", "PAT?", "*1", "PAT1\\PAT2", "PAT1\\"] {
         assert_eq!(
-            query(&pol, &p, Some(pattern)),
-            Decision::Deny(Denial::PatientPattern),
-            "{pattern}"
+            narrowed(query(&pol, &p, req)),
+            expected.map(ids),
+            "{why}: {req:?}"
         );
     }
 }
@@ -47,20 +42,24 @@ fn filter_compares_lo_values() {
         issuer: None,
         issuer_match: None,
     }]);
-    assert!(f.admits(Some("SPACE01"), None));
-    assert!(f.admits(Some("SPACE01   "), None));
-    assert!(f.admits(Some(" SPACE01"), None));
-    assert!(!f.admits(Some("space01"), None));
-    assert!(!f.admits(Some("SPACE01\0"), None));
-    assert!(!f.admits(Some("SPACE011"), None));
-    assert!(!f.admits(Some(""), None));
-    assert!(!f.admits(None, None));
+    for (why, pid, admitted) in [
+        ("the same value", Some("SPACE01"), true),
+        ("trailing padding", Some("SPACE01   "), true),
+        ("leading spaces", Some(" SPACE01"), true),
+        ("case matters", Some("space01"), false),
+        ("NUL is not padding", Some("SPACE01\0"), false),
+        ("a longer value", Some("SPACE011"), false),
+        ("an empty value", Some(""), false),
+        ("no PatientID", None, false),
+    ] {
+        assert_eq!(f.admits(pid, None), admitted, "{why}: {pid:?}");
+    }
     assert!(PatientFilter::Any.admits(None, None));
 }
 
 #[test]
 fn several_identities_narrow_to_several_queries() {
-    let ids = vec![
+    let ids_ab = vec![
         DicomPatient {
             patient_id: "A".into(),
             issuer: None,
@@ -72,25 +71,44 @@ fn several_identities_narrow_to_several_queries() {
             issuer_match: None,
         },
     ];
-    let f = PatientFilter::Only(ids.clone());
-    match narrow_query(&ids, None, &f) {
-        Decision::Allow(a) => {
-            assert_eq!(a.query_patient_ids, vec!["A".to_string(), "B".to_string()])
-        }
-        d => panic!("{d:?}"),
+    let f = PatientFilter::Only(ids_ab.clone());
+    let none = PatientFilter::Only(vec![]);
+    for (why, identities, req, filter, expected) in [
+        (
+            "no key: one query each",
+            &ids_ab[..],
+            None,
+            &f,
+            Ok(vec!["A", "B"]),
+        ),
+        (
+            "one of them, padded",
+            &ids_ab[..],
+            Some("B "),
+            &f,
+            Ok(vec!["B"]),
+        ),
+        (
+            "neither",
+            &ids_ab[..],
+            Some("C"),
+            &f,
+            Err(Denial::ForeignPatient),
+        ),
+        (
+            "no identity at all",
+            &[][..],
+            None,
+            &none,
+            Err(Denial::Unmapped),
+        ),
+    ] {
+        assert_eq!(
+            narrowed(narrow_query(identities, req, filter)),
+            expected.map(ids),
+            "{why}"
+        );
     }
-    match narrow_query(&ids, Some("B "), &f) {
-        Decision::Allow(a) => assert_eq!(a.query_patient_ids, vec!["B".to_string()]),
-        d => panic!("{d:?}"),
-    }
-    assert_eq!(
-        narrow_query(&ids, Some("C"), &f),
-        Decision::Deny(Denial::ForeignPatient)
-    );
-    assert_eq!(
-        narrow_query(&[], None, &PatientFilter::Only(vec![])),
-        Decision::Deny(Denial::Unmapped)
-    );
     assert!(f.admits(Some("A"), None) && f.admits(Some("B"), None) && !f.admits(Some("C"), None));
 }
 
@@ -176,17 +194,19 @@ use_issuer = {use_issuer}
     let ehr = FakeEhr::default();
     let lookup = FakePacs { fail: false };
     let now = SystemTime::now();
-    assert_eq!(
-        pol.decide_store(&wa, &st(Some("HOSP_X")), &lookup, &ehr, now)
-            .await,
-        Decision::Deny(Denial::ForeignStudy),
-        "S1 is held under A without an issuer"
-    );
-    assert_eq!(
-        pol.decide_store(&wa, &st(Some("HOSP_Y")), &lookup, &ehr, now)
-            .await,
-        Decision::Deny(Denial::ForeignPatient)
-    );
+    for (why, issuer, expected) in [
+        (
+            "S1 is held under A without an issuer",
+            "HOSP_X",
+            Denial::ForeignStudy,
+        ),
+        ("not the caller's issuer", "HOSP_Y", Denial::ForeignPatient),
+    ] {
+        let d = pol
+            .decide_store(&wa, &st(Some(issuer)), &lookup, &ehr, now)
+            .await;
+        assert_eq!(d, Decision::Deny(expected), "{why}");
+    }
     // What a store proved is remembered with its issuer: the same PatientID without an
     // issuer is another patient, for stores and retrievals alike.
     let first = StoreRequest {

@@ -19,98 +19,92 @@ async fn retrieval_is_decided_on_what_uids_resolve_to() {
     let pol = Policy::bare(&cfg("deny"));
     let a = principal("patient/ImagingStudy.rs", Some("A"));
     use UidLevel::*;
-    assert!(matches!(
-        decide_r(&pol, &a, retrieve(Some(Study), &["S1"], &[], &[], None)).await,
-        Decision::Allow(_)
-    ));
-    assert!(
-        matches!(
-            decide_r(
-                &pol,
-                &a,
-                retrieve(Some(Study), &["S1", "S2"], &[], &[], None)
-            )
-            .await,
-            Decision::Allow(_)
+    for (why, r, expected) in [
+        (
+            "an own study",
+            retrieve(Some(Study), &["S1"], &[], &[], None),
+            None,
         ),
-        "padding aside"
-    );
-    assert!(matches!(
-        decide_r(
-            &pol,
-            &a,
-            retrieve(Some(Series), &["S1"], &["R1"], &[], None)
-        )
-        .await,
-        Decision::Allow(_)
-    ));
-    assert!(matches!(
-        decide_r(
-            &pol,
-            &a,
-            retrieve(Some(Instance), &["S1"], &["R1"], &["I1"], None)
-        )
-        .await,
-        Decision::Allow(_)
-    ));
-    // foreign, mixed, unknown: all the same refusal, whatever PatientID the caller claims
-    for r in [
-        retrieve(Some(Study), &["S3"], &[], &[], Some("A")),
-        retrieve(Some(Study), &["S1", "S3"], &[], &[], None),
-        retrieve(Some(Study), &["S9"], &[], &[], None),
-        retrieve(Some(Series), &["S1"], &["R3"], &[], None),
+        (
+            "own studies, padding aside",
+            retrieve(Some(Study), &["S1", "S2"], &[], &[], None),
+            None,
+        ),
+        (
+            "an own series",
+            retrieve(Some(Series), &["S1"], &["R1"], &[], None),
+            None,
+        ),
+        (
+            "an own instance",
+            retrieve(Some(Instance), &["S1"], &["R1"], &["I1"], None),
+            None,
+        ),
+        (
+            "an own series named under another own study is a confused request",
+            retrieve(Some(Series), &["S2"], &["R1"], &[], None),
+            Some(Denial::Hierarchy),
+        ),
+        (
+            "PATIENT level, the own id",
+            retrieve(None, &[], &[], &[], Some("A")),
+            None,
+        ),
+        (
+            "PATIENT level, another id",
+            retrieve(None, &[], &[], &[], Some("B")),
+            Some(Denial::ForeignPatient),
+        ),
     ] {
-        assert!(matches!(
-            decide_r(&pol, &a, r).await,
-            Decision::Deny(Denial::NotOwned(_))
-        ));
+        let d = decide_r(&pol, &a, r).await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
     }
-    // an own series named under another own study is a confused request
-    assert_eq!(
-        decide_r(
-            &pol,
-            &a,
-            retrieve(Some(Series), &["S2"], &["R1"], &[], None)
-        )
-        .await,
-        Decision::Deny(Denial::Hierarchy)
-    );
+    // foreign, mixed, unknown: all the same refusal, whatever PatientID the caller claims
+    for (why, r) in [
+        (
+            "a foreign study, own PatientID claimed",
+            retrieve(Some(Study), &["S3"], &[], &[], Some("A")),
+        ),
+        (
+            "an own and a foreign study",
+            retrieve(Some(Study), &["S1", "S3"], &[], &[], None),
+        ),
+        (
+            "an unknown study",
+            retrieve(Some(Study), &["S9"], &[], &[], None),
+        ),
+        (
+            "a foreign series under an own study",
+            retrieve(Some(Series), &["S1"], &["R3"], &[], None),
+        ),
+    ] {
+        let d = decide_r(&pol, &a, r).await;
+        assert!(
+            matches!(d, Decision::Deny(Denial::NotOwned(_))),
+            "{why}: {d:?}"
+        );
+    }
     // no unique key
     assert!(matches!(
         decide_r(&pol, &a, retrieve(Some(Series), &["S1"], &[], &[], None)).await,
         Decision::Deny(Denial::BadIdentifier(_))
     ));
-    // PATIENT level: own id only
-    assert!(matches!(
-        decide_r(&pol, &a, retrieve(None, &[], &[], &[], Some("A"))).await,
-        Decision::Allow(_)
-    ));
-    assert_eq!(
-        decide_r(&pol, &a, retrieve(None, &[], &[], &[], Some("B"))).await,
-        Decision::Deny(Denial::ForeignPatient)
-    );
-    // a failing PACS denies
-    let d = pol
-        .decide_retrieve(
-            &a,
-            &retrieve(Some(Study), &["S4"], &[], &[], None),
-            &FakePacs { fail: true },
-            &FakeEhr::default(),
-            SystemTime::now(),
-        )
-        .await;
-    assert_eq!(d, Decision::Deny(Denial::LookupFailed));
-    // cached owners keep answering while the PACS is down
-    let d = pol
-        .decide_retrieve(
-            &a,
-            &retrieve(Some(Study), &["S1"], &[], &[], None),
-            &FakePacs { fail: true },
-            &FakeEhr::default(),
-            SystemTime::now(),
-        )
-        .await;
-    assert!(matches!(d, Decision::Allow(_)));
+    // The PACS is down from here on.
+    for (why, study, expected) in [
+        ("a failing PACS denies", "S4", Some(Denial::LookupFailed)),
+        ("cached owners keep answering", "S1", None),
+    ] {
+        let d = pol
+            .decide_retrieve(
+                &a,
+                &retrieve(Some(Study), &[study], &[], &[], None),
+                &FakePacs { fail: true },
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
+    }
 }
 
 #[test]
@@ -125,13 +119,18 @@ fn only_configured_move_destinations() {
         pol.move_destination(Some("WS1")).map(|d| d.address),
         Some("127.0.0.1:104".into())
     );
-    assert!(
-        pol.move_destination(Some("WS1 ")).is_some(),
-        "padding aside"
-    );
-    assert!(pol.move_destination(Some("ws1")).is_none());
-    assert!(pol.move_destination(Some("OTHER")).is_none());
-    assert!(pol.move_destination(None).is_none());
+    for (why, ae, configured) in [
+        ("padding aside", Some("WS1 "), true),
+        ("case matters", Some("ws1"), false),
+        ("not configured", Some("OTHER"), false),
+        ("no destination named", None, false),
+    ] {
+        assert_eq!(
+            pol.move_destination(ae).is_some(),
+            configured,
+            "{why}: {ae:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

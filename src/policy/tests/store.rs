@@ -18,55 +18,78 @@ async fn stores_need_write_and_own_studies() {
         study_date: None,
     };
     let now = SystemTime::now();
-    assert!(matches!(
-        pol.decide_store(&w, &st("A", "S1", "R1"), &lookup, &FakeEhr::default(), now)
-            .await,
-        Decision::Allow(_)
-    ));
-    assert!(matches!(
-        pol.decide_store(
-            &w,
-            &st("A", "NEW", "NEWR"),
-            &lookup,
-            &FakeEhr::default(),
-            now
-        )
-        .await,
-        Decision::Allow(_)
-    ));
-    assert_eq!(
-        pol.decide_store(
-            &w,
-            &st("B", "NEW", "NEWR"),
-            &lookup,
-            &FakeEhr::default(),
-            now
-        )
-        .await,
-        Decision::Deny(Denial::ForeignPatient)
-    );
-    assert_eq!(
-        pol.decide_store(
-            &w,
-            &st("A", "S3", "NEWR"),
-            &lookup,
-            &FakeEhr::default(),
-            now
-        )
-        .await,
-        Decision::Deny(Denial::ForeignStudy)
-    );
-    assert_eq!(
-        pol.decide_store(&w, &st("A", "NEW", "R3"), &lookup, &FakeEhr::default(), now)
-            .await,
-        Decision::Deny(Denial::ForeignStudy)
-    );
+    let ehr = FakeEhr::default();
+    // The SOP Instance UID: new, or the caller's own in the same study and series; never
+    // one UID under two studies or patients.
+    let with = |instance, study, series| StoreRequest {
+        instance_uid: instance,
+        ..st("A", study, series)
+    };
     let r = principal("patient/ImagingStudy.rs", Some("A"));
-    assert_eq!(
-        pol.decide_store(&r, &st("A", "S1", "R1"), &lookup, &FakeEhr::default(), now)
-            .await,
-        Decision::Deny(Denial::NoWrite)
-    );
+    let b = principal("patient/ImagingStudy.cruds", Some("B"));
+    for (why, who, req, expected) in [
+        (
+            "into an own study and series",
+            &w,
+            st("A", "S1", "R1"),
+            None,
+        ),
+        ("into a new study", &w, st("A", "NEW", "NEWR"), None),
+        (
+            "for another patient",
+            &w,
+            st("B", "NEW", "NEWR"),
+            Some(Denial::ForeignPatient),
+        ),
+        (
+            "into another patient's study",
+            &w,
+            st("A", "S3", "NEWR"),
+            Some(Denial::ForeignStudy),
+        ),
+        (
+            "into another patient's series",
+            &w,
+            st("A", "NEW", "R3"),
+            Some(Denial::ForeignStudy),
+        ),
+        (
+            "without a write scope",
+            &r,
+            st("A", "S1", "R1"),
+            Some(Denial::NoWrite),
+        ),
+        (
+            "the own instance again, where it is",
+            &w,
+            with(Some("I1"), "S1", "R1"),
+            None,
+        ),
+        (
+            "the own instance under a new study",
+            &w,
+            with(Some("I1"), "NEW", "NEWR"),
+            Some(Denial::ForeignInstance),
+        ),
+        (
+            "the own instance under a new series",
+            &w,
+            with(Some("I1"), "S1", "NEWR"),
+            Some(Denial::ForeignInstance),
+        ),
+        (
+            "another patient's instance under a new study",
+            &b,
+            StoreRequest {
+                instance_uid: Some("I1"),
+                ..st("B", "NEW3", "NEW3R")
+            },
+            Some(Denial::ForeignInstance),
+        ),
+    ] {
+        let d = pol.decide_store(who, &req, &lookup, &ehr, now).await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
+    }
     let d = pol
         .decide_store(
             &w,
@@ -77,39 +100,11 @@ async fn stores_need_write_and_own_studies() {
         )
         .await;
     assert_eq!(d, Decision::Deny(Denial::LookupFailed));
-    // The SOP Instance UID: new, or the caller's own in the same study and series; never
-    // one UID under two studies or patients.
-    let with = |instance, study, series| StoreRequest {
-        instance_uid: instance,
-        ..st("A", study, series)
-    };
-    let ehr = FakeEhr::default();
-    assert!(matches!(
-        pol.decide_store(&w, &with(Some("I1"), "S1", "R1"), &lookup, &ehr, now)
-            .await,
-        Decision::Allow(_)
-    ));
-    for (study, series) in [("NEW", "NEWR"), ("S1", "NEWR")] {
-        assert_eq!(
-            pol.decide_store(&w, &with(Some("I1"), study, series), &lookup, &ehr, now)
-                .await,
-            Decision::Deny(Denial::ForeignInstance)
-        );
-    }
     assert!(matches!(
         pol.decide_store(&w, &with(None, "NEW", "NEWR"), &lookup, &ehr, now)
             .await,
         Decision::Deny(Denial::BadIdentifier(_))
     ));
-    let b = principal("patient/ImagingStudy.cruds", Some("B"));
-    let theirs = StoreRequest {
-        instance_uid: Some("I1"),
-        ..st("B", "NEW3", "NEW3R")
-    };
-    assert_eq!(
-        pol.decide_store(&b, &theirs, &lookup, &ehr, now).await,
-        Decision::Deny(Denial::ForeignInstance)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -131,22 +126,35 @@ async fn write_constraints_are_judged_on_the_instance() {
         study_date: date,
     };
     let now = SystemTime::now();
-    assert!(matches!(
-        pol.decide_store(&w, &st(Some("CT"), Some("20240301")), &lookup, &ehr, now)
-            .await,
-        Decision::Allow(_)
-    ));
-    for (m, d) in [
-        (Some("MR"), Some("20240301")),
-        (Some("CT"), Some("20230301")),
-        (None, Some("20240301")),
-        (Some("CT"), None),
+    for (why, m, d, expected) in [
+        ("CT of 2024", Some("CT"), Some("20240301"), None),
+        (
+            "another modality",
+            Some("MR"),
+            Some("20240301"),
+            Some(Denial::OutsideStudies),
+        ),
+        (
+            "before 2024",
+            Some("CT"),
+            Some("20230301"),
+            Some(Denial::OutsideStudies),
+        ),
+        (
+            "no modality",
+            None,
+            Some("20240301"),
+            Some(Denial::OutsideStudies),
+        ),
+        (
+            "no study date",
+            Some("CT"),
+            None,
+            Some(Denial::OutsideStudies),
+        ),
     ] {
-        assert_eq!(
-            pol.decide_store(&w, &st(m, d), &lookup, &ehr, now).await,
-            Decision::Deny(Denial::OutsideStudies),
-            "{m:?} {d:?}"
-        );
+        let decision = pol.decide_store(&w, &st(m, d), &lookup, &ehr, now).await;
+        assert_eq!(denial(&decision), expected.as_ref(), "{why}: {m:?} {d:?}");
     }
 }
 
@@ -166,19 +174,18 @@ async fn a_write_cannot_widen_a_restricted_read() {
         ..StoreRequest::default()
     };
     let now = SystemTime::now();
-    assert_eq!(
-        pol.decide_store(&w, &into("S2"), &lookup, &ehr, now).await,
-        Decision::Deny(Denial::OutsideStudies),
-        "S2 is an MR study: a CT instance must not make it readable"
-    );
-    assert!(matches!(
-        pol.decide_store(&w, &into("S1"), &lookup, &ehr, now).await,
-        Decision::Allow(_)
-    ));
-    assert!(matches!(
-        pol.decide_store(&w, &into("NEW"), &lookup, &ehr, now).await,
-        Decision::Allow(_)
-    ));
+    for (why, study, expected) in [
+        (
+            "S2 is an MR study: a CT instance must not make it readable",
+            "S2",
+            Some(Denial::OutsideStudies),
+        ),
+        ("S1 is a CT study", "S1", None),
+        ("a new study", "NEW", None),
+    ] {
+        let d = pol.decide_store(&w, &into(study), &lookup, &ehr, now).await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -200,17 +207,13 @@ async fn a_patient_write_scope_writes_for_its_patient_only_under_allow() {
         FakeEhr::default(),
         SystemTime::now(),
     );
-    assert!(matches!(
-        pol.decide_store(&p, &st("A"), &lookup, &ehr, now).await,
-        Decision::Allow(_)
-    ));
-    assert_eq!(
-        pol.decide_store(&p, &st("B"), &lookup, &ehr, now).await,
-        Decision::Deny(Denial::ForeignPatient)
-    );
     let both = principal("user/ImagingStudy.rs user/ImagingStudy.c", Some("A"));
-    assert!(matches!(
-        pol.decide_store(&both, &st("B"), &lookup, &ehr, now).await,
-        Decision::Allow(_)
-    ));
+    for (why, who, pid, expected) in [
+        ("its own patient", &p, "A", None),
+        ("another patient", &p, "B", Some(Denial::ForeignPatient)),
+        ("another patient, with a user write scope", &both, "B", None),
+    ] {
+        let d = pol.decide_store(who, &st(pid), &lookup, &ehr, now).await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
+    }
 }

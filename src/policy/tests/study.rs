@@ -74,34 +74,21 @@ async fn granular_scope_constraints_narrow_studies() {
     };
     let down = FakePacs { fail: true };
     let mut memo = StudyMemo::default();
-    assert!(
-        pol.admits_result(
-            &p,
-            &a,
-            ResultStudy {
-                uid: Some("X1"),
-                facts: Some(&facts("CT"))
-            },
-            &mut memo,
-            &down,
-            &ehr
-        )
-        .await
-    );
-    assert!(
-        !pol.admits_result(
-            &p,
-            &a,
-            ResultStudy {
-                uid: Some("X2"),
-                facts: Some(&facts("MR"))
-            },
-            &mut memo,
-            &down,
-            &ehr
-        )
-        .await
-    );
+    for (why, uid, modality, shown) in [
+        ("a CT study", "X1", "CT", true),
+        ("an MR study", "X2", "MR", false),
+    ] {
+        let result = ResultStudy {
+            uid: Some(uid),
+            facts: Some(&facts(modality)),
+        };
+        assert_eq!(
+            pol.admits_result(&p, &a, result, &mut memo, &down, &ehr)
+                .await,
+            shown,
+            "{why}"
+        );
+    }
     assert_eq!(memo.stopped, None);
     let uid_only = principal("patient/ImagingStudy.rs?identifier=urn:oid:1.2", Some("A"));
     let Decision::Allow(a) = query(&pol, &uid_only, None) else {
@@ -142,39 +129,19 @@ async fn study_uid_constraint_and_sub_operations() {
         d => panic!("{d:?}"),
     };
     let lookup = FakePacs { fail: false };
-    assert!(
-        pol.admits_result(
-            &p,
-            &a,
-            ResultStudy::uid(Some("1.2.3")),
-            &mut StudyMemo::default(),
-            &lookup,
-            &ehr
-        )
-        .await
-    );
-    assert!(
-        !pol.admits_result(
-            &p,
-            &a,
-            ResultStudy::uid(Some("1.2.4")),
-            &mut StudyMemo::default(),
-            &lookup,
-            &ehr
-        )
-        .await
-    );
-    assert!(
-        !pol.admits_result(
-            &p,
-            &a,
-            ResultStudy::uid(None),
-            &mut StudyMemo::default(),
-            &lookup,
-            &ehr
-        )
-        .await
-    );
+    for (why, uid, shown) in [
+        ("the study named", Some("1.2.3"), true),
+        ("another study", Some("1.2.4"), false),
+        ("no StudyInstanceUID", None, false),
+    ] {
+        let mut memo = StudyMemo::default();
+        assert_eq!(
+            pol.admits_result(&p, &a, ResultStudy::uid(uid), &mut memo, &lookup, &ehr)
+                .await,
+            shown,
+            "{why}"
+        );
+    }
     // A retrieval's sub-operations stay inside the studies it was decided on.
     let p = principal("patient/ImagingStudy.rs?modality=CT", Some("A"));
     let d = pol
@@ -196,12 +163,26 @@ async fn study_uid_constraint_and_sub_operations() {
         instance,
         ..InstanceId::default()
     };
-    assert!(a.admits_instance(&id("A", Some("S1"), Some("I1"))));
-    assert!(!a.admits_instance(&id("A", Some("S2"), Some("I1"))));
-    assert!(!a.admits_instance(&id("A", None, Some("I1"))));
-    assert!(!a.admits_instance(&id("B", Some("S1"), Some("I1"))));
-    // only what the request named comes back
-    assert!(!a.admits_instance(&id("A", Some("S1"), Some("I2"))));
+    for (why, patient, study, instance, admitted) in [
+        (
+            "the instance named, in its study",
+            "A",
+            Some("S1"),
+            Some("I1"),
+            true,
+        ),
+        ("another study", "A", Some("S2"), Some("I1"), false),
+        ("no study", "A", None, Some("I1"), false),
+        ("another patient", "B", Some("S1"), Some("I1"), false),
+        // only what the request named comes back
+        ("an instance not named", "A", Some("S1"), Some("I2"), false),
+    ] {
+        assert_eq!(
+            a.admits_instance(&id(patient, study, instance)),
+            admitted,
+            "{why}"
+        );
+    }
     // Without a study restriction, nothing about studies is asked.
     let open = principal("patient/ImagingStudy.rs", Some("A"));
     let d = pol
