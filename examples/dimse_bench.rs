@@ -194,7 +194,8 @@ async fn responses(p: &mut Peer) -> Result<usize, String> {
             Incoming::Message(Event::Command { pc_id, command: c }) => {
                 if c.has_data_set() {
                     p.collect_data(pc_id, 1 << 20, Duration::from_secs(30))
-                        .await?;
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 let st = c.status.unwrap_or(0xC000);
                 if command::is_pending(st) {
@@ -518,12 +519,10 @@ async fn get_study(a: &Args) -> Result<String, String> {
             Incoming::Message(Event::Command { pc_id, command: c }) => match c.field {
                 command::C_STORE_RQ => {
                     loop {
-                        let (chunk, last) = pacsgate::dimse::instance::next_fragment(
-                            &mut p,
-                            pc_id,
-                            Duration::from_secs(60),
-                        )
-                        .await?;
+                        let (chunk, last) = p
+                            .next_fragment(pc_id, Duration::from_secs(60))
+                            .await
+                            .map_err(|e| e.to_string())?;
                         total += chunk.len();
                         if last {
                             break;
@@ -538,7 +537,8 @@ async fn get_study(a: &Args) -> Result<String, String> {
                 command::C_GET_RSP => {
                     if c.has_data_set() {
                         p.collect_data(pc_id, 1 << 20, Duration::from_secs(60))
-                            .await?;
+                            .await
+                            .map_err(|e| e.to_string())?;
                     }
                     let st = c.status.unwrap_or(0xC000);
                     if !command::is_pending(st) {

@@ -66,6 +66,43 @@ impl Gone {
     }
 }
 
+/// Why the data set of the current message did not arrive whole. The wire reason each case
+/// earns is [`Broken::abort_reason`]: a peer that broke a rule is told which one; a peer that
+/// went quiet or aborted is not told anything new.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Broken {
+    #[error("{peer} sent nothing for {wait:?} inside a data set")]
+    Silent {
+        peer: &'static str,
+        wait: std::time::Duration,
+    },
+    #[error("{peer} sent a data set larger than {max} bytes")]
+    TooLarge { peer: &'static str, max: usize },
+    /// A command (or data on another presentation context) before the last fragment.
+    #[error("{peer} broke a data set off")]
+    BrokenOff { peer: &'static str },
+    #[error("{peer} released inside a data set")]
+    Released { peer: &'static str },
+    #[error("{peer} aborted")]
+    Aborted { peer: &'static str },
+    #[error("{peer}: {gone}")]
+    Gone { peer: &'static str, gone: Gone },
+}
+
+impl Broken {
+    /// The A-ABORT reason the peer that broke the data set is sent (PS3.8 9.3.8).
+    pub(crate) fn abort_reason(&self) -> AbortRQServiceProviderReason {
+        use AbortRQServiceProviderReason as R;
+        match self {
+            Broken::Silent { .. } | Broken::Aborted { .. } => R::ReasonNotSpecified,
+            Broken::TooLarge { .. } => R::InvalidPduParameter,
+            Broken::BrokenOff { .. } => R::UnexpectedPduParameter,
+            Broken::Released { .. } => R::UnexpectedPdu,
+            Broken::Gone { gone, .. } => gone.abort_reason(),
+        }
+    }
+}
+
 impl From<PduError> for Gone {
     fn from(e: PduError) -> Gone {
         match e {
@@ -309,6 +346,27 @@ impl Peer {
         self.buf.len() >= 6 + len
     }
 
+    /// The next data fragment of the current message on `pc_id`, and whether it is the last.
+    pub async fn next_fragment(
+        &mut self,
+        pc_id: u8,
+        wait: std::time::Duration,
+    ) -> Result<(bytes::Bytes, bool), Broken> {
+        let peer = self.name;
+        match tokio::time::timeout(wait, self.next()).await {
+            Err(_) => Err(Broken::Silent { peer, wait }),
+            Ok(Incoming::Message(Event::Data {
+                pc_id: pc,
+                bytes,
+                last,
+            })) if pc == pc_id => Ok((bytes, last)),
+            Ok(Incoming::Message(_)) => Err(Broken::BrokenOff { peer }),
+            Ok(Incoming::ReleaseRq | Incoming::ReleaseRp) => Err(Broken::Released { peer }),
+            Ok(Incoming::Abort) => Err(Broken::Aborted { peer }),
+            Ok(Incoming::Gone(gone)) => Err(Broken::Gone { peer, gone }),
+        }
+    }
+
     /// Reads the whole data set of the current message (at most `max` bytes, each fragment
     /// within `wait`). Used for identifiers, which are small; instances are streamed instead.
     pub async fn collect_data(
@@ -316,58 +374,19 @@ impl Peer {
         pc_id: u8,
         max: usize,
         wait: std::time::Duration,
-    ) -> Result<Vec<u8>, String> {
-        self.collect_data_with(pc_id, max, wait, true).await
-    }
-
-    async fn collect_data_with(
-        &mut self,
-        pc_id: u8,
-        max: usize,
-        wait: std::time::Duration,
-        keep: bool,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, Broken> {
         let mut out = Vec::new();
         loop {
-            let next = tokio::time::timeout(wait, self.next())
-                .await
-                .map_err(|_| format!("{} sent no data for {wait:?}", self.name))?;
-            match next {
-                Incoming::Message(Event::Data {
-                    pc_id: pc,
-                    bytes,
-                    last,
-                }) if pc == pc_id => {
-                    if keep {
-                        if out.len() + bytes.len() > max {
-                            return Err(format!(
-                                "{} sent a data set larger than {max} bytes",
-                                self.name
-                            ));
-                        }
-                        out.extend_from_slice(&bytes);
-                    }
-                    if last {
-                        return Ok(out);
-                    }
-                }
-                Incoming::Message(Event::Command { .. }) => {
-                    return Err(format!("{} sent a command inside a data set", self.name));
-                }
-                Incoming::Message(Event::Data { pc_id: pc, .. }) => {
-                    return Err(format!(
-                        "{} sent data on context {pc} inside a data set on {pc_id}",
-                        self.name
-                    ));
-                }
-                Incoming::ReleaseRq | Incoming::ReleaseRp => {
-                    return Err(format!(
-                        "{} released in the middle of a data set",
-                        self.name
-                    ));
-                }
-                Incoming::Abort => return Err(format!("{} aborted", self.name)),
-                Incoming::Gone(why) => return Err(format!("{}: {why}", self.name)),
+            let (bytes, last) = self.next_fragment(pc_id, wait).await?;
+            if out.len() + bytes.len() > max {
+                return Err(Broken::TooLarge {
+                    peer: self.name,
+                    max,
+                });
+            }
+            out.extend_from_slice(&bytes);
+            if last {
+                return Ok(out);
             }
         }
     }
@@ -377,10 +396,12 @@ impl Peer {
         &mut self,
         pc_id: u8,
         wait: std::time::Duration,
-    ) -> Result<(), String> {
-        self.collect_data_with(pc_id, usize::MAX, wait, false)
-            .await
-            .map(|_| ())
+    ) -> Result<(), Broken> {
+        loop {
+            if self.next_fragment(pc_id, wait).await?.1 {
+                return Ok(());
+            }
+        }
     }
 
     pub async fn send_pdu(&mut self, pdu: &Pdu) -> Result<(), PduError> {

@@ -12,7 +12,7 @@ use crate::audit::{Channel, Operation, Outcome, Trail};
 use crate::dicom::command::{self, Command};
 use crate::dicom::dataset::DataSet;
 use crate::dicom::negotiation::AcceptedContext;
-use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
+use crate::dicom::peer::{Broken, Incoming, MAX_BATCH, Peer};
 use crate::dicom::reader::Violation;
 use crate::dicom::syntax::{self, Syntax};
 use crate::policy::{Caller, Denial, DenialKind};
@@ -133,8 +133,7 @@ impl Association {
                 .discard_data(pc_id, self.ctx.cfg.limits.idle_timeout)
                 .await
         {
-            tracing::info!(assoc = self.id, reason = %e, "client failed while sending a data set");
-            return Err(self.abort_both().await);
+            return Err(self.broken(Side::Client, &e).await);
         }
         Ok(())
     }
@@ -318,6 +317,24 @@ impl Association {
         Flow::End
     }
 
+    /// Ends the association because `side` did not send a data set whole: that peer's A-ABORT
+    /// says why when it broke a rule (a command inside the data set, say), the other's reason 0.
+    pub(crate) async fn broken(&mut self, side: Side, e: &Broken) -> Flow {
+        tracing::info!(assoc = self.id, peer = ?side, reason = %e, "data set broken off; aborting");
+        let reason = e.abort_reason();
+        match side {
+            Side::Client => {
+                self.client.abort_with(reason).await;
+                self.pacs.abort().await;
+            }
+            Side::Pacs => {
+                self.pacs.abort_with(reason).await;
+                self.client.abort().await;
+            }
+        }
+        Flow::End
+    }
+
     /// Ends the association because a peer broke the protocol during `during`: the peer is
     /// told why by its A-ABORT reason, the other peer is aborted too.
     pub(crate) async fn protocol_violation(
@@ -369,10 +386,7 @@ impl Association {
             .await
         {
             Ok(b) => b,
-            Err(e) => {
-                tracing::info!(assoc = self.id, reason = %e, "client failed while sending an identifier");
-                return Err(self.abort_both().await);
-            }
+            Err(e) => return Err(self.broken(Side::Client, &e).await),
         };
         let Some(syntax) = self.syntax(pc_id) else {
             let rsp = cmd.response(

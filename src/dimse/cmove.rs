@@ -29,12 +29,12 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     let Some(destination) = destination.filter(|_| cfg.pacs.receive_listen.is_some()) else {
         if cmd.has_data_set() {
             let limits = &cfg.limits;
-            if s.client
+            if let Err(e) = s
+                .client
                 .collect_data(pc_id, limits.max_identifier_bytes, limits.idle_timeout)
                 .await
-                .is_err()
             {
-                return s.abort_both().await;
+                return s.broken(Side::Client, &e).await;
             }
         }
         s.trail().record(

@@ -170,14 +170,11 @@ async fn sub_store(
     let limits = s.ctx.cfg.limits.reader();
     let head = match instance::read_head(&mut s.pacs, sub_pc, syntax, limits, wait).await {
         Ok(h) => h,
-        Err(HeadError::Peer(e)) => {
-            tracing::warn!(assoc = s.id, reason = %e, "PACS failed during a sub-operation");
-            return s.abort_both().await;
-        }
+        Err(HeadError::Peer(e)) => return s.broken(Side::Pacs, &e).await,
         Err(HeadError::Unreadable { last, why }) => {
             tracing::warn!(assoc = s.id, violation = %why, "PACS sent an instance the strict reader refused; withheld");
-            if !last && instance::drain(&mut s.pacs, sub_pc, wait).await.is_err() {
-                return s.abort_both().await;
+            if !last && let Err(e) = s.pacs.discard_data(sub_pc, wait).await {
+                return s.broken(Side::Pacs, &e).await;
             }
             tally.failed += 1;
             tally.withheld += 1;
@@ -195,8 +192,10 @@ async fn sub_store(
             assoc = s.id,
             "PACS sent an instance of another patient, or one not requested; withheld"
         );
-        if !head.last && instance::drain(&mut s.pacs, sub_pc, wait).await.is_err() {
-            return s.abort_both().await;
+        if !head.last
+            && let Err(e) = s.pacs.discard_data(sub_pc, wait).await
+        {
+            return s.broken(Side::Pacs, &e).await;
         }
         tally.failed += 1;
         tally.withheld += 1;
@@ -206,9 +205,10 @@ async fn sub_store(
     let forward = sub.encode();
     match instance::stream(&mut s.pacs, &mut s.client, sub_pc, &forward, head, wait).await {
         Ok(()) => {}
-        Err(StreamError::From(e)) | Err(StreamError::To(e)) => {
-            // The client holds a partial instance: the association cannot go on.
-            tracing::warn!(assoc = s.id, reason = %e, "sub-operation broken off");
+        // The client holds a partial instance: the association cannot go on.
+        Err(StreamError::From(e)) => return s.broken(Side::Pacs, &e).await,
+        Err(StreamError::To(e)) => {
+            tracing::warn!(assoc = s.id, reason = %e, "client failed during a sub-operation");
             return s.abort_both().await;
         }
         Err(StreamError::Invalid { why: v, .. }) => {

@@ -10,8 +10,7 @@
 //! says.
 
 use crate::dicom::head::{InstanceHead, InstanceReader, MAX_HEAD};
-use crate::dicom::message::Event;
-use crate::dicom::peer::{Incoming, MAX_BATCH, Peer};
+use crate::dicom::peer::{Broken, MAX_BATCH, Peer};
 use crate::dicom::reader::{Limits, Violation};
 use crate::dicom::syntax::Syntax;
 use std::time::Duration;
@@ -31,12 +30,12 @@ pub(crate) enum HeadError {
     /// still has to be drained.
     Unreadable { last: bool, why: Violation },
     /// The sending peer failed, aborted or broke the protocol.
-    Peer(String),
+    Peer(Broken),
 }
 
 /// Where streaming failed.
 pub enum StreamError {
-    From(String),
+    From(Broken),
     To(String),
     /// The strict reader refused the rest of the instance; the last fragment was not sent.
     /// `ended`: the refused fragment was the data set's last (nothing more to drain).
@@ -57,7 +56,8 @@ pub(crate) async fn read_head(
     let mut reader = InstanceReader::dataset(syntax, limits);
     let mut bytes = Vec::new();
     loop {
-        let (chunk, last) = next_fragment(from, pc_id, wait)
+        let (chunk, last) = from
+            .next_fragment(pc_id, wait)
             .await
             .map_err(HeadError::Peer)?;
         let checked = reader
@@ -85,29 +85,6 @@ pub(crate) async fn read_head(
                 }
             }
         }
-    }
-}
-
-/// The next data fragment of the current message from `from`.
-pub async fn next_fragment(
-    from: &mut Peer,
-    pc_id: u8,
-    wait: Duration,
-) -> Result<(bytes::Bytes, bool), String> {
-    match tokio::time::timeout(wait, from.next()).await {
-        Err(_) => Err(format!(
-            "{} sent nothing for {wait:?} inside a data set",
-            from.name
-        )),
-        Ok(Incoming::Message(Event::Data {
-            pc_id: pc,
-            bytes,
-            last,
-        })) if pc == pc_id => Ok((bytes, last)),
-        Ok(Incoming::Message(_)) => Err(format!("{} broke a data set off", from.name)),
-        Ok(Incoming::Abort) => Err(format!("{} aborted", from.name)),
-        Ok(Incoming::Gone(w)) => Err(format!("{}: {w}", from.name)),
-        Ok(_) => Err(format!("{} released inside a data set", from.name)),
     }
 }
 
@@ -146,7 +123,8 @@ pub async fn stream(
         if last {
             return Ok(());
         }
-        let (chunk, l) = next_fragment(from, pc_id, wait)
+        let (chunk, l) = from
+            .next_fragment(pc_id, wait)
             .await
             .map_err(StreamError::From)?;
         reader
@@ -181,14 +159,4 @@ fn queue_even(to: &mut Peer, pc_id: u8, bytes: &[u8], last: bool, carry: &mut Op
         return;
     }
     to.queue_data(pc_id, bytes, last);
-}
-
-/// Reads and drops the rest of a data set (of an instance that was refused).
-pub(crate) async fn drain(from: &mut Peer, pc_id: u8, wait: Duration) -> Result<(), String> {
-    loop {
-        let (_, last) = next_fragment(from, pc_id, wait).await?;
-        if last {
-            return Ok(());
-        }
-    }
 }

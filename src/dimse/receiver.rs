@@ -393,7 +393,7 @@ impl Receiver {
         if let Some(r) = route {
             r.withhold();
         }
-        (drained || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
+        (drained || self.pacs.discard_data(pc_id, wait).await.is_ok())
             && self.answer(pc_id, cmd, status, comment).await
     }
 
@@ -471,7 +471,7 @@ impl Receiver {
         }
         if !self.destination_ready(route_id, &route).await || !self.dest_accepts(pc_id) {
             route.count(command::STATUS_UNABLE_TO_PROCESS);
-            return (head.last || instance::drain(&mut self.pacs, pc_id, wait).await.is_ok())
+            return (head.last || self.pacs.discard_data(pc_id, wait).await.is_ok())
                 && self
                     .answer(
                         pc_id,
@@ -516,7 +516,7 @@ impl Receiver {
                 tracing::warn!(reason = %e, "destination failed during a C-MOVE sub-operation");
                 self.dest = None;
                 route.count(command::STATUS_UNABLE_TO_PROCESS);
-                return instance::drain(&mut self.pacs, pc_id, wait).await.is_ok()
+                return self.pacs.discard_data(pc_id, wait).await.is_ok()
                     && self
                         .answer(
                             pc_id,

@@ -41,10 +41,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     let limits = s.ctx.cfg.limits.reader();
     let head = match instance::read_head(&mut s.client, pc_id, syntax, limits, wait).await {
         Ok(h) => h,
-        Err(HeadError::Peer(e)) => {
-            tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
-            return s.abort_both().await;
-        }
+        Err(HeadError::Peer(e)) => return s.broken(Side::Client, &e).await,
         Err(HeadError::Unreadable { last, why }) => {
             if let Err(flow) = drain_client(s, pc_id, last).await {
                 return flow;
@@ -106,9 +103,8 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     match instance::stream(&mut s.client, &mut s.pacs, pc_id, &upstream, head, wait).await {
         Ok(()) => {}
         Err(StreamError::From(e)) => {
-            // The PACS must not keep a truncated instance: abort its association.
-            tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE; PACS association aborted");
-            return s.abort_both().await;
+            // The PACS must not keep a truncated instance: its association is aborted too.
+            return s.broken(Side::Client, &e).await;
         }
         Err(StreamError::Invalid { why: v, ended }) => {
             // The PACS holds part of an instance without its last fragment: aborting its
@@ -141,7 +137,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         }
         Err(StreamError::To(e)) => {
             tracing::warn!(assoc = s.id, reason = %e, "PACS failed during C-STORE");
-            let _ = instance::drain(&mut s.client, pc_id, wait).await;
+            let _ = s.client.discard_data(pc_id, wait).await;
             return s
                 .fail_upstream(pc_id, &cmd, "PACS did not store the instance")
                 .await;
@@ -199,9 +195,8 @@ async fn drain_client(s: &mut Association, pc_id: u8, ended: bool) -> Result<(),
         return Ok(());
     }
     let wait = s.ctx.cfg.limits.idle_timeout;
-    if let Err(e) = instance::drain(&mut s.client, pc_id, wait).await {
-        tracing::info!(assoc = s.id, reason = %e, "client failed during C-STORE");
-        return Err(s.abort_both().await);
+    if let Err(e) = s.client.discard_data(pc_id, wait).await {
+        return Err(s.broken(Side::Client, &e).await);
     }
     Ok(())
 }

@@ -306,7 +306,10 @@ impl PacsLookup {
                     }
                     let status = rsp.status.unwrap_or(0xC000);
                     if rsp.has_data_set() {
-                        let data = peer.collect_data(pc_id, 1 << 20, self.timeout).await?;
+                        let data = peer
+                            .collect_data(pc_id, 1 << 20, self.timeout)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         if command::is_pending(status) {
                             // An answer the strict reader refuses says nothing trustworthy.
                             let o = match DataSet::read(&data, enc, self.reader) {

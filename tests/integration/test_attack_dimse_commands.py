@@ -493,6 +493,22 @@ def violation(case):
         return rd.p_data_tf(rd.pdv(ECHO, echo_rsp, command=True, last=True))
     if case == "release_rp_unasked":
         return rd.RELEASE_RP
+    # A data set that stops before its last fragment: by a new command, or by a release.
+    find = rd.command_set(rd.c_find_rq(1, rd.STUDY_FIND))
+    half = rd.encode(rd.identifier("STUDY", PatientID="PAT-A"))[:8]
+    if case == "identifier_broken_off_by_command":
+        return rd.p_data_tf(rd.pdv(FIND, find, command=True, last=True),
+                            rd.pdv(FIND, half, command=False, last=False),
+                            rd.pdv(ECHO, rd.command_set(rd.c_echo_rq(2)), command=True, last=True))
+    if case == "identifier_broken_off_by_release":
+        return rd.p_data_tf(rd.pdv(FIND, find, command=True, last=True),
+                            rd.pdv(FIND, half, command=False, last=False)) + rd.RELEASE_RQ
+    if case == "instance_broken_off_by_command":
+        els, sop = fresh_instance()
+        store = rd.command_set(rd.c_store_rq(1, rd.SECONDARY_CAPTURE, sop))
+        return rd.p_data_tf(rd.pdv(STORE, store, command=True, last=True),
+                            rd.pdv(STORE, rd.encode(els)[:64], command=False, last=False),
+                            rd.pdv(ECHO, rd.command_set(rd.c_echo_rq(2)), command=True, last=True))
     raise KeyError(case)
 
 
@@ -501,9 +517,12 @@ def violation(case):
     ("command_on_unaccepted_context", INVALID_PARAMETER),
     ("response_from_requestor", UNEXPECTED_PARAMETER),
     ("release_rp_unasked", UNEXPECTED_PDU),
+    ("identifier_broken_off_by_command", UNEXPECTED_PARAMETER),
+    ("identifier_broken_off_by_release", UNEXPECTED_PDU),
+    ("instance_broken_off_by_command", UNEXPECTED_PARAMETER),
 ])
 def test_protocol_violation_is_aborted_with_its_reason(gateway, issuer, orthanc, case, reason):
-    a = connect(gateway, issuer.mint(patient="PAT-A", scope=READ))
+    a = connect(gateway, issuer.mint(patient="PAT-A", scope=WRITE if "instance" in case else READ))
     try:
         a.send(violation(case))
         got = abort_reason(a)
