@@ -356,7 +356,9 @@ impl PacsLookup {
                                     first_uid(tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
                                 }
                             };
-                            if same && owners.len() < MAX_OWNERS {
+                            // One more than the cap is kept: the policy core reads that many
+                            // as an inconsistency, so nothing past the cap can hide a conflict.
+                            if same && owners.len() <= MAX_OWNERS {
                                 owners.push(owner);
                             }
                         }

@@ -24,7 +24,9 @@ pub struct Owner {
 pub type LookupFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Owner>, LookupError>> + Send + 'a>>;
 
-/// The most owners a look-up reports for one UID (more say nothing more: two differ already).
+/// The most owners a look-up's answer may name for one UID. A look-up reports at most one more
+/// than this, which the policy core judges a PACS inconsistency like two patients (the answers
+/// past the cap were not seen, so one of them may name another patient).
 pub const MAX_OWNERS: usize = 16;
 
 /// Why the PACS could not say who holds a UID.
@@ -40,7 +42,7 @@ pub enum LookupError {
 }
 
 /// Asks the PACS who holds a UID: every match it reports for exactly that UID (none: it does
-/// not hold it; at most [`MAX_OWNERS`]). Implemented by the PACS client; the policy core
+/// not hold it; at most [`MAX_OWNERS`] + 1). Implemented by the PACS client; the policy core
 /// judges the answers (one owner, or none to trust) and caches them.
 pub trait OwnerLookup: Send + Sync {
     fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
@@ -49,6 +51,9 @@ pub trait OwnerLookup: Send + Sync {
 /// The one owner a look-up's matches name: `Ok(None)` for no match; an error when they name
 /// more than one patient (or issuer) for the UID, a PACS inconsistency that trusts neither.
 pub(super) fn one_owner(owners: Vec<Owner>) -> Result<Option<Owner>, Denial> {
+    if owners.len() > MAX_OWNERS {
+        return Err(Denial::OwnerConflict);
+    }
     let mut owners = owners.into_iter();
     let Some(first) = owners.next() else {
         return Ok(None);
@@ -203,5 +208,16 @@ mod tests {
             let want = want.clone().map(|o| o.map(str::to_string));
             assert_eq!(got, want, "{matches:?}");
         }
+        // As many as the cap allows, all one patient's: that patient. One more: the answers
+        // past the cap were not seen, so none is trusted.
+        let many = |n| (0..n).map(|_| owner("A", None)).collect::<Vec<_>>();
+        assert_eq!(
+            one_owner(many(MAX_OWNERS)).map(|o| o.map(|o| o.patient_id)),
+            Ok(Some("A".to_string()))
+        );
+        assert_eq!(
+            one_owner(many(MAX_OWNERS + 1)).map(|o| o.map(|o| o.patient_id)),
+            Err(Denial::OwnerConflict)
+        );
     }
 }

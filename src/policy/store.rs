@@ -9,8 +9,11 @@ use super::decision::Placement;
 use super::*;
 
 impl Policy {
-    /// Remembers where a confirmed store put its instance. Later instances of the same study
-    /// are then decided without a look-up.
+    /// Remembers where a confirmed store put its instance, for UIDs not cached already. Later
+    /// instances of the same study are then decided without a look-up, but only until the
+    /// entry's time is up: a store never renews an entry (else a caller storing now and then
+    /// would keep the PACS from being asked again, and a study later reassigned, or held under
+    /// two patients, would go on being judged the caller's).
     pub(super) async fn remember_placement(&self, p: &Placement) {
         let owner = |series: Option<&str>| {
             Arc::new(Owner {
@@ -22,18 +25,17 @@ impl Policy {
                 facts: None,
             })
         };
-        self.owners
-            .insert((UidLevel::Study, p.study.clone()), owner(None))
-            .await;
-        self.owners
-            .insert((UidLevel::Series, p.series.clone()), owner(Some(&p.series)))
-            .await;
-        self.owners
-            .insert(
+        let keys = [
+            ((UidLevel::Study, p.study.clone()), owner(None)),
+            ((UidLevel::Series, p.series.clone()), owner(Some(&p.series))),
+            (
                 (UidLevel::Instance, p.instance.clone()),
                 owner(Some(&p.series)),
-            )
-            .await;
+            ),
+        ];
+        for (key, owner) in keys {
+            self.owners.entry(key).or_insert(owner).await;
+        }
     }
 
     /// Decides a store: the token must grant write, the instance's PatientID must be an allowed

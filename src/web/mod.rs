@@ -109,12 +109,20 @@ impl WebCtx {
 
     /// The request's caller: its token verified by the trust core, then prepared by the
     /// policy core.
+    /// A refused token is recorded on `on` (operation and object) in the audit trail, on
+    /// every path alike.
     pub(crate) async fn authenticate(
         &self,
         headers: &axum::http::HeaderMap,
+        (op, object): (Operation, &str),
     ) -> Result<crate::policy::Caller, ApiError> {
-        let p = auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await?;
-        Ok(self.policy.caller(p).await)
+        match auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await {
+            Ok(p) => Ok(self.policy.caller(p).await),
+            Err(e) => {
+                trail(None).record(op, object, Outcome::Denied, &format!("{e:?}"));
+                Err(e)
+            }
+        }
     }
 
     /// Asks the policy core for `action` and records the decision on `on` (operation and
@@ -202,17 +210,12 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
         Ok(r) => r,
         Err(e) => return ctx.challenge.respond(ApiError::BadRequest(e)),
     };
-    let principal = match ctx.authenticate(&headers).await {
+    let principal = match ctx
+        .authenticate(&headers, (Operation::HttpRequest, uri.path()))
+        .await
+    {
         Ok(p) => p,
-        Err(e) => {
-            trail(None).record(
-                Operation::HttpRequest,
-                uri.path(),
-                Outcome::Denied,
-                &format!("{e:?}"),
-            );
-            return ctx.challenge.respond(e);
-        }
+        Err(e) => return ctx.challenge.respond(e),
     };
     let Some(upstream) = ctx.pacs.as_ref() else {
         return ctx.challenge.respond(ApiError::not_configured());

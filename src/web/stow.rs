@@ -89,9 +89,21 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         }
         None => return Err(ApiError::NotFound),
     };
-    let caller = ctx.authenticate(req.headers()).await?;
+    let on = match &path_study {
+        Some(study) => format!("study={study}"),
+        None => "request".to_string(),
+    };
+    let caller = ctx
+        .authenticate(req.headers(), (Operation::Stow, &on))
+        .await?;
     // Without write access no byte of the body needs to be read.
     if let Err(d) = ctx.policy.decide(&caller, Action::BeginStore).await {
+        super::trail(Some(caller.principal())).record(
+            Operation::Stow,
+            &on,
+            Outcome::Denied,
+            &d.to_string(),
+        );
         return Err(ApiError::from_denial(d));
     }
     let Some(upstream) = ctx.pacs.as_ref() else {
@@ -242,6 +254,12 @@ async fn store_part(
     let instance = h.sop_instance.clone().unwrap_or_default();
     let study = h.study.clone().unwrap_or_default();
     if path_study.is_some_and(|s| s != study) {
+        super::trail(Some(p)).record(
+            Operation::Stow,
+            &format!("study={study} instance={instance}"),
+            Outcome::Denied,
+            "the instance is not of the study the path names",
+        );
         drain(&mut field, ended, wait).await?;
         out.failed.push((class, instance, REASON_STUDY_MISMATCH));
         return Ok(());

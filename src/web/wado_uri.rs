@@ -68,7 +68,9 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         instance_uids: vec![object.clone()],
     };
     let on = format!("study={study}");
-    let caller = ctx.authenticate(req.headers()).await?;
+    let caller = ctx
+        .authenticate(req.headers(), (Operation::WadoUri, &on))
+        .await?;
     let p = caller.principal();
     let allowed = ctx
         .permit(

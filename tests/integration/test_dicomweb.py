@@ -347,6 +347,29 @@ def test_stow_without_write_scope_is_403(base, orthanc, issuer):
     assert not orthanc.holds(sop)
 
 
+def test_every_stow_and_wado_uri_refusal_is_audited(base, gateway, orthanc, issuer, writer):
+    """A refusal before the body is read (token, scope) and a part outside the study the path
+    names each leave a denied audit record, as every other DICOMweb refusal does."""
+    from test_introspection import metric_values
+
+    def denied(op):
+        return metric_values(gateway).get(f'pacsgate_audit_records_total{{channel="http",operation="{op}",outcome="denied"}}', 0)
+
+    data, sop = part10("PAT-W")
+    before = denied("STOW-RS")
+    assert stow(base, issuer.mint(patient="PAT-W", scope="patient/ImagingStudy.rs"), [data]).status_code == 403
+    assert stow(base, "not.a.token", [data]).status_code == 401
+    assert stow(base, writer, [data], path=f"studies/{generate_uid()}").status_code == 409
+    assert denied("STOW-RS") == before + 3
+    assert not orthanc.holds(sop)
+    _, study, series, inst = own(orthanc, "PAT-A")[0]
+    before = denied("WADO-URI")
+    r = requests.get(f"{gateway.public_url}/wado", headers=auth("not.a.token"), timeout=10,
+                     params={"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": inst})
+    assert r.status_code == 401
+    assert denied("WADO-URI") == before + 1
+
+
 def test_dicomweb_client_stores(base, orthanc, writer):
     import io as _io
 

@@ -217,3 +217,45 @@ async fn a_patient_write_scope_writes_for_its_patient_only_under_allow() {
         assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confirmed_store_never_renews_what_is_cached() {
+    // The look-up's entry for S1 (with the study's facts) must stay as it is, timer and all:
+    // a caller storing into S1 now and then would otherwise keep the PACS from being asked
+    // again, and a study reassigned meanwhile would go on being judged the caller's.
+    let pol = Policy::bare(&cfg("deny"));
+    let lookup = FakePacs { fail: false };
+    let (ehr, now) = (FakeEhr::default(), SystemTime::now());
+    let r = principal("patient/ImagingStudy.rs", Some("A"));
+    let req = retrieve(Some(UidLevel::Study), &["S1"], &[], &[], None);
+    assert!(matches!(
+        pol.decide_retrieve(&r, &req, &lookup, &ehr, now).await,
+        Decision::Allow(_)
+    ));
+    let key = (UidLevel::Study, "S1".to_string());
+    let before = pol.owners.get(&key).await.expect("the look-up is cached");
+    let w = principal("patient/ImagingStudy.cruds", Some("A"));
+    let st = StoreRequest {
+        instance_uid: Some("NEWI"),
+        patient_id: Some("A"),
+        study_uid: Some("S1"),
+        series_uid: Some("NEWR"),
+        ..StoreRequest::default()
+    };
+    let Decision::Allow(permit) = pol.decide_store(&w, &st, &lookup, &ehr, now).await else {
+        panic!("a store into an own study is allowed")
+    };
+    pol.stored(&permit).await;
+    let after = pol.owners.get(&key).await.expect("still cached");
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "the cached entry was replaced"
+    );
+    assert!(after.facts.is_some());
+    // What was not cached is remembered.
+    let series = pol
+        .owners
+        .get(&(UidLevel::Series, "NEWR".to_string()))
+        .await;
+    assert_eq!(series.map(|o| o.patient_id.clone()), Some("A".to_string()));
+}
