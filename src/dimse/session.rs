@@ -40,11 +40,16 @@ enum Next {
     Pacs(Incoming),
     Idle,
     Stopping,
+    /// The caller's token expired: its association ends between operations (a request after
+    /// it would be refused anyway, and an association held open on a dead token holds a
+    /// slot and a PACS association for nothing).
+    Expired,
 }
 
 impl Session {
     pub async fn run(mut self) {
         let idle = self.assoc.ctx.cfg.limits.idle_timeout;
+        let expiry = expiry_of(self.assoc.caller.principal());
         loop {
             let a = &mut self.assoc;
             let event = tokio::select! {
@@ -52,11 +57,23 @@ impl Session {
                 i = a.pacs.next() => Next::Pacs(i),
                 _ = tokio::time::sleep(idle) => Next::Idle,
                 _ = self.stop.draining() => Next::Stopping,
+                _ = tokio::time::sleep_until(expiry) => Next::Expired,
             };
             let flow = match event {
                 Next::Idle => {
                     tracing::info!(assoc = a.id, "idle for {idle:?}; aborting the association");
                     a.abort_both().await
+                }
+                Next::Expired => {
+                    a.trail().record(
+                        Operation::Associate,
+                        "",
+                        Outcome::Denied,
+                        "token expired; association ended",
+                    );
+                    a.release_pacs(RELEASE_TIMEOUT).await;
+                    a.client.abort().await;
+                    Flow::End
                 }
                 Next::Stopping => {
                     tracing::info!(
@@ -385,4 +402,14 @@ async fn negotiate(
         },
         stop,
     })
+}
+
+/// When the caller's token expires, as a point on the runtime's clock.
+fn expiry_of(p: &crate::trust::Principal) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Capped so that no `exp` can overflow the clock (an association lasts hours, not weeks).
+    let left = p.expires_at.saturating_sub(now).min(30 * 86_400);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
 }

@@ -68,6 +68,24 @@ def test_jwt_identity_is_accepted_and_echo_works(gateway, issuer):
     assert assoc.is_released
 
 
+def test_an_association_ends_when_its_token_expires(gateway, issuer):
+    """Between operations, an association whose token has expired is ended (A-ABORT to the
+    client), long before the idle timeout: it holds a slot and a PACS association otherwise."""
+    import time
+
+    assoc, _ = associate(gateway, issuer.mint(patient="PAT-A", expires_in=3))
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    deadline = time.time() + 15
+    while assoc.is_established and time.time() < deadline:
+        time.sleep(0.2)
+    assert assoc.is_aborted, "the association outlived its token"
+    # A fresh token gets in as before.
+    again, _ = associate(gateway, issuer.mint(patient="PAT-A"))
+    assert again.is_established
+    again.release()
+
+
 def test_positive_response_gets_a_user_identity_response(gateway, issuer):
     assoc, _ = associate(gateway, issuer.mint(patient="PAT-A"), positive=True)
     assert assoc.is_established
