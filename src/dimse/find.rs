@@ -44,25 +44,24 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         "IMAGE" => QueryLevel::Image,
         _ => QueryLevel::Study,
     };
-    let one = |tag| match query.uids(tag).as_slice() {
-        [uid] => Some(*uid),
-        _ => None,
-    };
     // A key with an empty value is a return key; one with a value is matched on.
     let matched = |t| query.contains(t) && !query.is_empty(t);
     let requested = query.text(tags::PATIENT_ID);
+    // Below STUDY level a query naming studies (and at IMAGE level series) searches inside
+    // them, as a QIDO-RS search under /studies/{uid} does.
+    let studies = match level {
+        QueryLevel::Series | QueryLevel::Image => query.uids(tags::STUDY_INSTANCE_UID),
+        _ => Vec::new(),
+    };
+    let series = match level {
+        QueryLevel::Image => query.uids(tags::SERIES_INSTANCE_UID),
+        _ => Vec::new(),
+    };
     let request = QueryRequest {
         level,
         patient_id: requested,
-        // Below STUDY level a query naming one study (and at IMAGE level one series) searches
-        // inside it, as a QIDO-RS search under /studies/{uid} does.
-        inside_study: matches!(level, QueryLevel::Series | QueryLevel::Image)
-            .then(|| one(tags::STUDY_INSTANCE_UID))
-            .flatten(),
-        inside_series: (level == QueryLevel::Image)
-            .then(|| one(tags::SERIES_INSTANCE_UID))
-            .flatten()
-            .filter(|_| one(tags::STUDY_INSTANCE_UID).is_some()),
+        inside_studies: &studies,
+        inside_series: &series,
         matches_on_facts: matched(tags::MODALITIES_IN_STUDY)
             || matched(tags::STUDY_DATE)
             || query.contains(tags::TIMEZONE_OFFSET_FROM_UTC),

@@ -40,9 +40,9 @@ enum Next {
     Pacs(Incoming),
     Idle,
     Stopping,
-    /// The caller's token expired: its association ends between operations (a request after
-    /// it would be refused anyway, and an association held open on a dead token holds a
-    /// slot and a PACS association for nothing).
+    /// The caller's token expired [`EXPIRED_GRACE`] ago: its association ends between
+    /// operations (every request is refused by then, and an association held open on a dead
+    /// token holds a slot and a PACS association for nothing).
     Expired,
 }
 
@@ -404,12 +404,17 @@ async fn negotiate(
     })
 }
 
-/// When the caller's token expires, as a point on the runtime's clock.
+/// How long an association outlives its token: a request in that time is answered 0124H
+/// (Refused: Not Authorized), so that the client learns to renew its token rather than seeing
+/// its association cut; after it the association ends, whatever the client sends.
+const EXPIRED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// When the caller's association ends for its token's expiry, on the runtime's clock.
 fn expiry_of(p: &crate::trust::Principal) -> tokio::time::Instant {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     // Capped so that no `exp` can overflow the clock (an association lasts hours, not weeks).
     let left = p.expires_at.saturating_sub(now).min(30 * 86_400);
-    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left) + EXPIRED_GRACE
 }

@@ -138,12 +138,12 @@ pub struct QueryRequest<'a> {
     /// The PatientID matching key as the caller sent it: `None` when the key is absent, else
     /// its raw value (empty means universal matching).
     pub patient_id: Option<&'a str>,
-    /// The study the query searches inside (a QIDO-RS search under `/studies/{uid}`, a C-FIND
-    /// below STUDY level naming one Study Instance UID), and the series (under
-    /// `/series/{uid}`, a C-FIND at IMAGE level naming one Series Instance UID). A look into a
-    /// study is judged like a retrieval of it before the query runs.
-    pub inside_study: Option<&'a str>,
-    pub inside_series: Option<&'a str>,
+    /// The studies the query searches inside (a QIDO-RS search under `/studies/{uid}` or with
+    /// `StudyInstanceUID` below the study level, a C-FIND below STUDY level naming Study
+    /// Instance UIDs), and the series (under `/series/{uid}`, or named at IMAGE level). A look
+    /// into studies and series is judged like a retrieval of them before the query runs.
+    pub inside_studies: &'a [&'a str],
+    pub inside_series: &'a [&'a str],
     /// The caller matches on ModalitiesInStudy or StudyDate, or shifts dates with a timezone
     /// offset: a PACS may echo a matching value back instead of the study's own, so the
     /// matches' values of them are not the study's facts.

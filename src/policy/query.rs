@@ -136,7 +136,8 @@ pub(crate) struct QueryPlan {
     keys: Vec<ResultKey>,
     /// Matches are studies whose ModalitiesInStudy and StudyDate are their study's facts.
     study_facts: bool,
-    /// The study the query searches inside: a match that leaves its UID out is of this study.
+    /// The one study the query searches inside: a match that leaves its UID out is of this
+    /// study (with several, such a match has no study).
     inside_study: Option<String>,
 }
 
@@ -210,15 +211,16 @@ impl Policy {
         // A search inside a study or series is a look into that study: it must be the
         // caller's patient's, like a retrieval (refused for another patient's or an unknown
         // one, so nobody can probe which exist).
-        if let Some(study) = q.inside_study {
+        // Every study and series named is looked into, a list as much as one UID.
+        if !q.inside_studies.is_empty() || !q.inside_series.is_empty() {
             let req = RetrieveRequest {
-                level: Some(if q.inside_series.is_some() {
-                    UidLevel::Series
-                } else {
+                level: Some(if q.inside_series.is_empty() {
                     UidLevel::Study
+                } else {
+                    UidLevel::Series
                 }),
                 patient_id: None,
-                study_uids: vec![study.to_string()],
+                study_uids: q.inside_studies.iter().map(|s| s.to_string()).collect(),
                 series_uids: q.inside_series.iter().map(|s| s.to_string()).collect(),
                 instance_uids: Vec::new(),
             };
@@ -249,7 +251,10 @@ impl Policy {
         permit.plan = QueryPlan {
             keys,
             study_facts,
-            inside_study: q.inside_study.map(str::to_string),
+            inside_study: match q.inside_studies {
+                [one] => Some(one.to_string()),
+                _ => None,
+            },
         };
         Decision::Allow(permit)
     }
@@ -432,7 +437,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A PACS holding three studies: S1 (CT, patient A, issuer HOSP_A), S2 (MR, patient A,
-    /// issuer HOSP_A), S3 (CT, patient B, issuer HOSP_B). Counts its look-ups.
+    /// issuer HOSP_A), S3 (CT, patient B, issuer HOSP_B); series R1 in S1, R3 in S3. Counts
+    /// its look-ups.
     #[derive(Default)]
     struct Pacs(AtomicUsize);
 
@@ -440,7 +446,19 @@ mod tests {
         fn owner<'a>(&'a self, level: UidLevel, uid: &'a str) -> OneOwnerFuture<'a> {
             self.0.fetch_add(1, Ordering::Relaxed);
             Box::pin(async move {
+                let series = |patient: &str, issuer: &str, study: &str| {
+                    Ok(Some(Owner {
+                        patient_id: patient.into(),
+                        issuer: Some(issuer.into()),
+                        issuer_known: true,
+                        study_uid: study.into(),
+                        series_uid: Some(uid.into()),
+                        facts: None,
+                    }))
+                };
                 let (patient, issuer, modality) = match (level, uid) {
+                    (UidLevel::Series, "R1") => return series("A", "HOSP_A", "S1"),
+                    (UidLevel::Series, "R3") => return series("B", "HOSP_B", "S3"),
                     (UidLevel::Study, "S1") => ("A", "HOSP_A", "CT"),
                     (UidLevel::Study, "S2") => ("A", "HOSP_A", "MR"),
                     (UidLevel::Study, "S3") => ("B", "HOSP_B", "CT"),
@@ -652,28 +670,59 @@ use_issuer = {use_issuer}
     async fn a_search_inside_a_study_is_a_look_into_it() {
         let (pol, _) = policy(false);
         let c = caller(&pol, "patient/ImagingStudy.rs").await;
-        let inside = |uid| QueryRequest {
-            level: QueryLevel::Series,
-            inside_study: Some(uid),
-            ..QueryRequest::default()
-        };
         let q = super::super::Action::Query;
-        assert!(pol.decide(&c, q(inside("S1"))).await.is_ok());
-        for uid in ["S3", "S9"] {
-            assert_eq!(
-                pol.decide(&c, q(inside(uid))).await,
-                Err(super::super::Denial::NotOwned(UidLevel::Study)),
-                "{uid}"
-            );
+        let inside = |level, studies: &'static [&'static str], series: &'static [&'static str]| {
+            q(QueryRequest {
+                level,
+                inside_studies: studies,
+                inside_series: series,
+                ..QueryRequest::default()
+            })
+        };
+        use super::super::Denial::NotOwned;
+        let (series, image) = (QueryLevel::Series, QueryLevel::Image);
+        type Case = (
+            QueryLevel,
+            &'static [&'static str],
+            &'static [&'static str],
+            Option<super::super::Denial>,
+        );
+        let cases: &[Case] = &[
+            (series, &["S1"], &[], None),
+            (series, &["S3"], &[], Some(NotOwned(UidLevel::Study))),
+            (series, &["S9"], &[], Some(NotOwned(UidLevel::Study))),
+            // A list is looked into whole: one foreign or unknown study refuses it.
+            (series, &["S1", "S2"], &[], None),
+            (series, &["S1", "S3"], &[], Some(NotOwned(UidLevel::Study))),
+            (series, &["S9", "S1"], &[], Some(NotOwned(UidLevel::Study))),
+            (image, &["S1"], &["R1"], None),
+            (image, &["S3"], &["R3"], Some(NotOwned(UidLevel::Series))),
+            // A series named without its study is looked into as well.
+            (image, &[], &["R1"], None),
+            (image, &[], &["R3"], Some(NotOwned(UidLevel::Series))),
+        ];
+        for (level, studies, series, want) in cases {
+            let got = pol.decide(&c, inside(*level, studies, series)).await;
+            assert_eq!(got.err(), want.clone(), "{level:?} {studies:?} {series:?}");
         }
-        // A match leaving its study out is of the study searched inside.
+        // A match leaving its study out is of the one study searched inside; with several
+        // it has none, and a study restriction cannot admit it.
         let c = caller(&pol, "patient/ImagingStudy.rs?modality=CT").await;
-        let a = pol.decide(&c, q(inside("S1"))).await.unwrap();
+        let a = pol.decide(&c, inside(series, &["S1"], &[])).await.unwrap();
         assert_eq!(
             pol.judge(&c, &a).judge(&[study("A", None, None)]).await,
             [Verdict::Admit]
         );
-        assert!(pol.decide(&c, q(inside("S2"))).await.is_err());
+        assert!(pol.decide(&c, inside(series, &["S2"], &[])).await.is_err());
+        let c = caller(&pol, "patient/ImagingStudy.rs?modality=CT,MR").await;
+        let a = pol
+            .decide(&c, inside(series, &["S1", "S2"], &[]))
+            .await
+            .unwrap();
+        assert_ne!(
+            pol.judge(&c, &a).judge(&[study("A", None, None)]).await,
+            [Verdict::Admit]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -34,6 +34,31 @@ fn is_patient_id_key(k: &str) -> bool {
     matches!(key_name(k).as_str(), "patientid" | "00100020")
 }
 
+/// The UIDs the keys spelled `names` match on: every value of every such key, lists split at
+/// `,` or `\`. A value that is not a list of UIDs is refused: UID matching takes no wildcards
+/// (PS3.4 C.2.2.2.2), and a look into what it names could not be made.
+fn named_uids<'q>(pairs: &'q [(String, String)], names: &[&str]) -> Result<Vec<&'q str>, ApiError> {
+    let mut out = Vec::new();
+    for (_, v) in pairs
+        .iter()
+        .filter(|(k, _)| names.contains(&key_name(k).as_str()))
+    {
+        if v.is_empty() {
+            continue;
+        }
+        for uid in v.split([',', '\\']) {
+            if !path::is_uid(uid) {
+                return Err(ApiError::BadRequest(
+                    "a UID matching key takes UIDs (digits and dots), a list separated by commas"
+                        .into(),
+                ));
+            }
+            out.push(uid);
+        }
+    }
+    Ok(out)
+}
+
 /// The tag of a return key, as QIDO-RS includefield names it.
 fn include(key: ResultKey) -> String {
     let t = key.tag();
@@ -60,7 +85,7 @@ pub async fn search(
         1 => Some(asked[0].clone()),
         _ => Some(asked.join("\\")),
     };
-    let (level, inside_study, inside_series) = match resource {
+    let (level, path_study, path_series) = match resource {
         Resource::Search {
             level,
             study,
@@ -76,11 +101,21 @@ pub async fn search(
         ),
         _ => return Err(ApiError::NotFound),
     };
+    // Below the study level the studies (and at the instance level the series) a search
+    // names, in its path or as keys, are searched inside: each is looked into.
+    let mut studies: Vec<&str> = path_study.into_iter().collect();
+    let mut series: Vec<&str> = path_series.into_iter().collect();
+    if level != QueryLevel::Study {
+        studies.extend(named_uids(&pairs, &["studyinstanceuid", "0020000d"])?);
+    }
+    if level == QueryLevel::Image {
+        series.extend(named_uids(&pairs, &["seriesinstanceuid", "0020000e"])?);
+    }
     let request = QueryRequest {
         level,
         patient_id: requested.as_deref(),
-        inside_study,
-        inside_series,
+        inside_studies: &studies,
+        inside_series: &series,
         // Any key present counts: a QIDO-RS key has no "return key" form.
         matches_on_facts: pairs.iter().any(|(k, _)| {
             matches!(

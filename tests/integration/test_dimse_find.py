@@ -148,6 +148,29 @@ def test_expiry_during_association_refuses_later_operations(gateway, issuer):
     assoc.release()
 
 
+def test_an_association_ends_soon_after_its_token_expires(gateway, issuer):
+    """A request just after expiry is answered 0124H (the client learns to renew); the
+    association itself ends 10 s after the expiry, whatever the client sends, long before the
+    idle timeout: it holds a slot and a PACS association otherwise."""
+    assoc, _ = associate(gateway, issuer.mint(patient="PAT-A", expires_in=2))
+    assert assoc.is_established
+    final, matches = find(assoc, query("STUDY"), STUDY_ROOT)
+    assert final == 0x0000 and matches
+    time.sleep(3)
+    assert assoc.send_c_echo().Status == NOT_AUTHORIZED
+    deadline = time.time() + 20
+    while assoc.is_established and time.time() < deadline:
+        # Refused requests do not keep it open.
+        assoc.send_c_echo()
+        time.sleep(1)
+    assert assoc.is_aborted, "the association outlived its token"
+    again, _ = associate(gateway, issuer.mint(patient="PAT-A"))
+    assert again.is_established
+    final, matches = find(again, query("STUDY"), STUDY_ROOT)
+    assert final == 0x0000 and matches
+    again.release()
+
+
 def test_cancel_during_find_ends_cleanly(session):
     assoc = session("PAT-A")
     responses = assoc.send_c_find(query("IMAGE"), PATIENT_ROOT, msg_id=7)
