@@ -126,6 +126,53 @@ def test_qido_inside_another_patients_study_is_403(base, orthanc, token_a):
     assert qido(base, f"studies/{generate_uid()}/series", token_a).status_code == 403
 
 
+def test_a_search_naming_studies_or_series_looks_into_each(base, gateway, orthanc, token_a):
+    """Below the study level every study (and at the instance level every series) a search
+    names, alone or in a list, in the path or as a key, is looked into like a retrieval, on
+    both protocols: one of another patient's, or an unknown one, refuses the whole search."""
+    from test_dimse_association import associate
+    from test_dimse_find import NOT_AUTHORIZED, STUDY_ROOT, find, query
+
+    mine, theirs = own(orthanc, "PAT-A"), own(orthanc, "PAT-B")
+    my_studies = sorted({x[1] for x in mine})
+    assert len(my_studies) >= 2
+    r = qido(base, "series", token_a, StudyInstanceUID=my_studies[0])
+    assert r.status_code == 200 and {s["0020000D"]["Value"][0] for s in r.json()} == {my_studies[0]}
+    r = qido(base, "series", token_a, StudyInstanceUID=",".join(my_studies))
+    assert r.status_code == 200 and {s["0020000D"]["Value"][0] for s in r.json()} <= set(my_studies)
+    refused = [
+        ("series", "StudyInstanceUID", f"{my_studies[0]},{theirs[0][1]}"),
+        ("series", "StudyInstanceUID", f"{my_studies[0]}\\{theirs[0][1]}"),
+        ("instances", "0020000D", theirs[0][1]),
+        ("series", "StudyInstanceUID", generate_uid()),
+        ("instances", "SeriesInstanceUID", theirs[0][2]),
+        (f"studies/{mine[0][1]}/instances", "SeriesInstanceUID", theirs[0][2]),
+    ]
+    for path, key, value in refused:
+        r = qido(base, path, token_a, **{key: value})
+        assert r.status_code == 403, (path, key, value, r.status_code)
+        assert "PAT-B" not in r.text
+    # UID matching takes no wildcards: nothing to look into, so nothing to ask.
+    assert qido(base, "series", token_a, StudyInstanceUID="1.2.*").status_code == 400
+
+    assoc, _ = associate(gateway, token_a)
+    try:
+        ds = query("SERIES", patient_id="PAT-A")
+        ds.StudyInstanceUID = my_studies
+        final, matches = find(assoc, ds, STUDY_ROOT)
+        assert final == 0x0000 and {m.StudyInstanceUID for m in matches} == set(my_studies)
+        ds.StudyInstanceUID = [my_studies[0], theirs[0][1]]
+        assert find(assoc, ds, STUDY_ROOT) == (NOT_AUTHORIZED, [])
+        ds = query("IMAGE", patient_id="PAT-A")
+        ds.SeriesInstanceUID = mine[0][2]
+        final, matches = find(assoc, ds, STUDY_ROOT)
+        assert final == 0x0000 and matches and {m.SeriesInstanceUID for m in matches} == {mine[0][2]}
+        ds.SeriesInstanceUID = theirs[0][2]
+        assert find(assoc, ds, STUDY_ROOT) == (NOT_AUTHORIZED, [])
+    finally:
+        assoc.release()
+
+
 def test_dicomweb_client_searches_own_studies(base, orthanc, token_a):
     c = DICOMwebClient(url=base, headers=auth(token_a))
     studies = c.search_for_studies()
