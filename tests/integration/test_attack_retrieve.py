@@ -20,7 +20,8 @@ import rawdicom as rd
 from conftest import Gateway, free_port, stop
 from dicomdata import make_instance
 from test_attack_dimse_commands import (
-    CONTEXTS, ECHO, GET, MOVE, PGET, PMOVE, PacsState, StorageSCP, assert_gateway_serves, connect, own,
+    CONTEXTS, ECHO, FIND, GET, MOVE, PGET, PMOVE, STORE, WRITE, PacsState, StorageSCP, assert_gateway_serves,
+    connect, fresh_instance, own,
 )
 
 PID = "PAT-J"  # one PatientID under HOSP_A (the caller), HOSP_B and no issuer: three patients
@@ -241,3 +242,28 @@ def test_a_study_held_under_two_patients_is_refused_on_both_protocols(gateway, i
                      headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert r.status_code == 403, (r.status_code, r.text[:200])
     assert "Retry-After" not in r.headers
+    # A search inside the study, and a write into it, on both protocols.
+    r = requests.get(f"{gateway.public_url}/dicom-web/studies/{study}/series",
+                     headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 403 and "PAT-X2" not in r.text
+    a = connect(gateway, token)
+    ident = rd.encode(rd.identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID="", PatientID=""))
+    ex = a.dimse(FIND, rd.command_set(rd.c_find_rq(1, rd.STUDY_FIND)), ident, timeout=30)
+    assert ex.status == rd.NOT_AUTHORIZED and ex.matches == [], f"{ex.status:#06x}"
+    a.release()
+    writer = issuer.mint(patient="PAT-X1", scope=WRITE)
+    els, sop = fresh_instance("PAT-X1", study=study)
+    a = connect(gateway, writer)
+    status = a.dimse(STORE, rd.command_set(rd.c_store_rq(1, rd.SECONDARY_CAPTURE, sop)), rd.encode(els),
+                     timeout=30).status
+    a.release()
+    assert status == rd.NOT_AUTHORIZED, f"{status:#06x}"
+    boundary = "conflict1234"
+    data = make_instance("PAT-X1", study, generate_uid(), 9710, 1, 1, "20240101")
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    r = requests.post(f"{gateway.public_url}/dicom-web/studies", data=body, timeout=30, headers={
+        "Authorization": f"Bearer {writer}", "Accept": "application/dicom+json",
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 409, (r.status_code, r.text[:200])
+    failed = r.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0x0124]
