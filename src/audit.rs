@@ -127,12 +127,14 @@ impl Operation {
 }
 
 /// Where one association's or one request's records go: its channel, its number and, once
-/// the token was verified, its principal.
-#[derive(Clone, Copy)]
+/// the token was verified, its principal; and the subject of the client certificate the TLS
+/// handshake verified, so that a workstation is named beside its user.
+#[derive(Clone)]
 pub(crate) struct Trail<'a> {
     channel: Channel,
     id: u64,
     principal: Option<&'a Principal>,
+    client_cert: Option<std::sync::Arc<str>>,
 }
 
 impl<'a> Trail<'a> {
@@ -141,7 +143,14 @@ impl<'a> Trail<'a> {
             channel,
             id,
             principal,
+            client_cert: None,
         }
+    }
+
+    /// The subject of the client's verified certificate, when it presented one.
+    pub fn with_client_cert(mut self, subject: Option<std::sync::Arc<str>>) -> Trail<'a> {
+        self.client_cert = subject;
+        self
     }
 
     /// Records one decision on `op`. `object` names what it applied to (e.g. `study=…`),
@@ -161,15 +170,18 @@ impl<'a> Trail<'a> {
         // Every value may come from a peer (a claim, a path, an AE title): written escaped.
         let (iss, sub, client, patient) = (Clean(iss), Clean(sub), Clean(client), Clean(patient));
         let (object, reason) = (Clean(object), Clean(reason));
+        let cert = Clean(self.client_cert.as_deref().unwrap_or("-"));
         let (channel, session, operation) = (self.channel.as_str(), self.id, op.name());
         match outcome {
             Outcome::Allowed => tracing::info!(
                 target: "pacsgate::audit", channel, session, iss = ?iss, sub = ?sub, client_id = ?client,
-                patient = ?patient, token, operation, object = ?object, outcome = outcome.as_str(), reason = ?reason
+                client_cert = ?cert, patient = ?patient, token, operation, object = ?object,
+                outcome = outcome.as_str(), reason = ?reason
             ),
             Outcome::Denied | Outcome::Anomaly => tracing::warn!(
                 target: "pacsgate::audit", channel, session, iss = ?iss, sub = ?sub, client_id = ?client,
-                patient = ?patient, token, operation, object = ?object, outcome = outcome.as_str(), reason = ?reason
+                client_cert = ?cert, patient = ?patient, token, operation, object = ?object,
+                outcome = outcome.as_str(), reason = ?reason
             ),
         }
     }

@@ -60,13 +60,21 @@ pub struct Config {
     pub patients: Patients,
     pub policy: Policy,
     pub destinations: Vec<Destination>,
+    /// The gateway's server identity for its TLS listeners (`[tls]`).
+    pub tls: Option<crate::tls::ServerIdentity>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Gateway {
     pub ae_title: String,
-    pub dimse_listen: SocketAddr,
+    /// At least one of the DIMSE listeners is set.
+    pub dimse_listen: Option<SocketAddr>,
+    /// DICOM TLS (PS3.15 Annex B).
+    pub dimse_tls_listen: Option<SocketAddr>,
     pub http_listen: Option<SocketAddr>,
+    pub https_listen: Option<SocketAddr>,
+    /// Plaintext listeners on addresses other than loopback are errors, not warnings.
+    pub require_tls: bool,
     pub public_url: String,
     /// Token `aud` values accepted.
     pub audiences: Vec<String>,
@@ -243,6 +251,16 @@ struct RawFile {
     policy: Option<RawPolicy>,
     #[serde(default)]
     destinations: Vec<RawDestination>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    client_ca_file: Option<String>,
+    client_auth: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -250,7 +268,10 @@ struct RawFile {
 struct RawGateway {
     ae_title: Option<String>,
     dimse_listen: Option<String>,
+    dimse_tls_listen: Option<String>,
     http_listen: Option<String>,
+    https_listen: Option<String>,
+    require_tls: Option<bool>,
     public_url: Option<String>,
     audiences: Option<Vec<String>>,
     require_called_ae_title: Option<bool>,
@@ -521,28 +542,39 @@ impl Config {
         let g = raw.gateway.unwrap_or_default();
         let ae_title = c.required("gateway.ae_title", g.ae_title, "\"PACSGATE\"");
         c.ae_title("gateway.ae_title", &ae_title);
-        let dimse_listen_s = c.required(
-            "gateway.dimse_listen",
-            g.dimse_listen,
-            "\"127.0.0.1:11112\"",
-        );
-        let dimse_listen = if dimse_listen_s.is_empty() {
-            None
-        } else {
-            c.socket_addr("gateway.dimse_listen", &dimse_listen_s)
+        let dimse_tls_listen = g
+            .dimse_tls_listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("gateway.dimse_tls_listen", s));
+        // A DICOM TLS listener alone serves DIMSE; without one the plaintext listener is needed.
+        let dimse_listen = match (g.dimse_listen, &g.dimse_tls_listen) {
+            (None, Some(_)) => None,
+            (v, _) => {
+                let v = c.required("gateway.dimse_listen", v, "\"127.0.0.1:11112\"");
+                if v.is_empty() {
+                    None
+                } else {
+                    c.socket_addr("gateway.dimse_listen", &v)
+                }
+            }
         };
         let http_listen = g
             .http_listen
             .as_deref()
             .and_then(|s| c.socket_addr("gateway.http_listen", s));
+        let https_listen = g
+            .https_listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("gateway.https_listen", s));
         let public_url = match g.public_url {
             Some(u) => {
                 c.http_url("gateway.public_url", &u);
                 u.trim_end_matches('/').to_string()
             }
-            None => match http_listen {
-                Some(a) => format!("http://{a}"),
-                None => {
+            None => match (https_listen, http_listen) {
+                (Some(a), _) => format!("https://{a}"),
+                (None, Some(a)) => format!("http://{a}"),
+                (None, None) => {
                     c.problem(
                         "gateway.public_url",
                         "is missing; add it, e.g. public_url = \"http://127.0.0.1:8080\" (the URL clients use to reach the gateway; token audiences derive from it)",
@@ -1066,8 +1098,14 @@ impl Config {
         if let Some(a) = dimse_listen {
             listens.push(("gateway.dimse_listen", a));
         }
+        if let Some(a) = dimse_tls_listen {
+            listens.push(("gateway.dimse_tls_listen", a));
+        }
         if let Some(a) = http_listen {
             listens.push(("gateway.http_listen", a));
+        }
+        if let Some(a) = https_listen {
+            listens.push(("gateway.https_listen", a));
         }
         if let Some(a) = receive_listen {
             listens.push(("pacs.receive_listen", a));
@@ -1086,20 +1124,49 @@ impl Config {
             }
         }
 
+        // [tls]: needed by every TLS listener, and loaded here so that a file that does not
+        // load is found by check-config, not at the first handshake.
+        let tls_listeners: Vec<&str> = [
+            ("gateway.dimse_tls_listen", dimse_tls_listen.is_some()),
+            ("gateway.https_listen", https_listen.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect();
+        let tls = match raw.tls {
+            Some(t) => tls_identity(&mut c, t, &resolve),
+            None => {
+                if let Some(first) = tls_listeners.first() {
+                    c.problem(
+                        "tls.cert_file",
+                        format!("is missing; {first} needs the gateway's certificate: add [tls] with cert_file and key_file (PEM)"),
+                    );
+                }
+                None
+            }
+        };
+        let require_tls = g.require_tls.unwrap_or(false);
+        if require_tls {
+            for (key, addr) in plaintext_exposed(dimse_listen, http_listen) {
+                c.problem(
+                    key,
+                    format!("{addr} is a plaintext listener on an address other than loopback, and gateway.require_tls is set: tokens would cross the network in clear; serve it over TLS instead (gateway.dimse_tls_listen, gateway.https_listen), bind it to 127.0.0.1, or remove it"),
+                );
+            }
+        }
+
         if !c.problems.is_empty() {
             return Err(c.problems);
         }
-        let Some(dimse_listen) = dimse_listen else {
-            return Err(vec![Problem {
-                key: "gateway.dimse_listen".into(),
-                message: "is missing".into(),
-            }]);
-        };
         Ok(Config {
             gateway: Gateway {
                 ae_title,
                 dimse_listen,
+                dimse_tls_listen,
                 http_listen,
+                https_listen,
+                require_tls,
                 public_url,
                 audiences,
                 require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
@@ -1123,7 +1190,84 @@ impl Config {
             },
             policy,
             destinations,
+            tls,
         })
+    }
+
+    /// What is allowed but unwise: plaintext listeners where tokens would cross a network.
+    /// `check-config` prints them and `serve` logs them; `gateway.require_tls` makes them
+    /// errors.
+    pub fn warnings(&self) -> Vec<Problem> {
+        plaintext_exposed(self.gateway.dimse_listen, self.gateway.http_listen)
+            .into_iter()
+            .map(|(key, addr)| Problem {
+                key: key.into(),
+                message: format!("{addr} is a plaintext listener on an address other than loopback: tokens (and images) would cross the network in clear; prefer its TLS counterpart (dimse_tls_listen, https_listen), or set gateway.require_tls = true to refuse this"),
+            })
+            .collect()
+    }
+}
+
+/// The plaintext listeners bound to an address other than loopback.
+fn plaintext_exposed(
+    dimse: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+) -> Vec<(&'static str, SocketAddr)> {
+    [
+        ("gateway.dimse_listen", dimse),
+        ("gateway.http_listen", http),
+    ]
+    .into_iter()
+    .filter_map(|(k, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (k, a)))
+    .collect()
+}
+
+/// Checks `[tls]` and loads it once, so that every file problem is named by its key.
+fn tls_identity(
+    c: &mut Checker,
+    t: RawTls,
+    resolve: &dyn Fn(&str) -> String,
+) -> Option<crate::tls::ServerIdentity> {
+    use crate::tls::ClientAuth;
+    let cert = c.required("tls.cert_file", t.cert_file, "\"gateway-cert.pem\"");
+    let key = c.required("tls.key_file", t.key_file, "\"gateway-key.pem\"");
+    let client_auth = match (t.client_auth.as_deref(), &t.client_ca_file) {
+        (None, None) | (Some("none"), _) => ClientAuth::None,
+        (None, Some(_)) | (Some("required"), _) => ClientAuth::Required,
+        (Some("optional"), _) => ClientAuth::Optional,
+        (Some(other), _) => {
+            c.problem(
+                "tls.client_auth",
+                format!("\"{other}\" is not one of \"none\", \"optional\", \"required\""),
+            );
+            ClientAuth::None
+        }
+    };
+    if client_auth != ClientAuth::None && t.client_ca_file.is_none() {
+        c.problem(
+            "tls.client_ca_file",
+            "is missing; tls.client_auth asks for client certificates, so name the CA that signs them, e.g. client_ca_file = \"clients-ca.pem\"",
+        );
+    }
+    if cert.is_empty() || key.is_empty() {
+        return None;
+    }
+    let identity = crate::tls::ServerIdentity {
+        cert_file: resolve(&cert),
+        key_file: resolve(&key),
+        client_ca_file: t.client_ca_file.as_deref().map(resolve),
+        client_auth,
+    };
+    match crate::tls::ServerTls::load(&identity) {
+        Ok(_) => Some(identity),
+        Err(crate::tls::TlsError::File { key, path, why }) => {
+            c.problem(format!("tls.{key}"), format!("{path} {why}"));
+            None
+        }
+        Err(e) => {
+            c.problem("tls.cert_file", e.to_string());
+            None
+        }
     }
 }
 

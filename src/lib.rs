@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod pacs;
 pub mod policy;
 pub mod server;
+pub mod tls;
 pub mod trust;
 pub mod web;

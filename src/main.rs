@@ -124,14 +124,27 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
+                let g = &c.gateway;
+                let listeners: Vec<String> = [
+                    ("DIMSE", g.dimse_listen),
+                    ("DICOM TLS", g.dimse_tls_listen),
+                    ("HTTP", g.http_listen),
+                    ("HTTPS", g.https_listen),
+                ]
+                .iter()
+                .filter_map(|(what, a)| a.map(|a| format!("{what} on {a}")))
+                .collect();
                 println!(
-                    "{}: valid ({} issuer(s), PACS {} at {}, DIMSE on {})",
+                    "{}: valid ({} issuer(s), PACS {} at {}, {})",
                     config.display(),
                     c.issuers.len(),
                     c.pacs.ae_title,
                     c.pacs.address,
-                    c.gateway.dimse_listen
+                    listeners.join(", ")
                 );
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -50,6 +50,12 @@ struct Metrics {
     associations_rejected: Family<ReasonLabels, Counter>,
     associations_active: Gauge,
     http_responses: Family<StatusLabels, Counter>,
+    tls_handshakes_failed: Family<ListenerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -62,6 +68,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         associations_rejected: Family::default(),
         associations_active: Gauge::default(),
         http_responses: Family::default(),
+        tls_handshakes_failed: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -99,6 +106,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "HTTP responses, by status class",
         m.http_responses.clone(),
     );
+    registry.register(
+        "tls_handshakes_failed",
+        "TLS handshakes that failed or timed out (no certificate, an untrusted one, a legacy protocol, silence), by listener (dimse, https)",
+        m.tls_handshakes_failed.clone(),
+    );
     Metrics { registry, ..m }
 });
 
@@ -111,6 +123,14 @@ pub(crate) fn audit_record(channel: &'static str, operation: &'static str, outco
             operation,
             outcome,
         })
+        .inc();
+}
+
+/// One TLS handshake that did not complete, on the `dimse` or `https` listener.
+pub(crate) fn tls_handshake_failed(listener: &'static str) {
+    METRICS
+        .tls_handshakes_failed
+        .get_or_create(&ListenerLabels { listener })
         .inc();
 }
 

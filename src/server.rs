@@ -34,33 +34,52 @@ async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     })
 }
 
-/// Runs the gateway until SIGINT or SIGTERM.
+/// Binds an optional listener; a failure is added to `problems`.
+async fn bind_opt(
+    key: &str,
+    addr: Option<SocketAddr>,
+    problems: &mut Vec<String>,
+) -> Option<TcpListener> {
+    match bind(key, addr?).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            problems.push(e);
+            None
+        }
+    }
+}
+
+/// Runs the gateway until SIGINT or SIGTERM; SIGHUP re-reads the TLS certificate and key.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
+    let g = &cfg.gateway;
     let mut problems = Vec::new();
-    let dimse_l = bind("gateway.dimse_listen", cfg.gateway.dimse_listen)
-        .await
-        .map_err(|e| problems.push(e))
-        .ok();
-    let http_l = match cfg.gateway.http_listen {
-        Some(a) => bind("gateway.http_listen", a)
-            .await
-            .map_err(|e| problems.push(e))
-            .ok(),
-        None => None,
-    };
-    let receive_l = match cfg.pacs.receive_listen {
-        Some(a) => bind("pacs.receive_listen", a)
-            .await
-            .map_err(|e| problems.push(e))
-            .ok(),
-        None => None,
-    };
+    let dimse_l = bind_opt("gateway.dimse_listen", g.dimse_listen, &mut problems).await;
+    let dimse_tls_l = bind_opt(
+        "gateway.dimse_tls_listen",
+        g.dimse_tls_listen,
+        &mut problems,
+    )
+    .await;
+    let http_l = bind_opt("gateway.http_listen", g.http_listen, &mut problems).await;
+    let https_l = bind_opt("gateway.https_listen", g.https_listen, &mut problems).await;
+    let receive_l = bind_opt(
+        "pacs.receive_listen",
+        cfg.pacs.receive_listen,
+        &mut problems,
+    )
+    .await;
     if !problems.is_empty() {
         anyhow::bail!("cannot start:\n  - {}", problems.join("\n  - "));
     }
-    let Some(dimse_l) = dimse_l else {
-        anyhow::bail!("cannot start: gateway.dimse_listen is not bound");
+    for w in cfg.warnings() {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    let tls = match &cfg.tls {
+        Some(id) => Some(Arc::new(
+            crate::tls::ServerTls::load(id).map_err(|e| anyhow::anyhow!("cannot start: {e}"))?,
+        )),
+        None => None,
     };
     let trust = TrustCore::new(&cfg)?;
     // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
@@ -71,42 +90,60 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
     let web = crate::web::WebCtx::new(cfg.clone(), trust, policy)?;
-    tracing::info!(addr = %dimse_l.local_addr()?, ae_title = %cfg.gateway.ae_title, "DIMSE front end listening");
-    let receive_task = match receive_l {
-        Some(l) => {
-            tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening");
-            Some(tokio::spawn(dimse::receiver::serve(
+    let mut tasks = Vec::new();
+    if let Some(l) = receive_l {
+        tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening");
+        tasks.push(tokio::spawn(dimse::receiver::serve(
+            l,
+            ctx.clone(),
+            stop_rx.clone(),
+            DRAIN,
+        )));
+    }
+    if let Some(l) = dimse_l {
+        tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "DIMSE front end listening");
+        tasks.push(tokio::spawn(dimse::serve(
+            l,
+            ctx.clone(),
+            stop_rx.clone(),
+            DRAIN,
+        )));
+    }
+    if let (Some(l), Some(tls)) = (dimse_tls_l, &tls) {
+        tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "DICOM TLS front end listening");
+        tasks.push(tokio::spawn(dimse::serve_tls(
+            l,
+            ctx.clone(),
+            tls.clone(),
+            stop_rx.clone(),
+            DRAIN,
+        )));
+    }
+    let cap = http_connection_cap(&cfg);
+    let mut http_tasks = Vec::new();
+    for (l, tls, what) in [
+        (http_l, None, "HTTP front end listening"),
+        (https_l, tls.clone(), "HTTPS front end listening"),
+    ] {
+        if let Some(l) = l {
+            tracing::info!(addr = %l.local_addr()?, "{what}");
+            http_tasks.push(tokio::spawn(crate::web::serve(
                 l,
-                ctx.clone(),
-                stop_rx.clone(),
-                DRAIN,
-            )))
-        }
-        None => None,
-    };
-    let dimse_task = tokio::spawn(dimse::serve(dimse_l, ctx, stop_rx.clone(), DRAIN));
-    let http_task = match http_l {
-        Some(l) => {
-            tracing::info!(addr = %l.local_addr()?, "HTTP front end listening");
-            let cap = http_connection_cap(&cfg);
-            Some(tokio::spawn(crate::web::serve(
-                l,
-                web,
+                web.clone(),
                 stop_rx.clone(),
                 cap,
-            )))
+                tls,
+            )));
         }
-        None => None,
-    };
+    }
 
-    wait_for_signal().await;
+    wait_for_signal(tls.as_deref()).await;
     tracing::info!("stop requested; draining");
     let _ = stop_tx.send(true);
-    let _ = dimse_task.await;
-    if let Some(t) = receive_task {
+    for t in tasks {
         let _ = t.await;
     }
-    if let Some(t) = http_task {
+    for t in http_tasks {
         let _ = tokio::time::timeout(DRAIN, t).await;
     }
     tracing::info!("stopped");
@@ -170,24 +207,34 @@ fn http_connection_cap(cfg: &Config) -> usize {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM. Meanwhile each SIGHUP re-reads the TLS files: new connections
+/// get the new identity, running ones keep theirs, and files that do not load change nothing.
+async fn wait_for_signal(tls: Option<&crate::tls::ServerTls>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => match tls.map(crate::tls::ServerTls::reload) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key re-read"),
+                    Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays"),
+                    None => tracing::info!("SIGHUP: nothing to re-read (no [tls])"),
+                },
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = tls;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

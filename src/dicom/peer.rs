@@ -11,9 +11,10 @@ use super::pdu::{PduError, write_pdu};
 use bytes::BytesMut;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
 use std::collections::VecDeque;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The read buffer's starting size; it grows to one PDU at most.
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -112,16 +113,79 @@ impl From<PduError> for Gone {
     }
 }
 
+/// The connection under a peer: TCP, or TLS over TCP (DICOM TLS, PS3.15 Annex B).
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream::Plain(s)
+    }
+}
+
+impl Stream {
+    /// The subject of the certificate the other end presented and the handshake verified.
+    pub fn peer_subject(&self) -> Option<String> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => crate::tls::subject_of(s.get_ref().1.peer_certificates()),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// One established peer of a relayed association.
 pub struct Peer {
     pub name: &'static str,
-    reader: OwnedReadHalf,
+    reader: ReadHalf,
     /// Bytes read but not yet framed; never more than one PDU (`read_max` + header) plus one read.
     buf: BytesMut,
     read_max: u32,
     /// Set once the connection failed; every later read reports it again.
     failed: Option<Gone>,
-    writer: OwnedWriteHalf,
+    writer: WriteHalf,
     /// Encoded PDUs not yet written: messages are batched while more input is already at hand,
     /// so a burst of responses costs one write (and one wake-up of the peer), not one each.
     out: Vec<u8>,
@@ -136,8 +200,23 @@ pub(crate) const MAX_BATCH: usize = 64 * 1024;
 
 impl Peer {
     /// Takes over an established connection; `read_max` is the largest PDU accepted from it.
-    pub fn new(name: &'static str, stream: TcpStream, read_max: u32, peer_max: u32) -> Peer {
-        let (reader, writer) = stream.into_split();
+    pub fn new(
+        name: &'static str,
+        stream: impl Into<Stream>,
+        read_max: u32,
+        peer_max: u32,
+    ) -> Peer {
+        // TCP splits without a lock between the halves; TLS shares one session state.
+        let (reader, writer): (ReadHalf, WriteHalf) = match stream.into() {
+            Stream::Plain(t) => {
+                let (r, w) = t.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Stream::Tls(t) => {
+                let (r, w) = tokio::io::split(*t);
+                (Box::new(r), Box::new(w))
+            }
+        };
         Peer {
             name,
             reader,

@@ -38,6 +38,8 @@ pub(crate) struct Association {
     /// Who the token says the caller is, prepared by the policy core; every operation is
     /// decided for it.
     pub caller: Caller,
+    /// The subject of the client certificate the TLS handshake verified, if any.
+    pub client_cert: Option<Arc<str>>,
     /// The presentation contexts accepted on both legs, by id.
     pub contexts: HashMap<u8, AcceptedContext>,
     pub ctx: Arc<Ctx>,
@@ -123,6 +125,7 @@ impl Association {
     /// Where this association's decisions are recorded.
     pub(crate) fn trail(&self) -> Trail<'_> {
         Trail::new(Channel::Dimse, self.id, Some(self.caller.principal()))
+            .with_client_cert(self.client_cert.clone())
     }
 
     /// Reads and drops the data set of a request that is refused before it is looked at.

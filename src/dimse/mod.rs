@@ -23,6 +23,7 @@ pub(crate) mod store;
 use crate::config::Config;
 use crate::dicom::negotiation::{Refusal, reject};
 use crate::dicom::pdu::{read_pdu, write_pdu};
+use crate::dicom::peer::Stream;
 use crate::policy::Policy;
 use crate::trust::TrustCore;
 use dicom_ul::pdu::{AssociationRQ, Pdu};
@@ -31,7 +32,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// What every association shares.
@@ -79,7 +81,48 @@ pub async fn serve(
         shutdown,
         grace,
         move |stream, addr, pending, stop| {
-            session::handle(stream, addr, pending, stop, ctx.clone())
+            session::handle(stream.into(), addr, pending, stop, ctx.clone())
+        },
+    )
+    .await
+}
+
+/// The same over DICOM TLS (PS3.15 Annex B): the handshake completes within the request
+/// deadline while the connection holds only its pending claim; a client that does not
+/// complete it, or whose certificate does not verify, gets nothing.
+pub async fn serve_tls(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    tls: Arc<crate::tls::ServerTls>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let admission = ctx.admission.clone();
+    listener::serve(
+        "dimse-tls",
+        listener,
+        admission,
+        shutdown,
+        grace,
+        move |stream, addr, pending, stop| {
+            let (ctx, acceptor) = (ctx.clone(), tls.dicom());
+            async move {
+                let wait = ctx.cfg.limits.association_request_timeout;
+                match tokio::time::timeout(wait, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let s = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
+                        session::handle(s, addr, pending, stop, ctx).await
+                    }
+                    Ok(Err(e)) => {
+                        crate::metrics::tls_handshake_failed("dimse");
+                        tracing::info!(%addr, reason = %e, "DICOM TLS handshake failed; closed")
+                    }
+                    Err(_) => {
+                        crate::metrics::tls_handshake_failed("dimse");
+                        tracing::info!(%addr, "DICOM TLS handshake not done within {wait:?}; closed")
+                    }
+                }
+            }
         },
     )
     .await
@@ -88,7 +131,7 @@ pub async fn serve(
 /// Sends an A-ASSOCIATE-RJ, then waits (at most 2 s, like the ARTIM timer of PS3.8 state
 /// Sta13) for the requestor to close the connection first, so the rejection is read before any
 /// close or reset reaches it.
-pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
+pub(crate) async fn send_reject<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, r: Refusal) {
     crate::metrics::association_rejected(r.name());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = write_pdu(stream, &Pdu::AssociationRJ(reject(r))).await;
@@ -104,8 +147,8 @@ pub(crate) async fn send_reject(stream: &mut TcpStream, r: Refusal) {
 
 /// Reads the A-ASSOCIATE-RQ of a new connection within the request deadline (the connection
 /// holds only its pending claim meanwhile). `None`: nothing valid came; the connection is done.
-pub(crate) async fn read_request(
-    stream: &mut TcpStream,
+pub(crate) async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     addr: SocketAddr,
     id: u64,
     limits: &crate::config::Limits,

@@ -18,7 +18,7 @@ use crate::dicom::message::Event;
 use crate::dicom::negotiation::{self as assoc, Refusal};
 use crate::dicom::pdu::{PDU_SLACK, write_pdu};
 use crate::dicom::peer::Incoming;
-use crate::dicom::peer::Peer;
+use crate::dicom::peer::{Peer, Stream};
 use crate::logtext::Clean;
 use crate::policy::Action;
 use dicom_ul::pdu::AssociationRQ;
@@ -26,7 +26,6 @@ use dicom_ul::pdu::Pdu;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::net::TcpStream;
 
 pub(crate) struct Session {
     pub assoc: Association,
@@ -248,7 +247,7 @@ async fn wrong_sop_class(a: &mut Association, pc_id: u8, cmd: Command) -> Flow {
 
 /// Negotiates one association and, if it is accepted, runs it to its end.
 pub(crate) async fn handle(
-    mut stream: TcpStream,
+    mut stream: Stream,
     addr: SocketAddr,
     pending: Pending,
     stop: Stop,
@@ -274,13 +273,15 @@ pub(crate) async fn handle(
 /// Checks the request, the token and the policy, opens the PACS association, and answers the
 /// client. `None` when the association was refused (the client has been answered).
 async fn negotiate(
-    mut stream: TcpStream,
+    mut stream: Stream,
     id: u64,
     rq: &AssociationRQ,
     stop: Stop,
     ctx: &Arc<Ctx>,
 ) -> Option<Session> {
     let cfg = &ctx.cfg;
+    let client_cert: Option<Arc<str>> = stream.peer_subject().map(Arc::from);
+    let cert = || client_cert.clone();
     if cfg.gateway.require_called_ae_title
         && rq.called_ae_title.trim() != cfg.gateway.ae_title.trim()
     {
@@ -300,12 +301,9 @@ async fn negotiate(
     let identity = match assoc::presented_identity(rq) {
         Ok(i) => i,
         Err(e) => {
-            Trail::new(Channel::Dimse, id, None).record(
-                Operation::Associate,
-                "",
-                Outcome::Denied,
-                &e.to_string(),
-            );
+            Trail::new(Channel::Dimse, id, None)
+                .with_client_cert(cert())
+                .record(Operation::Associate, "", Outcome::Denied, &e.to_string());
             send_reject(&mut stream, Refusal::Identity).await;
             return None;
         }
@@ -318,12 +316,14 @@ async fn negotiate(
     let principal = match verified {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            Trail::new(Channel::Dimse, id, None).record(
-                Operation::Associate,
-                "",
-                Outcome::Denied,
-                &format!("token refused: {e}"),
-            );
+            Trail::new(Channel::Dimse, id, None)
+                .with_client_cert(cert())
+                .record(
+                    Operation::Associate,
+                    "",
+                    Outcome::Denied,
+                    &format!("token refused: {e}"),
+                );
             let refusal = if e.is_transient() {
                 Refusal::Unavailable
             } else {
@@ -333,24 +333,23 @@ async fn negotiate(
             return None;
         }
         Err(_) => {
-            Trail::new(Channel::Dimse, id, None).record(
-                Operation::Associate,
-                "",
-                Outcome::Denied,
-                "token verification timed out",
-            );
+            Trail::new(Channel::Dimse, id, None)
+                .with_client_cert(cert())
+                .record(
+                    Operation::Associate,
+                    "",
+                    Outcome::Denied,
+                    "token verification timed out",
+                );
             send_reject(&mut stream, Refusal::Unavailable).await;
             return None;
         }
     };
     let caller = ctx.policy.caller(principal).await;
     if let Err(d) = ctx.policy.decide(&caller, Action::Connect).await {
-        Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
-            Operation::Associate,
-            "",
-            Outcome::Denied,
-            &d.to_string(),
-        );
+        Trail::new(Channel::Dimse, id, Some(caller.principal()))
+            .with_client_cert(cert())
+            .record(Operation::Associate, "", Outcome::Denied, &d.to_string());
         send_reject(&mut stream, Refusal::Identity).await;
         return None;
     }
@@ -382,12 +381,14 @@ async fn negotiate(
         pacs.abort().await;
         return None;
     }
-    Trail::new(Channel::Dimse, id, Some(caller.principal())).record(
-        Operation::Associate,
-        "",
-        Outcome::Allowed,
-        &format!("{} presentation context(s) accepted", contexts.len()),
-    );
+    Trail::new(Channel::Dimse, id, Some(caller.principal()))
+        .with_client_cert(cert())
+        .record(
+            Operation::Associate,
+            "",
+            Outcome::Allowed,
+            &format!("{} presentation context(s) accepted", contexts.len()),
+        );
     let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
     Some(Session {
         assoc: Association {
@@ -397,6 +398,7 @@ async fn negotiate(
             pacs,
             upstream_rq: up_rq,
             caller,
+            client_cert,
             contexts,
             ctx: ctx.clone(),
         },

@@ -149,6 +149,7 @@ pub async fn serve(
     router: Router,
     bounds: Bounds,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections));
     let reserve = Arc::new(Semaphore::new(MONITOR_RESERVE));
@@ -190,9 +191,10 @@ pub async fn serve(
                 let router = router.clone();
                 let stop = shutdown.clone();
                 let b = bounds.clone();
+                let tls = tls.clone();
                 tasks.spawn(async move {
                     let _held = (slot, claim);
-                    connection(stream, addr, router, b, stop).await;
+                    connection(stream, addr, router, b, stop, tls).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -207,57 +209,150 @@ pub async fn serve(
     tasks.abort_all();
 }
 
+/// The subject of the client certificate an HTTPS connection's handshake verified, put into
+/// every request's extensions (for the audit trail).
+#[derive(Clone, Debug)]
+pub(crate) struct ClientCert(pub Arc<str>);
+
 async fn connection(
     stream: tokio::net::TcpStream,
     addr: SocketAddr,
     router: Router,
     bounds: Bounds,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
     let last = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
-    let io = TokioIo::new(Watched {
+    let io = Watched {
         inner: stream,
         epoch,
         last: last.clone(),
-    });
+    };
+    let watch = Idle { epoch, last };
+    let Some(tls) = tls else {
+        return serve_connection(io, false, None, addr, router, bounds, stop, watch).await;
+    };
+    // The handshake is bounded like a request head: a silent or slow client holds its slot
+    // no longer than that.
+    match tokio::time::timeout(bounds.header_timeout, tls.https().accept(io)).await {
+        Ok(Ok(s)) => {
+            let (_, session) = s.get_ref();
+            let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
+            let cert = crate::tls::subject_of(session.peer_certificates()).map(Arc::<str>::from);
+            serve_connection(s, h2, cert, addr, router, bounds, stop, watch).await
+        }
+        Ok(Err(e)) => {
+            crate::metrics::tls_handshake_failed("https");
+            tracing::debug!(%addr, reason = %e, "TLS handshake failed; closed");
+        }
+        Err(_) => {
+            crate::metrics::tls_handshake_failed("https");
+            tracing::debug!(%addr, "TLS handshake not done in time; closed");
+        }
+    }
+}
+
+/// When a connection last moved a byte.
+struct Idle {
+    epoch: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl Idle {
+    fn for_how_long(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// Drives one connection (HTTP/1.1, or HTTP/2 when ALPN chose it) until it ends: closed when
+/// it has moved no byte for the idle time and no request runs, and gracefully on stop.
+macro_rules! drive {
+    ($conn:expr, $addr:expr, $bounds:expr, $stop:expr, $idle:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        let check =
+            ($bounds.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(addr = %$addr, error = %e, "HTTP connection ended with an error");
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(check), if !closing => {
+                    if $idle.for_how_long() >= $bounds.idle_timeout {
+                        // Closes at once when no request is running; a running one finishes.
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+                _ = $stop.changed(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }};
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<I>(
+    io: I,
+    h2: bool,
+    cert: Option<Arc<str>>,
+    addr: SocketAddr,
+    router: Router,
+    bounds: Bounds,
+    mut stop: watch::Receiver<bool>,
+    idle: Idle,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(addr));
+            if let Some(c) = &cert {
+                req.extensions_mut().insert(ClientCert(c.clone()));
+            }
             let mut router = router.clone();
             async move {
                 tower_service::Service::call(&mut router, req.map(axum::body::Body::new)).await
             }
         });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(bounds.header_timeout)
-        .max_header_size(bounds.max_header_bytes);
-    let conn = builder.serve_connection(io, service);
-    let mut conn = std::pin::pin!(conn);
-    let check = (bounds.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%addr, error = %e, "HTTP connection ended with an error");
-                }
-                return;
-            }
-            _ = tokio::time::sleep(check), if !closing => {
-                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if idle >= bounds.idle_timeout {
-                    // Closes at once when no request is running; a running one finishes.
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-            _ = stop.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-        }
+    if h2 {
+        let mut builder =
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(bounds.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_STREAMS);
+        drive!(
+            builder.serve_connection(io, service),
+            addr,
+            bounds,
+            stop,
+            idle
+        )
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(bounds.header_timeout)
+            .max_header_size(bounds.max_header_bytes);
+        drive!(
+            builder.serve_connection(io, service),
+            addr,
+            bounds,
+            stop,
+            idle
+        )
     }
 }
+
+/// Requests at once on one HTTP/2 connection (the gateway's request slots bound them all).
+const MAX_STREAMS: u32 = 128;

@@ -32,27 +32,41 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
+/// What the audit trail says of the request being handled, whatever handler records.
+#[derive(Clone)]
+struct RequestScope {
+    /// Also the X-Request-Id header.
+    id: u64,
+    /// The subject of the client certificate its connection's TLS handshake verified.
+    client_cert: Option<Arc<str>>,
+}
+
 tokio::task_local! {
-    /// The id of the request being handled, for the audit trail (and the X-Request-Id header).
-    static REQUEST_ID: u64;
+    static REQUEST: RequestScope;
 }
 
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The id of the request this task is handling (0 outside a request).
 pub(crate) fn request_id() -> u64 {
-    REQUEST_ID.try_with(|v| *v).unwrap_or(0)
+    REQUEST.try_with(|r| r.id).unwrap_or(0)
 }
 
 /// Where the running request's decisions are recorded.
 pub(crate) fn trail(principal: Option<&crate::trust::Principal>) -> Trail<'_> {
-    Trail::new(Channel::Http, request_id(), principal)
+    let cert = REQUEST.try_with(|r| r.client_cert.clone()).ok().flatten();
+    Trail::new(Channel::Http, request_id(), principal).with_client_cert(cert)
 }
 
 /// Gives every request an id, visible in audit records and as `X-Request-Id`.
 async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response {
     let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut r = REQUEST_ID.scope(id, next.run(req)).await;
+    let client_cert = req
+        .extensions()
+        .get::<listener::ClientCert>()
+        .map(|c| c.0.clone());
+    let scope = RequestScope { id, client_cert };
+    let mut r = REQUEST.scope(scope, next.run(req)).await;
     crate::metrics::http_response(r.status().as_u16());
     if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
         r.headers_mut().insert("x-request-id", v);
@@ -280,11 +294,14 @@ pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
 }
 
 /// Serves HTTP until `shutdown` turns true, under the listener's bounds ([`listener`]).
+/// Serves the HTTP front end on `listener`, over TLS (HTTPS, with HTTP/2 by ALPN) when `tls`
+/// is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<WebCtx>,
     shutdown: watch::Receiver<bool>,
     max_connections: usize,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> std::io::Result<()> {
     let l = &ctx.cfg.limits;
     let bounds = listener::Bounds {
@@ -296,6 +313,6 @@ pub async fn serve(
         drain: Duration::from_secs(20),
         monitors: ctx.cfg.gateway.metrics_clients.clone(),
     };
-    listener::serve(listener, router(ctx.clone()), bounds, shutdown).await;
+    listener::serve(listener, router(ctx.clone()), bounds, shutdown, tls).await;
     Ok(())
 }

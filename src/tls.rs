@@ -1,0 +1,207 @@
+//! TLS for the gateway's listeners: its server identity (certificate chain and key, and the CA
+//! whose client certificates it accepts) as rustls configurations for DICOM TLS and HTTPS,
+//! re-read on demand (SIGHUP) without touching connections already running, and the name of a
+//! verified client certificate for the audit trail.
+//!
+//! Owns: the TLS profile (BCP 195 as PS3.15 Annex B.9 asks: TLS 1.2 and 1.3 only, and rustls's
+//! suites, every one an AEAD with forward secrecy), loading the PEM files and saying what is
+//! wrong with them. Must not know DICOM, HTTP or policy.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::sync::{Arc, RwLock};
+use tokio_rustls::TlsAcceptor;
+
+/// Whether clients must present a certificate the configured CA signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAuth {
+    /// No certificate is asked for.
+    #[default]
+    None,
+    /// One is asked for; a client without one gets in, one with a certificate the CA did not
+    /// sign does not.
+    Optional,
+    /// A client without a certificate the CA signed gets nothing.
+    Required,
+}
+
+/// The `[tls]` section: the gateway's server identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: Option<String>,
+    pub client_auth: ClientAuth,
+}
+
+/// What is wrong with a TLS file or the identity it makes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls.{key}: {path}: {why}")]
+    File {
+        key: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("tls: {0}")]
+    Identity(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file = |why: String| TlsError::File {
+        key,
+        path: path.to_string(),
+        why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file(format!("cannot be read ({e})")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file(format!("is not PEM certificates ({e})")))?;
+    if certs.is_empty() {
+        return Err(file(
+            "holds no certificate (PEM \"BEGIN CERTIFICATE\")".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File {
+        key: "key_file",
+        path: path.to_string(),
+        why: format!("holds no PEM private key (PKCS#8, RSA or EC) ({e})"),
+    })
+}
+
+/// Builds one server configuration from the files as they are now.
+fn server_config(id: &ServerIdentity, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+    let chain = certificates("cert_file", &id.cert_file)?;
+    let key = private_key(&id.key_file)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let builder = match (&id.client_ca_file, id.client_auth) {
+        (Some(ca), auth) if auth != ClientAuth::None => {
+            let mut roots = RootCertStore::empty();
+            for c in certificates("client_ca_file", ca)? {
+                roots.add(c).map_err(|e| TlsError::File {
+                    key: "client_ca_file",
+                    path: ca.clone(),
+                    why: format!("holds a certificate that cannot be a trust anchor ({e})"),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let verifier = if auth == ClientAuth::Optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsError::Identity(format!("client_ca_file: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        TlsError::Identity(format!(
+            "cert_file and key_file do not make an identity ({e}); the key must be the certificate's"
+        ))
+    })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The gateway's server identity for every TLS listener, replaceable while it serves.
+pub struct ServerTls {
+    identity: ServerIdentity,
+    dicom: RwLock<Arc<ServerConfig>>,
+    https: RwLock<Arc<ServerConfig>>,
+}
+
+/// HTTPS offers HTTP/2 first: a browser fetching hundreds of frames then needs one connection,
+/// not six.
+const HTTPS_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+impl ServerTls {
+    pub fn load(identity: &ServerIdentity) -> Result<ServerTls, TlsError> {
+        Ok(ServerTls {
+            dicom: RwLock::new(Arc::new(server_config(identity, &[])?)),
+            https: RwLock::new(Arc::new(server_config(identity, HTTPS_ALPN)?)),
+            identity: identity.clone(),
+        })
+    }
+
+    /// Reads the files again. Connections already running keep the identity they began with;
+    /// new ones get the new one. A file that does not load changes nothing.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let dicom = Arc::new(server_config(&self.identity, &[])?);
+        let https = Arc::new(server_config(&self.identity, HTTPS_ALPN)?);
+        *self.dicom.write().unwrap_or_else(|e| e.into_inner()) = dicom;
+        *self.https.write().unwrap_or_else(|e| e.into_inner()) = https;
+        Ok(())
+    }
+
+    /// The acceptor for a new DICOM TLS connection.
+    pub fn dicom(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.dicom.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The acceptor for a new HTTPS connection.
+    pub fn https(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.https.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// The subject of a verified client certificate (the first of the chain), as RFC 4514 text:
+/// the name of the workstation beside its user's in the audit trail.
+pub fn subject_of(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let der = certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.subject().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_that_do_not_load_name_their_key_and_cause() {
+        let dir = std::env::temp_dir().join(format!("pacsgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").expect("write");
+        let junk = junk.to_string_lossy().into_owned();
+        let id = |cert: &str, key: &str| ServerIdentity {
+            cert_file: cert.to_string(),
+            key_file: key.to_string(),
+            client_ca_file: None,
+            client_auth: ClientAuth::None,
+        };
+        let missing = dir.join("missing.pem").to_string_lossy().into_owned();
+        match ServerTls::load(&id(&missing, &junk)) {
+            Err(TlsError::File { key, why, .. }) => {
+                assert_eq!(key, "cert_file");
+                assert!(why.contains("cannot be read"), "{why}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        match ServerTls::load(&id(&junk, &junk)) {
+            Err(TlsError::File { key, why, .. }) => {
+                assert_eq!(key, "cert_file");
+                assert!(why.contains("no certificate"), "{why}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
