@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the plain relays the benchmarks compare the gateway with, and only those missing:
+# Installs the plain relays the benchmarks compare the gateway with (and the TLS tests use),
+# and only those missing:
 # each argument is a Debian package whose command has the same name (nginx, haproxy, socat).
 # Debian's packages start their system service on install; the benchmarks run their own
 # relays on loopback, so a policy-rc.d that refuses service starts is in place during the

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 os.environ.setdefault("PACSGATE_BIN", str(ROOT / "target" / "release" / "pacsgate"))
 
 from conftest import Gateway, free_port, wait_tcp  # noqa: E402
+from nginx import Nginx  # noqa: E402,F401  (the benchmarks import it from here)
 
 EXAMPLES = ROOT / "target" / "release" / "examples"
 
@@ -72,50 +73,6 @@ backend pacs
 """
         )
         self.proc = _start(["haproxy", "-db", "-f", str(cfg)], d / "haproxy.log", self.port, "haproxy")
-
-
-class Nginx:
-    """nginx as a plain reverse proxy on loopback in front of 127.0.0.1:upstream_port (HTTP):
-    no authentication, proxy_buffering off, HTTP/1.1 keep-alive connections upstream, one
-    access log line per request (as the gateway writes one audit line)."""
-
-    def __init__(self, tmp: Path, upstream_port: int, name="nginx"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        d = tmp / name
-        d.mkdir()
-        temps = "\n".join(f"    {k}_temp_path {d / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        cfg = d / "nginx.conf"
-        cfg.write_text(
-            f"""worker_processes auto;
-daemon off;
-pid {d / 'nginx.pid'};
-error_log {d / 'error.log'} warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {d / 'access.log'};
-{temps}
-    upstream origin {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{self.port};
-        keepalive_requests 100000;
-        location / {{
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 600s;
-            proxy_send_timeout 600s;
-        }}
-    }}
-}}
-"""
-        )
-        self.proc = _start(["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(cfg)], d / "nginx.out", self.port, "nginx")
 
 
 class FastDimse:

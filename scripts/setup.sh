@@ -34,3 +34,7 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt "$stamp"; then
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
   cp tests/requirements.txt "$stamp"
 fi
+
+# The TLS tests put nginx in front of Orthanc's DICOMweb (as a hospital's TLS terminator would
+# be); its system service is kept from starting.
+bash scripts/bench-install.sh nginx

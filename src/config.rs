@@ -134,6 +134,34 @@ pub struct Pacs {
     pub calling_ae_title: String,
     pub receive_listen: Option<SocketAddr>,
     pub connect_timeout: Duration,
+    /// DICOM TLS toward `address` (`[pacs.tls]` with `dimse = true`).
+    pub dimse_tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
+    /// `[pacs.tls]`, when set.
+    pub tls: Option<PacsTls>,
+}
+
+impl Pacs {
+    /// Whether the PACS can deliver C-MOVE sub-operations to the gateway (a receiver listens,
+    /// in plaintext or over TLS).
+    pub fn receives(&self) -> bool {
+        self.receive_listen.is_some()
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.receive_tls_listen.is_some())
+    }
+}
+
+/// `[pacs.tls]`: how the gateway meets the PACS over TLS.
+#[derive(Debug, Clone)]
+pub struct PacsTls {
+    /// The PACS's trust anchor and the gateway's client identity toward it.
+    pub files: crate::tls::ClientFiles,
+    /// The C-MOVE receiver over TLS: the PACS must present a certificate `files.ca_file`
+    /// signed, which replaces the check of its address.
+    pub receive_tls_listen: Option<SocketAddr>,
+    /// For an `https://` `dicomweb_url` (HTTP/1.1 by ALPN).
+    pub http: std::sync::Arc<crate::tls::ClientTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +263,9 @@ pub struct Policy {
 pub struct Destination {
     pub ae_title: String,
     pub address: String,
+    /// DICOM TLS toward it (`tls = true`, with its `ca_file`; the gateway's client identity is
+    /// `[pacs.tls]`'s, when that has one).
+    pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
 }
 
 // ---- the raw file, as serde reads it ----
@@ -309,6 +340,18 @@ struct RawPacs {
     calling_ae_title: Option<String>,
     receive_listen: Option<String>,
     connect_timeout_secs: Option<f64>,
+    tls: Option<RawPacsTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPacsTls {
+    dimse: Option<bool>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    server_name: Option<String>,
+    receive_tls_listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -359,6 +402,8 @@ struct RawPolicy {
 struct RawDestination {
     ae_title: Option<String>,
     address: Option<String>,
+    tls: Option<bool>,
+    ca_file: Option<String>,
 }
 
 /// Collects problems while a configuration is checked.
@@ -765,6 +810,19 @@ impl Config {
             .and_then(|s| c.socket_addr("pacs.receive_listen", s));
         let connect_timeout =
             c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
+        let (pacs_tls, dimse_tls) = match pacs.tls {
+            Some(t) => pacs_tls(&mut c, t, &p_addr, &resolve),
+            None => (None, None),
+        };
+        if let Some(u) = pacs.dicomweb_url.as_deref()
+            && u.starts_with("https://")
+            && pacs_tls.is_none()
+        {
+            c.problem(
+                "pacs.tls.ca_file",
+                "is missing; pacs.dicomweb_url is https://, and the PACS's certificate is verified against its own CA only: add [pacs.tls] with ca_file",
+            );
+        }
 
         // [[issuers]]
         if raw.issuers.is_empty() {
@@ -1080,13 +1138,45 @@ impl Config {
             if !addr.is_empty() {
                 c.host_port(&akey, &addr);
             }
+            let tls = match (d.tls.unwrap_or(false), d.ca_file) {
+                (false, None) => None,
+                (false, Some(_)) => {
+                    c.problem(
+                        format!("destinations[{i}].ca_file"),
+                        "is set but tls is not; add tls = true, or remove ca_file",
+                    );
+                    None
+                }
+                (true, None) => {
+                    c.problem(format!("destinations[{i}].ca_file"), "is missing; with tls = true the destination's certificate is verified against its CA: add ca_file = \"destination-ca.pem\"");
+                    None
+                }
+                (true, Some(ca)) => {
+                    let identity = pacs_tls.as_ref().map(|t| &t.files);
+                    let files = crate::tls::ClientFiles {
+                        ca_file: resolve(&ca),
+                        cert_file: identity.and_then(|f| f.cert_file.clone()),
+                        key_file: identity.and_then(|f| f.key_file.clone()),
+                        alpn: Vec::new(),
+                    };
+                    match crate::tls::ClientTls::load(&files, crate::tls::host_of(&addr)) {
+                        Ok(t) => Some(std::sync::Arc::new(t)),
+                        Err(e) => {
+                            c.problem(format!("destinations[{i}].ca_file"), e.to_string());
+                            None
+                        }
+                    }
+                }
+            };
             destinations.push(Destination {
                 ae_title: ae,
                 address: addr,
+                tls,
             });
         }
 
-        if !destinations.is_empty() && receive_listen.is_none() {
+        let receive_tls_listen = pacs_tls.as_ref().and_then(|t| t.receive_tls_listen);
+        if !destinations.is_empty() && receive_listen.is_none() && receive_tls_listen.is_none() {
             c.problem(
                 "pacs.receive_listen",
                 "is needed for C-MOVE: [[destinations]] are configured, and the PACS delivers moved instances to the gateway there; add e.g. receive_listen = \"127.0.0.1:11113\" and register calling_ae_title at that address in the PACS",
@@ -1109,6 +1199,15 @@ impl Config {
         }
         if let Some(a) = receive_listen {
             listens.push(("pacs.receive_listen", a));
+        }
+        if let Some(a) = receive_tls_listen {
+            listens.push(("pacs.tls.receive_tls_listen", a));
+            if raw.tls.is_none() {
+                c.problem(
+                    "tls.cert_file",
+                    "is missing; pacs.tls.receive_tls_listen needs the gateway's certificate: add [tls] with cert_file and key_file (PEM)",
+                );
+            }
         }
         for i in 0..listens.len() {
             for j in (i + 1)..listens.len() {
@@ -1181,6 +1280,8 @@ impl Config {
                 calling_ae_title: calling,
                 receive_listen,
                 connect_timeout,
+                dimse_tls,
+                tls: pacs_tls,
             },
             issuers,
             patients: Patients {
@@ -1220,6 +1321,75 @@ fn plaintext_exposed(
     .into_iter()
     .filter_map(|(k, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (k, a)))
     .collect()
+}
+
+/// Checks `[pacs.tls]` and loads it once: the section, and the DICOM TLS client toward the
+/// PACS when `dimse = true`.
+fn pacs_tls(
+    c: &mut Checker,
+    t: RawPacsTls,
+    address: &str,
+    resolve: &dyn Fn(&str) -> String,
+) -> (
+    Option<PacsTls>,
+    Option<std::sync::Arc<crate::tls::ClientTls>>,
+) {
+    let ca = c.required("pacs.tls.ca_file", t.ca_file, "\"pacs-ca.pem\"");
+    let receive_tls_listen = t
+        .receive_tls_listen
+        .as_deref()
+        .and_then(|s| c.socket_addr("pacs.tls.receive_tls_listen", s));
+    if ca.is_empty() {
+        return (None, None);
+    }
+    let files = crate::tls::ClientFiles {
+        ca_file: resolve(&ca),
+        cert_file: t.cert_file.as_deref().map(resolve),
+        key_file: t.key_file.as_deref().map(resolve),
+        alpn: Vec::new(),
+    };
+    let name = t
+        .server_name
+        .clone()
+        .unwrap_or_else(|| crate::tls::host_of(address).to_string());
+    let load = |c: &mut Checker, files: &crate::tls::ClientFiles| match crate::tls::ClientTls::load(
+        files, &name,
+    ) {
+        Ok(t) => Some(std::sync::Arc::new(t)),
+        Err(crate::tls::TlsError::File { key, path, why }) => {
+            c.problem(format!("pacs.tls.{key}"), format!("{path} {why}"));
+            None
+        }
+        Err(e) => {
+            let key = if t.server_name.is_some() {
+                "pacs.tls.server_name"
+            } else {
+                "pacs.tls.cert_file"
+            };
+            c.problem(key, e.to_string());
+            None
+        }
+    };
+    let dimse = if t.dimse.unwrap_or(false) {
+        load(c, &files)
+    } else {
+        None
+    };
+    let http_files = crate::tls::ClientFiles {
+        alpn: vec![b"http/1.1".to_vec()],
+        ..files.clone()
+    };
+    let Some(http) = load(c, &http_files) else {
+        return (None, dimse);
+    };
+    (
+        Some(PacsTls {
+            files,
+            receive_tls_listen,
+            http,
+        }),
+        dimse,
+    )
 }
 
 /// Checks `[tls]` and loads it once, so that every file problem is named by its key.
@@ -1385,6 +1555,45 @@ verify = "jwt"
             c.issuers[0].accept_typ,
             vec!["at+jwt", "application/at+jwt"]
         );
+    }
+
+    #[test]
+    fn tls_settings_are_checked_with_their_keys() {
+        let keys = |text: &str| -> Vec<String> {
+            Config::parse(text)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        // A TLS listener needs [tls]; without a plaintext DIMSE listener, a DICOM TLS one does.
+        let tls_only = GOOD.replace(
+            "dimse_listen = \"127.0.0.1:11112\"",
+            "dimse_tls_listen = \"127.0.0.1:2762\"",
+        );
+        assert_eq!(keys(&tls_only), ["tls.cert_file"]);
+        let https_pacs = GOOD.replace(
+            "address = \"127.0.0.1:4242\"",
+            "address = \"127.0.0.1:4242\"\ndicomweb_url = \"https://127.0.0.1:8043/dicom-web\"",
+        );
+        assert_eq!(keys(&https_pacs), ["pacs.tls.ca_file"]);
+        let tls_dest = format!(
+            "{GOOD}\n[[destinations]]\nae_title = \"WS\"\naddress = \"127.0.0.1:104\"\ntls = true\n"
+        );
+        let k = keys(&tls_dest);
+        assert!(k.contains(&"destinations[0].ca_file".to_string()), "{k:?}");
+        // Plaintext on the network: a warning, and an error under require_tls.
+        let exposed = GOOD.replace("127.0.0.1:11112", "0.0.0.0:11112");
+        let c = Config::parse(&exposed).expect("allowed");
+        let w: Vec<String> = c.warnings().into_iter().map(|p| p.key).collect();
+        assert_eq!(w, ["gateway.dimse_listen"]);
+        let strict = exposed.replace(
+            "public_url = \"http://127.0.0.1:8080\"",
+            "public_url = \"http://127.0.0.1:8080\"\nrequire_tls = true",
+        );
+        assert_eq!(keys(&strict), ["gateway.dimse_listen"]);
+        assert!(Config::parse(GOOD).expect("loopback").warnings().is_empty());
     }
 
     #[test]

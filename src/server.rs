@@ -69,17 +69,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &mut problems,
     )
     .await;
+    let receive_tls_addr = cfg.pacs.tls.as_ref().and_then(|t| t.receive_tls_listen);
+    let receive_tls_l = bind_opt(
+        "pacs.tls.receive_tls_listen",
+        receive_tls_addr,
+        &mut problems,
+    )
+    .await;
     if !problems.is_empty() {
         anyhow::bail!("cannot start:\n  - {}", problems.join("\n  - "));
     }
     for w in cfg.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
-    let tls = match &cfg.tls {
-        Some(id) => Some(Arc::new(
-            crate::tls::ServerTls::load(id).map_err(|e| anyhow::anyhow!("cannot start: {e}"))?,
-        )),
-        None => None,
+    let load = |id: &crate::tls::ServerIdentity| {
+        crate::tls::ServerTls::load(id)
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("cannot start: {e}"))
+    };
+    let tls = cfg.tls.as_ref().map(load).transpose()?;
+    // The receiver's TLS: the gateway's identity, and the PACS's CA for the PACS's certificate.
+    let receiver_tls = match (&cfg.tls, &cfg.pacs.tls, receive_tls_addr) {
+        (Some(id), Some(p), Some(_)) => Some(load(&crate::tls::ServerIdentity {
+            client_ca_file: Some(p.files.ca_file.clone()),
+            client_auth: crate::tls::ClientAuth::Required,
+            ..id.clone()
+        })?),
+        _ => None,
+    };
+    let reloadable = Reloadable {
+        servers: tls.iter().chain(receiver_tls.iter()).cloned().collect(),
+        clients: cfg
+            .pacs
+            .dimse_tls
+            .iter()
+            .chain(cfg.destinations.iter().filter_map(|d| d.tls.as_ref()))
+            .cloned()
+            .collect(),
     };
     let trust = TrustCore::new(&cfg)?;
     // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
@@ -96,6 +122,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(dimse::receiver::serve(
             l,
             ctx.clone(),
+            stop_rx.clone(),
+            DRAIN,
+        )));
+    }
+    if let (Some(l), Some(rtls)) = (receive_tls_l, &receiver_tls) {
+        tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening over DICOM TLS");
+        tasks.push(tokio::spawn(dimse::receiver::serve_tls(
+            l,
+            ctx.clone(),
+            rtls.clone(),
             stop_rx.clone(),
             DRAIN,
         )));
@@ -137,7 +173,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    wait_for_signal(tls.as_deref()).await;
+    wait_for_signal(&reloadable).await;
     tracing::info!("stop requested; draining");
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -207,9 +243,41 @@ fn http_connection_cap(cfg: &Config) -> usize {
     }
 }
 
+/// The TLS identities SIGHUP re-reads.
+struct Reloadable {
+    servers: Vec<Arc<crate::tls::ServerTls>>,
+    clients: Vec<Arc<crate::tls::ClientTls>>,
+}
+
+impl Reloadable {
+    /// Re-reads every identity; each that does not load keeps the one it had.
+    fn reload(&self) {
+        if self.servers.is_empty() && self.clients.is_empty() {
+            tracing::info!("SIGHUP: nothing to re-read (no TLS configured)");
+            return;
+        }
+        let results = self
+            .servers
+            .iter()
+            .map(|t| t.reload())
+            .chain(self.clients.iter().map(|t| t.reload()));
+        let failed: Vec<String> = results
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        if failed.is_empty() {
+            tracing::info!("SIGHUP: TLS certificate and key re-read");
+        } else {
+            for e in failed {
+                tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays");
+            }
+        }
+    }
+}
+
 /// Waits for SIGINT or SIGTERM. Meanwhile each SIGHUP re-reads the TLS files: new connections
 /// get the new identity, running ones keep theirs, and files that do not load change nothing.
-async fn wait_for_signal(tls: Option<&crate::tls::ServerTls>) {
+/// (The HTTP client toward an `https://` DICOMweb service keeps the identity it started with.)
+async fn wait_for_signal(tls: &Reloadable) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -224,11 +292,7 @@ async fn wait_for_signal(tls: Option<&crate::tls::ServerTls>) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
-                _ = hup.recv() => match tls.map(crate::tls::ServerTls::reload) {
-                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key re-read"),
-                    Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays"),
-                    None => tracing::info!("SIGHUP: nothing to re-read (no [tls])"),
-                },
+                _ = hup.recv() => tls.reload(),
             }
         }
     }

@@ -162,6 +162,119 @@ impl ServerTls {
     }
 }
 
+/// How the gateway speaks TLS as a client (toward the PACS, a C-MOVE destination): the trust
+/// anchor its peer's certificate must chain to, its own certificate when the peer asks for one,
+/// and the name the peer's certificate must carry. Nothing else is trusted (no system roots: a
+/// PACS has its own CA), and a peer that does not verify is a failure, never plaintext.
+pub struct ClientTls {
+    files: ClientFiles,
+    config: RwLock<Arc<rustls::ClientConfig>>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// The files a [`ClientTls`] is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFiles {
+    pub ca_file: String,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// ALPN protocols offered (HTTP/1.1 for a DICOMweb service; none for DICOM).
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("files", &self.files)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+fn client_config(files: &ClientFiles) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates("ca_file", &files.ca_file)? {
+        roots.add(c).map_err(|e| TlsError::File {
+            key: "ca_file",
+            path: files.ca_file.clone(),
+            why: format!("holds a certificate that cannot be a trust anchor ({e})"),
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| TlsError::Identity(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(certificates("cert_file", cert)?, private_key(key)?)
+            .map_err(|e| {
+                TlsError::Identity(format!(
+                    "cert_file and key_file do not make an identity ({e}); the key must be the certificate's"
+                ))
+            })?,
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(TlsError::Identity(
+                "cert_file and key_file go together: set both, or neither".into(),
+            ));
+        }
+    };
+    config.alpn_protocols = files.alpn.clone();
+    Ok(config)
+}
+
+impl ClientTls {
+    /// `server_name`: the name (or IP address) the peer's certificate must carry.
+    pub fn load(files: &ClientFiles, server_name: &str) -> Result<ClientTls, TlsError> {
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|_| {
+                TlsError::Identity(format!(
+                    "server_name \"{server_name}\" is not a DNS name or IP address"
+                ))
+            })?;
+        Ok(ClientTls {
+            config: RwLock::new(Arc::new(client_config(files)?)),
+            files: files.clone(),
+            server_name: name,
+        })
+    }
+
+    /// Reads the files again; new connections use them. A file that does not load changes
+    /// nothing.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let c = Arc::new(client_config(&self.files)?);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
+        Ok(())
+    }
+
+    /// The configuration as it is now (for an HTTP client, which keeps it).
+    pub fn config(&self) -> rustls::ClientConfig {
+        (**self.config.read().unwrap_or_else(|e| e.into_inner())).clone()
+    }
+
+    /// Runs the handshake on `tcp`; the peer must present a certificate for the server name
+    /// that chains to the trust anchor.
+    pub async fn connect(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(self.server_name.clone(), tcp)
+            .await
+    }
+}
+
+/// The host part of a `HOST:PORT` address (brackets of an IPv6 literal removed).
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The subject of a verified client certificate (the first of the chain), as RFC 4514 text:
 /// the name of the workstation beside its user's in the audit trail.
 pub fn subject_of(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {

@@ -26,7 +26,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         .ctx
         .policy
         .move_destination(cmd.move_destination.as_deref());
-    let Some(destination) = destination.filter(|_| cfg.pacs.receive_listen.is_some()) else {
+    let Some(destination) = destination.filter(|_| cfg.pacs.receives()) else {
         if cmd.has_data_set() {
             let limits = &cfg.limits;
             if let Err(e) = s

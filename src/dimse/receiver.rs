@@ -23,7 +23,7 @@ use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
 use crate::dicom::negotiation as assoc;
 use crate::dicom::pdu::{PDU_SLACK, write_pdu};
-use crate::dicom::peer::{Incoming, Peer};
+use crate::dicom::peer::{Incoming, Peer, Stream};
 use crate::dicom::syntax;
 use crate::logtext::Clean;
 use crate::policy::{InstanceId, Permit};
@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// C-MOVEs in flight at once through the gateway; more are refused (out of resources).
@@ -188,7 +188,45 @@ pub async fn serve(
         admission,
         shutdown,
         grace,
-        move |stream, addr, pending, stop| receive(stream, addr, pending, stop, ctx.clone()),
+        move |stream, addr, pending, stop| receive(stream.into(), addr, pending, stop, ctx.clone()),
+    )
+    .await
+}
+
+/// The receiver over DICOM TLS (`pacs.tls.receive_tls_listen`): the PACS must present a
+/// certificate that `pacs.tls.ca_file` signed. That replaces the check of its address (a
+/// PACS behind NAT or on several addresses is named by its certificate instead); the calling
+/// AE title is still checked.
+pub async fn serve_tls(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    tls: Arc<crate::tls::ServerTls>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let admission = ctx.receiver_admission.clone();
+    super::listener::serve(
+        "receiver-tls",
+        listener,
+        admission,
+        shutdown,
+        grace,
+        move |stream, addr, pending, stop| {
+            let (ctx, acceptor) = (ctx.clone(), tls.dicom());
+            async move {
+                let wait = ctx.cfg.limits.association_request_timeout;
+                match tokio::time::timeout(wait, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let s = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
+                        receive(s, addr, pending, stop, ctx).await
+                    }
+                    _ => {
+                        crate::metrics::tls_handshake_failed("receiver");
+                        tracing::warn!(%addr, "receiver: TLS handshake failed (no certificate of the PACS's CA?); closed")
+                    }
+                }
+            }
+        },
     )
     .await
 }
@@ -202,7 +240,7 @@ async fn from_pacs(ctx: &Ctx, addr: SocketAddr) -> bool {
 }
 
 async fn receive(
-    mut stream: TcpStream,
+    mut stream: Stream,
     addr: SocketAddr,
     pending: Pending,
     stop: Stop,
@@ -214,7 +252,11 @@ async fn receive(
     };
     drop(pending);
     let pacs = &ctx.cfg.pacs;
-    if rq.calling_ae_title.trim() != pacs.ae_title.trim() || !from_pacs(&ctx, addr).await {
+    // Over TLS the handshake verified the PACS's certificate; in plaintext its address is all.
+    let by_certificate = matches!(stream, Stream::Tls(_));
+    if rq.calling_ae_title.trim() != pacs.ae_title.trim()
+        || !(by_certificate || from_pacs(&ctx, addr).await)
+    {
         tracing::warn!(%addr, calling_ae = %Clean(rq.calling_ae_title.trim()), "receiver: association not from the PACS; rejected");
         send_reject(&mut stream, assoc::Refusal::CallingAeTitle).await;
         return;
@@ -602,6 +644,8 @@ impl Receiver {
             calling_ae_title: cfg.gateway.ae_title.clone(),
             receive_listen: None,
             connect_timeout: cfg.pacs.connect_timeout,
+            dimse_tls: route.destination.tls.clone(),
+            tls: None,
         };
         let leg = match crate::pacs::associate(&target, rq, cfg.limits.upstream_timeout).await {
             Ok((stream, ac)) => {

@@ -40,14 +40,18 @@ pub struct DicomWeb {
 
 impl DicomWeb {
     /// The HTTP client toward the PACS: its connect and read timeouts, no redirects, the
-    /// gateway's user agent.
+    /// gateway's user agent; with `[pacs.tls]`, TLS that trusts the PACS's CA only and
+    /// presents the gateway's client certificate when one is configured.
     pub(crate) fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
-        Ok(reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
             .connect_timeout(cfg.pacs.connect_timeout)
             .read_timeout(cfg.limits.upstream_timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")))
-            .build()?)
+            .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")));
+        if let Some(t) = &cfg.pacs.tls {
+            b = b.tls_backend_preconfigured(t.http.config());
+        }
+        Ok(b.build()?)
     }
 
     /// The client for `pacs.dicomweb_url` over `http` (see [`DicomWeb::http_client`]);

@@ -14,6 +14,7 @@ pub use lookup::PacsLookup;
 
 use crate::config::Pacs;
 use crate::dicom::pdu::{PduError, read_pdu, write_pdu};
+use crate::dicom::peer::Stream;
 use dicom_ul::pdu::{AssociationAC, AssociationRJ, AssociationRQ, Pdu};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -30,6 +31,10 @@ pub enum UpstreamError {
     Unexpected(String),
     #[error("association with the PACS failed: {0}")]
     Pdu(#[from] PduError),
+    /// The TLS handshake failed: most often a certificate that does not verify. Never a
+    /// reason to try plaintext.
+    #[error("TLS with the PACS at {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
 }
 
 /// The largest A-ASSOCIATE-AC accepted from the PACS.
@@ -40,10 +45,10 @@ pub async fn associate(
     pacs: &Pacs,
     rq: AssociationRQ,
     answer_timeout: Duration,
-) -> Result<(TcpStream, AssociationAC), UpstreamError> {
+) -> Result<(Stream, AssociationAC), UpstreamError> {
     let connect =
         tokio::time::timeout(pacs.connect_timeout, TcpStream::connect(&pacs.address)).await;
-    let mut stream = match connect {
+    let stream = match connect {
         Err(_) => {
             return Err(UpstreamError::Connect {
                 addr: pacs.address.clone(),
@@ -60,6 +65,25 @@ pub async fn associate(
     };
     // Without it every DIMSE exchange waits for delayed ACKs (about 40 ms on Linux).
     let _ = stream.set_nodelay(true);
+    let mut stream = match &pacs.dimse_tls {
+        None => Stream::Plain(stream),
+        Some(tls) => {
+            let tls_error = |reason: String| UpstreamError::Tls {
+                addr: pacs.address.clone(),
+                reason,
+            };
+            match tokio::time::timeout(pacs.connect_timeout, tls.connect(stream)).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s))),
+                Ok(Err(e)) => return Err(tls_error(e.to_string())),
+                Err(_) => {
+                    return Err(tls_error(format!(
+                        "no handshake within {:?}",
+                        pacs.connect_timeout
+                    )));
+                }
+            }
+        }
+    };
     write_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
     let answer = tokio::time::timeout(answer_timeout, read_pdu(&mut stream, MAX_AC_BYTES))
         .await

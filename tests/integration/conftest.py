@@ -85,12 +85,15 @@ def stop(proc: subprocess.Popen):
 
 
 class Orthanc:
-    def __init__(self, tmp: Path, modalities=None):
+    def __init__(self, tmp: Path, modalities=None, extra=None, https_ca=None, name="orthanc"):
+        """`extra`: more Orthanc settings (TLS ones, say); `https_ca`: its REST API is HTTPS,
+        with a certificate this CA file verifies."""
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.aet = "ORTHANC"
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        storage = tmp / "orthanc-db"
+        self.verify = str(https_ca) if https_ca else True
+        self.url = f"{'https' if https_ca else 'http'}://127.0.0.1:{self.http_port}"
+        storage = tmp / f"{name}-db"
         storage.mkdir()
         cfg = {
             "Name": "pacsgate-test",
@@ -114,10 +117,12 @@ class Orthanc:
             "Plugins": [ORTHANC_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": modalities or {},
+            **(extra or {}),
         }
-        self.config = tmp / "orthanc.json"
+        self.config = tmp / f"{name}.json"
         self.config.write_text(json.dumps(cfg, indent=2))
-        self.log = open(tmp / "orthanc.log", "w")
+        self.log_path = tmp / f"{name}.log"
+        self.log = open(self.log_path, "w")
         exe = shutil.which("Orthanc")
         if exe is None:
             raise RuntimeError("Orthanc is not installed (Debian package orthanc)")
@@ -135,9 +140,9 @@ class Orthanc:
         deadline = time.time() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {tmp / 'orthanc.log'}")
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if requests.get(f"{self.url}/system", timeout=1).ok:
+                if requests.get(f"{self.url}/system", timeout=1, verify=self.verify).ok:
                     break
             except requests.RequestException:
                 pass
@@ -147,11 +152,12 @@ class Orthanc:
         wait_tcp(self.dicom_port, self.proc, "Orthanc DICOM")
 
     def upload(self, data: bytes):
-        r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=30)
+        r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=30,
+                          verify=self.verify)
         r.raise_for_status()
 
     def holds(self, sop_uid: str) -> bool:
-        r = requests.post(f"{self.url}/tools/lookup", data=sop_uid, timeout=30)
+        r = requests.post(f"{self.url}/tools/lookup", data=sop_uid, timeout=30, verify=self.verify)
         r.raise_for_status()
         return any(x["Type"] == "Instance" for x in r.json())
 

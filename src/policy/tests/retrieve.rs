@@ -113,6 +113,7 @@ fn only_configured_move_destinations() {
     c.destinations = vec![crate::config::Destination {
         ae_title: "WS1".into(),
         address: "127.0.0.1:104".into(),
+        tls: None,
     }];
     let pol = Policy::bare(&c);
     assert_eq!(
