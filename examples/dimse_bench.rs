@@ -6,6 +6,7 @@
 //!             --count N [--patient-id ID]
 //! dimse_bench ... --mode store --dir DIR          (C-STORE every file of DIR, one association)
 //! dimse_bench ... --mode get --study UID --sop-class UID --ts UID   (C-GET a whole study)
+//! dimse_bench ... --ca CA.pem                    (any mode over DICOM TLS, the peer verified by CA)
 //! Prints one JSON object: latencies in microseconds, or bytes, instances and seconds.
 
 use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
@@ -19,7 +20,7 @@ use dicom_ul::pdu::{
 use pacsgate::dicom::command::{self, Command};
 use pacsgate::dicom::message::Event;
 use pacsgate::dicom::pdu::{read_pdu, write_pdu};
-use pacsgate::dicom::peer::{Incoming, Peer};
+use pacsgate::dicom::peer::{Incoming, Peer, Stream};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -38,6 +39,8 @@ struct Args {
     study: String,
     sop_class: String,
     ts: String,
+    /// DICOM TLS, verifying the peer against this CA file.
+    tls: Option<std::sync::Arc<pacsgate::tls::ClientTls>>,
 }
 
 fn args() -> Result<Args, String> {
@@ -52,6 +55,7 @@ fn args() -> Result<Args, String> {
         study: String::new(),
         sop_class: String::new(),
         ts: String::new(),
+        tls: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -74,6 +78,17 @@ fn args() -> Result<Args, String> {
             "--study" => a.study = v,
             "--sop-class" => a.sop_class = v,
             "--ts" => a.ts = v,
+            "--ca" => {
+                let files = pacsgate::tls::ClientFiles {
+                    ca_file: v,
+                    cert_file: None,
+                    key_file: None,
+                    alpn: Vec::new(),
+                };
+                let t = pacsgate::tls::ClientTls::load(&files, "127.0.0.1")
+                    .map_err(|e| e.to_string())?;
+                a.tls = Some(std::sync::Arc::new(t));
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -136,10 +151,16 @@ async fn associate_with(
     pcs: Vec<PresentationContextProposed>,
     extra: Vec<UserVariableItem>,
 ) -> Result<Peer, String> {
-    let mut s = TcpStream::connect(&a.addr)
+    let tcp = TcpStream::connect(&a.addr)
         .await
         .map_err(|e| e.to_string())?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut s = match &a.tls {
+        None => Stream::Plain(tcp),
+        Some(t) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
+            t.connect(tcp).await.map_err(|e| format!("TLS: {e}"))?,
+        ))),
+    };
     let mut uv = vec![
         UserVariableItem::MaxLength(65536),
         UserVariableItem::ImplementationClassUID("2.25.1".into()),

@@ -37,4 +37,4 @@ fi
 
 # The TLS tests put nginx in front of Orthanc's DICOMweb (as a hospital's TLS terminator would
 # be); its system service is kept from starting.
-bash scripts/bench-install.sh nginx
+bash scripts/bench-install.sh nginx haproxy

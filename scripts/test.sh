@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, Rust unit tests, the integration tests that run
 # the real gateway against Orthanc with pynetdicom and dcmtk as clients (the attack suite
-# among them), a short run of every fuzz target, and the strict reader checked against DCMTK.
+# among them), the core of them again through two replicas behind HAProxy, a short run of every
+# fuzz target, and the strict reader checked against DCMTK.
 # Installs what is missing first (scripts/setup.sh). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +18,12 @@ cargo test --locked
 echo "== integration tests (Orthanc, pynetdicom, dcmtk)"
 cargo build --locked --bin pacsgate
 PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest tests/integration -q -p no:cacheprovider
+echo "== two replicas behind HAProxy: the core DIMSE and DICOMweb tests again"
+# Deselected: tests that read one process's own state (its metrics, its receiver's port).
+PACSGATE_REPLICAS=2 PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
+  tests/integration/test_dimse_find.py tests/integration/test_dicomweb.py \
+  tests/integration/test_dimse_store_get.py tests/integration/test_dimse_move.py -q -p no:cacheprovider \
+  -k "not test_receiver_accepts_only_the_pacs and not refusal_is_audited and not metrics"
 echo "== fuzz targets, a short run each (scripts/fuzz.sh)"
 scripts/fuzz.sh 5
 echo "== the strict reader against DCMTK's reading (scripts/differential.py)"

@@ -16,8 +16,25 @@ use tokio::sync::watch;
 /// How long running associations may take to finish after a stop signal.
 const DRAIN: Duration = Duration::from_secs(20);
 
+/// Connections the kernel queues for a listener before it accepts them: a morning's burst of
+/// workstations (hundreds at once) must not see SYNs dropped and retried a second later. The
+/// kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's listeners do: a restarted gateway binds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    listen(addr).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
                 "the port is in use; choose another port or stop the program using it"

@@ -324,7 +324,11 @@ impl Association {
     /// says why when it broke a rule (a command inside the data set, say), the other's reason 0.
     pub(crate) async fn broken(&mut self, side: Side, e: &Broken) -> Flow {
         tracing::info!(assoc = self.id, peer = ?side, reason = %e, "data set broken off; aborting");
-        let reason = e.abort_reason();
+        self.abort_for(side, e.abort_reason()).await
+    }
+
+    /// Aborts `side` with `reason` and the other leg with reason 0.
+    async fn abort_for(&mut self, side: Side, reason: AbortRQServiceProviderReason) -> Flow {
         match side {
             Side::Client => {
                 self.client.abort_with(reason).await;
@@ -348,18 +352,7 @@ impl Association {
     ) -> Flow {
         let during = during.map_or("", Operation::name);
         tracing::warn!(assoc = self.id, peer = ?side, violation = %what, during, "protocol violation; aborting");
-        let reason = what.abort_reason();
-        match side {
-            Side::Client => {
-                self.client.abort_with(reason).await;
-                self.pacs.abort().await;
-            }
-            Side::Pacs => {
-                self.pacs.abort_with(reason).await;
-                self.client.abort().await;
-            }
-        }
-        Flow::End
+        self.abort_for(side, what.abort_reason()).await
     }
 
     /// How data sets on a presentation context are read (negotiation accepts only syntaxes the

@@ -179,3 +179,30 @@ pub async fn serve<F, Fut>(
     }
     tasks.abort_all();
 }
+
+/// The DICOM TLS handshake of a new connection, within `wait` (the connection holds only its
+/// pending claim meanwhile); `None` when it failed or took too long: the connection is closed
+/// without a word, as PS3.15 B.1 leaves a failed handshake.
+pub(crate) async fn accept_tls(
+    listener: &'static str,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    wait: Duration,
+) -> Option<crate::dicom::peer::Stream> {
+    match tokio::time::timeout(wait, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(crate::dicom::peer::Stream::Tls(Box::new(
+            tokio_rustls::TlsStream::Server(s),
+        ))),
+        Ok(Err(e)) => {
+            crate::metrics::tls_handshake_failed(listener);
+            tracing::info!(%addr, listener, reason = %e, "TLS handshake failed; closed");
+            None
+        }
+        Err(_) => {
+            crate::metrics::tls_handshake_failed(listener);
+            tracing::info!(%addr, listener, "TLS handshake not done within {wait:?}; closed");
+            None
+        }
+    }
+}

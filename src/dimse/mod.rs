@@ -23,7 +23,6 @@ pub(crate) mod store;
 use crate::config::Config;
 use crate::dicom::negotiation::{Refusal, reject};
 use crate::dicom::pdu::{read_pdu, write_pdu};
-use crate::dicom::peer::Stream;
 use crate::policy::Policy;
 use crate::trust::TrustCore;
 use dicom_ul::pdu::{AssociationRQ, Pdu};
@@ -108,19 +107,8 @@ pub async fn serve_tls(
             let (ctx, acceptor) = (ctx.clone(), tls.dicom());
             async move {
                 let wait = ctx.cfg.limits.association_request_timeout;
-                match tokio::time::timeout(wait, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let s = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
-                        session::handle(s, addr, pending, stop, ctx).await
-                    }
-                    Ok(Err(e)) => {
-                        crate::metrics::tls_handshake_failed("dimse");
-                        tracing::info!(%addr, reason = %e, "DICOM TLS handshake failed; closed")
-                    }
-                    Err(_) => {
-                        crate::metrics::tls_handshake_failed("dimse");
-                        tracing::info!(%addr, "DICOM TLS handshake not done within {wait:?}; closed")
-                    }
+                if let Some(s) = listener::accept_tls("dimse", acceptor, stream, addr, wait).await {
+                    session::handle(s, addr, pending, stop, ctx).await
                 }
             }
         },

@@ -215,15 +215,11 @@ pub async fn serve_tls(
             let (ctx, acceptor) = (ctx.clone(), tls.dicom());
             async move {
                 let wait = ctx.cfg.limits.association_request_timeout;
-                match tokio::time::timeout(wait, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let s = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)));
-                        receive(s, addr, pending, stop, ctx).await
-                    }
-                    _ => {
-                        crate::metrics::tls_handshake_failed("receiver");
-                        tracing::warn!(%addr, "receiver: TLS handshake failed (no certificate of the PACS's CA?); closed")
-                    }
+                // A failure here is most often a PACS without a certificate of pacs.tls.ca_file.
+                let accepted =
+                    super::listener::accept_tls("receiver", acceptor, stream, addr, wait).await;
+                if let Some(s) = accepted {
+                    receive(s, addr, pending, stop, ctx).await
                 }
             }
         },

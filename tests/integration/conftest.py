@@ -215,12 +215,12 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra=""):
+                 limits_extra="", public_url=None):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
         self.ae_title = "PACSGATE"
-        self.public_url = f"http://127.0.0.1:{self.http_port}"
+        self.public_url = public_url or f"http://127.0.0.1:{self.http_port}"
         self.config = tmp / f"{name}.toml"
         self.config.write_text(
             f"""
@@ -310,17 +310,88 @@ def issuer(tmp_root):
     stop(i.proc)
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_root, orthanc, issuer, ports):
-    g = Gateway(tmp_root, orthanc, issuer, receive_port=ports["receive"], destinations=[("DEST", ports["dest"])])
-    yield g
-    # Every test (the attack suite included) ran against this process: its peak memory stays
-    # small, whatever was thrown at it.
+class Replicas:
+    """Two gateways behind HAProxy (TCP mode for DIMSE, HTTP mode for DICOMweb, round robin), in
+    front of the same PACS, looking to clients like one gateway. Each replica has its own C-MOVE
+    receiver, registered in the PACS under its own calling AE title, since a C-MOVE's
+    sub-operations must come back to the replica that started it; nothing else is shared."""
+
+    def __init__(self, tmp, orthanc, issuer, destinations=()):
+        self.dimse_port, self.http_port = free_port(), free_port()
+        self.public_url = f"http://127.0.0.1:{self.http_port}"
+        self.ae_title = "PACSGATE"
+        self.issuer = issuer
+        self.replicas = []
+        for n in (1, 2):
+            receive = free_port()
+            aet = f"PACSGATE{n}"
+            r = requests.put(f"{orthanc.url}/modalities/{aet}", json={"AET": aet, "Host": "127.0.0.1", "Port": receive},
+                             timeout=10)
+            r.raise_for_status()
+            self.replicas.append(Gateway(tmp, orthanc, issuer, name=f"replica-{n}", receive_port=receive,
+                                         destinations=destinations, calling_ae=aet, public_url=self.public_url))
+        d = tmp / "haproxy-replicas"
+        d.mkdir()
+        cfg = d / "haproxy.cfg"
+        servers = lambda port: "\n".join(f"    server r{i} 127.0.0.1:{getattr(g, port)}" for i, g in enumerate(self.replicas))
+        cfg.write_text(f"""global
+    maxconn 4096
+defaults
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend dimse
+    mode tcp
+    bind 127.0.0.1:{self.dimse_port}
+    default_backend dimse
+backend dimse
+    mode tcp
+    balance roundrobin
+{servers("dimse_port")}
+frontend web
+    mode http
+    bind 127.0.0.1:{self.http_port}
+    default_backend web
+backend web
+    mode http
+    balance roundrobin
+{servers("http_port")}
+""")
+        self.log = open(d / "haproxy.log", "w")
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_tcp(self.dimse_port, self.proc, "haproxy")
+        wait_tcp(self.http_port, self.proc, "haproxy")
+
+    def log_text(self) -> str:
+        return "".join(g.log_text() for g in self.replicas)
+
+
+def finish_gateway(g):
+    """Every test (the attack suite included) ran against this process: its peak memory stays
+    small, whatever was thrown at it, it stops cleanly, and no token reached its log."""
     hwm = peak_memory_mib(g.proc.pid)
     print(f"\nsession gateway peak memory: {hwm:.1f} MiB")
     stop(g.proc)
     assert hwm < 100, f"the gateway's peak memory was {hwm:.1f} MiB"
     assert g.proc.returncode == 0, f"pacsgate did not stop cleanly: {g.proc.returncode}"
     log = g.log_text()
-    # No token ever reaches a log: every minted token has the same JWS header prefix.
+    # Every minted token has the same JWS header prefix.
     assert "eyJ" not in log, "a token appeared in the gateway log"
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_root, orthanc, issuer, ports):
+    """The gateway under test; with PACSGATE_REPLICAS=2, two replicas behind HAProxy instead."""
+    if os.environ.get("PACSGATE_REPLICAS") == "2":
+        front = Replicas(tmp_root, orthanc, issuer, destinations=[("DEST", ports["dest"])])
+        yield front
+        stop(front.proc)
+        served = [g.log_text().count("association requested") + g.log_text().count("request_id") for g in front.replicas]
+        for g in front.replicas:
+            finish_gateway(g)
+        assert all(n > 0 for n in served), f"a replica served nothing: {served}"
+        return
+    g = Gateway(tmp_root, orthanc, issuer, receive_port=ports["receive"], destinations=[("DEST", ports["dest"])])
+    yield g
+    finish_gateway(g)
