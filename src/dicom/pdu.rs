@@ -56,5 +56,7 @@ pub fn encode(pdus: &[Pdu]) -> Result<Vec<u8>, PduError> {
 pub async fn write_pdu(w: &mut (impl AsyncWriteExt + Unpin), pdu: &Pdu) -> Result<(), PduError> {
     let bytes = encode(std::slice::from_ref(pdu))?;
     w.write_all(&bytes).await?;
+    // A TLS stream may hold the last records until flushed (a TCP stream has nothing to do).
+    w.flush().await?;
     Ok(())
 }

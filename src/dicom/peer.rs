@@ -405,7 +405,14 @@ impl Peer {
     /// Writes the output queue.
     pub async fn flush(&mut self) -> Result<(), PduError> {
         if !self.out.is_empty() {
-            let r = self.writer.write_all(&self.out).await;
+            // Over TLS, write_all can return with records still in the session's buffer (the
+            // socket was full): only flush sends them. Without it a response can wait there
+            // while the peer waits for it.
+            let r = async {
+                self.writer.write_all(&self.out).await?;
+                self.writer.flush().await
+            }
+            .await;
             self.out.clear();
             r?;
         }

@@ -108,6 +108,47 @@ def studies_of(r):
 
 # ---- DICOM TLS ----
 
+def test_a_large_c_get_over_dicom_tls_completes(tls_gateway, orthanc, issuer, pki):
+    """Enough data that the socket toward the client fills: every response still goes out (TLS
+    records left in the session's buffer once stalled a C-GET for good)."""
+    import io
+    import os
+
+    import pydicom
+    from pydicom.uid import generate_uid
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from dicomdata import make_instance
+
+    study, series = generate_uid(), generate_uid()
+    for i in range(12):
+        ds = pydicom.dcmread(io.BytesIO(make_instance("PAT-TLSBIG", study, series, 1, 1, i + 1, "20250101")))
+        ds.Rows = ds.Columns = 1448
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelData = os.urandom(1448 * 1448 * 2)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        orthanc.upload(buf.getvalue())
+    got = []
+    ae = AE(ae_title="VIEWER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate("127.0.0.1", tls_gateway.dimse_tls_port, ae_title="PACSGATE",
+                         ext_neg=[identity(issuer.mint(patient="PAT-TLSBIG")), build_role(SecondaryCaptureImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda e: (got.append(e.request.AffectedSOPInstanceUID), 0)[1])],
+                         tls_args=(pki.context(), "127.0.0.1"))
+    assert assoc.is_established
+    q = pydicom.Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study
+    statuses = [st.Status for st, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)]
+    assoc.release()
+    assert statuses and statuses[-1] == 0x0000, [hex(x) for x in statuses]
+    assert len(got) == 12
+
 def test_pynetdicom_over_dicom_tls_is_scoped_as_in_plaintext(tls_gateway, orthanc, issuer, pki):
     assoc = tls_associate(tls_gateway.dimse_tls_port, issuer.mint(patient="PAT-A", scope=READ), pki.context())
     assert assoc.is_established
