@@ -114,15 +114,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })?),
         _ => None,
     };
-    let reloadable = Reloadable {
+    let mut reloadable = Reloadable {
         servers: tls.iter().chain(receiver_tls.iter()).cloned().collect(),
         clients: cfg
             .pacs
             .dimse_tls
             .iter()
+            .chain(cfg.pacs.tls.as_ref().map(|t| &t.http))
             .chain(cfg.destinations.iter().filter_map(|d| d.tls.as_ref()))
             .cloned()
             .collect(),
+        dicomweb: None,
     };
     let trust = TrustCore::new(&cfg)?;
     // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
@@ -133,6 +135,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
     let web = crate::web::WebCtx::new(cfg.clone(), trust, policy)?;
+    if cfg.pacs.tls.is_some() {
+        reloadable.dicomweb = Some(web.clone());
+    }
     let mut tasks = Vec::new();
     if let Some(l) = receive_l {
         tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening");
@@ -264,6 +269,8 @@ fn http_connection_cap(cfg: &Config) -> usize {
 struct Reloadable {
     servers: Vec<Arc<crate::tls::ServerTls>>,
     clients: Vec<Arc<crate::tls::ClientTls>>,
+    /// The PACS's DICOMweb service, whose HTTP client is rebuilt with `[pacs.tls]` re-read.
+    dicomweb: Option<Arc<crate::web::WebCtx>>,
 }
 
 impl Reloadable {
@@ -278,9 +285,14 @@ impl Reloadable {
             .iter()
             .map(|t| t.reload())
             .chain(self.clients.iter().map(|t| t.reload()));
-        let failed: Vec<String> = results
+        let mut failed: Vec<String> = results
             .filter_map(|r| r.err().map(|e| e.to_string()))
             .collect();
+        if let Some(pacs) = self.dicomweb.as_ref().and_then(|w| w.pacs.as_ref())
+            && let Err(e) = pacs.reload()
+        {
+            failed.push(format!("pacs.tls: {e}"));
+        }
         if failed.is_empty() {
             tracing::info!("SIGHUP: TLS certificate and key re-read");
         } else {
@@ -293,7 +305,6 @@ impl Reloadable {
 
 /// Waits for SIGINT or SIGTERM. Meanwhile each SIGHUP re-reads the TLS files: new connections
 /// get the new identity, running ones keep theirs, and files that do not load change nothing.
-/// (The HTTP client toward an `https://` DICOMweb service keeps the identity it started with.)
 async fn wait_for_signal(tls: &Reloadable) {
     #[cfg(unix)]
     {

@@ -30,7 +30,9 @@ pub enum DicomWebError {
 
 /// The PACS's DICOMweb service, as `pacs.dicomweb_url` names it.
 pub struct DicomWeb {
-    http: reqwest::Client,
+    /// Replaced when SIGHUP re-reads `[pacs.tls]`; requests running keep the one they took.
+    http: std::sync::RwLock<reqwest::Client>,
+    cfg: std::sync::Arc<Config>,
     /// The DICOMweb root, without a trailing slash.
     base: String,
     /// The WADO-URI service: the root with its last path segment replaced by `wado`, as Orthanc
@@ -39,24 +41,43 @@ pub struct DicomWeb {
 }
 
 impl DicomWeb {
-    /// The HTTP client toward the PACS: its connect and read timeouts, no redirects, the
-    /// gateway's user agent; with `[pacs.tls]`, TLS that trusts the PACS's CA only and
-    /// presents the gateway's client certificate when one is configured.
-    pub(crate) fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
+    /// An HTTP client with the PACS's connect and read timeouts, no redirects, the gateway's
+    /// user agent; with `tls`, TLS that trusts that CA only (and presents the gateway's client
+    /// certificate when one is configured), else the system's trust anchors.
+    pub(crate) fn http_client(
+        cfg: &Config,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> anyhow::Result<reqwest::Client> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(cfg.pacs.connect_timeout)
             .read_timeout(cfg.limits.upstream_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("pacsgate/", env!("CARGO_PKG_VERSION")));
-        if let Some(t) = &cfg.pacs.tls {
-            b = b.tls_backend_preconfigured(t.http.config());
+        if let Some(t) = tls {
+            b = b.tls_backend_preconfigured(t.config());
         }
         Ok(b.build()?)
     }
 
-    /// The client for `pacs.dicomweb_url` over `http` (see [`DicomWeb::http_client`]);
-    /// `None` when it is not configured.
-    pub fn new(cfg: &Config, http: reqwest::Client) -> anyhow::Result<Option<DicomWeb>> {
+    fn pacs_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
+        Self::http_client(cfg, cfg.pacs.tls.as_ref().map(|t| &*t.http))
+    }
+
+    /// Takes the TLS identity toward the PACS as `[pacs.tls]`'s files now make it (after they
+    /// were re-read); new requests use it.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let c = Self::pacs_client(&self.cfg)?;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = c;
+        Ok(())
+    }
+
+    fn client(&self) -> reqwest::Client {
+        self.http.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The client for `pacs.dicomweb_url`, with a connection pool of its own (and `[pacs.tls]`
+    /// when set); `None` when it is not configured.
+    pub fn new(cfg: &std::sync::Arc<Config>) -> anyhow::Result<Option<DicomWeb>> {
         let Some(url) = cfg.pacs.dicomweb_url.as_ref() else {
             return Ok(None);
         };
@@ -66,7 +87,8 @@ impl DicomWeb {
             .filter(|(root, _)| root.contains("://") && !root.ends_with('/'))
             .map(|(root, _)| format!("{root}/wado"));
         Ok(Some(DicomWeb {
-            http,
+            http: std::sync::RwLock::new(Self::pacs_client(cfg)?),
+            cfg: cfg.clone(),
             base,
             wado_uri,
         }))
@@ -80,7 +102,7 @@ impl DicomWeb {
         budget: usize,
     ) -> Result<(Vec<serde_json::Value>, usize), DicomWebError> {
         let resp = self
-            .http
+            .client()
             .get(format!("{}/{path_and_query}", self.base))
             .header(header::ACCEPT, "application/dicom+json")
             .send()
@@ -111,7 +133,7 @@ impl DicomWeb {
             url.push('?');
             url.push_str(q);
         }
-        let mut rq = self.http.get(&url);
+        let mut rq = self.client().get(&url);
         if let Some(a) = accept {
             rq = rq.header(header::ACCEPT, a.clone());
         }
@@ -122,7 +144,7 @@ impl DicomWeb {
     pub(crate) async fn wado_uri(&self, query: &str) -> Result<reqwest::Response, DicomWebError> {
         let base = self.wado_uri.as_ref().ok_or(DicomWebError::NoWadoUri)?;
         let resp = self
-            .http
+            .client()
             .get(format!("{base}?{query}"))
             .send()
             .await
@@ -137,7 +159,7 @@ impl DicomWeb {
         boundary: &str,
         body: reqwest::Body,
     ) -> Result<reqwest::Response, DicomWebError> {
-        self.http
+        self.client()
             .post(format!("{}/studies", self.base))
             .header(
                 header::CONTENT_TYPE,

@@ -103,7 +103,7 @@ impl WebCtx {
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
         // issuers' metadata the discovery documents point at.
-        let http = DicomWeb::http_client(&cfg)?;
+        let http = DicomWeb::http_client(&cfg, None)?;
         let public = cfg.gateway.public_url.trim_end_matches('/').to_string();
         Ok(Arc::new(WebCtx {
             challenge: Challenge {
@@ -111,7 +111,7 @@ impl WebCtx {
                 resource_metadata: format!("{public}/.well-known/oauth-protected-resource"),
             },
             public_base: format!("{public}/dicom-web"),
-            pacs: DicomWeb::new(&cfg, http.clone())?,
+            pacs: DicomWeb::new(&cfg)?,
             http,
             slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
             discovery: discovery::Cache::default(),

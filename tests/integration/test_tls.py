@@ -271,6 +271,18 @@ def test_mutual_tls_lets_only_signed_workstations_in_and_names_them(mtls_gateway
     assert token not in log
 
 
+def test_dcmtk_presents_its_workstation_certificate(mtls_gateway, issuer, pki, tmp_root):
+    f = dcm_file(tmp_root)
+    token = write_token(tmp_root, issuer.mint(patient="PAT-W", scope="patient/ImagingStudy.cruds"), "mtls.jwt")
+    common = ["+cf", str(pki.ca), "-aet", "VIEWER", "-aec", "PACSGATE", "--jwt", str(token),
+              "127.0.0.1", str(mtls_gateway.dimse_tls_port), str(f)]
+    r = subprocess.run(["/usr/bin/storescu", "-v", "+tls", str(pki.ws[1]), str(pki.ws[0]), *common],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Association Accepted" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = subprocess.run(["/usr/bin/storescu", "-v", "+tla", *common], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Association Accepted" not in r.stdout + r.stderr
+
+
 def test_optional_client_auth_admits_clients_without_a_certificate(tls_gateway, issuer, pki):
     token = issuer.mint(patient="PAT-A", scope=READ)
     assoc = tls_associate(tls_gateway.dimse_tls_port, token, pki.context())

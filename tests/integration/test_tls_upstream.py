@@ -141,6 +141,19 @@ def test_dicomweb_toward_an_https_pacs(env, issuer):
     assert r.status_code == 200 and r.content.count(b"DICM") == 2
     # It went over TLS with the gateway's client certificate (nginx requires one).
     assert env["web"].access_log().count("/dicom-web/") >= 2
+    # SIGHUP re-reads [pacs.tls]; the PACS is reached as before on both protocols.
+    import signal
+    import time
+    g.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 10
+    while "TLS certificate and key re-read" not in g.log_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert "TLS certificate and key re-read" in g.log_text()
+    r = requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200 and {s["0020000D"]["Value"][0] for s in r.json()} == {env["study"]}
+    assoc, _ = associate(g, token)
+    assert assoc.is_established and find(assoc, query("STUDY"), STUDY_ROOT)[0] == 0
+    assoc.release()
 
 
 def test_c_move_over_tls_from_the_pacs_to_a_tls_destination(env, issuer, upki):
