@@ -250,19 +250,24 @@ async fn dimse_phase(a: &Args, tls: Option<Arc<ClientTls>>) -> serde_json::Value
             }
         });
     }
+    collect(tasks, start).await
+}
+
+/// The summary of a phase's callers: the milliseconds of those served, and the first few
+/// reasons of those that were not.
+async fn collect(
+    mut tasks: tokio::task::JoinSet<Result<f64, String>>,
+    start: Instant,
+) -> serde_json::Value {
     let (mut ms, mut failed, mut why) = (Vec::new(), 0, Vec::new());
     while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(m)) => ms.push(m),
-            Ok(Err(e)) => {
+        match r.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(m) => ms.push(m),
+            Err(e) => {
                 failed += 1;
                 if why.len() < 5 {
                     why.push(e);
                 }
-            }
-            Err(e) => {
-                failed += 1;
-                why.push(e.to_string());
             }
         }
     }
@@ -305,22 +310,7 @@ async fn http_phase(a: &Args, tls: Option<Arc<ClientTls>>) -> serde_json::Value 
             }
         });
     }
-    let (mut ms, mut failed, mut why) = (Vec::new(), 0, Vec::new());
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(m)) => ms.push(m),
-            Ok(Err(e)) => {
-                failed += 1;
-                if why.len() < 5 {
-                    why.push(e);
-                }
-            }
-            Err(_) => failed += 1,
-        }
-    }
-    let mut s = summary(ms, failed, start.elapsed().as_secs_f64());
-    s["errors"] = json!(why);
-    s
+    collect(tasks, start).await
 }
 
 #[derive(Default)]

@@ -144,16 +144,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(dimse::receiver::serve(
             l,
             ctx.clone(),
+            None,
             stop_rx.clone(),
             DRAIN,
         )));
     }
     if let (Some(l), Some(rtls)) = (receive_tls_l, &receiver_tls) {
         tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening over DICOM TLS");
-        tasks.push(tokio::spawn(dimse::receiver::serve_tls(
+        tasks.push(tokio::spawn(dimse::receiver::serve(
             l,
             ctx.clone(),
-            rtls.clone(),
+            Some(rtls.clone()),
             stop_rx.clone(),
             DRAIN,
         )));
@@ -163,16 +164,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(dimse::serve(
             l,
             ctx.clone(),
+            None,
             stop_rx.clone(),
             DRAIN,
         )));
     }
     if let (Some(l), Some(tls)) = (dimse_tls_l, &tls) {
         tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "DICOM TLS front end listening");
-        tasks.push(tokio::spawn(dimse::serve_tls(
+        tasks.push(tokio::spawn(dimse::serve(
             l,
             ctx.clone(),
-            tls.clone(),
+            Some(tls.clone()),
             stop_rx.clone(),
             DRAIN,
         )));

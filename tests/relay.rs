@@ -461,7 +461,7 @@ issuer = "{issuer_url}"
     let (_tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _keep = _tx;
-        dimse::serve(gl, ctx, rx, Duration::from_secs(1)).await
+        dimse::serve(gl, ctx, None, rx, Duration::from_secs(1)).await
     });
     Setup {
         gateway,

@@ -9,6 +9,7 @@
 //! association slot and one address cannot take the whole pending budget. Connections over
 //! the pending limits are closed at once. Must not know what associations are for.
 
+use crate::dicom::peer::Stream;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -114,15 +115,20 @@ impl Admission {
 /// Accepts connections until `shutdown` turns true, giving each admitted one to `handle`
 /// with its pending claim (which `handle` drops once the request is read) and the [`Stop`] it
 /// must heed; then waits up to `grace` for running ones, and cuts what is left.
+/// With `tls`, every connection completes a DICOM TLS handshake (within `limits`' request
+/// deadline, holding only its pending claim) before `handle` sees it.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     admission: Arc<Admission>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+    handshake_wait: Duration,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Pending, Stop) -> Fut,
+    F: Fn(Stream, SocketAddr, Pending, Stop) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut tasks = JoinSet::new();
@@ -152,7 +158,16 @@ pub async fn serve<F, Fut>(
                 let _ = stream.set_nodelay(true);
                 // Boxed: an association's state machine is large, and tokio moves the future it
                 // is given into the task and its output out of it.
-                tasks.spawn(Box::pin(handle(stream, addr, pending, stop.clone())));
+                let Some(tls) = &tls else {
+                    tasks.spawn(Box::pin(handle(stream.into(), addr, pending, stop.clone())));
+                    continue;
+                };
+                let (acceptor, handle, stop) = (tls.dicom(), handle.clone(), stop.clone());
+                tasks.spawn(Box::pin(async move {
+                    if let Some(s) = accept_tls(name, acceptor, stream, addr, handshake_wait).await {
+                        handle(s, addr, pending, stop).await
+                    }
+                }));
             }
             _ = shutdown.changed() => break,
         }
@@ -183,17 +198,15 @@ pub async fn serve<F, Fut>(
 /// The DICOM TLS handshake of a new connection, within `wait` (the connection holds only its
 /// pending claim meanwhile); `None` when it failed or took too long: the connection is closed
 /// without a word, as PS3.15 B.1 leaves a failed handshake.
-pub(crate) async fn accept_tls(
+async fn accept_tls(
     listener: &'static str,
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     addr: SocketAddr,
     wait: Duration,
-) -> Option<crate::dicom::peer::Stream> {
+) -> Option<Stream> {
     match tokio::time::timeout(wait, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Some(crate::dicom::peer::Stream::Tls(Box::new(
-            tokio_rustls::TlsStream::Server(s),
-        ))),
+        Ok(Ok(s)) => Some(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
         Ok(Err(e)) => {
             crate::metrics::tls_handshake_failed(listener);
             tracing::info!(%addr, listener, reason = %e, "TLS handshake failed; closed");

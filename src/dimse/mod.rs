@@ -66,51 +66,30 @@ impl Ctx {
 }
 
 /// Accepts associations until `shutdown` turns true, then waits up to `grace` for running ones.
+/// With `tls`, over DICOM TLS (PS3.15 Annex B): a client that does not complete the handshake,
+/// or whose certificate does not verify, gets nothing.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let admission = ctx.admission.clone();
+    let (name, wait) = match tls {
+        None => ("dimse", Duration::ZERO),
+        Some(_) => ("dimse-tls", ctx.cfg.limits.association_request_timeout),
+    };
     listener::serve(
-        "dimse",
+        name,
         listener,
         admission,
+        tls,
+        wait,
         shutdown,
         grace,
         move |stream, addr, pending, stop| {
-            session::handle(stream.into(), addr, pending, stop, ctx.clone())
-        },
-    )
-    .await
-}
-
-/// The same over DICOM TLS (PS3.15 Annex B): the handshake completes within the request
-/// deadline while the connection holds only its pending claim; a client that does not
-/// complete it, or whose certificate does not verify, gets nothing.
-pub async fn serve_tls(
-    listener: TcpListener,
-    ctx: Arc<Ctx>,
-    tls: Arc<crate::tls::ServerTls>,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let admission = ctx.admission.clone();
-    listener::serve(
-        "dimse-tls",
-        listener,
-        admission,
-        shutdown,
-        grace,
-        move |stream, addr, pending, stop| {
-            let (ctx, acceptor) = (ctx.clone(), tls.dicom());
-            async move {
-                let wait = ctx.cfg.limits.association_request_timeout;
-                if let Some(s) = listener::accept_tls("dimse", acceptor, stream, addr, wait).await {
-                    session::handle(s, addr, pending, stop, ctx).await
-                }
-            }
+            session::handle(stream, addr, pending, stop, ctx.clone())
         },
     )
     .await

@@ -174,55 +174,32 @@ impl MoveRegistry {
     }
 }
 
-/// Accepts the PACS's sub-operation associations until `shutdown`.
+/// Accepts the PACS's sub-operation associations until `shutdown`. With `tls`
+/// (`pacs.tls.receive_tls_listen`), over DICOM TLS: the PACS must present a certificate that
+/// `pacs.tls.ca_file` signed, which replaces the check of its address (a PACS behind NAT or on
+/// several addresses is named by its certificate instead); the calling AE title is still
+/// checked. A failed handshake is most often a PACS without such a certificate.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let admission = ctx.receiver_admission.clone();
+    let (name, wait) = match tls {
+        None => ("receiver", Duration::ZERO),
+        Some(_) => ("receiver-tls", ctx.cfg.limits.association_request_timeout),
+    };
     super::listener::serve(
-        "receiver",
+        name,
         listener,
         admission,
+        tls,
+        wait,
         shutdown,
         grace,
-        move |stream, addr, pending, stop| receive(stream.into(), addr, pending, stop, ctx.clone()),
-    )
-    .await
-}
-
-/// The receiver over DICOM TLS (`pacs.tls.receive_tls_listen`): the PACS must present a
-/// certificate that `pacs.tls.ca_file` signed. That replaces the check of its address (a
-/// PACS behind NAT or on several addresses is named by its certificate instead); the calling
-/// AE title is still checked.
-pub async fn serve_tls(
-    listener: TcpListener,
-    ctx: Arc<Ctx>,
-    tls: Arc<crate::tls::ServerTls>,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let admission = ctx.receiver_admission.clone();
-    super::listener::serve(
-        "receiver-tls",
-        listener,
-        admission,
-        shutdown,
-        grace,
-        move |stream, addr, pending, stop| {
-            let (ctx, acceptor) = (ctx.clone(), tls.dicom());
-            async move {
-                let wait = ctx.cfg.limits.association_request_timeout;
-                // A failure here is most often a PACS without a certificate of pacs.tls.ca_file.
-                let accepted =
-                    super::listener::accept_tls("receiver", acceptor, stream, addr, wait).await;
-                if let Some(s) = accepted {
-                    receive(s, addr, pending, stop, ctx).await
-                }
-            }
-        },
+        move |stream, addr, pending, stop| receive(stream, addr, pending, stop, ctx.clone()),
     )
     .await
 }
