@@ -162,6 +162,8 @@ pub struct PacsTls {
     pub receive_tls_listen: Option<SocketAddr>,
     /// For an `https://` `dicomweb_url` (HTTP/1.1 by ALPN).
     pub http: std::sync::Arc<crate::tls::ClientTls>,
+    /// The name the PACS's certificate carries: checked when it connects to the receiver too.
+    pub server_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1246,19 +1248,11 @@ impl Config {
             }
         };
         let require_tls = g.require_tls.unwrap_or(false);
-        if require_tls {
-            for (key, addr) in plaintext_exposed(dimse_listen, http_listen) {
-                c.problem(
-                    key,
-                    format!("{addr} is a plaintext listener on an address other than loopback, and gateway.require_tls is set: tokens would cross the network in clear; serve it over TLS instead (gateway.dimse_tls_listen, gateway.https_listen), bind it to 127.0.0.1, or remove it"),
-                );
-            }
-        }
 
         if !c.problems.is_empty() {
             return Err(c.problems);
         }
-        Ok(Config {
+        let config = Config {
             gateway: Gateway {
                 ae_title,
                 dimse_listen,
@@ -1292,35 +1286,106 @@ impl Config {
             policy,
             destinations,
             tls,
-        })
+        };
+        // Under require_tls nothing may cross a network in clear.
+        if require_tls {
+            let legs = config.plaintext_legs();
+            if !legs.is_empty() {
+                return Err(legs
+                    .into_iter()
+                    .map(|p| Problem {
+                        message: format!("{} and gateway.require_tls is set", p.message),
+                        ..p
+                    })
+                    .collect());
+            }
+        }
+        Ok(config)
     }
 
-    /// What is allowed but unwise: plaintext listeners where tokens would cross a network.
-    /// `check-config` prints them and `serve` logs them; `gateway.require_tls` makes them
-    /// errors.
+    /// What is allowed but unwise: legs in plaintext where tokens or images would cross a
+    /// network (anything not on loopback). `check-config` prints them and `serve` logs them;
+    /// `gateway.require_tls` makes them errors.
     pub fn warnings(&self) -> Vec<Problem> {
-        plaintext_exposed(self.gateway.dimse_listen, self.gateway.http_listen)
-            .into_iter()
-            .map(|(key, addr)| Problem {
-                key: key.into(),
-                message: format!("{addr} is a plaintext listener on an address other than loopback: tokens (and images) would cross the network in clear; prefer its TLS counterpart (dimse_tls_listen, https_listen), or set gateway.require_tls = true to refuse this"),
+        self.plaintext_legs()
+    }
+
+    fn plaintext_legs(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut leg = |key: String, what: String, fix: &str| {
+            out.push(Problem {
+                key,
+                message: format!("{what} crosses the network in clear; {fix}"),
             })
-            .collect()
+        };
+        let g = &self.gateway;
+        for (key, addr, fix) in [
+            (
+                "gateway.dimse_listen",
+                g.dimse_listen,
+                "serve DIMSE on gateway.dimse_tls_listen instead, or bind it to 127.0.0.1",
+            ),
+            (
+                "gateway.http_listen",
+                g.http_listen,
+                "serve HTTP on gateway.https_listen instead, or bind it to 127.0.0.1",
+            ),
+            (
+                "pacs.receive_listen",
+                self.pacs.receive_listen,
+                "use pacs.tls.receive_tls_listen instead, or bind it to 127.0.0.1",
+            ),
+        ] {
+            if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
+                leg(
+                    key.into(),
+                    format!("{a} is a plaintext listener: what it carries (tokens, images)"),
+                    fix,
+                );
+            }
+        }
+        if self.pacs.dimse_tls.is_none() && on_network(&self.pacs.address) {
+            leg(
+                "pacs.address".into(),
+                format!("DIMSE toward the PACS at {}", self.pacs.address),
+                "add [pacs.tls] with dimse = true",
+            );
+        }
+        if let Some(u) = &self.pacs.dicomweb_url
+            && u.starts_with("http://")
+            && url::Url::parse(u)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .is_some_and(|h| on_network(&format!("{h}:0")))
+        {
+            leg(
+                "pacs.dicomweb_url".into(),
+                "DICOMweb toward the PACS".into(),
+                "use its https:// URL with [pacs.tls]",
+            );
+        }
+        for (i, d) in self.destinations.iter().enumerate() {
+            if d.tls.is_none() && on_network(&d.address) {
+                leg(
+                    format!("destinations[{i}].address"),
+                    format!("C-MOVE toward {} at {}", d.ae_title, d.address),
+                    "set tls = true with its ca_file",
+                );
+            }
+        }
+        out
     }
 }
 
-/// The plaintext listeners bound to an address other than loopback.
-fn plaintext_exposed(
-    dimse: Option<SocketAddr>,
-    http: Option<SocketAddr>,
-) -> Vec<(&'static str, SocketAddr)> {
-    [
-        ("gateway.dimse_listen", dimse),
-        ("gateway.http_listen", http),
-    ]
-    .into_iter()
-    .filter_map(|(k, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (k, a)))
-    .collect()
+/// Whether a `HOST:PORT` is off this machine (anything but a loopback address or `localhost`).
+fn on_network(address: &str) -> bool {
+    let host = crate::tls::host_of(address);
+    if host.eq_ignore_ascii_case("localhost") {
+        return false;
+    }
+    !host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks `[pacs.tls]` and loads it once: the section, and the DICOM TLS client toward the
@@ -1387,6 +1452,7 @@ fn pacs_tls(
             files,
             receive_tls_listen,
             http,
+            server_name: name.clone(),
         }),
         dimse,
     )
@@ -1402,6 +1468,13 @@ fn tls_identity(
     let cert = c.required("tls.cert_file", t.cert_file, "\"gateway-cert.pem\"");
     let key = c.required("tls.key_file", t.key_file, "\"gateway-key.pem\"");
     let client_auth = match (t.client_auth.as_deref(), &t.client_ca_file) {
+        (Some("none"), Some(_)) => {
+            c.problem(
+                "tls.client_ca_file",
+                "is set but client_auth = \"none\" asks for no client certificate: remove client_ca_file, or set client_auth = \"optional\" or \"required\"",
+            );
+            ClientAuth::None
+        }
         (None, None) | (Some("none"), _) => ClientAuth::None,
         (None, Some(_)) | (Some("required"), _) => ClientAuth::Required,
         (Some("optional"), _) => ClientAuth::Optional,
@@ -1594,6 +1667,29 @@ verify = "jwt"
         );
         assert_eq!(keys(&strict), ["gateway.dimse_listen"]);
         assert!(Config::parse(GOOD).expect("loopback").warnings().is_empty());
+        // Every leg counts: the PACS, its DICOMweb service, the receiver and the destinations.
+        let far = GOOD
+            .replace("address = \"127.0.0.1:4242\"", "address = \"pacs.hospital.example:104\"\ndicomweb_url = \"http://10.1.2.3/dicom-web\"\nreceive_listen = \"0.0.0.0:11113\"")
+            + "\n[[destinations]]\nae_title = \"WS\"\naddress = \"10.1.2.4:104\"\n";
+        let w: Vec<String> = Config::parse(&far)
+            .expect("allowed")
+            .warnings()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        for k in [
+            "pacs.address",
+            "pacs.dicomweb_url",
+            "pacs.receive_listen",
+            "destinations[0].address",
+        ] {
+            assert!(w.contains(&k.to_string()), "{k}: {w:?}");
+        }
+        // A client CA that asks for nothing is a contradiction, not a silent no-op.
+        let tls = format!(
+            "{GOOD}\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\nclient_auth = \"none\"\n"
+        );
+        assert!(keys(&tls).contains(&"tls.client_ca_file".to_string()));
     }
 
     #[test]

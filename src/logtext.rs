@@ -19,7 +19,9 @@ impl fmt::Display for Clean<'_> {
             if i == MAX_CHARS {
                 return f.write_str("...");
             }
-            if (' '..='~').contains(&c) && c != '\\' {
+            // `"` too: a value is written inside quotes, so it cannot close them and forge
+            // the fields after it.
+            if (' '..='~').contains(&c) && c != '\\' && c != '"' {
                 fmt::Write::write_char(f, c)?;
             } else {
                 write!(f, "{}", c.escape_default())?;
@@ -53,6 +55,7 @@ mod tests {
         );
         assert_eq!(clean("\u{1b}[31mX\r"), "\\u{1b}[31mX\\r");
         assert_eq!(clean("a\\b"), "a\\\\b");
+        assert_eq!(clean("x\" patient=\"B"), "x\\\" patient=\\\"B");
         assert_eq!(clean("é"), "\\u{e9}");
         assert!(clean(&"x".repeat(1000)).len() < 300);
     }

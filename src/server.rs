@@ -311,18 +311,15 @@ async fn wait_for_signal(tls: &Reloadable) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
+        // Each handler on its own: a signal whose handler cannot be installed keeps its
+        // default action, and the others still work.
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut hup = signal(SignalKind::hangup()).ok();
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
-                _ = term.recv() => return,
-                _ = hup.recv() => tls.reload(),
+                Some(_) = async { term.as_mut()?.recv().await } => return,
+                Some(_) = async { hup.as_mut()?.recv().await } => tls.reload(),
             }
         }
     }

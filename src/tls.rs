@@ -275,6 +275,29 @@ pub fn host_of(address: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+/// Whether the certificate the peer presented (the first of its chain, already verified by the
+/// handshake) names `name` in its subject alternative names: a DNS name (case aside) or an IP
+/// address. A CA that signs for many machines does not make each of them the PACS.
+pub fn certifies_name(certs: Option<&[CertificateDer<'_>]>, name: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Some(der) = certs.and_then(|c| c.first()) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let ip: Option<std::net::IpAddr> = name.parse().ok();
+    san.value.general_names.iter().any(|g| match (g, ip) {
+        (GeneralName::DNSName(d), None) => d.eq_ignore_ascii_case(name),
+        (GeneralName::IPAddress(b), Some(std::net::IpAddr::V4(v4))) => *b == v4.octets(),
+        (GeneralName::IPAddress(b), Some(std::net::IpAddr::V6(v6))) => *b == v6.octets(),
+        _ => false,
+    })
+}
+
 /// The subject of a verified client certificate (the first of the chain), as RFC 4514 text:
 /// the name of the workstation beside its user's in the audit trail.
 pub fn subject_of(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {

@@ -135,6 +135,17 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Whether the certificate the other end presented names `name` (see
+    /// [`crate::tls::certifies_name`]); false in plaintext.
+    pub fn peer_certifies(&self, name: &str) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(s) => crate::tls::certifies_name(s.get_ref().1.peer_certificates(), name),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -225,10 +225,15 @@ async fn receive(
     };
     drop(pending);
     let pacs = &ctx.cfg.pacs;
-    // Over TLS the handshake verified the PACS's certificate; in plaintext its address is all.
-    let by_certificate = matches!(stream, Stream::Tls(_));
+    // Over TLS the PACS is known by its certificate: signed by pacs.tls.ca_file (the handshake
+    // checked that) and naming the PACS (a CA that signs for workstations too does not make
+    // them the PACS). In plaintext its address is all.
+    let by_certificate = match (&stream, &pacs.tls) {
+        (Stream::Tls(_), Some(t)) => stream.peer_certifies(&t.server_name),
+        _ => false,
+    };
     if rq.calling_ae_title.trim() != pacs.ae_title.trim()
-        || !(by_certificate || from_pacs(&ctx, addr).await)
+        || !(by_certificate || (matches!(stream, Stream::Plain(_)) && from_pacs(&ctx, addr).await))
     {
         tracing::warn!(%addr, calling_ae = %Clean(rq.calling_ae_title.trim()), "receiver: association not from the PACS; rejected");
         send_reject(&mut stream, assoc::Refusal::CallingAeTitle).await;

@@ -33,8 +33,10 @@ use std::pin::Pin;
 pub(crate) struct Check {
     pub allowed: Permit,
     pub principal: Principal,
-    /// The request, for the audit trail.
+    /// The request, for the audit trail (a streamed body is checked after the handler has
+    /// returned, outside the request's scope, so the trail's facts are taken along).
     pub request_id: u64,
+    pub client_cert: Option<std::sync::Arc<str>>,
     pub op: Operation,
     /// What the operation applies to, as the audit record names it.
     pub object: String,
@@ -45,12 +47,9 @@ pub(crate) struct Check {
 
 impl Check {
     fn anomaly(&self, why: &str) {
-        Trail::new(Channel::Http, self.request_id, Some(&self.principal)).record(
-            self.op,
-            &self.object,
-            Outcome::Anomaly,
-            why,
-        );
+        Trail::new(Channel::Http, self.request_id, Some(&self.principal))
+            .with_client_cert(self.client_cert.clone())
+            .record(self.op, &self.object, Outcome::Anomaly, why);
     }
 }
 

@@ -274,7 +274,10 @@ macro_rules! drive {
         let mut conn = std::pin::pin!($conn);
         let check =
             ($bounds.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
-        let mut closing = false;
+        // Once closing, the connection gets the drain time to finish what runs, then is
+        // dropped: a client that stops reading (an HTTP/2 window held at zero) cannot keep
+        // its responses, and the PACS connections behind them, open for ever.
+        let mut closing: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
@@ -283,16 +286,20 @@ macro_rules! drive {
                     }
                     return;
                 }
-                _ = tokio::time::sleep(check), if !closing => {
+                _ = tokio::time::sleep(check), if closing.is_none() => {
                     if $idle.for_how_long() >= $bounds.idle_timeout {
                         // Closes at once when no request is running; a running one finishes.
                         conn.as_mut().graceful_shutdown();
-                        closing = true;
+                        closing = Some(tokio::time::Instant::now() + $bounds.drain);
                     }
                 }
-                _ = $stop.changed(), if !closing => {
+                _ = $stop.changed(), if closing.is_none() => {
                     conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing = Some(tokio::time::Instant::now() + $bounds.drain);
+                }
+                _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                    tracing::debug!(addr = %$addr, "HTTP connection did not finish in the drain time; dropped");
+                    return;
                 }
             }
         }
@@ -354,5 +361,7 @@ async fn serve_connection<I>(
     }
 }
 
-/// Requests at once on one HTTP/2 connection (the gateway's request slots bound them all).
-const MAX_STREAMS: u32 = 128;
+/// Requests at once on one HTTP/2 connection: enough for a viewer's frames in flight; the
+/// gateway's request slots bound them all, and a response whose client stops reading holds a
+/// PACS connection until the idle and drain times are over, so a connection may not hold many.
+const MAX_STREAMS: u32 = 32;

@@ -52,10 +52,14 @@ pub(crate) fn request_id() -> u64 {
     REQUEST.try_with(|r| r.id).unwrap_or(0)
 }
 
+/// The verified client certificate's subject of the running request's connection, if any.
+pub(crate) fn client_cert() -> Option<Arc<str>> {
+    REQUEST.try_with(|r| r.client_cert.clone()).ok().flatten()
+}
+
 /// Where the running request's decisions are recorded.
 pub(crate) fn trail(principal: Option<&crate::trust::Principal>) -> Trail<'_> {
-    let cert = REQUEST.try_with(|r| r.client_cert.clone()).ok().flatten();
-    Trail::new(Channel::Http, request_id(), principal).with_client_cert(cert)
+    Trail::new(Channel::Http, request_id(), principal).with_client_cert(client_cert())
 }
 
 /// Gives every request an id, visible in audit records and as `X-Request-Id`.

@@ -81,6 +81,7 @@ pub(crate) async fn retrieve(
         allowed,
         principal: p.clone(),
         request_id: super::request_id(),
+        client_cert: super::client_cert(),
         op: Operation::Wado(part),
         object: on.clone(),
         limits: ctx.cfg.limits.reader(),

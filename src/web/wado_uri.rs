@@ -116,6 +116,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             allowed,
             principal: p.clone(),
             request_id: super::request_id(),
+            client_cert: super::client_cert(),
             op: Operation::WadoUri,
             object: on,
             limits: ctx.cfg.limits.reader(),

@@ -43,6 +43,8 @@ class UpstreamPki:
         self.gw_server = self.pair("gw-server", gw_ca.issue_cert("127.0.0.1"))
         self.gw_client = self.pair("gw-client", gw_ca.issue_cert("pacsgate.client", common_name="pacsgate"))
         self.dest = self.pair("dest", dest_ca.issue_cert("127.0.0.1"))
+        # Signed by the PACS's CA, but for another machine (sites often have one CA for all).
+        self.impostor = self.pair("impostor", pacs_ca.issue_cert("workstation.example"))
 
     def write(self, name, blob):
         p = self.dir / name
@@ -170,10 +172,11 @@ def test_c_move_over_tls_from_the_pacs_to_a_tls_destination(env, issuer, upki):
     assoc.release()
     assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     assert sorted(dest.received) == sorted(env["sops"])
-    # The receiver over TLS takes the PACS by its certificate: a peer with none, or with one of
-    # another CA, gets no association (whatever AE title it claims).
+    # The receiver over TLS takes the PACS by its certificate: a peer with none, with one of
+    # another CA, or with one of the PACS's CA for another name gets no association (whatever
+    # AE title it claims).
     from pynetdicom.sop_class import SecondaryCaptureImageStorage
-    for client in (None, upki.gw_client):
+    for client in (None, upki.gw_client, upki.impostor):
         ctx = ssl.create_default_context(cafile=str(upki.gw_ca))
         if client:
             ctx.load_cert_chain(str(client[0]), str(client[1]))
