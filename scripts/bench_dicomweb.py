@@ -30,14 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import FastDimse, FastWeb, Nginx, cpu_seconds, fast_gateway, ratio, vm, write_results
+from benchlib import write_big_study, FastDimse, FastWeb, Nginx, cpu_seconds, fast_gateway, ratio, vm, write_results
 
 import pydicom  # noqa: E402
 import requests  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
 
 from conftest import Gateway, Issuer, Orthanc, stop  # noqa: E402
-from dicomdata import generate, make_instance  # noqa: E402
+from dicomdata import generate  # noqa: E402
 
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", "100"))
 MIB_EACH = int(os.environ.get("BENCH_MIB", "5"))
@@ -120,15 +119,7 @@ def main():
         big_dir, small_dir = tmp / "big", tmp / "small"
         big_dir.mkdir()
         small_dir.mkdir()
-        study, series = generate_uid(), generate_uid()
-        side = int((MIB_EACH * 1024 * 1024 / 2) ** 0.5)
-        for i in range(INSTANCES):
-            ds = pydicom.dcmread(io.BytesIO(make_instance("BIG", study, series, 1, 1, i + 1, "20250101")))
-            ds.Rows = ds.Columns = side
-            ds.BitsAllocated = ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelData = os.urandom(side * side * 2)
-            ds.save_as(big_dir / f"{i:05d}.dcm", enforce_file_format=True)
+        study = write_big_study(big_dir, "BIG", INSTANCES, MIB_EACH)
         small = []  # (study, series, instance) of the 100 small studies
         for n, (_, st, data) in enumerate(generate({"QIDO": {"studies": 100, "series": 1, "instances": 1}}, [])):
             (small_dir / f"{n:05d}.dcm").write_bytes(data)

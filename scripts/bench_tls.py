@@ -19,24 +19,19 @@ Run it through scripts/bench-tls.sh. Environment: BENCH_ROUNDS (3), BENCH_INSTAN
 BENCH_MIB (5), BENCH_CONNECT (50 fresh connections per round and side), PACSGATE_BIN.
 """
 
-import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from benchlib import EXAMPLES, FastDimse, FastWeb, Nginx, _start, ratio, write_results
+from benchlib import write_big_study, EXAMPLES, FastDimse, FastWeb, Nginx, _start, ratio, write_results
 
-import pydicom  # noqa: E402
 import trustme  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
 
 from conftest import Gateway, Issuer, free_port, stop, wait_tcp  # noqa: E402
-from dicomdata import make_instance  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", "20"))
@@ -103,15 +98,7 @@ def main():
     try:
         study_dir = tmp / "study"
         study_dir.mkdir()
-        study, series = generate_uid(), generate_uid()
-        side = int((MIB_EACH * 1024 * 1024 / 2) ** 0.5)
-        for i in range(INSTANCES):
-            ds = pydicom.dcmread(io.BytesIO(make_instance("BIG", study, series, 1, 1, i + 1, "20250101")))
-            ds.Rows = ds.Columns = side
-            ds.BitsAllocated = ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelData = os.urandom(side * side * 2)
-            ds.save_as(study_dir / f"{i:05d}.dcm", enforce_file_format=True)
+        study = write_big_study(study_dir, "BIG", INSTANCES, MIB_EACH)
         ca = trustme.CA()
         c = ca.issue_cert("127.0.0.1")
         ca_file, cert, key = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"

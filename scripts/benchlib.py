@@ -111,6 +111,28 @@ def fast_gateway(tmp: Path, dimse: FastDimse, issuer, web: FastWeb = None, name=
     return Gateway(tmp, dimse, issuer, name=name, log_filter="info", dicomweb_url=dicomweb)
 
 
+def write_big_study(directory: Path, patient: str, instances: int, mib_each: int) -> str:
+    """Writes a study of `instances` Part 10 files of about `mib_each` MiB of random 16-bit
+    pixels each into `directory`; returns its Study Instance UID."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicomdata import make_instance
+
+    study, series = generate_uid(), generate_uid()
+    side = int((mib_each * 1024 * 1024 / 2) ** 0.5)
+    for i in range(instances):
+        ds = pydicom.dcmread(io.BytesIO(make_instance(patient, study, series, 1, 1, i + 1, "20250101")))
+        ds.Rows = ds.Columns = side
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelData = os.urandom(side * side * 2)
+        ds.save_as(directory / f"{i:05d}.dcm", enforce_file_format=True)
+    return study
+
+
 def ratio(value, base):
     """value / base, formatted; '-' when the base is zero."""
     return f"{value / base:.3f}" if base else "-"
