@@ -215,7 +215,7 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra="", public_url=None):
+                 limits_extra="", public_url=None, idle_timeout=60):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
@@ -234,7 +234,7 @@ cors_origins = ["https://viewer.example.org"]
 {gateway_extra}
 
 [limits]
-idle_timeout_secs = 60
+idle_timeout_secs = {idle_timeout}
 upstream_timeout_secs = 20
 {limits_extra}
 

@@ -575,3 +575,53 @@ def test_wado_uri_foreign_instance_from_the_pacs_is_not_delivered(misbehaving, o
     assert b"DICM" not in body and b"PAT-B" not in body
     assert_gateway_serves(g, issuer)
 
+
+def test_a_client_that_stops_reading_is_dropped(tmp_root, orthanc, issuer):
+    """A WADO-RS answer the client never reads: once nothing has moved for the idle time the
+    gateway closes the connection, and when the running response still cannot finish it is
+    dropped after the drain time, with the PACS connection behind it (it used to wait for the
+    response for ever)."""
+    import time
+
+    from dicomdata import make_instance
+
+    study, series = generate_uid(), generate_uid()
+    for i in range(6):
+        ds = pydicom.dcmread(io.BytesIO(make_instance("PAT-STALL", study, series, 1, 1, i + 1, "20250101")))
+        ds.Rows = ds.Columns = 1448
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelData = bytes(1448 * 1448 * 2)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        orthanc.upload(buf.getvalue())
+    g = Gateway(tmp_root, orthanc, issuer, name="stall-gateway", idle_timeout=2)
+    try:
+        s = socket.create_connection(("127.0.0.1", g.http_port))
+        token = issuer.mint(patient="PAT-STALL")
+        s.sendall(f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                  f"Accept: multipart/related; type=\"application/dicom\"\r\n\r\n".encode())
+        client_port = s.getsockname()[1]
+
+        def gateway_side_state():
+            """The TCP state of the gateway's end of this connection (/proc/net/tcp: 01 is
+            ESTABLISHED; FIN-WAIT and later mean the gateway has closed it)."""
+            for line in open("/proc/net/tcp").read().splitlines()[1:]:
+                f = line.split()
+                local, remote, state = f[1], f[2], f[3]
+                if int(local.split(":")[1], 16) == g.http_port and int(remote.split(":")[1], 16) == client_port:
+                    return state
+            return None
+
+        time.sleep(3)
+        assert gateway_side_state() == "01", "the response is still being written"
+        # Idle time (2 s), then the drain time (20 s), with the checks' slack.
+        deadline = time.time() + 40
+        while gateway_side_state() == "01" and time.time() < deadline:
+            time.sleep(0.5)
+        state = gateway_side_state()
+        s.close()
+        assert state != "01", "the gateway still held the connection of a client that stopped reading"
+    finally:
+        stop(g.proc)
+
