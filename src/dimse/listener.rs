@@ -138,6 +138,8 @@ pub async fn serve<F, Fut>(
         cut: cut_rx,
     };
     loop {
+        // Finished connections are reaped first, whatever way the last turn ended.
+        while tasks.try_join_next().is_some() {}
         tokio::select! {
             r = listener.accept() => {
                 let (stream, addr) = match r {
@@ -158,20 +160,24 @@ pub async fn serve<F, Fut>(
                 let _ = stream.set_nodelay(true);
                 // Boxed: an association's state machine is large, and tokio moves the future it
                 // is given into the task and its output out of it.
-                let Some(tls) = &tls else {
-                    tasks.spawn(Box::pin(handle(stream.into(), addr, pending, stop.clone())));
-                    continue;
-                };
-                let (acceptor, handle, stop) = (tls.dicom(), handle.clone(), stop.clone());
-                tasks.spawn(Box::pin(async move {
-                    if let Some(s) = accept_tls(name, acceptor, stream, addr, handshake_wait).await {
-                        handle(s, addr, pending, stop).await
+                match &tls {
+                    None => {
+                        tasks.spawn(Box::pin(handle(stream.into(), addr, pending, stop.clone())));
                     }
-                }));
+                    Some(tls) => {
+                        let (acceptor, handle, stop) = (tls.dicom(), handle.clone(), stop.clone());
+                        tasks.spawn(Box::pin(async move {
+                            if let Some(s) =
+                                accept_tls(name, acceptor, stream, addr, handshake_wait).await
+                            {
+                                handle(s, addr, pending, stop).await
+                            }
+                        }));
+                    }
+                }
             }
             _ = shutdown.changed() => break,
         }
-        while tasks.try_join_next().is_some() {}
     }
     drop(listener);
     tracing::info!(

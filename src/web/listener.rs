@@ -156,6 +156,8 @@ pub async fn serve(
     let peers = Arc::new(PerPeer::default());
     let mut tasks = tokio::task::JoinSet::new();
     loop {
+        // Finished connections are reaped first, whatever way the last turn ended.
+        while tasks.try_join_next().is_some() {}
         tokio::select! {
             r = listener.accept() => {
                 let (stream, addr) = match r {
@@ -199,7 +201,6 @@ pub async fn serve(
             }
             _ = shutdown.changed() => break,
         }
-        while tasks.try_join_next().is_some() {}
     }
     drop(listener);
     let _ = tokio::time::timeout(bounds.drain, async {
