@@ -6,7 +6,8 @@ For plaintext and for TLS (DICOM TLS and HTTPS), examples/load.rs runs 500 assoc
 (each associates, echoes, holds until all are up, echoes again and releases) and then 1,000
 QIDO-RS searches at once, with valid tokens; then the same again with a flood mixed in: invalid
 tokens on both protocols, handshakes sent a byte at a time and connections that never speak.
-/healthz is sampled every 50 ms throughout. The gateway (release build, info logging, the audit
+/healthz is sampled every 50 ms throughout, on the HTTP front end and on gateway.monitor_listen
+(the probes' own listener, thread and runtime). The gateway (release build, info logging, the audit
 trail on) stands in front of the project's fast origins (examples/bench_origin_dimse.rs and
 bench_origin_web.rs), so that what is measured is the gateway. Its peak resident memory is read
 from /proc. Asserts only that every valid caller was served; prints the table and writes it to
@@ -86,13 +87,16 @@ def run_client(g, token_file, ca=None, abuse=False):
     if abuse:
         cmd += ["--abuse", "--abuse-secs", "30"]
     probe = Probe(f"{g.public_url}/healthz")
+    monitor = Probe(f"http://127.0.0.1:{g.monitor_port}/healthz")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     health = probe.stop()
+    monitor_health = monitor.stop()
     if r.returncode != 0:
         raise RuntimeError(f"load client failed: {r.stderr}")
     out = json.loads(r.stdout)
     out["health_in_client"] = out.pop("health")
     out["health"] = health
+    out["monitor_health"] = monitor_health
     return out
 
 
@@ -116,15 +120,17 @@ def main():
         ca_file.write_bytes(ca.cert_pem.bytes())
         cert_file.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
         key_file.write_bytes(cert.private_key_pem.bytes())
-        dimse_tls_port, https_port = free_port(), free_port()
+        dimse_tls_port, https_port, monitor_port = free_port(), free_port(), free_port()
         g = Gateway(tmp, origin, issuer, name="load-gateway", log_filter="info",
                     dicomweb_url=f"{web.url}/dicom-web", limits_extra=LIMITS,
                     gateway_extra=f'dimse_tls_listen = "127.0.0.1:{dimse_tls_port}"\n'
-                                  f'https_listen = "127.0.0.1:{https_port}"',
+                                  f'https_listen = "127.0.0.1:{https_port}"\n'
+                                  f'monitor_listen = "127.0.0.1:{monitor_port}"',
                     extra=f'[tls]\ncert_file = "{cert_file}"\nkey_file = "{key_file}"\n')
         procs.append(g.proc)
-        g.dimse_tls_port, g.https_port = dimse_tls_port, https_port
+        g.dimse_tls_port, g.https_port, g.monitor_port = dimse_tls_port, https_port, monitor_port
         wait_tcp(https_port, g.proc, "pacsgate https")
+        wait_tcp(monitor_port, g.proc, "pacsgate monitor")
         token_file = tmp / "token"
         token_file.write_text(issuer.mint(patient=PATIENT, expires_in=3600))
         rss_start = vm(g.proc.pid, "VmRSS")
@@ -143,11 +149,12 @@ def main():
 
     rows = []
     for name, r in runs.items():
-        d, h, hz, f = r["dimse"], r["http"], r["health"], r["flood"]
+        d, h, hz, mz = r["dimse"], r["http"], r["health"], r["monitor_health"]
         rows.append(
             f"| {name} | {d['ok']}/{ASSOC} ({d['failed']} failed), p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms "
             f"| {h['ok']}/{REQUESTS} ({h['failed']} failed), p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms "
             f"| {hz['ok']} probes, p99 {hz['p99_ms']:.1f} ms, max {hz['max_ms']:.1f} ms, {hz['failed']} failed "
+            f"| {mz['ok']} probes, p99 {mz['p99_ms']:.1f} ms, max {mz['max_ms']:.1f} ms, {mz['failed']} failed "
             f"| {r['gateway_peak_rss_mib']:.1f} MiB |"
         )
     floods = [
@@ -162,10 +169,12 @@ def main():
         f"Load: {ASSOC} associations at once (associate, C-ECHO, hold until all are up, C-ECHO, release), then "
         f"{REQUESTS} QIDO-RS searches at once, valid tokens; release build, loopback, {os.cpu_count()} cores, "
         "in front of the project's fast origins. Valid callers from 127.0.0.2-201, the flood from 127.0.1.x, "
-        "/healthz probed every 50 ms from 127.0.0.1 by a process of its own, a new connection each time.",
+        "/healthz probed every 50 ms from 127.0.0.1 by a process of its own, a new connection each time, "
+        "on the HTTP front end and on monitor_listen.",
         "",
-        "| run | associations (time to associate + first C-ECHO) | QIDO-RS searches | /healthz | gateway peak RSS |",
-        "|---|---|---|---|---|",
+        "| run | associations (time to associate + first C-ECHO) | QIDO-RS searches | /healthz, front end "
+        "| /healthz, monitor_listen | gateway peak RSS |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
         "The flood (30 s, started 6 s before the valid callers, from 200 addresses of its own):",

@@ -73,6 +73,9 @@ pub struct Gateway {
     pub dimse_tls_listen: Option<SocketAddr>,
     pub http_listen: Option<SocketAddr>,
     pub https_listen: Option<SocketAddr>,
+    /// `/healthz` and `/metrics` alone, served by a thread and runtime of their own so that a
+    /// probe is answered however busy the front ends are.
+    pub monitor_listen: Option<SocketAddr>,
     /// Plaintext listeners on addresses other than loopback are errors, not warnings.
     pub require_tls: bool,
     pub public_url: String,
@@ -304,6 +307,7 @@ struct RawGateway {
     dimse_tls_listen: Option<String>,
     http_listen: Option<String>,
     https_listen: Option<String>,
+    monitor_listen: Option<String>,
     require_tls: Option<bool>,
     public_url: Option<String>,
     audiences: Option<Vec<String>>,
@@ -613,6 +617,10 @@ impl Config {
             .https_listen
             .as_deref()
             .and_then(|s| c.socket_addr("gateway.https_listen", s));
+        let monitor_listen = g
+            .monitor_listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("gateway.monitor_listen", s));
         let public_url = match g.public_url {
             Some(u) => {
                 c.http_url("gateway.public_url", &u);
@@ -1199,6 +1207,9 @@ impl Config {
         if let Some(a) = https_listen {
             listens.push(("gateway.https_listen", a));
         }
+        if let Some(a) = monitor_listen {
+            listens.push(("gateway.monitor_listen", a));
+        }
         if let Some(a) = receive_listen {
             listens.push(("pacs.receive_listen", a));
         }
@@ -1259,6 +1270,7 @@ impl Config {
                 dimse_tls_listen,
                 http_listen,
                 https_listen,
+                monitor_listen,
                 require_tls,
                 public_url,
                 audiences,
@@ -1763,6 +1775,38 @@ address = "nowhere"
         let text = GOOD.replace("127.0.0.1:8080\"\npublic", "127.0.0.1:11112\"\npublic");
         let p = Config::parse(&text).unwrap_err();
         assert!(p.iter().any(|p| p.key == "gateway.http_listen"), "{p:?}");
+    }
+
+    #[test]
+    fn the_monitor_listener_is_read_and_must_not_collide() {
+        let with = |addr: &str| {
+            GOOD.replace(
+                "http_listen = \"127.0.0.1:8080\"",
+                &format!("http_listen = \"127.0.0.1:8080\"\nmonitor_listen = \"{addr}\""),
+            )
+        };
+        let cfg = Config::parse(&with("127.0.0.1:9100")).unwrap();
+        assert_eq!(
+            cfg.gateway.monitor_listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        let p = Config::parse(&with("127.0.0.1:8080")).unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.key == "gateway.monitor_listen" && p.message.contains("http_listen")),
+            "{p:?}"
+        );
+        let p = Config::parse(&with("nowhere")).unwrap_err();
+        assert!(p.iter().any(|p| p.key == "gateway.monitor_listen"), "{p:?}");
+        // It carries no token: off loopback it is not a plaintext leg to warn of.
+        let cfg = Config::parse(&with("0.0.0.0:9100")).unwrap();
+        assert!(
+            !cfg.warnings()
+                .iter()
+                .any(|w| w.key == "gateway.monitor_listen"),
+            "{:?}",
+            cfg.warnings()
+        );
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     .await;
     let http_l = bind_opt("gateway.http_listen", g.http_listen, &mut problems).await;
     let https_l = bind_opt("gateway.https_listen", g.https_listen, &mut problems).await;
+    let monitor_l = bind_opt("gateway.monitor_listen", g.monitor_listen, &mut problems).await;
     let receive_l = bind_opt(
         "pacs.receive_listen",
         cfg.pacs.receive_listen,
@@ -193,9 +194,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 stop_rx.clone(),
                 cap,
                 tls,
+                crate::web::Face::Front,
             )));
         }
     }
+    let monitor = match monitor_l {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "monitoring listener (/healthz, /metrics) on its own thread");
+            Some(serve_monitor(l.into_std()?, web.clone(), stop_rx.clone())?)
+        }
+        None => None,
+    };
 
     wait_for_signal(&reloadable).await;
     tracing::info!("stop requested; draining");
@@ -206,8 +215,54 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for t in http_tasks {
         let _ = tokio::time::timeout(DRAIN, t).await;
     }
+    if let Some(m) = monitor {
+        let _ = tokio::time::timeout(DRAIN, tokio::task::spawn_blocking(move || m.join())).await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections the monitoring listener holds at once: probes and scrapers, not clients.
+const MONITOR_CONNECTIONS: usize = 64;
+
+/// Serves `gateway.monitor_listen` on an OS thread with a runtime of its own (one worker), so a
+/// probe is answered in milliseconds even while the front ends' workers are saturated by a
+/// flood: the probe then says whether the process serves, not how long its queue is.
+fn serve_monitor(
+    listener: std::net::TcpListener,
+    web: Arc<crate::web::WebCtx>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pacsgate-monitor")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the monitoring listener's runtime: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name("pacsgate-monitor".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gateway.monitor_listen: cannot serve");
+                        return;
+                    }
+                };
+                let _ = crate::web::serve(
+                    listener,
+                    web,
+                    stop,
+                    MONITOR_CONNECTIONS,
+                    None,
+                    crate::web::Face::Monitor,
+                )
+                .await;
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the monitoring listener's thread: {e}"))?;
+    Ok(thread)
 }
 
 /// Raises the soft limit on open descriptors to the hard one and returns it (`None` where

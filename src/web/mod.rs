@@ -297,18 +297,41 @@ pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
         .with_state(ctx)
 }
 
-/// Serves HTTP until `shutdown` turns true, under the listener's bounds ([`listener`]).
-/// Serves the HTTP front end on `listener`, over TLS (HTTPS, with HTTP/2 by ALPN) when `tls`
-/// is given.
+/// `gateway.monitor_listen`: the probes alone, nothing a token opens.
+fn monitor_router(ctx: Arc<WebCtx>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(ctx)
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    /// DICOMweb, discovery and the probes (`http_listen`, `https_listen`).
+    Front,
+    /// `/healthz` and `/metrics` only (`monitor_listen`).
+    Monitor,
+}
+
+/// Serves HTTP on `listener` until `shutdown` turns true, under the listener's bounds
+/// ([`listener`]); over TLS (HTTPS, with HTTP/2 by ALPN) when `tls` is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<WebCtx>,
     shutdown: watch::Receiver<bool>,
     max_connections: usize,
     tls: Option<Arc<crate::tls::ServerTls>>,
+    face: Face,
 ) -> std::io::Result<()> {
     let l = &ctx.cfg.limits;
+    let name = match (face, &tls) {
+        (Face::Monitor, _) => "monitor",
+        (Face::Front, Some(_)) => "https",
+        (Face::Front, None) => "http",
+    };
     let bounds = listener::Bounds {
+        name,
         max_connections,
         max_per_peer: l.max_http_connections_per_peer,
         header_timeout: l.http_header_timeout,
@@ -317,6 +340,10 @@ pub async fn serve(
         drain: Duration::from_secs(20),
         monitors: ctx.cfg.gateway.metrics_clients.clone(),
     };
-    listener::serve(listener, router(ctx.clone()), bounds, shutdown, tls).await;
+    let routes = match face {
+        Face::Front => router(ctx.clone()),
+        Face::Monitor => monitor_router(ctx.clone()),
+    };
+    listener::serve(listener, routes, bounds, shutdown, tls).await;
     Ok(())
 }

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import requests
 
-from conftest import ROOT, binary, free_port
+from conftest import ROOT, Gateway, binary, free_port, stop, wait_tcp
 from test_dimse_association import associate
 
 
@@ -105,3 +105,29 @@ def test_dev_issuer_discovery_documents(issuer):
     intro = requests.post(f"{issuer.url}/introspect", data={"token": tok}, timeout=5).json()
     assert intro["active"] is True and intro["patient"] == "PAT-A"
     assert requests.post(f"{issuer.url}/introspect", data={"token": "x.y.z"}, timeout=5).json() == {"active": False}
+
+
+def test_the_monitoring_listener_serves_the_probes_and_nothing_else(tmp_root, orthanc, issuer):
+    token_a = issuer.mint(patient="PAT-A")
+    port = free_port()
+    d = tmp_root / "monitor"
+    d.mkdir(exist_ok=True)
+    g = Gateway(d, orthanc, issuer, name="monitor", gateway_extra=f'monitor_listen = "127.0.0.1:{port}"')
+    try:
+        wait_tcp(port, g.proc, "pacsgate monitor")
+        mon = f"http://127.0.0.1:{port}"
+        r = requests.get(f"{mon}/healthz", timeout=5)
+        assert r.status_code == 200 and r.text == "ok\n" and r.headers["cache-control"] == "no-store"
+        # The same process's counters: a DICOMweb request on the front end shows on the monitor.
+        assert requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token_a}"}, timeout=10).status_code == 200
+        m = requests.get(f"{mon}/metrics", timeout=5)
+        assert m.status_code == 200 and 'operation="QIDO-RS"' in m.text, m.text[:500]
+        # Nothing a token opens, and no discovery: only the probes live there.
+        for path in ("/dicom-web/studies", "/dicom-web/.well-known/smart-configuration", "/.well-known/oauth-protected-resource", "/wado"):
+            r = requests.get(f"{mon}{path}", headers={"Authorization": f"Bearer {token_a}"}, timeout=5)
+            assert r.status_code == 404, (path, r.status_code)
+        assert requests.post(f"{mon}/dicom-web/studies", data=b"x", timeout=5).status_code in (404, 405)
+        assert "monitoring listener" in g.log_text()
+    finally:
+        stop(g.proc)
+    assert g.proc.returncode == 0, "the gateway with a monitoring listener did not stop cleanly"
