@@ -51,6 +51,7 @@ struct Metrics {
     associations_active: Gauge,
     http_responses: Family<StatusLabels, Counter>,
     tls_handshakes_failed: Family<ListenerLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,6 +70,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         associations_active: Gauge::default(),
         http_responses: Family::default(),
         tls_handshakes_failed: Family::default(),
+        connections_open: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -111,6 +113,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "TLS handshakes that failed or timed out (no certificate, an untrusted one, a legacy protocol, silence), by listener (dimse, https)",
         m.tls_handshakes_failed.clone(),
     );
+    registry.register(
+        "connections_open",
+        "Connections a listener is serving (from accept to close: pending, in TLS handshake or in use), by listener",
+        m.connections_open.clone(),
+    );
     Metrics { registry, ..m }
 });
 
@@ -132,6 +139,14 @@ pub(crate) fn tls_handshake_failed(listener: &'static str) {
         .tls_handshakes_failed
         .get_or_create(&ListenerLabels { listener })
         .inc();
+}
+
+/// How many connections `listener` holds now (its tasks not yet joined).
+pub(crate) fn connections_open(listener: &'static str, n: usize) {
+    METRICS
+        .connections_open
+        .get_or_create(&ListenerLabels { listener })
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// One token verification: `valid`, `refused` or `unavailable`.

@@ -138,9 +138,11 @@ pub async fn serve<F, Fut>(
         cut: cut_rx,
     };
     loop {
-        // Finished connections are reaped first, whatever way the last turn ended.
-        while tasks.try_join_next().is_some() {}
+        crate::metrics::connections_open(name, tasks.len());
         tokio::select! {
+            // A finished connection is joined as soon as it ends, whatever the accept arm did
+            // last: a set that only grows is memory lost with every association.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             r = listener.accept() => {
                 let (stream, addr) = match r {
                     Ok(x) => x,
@@ -199,6 +201,7 @@ pub async fn serve<F, Fut>(
         .await;
     }
     tasks.abort_all();
+    crate::metrics::connections_open(name, 0);
 }
 
 /// The DICOM TLS handshake of a new connection, within `wait` (the connection holds only its

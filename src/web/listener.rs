@@ -25,6 +25,8 @@ use tokio::sync::{Semaphore, watch};
 /// The bounds a listener serves under.
 #[derive(Debug, Clone)]
 pub(crate) struct Bounds {
+    /// The listener's name in metrics and logs: `http`, `https`, `monitor`.
+    pub name: &'static str,
     pub max_connections: usize,
     pub max_per_peer: usize,
     pub header_timeout: Duration,
@@ -156,9 +158,10 @@ pub async fn serve(
     let peers = Arc::new(PerPeer::default());
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        // Finished connections are reaped first, whatever way the last turn ended.
-        while tasks.try_join_next().is_some() {}
+        crate::metrics::connections_open(bounds.name, tasks.len());
         tokio::select! {
+            // Joined as soon as it ends, whatever the accept arm did last (see dimse::listener).
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             r = listener.accept() => {
                 let (stream, addr) = match r {
                     Ok(x) => x,
@@ -208,6 +211,7 @@ pub async fn serve(
     })
     .await;
     tasks.abort_all();
+    crate::metrics::connections_open(bounds.name, 0);
 }
 
 /// The subject of the client certificate an HTTPS connection's handshake verified, put into

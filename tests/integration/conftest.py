@@ -140,7 +140,9 @@ class Orthanc:
         deadline = time.time() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.log_path}")
+                self.log.flush()
+                tail = self.log_path.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; its log ends:\n{tail}")
             try:
                 if requests.get(f"{self.url}/system", timeout=1, verify=self.verify).ok:
                     break

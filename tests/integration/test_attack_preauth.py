@@ -127,6 +127,47 @@ def test_silent_dimse_connections_do_not_starve_a_valid_client(guarded, issuer, 
     assert_gateway_serves(guarded, issuer)
 
 
+def connections_open(g) -> dict:
+    """`pacsgate_connections_open` by listener, from the gateway's /metrics."""
+    text = requests.get(f"{g.public_url}/metrics", headers={"Connection": "close"}, timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("pacsgate_connections_open{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('listener="', 1)[1].split('"', 1)[0]] = int(float(value))
+    return out
+
+
+def test_every_listener_lets_go_of_finished_connections(guarded, issuer):
+    """Each ended connection is joined when it ends, not when the next one arrives: a listener
+    that only reaped on accept (or skipped it on one path) would keep a task, and its memory,
+    for every association of a flood."""
+    token = issuer.mint(patient="PAT-A")
+    for i in range(100):
+        if i % 3 == 0:
+            a = rd.Association(guarded.dimse_port, source=ATTACKER_HOST, timeout=5)
+            reply = a.request(rd.associate_rq(guarded.ae_title, "BADTOKEN", CONTEXTS[:1], token="x.y.z"))
+            assert isinstance(reply, rd.AssociateRJ), reply
+            a.close()
+        elif i % 3 == 1:
+            # Connected, said nothing, went away.
+            rd.Association(guarded.dimse_port, source=ATTACKER_HOST, timeout=5).close()
+        else:
+            a = connect(guarded, token, CONTEXTS[:2], calling="VALID", source="127.0.0.1", timeout=5)
+            assert a.echo(ECHO) == rd.SUCCESS
+            a.release()
+    for _ in range(50):
+        assert requests.get(f"{guarded.public_url}/healthz", headers={"Connection": "close"}, timeout=5).ok
+    deadline = time.time() + 5
+    while True:
+        n = connections_open(guarded)
+        # The scrape itself is the one HTTP connection left.
+        if n.get("dimse") == 0 and n.get("http") == 1:
+            break
+        assert time.time() < deadline, f"connections still held 5 s after they ended: {n}"
+        time.sleep(0.2)
+
+
 # ---- log forging through AE titles ----
 
 # calling AE, called AE, and the text that must never start a log line
