@@ -303,12 +303,151 @@ pub fn certifies_name(certs: Option<&[CertificateDer<'_>]>, name: &str) -> bool 
 pub fn subject_of(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let der = certs?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    Some(cert.subject().to_string())
+    Some(rfc4514(cert.subject()))
+}
+
+/// A distinguished name as RFC 4514 writes it: the last RDN first, `,` between RDNs, `+`
+/// between the attributes of one, and every value escaped. x509-parser's own rendering escapes
+/// nothing, so a CA-signed `CN=ws1\, O=Radiology` would read as two attributes in the audit
+/// trail; control characters are escaped too, so a subject cannot forge a log line.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use std::fmt::Write;
+    use x509_parser::der_parser::asn1_rs::ToDer;
+    let short = |oid: &str| match oid {
+        "2.5.4.3" => Some("CN"),
+        "2.5.4.7" => Some("L"),
+        "2.5.4.8" => Some("ST"),
+        "2.5.4.10" => Some("O"),
+        "2.5.4.11" => Some("OU"),
+        "2.5.4.6" => Some("C"),
+        "2.5.4.9" => Some("STREET"),
+        "0.9.2342.19200300.100.1.25" => Some("DC"),
+        "0.9.2342.19200300.100.1.1" => Some("UID"),
+        _ => None,
+    };
+    let mut out = String::new();
+    let rdns: Vec<_> = name.iter().collect();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type().to_id_string();
+            out.push_str(short(&oid).unwrap_or(&oid));
+            out.push('=');
+            match atv.as_str() {
+                Ok(v) => escape_value(&mut out, v),
+                // Not a string type: `#` and the hex of its BER encoding (RFC 4514 2.4).
+                Err(_) => {
+                    out.push('#');
+                    for b in atv.attr_value().to_der_vec().unwrap_or_default() {
+                        let _ = write!(out, "{b:02x}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RFC 4514 2.4: the special characters with a backslash, a leading `#` or space and a trailing
+/// space likewise, and NUL and every other control character as `\XX`.
+fn escape_value(out: &mut String, v: &str) {
+    use std::fmt::Write;
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    let _ = write!(out, "\\{b:02X}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One attribute: OID content bytes, ASN.1 tag of the value, the value.
+    type Atv<'a> = (&'a [u8], u8, &'a [u8]);
+
+    /// DER of a Name, one slice of attributes per RDN.
+    fn name_der(rdns: &[&[Atv<'_>]]) -> Vec<u8> {
+        fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+            assert!(body.len() < 128, "short form lengths only");
+            [&[tag, body.len() as u8][..], body].concat()
+        }
+        let sets: Vec<u8> = rdns
+            .iter()
+            .flat_map(|atvs| {
+                let body: Vec<u8> = atvs
+                    .iter()
+                    .flat_map(|(oid, tag, v)| tlv(0x30, &[tlv(0x06, oid), tlv(*tag, v)].concat()))
+                    .collect();
+                tlv(0x31, &body)
+            })
+            .collect();
+        tlv(0x30, &sets)
+    }
+
+    #[test]
+    fn subjects_are_written_as_rfc_4514_with_every_value_escaped() {
+        use x509_parser::prelude::FromDer;
+        const CN: &[u8] = &[0x55, 0x04, 0x03];
+        const O: &[u8] = &[0x55, 0x04, 0x0a];
+        const OU: &[u8] = &[0x55, 0x04, 0x0b];
+        const SERIAL: &[u8] = &[0x55, 0x04, 0x05];
+        const UTF8: u8 = 0x0c;
+        let cases: &[(&str, Vec<u8>, &str)] = &[
+            (
+                "the last RDN first",
+                name_der(&[&[(O, UTF8, b"Radiology")], &[(CN, UTF8, b"workstation-7")]]),
+                "CN=workstation-7,O=Radiology",
+            ),
+            (
+                "a comma and an equals sign inside a value stay one value",
+                name_der(&[&[(O, UTF8, b"Radiology")], &[(CN, UTF8, b"ws1, O=Evil")]]),
+                "CN=ws1\\, O=Evil,O=Radiology",
+            ),
+            (
+                "specials, a leading hash and edge spaces",
+                name_der(&[&[(CN, UTF8, b"# a+b;<c>\\\"q\" ")]]),
+                "CN=\\# a\\+b\\;\\<c\\>\\\\\\\"q\\\"\\ ",
+            ),
+            (
+                "control characters cannot start a log line",
+                name_der(&[&[(CN, UTF8, b"ws\nFORGED\x00")]]),
+                "CN=ws\\0AFORGED\\00",
+            ),
+            (
+                "a multi-valued RDN and an attribute without a short name",
+                name_der(&[&[(OU, UTF8, b"CT"), (SERIAL, 0x13, b"42")]]),
+                "OU=CT+2.5.4.5=42",
+            ),
+            (
+                "a value that is not a string is hex",
+                name_der(&[&[(CN, 0x04, b"\x01\x02")]]),
+                "CN=#04020102",
+            ),
+        ];
+        for (what, der, want) in cases {
+            let (_, name) = x509_parser::x509::X509Name::from_der(der).expect(what);
+            assert_eq!(rfc4514(&name), *want, "{what}");
+        }
+    }
 
     #[test]
     fn files_that_do_not_load_name_their_key_and_cause() {
