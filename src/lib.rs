@@ -15,6 +15,7 @@ pub mod logtext;
 pub mod metrics;
 pub mod pacs;
 pub mod policy;
+pub mod readiness;
 pub mod server;
 pub mod tls;
 pub mod trust;

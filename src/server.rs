@@ -135,7 +135,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
-    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy)?;
+    let readiness = crate::readiness::Readiness::new(&trust.issuer_names());
+    // The checks /readyz answers from start before any listener serves.
+    tokio::spawn(
+        readiness
+            .clone()
+            .run(cfg.pacs.clone(), trust.clone(), stop_rx.clone()),
+    );
+    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy, readiness)?;
     if cfg.pacs.tls.is_some() {
         reloadable.dicomweb = Some(web.clone());
     }

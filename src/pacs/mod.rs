@@ -8,6 +8,7 @@
 //! ([`crate::dicom`]) only.
 
 pub mod dicomweb;
+pub mod echo;
 pub mod lookup;
 
 pub use lookup::PacsLookup;

@@ -159,13 +159,13 @@ impl IssuerClient {
         Err(format!("the issuer's metadata cannot be read: {last}"))
     }
 
-    /// The gateway's own access token (SMART Backend Services), cached until shortly before
-    /// it expires.
     /// The HTTP client toward this issuer (its timeouts; no redirects).
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 
+    /// The gateway's own access token (SMART Backend Services), cached until shortly before
+    /// it expires.
     pub(crate) async fn own_token(&self) -> Result<String, String> {
         let mut g = self.own_token.lock().await;
         if let Some((t, until)) = g.as_ref()
@@ -225,6 +225,27 @@ impl IssuerClient {
         {
             return Ok(c.answer.clone());
         }
+        let (answer, until) = self.ask(token).await?;
+        self.cache
+            .insert(
+                key,
+                Arc::new(Cached {
+                    answer: answer.clone(),
+                    until,
+                }),
+            )
+            .await;
+        Ok(answer)
+    }
+
+    /// The readiness check: the introspection endpoint answers a well-formed RFC 7662 reply
+    /// (to a token that cannot be active) with the gateway's client authentication.
+    pub(crate) async fn probe(&self) -> Result<(), String> {
+        self.ask("pacsgate-readiness-check").await.map(|_| ())
+    }
+
+    /// One introspection request, uncached: the answer and how long it may be reused.
+    async fn ask(&self, token: &str) -> Result<(Introspected, Instant), String> {
         let (_, endpoint) = self.endpoints().await?;
         let endpoint = endpoint
             .ok_or("the issuer names no introspection_endpoint; set introspection_endpoint")?;
@@ -262,16 +283,7 @@ impl IssuerClient {
         } else {
             (Introspected::Inactive, Instant::now() + INACTIVE_CACHE)
         };
-        self.cache
-            .insert(
-                key,
-                Arc::new(Cached {
-                    answer: answer.clone(),
-                    until,
-                }),
-            )
-            .await;
-        Ok(answer)
+        Ok((answer, until))
     }
 }
 

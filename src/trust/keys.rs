@@ -145,6 +145,18 @@ impl IssuerKeys {
                 return Err("a fetch was attempted moments ago".into());
             }
         }
+        self.fetch_and_keep().await
+    }
+
+    /// The readiness check: fetches the key set now (the gateway's own cadence, not a token's
+    /// request, so the rate limit does not apply); a failure keeps the old keys.
+    pub(crate) async fn probe(&self) -> Result<(), String> {
+        let _guard = self.fetch_lock.lock().await;
+        self.fetch_and_keep().await
+    }
+
+    /// Fetches the key set and keeps it; the caller holds `fetch_lock`.
+    async fn fetch_and_keep(&self) -> Result<(), String> {
         let jwks_uri = {
             let known = self.state.read().await.jwks_uri.clone();
             match known.or_else(|| self.configured_jwks_uri.clone()) {

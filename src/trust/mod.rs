@@ -229,6 +229,36 @@ impl TrustCore {
         Ok(Arc::new(TrustCore { issuers, locations }))
     }
 
+    /// The issuers trusted, as configured.
+    pub fn issuer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.issuers.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The readiness check of one issuer, by what verifying its tokens needs: its key set
+    /// fetched now, its introspection endpoint answering the gateway, or both.
+    pub async fn probe_issuer(&self, issuer: &str) -> Result<(), String> {
+        let ti = self
+            .issuers
+            .get(issuer)
+            .ok_or_else(|| format!("{issuer} is not a configured issuer"))?;
+        let introspection = || async {
+            match &ti.client {
+                Some(c) => c.probe().await,
+                None => Err("no client credentials to introspect with".to_string()),
+            }
+        };
+        match ti.cfg.verify {
+            VerifyMode::Jwt => ti.keys.probe().await,
+            VerifyMode::Introspection => introspection().await,
+            VerifyMode::JwtAndIntrospection => {
+                ti.keys.probe().await?;
+                introspection().await
+            }
+        }
+    }
+
     /// Verifies a token; on success, the principal it stands for.
     pub async fn verify(&self, token: &str) -> Result<Principal, TrustError> {
         let r = self.verify_token(token).await;

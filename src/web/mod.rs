@@ -97,6 +97,8 @@ pub struct WebCtx {
     pub pacs: Option<DicomWeb>,
     slots: Semaphore,
     discovery: discovery::Cache,
+    /// What `/readyz` answers from.
+    readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl WebCtx {
@@ -104,6 +106,7 @@ impl WebCtx {
         cfg: Arc<Config>,
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
+        readiness: Arc<crate::readiness::Readiness>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
         // issuers' metadata the discovery documents point at.
@@ -119,6 +122,7 @@ impl WebCtx {
             http,
             slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
             discovery: discovery::Cache::default(),
+            readiness,
             cfg,
             trust,
             policy,
@@ -174,14 +178,13 @@ impl WebCtx {
     }
 }
 
-/// Prometheus metrics (no PHI, no tokens), only to the clients `gateway.metrics_clients`
-/// names (loopback by default); anyone else gets 404, as if there were none.
-async fn metrics(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+/// Whether the request comes from an address `gateway.metrics_clients` names.
+fn from_monitoring(ctx: &WebCtx, req: &Request) -> bool {
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let allowed = peer.is_some_and(|ip| {
+    peer.is_some_and(|ip| {
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
             v4 => v4,
@@ -191,8 +194,13 @@ async fn metrics(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
             .metrics_clients
             .iter()
             .any(|n| n.contains(&ip))
-    });
-    if !allowed {
+    })
+}
+
+/// Prometheus metrics (no PHI, no tokens), only to the clients `gateway.metrics_clients`
+/// names (loopback by default); anyone else gets 404, as if there were none.
+async fn metrics(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+    if !from_monitoring(&ctx, &req) {
         return StatusCode::NOT_FOUND.into_response();
     }
     (
@@ -202,6 +210,42 @@ async fn metrics(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
             (header::CACHE_CONTROL, "no-store"),
         ],
         crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// 200 when the PACS and every issuer answered the background checks within the last 30 s,
+/// else 503; from the checks' last results, never waiting for one. What is down is named to
+/// everyone; why (addresses, errors) only to `gateway.metrics_clients`.
+async fn readyz(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response {
+    let report = ctx.readiness.report();
+    let detailed = from_monitoring(&ctx, &req);
+    let down: Vec<serde_json::Value> = report
+        .down
+        .iter()
+        .map(|d| {
+            let mut v = serde_json::json!({ "component": d.what });
+            if detailed {
+                v["reason"] = serde_json::Value::String(d.reason.clone());
+            }
+            v
+        })
+        .collect();
+    let (status, body) = if report.ready {
+        (StatusCode::OK, serde_json::json!({ "status": "ready" }))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "status": "not ready", "down": down }),
+        )
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
     )
         .into_response()
 }
@@ -273,6 +317,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
 pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
             "/.well-known/oauth-protected-resource",
@@ -297,10 +342,11 @@ pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
         .with_state(ctx)
 }
 
-/// `gateway.monitor_listen`: the probes alone, nothing a token opens.
+/// `gateway.monitor_listen`: the probes and metrics alone, nothing a token opens.
 fn monitor_router(ctx: Arc<WebCtx>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(ctx)
 }
@@ -310,7 +356,7 @@ fn monitor_router(ctx: Arc<WebCtx>) -> Router {
 pub enum Face {
     /// DICOMweb, discovery and the probes (`http_listen`, `https_listen`).
     Front,
-    /// `/healthz` and `/metrics` only (`monitor_listen`).
+    /// `/healthz`, `/readyz` and `/metrics` only (`monitor_listen`).
     Monitor,
 }
 

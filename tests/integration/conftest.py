@@ -85,11 +85,10 @@ def stop(proc: subprocess.Popen):
 
 
 class Orthanc:
-    def __init__(self, tmp: Path, modalities=None, extra=None, https_ca=None, name="orthanc"):
+    def __init__(self, tmp: Path, modalities=None, extra=None, https_ca=None, name="orthanc", ports=None):
         """`extra`: more Orthanc settings (TLS ones, say); `https_ca`: its REST API is HTTPS,
-        with a certificate this CA file verifies."""
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        with a certificate this CA file verifies; `ports`: (DICOM, HTTP) chosen beforehand."""
+        self.dicom_port, self.http_port = ports or (free_port(), free_port())
         self.aet = "ORTHANC"
         self.verify = str(https_ca) if https_ca else True
         self.url = f"{'https' if https_ca else 'http'}://127.0.0.1:{self.http_port}"

@@ -1,13 +1,14 @@
 """The command line as an administrator meets it: check-config, serve's start-up errors,
-/healthz, and the dev issuer's mint command."""
+/healthz, /readyz, the monitoring listener, and the dev issuer's mint command."""
 
 import socket
 import subprocess
+import time
 
 import pytest
 import requests
 
-from conftest import ROOT, Gateway, binary, free_port, stop, wait_tcp
+from conftest import ROOT, Gateway, Orthanc, binary, free_port, stop, wait_tcp
 from test_dimse_association import associate
 
 
@@ -131,3 +132,82 @@ def test_the_monitoring_listener_serves_the_probes_and_nothing_else(tmp_root, or
     finally:
         stop(g.proc)
     assert g.proc.returncode == 0, "the gateway with a monitoring listener did not stop cleanly"
+
+
+def readyz(url, source=None):
+    s = requests.Session()
+    if source:
+        s.mount("http://", SourceAdapter(source))
+    r = s.get(f"{url}/readyz", timeout=5)
+    assert r.headers["content-type"] == "application/json" and r.headers["cache-control"] == "no-store"
+    return r.status_code, r.json()
+
+
+class SourceAdapter(requests.adapters.HTTPAdapter):
+    """Connects from another loopback address, as a host that is not a monitoring client."""
+
+    def __init__(self, source):
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def wait_readyz(url, want, timeout=20):
+    deadline = time.time() + timeout
+    while True:
+        status, body = readyz(url)
+        if status == want:
+            return body
+        assert time.time() < deadline, f"/readyz still {status} {body} after {timeout} s"
+        time.sleep(0.5)
+
+
+def test_readyz_is_ready_when_the_pacs_and_the_issuer_answer(gateway):
+    assert wait_readyz(gateway.public_url, 200) == {"status": "ready"}
+
+
+def test_readyz_names_what_is_down_and_comes_back_with_the_pacs(tmp_root, issuer):
+    d = tmp_root / "readyz"
+    d.mkdir(exist_ok=True)
+    ports = (free_port(), free_port())
+    dead_issuer = f"http://127.0.0.1:{free_port()}"
+
+    class NotYet:  # the PACS the gateway is pointed at, before it runs
+        aet, dicom_port, url = "ORTHANC", ports[0], f"http://127.0.0.1:{ports[1]}"
+
+    monitor = free_port()
+    g = Gateway(d, NotYet, issuer, name="readyz", gateway_extra=f'monitor_listen = "127.0.0.1:{monitor}"',
+                extra=f'[[issuers]]\nissuer = "{dead_issuer}"\nverify = "jwt"\n')
+    orthanc = None
+    try:
+        wait_tcp(monitor, g.proc, "pacsgate monitor")
+        time.sleep(1)  # the first checks have run
+        for url in (g.public_url, f"http://127.0.0.1:{monitor}"):
+            status, body = readyz(url)
+            assert status == 503 and body["status"] == "not ready", body
+            down = {c["component"]: c.get("reason", "") for c in body["down"]}
+            assert set(down) == {"pacs", dead_issuer}, body
+            assert "PACS" in down["pacs"] and down[dead_issuer], body
+        # Another host is told what is down, not why (no addresses, no errors).
+        status, body = readyz(g.public_url, source="127.0.0.2")
+        assert status == 503 and all(set(c) == {"component"} for c in body["down"]), body
+        # The PACS comes up: at the next check it is no longer named; the dead issuer still is.
+        orthanc = Orthanc(d, ports=ports)
+        deadline = time.time() + 20
+        while True:
+            status, body = readyz(g.public_url)
+            if [c["component"] for c in body.get("down", [])] == [dead_issuer]:
+                break
+            assert time.time() < deadline, f"the PACS is still named 20 s after it came up: {body}"
+            time.sleep(0.5)
+        assert status == 503
+        # /healthz stays "the process serves".
+        assert requests.get(f"{g.public_url}/healthz", timeout=5).status_code == 200
+    finally:
+        stop(g.proc)
+        if orthanc:
+            stop(orthanc.proc)
+    assert "eyJ" not in g.log_text()
