@@ -11,6 +11,7 @@ import requests
 from conftest import Gateway, Issuer, free_port, stop
 from test_dimse_association import associate, assert_rejected_permanent
 from test_dimse_find import STUDY_ROOT, find, query
+from test_cli import wait_readyz
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,12 @@ def test_opaque_token_over_dimse_and_dicomweb(intro, orthanc):
     r = requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert r.status_code == 200
     assert {s["0020000D"]["Value"][0] for s in r.json()} == orthanc.studies["PAT-A"]
+
+
+def test_readyz_asks_the_introspection_endpoint(intro):
+    """Ready once the endpoint answered the gateway (with its client secret)."""
+    _, g = intro
+    assert wait_readyz(g.public_url, 200) == {"status": "ready"}
 
 
 def test_unknown_and_revoked_tokens_are_refused(intro):
@@ -80,6 +87,10 @@ def test_introspection_down_denies(tmp_root, orthanc):
         assert m[f'pacsgate_issuer_requests_total{{issuer="{issuer.url}",kind="introspection",result="error"}}'] >= 2
         assert m['pacsgate_token_checks_total{result="unavailable"}'] >= 2
         assert m['pacsgate_associations_rejected_total{reason="unavailable"}'] >= 1
+        # Not ready, and the issuer is named as what is down.
+        body = wait_readyz(g.public_url, 503)
+        assert [c["component"] for c in body["down"]] == [issuer.url], body
+        assert "introspection" in body["down"][0]["reason"], body
     finally:
         stop(g.proc)
         stop(issuer.proc)
