@@ -2,8 +2,10 @@
 # The pacsgate demo on a fresh Debian machine: installs what is missing, builds the gateway,
 # starts Orthanc with two sample patients, the development token issuer and the gateway (with
 # samples/pacsgate.toml), mints a token for one patient and shows a C-FIND through the gateway
-# returning only that patient's studies. Then it keeps everything running for you to try, until
-# Ctrl-C. With --once it stops after the showcase.
+# returning only that patient's studies, then the same token on DICOMweb (QIDO-RS, WADO-RS).
+# Then it keeps everything running for you to try, until Ctrl-C (which stops every process it
+# started within a few seconds). With --once it stops after the showcase.
+# PACSGATE_BIN: a gateway binary to use instead of building the release one.
 #
 # Ports (loopback only): gateway DIMSE 11112, C-MOVE receiver 11113 and HTTP 8080, dev issuer 9400,
 # Orthanc 14242/18042.
@@ -13,19 +15,34 @@ once=0
 [ "${1:-}" = "--once" ] && once=1
 
 scripts/setup.sh
-echo "== building pacsgate (release)"
-cargo build --release --locked --bin pacsgate
-bin=target/release/pacsgate
+if [ -n "${PACSGATE_BIN:-}" ]; then
+  bin=$PACSGATE_BIN
+else
+  echo "== building pacsgate (release)"
+  cargo build --release --locked --bin pacsgate
+  bin=target/release/pacsgate
+fi
 
 run=demo-run
 rm -rf "$run"
 mkdir -p "$run/orthanc-db"
 pids=()
+# Everything started here is stopped on the way out, however the script ends: SIGTERM first,
+# then, for whatever still runs after 4 s, SIGKILL.
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  trap - EXIT INT TERM
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 40); do
+    kill -0 "${pids[@]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
+  echo "== stopped"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 for port in 11112 11113 8080 9400 14242 18042; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -65,6 +82,9 @@ EOF
 echo "== starting the development token issuer on 127.0.0.1:9400 (NOT FOR PRODUCTION)"
 "$bin" dev-issuer --listen 127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" >"$run/dev-issuer.log" 2>&1 &
 pids+=($!)
+# Its key file exists once it answers: tokens minted below are signed with the key it publishes.
+for _ in $(seq 100); do curl -fs http://127.0.0.1:9400/jwks >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs http://127.0.0.1:9400/jwks >/dev/null || { echo "the dev issuer did not start; see $run/dev-issuer.log" >&2; exit 1; }
 
 echo "== starting pacsgate with samples/pacsgate.toml (DIMSE 11112, HTTP 8080)"
 "$bin" check-config --config samples/pacsgate.toml
@@ -72,6 +92,9 @@ echo "== starting pacsgate with samples/pacsgate.toml (DIMSE 11112, HTTP 8080)"
 pids+=($!)
 for _ in $(seq 100); do curl -fs http://127.0.0.1:8080/healthz >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fs http://127.0.0.1:8080/healthz >/dev/null || { echo "pacsgate did not start; see $run/pacsgate.log" >&2; exit 1; }
+# Ready: the gateway's own C-ECHO to Orthanc and the issuer's keys both answered.
+for _ in $(seq 150); do curl -fs http://127.0.0.1:8080/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+echo "   /readyz: $(curl -s http://127.0.0.1:8080/readyz)"
 
 echo "== minting a token for patient DEMO-A"
 token=$("$bin" dev-issuer mint --issuer http://127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" \
@@ -96,6 +119,21 @@ narrow=$("$bin" dev-issuer mint --issuer http://127.0.0.1:9400 --key-file "$run/
 echo
 echo "== no token: the association is rejected"
 .venv/bin/python scripts/findscu-jwt.py --level STUDY 127.0.0.1 11112 || true
+echo
+echo "== DICOMweb, the same token: QIDO-RS http://127.0.0.1:8080/dicom-web/studies finds only DEMO-A's studies"
+curl -fsS -H "Authorization: Bearer $token" http://127.0.0.1:8080/dicom-web/studies | .venv/bin/python -c '
+import json, sys
+studies = json.load(sys.stdin)
+for s in studies:
+    print("   study:", s["00100020"]["Value"][0], s["0020000D"]["Value"][0])
+print("  ", len(studies), "studies")'
+echo
+echo "== WADO-RS metadata of DEMO-A's study $study: $(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "http://127.0.0.1:8080/dicom-web/studies/$study/metadata")"
+other=$(curl -fsS "http://127.0.0.1:18042/studies?expand" | .venv/bin/python -c '
+import json, sys
+print(next(s["MainDicomTags"]["StudyInstanceUID"] for s in json.load(sys.stdin) if s["PatientMainDicomTags"]["PatientID"] == "DEMO-B"))')
+echo "== WADO-RS metadata of DEMO-B's study $other with DEMO-A's token: $(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "http://127.0.0.1:8080/dicom-web/studies/$other/metadata") (refused)"
+echo "== without a token: $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/dicom-web/studies), $(curl -s -D - -o /dev/null http://127.0.0.1:8080/dicom-web/studies | grep -i '^www-authenticate' | tr -d '\r')"
 
 if [ "$once" = 1 ]; then
   exit 0
@@ -106,7 +144,9 @@ The demo keeps running. Try:
   token=\$($bin dev-issuer mint --issuer http://127.0.0.1:9400 --key-file $run/dev-issuer-key.pem --patient DEMO-B)
   .venv/bin/python scripts/findscu-jwt.py --token "\$token" --level SERIES 127.0.0.1 11112
   curl -s -H "Authorization: Bearer \$token" http://127.0.0.1:8080/dicom-web/studies
+  curl -s http://127.0.0.1:8080/readyz
   curl -s http://127.0.0.1:8080/metrics
 Logs (with the audit trail) are in $run/. Press Ctrl-C to stop everything.
 EOF
-wait
+# Until Ctrl-C, or until a process it started ends.
+wait -n || true

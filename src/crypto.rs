@@ -179,13 +179,37 @@ impl SigningKey {
             return SigningKey::load(path, alg);
         }
         let k = SigningKey::generate(alg)?;
-        k.save(path)?;
-        Ok(k)
+        // Two processes started together (an issuer and a mint) must not both create a key,
+        // each keeping its own: the file appears whole, once, and whoever comes second loads it.
+        match k.save_new(path) {
+            Ok(()) => Ok(k),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => SigningKey::load(path, alg),
+            Err(e) => Err(e).with_context(|| format!("cannot write key file {}", path.display())),
+        }
     }
 
-    pub(crate) fn save(&self, path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, &self.pkcs8_pem)
-            .with_context(|| format!("cannot write key file {}", path.display()))
+    /// Writes the key to `path` unless it exists: whole (written beside it, then linked into
+    /// place) and readable by its owner only.
+    pub(crate) fn save_new(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut salt = [0u8; 8];
+        random(&mut salt);
+        let salt: String = salt.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = dir
+            .unwrap_or(Path::new("."))
+            .join(format!(".{}.{salt}.tmp", name.unwrap_or_default()));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let written = opts
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(self.pkcs8_pem.as_bytes()).and(f.sync_all()));
+        let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        linked
     }
 
     /// The public half, for verifying what this key signed.
@@ -216,6 +240,49 @@ impl SigningKey {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    #[test]
+    fn a_key_file_is_created_once_whole_and_private() {
+        let dir = std::env::temp_dir().join(format!("pacsgate-keyrace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for round in 0..20 {
+            let path = dir.join(format!("k{round}.pem"));
+            let kids: Vec<String> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            SigningKey::load_or_create(&path, Algorithm::ES256)
+                                .expect("load or create")
+                                .kid
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().expect("thread")).collect()
+            });
+            assert!(
+                kids.iter().all(|k| *k == kids[0]),
+                "round {round}: {kids:?}"
+            );
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+                assert_eq!(
+                    mode & 0o077,
+                    0,
+                    "a private key readable by others: {mode:o}"
+                );
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn values_differ() {
         let (mut a, mut b) = ([0u8; 16], [0u8; 16]);

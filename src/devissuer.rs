@@ -485,11 +485,31 @@ pub fn parse_alg(s: &str) -> anyhow::Result<Algorithm> {
     })
 }
 
-/// Runs the development issuer until the process ends.
+/// Runs the development issuer until SIGINT or SIGTERM. Both are handled, not left to their
+/// default: a shell starts background jobs with SIGINT ignored, and a demo's Ctrl-C must
+/// still stop it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     issuer: Arc<DevIssuer>,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, issuer.router()).await?;
+    axum::serve(listener, issuer.router())
+        .with_graceful_shutdown(stop_signal())
+        .await?;
     Ok(())
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Some(_) = async { term.as_mut()?.recv().await } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -635,7 +635,8 @@ async fn backend_services_credentials_work() {
     std::fs::create_dir_all(&dir).unwrap();
     let key_file = dir.join("client.pem");
     let key = DevKey::generate(Algorithm::RS384).unwrap();
-    key.save(&key_file).unwrap();
+    let _ = std::fs::remove_file(&key_file);
+    key.save_new(&key_file).unwrap();
     let public = DevKey::load(&key_file, Algorithm::RS384).unwrap();
     let client = crate::devissuer::DevClient {
         id: "pacsgate".into(),
