@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         id: "pacsgate".into(),
         secret: Some("s3cret".into()),
         key: None,
+        jwks: None,
     });
     let issuer = Arc::new(di);
     tokio::spawn(pacsgate::devissuer::serve(listener, issuer.clone()));

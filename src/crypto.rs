@@ -1,6 +1,6 @@
 //! Keys, digests and randomness: the cryptography every layer shares, as a leaf.
 //!
-//! Owns: [`SigningKey`] (PKCS#8 PEM load, generation, JWS signing, the public JWK), the
+//! Owns: [`SigningKey`] (PKCS#8 PEM, JWK or JWK Set load ([`jwk`]), generation, JWS signing, the public JWK), the
 //! digest that names a token in logs and cache keys ([`token_id`]) and [`random`], which takes
 //! the operating system's generator directly (no per-thread seeding on the request path), and
 //! the library's generator only if that fails. Must not know what the keys, digests or values
@@ -17,6 +17,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde_json::{Value, json};
 use sha2::Digest;
 use std::path::Path;
+
+mod jwk;
 
 /// A stable, non-reversible id of a token (or any text) for logs and cache keys.
 pub fn token_id(token: &str) -> String {
@@ -150,27 +152,46 @@ impl SigningKey {
     }
 
     /// Loads a PKCS#8 PEM key written by [`SigningKey::save`] (or by openssl).
+    /// A PKCS#8 PEM file, or a JWK or JWK Set (JSON) holding the private key (as SMART
+    /// Backend Services registrations hand them out); a JWK's `kid` is kept, so the assertions
+    /// it signs name the key the registration published.
     pub fn load(path: &Path, alg: Algorithm) -> anyhow::Result<SigningKey> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read key file {}", path.display()))?;
-        SigningKey::from_pkcs8(&pem_der(&text)?, alg)
-            .with_context(|| format!("key file {} does not hold a {alg:?} key", path.display()))
+        let key = if text.trim_start().starts_with('{') {
+            let doc: Value = serde_json::from_str(&text)
+                .with_context(|| format!("key file {} is neither PEM nor JSON", path.display()))?;
+            let (der, kid) = jwk::private_key(&doc, alg)?;
+            let mut k = SigningKey::from_pkcs8(&der, alg)?;
+            if let Some(kid) = kid {
+                k.public_jwk["kid"] = json!(kid);
+                k.kid = kid;
+            }
+            Ok(k)
+        } else {
+            SigningKey::from_pkcs8(&pem_der(&text)?, alg)
+        };
+        key.with_context(|| format!("key file {} does not hold a {alg:?} key", path.display()))
     }
 
     /// Loads a PKCS#8 PEM key for the first of `algs` it serves.
     pub(crate) fn load_any(path: &Path, algs: &[Algorithm]) -> anyhow::Result<SigningKey> {
-        algs.iter()
-            .find_map(|a| SigningKey::load(path, *a).ok())
-            .with_context(|| {
-                format!(
-                    "{} holds no private key for {}",
-                    path.display(),
-                    algs.iter()
-                        .map(|a| format!("{a:?}"))
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                )
-            })
+        let mut why = Vec::new();
+        for a in algs {
+            match SigningKey::load(path, *a) {
+                Ok(k) => return Ok(k),
+                Err(e) => why.push(format!("{a:?}: {}", e.root_cause())),
+            }
+        }
+        bail!(
+            "{} holds no private key for {} ({})",
+            path.display(),
+            algs.iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            why.join("; ")
+        )
     }
 
     /// Loads the key file if it exists, otherwise generates one and writes it there.

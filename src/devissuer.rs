@@ -47,6 +47,9 @@ pub struct DevClient {
     pub secret: Option<String>,
     /// The public half of the client's assertion key.
     pub key: Option<DevKey>,
+    /// The client's public JWK Set, as a registration keeps it: an assertion is verified with
+    /// the key its `kid` names.
+    pub jwks: Option<jsonwebtoken::jwk::JwkSet>,
 }
 
 /// Opaque tokens the issuer remembers, at most.
@@ -168,12 +171,22 @@ impl DevIssuer {
             let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(assertion).ok()?;
             let id = claims["iss"].as_str()?.to_string();
             let client = self.clients.iter().find(|c| c.id == id)?;
-            let key = client.key.as_ref()?;
+            let registered;
+            let key = match (&client.key, &client.jwks) {
+                (Some(k), _) => k.decoding(),
+                (None, Some(set)) => {
+                    registered =
+                        jsonwebtoken::DecodingKey::from_jwk(set.find(header.kid.as_deref()?)?)
+                            .ok()?;
+                    &registered
+                }
+                (None, None) => return None,
+            };
             let mut v = Validation::new(header.alg);
             v.set_audience(&[format!("{}/token", self.issuer)]);
             v.set_issuer(&[id.as_str()]);
             v.sub = Some(id.clone());
-            jsonwebtoken::decode::<Value>(assertion, key.decoding(), &v).ok()?;
+            jsonwebtoken::decode::<Value>(assertion, key, &v).ok()?;
             return Some(id);
         }
         let b = authorization?.strip_prefix("Basic ")?;

@@ -49,10 +49,14 @@ struct DevIssuerArgs {
     /// A client allowed to introspect and to get its own token, with a secret: ID:SECRET.
     #[arg(long)]
     client: Vec<String>,
-    /// A client that authenticates with a private_key_jwt assertion: ID=KEY-FILE (PKCS#8 PEM;
-    /// the issuer uses its public half).
+    /// A client that authenticates with a private_key_jwt assertion: ID=KEY-FILE (PKCS#8 PEM,
+    /// JWK or JWK Set; the issuer uses its public half).
     #[arg(long)]
     client_key: Vec<String>,
+    /// A client registered with its public JWK Set: ID=JWKS-FILE; an assertion is verified
+    /// with the key its `kid` names, as an EHR's registration does.
+    #[arg(long)]
+    client_jwks: Vec<String>,
     /// The MRN the FHIR Patient endpoint reports for a patient: ID=MRN (default MRN-{id}).
     #[arg(long)]
     fhir_patient: Vec<String>,
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
                             id: id.into(),
                             secret: Some(secret.into()),
                             key: None,
+                            jwks: None,
                         });
                     }
                     for c in &args.client_key {
@@ -252,6 +257,24 @@ fn main() -> ExitCode {
                             id: id.into(),
                             secret: None,
                             key: Some(key),
+                            jwks: None,
+                        });
+                    }
+                    for c in &args.client_jwks {
+                        let (id, file) = c
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--client-jwks takes ID=JWKS-FILE"))?;
+                        let text = std::fs::read_to_string(file)
+                            .map_err(|e| anyhow::anyhow!("--client-jwks {file}: {e}"))?;
+                        let jwks: jsonwebtoken::jwk::JwkSet =
+                            serde_json::from_str(&text).map_err(|e| {
+                                anyhow::anyhow!("--client-jwks {file}: not a JWK Set: {e}")
+                            })?;
+                        di.clients.push(DevClient {
+                            id: id.into(),
+                            secret: None,
+                            key: None,
+                            jwks: Some(jwks),
                         });
                     }
                     for m in &args.fhir_patient {

@@ -539,6 +539,7 @@ fn secret_client() -> crate::devissuer::DevClient {
         id: "pacsgate".into(),
         secret: Some("s3cret".into()),
         key: None,
+        jwks: None,
     }
 }
 
@@ -642,6 +643,7 @@ async fn backend_services_credentials_work() {
         id: "pacsgate".into(),
         secret: None,
         key: Some(public),
+        jwks: None,
     };
     let f = intro_fixture(
         "introspection",

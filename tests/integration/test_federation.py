@@ -4,11 +4,14 @@ the token endpoint, local JWT checks plus revocation by introspection, a multi-s
 whose authorization_details name the gateway (with aud = the EHR's FHIR base, accepted only
 where configured), and a patient given in `sub`."""
 
+import base64
+import json
 import subprocess
 import time
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from conftest import Gateway, Issuer, binary, stop
 from test_dimse_association import associate, assert_rejected_permanent
@@ -52,6 +55,73 @@ def test_backend_services_introspection_from_the_token_endpoint(tmp_root, orthan
     finally:
         stop(g.proc)
         stop(ehr.proc)
+
+
+def b64url_int(n: int, size=None) -> str:
+    raw = n.to_bytes(size or max(1, (n.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def registration_keys(kind: str):
+    """(private JWK, public JWK) of a key made by the `cryptography` package, with a kid, as a
+    SMART Backend Services registration holds it."""
+    if kind == "EC P-384":
+        k = ec.generate_private_key(ec.SECP384R1())
+        pub = k.public_key().public_numbers()
+        public = {"kty": "EC", "crv": "P-384", "kid": "gw-2026-ec", "use": "sig", "alg": "ES384",
+                  "x": b64url_int(pub.x, 48), "y": b64url_int(pub.y, 48)}
+        private = dict(public, d=b64url_int(k.private_numbers().private_value, 48))
+    else:
+        k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        n = k.private_numbers()
+        public = {"kty": "RSA", "kid": "gw-2026-rsa", "use": "sig", "alg": "RS384",
+                  "n": b64url_int(n.public_numbers.n), "e": b64url_int(n.public_numbers.e)}
+        private = dict(public, d=b64url_int(n.d), p=b64url_int(n.p), q=b64url_int(n.q),
+                       dp=b64url_int(n.dmp1), dq=b64url_int(n.dmq1), qi=b64url_int(n.iqmp))
+    return private, public
+
+
+@pytest.mark.parametrize("form", ["JWK", "JWK Set"])
+@pytest.mark.parametrize("kind", ["EC P-384", "RSA"])
+def test_backend_services_with_the_key_a_registration_hands_out(tmp_root, orthanc, kind, form):
+    """client_key_file holds the private JWK (or a JWK Set with it beside a public key); the EHR
+    knows only the public JWK Set and verifies the gateway's assertion by its kid."""
+    d = tmp_root / f"registration-{kind}-{form}".replace(" ", "-")
+    d.mkdir()
+    private, public = registration_keys(kind)
+    other, _ = registration_keys("EC P-384")
+    key = d / "gateway-client.json"
+    key.write_text(json.dumps(private if form == "JWK" else {"keys": [dict(other, d=None) | {"kid": "old"}, private]}))
+    jwks = d / "registered.jwks"
+    jwks.write_text(json.dumps({"keys": [public]}))
+    ehr = Issuer(d, extra_args=["--client-jwks", f"pacsgate={jwks}"])
+    cfg_issuer = f'verify = "introspection"\nclient_id = "pacsgate"\nclient_key_file = "{key}"\nintrospection_from_token_endpoint = true'
+    r = subprocess.run([str(binary()), "check-config", "--config", "/dev/stdin"], capture_output=True, text=True,
+                       input=f"""[gateway]\nae_title = "GW"\ndimse_listen = "127.0.0.1:1"\npublic_url = "http://127.0.0.1:8080"
+[pacs]\nae_title = "P"\naddress = "127.0.0.1:2"\n[[issuers]]\nissuer = "{ehr.url}"\n{cfg_issuer}\n""")
+    assert r.returncode == 0, r.stderr
+    g = Gateway(d, orthanc, ehr, name="registration-gateway", issuer_extra=cfg_issuer)
+    try:
+        token = ehr.mint(patient="PAT-A", opaque=True)
+        assert both_protocols(g, token) == ({"PAT-A"}, orthanc.studies["PAT-A"])
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
+
+
+def test_a_public_jwk_as_client_key_file_is_refused_with_the_reason(tmp_root):
+    d = tmp_root / "registration-public"
+    d.mkdir()
+    _, public = registration_keys("EC P-384")
+    key = d / "public.json"
+    key.write_text(json.dumps(public))
+    cfg = d / "g.toml"
+    cfg.write_text(f"""[gateway]\nae_title = "GW"\ndimse_listen = "127.0.0.1:1"\npublic_url = "http://127.0.0.1:8080"
+[pacs]\nae_title = "P"\naddress = "127.0.0.1:2"\n[[issuers]]\nissuer = "http://127.0.0.1:3"\nverify = "introspection"
+client_id = "pacsgate"\nclient_key_file = "{key}"\n""")
+    r = subprocess.run([str(binary()), "check-config", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "client_key_file" in r.stderr and "public key" in r.stderr, r.stderr
 
 
 def test_jwt_plus_introspection_sees_revocation_on_both_protocols(tmp_root, orthanc):
