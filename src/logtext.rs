@@ -31,9 +31,24 @@ impl fmt::Display for Clean<'_> {
     }
 }
 
+/// Whether log lines are JSON objects (`--log-format json`), which quote and escape values
+/// themselves.
+static JSON_LINES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Log lines are JSON from now on: [`Clean`]'s `Debug` form no longer adds its own quotes.
+pub fn set_json_lines(on: bool) {
+    JSON_LINES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Quoted in text lines, so that a value with spaces is one field; bare in JSON lines, where
+/// the JSON string is the quoting.
 impl fmt::Debug for Clean<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
+        if JSON_LINES.load(std::sync::atomic::Ordering::Relaxed) {
+            write!(f, "{self}")
+        } else {
+            write!(f, "\"{self}\"")
+        }
     }
 }
 

@@ -18,8 +18,18 @@ use std::sync::Arc;
     about = "SMART-on-FHIR authorization gateway in front of a PACS"
 )]
 struct Cli {
+    /// Log lines as human-readable text, or as one JSON object each (for a log collector).
+    /// Levels per module come from PACSGATE_LOG, e.g. `info,pacsgate::trust=debug`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -104,15 +114,28 @@ enum DevIssuerCommand {
     },
 }
 
-fn init_logging() {
+/// Every log line carries the span it was written in: `association{id=…}` on DIMSE,
+/// `request{id=…}` on HTTP, the same id as the audit records' `session`.
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PACSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true)
-        .init();
+        .with_target(true);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => {
+            pacsgate::logtext::set_json_lines(true);
+            fmt.json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .init()
+        }
+    }
 }
 
 fn load_key(k: &KeyArgs) -> anyhow::Result<DevKey> {
@@ -164,7 +187,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging();
+            init_logging(cli.log_format);
             run_async(pacsgate::server::run(cfg))
         }
         Command::DevIssuer(args) => match args.mint {
@@ -211,7 +234,7 @@ fn main() -> ExitCode {
                     );
                     return ExitCode::from(2);
                 };
-                init_logging();
+                init_logging(cli.log_format);
                 run_async(async move {
                     let key = load_key(&args.key)?;
                     let listener = tokio::net::TcpListener::bind(listen)

@@ -199,7 +199,11 @@ pub async fn serve(
         wait,
         shutdown,
         grace,
-        move |stream, addr, pending, stop| receive(stream, addr, pending, stop, ctx.clone()),
+        move |stream, addr, pending, stop| {
+            // The PACS's deliveries for moves in flight; each record names the move's association.
+            let span = tracing::error_span!("delivery");
+            tracing::Instrument::instrument(receive(stream, addr, pending, stop, ctx.clone()), span)
+        },
     )
     .await
 }

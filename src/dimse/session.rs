@@ -247,13 +247,32 @@ async fn wrong_sop_class(a: &mut Association, pc_id: u8, cmd: Command) -> Flow {
 
 /// Negotiates one association and, if it is accepted, runs it to its end.
 pub(crate) async fn handle(
-    mut stream: Stream,
+    stream: Stream,
     addr: SocketAddr,
     pending: Pending,
     stop: Stop,
     ctx: Arc<Ctx>,
 ) {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    // Every line logged for this association, in any module, carries its id. At ERROR level
+    // so that no per-module filter drops the span while it keeps a line written inside it
+    // (a span's level decides only whether it is recorded).
+    let span = tracing::error_span!("association", id);
+    tracing::Instrument::instrument(
+        serve_association(stream, addr, pending, stop, ctx, id),
+        span,
+    )
+    .await
+}
+
+async fn serve_association(
+    mut stream: Stream,
+    addr: SocketAddr,
+    pending: Pending,
+    stop: Stop,
+    ctx: Arc<Ctx>,
+    id: u64,
+) {
     let Some(rq) = read_request(&mut stream, addr, id, &ctx.cfg.limits).await else {
         return;
     };

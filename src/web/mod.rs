@@ -70,7 +70,10 @@ async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response
         .get::<listener::ClientCert>()
         .map(|c| c.0.clone());
     let scope = RequestScope { id, client_cert };
-    let mut r = REQUEST.scope(scope, next.run(req)).await;
+    // Every line logged for this request carries its id (no path: it may name a patient's UIDs).
+    // ERROR level: kept under any filter (see dimse::session::handle).
+    let span = tracing::error_span!("request", id, method = %req.method());
+    let mut r = tracing::Instrument::instrument(REQUEST.scope(scope, next.run(req)), span).await;
     crate::metrics::http_response(r.status().as_u16());
     if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
         r.headers_mut().insert("x-request-id", v);

@@ -216,7 +216,7 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra="", public_url=None, idle_timeout=60):
+                 limits_extra="", public_url=None, idle_timeout=60, serve_args=()):
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
@@ -258,7 +258,7 @@ dicomweb_url = "{dicomweb_url or orthanc.url + '/dicom-web'}"
         self.log_path = tmp / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(binary()), "serve", "--config", str(self.config)],
+            [str(binary()), *serve_args, "serve", "--config", str(self.config)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PACSGATE_LOG=log_filter),

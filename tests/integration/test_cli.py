@@ -1,6 +1,7 @@
 """The command line as an administrator meets it: check-config, serve's start-up errors,
 /healthz, /readyz, the monitoring listener, and the dev issuer's mint command."""
 
+import json
 import socket
 import subprocess
 import time
@@ -211,3 +212,37 @@ def test_readyz_names_what_is_down_and_comes_back_with_the_pacs(tmp_root, issuer
         if orthanc:
             stop(orthanc.proc)
     assert "eyJ" not in g.log_text()
+
+
+def test_json_logs_with_per_module_levels_and_one_span_per_association_and_request(tmp_root, orthanc, issuer):
+    d = tmp_root / "json-logs"
+    d.mkdir(exist_ok=True)
+    g = Gateway(d, orthanc, issuer, name="json-logs", serve_args=("--log-format", "json"),
+                log_filter="warn,pacsgate::audit=info,pacsgate::dimse::session=info")
+    token = issuer.mint(patient="PAT-A")
+    try:
+        assoc, _ = associate(g, token)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        r = requests.get(f"{g.public_url}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 200
+        request_id = int(r.headers["x-request-id"])
+        time.sleep(0.3)
+    finally:
+        stop(g.proc)
+    text = g.log_text()
+    assert token not in text
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is one JSON object
+    assert lines, "nothing was logged"
+    # Levels per module: pacsgate::server logs at info only, so nothing of it shows.
+    assert not [e for e in lines if e["target"] == "pacsgate::server"], "pacsgate::server was not filtered to warn"
+    assert any(e["target"] == "pacsgate::dimse::session" and e.get("message") == "association requested" for e in lines)
+    audit = [e for e in lines if e["target"] == "pacsgate::audit"]
+    dimse = [e for e in audit if e["channel"] == "dimse" and e["operation"] in ("A-ASSOCIATE", "C-ECHO")]
+    http = [e for e in audit if e["channel"] == "http" and e["operation"] == "QIDO-RS"]
+    assert dimse and http, audit
+    # One span per association and per request, with the audit records' correlation id.
+    assert all(e["span"]["name"] == "association" and e["span"]["id"] == e["session"] for e in dimse), dimse
+    assert all(e["span"]["name"] == "request" and e["span"]["id"] == e["session"] == request_id for e in http), http
+    # Values are plain JSON strings (the JSON is the quoting), escaped as in text lines.
+    assert all(e["patient"] == "PAT-A" and e["iss"] == issuer.url for e in dimse + http), dimse[0]
