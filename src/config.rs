@@ -62,6 +62,8 @@ pub struct Config {
     pub destinations: Vec<Destination>,
     /// The gateway's server identity for its TLS listeners (`[tls]`).
     pub tls: Option<crate::tls::ServerIdentity>,
+    /// The audit trail's sinks (`[audit]`); `None`: records go to the log only.
+    pub audit: Option<crate::audit::sink::AuditConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +290,16 @@ struct RawFile {
     #[serde(default)]
     destinations: Vec<RawDestination>,
     tls: Option<RawTls>,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    syslog: Option<String>,
+    syslog_ca_file: Option<String>,
+    json_file: Option<String>,
+    source_id: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1259,6 +1271,69 @@ impl Config {
             }
         };
         let require_tls = g.require_tls.unwrap_or(false);
+        let audit = raw.audit.map(|a| {
+            use crate::audit::sink::Transport;
+            let syslog = a.syslog.as_deref().and_then(|u| {
+                let (t, rest) = match u.split_once("://") {
+                    Some(("udp", r)) => (Transport::Udp, r),
+                    Some(("tcp", r)) => (Transport::Tcp, r),
+                    Some(("tls", r)) => (Transport::Tls, r),
+                    _ => {
+                        c.problem(
+                            "audit.syslog",
+                            format!("{u:?} is not a syslog receiver; write udp://HOST:PORT (RFC 5426), tcp://HOST:PORT (RFC 6587) or tls://HOST:PORT (RFC 5425)"),
+                        );
+                        return None;
+                    }
+                };
+                let rest = rest.trim_end_matches('/');
+                match rest.rsplit_once(':') {
+                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
+                        Some((t, rest.to_string()))
+                    }
+                    _ => {
+                        c.problem("audit.syslog", format!("{u:?} names no HOST:PORT"));
+                        None
+                    }
+                }
+            });
+            let tls_syslog = matches!(syslog, Some((Transport::Tls, _)));
+            let syslog_ca_file = a.syslog_ca_file.as_deref().map(&resolve);
+            match (&syslog_ca_file, tls_syslog) {
+                (None, true) => c.problem(
+                    "audit.syslog_ca_file",
+                    "is missing; a tls:// audit.syslog needs the receiver's CA (PEM)",
+                ),
+                (Some(f), _) if !Path::new(f).is_file() => c.problem(
+                    "audit.syslog_ca_file",
+                    format!("{f}: no such file"),
+                ),
+                _ => {}
+            }
+            let json_file = a.json_file.as_deref().map(&resolve);
+            if let Some(f) = &json_file {
+                let dir = Path::new(f).parent().filter(|d| !d.as_os_str().is_empty());
+                if dir.is_some_and(|d| !d.is_dir()) {
+                    c.problem(
+                        "audit.json_file",
+                        format!("{f}: its directory does not exist"),
+                    );
+                }
+            }
+            if syslog.is_none() && json_file.is_none() && a.syslog.is_none() {
+                c.problem(
+                    "audit",
+                    "names no sink; set audit.syslog, audit.json_file or both (or remove [audit])",
+                );
+            }
+            crate::audit::sink::AuditConfig {
+                syslog,
+                syslog_ca_file: syslog_ca_file.map(std::path::PathBuf::from),
+                client_identity: None,
+                json_file: json_file.map(std::path::PathBuf::from),
+                source_id: a.source_id.unwrap_or_else(|| "PACSGATE".into()),
+            }
+        });
 
         if !c.problems.is_empty() {
             return Err(c.problems);
@@ -1297,6 +1372,12 @@ impl Config {
             },
             policy,
             destinations,
+            audit: audit.map(|mut a| {
+                a.client_identity = tls
+                    .as_ref()
+                    .map(|t| (t.cert_file.clone(), t.key_file.clone()));
+                a
+            }),
             tls,
         };
         // Under require_tls nothing may cross a network in clear.

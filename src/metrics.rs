@@ -52,6 +52,12 @@ struct Metrics {
     http_responses: Family<StatusLabels, Counter>,
     tls_handshakes_failed: Family<ListenerLabels, Counter>,
     connections_open: Family<ListenerLabels, Gauge>,
+    audit_dropped: Family<SinkLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +77,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         http_responses: Family::default(),
         tls_handshakes_failed: Family::default(),
         connections_open: Family::default(),
+        audit_dropped: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -118,6 +125,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Connections a listener is serving (from accept to close: pending, in TLS handshake or in use), by listener",
         m.connections_open.clone(),
     );
+    registry.register(
+        "audit_dropped",
+        "Audit messages that could not be written, by sink (queue: the writer was behind; syslog: the receiver could not be reached; json_file)",
+        m.audit_dropped.clone(),
+    );
     Metrics { registry, ..m }
 });
 
@@ -138,6 +150,14 @@ pub(crate) fn tls_handshake_failed(listener: &'static str) {
     METRICS
         .tls_handshakes_failed
         .get_or_create(&ListenerLabels { listener })
+        .inc();
+}
+
+/// One audit message not written to `sink`.
+pub(crate) fn audit_dropped(sink: &'static str) {
+    METRICS
+        .audit_dropped
+        .get_or_create(&SinkLabels { sink })
         .inc();
 }
 

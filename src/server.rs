@@ -100,6 +100,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for w in cfg.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
+    if let Some(a) = &cfg.audit {
+        crate::audit::sink::start(a, &g.ae_title)
+            .map_err(|e| anyhow::anyhow!("cannot start: {e}"))?;
+        crate::audit::sink::activity(crate::audit::atna::Activity::Start);
+    }
     let load = |id: &crate::tls::ServerIdentity| {
         crate::tls::ServerTls::load(id)
             .map(Arc::new)
@@ -225,6 +230,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(m) = monitor {
         let _ = tokio::time::timeout(DRAIN, tokio::task::spawn_blocking(move || m.join())).await;
     }
+    crate::audit::sink::activity(crate::audit::atna::Activity::Stop);
+    crate::audit::sink::flush(Duration::from_secs(3)).await;
     tracing::info!("stopped");
     Ok(())
 }

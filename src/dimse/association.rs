@@ -40,6 +40,8 @@ pub(crate) struct Association {
     pub caller: Caller,
     /// The subject of the client certificate the TLS handshake verified, if any.
     pub client_cert: Option<Arc<str>>,
+    /// The client's address, for the audit trail.
+    pub peer: std::net::IpAddr,
     /// The presentation contexts accepted on both legs, by id.
     pub contexts: HashMap<u8, AcceptedContext>,
     pub ctx: Arc<Ctx>,
@@ -126,6 +128,7 @@ impl Association {
     pub(crate) fn trail(&self) -> Trail<'_> {
         Trail::new(Channel::Dimse, self.id, Some(self.caller.principal()))
             .with_client_cert(self.client_cert.clone())
+            .with_peer(Some(self.peer))
     }
 
     /// Reads and drops the data set of a request that is refused before it is looked at.
@@ -147,11 +150,28 @@ impl Association {
         &mut self,
         pc_id: u8,
         cmd: &Command,
-        (op, object): (Operation, &str),
+        on: (Operation, &str),
         denial: &Denial,
     ) -> Flow {
+        self.refuse_about(pc_id, cmd, on, denial, Vec::new()).await
+    }
+
+    /// [`Association::refuse`], naming the studies the request asked for in the audit trail.
+    pub async fn refuse_about(
+        &mut self,
+        pc_id: u8,
+        cmd: &Command,
+        (op, object): (Operation, &str),
+        denial: &Denial,
+        studies: Vec<String>,
+    ) -> Flow {
+        let outcome = match denial.kind() {
+            DenialKind::Unavailable => Outcome::Failed,
+            _ => Outcome::Denied,
+        };
         self.trail()
-            .record(op, object, Outcome::Denied, &denial.to_string());
+            .about(Vec::new(), studies)
+            .record(op, object, outcome, &denial.to_string());
         // Every refusal is 0124H but one: what could not be asked may be asked again.
         let rsp = match denial.kind() {
             DenialKind::Unavailable => cmd.response(

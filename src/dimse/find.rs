@@ -67,11 +67,16 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
             || query.contains(tags::TIMEZONE_OFFSET_FROM_UTC),
     };
     let what = format!("level={level_name}");
+    let inside: Vec<String> = studies.iter().map(|u| u.to_string()).collect();
     let permit = match s.ctx.policy.decide(&s.caller, Action::Query(request)).await {
         Ok(p) => p,
-        Err(d) => return s.refuse(pc_id, &cmd, (Operation::Find, &what), &d).await,
+        Err(d) => {
+            return s
+                .refuse_about(pc_id, &cmd, (Operation::Find, &what), &d, inside)
+                .await;
+        }
     };
-    s.trail().record(
+    s.trail().about(permit.audited_patients(), inside).record(
         Operation::Find,
         &what,
         Outcome::Allowed,

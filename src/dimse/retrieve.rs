@@ -89,11 +89,14 @@ pub(crate) async fn authorize(
         r.level_name,
         req.study_uids.len() + req.series_uids.len() + req.instance_uids.len()
     );
+    let asked: Vec<String> = req.study_uids.iter().map(|u| u.to_string()).collect();
     let allowed = match s.ctx.policy.decide(&s.caller, Action::Retrieve(req)).await {
         Ok(a) => a,
-        Err(d) => return Err(s.refuse(pc_id, cmd, (op, &what), &d).await),
+        Err(d) => {
+            return Err(s.refuse_about(pc_id, cmd, (op, &what), &d, asked).await);
+        }
     };
-    s.trail().record(
+    s.trail().about_permit(&allowed).record(
         op,
         &what,
         Outcome::Allowed,

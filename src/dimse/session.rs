@@ -284,7 +284,7 @@ async fn serve_association(
     };
     let _active = crate::metrics::association_started();
     tracing::info!(assoc = id, %addr, calling_ae = %Clean(rq.calling_ae_title.trim()), called_ae = %Clean(rq.called_ae_title.trim()), "association requested");
-    if let Some(session) = negotiate(stream, id, &rq, stop, &ctx).await {
+    if let Some(session) = negotiate(stream, id, addr, &rq, stop, &ctx).await {
         Box::pin(session.run()).await;
     }
 }
@@ -294,13 +294,18 @@ async fn serve_association(
 async fn negotiate(
     mut stream: Stream,
     id: u64,
+    addr: SocketAddr,
     rq: &AssociationRQ,
     stop: Stop,
     ctx: &Arc<Ctx>,
 ) -> Option<Session> {
     let cfg = &ctx.cfg;
     let client_cert: Option<Arc<str>> = stream.peer_subject().map(Arc::from);
-    let cert = || client_cert.clone();
+    let trail = |p| {
+        Trail::new(Channel::Dimse, id, p)
+            .with_client_cert(client_cert.clone())
+            .with_peer(Some(addr.ip()))
+    };
     if cfg.gateway.require_called_ae_title
         && rq.called_ae_title.trim() != cfg.gateway.ae_title.trim()
     {
@@ -320,9 +325,7 @@ async fn negotiate(
     let identity = match assoc::presented_identity(rq) {
         Ok(i) => i,
         Err(e) => {
-            Trail::new(Channel::Dimse, id, None)
-                .with_client_cert(cert())
-                .record(Operation::Associate, "", Outcome::Denied, &e.to_string());
+            trail(None).record(Operation::Associate, "", Outcome::Denied, &e.to_string());
             send_reject(&mut stream, Refusal::Identity).await;
             return None;
         }
@@ -335,14 +338,18 @@ async fn negotiate(
     let principal = match verified {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            Trail::new(Channel::Dimse, id, None)
-                .with_client_cert(cert())
-                .record(
-                    Operation::Associate,
-                    "",
-                    Outcome::Denied,
-                    &format!("token refused: {e}"),
-                );
+            // An issuer that could not be asked is an upstream failure, not a refusal.
+            let outcome = if e.is_transient() {
+                Outcome::Failed
+            } else {
+                Outcome::Denied
+            };
+            trail(None).record(
+                Operation::Associate,
+                "",
+                outcome,
+                &format!("token refused: {e}"),
+            );
             let refusal = if e.is_transient() {
                 Refusal::Unavailable
             } else {
@@ -352,23 +359,24 @@ async fn negotiate(
             return None;
         }
         Err(_) => {
-            Trail::new(Channel::Dimse, id, None)
-                .with_client_cert(cert())
-                .record(
-                    Operation::Associate,
-                    "",
-                    Outcome::Denied,
-                    "token verification timed out",
-                );
+            trail(None).record(
+                Operation::Associate,
+                "",
+                Outcome::Failed,
+                "token verification timed out",
+            );
             send_reject(&mut stream, Refusal::Unavailable).await;
             return None;
         }
     };
     let caller = ctx.policy.caller(principal).await;
     if let Err(d) = ctx.policy.decide(&caller, Action::Connect).await {
-        Trail::new(Channel::Dimse, id, Some(caller.principal()))
-            .with_client_cert(cert())
-            .record(Operation::Associate, "", Outcome::Denied, &d.to_string());
+        trail(Some(caller.principal())).record(
+            Operation::Associate,
+            "",
+            Outcome::Denied,
+            &d.to_string(),
+        );
         send_reject(&mut stream, Refusal::Identity).await;
         return None;
     }
@@ -385,6 +393,12 @@ async fn negotiate(
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(assoc = id, reason = %e, "PACS association failed; client rejected (transient)");
+            trail(Some(caller.principal())).record(
+                Operation::Associate,
+                "",
+                Outcome::Failed,
+                "the PACS could not be associated with",
+            );
             send_reject(&mut stream, Refusal::Unavailable).await;
             return None;
         }
@@ -400,14 +414,12 @@ async fn negotiate(
         pacs.abort().await;
         return None;
     }
-    Trail::new(Channel::Dimse, id, Some(caller.principal()))
-        .with_client_cert(cert())
-        .record(
-            Operation::Associate,
-            "",
-            Outcome::Allowed,
-            &format!("{} presentation context(s) accepted", contexts.len()),
-        );
+    trail(Some(caller.principal())).record(
+        Operation::Associate,
+        "",
+        Outcome::Allowed,
+        &format!("{} presentation context(s) accepted", contexts.len()),
+    );
     let client = Peer::new("client", stream, our_max + PDU_SLACK, client_max);
     Some(Session {
         assoc: Association {
@@ -418,6 +430,7 @@ async fn negotiate(
             upstream_rq: up_rq,
             caller,
             client_cert,
+            peer: addr.ip(),
             contexts,
             ctx: ctx.clone(),
         },

@@ -89,13 +89,16 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         return s.reply(pc_id, &cmd.response(status, Some(why)), None).await;
     }
     let req = StoreRequest::of(&h);
+    let asked: Vec<String> = h.study.iter().cloned().collect();
     let permit = match s.ctx.policy.decide(&s.caller, Action::Store(req)).await {
         Ok(p) => p,
         Err(d) => {
             if let Err(flow) = drain_client(s, pc_id, head.last).await {
                 return flow;
             }
-            return s.refuse(pc_id, &cmd, (Operation::Store, &what), &d).await;
+            return s
+                .refuse_about(pc_id, &cmd, (Operation::Store, &what), &d, asked)
+                .await;
         }
     };
 
@@ -163,13 +166,14 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
             if stored {
                 s.ctx.policy.stored(&permit).await;
             }
-            s.trail().record(
+            // A PACS that did not store it: an upstream failure, not the policy's refusal.
+            s.trail().about_permit(&permit).record(
                 Operation::Store,
                 &what,
                 if stored {
                     Outcome::Allowed
                 } else {
-                    Outcome::Denied
+                    Outcome::Failed
                 },
                 &format!("PACS status {status:#06x}"),
             );

@@ -89,6 +89,32 @@ impl Permit {
         }
     }
 
+    /// The patients this permit is about, for the audit trail: the DICOM PatientIDs the caller
+    /// may reach (empty under user- or system-level access, which names no patient).
+    pub fn audited_patients(&self) -> Vec<String> {
+        if let Some(p) = &self.stores {
+            return vec![p.patient_id.clone()];
+        }
+        match &self.filter {
+            PatientFilter::Only(ps) => {
+                let mut v: Vec<String> = ps.iter().map(|p| p.patient_id.clone()).collect();
+                v.dedup();
+                v
+            }
+            PatientFilter::Any => Vec::new(),
+        }
+    }
+
+    /// The studies this permit names, for the audit trail: what a retrieval named, or where a
+    /// store goes.
+    pub fn audited_studies(&self) -> Vec<String> {
+        match (&self.stores, &self.retrieval) {
+            (Some(p), _) => vec![p.study.clone()],
+            (None, Some(n)) => n.studies.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+
     /// For queries: the PatientID each query sent upstream must carry, one query per value
     /// (empty: the caller's key stays as it is). For a PATIENT-level retrieval: the one
     /// PatientID it retrieves.

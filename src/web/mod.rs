@@ -39,6 +39,8 @@ struct RequestScope {
     id: u64,
     /// The subject of the client certificate its connection's TLS handshake verified.
     client_cert: Option<Arc<str>>,
+    /// The client's address.
+    peer: Option<std::net::IpAddr>,
 }
 
 tokio::task_local! {
@@ -59,7 +61,10 @@ pub(crate) fn client_cert() -> Option<Arc<str>> {
 
 /// Where the running request's decisions are recorded.
 pub(crate) fn trail(principal: Option<&crate::trust::Principal>) -> Trail<'_> {
-    Trail::new(Channel::Http, request_id(), principal).with_client_cert(client_cert())
+    let peer = REQUEST.try_with(|r| r.peer).ok().flatten();
+    Trail::new(Channel::Http, request_id(), principal)
+        .with_client_cert(client_cert())
+        .with_peer(peer)
 }
 
 /// Gives every request an id, visible in audit records and as `X-Request-Id`.
@@ -69,7 +74,15 @@ async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response
         .extensions()
         .get::<listener::ClientCert>()
         .map(|c| c.0.clone());
-    let scope = RequestScope { id, client_cert };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let scope = RequestScope {
+        id,
+        client_cert,
+        peer,
+    };
     // Every line logged for this request carries its id (no path: it may name a patient's UIDs).
     // ERROR level: kept under any filter (see dimse::session::handle).
     let span = tracing::error_span!("request", id, method = %req.method());
@@ -152,21 +165,38 @@ impl WebCtx {
 
     /// Asks the policy core for `action` and records the decision on `on` (operation and
     /// object) in this request's audit trail; a refusal becomes the HTTP answer its kind says.
+    /// `asked`: the studies the request names, recorded with a refusal.
     pub(crate) async fn permit(
         &self,
         caller: &crate::policy::Caller,
         action: crate::policy::Action<'_>,
         (op, object): (Operation, &str),
         allowed: &str,
+        asked: Vec<String>,
     ) -> Result<crate::policy::Permit, ApiError> {
         let trail = trail(Some(caller.principal()));
         match self.policy.decide(caller, action).await {
             Ok(permit) => {
-                trail.record(op, object, Outcome::Allowed, allowed);
+                let studies = match permit.audited_studies() {
+                    s if s.is_empty() => asked,
+                    s => s,
+                };
+                trail.about(permit.audited_patients(), studies).record(
+                    op,
+                    object,
+                    Outcome::Allowed,
+                    allowed,
+                );
                 Ok(permit)
             }
             Err(d) => {
-                trail.record(op, object, Outcome::Denied, &d.to_string());
+                let outcome = match d.kind() {
+                    crate::policy::DenialKind::Unavailable => Outcome::Failed,
+                    _ => Outcome::Denied,
+                };
+                trail
+                    .about(Vec::new(), asked)
+                    .record(op, object, outcome, &d.to_string());
                 Err(ApiError::from_denial(d))
             }
         }

@@ -135,6 +135,7 @@ pub async fn search(
             Action::Query(request),
             (Operation::Qido, ""),
             "patient scope applied",
+            studies.iter().map(|s| s.to_string()).collect(),
         )
         .await?;
     // One upstream search per PatientID the caller may see (usually one). QIDO-RS answers

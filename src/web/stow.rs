@@ -269,7 +269,13 @@ async fn store_part(
     let permit = match ctx.policy.decide(caller, Action::Store(req)).await {
         Ok(permit) => permit,
         Err(d) => {
-            super::trail(Some(p)).record(Operation::Stow, &on, Outcome::Denied, &d.to_string());
+            let outcome = match d.kind() {
+                crate::policy::DenialKind::Unavailable => Outcome::Failed,
+                _ => Outcome::Denied,
+            };
+            super::trail(Some(p))
+                .about(Vec::new(), vec![study.clone()])
+                .record(Operation::Stow, &on, outcome, &d.to_string());
             drain(&mut field, ended, wait).await?;
             out.failed.push((class, instance, REASON_NOT_AUTHORIZED));
             return Ok(());
@@ -387,13 +393,18 @@ async fn store_part(
     }
     if stored {
         ctx.policy.stored(&permit).await;
-        super::trail(Some(p)).record(Operation::Stow, &on, Outcome::Allowed, "stored by the PACS");
-        out.stored.push((class, instance));
-    } else {
-        super::trail(Some(p)).record(
+        super::trail(Some(p)).about_permit(&permit).record(
             Operation::Stow,
             &on,
-            Outcome::Denied,
+            Outcome::Allowed,
+            "stored by the PACS",
+        );
+        out.stored.push((class, instance));
+    } else {
+        super::trail(Some(p)).about_permit(&permit).record(
+            Operation::Stow,
+            &on,
+            Outcome::Failed,
             "the PACS did not store the instance",
         );
         out.failed.push((class, instance, REASON_PROCESSING));

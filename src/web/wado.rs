@@ -75,6 +75,7 @@ pub(crate) async fn retrieve(
             Action::Retrieve(req),
             (Operation::Wado(part), &on),
             "the UIDs belong to the caller's patient",
+            vec![study.to_string()],
         )
         .await?;
     let check = checked::Check {

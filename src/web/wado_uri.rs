@@ -78,6 +78,7 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             Action::Retrieve(rr),
             (Operation::WadoUri, &on),
             "the UIDs belong to the caller's patient",
+            vec![study.to_string()],
         )
         .await?;
     let Some(upstream) = ctx.pacs.as_ref() else {

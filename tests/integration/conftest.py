@@ -389,6 +389,7 @@ def gateway(tmp_root, orthanc, issuer, ports):
         yield front
         stop(front.proc)
         served = [g.log_text().count("association requested") + g.log_text().count("request_id") for g in front.replicas]
+        print(f"\nreplicas served (associations + HTTP requests logged): {served}")
         for g in front.replicas:
             finish_gateway(g)
         assert all(n > 0 for n in served), f"a replica served nothing: {served}"

@@ -1,10 +1,14 @@
 //! The audit trail: one record per access decision.
 //!
-//! Owns: what a decision record holds (channel, association or request, who, which operation
-//! on what, outcome, reason) and where it goes. Today records are structured log events on the
-//! `pacsgate::audit` target; DICOM PS3.15 audit messages will be emitted from here. Must not
-//! know protocol details: front ends name the operation by an [`Operation`] and describe its
-//! object (a study, a destination) in a few words.
+//! Owns: what a decision record holds (channel, association or request, who, from where, which
+//! operation on what, the patients and studies it touched, outcome, reason) and where it goes:
+//! a structured log event on the `pacsgate::audit` target, and, with `[audit]`, a DICOM PS3.15
+//! A.5 audit message ([`atna`]) to syslog and a JSON line to a file ([`sink`]). Must not know
+//! protocol details: front ends name the operation by an [`Operation`], describe its object in
+//! a few words and name the patients and studies.
+
+pub(crate) mod atna;
+pub mod sink;
 
 use crate::logtext::Clean;
 use crate::trust::Principal;
@@ -17,6 +21,8 @@ pub(crate) enum Outcome {
     /// Something that should not happen was seen and stopped (e.g. a PACS result for another
     /// patient).
     Anomaly,
+    /// Refused because something upstream (the PACS, an issuer, the EHR) could not answer.
+    Failed,
 }
 
 impl Outcome {
@@ -25,6 +31,7 @@ impl Outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Anomaly => "anomaly",
+            Outcome::Failed => "failed",
         }
     }
 }
@@ -135,6 +142,9 @@ pub(crate) struct Trail<'a> {
     id: u64,
     principal: Option<&'a Principal>,
     client_cert: Option<std::sync::Arc<str>>,
+    peer: Option<std::net::IpAddr>,
+    patients: Vec<String>,
+    studies: Vec<String>,
 }
 
 impl<'a> Trail<'a> {
@@ -144,7 +154,28 @@ impl<'a> Trail<'a> {
             id,
             principal,
             client_cert: None,
+            peer: None,
+            patients: Vec::new(),
+            studies: Vec::new(),
         }
+    }
+
+    /// The client's network address.
+    pub fn with_peer(mut self, peer: Option<std::net::IpAddr>) -> Trail<'a> {
+        self.peer = peer;
+        self
+    }
+
+    /// The patients (DICOM PatientIDs) and studies the recorded operation touched.
+    pub fn about(mut self, patients: Vec<String>, studies: Vec<String>) -> Trail<'a> {
+        self.patients = patients;
+        self.studies = studies;
+        self
+    }
+
+    /// What a permit decided about: its patients and studies.
+    pub fn about_permit(self, permit: &crate::policy::Permit) -> Trail<'a> {
+        self.about(permit.audited_patients(), permit.audited_studies())
     }
 
     /// The subject of the client's verified certificate, when it presented one.
@@ -178,11 +209,35 @@ impl<'a> Trail<'a> {
                 client_cert = ?cert, patient = ?patient, token, operation, object = ?object,
                 outcome = outcome.as_str(), reason = ?reason
             ),
-            Outcome::Denied | Outcome::Anomaly => tracing::warn!(
+            Outcome::Denied | Outcome::Anomaly | Outcome::Failed => tracing::warn!(
                 target: "pacsgate::audit", channel, session, iss = ?iss, sub = ?sub, client_id = ?client,
                 client_cert = ?cert, patient = ?patient, token, operation, object = ?object,
                 outcome = outcome.as_str(), reason = ?reason
             ),
         }
+        sink::submit(atna::Event {
+            time: chrono::Utc::now(),
+            channel: self.channel,
+            session: self.id,
+            op,
+            outcome,
+            object: object.0.to_string(),
+            reason: reason.0.to_string(),
+            user: self.principal.map(|p| atna::User {
+                id: p
+                    .fhir_user
+                    .clone()
+                    .or_else(|| p.subject.clone())
+                    .or_else(|| p.client_id.clone())
+                    .unwrap_or_else(|| "-".into()),
+                client_id: p.client_id.clone(),
+                issuer: p.issuer.clone(),
+                token_id: p.token_id.clone(),
+            }),
+            client_cert: self.client_cert.clone(),
+            peer: self.peer,
+            patients: self.patients.clone(),
+            studies: self.studies.clone(),
+        });
     }
 }
