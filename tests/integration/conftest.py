@@ -335,14 +335,19 @@ class Replicas:
         d.mkdir()
         cfg = d / "haproxy.cfg"
         servers = lambda port: "\n".join(f"    server r{i} 127.0.0.1:{getattr(g, port)}" for i, g in enumerate(self.replicas))
+        # Every request and connection is logged (haproxy.log beside the replicas' logs), with
+        # HAProxy's termination flags: what a 502 was.
         cfg.write_text(f"""global
     maxconn 4096
+    log stdout format raw local0
 defaults
+    log global
     timeout connect 5s
     timeout client 10m
     timeout server 10m
 frontend dimse
     mode tcp
+    option tcplog
     bind 127.0.0.1:{self.dimse_port}
     default_backend dimse
 backend dimse
@@ -351,11 +356,16 @@ backend dimse
 {servers("dimse_port")}
 frontend web
     mode http
+    option httplog
     bind 127.0.0.1:{self.http_port}
     default_backend web
 backend web
     mode http
     balance roundrobin
+    # A keep-alive connection the replica closed as HAProxy reused it: tried again, as a
+    # deployment's balancer should be configured.
+    retries 2
+    retry-on conn-failure empty-response
 {servers("http_port")}
 """)
         self.log = open(d / "haproxy.log", "w")
@@ -388,7 +398,7 @@ def gateway(tmp_root, orthanc, issuer, ports):
         front = Replicas(tmp_root, orthanc, issuer, destinations=[("DEST", ports["dest"])])
         yield front
         stop(front.proc)
-        served = [g.log_text().count("association requested") + g.log_text().count("request_id") for g in front.replicas]
+        served = [g.log_text().count("association requested") + g.log_text().count("request{id=") for g in front.replicas]
         print(f"\nreplicas served (associations + HTTP requests logged): {served}")
         for g in front.replicas:
             finish_gateway(g)
