@@ -90,6 +90,8 @@ pub struct Gateway {
     pub cors_origins: Vec<String>,
     /// Client addresses (networks) that may read `/metrics` on the HTTP listener; empty: none.
     pub metrics_clients: Vec<ipnet::IpNet>,
+    /// How long running associations and requests may take to finish after SIGTERM.
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +328,7 @@ struct RawGateway {
     require_called_ae_title: Option<bool>,
     cors_origins: Option<Vec<String>>,
     metrics_clients: Option<Vec<String>>,
+    drain_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -633,6 +636,7 @@ impl Config {
             .monitor_listen
             .as_deref()
             .and_then(|s| c.socket_addr("gateway.monitor_listen", s));
+        let drain = c.seconds("gateway.drain_secs", g.drain_secs, 20.0);
         let public_url = match g.public_url {
             Some(u) => {
                 c.http_url("gateway.public_url", &u);
@@ -1352,6 +1356,7 @@ impl Config {
                 require_called_ae_title: g.require_called_ae_title.unwrap_or(true),
                 cors_origins,
                 metrics_clients,
+                drain,
             },
             limits,
             pacs: Pacs {
@@ -1394,6 +1399,47 @@ impl Config {
             }
         }
         Ok(config)
+    }
+
+    /// For a configuration read again while running: the settings bound to what was set up
+    /// at start (listeners and their limits, the server identity's file names, the audit
+    /// trail's sinks, the drain time) keep their running values, copied from `running`; the
+    /// keys that differed in the file are returned, for the admin to be told they wait for a
+    /// restart. Issuers, the PACS, destinations, policy and patient mapping are not touched.
+    pub fn keep_running(&mut self, running: &Config) -> Vec<&'static str> {
+        fn differ<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $key:literal) => {
+                if differ(&self.$($field).+, &running.$($field).+) {
+                    changed.push($key);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!(gateway.ae_title, "gateway.ae_title");
+        keep!(gateway.dimse_listen, "gateway.dimse_listen");
+        keep!(gateway.dimse_tls_listen, "gateway.dimse_tls_listen");
+        keep!(gateway.http_listen, "gateway.http_listen");
+        keep!(gateway.https_listen, "gateway.https_listen");
+        keep!(gateway.monitor_listen, "gateway.monitor_listen");
+        keep!(gateway.require_tls, "gateway.require_tls");
+        keep!(gateway.metrics_clients, "gateway.metrics_clients");
+        keep!(gateway.drain, "gateway.drain_secs");
+        keep!(limits, "[limits]");
+        keep!(tls, "[tls]");
+        keep!(audit, "[audit]");
+        keep!(pacs.receive_listen, "pacs.receive_listen");
+        let receive_tls = |c: &Config| c.pacs.tls.as_ref().and_then(|t| t.receive_tls_listen);
+        if receive_tls(self) != receive_tls(running) {
+            changed.push("pacs.tls.receive_tls_listen");
+            if let Some(t) = self.pacs.tls.as_mut() {
+                t.receive_tls_listen = receive_tls(running);
+            }
+        }
+        changed
     }
 
     /// What is allowed but unwise: legs in plaintext where tokens or images would cross a
@@ -1856,6 +1902,32 @@ address = "nowhere"
         let text = GOOD.replace("127.0.0.1:8080\"\npublic", "127.0.0.1:11112\"\npublic");
         let p = Config::parse(&text).unwrap_err();
         assert!(p.iter().any(|p| p.key == "gateway.http_listen"), "{p:?}");
+    }
+
+    #[test]
+    fn a_reread_configuration_keeps_what_waits_for_a_restart() {
+        let text = |listen: &str, drain: &str, issuer: &str| {
+            GOOD.replace(
+                "dimse_listen = \"127.0.0.1:11112\"",
+                &format!("dimse_listen = \"{listen}\"\ndrain_secs = {drain}"),
+            )
+            .replace("http://127.0.0.1:9400", issuer)
+        };
+        let running =
+            Config::parse(&text("127.0.0.1:11112", "20", "http://127.0.0.1:9400")).unwrap();
+        let mut next =
+            Config::parse(&text("127.0.0.1:4243", "5", "http://127.0.0.1:9401")).unwrap();
+        let changed = next.keep_running(&running);
+        assert_eq!(changed, vec!["gateway.dimse_listen", "gateway.drain_secs"]);
+        assert_eq!(next.gateway.dimse_listen, running.gateway.dimse_listen);
+        assert_eq!(next.gateway.drain, Duration::from_secs(20));
+        assert_eq!(
+            next.issuers[0].issuer, "http://127.0.0.1:9401",
+            "issuers are re-read"
+        );
+        let mut same =
+            Config::parse(&text("127.0.0.1:11112", "20", "http://127.0.0.1:9400")).unwrap();
+        assert!(same.keep_running(&running).is_empty());
     }
 
     #[test]

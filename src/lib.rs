@@ -11,6 +11,7 @@ pub mod devissuer;
 pub mod dicom;
 pub mod dimse;
 pub mod ehr;
+pub mod generation;
 pub mod logtext;
 pub mod metrics;
 pub mod pacs;

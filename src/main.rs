@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(cli.log_format);
-            run_async(pacsgate::server::run(cfg))
+            run_async(pacsgate::server::run(cfg, config))
         }
         Command::DevIssuer(args) => match args.mint {
             Some(DevIssuerCommand::Mint {

@@ -119,6 +119,16 @@ impl Readiness {
         }
     }
 
+    /// The issuers to check after a reload: those kept keep their last results, new ones
+    /// start unchecked, dropped ones are forgotten.
+    pub fn set_issuers(&self, issuers: &[String]) {
+        let mut m = self.issuers.write().unwrap_or_else(|e| e.into_inner());
+        m.retain(|name, _| issuers.contains(name));
+        for i in issuers {
+            m.entry(i.clone()).or_default();
+        }
+    }
+
     pub fn report(&self) -> Report {
         self.report_at(Instant::now())
     }
@@ -197,6 +207,25 @@ fn log_change(what: &str, r: &Result<(), String>, changed: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_keeps_the_results_of_issuers_it_keeps() {
+        let (a, b) = (
+            "https://a.example".to_string(),
+            "https://b.example".to_string(),
+        );
+        let r = Readiness::new(std::slice::from_ref(&a));
+        let t0 = Instant::now();
+        r.record_pacs(Ok(()), t0);
+        r.record_issuer(&a, Ok(()), t0);
+        assert!(r.report_at(t0).ready);
+        r.set_issuers(&[a.clone(), b.clone()]);
+        let rep = r.report_at(t0);
+        assert_eq!(rep.down.len(), 1, "{rep:?}");
+        assert_eq!(rep.down[0].what, b);
+        r.set_issuers(std::slice::from_ref(&a));
+        assert!(r.report_at(t0).ready, "a dropped issuer is not waited for");
+    }
 
     #[test]
     fn ready_only_while_every_component_succeeded_within_the_window() {

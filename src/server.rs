@@ -5,16 +5,13 @@
 
 use crate::config::Config;
 use crate::dimse;
-use crate::policy::{Policy, Ports};
-use crate::trust::TrustCore;
+use crate::generation::Generation;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// How long running associations may take to finish after a stop signal.
-const DRAIN: Duration = Duration::from_secs(20);
 
 /// Connections the kernel queues for a listener before it accepts them: a morning's burst of
 /// workstations (hundreds at once) must not see SYNs dropped and retried a second later. The
@@ -66,9 +63,9 @@ async fn bind_opt(
     }
 }
 
-/// Runs the gateway until SIGINT or SIGTERM; SIGHUP re-reads the TLS certificate and key.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
+/// Runs the gateway until SIGINT or SIGTERM; SIGHUP reads `path` again (see [`reload`]).
+pub async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+    let mut signals = Signals::install();
     let g = &cfg.gateway;
     let mut problems = Vec::new();
     let dimse_l = bind_opt("gateway.dimse_listen", g.dimse_listen, &mut problems).await;
@@ -120,79 +117,51 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })?),
         _ => None,
     };
-    let mut reloadable = Reloadable {
-        servers: tls.iter().chain(receiver_tls.iter()).cloned().collect(),
-        clients: cfg
-            .pacs
-            .dimse_tls
-            .iter()
-            .chain(cfg.pacs.tls.as_ref().map(|t| &t.http))
-            .chain(cfg.destinations.iter().filter_map(|d| d.tls.as_ref()))
-            .cloned()
-            .collect(),
-        dicomweb: None,
-    };
-    let trust = TrustCore::new(&cfg)?;
-    // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
-    let lookup = Arc::new(crate::pacs::PacsLookup::new(&cfg));
-    let ehr = Arc::new(crate::ehr::Ehr::new(&cfg, trust.clone())?);
-    let policy = Arc::new(Policy::new(&cfg, Ports::new(lookup, ehr)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let ctx = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
-    let readiness = crate::readiness::Readiness::new(&trust.issuer_names());
-    // The checks /readyz answers from start before any listener serves.
-    tokio::spawn(
-        readiness
-            .clone()
-            .run(cfg.pacs.clone(), trust.clone(), stop_rx.clone()),
-    );
-    let web = crate::web::WebCtx::new(cfg.clone(), trust, policy, readiness)?;
-    if cfg.pacs.tls.is_some() {
-        reloadable.dicomweb = Some(web.clone());
-    }
-    let mut tasks = Vec::new();
-    if let Some(l) = receive_l {
-        tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening");
-        tasks.push(tokio::spawn(dimse::receiver::serve(
-            l,
-            ctx.clone(),
-            None,
-            stop_rx.clone(),
-            DRAIN,
-        )));
-    }
-    if let (Some(l), Some(rtls)) = (receive_tls_l, &receiver_tls) {
-        tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "C-MOVE receiver listening over DICOM TLS");
-        tasks.push(tokio::spawn(dimse::receiver::serve(
-            l,
-            ctx.clone(),
-            Some(rtls.clone()),
-            stop_rx.clone(),
-            DRAIN,
-        )));
-    }
-    if let Some(l) = dimse_l {
-        tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "DIMSE front end listening");
-        tasks.push(tokio::spawn(dimse::serve(
-            l,
-            ctx.clone(),
-            None,
-            stop_rx.clone(),
-            DRAIN,
-        )));
-    }
-    if let (Some(l), Some(tls)) = (dimse_tls_l, &tls) {
-        tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "DICOM TLS front end listening");
-        tasks.push(tokio::spawn(dimse::serve(
-            l,
-            ctx.clone(),
-            Some(tls.clone()),
-            stop_rx.clone(),
-            DRAIN,
-        )));
-    }
+    let identities: Vec<_> = tls.iter().chain(receiver_tls.iter()).cloned().collect();
+    let drain = cfg.gateway.drain;
     let cap = http_connection_cap(&cfg);
+    let mut current = Generation::first(cfg)?;
+    let cfg = current.cfg.clone();
+    let g = &cfg.gateway;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (dimse_tx, dimse_rx) = watch::channel(current.dimse.clone());
+    let (routes_tx, routes_rx) = watch::channel(crate::web::Routes::new(current.web.clone()));
+
+    let mut tasks = Vec::new();
+    for (l, rtls, what) in [
+        (receive_l, None, "C-MOVE receiver listening"),
+        (
+            receive_tls_l,
+            receiver_tls.clone(),
+            "C-MOVE receiver listening over DICOM TLS",
+        ),
+    ] {
+        if let Some(l) = l {
+            tracing::info!(addr = %l.local_addr()?, ae_title = %cfg.pacs.calling_ae_title, "{what}");
+            tasks.push(tokio::spawn(dimse::receiver::serve(
+                l,
+                dimse_rx.clone(),
+                rtls,
+                stop_rx.clone(),
+                drain,
+            )));
+        }
+    }
+    for (l, tls, what) in [
+        (dimse_l, None, "DIMSE front end listening"),
+        (dimse_tls_l, tls.clone(), "DICOM TLS front end listening"),
+    ] {
+        if let Some(l) = l {
+            tracing::info!(addr = %l.local_addr()?, ae_title = %g.ae_title, "{what}");
+            tasks.push(tokio::spawn(dimse::serve(
+                l,
+                dimse_rx.clone(),
+                tls,
+                stop_rx.clone(),
+                drain,
+            )));
+        }
+    }
     let mut http_tasks = Vec::new();
     for (l, tls, what) in [
         (http_l, None, "HTTP front end listening"),
@@ -200,40 +169,123 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ] {
         if let Some(l) = l {
             tracing::info!(addr = %l.local_addr()?, "{what}");
-            http_tasks.push(tokio::spawn(crate::web::serve(
-                l,
-                web.clone(),
-                stop_rx.clone(),
-                cap,
-                tls,
-                crate::web::Face::Front,
-            )));
+            let (cfg, routes, stop) = (cfg.clone(), routes_rx.clone(), stop_rx.clone());
+            http_tasks.push(tokio::spawn(async move {
+                crate::web::serve(l, &cfg, routes, stop, cap, tls, crate::web::Face::Front).await
+            }));
         }
     }
     let monitor = match monitor_l {
         Some(l) => {
             tracing::info!(addr = %l.local_addr()?, "monitoring listener (/healthz, /metrics) on its own thread");
-            Some(serve_monitor(l.into_std()?, web.clone(), stop_rx.clone())?)
+            Some(serve_monitor(
+                l.into_std()?,
+                cfg.clone(),
+                routes_rx.clone(),
+                stop_rx.clone(),
+            )?)
         }
         None => None,
     };
 
-    wait_for_signal(&reloadable).await;
-    tracing::info!("stop requested; draining");
+    while signals.next().await == Signal::Reload {
+        if let Some(next) = reload(&path, &current, &identities) {
+            let _ = dimse_tx.send(next.dimse.clone());
+            let _ = routes_tx.send(crate::web::Routes::new(next.web.clone()));
+            current = next;
+        }
+    }
+    tracing::info!(drain_secs = drain.as_secs_f64(), "stop requested; draining");
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
     for t in http_tasks {
-        let _ = tokio::time::timeout(DRAIN, t).await;
+        let _ = tokio::time::timeout(drain + CUT_SLACK, t).await;
     }
     if let Some(m) = monitor {
-        let _ = tokio::time::timeout(DRAIN, tokio::task::spawn_blocking(move || m.join())).await;
+        let _ = tokio::time::timeout(
+            drain + CUT_SLACK,
+            tokio::task::spawn_blocking(move || m.join()),
+        )
+        .await;
     }
+    drop(current);
     crate::audit::sink::activity(crate::audit::atna::Activity::Stop);
     crate::audit::sink::flush(Duration::from_secs(3)).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the HTTP listeners may take beyond the drain time to drop what is left.
+const CUT_SLACK: Duration = Duration::from_secs(2);
+
+/// SIGHUP: reads the configuration file again and builds the next generation from it, which
+/// new associations and requests then take; running ones finish on theirs. A file that does
+/// not load is refused with a line per problem naming its key, and the running configuration
+/// stays. Settings bound to the listeners keep their running values until a restart (each
+/// changed one is named). The TLS server identities are re-read from their files either way.
+fn reload(
+    path: &Path,
+    current: &Generation,
+    identities: &[Arc<crate::tls::ServerTls>],
+) -> Option<Generation> {
+    let failed: Vec<String> = identities
+        .iter()
+        .filter_map(|t| t.reload().err().map(|e| e.to_string()))
+        .collect();
+    if !identities.is_empty() && failed.is_empty() {
+        tracing::info!("SIGHUP: TLS certificate and key re-read");
+    } else {
+        for e in failed {
+            tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays");
+        }
+    }
+    let mut cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for p in &e.problems {
+                tracing::error!(key = %p.key, "SIGHUP: {}: {}", e.path, p.message);
+            }
+            tracing::error!(
+                problems = e.problems.len(),
+                "SIGHUP: the configuration file is refused; the running configuration stays"
+            );
+            return None;
+        }
+    };
+    for key in cfg.keep_running(&current.cfg) {
+        tracing::warn!(%key, "SIGHUP: changed in the file, takes effect at the next restart; the running value stays");
+    }
+    // The file was judged under its own require_tls; the running one is what counts.
+    let legs = cfg.warnings();
+    if cfg.gateway.require_tls && !legs.is_empty() {
+        for w in &legs {
+            tracing::error!(key = %w.key, "SIGHUP: {} (gateway.require_tls is set)", w.message);
+        }
+        tracing::error!(
+            problems = legs.len(),
+            "SIGHUP: the configuration file is refused; the running configuration stays"
+        );
+        return None;
+    }
+    for w in legs {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    match current.next(cfg) {
+        Ok(next) => {
+            tracing::info!(
+                issuers = next.cfg.issuers.len(),
+                destinations = next.cfg.destinations.len(),
+                "SIGHUP: configuration re-read; new associations and requests use it"
+            );
+            Some(next)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the configuration cannot be applied; the running configuration stays");
+            None
+        }
+    }
 }
 
 /// Connections the monitoring listener holds at once: probes and scrapers, not clients.
@@ -244,7 +296,8 @@ const MONITOR_CONNECTIONS: usize = 64;
 /// flood: the probe then says whether the process serves, not how long its queue is.
 fn serve_monitor(
     listener: std::net::TcpListener,
-    web: Arc<crate::web::WebCtx>,
+    cfg: Arc<Config>,
+    routes: watch::Receiver<crate::web::Routes>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -266,7 +319,8 @@ fn serve_monitor(
                 };
                 let _ = crate::web::serve(
                     listener,
-                    web,
+                    &cfg,
+                    routes,
                     stop,
                     MONITOR_CONNECTIONS,
                     None,
@@ -336,65 +390,52 @@ fn http_connection_cap(cfg: &Config) -> usize {
     }
 }
 
-/// The TLS identities SIGHUP re-reads.
-struct Reloadable {
-    servers: Vec<Arc<crate::tls::ServerTls>>,
-    clients: Vec<Arc<crate::tls::ClientTls>>,
-    /// The PACS's DICOMweb service, whose HTTP client is rebuilt with `[pacs.tls]` re-read.
-    dicomweb: Option<Arc<crate::web::WebCtx>>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
-impl Reloadable {
-    /// Re-reads every identity; each that does not load keeps the one it had.
-    fn reload(&self) {
-        if self.servers.is_empty() && self.clients.is_empty() {
-            tracing::info!("SIGHUP: nothing to re-read (no TLS configured)");
-            return;
-        }
-        let results = self
-            .servers
-            .iter()
-            .map(|t| t.reload())
-            .chain(self.clients.iter().map(|t| t.reload()));
-        let mut failed: Vec<String> = results
-            .filter_map(|r| r.err().map(|e| e.to_string()))
-            .collect();
-        if let Some(pacs) = self.dicomweb.as_ref().and_then(|w| w.pacs.as_ref())
-            && let Err(e) = pacs.reload()
-        {
-            failed.push(format!("pacs.tls: {e}"));
-        }
-        if failed.is_empty() {
-            tracing::info!("SIGHUP: TLS certificate and key re-read");
-        } else {
-            for e in failed {
-                tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays");
-            }
-        }
-    }
-}
-
-/// Waits for SIGINT or SIGTERM. Meanwhile each SIGHUP re-reads the TLS files: new connections
-/// get the new identity, running ones keep theirs, and files that do not load change nothing.
-async fn wait_for_signal(tls: &Reloadable) {
+/// The signals `serve` heeds, installed before anything is bound: a SIGHUP that arrives while
+/// the gateway starts must not take the default action (ending the process).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        // Each handler on its own: a signal whose handler cannot be installed keeps its
-        // default action, and the others still work.
-        let mut term = signal(SignalKind::terminate()).ok();
-        let mut hup = signal(SignalKind::hangup()).ok();
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return,
-                Some(_) = async { term.as_mut()?.recv().await } => return,
-                Some(_) = async { hup.as_mut()?.recv().await } => tls.reload(),
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            // Each handler on its own: a signal whose handler cannot be installed keeps its
+            // default action, and the others still work.
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                hup: signal(SignalKind::hangup()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tls;
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for SIGINT or SIGTERM (stop) or SIGHUP (reload).
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            let (term, hup) = (&mut self.term, &mut self.hup);
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+                Some(_) = async { term.as_mut()?.recv().await } => Signal::Stop,
+                Some(_) = async { hup.as_mut()?.recv().await } => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
     }
 }

@@ -459,9 +459,10 @@ issuer = "{issuer_url}"
     let ports = Ports::new(Arc::new(PacsLookup::new(&cfg)), ehr);
     let ctx = dimse::Ctx::new(cfg.clone(), trust, Arc::new(Policy::new(&cfg, ports)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
+    let (_ctx_tx, current) = tokio::sync::watch::channel(ctx);
     tokio::spawn(async move {
-        let _keep = _tx;
-        dimse::serve(gl, ctx, None, rx, Duration::from_secs(1)).await
+        let _keep = (_tx, _ctx_tx);
+        dimse::serve(gl, current, None, rx, Duration::from_secs(1)).await
     });
     Setup {
         gateway,

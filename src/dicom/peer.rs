@@ -525,6 +525,35 @@ impl Peer {
         .await;
     }
 
+    /// Ends the association with an A-RELEASE: waits up to `within` for the peer's A-RELEASE-RP
+    /// (skipping late responses of operations given up; a release request crossing ours counts
+    /// as done), then closes the connection. A peer that aborts, goes away or does not answer
+    /// in time gets an A-ABORT instead, and the reason is returned.
+    pub(crate) async fn release(&mut self, within: std::time::Duration) -> Result<(), String> {
+        let answer = async {
+            self.send_pdu(&Pdu::ReleaseRQ)
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                match self.next().await {
+                    Incoming::ReleaseRp | Incoming::ReleaseRq => return Ok(()),
+                    Incoming::Message(_) => continue,
+                    Incoming::Abort => return Err("the peer aborted during the release".into()),
+                    Incoming::Gone(w) => return Err(w.to_string()),
+                }
+            }
+        };
+        let r = match tokio::time::timeout(within, answer).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no A-RELEASE-RP within {within:?}")),
+        };
+        match &r {
+            Ok(()) => self.close().await,
+            Err(_) => self.abort().await,
+        }
+        r
+    }
+
     pub async fn close(&mut self) {
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(2), self.writer.shutdown()).await;

@@ -16,7 +16,7 @@ use crate::dicom::peer::{Broken, Incoming, MAX_BATCH, Peer};
 use crate::dicom::reader::Violation;
 use crate::dicom::syntax::{self, Syntax};
 use crate::policy::{Caller, Denial, DenialKind};
-use dicom_ul::pdu::{AbortRQServiceProviderReason, Pdu};
+use dicom_ul::pdu::AbortRQServiceProviderReason;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -266,32 +266,8 @@ impl Association {
     /// Releases the gateway's association to the PACS (A-ABORT when the PACS does not answer
     /// within `within`).
     pub(crate) async fn release_pacs(&mut self, within: Duration) {
-        let upstream = async {
-            self.pacs
-                .send_pdu(&Pdu::ReleaseRQ)
-                .await
-                .map_err(|e| e.to_string())?;
-            loop {
-                match self.pacs.next().await {
-                    Incoming::ReleaseRp => return Ok(()),
-                    // a late response of a cancelled operation may still arrive: skip it
-                    Incoming::Message(_) => continue,
-                    Incoming::ReleaseRq => return Ok(()),
-                    Incoming::Abort => return Err("PACS aborted during release".to_string()),
-                    Incoming::Gone(w) => return Err(w.to_string()),
-                }
-            }
-        };
-        match tokio::time::timeout(within, upstream).await {
-            Ok(Ok(())) => self.pacs.close().await,
-            Ok(Err(e)) => {
-                tracing::info!(assoc = self.id, reason = %e, "PACS release incomplete");
-                self.pacs.abort().await;
-            }
-            Err(_) => {
-                tracing::info!(assoc = self.id, "PACS did not answer the release; aborted");
-                self.pacs.abort().await;
-            }
+        if let Err(e) = self.pacs.release(within).await {
+            tracing::info!(assoc = self.id, reason = %e, "PACS release incomplete; aborted");
         }
     }
 

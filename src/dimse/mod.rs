@@ -48,7 +48,7 @@ pub struct Ctx {
     pub admission: Arc<Admission>,
     /// Admission of the PACS's sub-operation associations at the C-MOVE receiver.
     pub receiver_admission: Arc<Admission>,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Ctx {
@@ -60,26 +60,49 @@ impl Ctx {
             cfg,
             trust,
             policy,
-            next_id: AtomicU64::new(1),
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// The context of the next configuration: new trust and policy, while what counts live
+    /// connections, the C-MOVEs in flight and association ids carry over, so associations begun
+    /// under either are admitted, routed and named as one.
+    pub fn succeeding(
+        &self,
+        cfg: Arc<Config>,
+        trust: Arc<TrustCore>,
+        policy: Arc<Policy>,
+    ) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            moves: self.moves.clone(),
+            admission: self.admission.clone(),
+            receiver_admission: self.receiver_admission.clone(),
+            next_id: self.next_id.clone(),
+            cfg,
+            trust,
+            policy,
         })
     }
 }
 
 /// Accepts associations until `shutdown` turns true, then waits up to `grace` for running ones.
+/// Each association takes the context `current` holds when it arrives and keeps it to its end.
 /// With `tls`, over DICOM TLS (PS3.15 Annex B): a client that does not complete the handshake,
 /// or whose certificate does not verify, gets nothing.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<Ctx>,
+    current: watch::Receiver<Arc<Ctx>>,
     tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let ctx = current.borrow().clone();
     let admission = ctx.admission.clone();
     let (name, wait) = match tls {
         None => ("dimse", Duration::ZERO),
         Some(_) => ("dimse-tls", ctx.cfg.limits.association_request_timeout),
     };
+    drop(ctx);
     listener::serve(
         name,
         listener,
@@ -89,7 +112,8 @@ pub async fn serve(
         shutdown,
         grace,
         move |stream, addr, pending, stop| {
-            session::handle(stream, addr, pending, stop, ctx.clone())
+            let ctx = current.borrow().clone();
+            session::handle(stream, addr, pending, stop, ctx)
         },
     )
     .await

@@ -181,16 +181,18 @@ impl MoveRegistry {
 /// checked. A failed handshake is most often a PACS without such a certificate.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<Ctx>,
+    current: watch::Receiver<Arc<Ctx>>,
     tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let ctx = current.borrow().clone();
     let admission = ctx.receiver_admission.clone();
     let (name, wait) = match tls {
         None => ("receiver", Duration::ZERO),
         Some(_) => ("receiver-tls", ctx.cfg.limits.association_request_timeout),
     };
+    drop(ctx);
     super::listener::serve(
         name,
         listener,
@@ -202,7 +204,8 @@ pub async fn serve(
         move |stream, addr, pending, stop| {
             // The PACS's deliveries for moves in flight; each record names the move's association.
             let span = tracing::error_span!("delivery");
-            tracing::Instrument::instrument(receive(stream, addr, pending, stop, ctx.clone()), span)
+            let ctx = current.borrow().clone();
+            tracing::Instrument::instrument(receive(stream, addr, pending, stop, ctx), span)
         },
     )
     .await
@@ -677,18 +680,6 @@ impl Receiver {
             return;
         };
         let Some(p) = d.peer.as_mut() else { return };
-        if p.send_pdu(&Pdu::ReleaseRQ).await.is_err() {
-            return;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match p.next().await {
-                    Incoming::ReleaseRp | Incoming::Abort | Incoming::Gone(_) => break,
-                    _ => continue,
-                }
-            }
-        })
-        .await;
-        p.close().await;
+        let _ = p.release(Duration::from_secs(5)).await;
     }
 }

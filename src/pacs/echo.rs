@@ -9,8 +9,7 @@ use crate::dicom::command::{self, Command};
 use crate::dicom::message::Event;
 use crate::dicom::peer::{Incoming, Peer};
 use dicom_ul::pdu::{
-    AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResultReason,
-    UserVariableItem,
+    AssociationRQ, PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
 };
 use std::time::Duration;
 
@@ -66,17 +65,7 @@ async fn echo_inner(pacs: &Pacs, deadline: Duration) -> Result<(), String> {
     } else {
         Err("the PACS accepts no Verification (C-ECHO) from the gateway".into())
     };
-    let _ = peer.send_pdu(&Pdu::ReleaseRQ).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match peer.next().await {
-                Incoming::ReleaseRp | Incoming::Gone(_) | Incoming::Abort => break,
-                _ => continue,
-            }
-        }
-    })
-    .await;
-    peer.close().await;
+    let _ = peer.release(Duration::from_secs(2)).await;
     result
 }
 

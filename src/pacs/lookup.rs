@@ -11,7 +11,7 @@ use crate::config::Pacs;
 use crate::policy::{
     LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup, StudyFacts, UidLevel,
 };
-use dicom_ul::pdu::{AssociationRQ, Pdu};
+use dicom_ul::pdu::AssociationRQ;
 use std::time::{Duration, Instant};
 
 /// Study Root Query/Retrieve Information Model – FIND.
@@ -383,19 +383,24 @@ impl PacsLookup {
 
     /// Releases a look-up association (politely, but without waiting long).
     async fn release(mut conn: Conn) {
-        use crate::dicom::peer::Incoming;
-        let peer = &mut conn.peer;
-        let _ = peer.send_pdu(&Pdu::ReleaseRQ).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match peer.next().await {
-                    Incoming::ReleaseRp | Incoming::Gone(_) | Incoming::Abort => break,
-                    _ => continue,
-                }
+        let _ = conn.peer.release(Duration::from_secs(2)).await;
+    }
+}
+
+/// A configuration replaced by a reload drops its look-ups: their idle associations are
+/// released, not left for the PACS to find closed.
+impl Drop for PacsLookup {
+    fn drop(&mut self) {
+        let idle: Vec<Conn> =
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        if idle.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for conn in idle {
+                rt.spawn(Self::release(conn));
             }
-        })
-        .await;
-        peer.close().await;
+        }
     }
 }
 

@@ -144,11 +144,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true, then lets running requests
-/// finish for at most `bounds.drain`.
+/// Serves the routes `current` holds on `listener` until `shutdown` turns true, then lets
+/// running requests finish for at most `bounds.drain`. Each request takes the routes current
+/// when it arrives (a reload reaches requests on connections already open, too).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    current: watch::Receiver<Router>,
     bounds: Bounds,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -193,7 +194,7 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let router = router.clone();
+                let router = current.clone();
                 let stop = shutdown.clone();
                 let b = bounds.clone();
                 let tls = tls.clone();
@@ -222,7 +223,7 @@ pub(crate) struct ClientCert(pub Arc<str>);
 async fn connection(
     stream: tokio::net::TcpStream,
     addr: SocketAddr,
-    router: Router,
+    router: watch::Receiver<Router>,
     bounds: Bounds,
     stop: watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -317,7 +318,7 @@ async fn serve_connection<I>(
     h2: bool,
     cert: Option<Arc<str>>,
     addr: SocketAddr,
-    router: Router,
+    router: watch::Receiver<Router>,
     bounds: Bounds,
     mut stop: watch::Receiver<bool>,
     idle: Idle,
@@ -331,7 +332,7 @@ async fn serve_connection<I>(
             if let Some(c) = &cert {
                 req.extensions_mut().insert(ClientCert(c.clone()));
             }
-            let mut router = router.clone();
+            let mut router = router.borrow().clone();
             async move {
                 tower_service::Service::call(&mut router, req.map(axum::body::Body::new)).await
             }

@@ -111,7 +111,8 @@ pub struct WebCtx {
     pub public_base: String,
     /// The PACS's DICOMweb service; `None` when `pacs.dicomweb_url` is not set.
     pub pacs: Option<DicomWeb>,
-    slots: Semaphore,
+    /// Requests at once, across configurations (a reload does not make room for more).
+    slots: Arc<Semaphore>,
     discovery: discovery::Cache,
     /// What `/readyz` answers from.
     readiness: Arc<crate::readiness::Readiness>,
@@ -123,6 +124,33 @@ impl WebCtx {
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
         readiness: Arc<crate::readiness::Readiness>,
+    ) -> anyhow::Result<Arc<WebCtx>> {
+        let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+        WebCtx::build(cfg, trust, policy, readiness, slots)
+    }
+
+    /// The context of the next configuration; the request slots and readiness carry over.
+    pub fn succeeding(
+        &self,
+        cfg: Arc<Config>,
+        trust: Arc<TrustCore>,
+        policy: Arc<Policy>,
+    ) -> anyhow::Result<Arc<WebCtx>> {
+        WebCtx::build(
+            cfg,
+            trust,
+            policy,
+            self.readiness.clone(),
+            self.slots.clone(),
+        )
+    }
+
+    fn build(
+        cfg: Arc<Config>,
+        trust: Arc<TrustCore>,
+        policy: Arc<Policy>,
+        readiness: Arc<crate::readiness::Readiness>,
+        slots: Arc<Semaphore>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
         // issuers' metadata the discovery documents point at.
@@ -136,13 +164,18 @@ impl WebCtx {
             public_base: format!("{public}/dicom-web"),
             pacs: DicomWeb::new(&cfg)?,
             http,
-            slots: Semaphore::new(MAX_CONCURRENT_REQUESTS),
+            slots,
             discovery: discovery::Cache::default(),
             readiness,
             cfg,
             trust,
             policy,
         }))
+    }
+
+    /// The readiness state `/readyz` answers from.
+    pub fn readiness(&self) -> &Arc<crate::readiness::Readiness> {
+        &self.readiness
     }
 
     /// The request's caller: its token verified by the trust core, then prepared by the
@@ -393,17 +426,45 @@ pub enum Face {
     Monitor,
 }
 
+/// Connections one peer may hold on the monitoring listener.
+const MONITOR_PER_PEER: usize = 8;
+
+/// The routes of each face, built once per configuration.
+#[derive(Clone)]
+pub struct Routes {
+    front: Router,
+    monitor: Router,
+}
+
+impl Routes {
+    pub fn new(ctx: Arc<WebCtx>) -> Routes {
+        Routes {
+            front: router(ctx.clone()),
+            monitor: monitor_router(ctx),
+        }
+    }
+
+    fn of(&self, face: Face) -> Router {
+        match face {
+            Face::Front => self.front.clone(),
+            Face::Monitor => self.monitor.clone(),
+        }
+    }
+}
+
 /// Serves HTTP on `listener` until `shutdown` turns true, under the listener's bounds
-/// ([`listener`]); over TLS (HTTPS, with HTTP/2 by ALPN) when `tls` is given.
+/// ([`listener`], from `cfg`, read once); over TLS (HTTPS, with HTTP/2 by ALPN) when `tls` is
+/// given. Each request is answered by the routes `current` holds when it arrives.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    ctx: Arc<WebCtx>,
+    cfg: &Config,
+    mut current: watch::Receiver<Routes>,
     shutdown: watch::Receiver<bool>,
     max_connections: usize,
     tls: Option<Arc<crate::tls::ServerTls>>,
     face: Face,
 ) -> std::io::Result<()> {
-    let l = &ctx.cfg.limits;
+    let l = &cfg.limits;
     let name = match (face, &tls) {
         (Face::Monitor, _) => "monitor",
         (Face::Front, Some(_)) => "https",
@@ -412,17 +473,35 @@ pub async fn serve(
     let bounds = listener::Bounds {
         name,
         max_connections,
-        max_per_peer: l.max_http_connections_per_peer,
+        // A peer on the monitoring port is a probe or a scraper: a few connections each, so
+        // one client cannot take every slot from the probes.
+        max_per_peer: match face {
+            Face::Monitor => MONITOR_PER_PEER.min(l.max_http_connections_per_peer),
+            Face::Front => l.max_http_connections_per_peer,
+        },
         header_timeout: l.http_header_timeout,
         max_header_bytes: l.max_http_header_bytes,
         idle_timeout: l.idle_timeout,
-        drain: Duration::from_secs(20),
-        monitors: ctx.cfg.gateway.metrics_clients.clone(),
+        drain: cfg.gateway.drain,
+        monitors: cfg.gateway.metrics_clients.clone(),
     };
-    let routes = match face {
-        Face::Front => router(ctx.clone()),
-        Face::Monitor => monitor_router(ctx.clone()),
+    // This face's routes, following `current`.
+    let (tx, rx) = watch::channel(current.borrow_and_update().of(face));
+    let mut stop = shutdown.clone();
+    let follow = async move {
+        loop {
+            tokio::select! {
+                r = current.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let next = current.borrow_and_update().of(face);
+                    let _ = tx.send(next);
+                }
+                _ = stop.changed() => return,
+            }
+        }
     };
-    listener::serve(listener, routes, bounds, shutdown, tls).await;
+    tokio::join!(follow, listener::serve(listener, rx, bounds, shutdown, tls));
     Ok(())
 }

@@ -160,7 +160,9 @@ def wait_readyz(url, want, timeout=20):
     deadline = time.time() + timeout
     while True:
         status, body = readyz(url)
-        if status == want:
+        # Right after start nothing is checked yet: that 503 is no verdict on anything.
+        starting = any(c.get("reason") == "not checked yet" for c in body.get("down", []))
+        if status == want and not starting:
             return body
         assert time.time() < deadline, f"/readyz still {status} {body} after {timeout} s"
         time.sleep(0.5)
