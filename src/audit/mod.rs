@@ -145,6 +145,46 @@ pub(crate) struct Trail<'a> {
     peer: Option<std::net::IpAddr>,
     patients: Vec<String>,
     studies: Vec<String>,
+    /// Distinct patients and studies left out of the record (beyond the caps).
+    omitted: usize,
+}
+
+/// Studies one record names at most; more are counted in its reason.
+pub const MAX_STUDIES: usize = 100;
+/// Patients one record names at most.
+pub const MAX_PATIENTS: usize = 16;
+/// The longest object, reason or user text a record carries (bytes; longer is cut).
+const MAX_TEXT: usize = 1024;
+
+/// The first `max` distinct values in their order, and how many distinct ones were left out.
+fn first_unique(values: Vec<String>, max: usize) -> (Vec<String>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept = Vec::new();
+    let mut left = 0;
+    for v in values {
+        if seen.contains(&v) {
+            continue;
+        }
+        if kept.len() < max {
+            seen.insert(v.clone());
+            kept.push(v);
+        } else if seen.insert(v) {
+            left += 1;
+        }
+    }
+    (kept, left)
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl<'a> Trail<'a> {
@@ -157,6 +197,7 @@ impl<'a> Trail<'a> {
             peer: None,
             patients: Vec::new(),
             studies: Vec::new(),
+            omitted: 0,
         }
     }
 
@@ -166,10 +207,16 @@ impl<'a> Trail<'a> {
         self
     }
 
-    /// The patients (DICOM PatientIDs) and studies the recorded operation touched.
+    /// The patients (DICOM PatientIDs) and studies the recorded operation touched, each named
+    /// once. A request may name thousands (a refused C-FIND with a long UID list): a record
+    /// keeps the first [`MAX_STUDIES`] and [`MAX_PATIENTS`] and counts the rest, so one record
+    /// stays small enough for a syslog datagram and for the sink's queue.
     pub fn about(mut self, patients: Vec<String>, studies: Vec<String>) -> Trail<'a> {
+        let (patients, more_patients) = first_unique(patients, MAX_PATIENTS);
+        let (studies, more_studies) = first_unique(studies, MAX_STUDIES);
         self.patients = patients;
         self.studies = studies;
+        self.omitted = more_patients + more_studies;
         self
     }
 
@@ -200,7 +247,14 @@ impl<'a> Trail<'a> {
         };
         // Every value may come from a peer (a claim, a path, an AE title): written escaped.
         let (iss, sub, client, patient) = (Clean(iss), Clean(sub), Clean(client), Clean(patient));
-        let (object, reason) = (Clean(object), Clean(reason));
+        let reason = match self.omitted {
+            0 => bounded(reason, MAX_TEXT).to_string(),
+            n => format!(
+                "{} ({n} more patients or studies not listed)",
+                bounded(reason, MAX_TEXT)
+            ),
+        };
+        let (object, reason) = (Clean(bounded(object, MAX_TEXT)), Clean(reason.as_str()));
         let cert = Clean(self.client_cert.as_deref().unwrap_or("-"));
         let (channel, session, operation) = (self.channel.as_str(), self.id, op.name());
         match outcome {
@@ -224,14 +278,17 @@ impl<'a> Trail<'a> {
             object: object.0.to_string(),
             reason: reason.0.to_string(),
             user: self.principal.map(|p| atna::User {
-                id: p
-                    .fhir_user
-                    .clone()
-                    .or_else(|| p.subject.clone())
-                    .or_else(|| p.client_id.clone())
-                    .unwrap_or_else(|| "-".into()),
-                client_id: p.client_id.clone(),
-                issuer: p.issuer.clone(),
+                id: bounded(
+                    p.fhir_user
+                        .as_deref()
+                        .or(p.subject.as_deref())
+                        .or(p.client_id.as_deref())
+                        .unwrap_or("-"),
+                    MAX_TEXT,
+                )
+                .to_string(),
+                client_id: p.client_id.as_deref().map(|c| bounded(c, MAX_TEXT).into()),
+                issuer: bounded(&p.issuer, MAX_TEXT).into(),
                 token_id: p.token_id.clone(),
             }),
             client_cert: self.client_cert.clone(),
@@ -239,5 +296,33 @@ impl<'a> Trail<'a> {
             patients: self.patients.clone(),
             studies: self.studies.clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    #[test]
+    fn a_record_names_each_study_once_and_at_most_the_cap() {
+        let many: Vec<String> = (0..5000).map(|i| format!("1.2.{}", i % 2500)).collect();
+        let (kept, left) = first_unique(many, MAX_STUDIES);
+        assert_eq!(kept.len(), MAX_STUDIES);
+        assert_eq!(
+            left,
+            2500 - MAX_STUDIES,
+            "distinct ones left out, repeats not counted"
+        );
+        assert_eq!(kept[0], "1.2.0");
+        let (kept, left) = first_unique(vec!["a".into(), "a".into(), "b".into()], 16);
+        assert_eq!((kept, left), (vec!["a".to_string(), "b".to_string()], 0));
+    }
+
+    #[test]
+    fn text_is_cut_at_a_character_boundary() {
+        let s = "é".repeat(600);
+        let b = bounded(&s, MAX_TEXT);
+        assert!(b.len() <= MAX_TEXT && b.len() >= MAX_TEXT - 1);
+        assert_eq!(bounded("short", MAX_TEXT), "short");
     }
 }

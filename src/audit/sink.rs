@@ -108,13 +108,15 @@ pub fn start(cfg: &AuditConfig, ae_title: &str) -> anyhow::Result<()> {
         _ => None,
     };
     let file = match &cfg.json_file {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| anyhow::anyhow!("audit.json_file: {}: {e}", p.display()))?,
-        ),
+        Some(p) => Some({
+            let mut o = std::fs::OpenOptions::new();
+            o.create(true).append(true);
+            // Records name patients: a new file is the service's alone (group may read).
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o640);
+            o.open(p)
+                .map_err(|e| anyhow::anyhow!("audit.json_file: {}: {e}", p.display()))?
+        }),
         None => None,
     };
     let (tx, rx) = mpsc::channel(QUEUE);
