@@ -12,6 +12,12 @@ command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 [ -x /usr/bin/findscu ] && [ -x /usr/bin/storescu ] || need+=(dcmtk)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The package: built with dpkg-deb under fakeroot, its libraries named by dpkg-shlibdeps, its
+# unit checked by systemd-analyze.
+command -v fakeroot >/dev/null 2>&1 || need+=(fakeroot)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v file >/dev/null 2>&1 || need+=(file)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   sudo=""
