@@ -6,6 +6,8 @@
 
 pub mod audit;
 pub mod config;
+#[cfg(test)]
+mod conformance_tests;
 pub mod crypto;
 pub mod devissuer;
 pub mod dicom;

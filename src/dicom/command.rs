@@ -432,19 +432,19 @@ pub(crate) enum Service {
     Other,
 }
 
-const FIND_MODELS: &[&str] = &[
+pub(crate) const FIND_MODELS: &[&str] = &[
     "1.2.840.10008.5.1.4.1.2.1.1", // Patient Root
     "1.2.840.10008.5.1.4.1.2.2.1", // Study Root
     "1.2.840.10008.5.1.4.1.2.3.1", // Patient/Study Only (retired)
 ];
-const GET_MODELS: &[&str] = &[
+pub(crate) const GET_MODELS: &[&str] = &[
     "1.2.840.10008.5.1.4.1.2.1.3",
     "1.2.840.10008.5.1.4.1.2.2.3",
     "1.2.840.10008.5.1.4.1.2.3.3",
     "1.2.840.10008.5.1.4.1.2.4.3", // Composite Instance Root
     "1.2.840.10008.5.1.4.1.2.5.3", // Composite Instance Retrieve Without Bulk Data
 ];
-const MOVE_MODELS: &[&str] = &[
+pub(crate) const MOVE_MODELS: &[&str] = &[
     "1.2.840.10008.5.1.4.1.2.1.2",
     "1.2.840.10008.5.1.4.1.2.2.2",
     "1.2.840.10008.5.1.4.1.2.3.2",

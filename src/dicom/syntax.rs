@@ -54,6 +54,16 @@ const ENCAPSULATED: &[&str] = &[
 /// Explicit VR Little Endian syntaxes whose pixel data is referenced, not encapsulated.
 const REFERENCED: &[&str] = &["1.2.840.10008.1.2.4.94"]; // JPIP Referenced
 
+/// Every transfer syntax the gateway reads (for the conformance statement's test).
+#[cfg(test)]
+pub(crate) fn all() -> Vec<&'static str> {
+    [IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN]
+        .into_iter()
+        .chain(REFERENCED.iter().copied())
+        .chain(ENCAPSULATED.iter().copied())
+        .collect()
+}
+
 /// How data sets in the transfer syntax `uid` are read (one trailing NUL tolerated, as in a
 /// negotiated UID); `None` when the gateway does not read them.
 pub fn readable(uid: &str) -> Option<Syntax> {

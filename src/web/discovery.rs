@@ -23,7 +23,7 @@ pub(crate) struct Cache {
     inner: Mutex<Option<(Instant, Value)>>,
 }
 
-const SCOPES: [&str; 6] = [
+pub(crate) const SCOPES: [&str; 6] = [
     "patient/ImagingStudy.rs",
     "patient/ImagingStudy.read",
     "patient/ImagingStudy.c",

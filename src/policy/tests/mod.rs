@@ -31,14 +31,14 @@ impl EhrDirectory for Nowhere {
 }
 
 impl Policy {
-    fn bare(cfg: &Config) -> Policy {
+    pub(crate) fn bare(cfg: &Config) -> Policy {
         Policy::new(cfg, Ports::new(Arc::new(Nowhere), Arc::new(Nowhere)))
     }
 }
 use crate::trust::scopes::ScopeSet;
 use std::time::{Duration, UNIX_EPOCH};
 
-fn cfg(user_level: &str) -> Config {
+pub(crate) fn cfg(user_level: &str) -> Config {
     Config::parse(&format!(
         r#"
 [gateway]
@@ -58,7 +58,7 @@ user_level = "{user_level}"
     .unwrap()
 }
 
-fn principal(scope: &str, patient: Option<&str>) -> Principal {
+pub(crate) fn principal(scope: &str, patient: Option<&str>) -> Principal {
     Principal {
         issuer: "http://127.0.0.1:9400".into(),
         subject: None,
