@@ -58,6 +58,7 @@ impl Generation {
                     .succeeding(cfg.clone(), trust.clone(), policy.clone())?;
                 // Only once nothing can fail: a refused configuration changes nothing.
                 p.web.readiness().set_issuers(&trust.issuer_names());
+                crate::metrics::keep_issuers(&trust.issuer_names());
                 (p.dimse.succeeding(cfg.clone(), trust.clone(), policy), web)
             }
         };

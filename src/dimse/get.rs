@@ -204,7 +204,7 @@ async fn sub_store(
     }
     let forward = sub.encode();
     match instance::stream(&mut s.pacs, &mut s.client, sub_pc, &forward, head, wait).await {
-        Ok(()) => {}
+        Ok(bytes) => crate::metrics::relayed("dimse", "retrieve", bytes),
         // The client holds a partial instance: the association cannot go on.
         Err(StreamError::From(e)) => return s.broken(Side::Pacs, &e).await,
         Err(StreamError::To(e)) => {

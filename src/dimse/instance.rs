@@ -89,7 +89,8 @@ pub(crate) async fn read_head(
 }
 
 /// Sends `command`, the head and then the rest of the data set from `from` to `to`, fragment by
-/// fragment as it arrives, each read by the strict reader first.
+/// fragment as it arrives, each read by the strict reader first; the data set's length once
+/// all of it went out.
 pub async fn stream(
     from: &mut Peer,
     to: &mut Peer,
@@ -97,7 +98,7 @@ pub async fn stream(
     command: &[u8],
     head: Head,
     wait: Duration,
-) -> Result<(), StreamError> {
+) -> Result<u64, StreamError> {
     let Head {
         bytes,
         last,
@@ -111,6 +112,7 @@ pub async fn stream(
     // may send. An odd fragment's last byte waits for the next one.
     let mut carry: Option<u8> = None;
     queue_even(to, pc_id, &bytes, last, &mut carry);
+    let mut sent = bytes.len() as u64;
     drop(bytes);
     let mut last = last;
     loop {
@@ -121,7 +123,7 @@ pub async fn stream(
                 .map_err(|e| StreamError::To(e.to_string()))?;
         }
         if last {
-            return Ok(());
+            return Ok(sent);
         }
         let (chunk, l) = from
             .next_fragment(pc_id, wait)
@@ -132,6 +134,7 @@ pub async fn stream(
             .and_then(|()| if l { reader.finish() } else { Ok(()) })
             .map_err(|why| StreamError::Invalid { why, ended: l })?;
         last = l;
+        sent += chunk.len() as u64;
         queue_even(to, pc_id, &chunk, last, &mut carry);
     }
 }

@@ -516,7 +516,7 @@ impl Receiver {
             return false;
         };
         match instance::stream(&mut self.pacs, dest, pc_id, &forward, head, wait).await {
-            Ok(()) => {}
+            Ok(bytes) => crate::metrics::relayed("dimse", "retrieve", bytes),
             Err(StreamError::From(_)) => {
                 dest.abort().await;
                 self.dest = None;

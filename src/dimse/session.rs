@@ -192,15 +192,18 @@ async fn dispatch(a: &mut Association, pc_id: u8, cmd: Command) -> Flow {
     if !service.admits(field) || !names_its_class {
         return wrong_sop_class(a, pc_id, cmd).await;
     }
-    match field {
-        command::C_ECHO_RQ => echo::handle(a, pc_id, cmd).await,
-        command::C_FIND_RQ => find::handle(a, pc_id, cmd).await,
-        command::C_STORE_RQ => store::handle(a, pc_id, cmd).await,
-        command::C_GET_RQ => get::handle(a, pc_id, cmd).await,
-        command::C_MOVE_RQ => cmove::handle(a, pc_id, cmd).await,
+    let t0 = std::time::Instant::now();
+    let (flow, operation) = match field {
+        command::C_ECHO_RQ => (echo::handle(a, pc_id, cmd).await, "C-ECHO"),
+        command::C_FIND_RQ => (find::handle(a, pc_id, cmd).await, "C-FIND"),
+        command::C_STORE_RQ => (store::handle(a, pc_id, cmd).await, "C-STORE"),
+        command::C_GET_RQ => (get::handle(a, pc_id, cmd).await, "C-GET"),
+        command::C_MOVE_RQ => (cmove::handle(a, pc_id, cmd).await, "C-MOVE"),
         // A cancel for an operation that has already ended is ignored (PS3.7 9.3.2.3).
-        _ => Flow::Continue,
-    }
+        _ => return Flow::Continue,
+    };
+    crate::metrics::dimse_operation(operation, t0.elapsed());
+    flow
 }
 
 /// Operations this version does not relay (DIMSE-N) get a failure status, after their data

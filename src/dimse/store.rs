@@ -104,7 +104,7 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
 
     let upstream = cmd.encode();
     match instance::stream(&mut s.client, &mut s.pacs, pc_id, &upstream, head, wait).await {
-        Ok(()) => {}
+        Ok(bytes) => crate::metrics::relayed("dimse", "store", bytes),
         Err(StreamError::From(e)) => {
             // The PACS must not keep a truncated instance: its association is aborted too.
             return s.broken(Side::Client, &e).await;

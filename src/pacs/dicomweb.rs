@@ -101,13 +101,11 @@ impl DicomWeb {
         path_and_query: &str,
         budget: usize,
     ) -> Result<(Vec<serde_json::Value>, usize), DicomWebError> {
-        let resp = self
+        let rq = self
             .client()
             .get(format!("{}/{path_and_query}", self.base))
-            .header(header::ACCEPT, "application/dicom+json")
-            .send()
-            .await
-            .map_err(unreachable)?;
+            .header(header::ACCEPT, "application/dicom+json");
+        let resp = send(rq).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok((Vec::new(), 0));
         }
@@ -137,19 +135,13 @@ impl DicomWeb {
         if let Some(a) = accept {
             rq = rq.header(header::ACCEPT, a.clone());
         }
-        success(rq.send().await.map_err(unreachable)?)
+        success(send(rq).await?)
     }
 
     /// A WADO-URI request with an encoded query. Only a success is returned.
     pub(crate) async fn wado_uri(&self, query: &str) -> Result<reqwest::Response, DicomWebError> {
         let base = self.wado_uri.as_ref().ok_or(DicomWebError::NoWadoUri)?;
-        let resp = self
-            .client()
-            .get(format!("{base}?{query}"))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        success(resp)
+        success(send(self.client().get(format!("{base}?{query}"))).await?)
     }
 
     /// A STOW-RS request of one multipart/related body framed with `boundary`. The answer is
@@ -159,17 +151,16 @@ impl DicomWeb {
         boundary: &str,
         body: reqwest::Body,
     ) -> Result<reqwest::Response, DicomWebError> {
-        self.client()
+        let rq = self
+            .client()
             .post(format!("{}/studies", self.base))
             .header(
                 header::CONTENT_TYPE,
                 format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
             )
             .header(header::ACCEPT, "application/dicom+json")
-            .body(body)
-            .send()
-            .await
-            .map_err(unreachable)
+            .body(body);
+        send(rq).await
     }
 
     /// The PACS's URLs in a body, rewritten to `public_base`.
@@ -178,8 +169,45 @@ impl DicomWeb {
     }
 }
 
-fn unreachable(e: reqwest::Error) -> DicomWebError {
-    DicomWebError::Unreachable(e.without_url().to_string())
+/// Sends one request to the PACS, until its response head. A kept-alive connection the PACS
+/// closed just as the request went out (Orthanc closes idle ones after a second) fails before
+/// any answer: a request that can be sent again (a GET, not a streamed STOW-RS body) is sent
+/// once more on a new connection. Every failure is logged with its cause (never the URL: it
+/// names UIDs), as the 502 it becomes says only "the PACS did not answer".
+async fn send(rq: reqwest::RequestBuilder) -> Result<reqwest::Response, DicomWebError> {
+    let t0 = std::time::Instant::now();
+    let again = rq.try_clone();
+    let r = match (rq.send().await, again) {
+        (Err(e), Some(again)) if closed_before_answer(&e) => {
+            tracing::debug!(error = %cause(&e), "the PACS closed a kept-alive connection; sending again on a new one");
+            again.send().await
+        }
+        (r, _) => r,
+    };
+    crate::metrics::pacs_request("dicomweb", t0.elapsed());
+    r.map_err(|e| {
+        let why = cause(&e);
+        tracing::warn!(error = %why, "the PACS's DICOMweb service did not answer");
+        DicomWebError::Unreachable(why)
+    })
+}
+
+/// The request reached a connection but no answer came: not a refused connection, not a
+/// timeout (either would fail again, or has used its time).
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    e.is_request() && !e.is_connect() && !e.is_timeout()
+}
+
+/// An error with its sources, without the URL.
+fn cause(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out.replace(e.url().map(|u| u.as_str()).unwrap_or("\u{0}"), "(url)")
 }
 
 fn success(resp: reqwest::Response) -> Result<reqwest::Response, DicomWebError> {

@@ -20,10 +20,13 @@ const MAX_PDU: u32 = 16 * 1024;
 
 /// Associates, echoes and releases within `deadline`; `Err` says what failed.
 pub async fn echo(pacs: &Pacs, deadline: Duration) -> Result<(), String> {
-    match tokio::time::timeout(deadline, echo_inner(pacs, deadline)).await {
+    let t0 = std::time::Instant::now();
+    let r = match tokio::time::timeout(deadline, echo_inner(pacs, deadline)).await {
         Ok(r) => r,
         Err(_) => Err(format!("the C-ECHO was not answered within {deadline:?}")),
-    }
+    };
+    crate::metrics::pacs_request("echo", t0.elapsed());
+    r
 }
 
 async fn echo_inner(pacs: &Pacs, deadline: Duration) -> Result<(), String> {

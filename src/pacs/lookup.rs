@@ -89,12 +89,14 @@ impl PacsLookup {
     }
 
     async fn find_owners(&self, level: UidLevel, uid: &str) -> Result<Vec<Owner>, LookupError> {
+        let t0 = std::time::Instant::now();
         let r = match self.find_owner_bounded(level, uid).await {
             Ok(Ok(owners)) => Ok(owners),
             Ok(Err(e)) => Err(LookupError::BadAnswer(e)),
             Err(e) => Err(LookupError::Unreachable(e)),
         };
         crate::metrics::pacs_lookup(if r.is_ok() { "ok" } else { "error" });
+        crate::metrics::pacs_request("lookup", t0.elapsed());
         r
     }
 

@@ -82,7 +82,9 @@ impl Policy {
         ehr: &dyn EhrDirectory,
     ) -> Result<bool, Denial> {
         let key = (p.bearer.digest(), uid.to_string());
-        if let Some(v) = self.ehr_cache.get(&key).await {
+        let cached = self.ehr_cache.get(&key).await;
+        crate::metrics::cache("ehr_check", cached.is_some());
+        if let Some(v) = cached {
             return Ok(v);
         }
         let shown = match ehr.studies_seen_by(p, &[uid.to_string()]).await {

@@ -73,7 +73,9 @@ impl Policy {
         uid: &str,
     ) -> Result<Option<Arc<Owner>>, Denial> {
         let key = (level, uid.to_string());
-        if let Some(o) = self.owners.get(&key).await {
+        let cached = self.owners.get(&key).await;
+        crate::metrics::cache("ownership", cached.is_some());
+        if let Some(o) = cached {
             return Ok(Some(o));
         }
         self.look_up(lookup, level, uid).await

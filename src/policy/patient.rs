@@ -193,7 +193,9 @@ impl Policy {
                     continue;
                 };
                 let key = (p.issuer.clone(), id.clone());
-                *s = match self.context_cache.get(&key).await {
+                let cached = self.context_cache.get(&key).await;
+                crate::metrics::cache("launch_context", cached.is_some());
+                *s = match cached {
                     Some(uid) => ContextStudy::Uid(uid),
                     None => match ehr.imaging_study(&p.issuer, id).await {
                         Ok(Some(r)) => match study_uid_of(&r) {
@@ -217,7 +219,9 @@ impl Policy {
         }
         let Some(id) = p.patient.clone() else { return };
         let key = (p.issuer.clone(), id.clone());
-        if let Some(r) = self.fhir_cache.get(&key).await {
+        let cached = self.fhir_cache.get(&key).await;
+        crate::metrics::cache("patient_mapping", cached.is_some());
+        if let Some(r) = cached {
             p.fhir_patient = Some(Some(r));
             return;
         }

@@ -223,8 +223,10 @@ impl IssuerClient {
         if let Some(c) = self.cache.get(&key).await
             && Instant::now() < c.until
         {
+            crate::metrics::cache("introspection", true);
             return Ok(c.answer.clone());
         }
+        crate::metrics::cache("introspection", false);
         let (answer, until) = self.ask(token).await?;
         self.cache
             .insert(

@@ -108,7 +108,9 @@ impl IssuerKeys {
             let stale = st.fetched_at.is_none_or(|t| t.elapsed() > KEY_MAX_AGE);
             (select(&st.keys, kid, alg), stale)
         };
-        if !found.is_empty() && !stale {
+        let hit = !found.is_empty() && !stale;
+        crate::metrics::cache("keys", hit);
+        if hit {
             return Ok(found);
         }
         // Unknown kid, no keys yet, or keys too old: refetch, rate-limited.
@@ -175,6 +177,7 @@ impl IssuerKeys {
                 tracing::info!(issuer = %self.issuer, jwks_uri = %uri, keys = keys.len(), "issuer keys fetched");
                 st.keys = keys;
                 st.fetched_at = Some(Instant::now());
+                crate::metrics::keys_fetched(&self.issuer);
                 st.jwks_uri = Some(uri);
                 Ok(())
             }

@@ -261,12 +261,14 @@ impl TrustCore {
 
     /// Verifies a token; on success, the principal it stands for.
     pub async fn verify(&self, token: &str) -> Result<Principal, TrustError> {
+        let t0 = std::time::Instant::now();
         let r = self.verify_token(token).await;
-        crate::metrics::token_check(match &r {
+        let result = match &r {
             Ok(_) => "valid",
             Err(e) if e.is_transient() => "unavailable",
             Err(_) => "refused",
-        });
+        };
+        crate::metrics::token_verified(result, t0.elapsed());
         r
     }
 

@@ -106,6 +106,8 @@ struct Relay {
     /// The gateway's boundary toward the client.
     ours: String,
     sent_parts: usize,
+    /// Bytes of the part being relayed so far.
+    part_bytes: u64,
     /// The answer is complete (the closing delimiter is queued).
     done: bool,
     /// The answer was refused: the body ends with an error, no closing delimiter.
@@ -124,6 +126,7 @@ impl Relay {
             out: VecDeque::new(),
             ours: random_boundary(),
             sent_parts: 0,
+            part_bytes: 0,
             done: false,
             failed: None,
             check,
@@ -187,6 +190,7 @@ impl Relay {
     }
 
     fn data(&mut self, b: Bytes) -> Result<(), Refused> {
+        self.part_bytes += b.len() as u64;
         match &mut self.part {
             Some(Part::Judging {
                 reader,
@@ -216,7 +220,12 @@ impl Relay {
     fn part_end(&mut self) -> Result<(), Refused> {
         self.judge(true)?;
         match self.part.take() {
-            Some(Part::Passing { mut reader }) => reader.finish().map_err(malformed),
+            Some(Part::Passing { mut reader }) => {
+                reader.finish().map_err(malformed)?;
+                let bytes = std::mem::take(&mut self.part_bytes);
+                crate::metrics::relayed("dicomweb", "retrieve", bytes);
+                Ok(())
+            }
             _ => Err(Refused::Malformed(
                 "a part ended before its instance".into(),
             )),
@@ -234,6 +243,7 @@ impl Relay {
                 {
                     return Err(Refused::Malformed("a part that is not DICOM".into()));
                 }
+                self.part_bytes = 0;
                 self.part = Some(self.judging(part_type(given.as_ref())));
                 Ok(())
             }

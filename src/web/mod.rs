@@ -69,6 +69,7 @@ pub(crate) fn trail(principal: Option<&crate::trust::Principal>) -> Trail<'_> {
 
 /// Gives every request an id, visible in audit records and as `X-Request-Id`.
 async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response {
+    let t0 = std::time::Instant::now();
     let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let client_cert = req
         .extensions()
@@ -87,7 +88,7 @@ async fn with_request_id(req: Request, next: axum::middleware::Next) -> Response
     // ERROR level: kept under any filter (see dimse::session::handle).
     let span = tracing::error_span!("request", id, method = %req.method());
     let mut r = tracing::Instrument::instrument(REQUEST.scope(scope, next.run(req)), span).await;
-    crate::metrics::http_response(r.status().as_u16());
+    crate::metrics::http_response(r.status().as_u16(), t0.elapsed());
     if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
         r.headers_mut().insert("x-request-id", v);
     }
@@ -179,16 +180,24 @@ impl WebCtx {
     }
 
     /// The request's caller: its token verified by the trust core, then prepared by the
-    /// policy core.
-    /// A refused token is recorded on `on` (operation and object) in the audit trail, on
-    /// every path alike.
+    /// policy core. Recorded in the audit trail either way (a user authentication, 110114, per
+    /// request as per association on DIMSE): an accepted token on the request's path, a
+    /// refused one on `on` (operation and object), on every path alike.
     pub(crate) async fn authenticate(
         &self,
         headers: &axum::http::HeaderMap,
         (op, object): (Operation, &str),
     ) -> Result<crate::policy::Caller, ApiError> {
         match auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await {
-            Ok(p) => Ok(self.policy.caller(p).await),
+            Ok(p) => {
+                trail(Some(&p)).record(
+                    Operation::HttpRequest,
+                    object,
+                    Outcome::Allowed,
+                    "token accepted",
+                );
+                Ok(self.policy.caller(p).await)
+            }
             Err(e) => {
                 trail(None).record(op, object, Outcome::Denied, &format!("{e:?}"));
                 Err(e)

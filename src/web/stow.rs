@@ -304,6 +304,7 @@ async fn store_part(
         rx.recv().await.map(|item| (item, rx))
     });
     let request = upstream.store(&boundary, reqwest::Body::wrap_stream(stream));
+    let mut bytes = head.len() as u64;
     let feed = async {
         let send = |b: Bytes| tx.send(Ok(b));
         send(Bytes::from(format!(
@@ -337,6 +338,7 @@ async fn store_part(
             }
             match next {
                 Ok(Some(c)) => {
+                    bytes += c.len() as u64;
                     if tx.send(Ok(c)).await.is_err() {
                         return Err(None);
                     }
@@ -392,6 +394,7 @@ async fn store_part(
         );
     }
     if stored {
+        crate::metrics::relayed("dicomweb", "store", bytes);
         ctx.policy.stored(&permit).await;
         super::trail(Some(p)).about_permit(&permit).record(
             Operation::Stow,

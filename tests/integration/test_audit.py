@@ -195,6 +195,10 @@ def test_decisions_reach_the_syslog_receiver_as_schema_valid_audit_messages(tmp_
     assert transfer[0]["correlation_id"].startswith("dimse-") and transfer[0]["address"] == "127.0.0.1"
     refused = [x for x in lines if x["event_id"] == "110113" and theirs in x["studies"]]
     assert refused and refused[0]["correlation_id"].startswith("http-")
+    # Each HTTP request's accepted token is a user authentication of its own, as an association's is.
+    logins = [x for x in lines if x["event_id"] == "110114" and x["outcome_indicator"] == "0"]
+    assert any(x["correlation_id"].startswith("http-") for x in logins)
+    assert any(x["correlation_id"].startswith("dimse-") for x in logins)
     assert token not in (d / f"audit-{kind}.jsonl").read_text()
 
 
