@@ -241,6 +241,7 @@ fn reload(
             tracing::error!(error = %e, "SIGHUP: the TLS files do not load; the current identity stays");
         }
     }
+    crate::audit::sink::reopen();
     let mut cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -175,16 +175,23 @@ fn first_unique(values: Vec<String>, max: usize) -> (Vec<String>, usize) {
     (kept, left)
 }
 
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn bounded(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
+/// `s` cut to at most `max` bytes, at a character boundary, with every character that could
+/// make an audit viewer show something else than the record holds (C1 controls, bidirectional
+/// overrides and isolates, which a claim or a path may carry) replaced by U+FFFD. XML and JSON
+/// escaping come on top, where each format is written.
+fn bounded(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    &s[..end]
+    s[..end]
+        .chars()
+        .map(|c| if misleading(c) { '\u{fffd}' } else { c })
+        .collect()
+}
+
+fn misleading(c: char) -> bool {
+    matches!(c, '\u{80}'..='\u{9f}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{061c}')
 }
 
 impl<'a> Trail<'a> {
@@ -212,8 +219,9 @@ impl<'a> Trail<'a> {
     /// keeps the first [`MAX_STUDIES`] and [`MAX_PATIENTS`] and counts the rest, so one record
     /// stays small enough for a syslog datagram and for the sink's queue.
     pub fn about(mut self, patients: Vec<String>, studies: Vec<String>) -> Trail<'a> {
-        let (patients, more_patients) = first_unique(patients, MAX_PATIENTS);
-        let (studies, more_studies) = first_unique(studies, MAX_STUDIES);
+        let clean = |v: Vec<String>| v.iter().map(|s| bounded(s, 128)).collect();
+        let (patients, more_patients) = first_unique(clean(patients), MAX_PATIENTS);
+        let (studies, more_studies) = first_unique(clean(studies), MAX_STUDIES);
         self.patients = patients;
         self.studies = studies;
         self.omitted = more_patients + more_studies;
@@ -248,13 +256,14 @@ impl<'a> Trail<'a> {
         // Every value may come from a peer (a claim, a path, an AE title): written escaped.
         let (iss, sub, client, patient) = (Clean(iss), Clean(sub), Clean(client), Clean(patient));
         let reason = match self.omitted {
-            0 => bounded(reason, MAX_TEXT).to_string(),
+            0 => bounded(reason, MAX_TEXT),
             n => format!(
                 "{} ({n} more patients or studies not listed)",
                 bounded(reason, MAX_TEXT)
             ),
         };
-        let (object, reason) = (Clean(bounded(object, MAX_TEXT)), Clean(reason.as_str()));
+        let object = bounded(object, MAX_TEXT);
+        let (object, reason) = (Clean(object.as_str()), Clean(reason.as_str()));
         let cert = Clean(self.client_cert.as_deref().unwrap_or("-"));
         let (channel, session, operation) = (self.channel.as_str(), self.id, op.name());
         match outcome {
@@ -285,10 +294,9 @@ impl<'a> Trail<'a> {
                         .or(p.client_id.as_deref())
                         .unwrap_or("-"),
                     MAX_TEXT,
-                )
-                .to_string(),
-                client_id: p.client_id.as_deref().map(|c| bounded(c, MAX_TEXT).into()),
-                issuer: bounded(&p.issuer, MAX_TEXT).into(),
+                ),
+                client_id: p.client_id.as_deref().map(|c| bounded(c, MAX_TEXT)),
+                issuer: bounded(&p.issuer, MAX_TEXT),
                 token_id: p.token_id.clone(),
             }),
             client_cert: self.client_cert.clone(),
@@ -319,10 +327,14 @@ mod bounds {
     }
 
     #[test]
-    fn text_is_cut_at_a_character_boundary() {
+    fn text_is_cut_at_a_character_boundary_and_cannot_mislead() {
         let s = "é".repeat(600);
         let b = bounded(&s, MAX_TEXT);
         assert!(b.len() <= MAX_TEXT && b.len() >= MAX_TEXT - 1);
         assert_eq!(bounded("short", MAX_TEXT), "short");
+        assert_eq!(
+            bounded("Practitioner/\u{202e}gro\u{85}x\u{2066}", MAX_TEXT),
+            "Practitioner/\u{fffd}gro\u{fffd}x\u{fffd}"
+        );
     }
 }

@@ -52,6 +52,8 @@ enum Item {
     Activity(Activity),
     /// Write what is queued, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Open the JSON file again by its name (after logrotate moved it away).
+    Reopen,
 }
 
 struct Sink {
@@ -76,6 +78,27 @@ pub(crate) fn activity(a: Activity) {
     {
         crate::metrics::audit_dropped("queue");
     }
+}
+
+/// Opens the JSON lines file again by its name, after what is queued before it was written
+/// (SIGHUP: logrotate moved the old file away).
+pub fn reopen() {
+    if let Some(s) = SINK.get()
+        && s.tx.try_send(Item::Reopen).is_err()
+    {
+        tracing::warn!("audit.json_file: the writer is behind; not reopened, send SIGHUP again");
+    }
+}
+
+/// A JSON lines file opened for appending; a new one is the service's alone (group may read),
+/// as its records name patients.
+fn open_json(p: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o640);
+    o.open(p)
+        .map_err(|e| anyhow::anyhow!("audit.json_file: {}: {e}", p.display()))
 }
 
 /// Waits (at most `wait`) until what was submitted so far has been written: at stop.
@@ -107,18 +130,7 @@ pub fn start(cfg: &AuditConfig, ae_title: &str) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let file = match &cfg.json_file {
-        Some(p) => Some({
-            let mut o = std::fs::OpenOptions::new();
-            o.create(true).append(true);
-            // Records name patients: a new file is the service's alone (group may read).
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o640);
-            o.open(p)
-                .map_err(|e| anyhow::anyhow!("audit.json_file: {}: {e}", p.display()))?
-        }),
-        None => None,
-    };
+    let file = cfg.json_file.as_deref().map(open_json).transpose()?;
     let (tx, rx) = mpsc::channel(QUEUE);
     if SINK.set(Sink { tx }).is_err() {
         anyhow::bail!("the audit trail was started twice");
@@ -131,6 +143,7 @@ pub fn start(cfg: &AuditConfig, ae_title: &str) -> anyhow::Result<()> {
         syslog: cfg.syslog.clone(),
         tls,
         file: file.map(std::io::BufWriter::new),
+        file_path: cfg.json_file.clone(),
         conn: None,
         paused_until: None,
         host: hostname(),
@@ -164,6 +177,7 @@ struct Writer {
     syslog: Option<(Transport, String)>,
     tls: Option<Arc<crate::tls::ClientTls>>,
     file: Option<std::io::BufWriter<std::fs::File>>,
+    file_path: Option<PathBuf>,
     conn: Option<Conn>,
     paused_until: Option<Instant>,
     host: String,
@@ -175,9 +189,15 @@ impl Writer {
             match item {
                 Item::Event(e) => {
                     let failed = !matches!(e.outcome, super::Outcome::Allowed);
-                    let (xml, json) = (atna::xml(&e, &self.src), atna::json(&e, &self.src));
+                    // The XML only for a syslog receiver: the file holds JSON.
+                    let xml = match self.syslog {
+                        Some(_) => atna::xml(&e, &self.src),
+                        None => String::new(),
+                    };
+                    let json = atna::json(&e, &self.src);
                     self.write(&xml, &json, failed).await;
                 }
+                Item::Reopen => self.reopen(),
                 Item::Activity(a) => {
                     let (xml, json) = (
                         atna::activity_xml(a, &self.src),
@@ -198,6 +218,23 @@ impl Writer {
                 && f.flush().is_err()
             {
                 crate::metrics::audit_dropped("json_file");
+            }
+        }
+    }
+
+    fn reopen(&mut self) {
+        let Some(path) = &self.file_path else { return };
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.flush();
+        }
+        match open_json(path) {
+            Ok(f) => {
+                self.file = Some(std::io::BufWriter::new(f));
+                tracing::info!(path = %path.display(), "audit.json_file reopened");
+            }
+            // The old file stays in use: records are not lost to a failed reopen.
+            Err(e) => {
+                tracing::error!(error = %e, "audit.json_file cannot be reopened; writing on to the file open before")
             }
         }
     }

@@ -242,3 +242,34 @@ def test_audit_configuration_errors_name_their_key(tmp_root):
 [pacs]\nae_title = "P"\naddress = "127.0.0.1:2"\n[[issuers]]\nissuer = "http://127.0.0.1:3"\n[audit]\n{audit}\n""")
         r = run("check-config", "--config", str(cfg))
         assert r.returncode != 0 and key in r.stderr and says in r.stderr, (audit, r.stderr)
+
+
+def test_sighup_reopens_the_json_file_that_logrotate_moved_away(tmp_root, orthanc, issuer):
+    import signal
+    import stat
+
+    d = tmp_root / "audit-rotate"
+    d.mkdir()
+    g = Gateway(d, orthanc, issuer, name="audit-rotate", extra=f'[audit]\njson_file = "{d / "audit.jsonl"}"\n')
+    try:
+        drive(g, issuer, orthanc)
+        time.sleep(0.5)  # the writer has caught up: what follows the move is the reopen's
+        live = d / "audit.jsonl"
+        assert stat.S_IMODE(live.stat().st_mode) & 0o007 == 0, "the file is not world-readable"
+        rotated = d / "audit.jsonl.1"
+        live.rename(rotated)
+        before = rotated.read_text()
+        g.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while "audit.json_file reopened" not in g.log_text() and time.time() < deadline:
+            time.sleep(0.1)
+        assert "audit.json_file reopened" in g.log_text()
+        drive(g, issuer, orthanc)
+        deadline = time.time() + 10
+        while not (live.exists() and live.read_text().count("\n") >= 4) and time.time() < deadline:
+            time.sleep(0.1)
+        lines = [json.loads(x) for x in live.read_text().splitlines()]
+        assert {x["event_id"] for x in lines} >= {"110104", "110112", "110113", "110114"}
+        assert rotated.read_text() == before, "nothing more went to the moved file"
+    finally:
+        stop(g.proc)
