@@ -1439,6 +1439,18 @@ impl Config {
                 t.receive_tls_listen = receive_tls(running);
             }
         }
+        // The receiver over TLS checks the PACS against the CA it was started with; toward the
+        // PACS the new file applies at once (it is a client identity of this generation).
+        let receiver_ca = |c: &Config| {
+            c.pacs
+                .tls
+                .as_ref()
+                .filter(|t| t.receive_tls_listen.is_some())
+                .map(|t| t.files.ca_file.clone())
+        };
+        if receiver_ca(running).is_some() && receiver_ca(self) != receiver_ca(running) {
+            changed.push("pacs.tls.ca_file (for the C-MOVE receiver)");
+        }
         changed
     }
 

@@ -190,13 +190,30 @@ impl WebCtx {
     ) -> Result<crate::policy::Caller, ApiError> {
         match auth::principal(&self.trust, headers, self.cfg.limits.token_verify_timeout).await {
             Ok(p) => {
-                trail(Some(&p)).record(
+                let caller = self.policy.caller(p).await;
+                // As an association is: a token that opens no imaging access at all is refused
+                // (403) before anything else is asked, whatever the request and the
+                // configuration (DICOMweb served or not).
+                if let Err(d) = self
+                    .policy
+                    .decide(&caller, crate::policy::Action::Connect)
+                    .await
+                {
+                    trail(Some(caller.principal())).record(
+                        Operation::HttpRequest,
+                        object,
+                        Outcome::Denied,
+                        &d.to_string(),
+                    );
+                    return Err(ApiError::from_denial(d));
+                }
+                trail(Some(caller.principal())).record(
                     Operation::HttpRequest,
                     object,
                     Outcome::Allowed,
                     "token accepted",
                 );
-                Ok(self.policy.caller(p).await)
+                Ok(caller)
             }
             Err(e) => {
                 trail(None).record(op, object, Outcome::Denied, &format!("{e:?}"));

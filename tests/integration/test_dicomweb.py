@@ -440,6 +440,33 @@ def test_pacs_dicomweb_down_is_502(tmp_root, orthanc, issuer):
         g.proc.wait()
 
 
+def test_a_token_without_imaging_access_is_403_before_anything_else(tmp_root, orthanc, issuer):
+    """Whatever the request and whether DICOMweb is served at all: no imaging scope, 403."""
+    import signal
+    import time
+
+    g = Gateway(tmp_root, orthanc, issuer, name="no-dicomweb")
+    try:
+        text = g.config.read_text()
+        g.config.write_text("\n".join(l for l in text.splitlines() if not l.startswith("dicomweb_url")))
+        g.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while "configuration re-read" not in g.log_text() and time.time() < deadline:
+            time.sleep(0.1)
+        none = issuer.mint(patient="PAT-A", scope="patient/Observation.rs openid")
+        for path in ("studies", f"studies/{own(orthanc, 'PAT-A')[0][1]}", "series"):
+            r = requests.get(f"{g.public_url}/dicom-web/{path}", headers=auth(none), timeout=30)
+            assert r.status_code == 403 and "insufficient_scope" in r.headers["WWW-Authenticate"], (path, r.status_code)
+        r = requests.post(f"{g.public_url}/dicom-web/studies", headers={**auth(none), "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, data=b"--x--", timeout=30)
+        assert r.status_code == 403
+        # With imaging access, the same gateway says what it lacks.
+        r = requests.get(f"{g.public_url}/dicom-web/studies", headers=auth(issuer.mint(patient="PAT-A")), timeout=30)
+        assert r.status_code == 503 and "not configured" in r.text
+    finally:
+        g.proc.terminate()
+        g.proc.wait()
+
+
 def test_metrics_count_decisions_and_hold_no_phi_or_token(base, gateway, token_a):
     from test_introspection import metric_values
 
