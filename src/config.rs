@@ -1524,6 +1524,16 @@ impl Config {
                 );
             }
         }
+        if let Some((transport, addr)) = self.audit.as_ref().and_then(|a| a.syslog.as_ref())
+            && !matches!(transport, crate::audit::sink::Transport::Tls)
+            && on_network(addr)
+        {
+            leg(
+                "audit.syslog".into(),
+                format!("the audit trail (patients, studies, users) toward {addr}"),
+                "use tls://HOST:6514 with audit.syslog_ca_file (RFC 5425)",
+            );
+        }
         out
     }
 }
@@ -1914,6 +1924,34 @@ address = "nowhere"
         let text = GOOD.replace("127.0.0.1:8080\"\npublic", "127.0.0.1:11112\"\npublic");
         let p = Config::parse(&text).unwrap_err();
         assert!(p.iter().any(|p| p.key == "gateway.http_listen"), "{p:?}");
+    }
+
+    #[test]
+    fn an_audit_trail_in_clear_off_this_machine_is_a_leg_in_plaintext() {
+        let with = |syslog: &str, require: bool| {
+            let text = format!(
+                "{}\n[audit]\nsyslog = \"{syslog}\"\n",
+                GOOD.replace(
+                    "public_url",
+                    &format!("require_tls = {require}\npublic_url")
+                )
+            );
+            Config::parse(&text)
+        };
+        let warned = |c: Result<Config, Vec<Problem>>| {
+            c.unwrap()
+                .warnings()
+                .into_iter()
+                .any(|w| w.key == "audit.syslog")
+        };
+        assert!(warned(with("udp://10.1.2.3:514", false)));
+        assert!(warned(with("tcp://audit.example.org:601", false)));
+        assert!(!warned(with("udp://127.0.0.1:514", false)));
+        let refused = with("tcp://10.1.2.3:601", true).err().unwrap_or_default();
+        assert!(
+            refused.iter().any(|p| p.key == "audit.syslog"),
+            "{refused:?}"
+        );
     }
 
     #[test]

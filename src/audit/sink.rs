@@ -17,6 +17,29 @@ use tokio::sync::mpsc;
 
 /// Messages waiting for the writer, at most.
 const QUEUE: usize = 8192;
+/// Bytes the waiting messages may hold at most (a record is at most some 20 KB; see
+/// `Trail::about`): a stalled receiver costs bounded memory, not the queue's length in records.
+const QUEUE_BYTES: usize = 32 << 20;
+/// What the waiting messages hold now.
+static QUEUED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// About what a queued event holds.
+fn weight(e: &Event) -> usize {
+    let user = e.user.as_ref().map_or(0, |u| {
+        u.id.len() + u.issuer.len() + u.token_id.len() + u.client_id.as_ref().map_or(0, String::len)
+    });
+    let lists: usize = e
+        .patients
+        .iter()
+        .chain(&e.studies)
+        .map(|s| s.len() + 24)
+        .sum();
+    256 + e.object.len()
+        + e.reason.len()
+        + user
+        + lists
+        + e.client_cert.as_ref().map_or(0, |c| c.len())
+}
 /// The longest one connect or one write toward the syslog receiver may take.
 const WRITE_WAIT: Duration = Duration::from_secs(2);
 /// After a failed connect, messages are dropped (and counted) this long before the next try.
@@ -64,9 +87,16 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Hands an event to the writer, if one runs; never waits.
 pub(crate) fn submit(e: Event) {
-    if let Some(s) = SINK.get()
-        && s.tx.try_send(Item::Event(Box::new(e))).is_err()
-    {
+    use std::sync::atomic::Ordering;
+    let Some(s) = SINK.get() else { return };
+    let w = weight(&e);
+    if QUEUED_BYTES.fetch_add(w, Ordering::AcqRel) + w > QUEUE_BYTES {
+        QUEUED_BYTES.fetch_sub(w, Ordering::AcqRel);
+        crate::metrics::audit_dropped("queue");
+        return;
+    }
+    if s.tx.try_send(Item::Event(Box::new(e))).is_err() {
+        QUEUED_BYTES.fetch_sub(w, Ordering::AcqRel);
         crate::metrics::audit_dropped("queue");
     }
 }
@@ -188,6 +218,7 @@ impl Writer {
         while let Some(item) = rx.recv().await {
             match item {
                 Item::Event(e) => {
+                    QUEUED_BYTES.fetch_sub(weight(&e), std::sync::atomic::Ordering::AcqRel);
                     let failed = !matches!(e.outcome, super::Outcome::Allowed);
                     // The XML only for a syslog receiver: the file holds JSON.
                     let xml = match self.syslog {
