@@ -183,6 +183,75 @@ class Orthanc:
         return {"studies": 0, "series": 0, "instances": 0}
 
 
+class Dcmqrscp:
+    """DCMTK's dcmqrscp as a second PACS: DIMSE only, its own index and storage, configured as
+    sites usually run it (relational queries accepted) unless `flags` say otherwise
+    (`--check-find`, `--check-move`: its strict identifier checks; `--disable-get`). `peers`:
+    (AE title, port) of every move destination it must know (the gateway's receiver)."""
+
+    def __init__(self, tmp: Path, name="dcmqrscp", flags=(), peers=(), max_associations=16):
+        self.dicom_port = free_port()
+        self.aet = "DCMQRSCP"
+        self.url = None  # no DICOMweb service
+        self.tmp = tmp / name
+        storage = self.tmp / "storage"
+        storage.mkdir(parents=True)
+        hosts = "".join(f"{ae.lower()} = ({ae}, 127.0.0.1, {port})\n" for ae, port in peers)
+        self.config = self.tmp / "dcmqrscp.cfg"
+        self.config.write_text(
+            f"""NetworkTCPPort  = {self.dicom_port}
+MaxPDUSize      = 65536
+MaxAssociations = {max_associations}
+
+HostTable BEGIN
+{hosts}HostTable END
+
+VendorTable BEGIN
+VendorTable END
+
+AETable BEGIN
+{self.aet} {storage} RW (200, 1024mb) ANY
+AETable END
+"""
+        )
+        self.log_path = self.tmp / "dcmqrscp.log"
+        self.log = open(self.log_path, "w")
+        exe = shutil.which("dcmqrscp")
+        if exe is None:
+            raise RuntimeError("dcmqrscp is not installed (Debian package dcmtk)")
+        self.proc = subprocess.Popen([exe, "-ll", "info", *flags, "-c", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_tcp(self.dicom_port, self.proc, "dcmqrscp")
+        self.studies = {}
+        self.instances = []
+
+    def upload(self, data: bytes):
+        """Stores one Part 10 instance directly (not through the gateway)."""
+        from pynetdicom import AE, StoragePresentationContexts
+
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ae = AE(ae_title="LOADER")
+        ae.requested_contexts = StoragePresentationContexts[:120]
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=self.aet)
+        assert assoc.is_established, "dcmqrscp refused the loader"
+        try:
+            status = assoc.send_c_store(ds)
+            assert status and status.Status == 0x0000, status
+        finally:
+            assoc.release()
+
+    def load(self, patients, padded=()):
+        for pid, study_uid, data in generate(patients, padded):
+            self.upload(data)
+            self.studies.setdefault(pid, set()).add(study_uid)
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            self.instances.append((pid, study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
 class Issuer:
     def __init__(self, tmp: Path, extra_args=()):
         self.port = free_port()
@@ -223,6 +292,8 @@ class Gateway:
         self.ae_title = "PACSGATE"
         self.public_url = public_url or f"http://127.0.0.1:{self.http_port}"
         self.config = tmp / f"{name}.toml"
+        web = dicomweb_url or (orthanc.url + "/dicom-web" if orthanc.url else None)
+        dicomweb_line = f'dicomweb_url = "{web}"' if web else ""
         self.config.write_text(
             f"""
 [gateway]
@@ -247,7 +318,7 @@ issuer = "{issuer.url}"
 ae_title = "{orthanc.aet}"
 address = "127.0.0.1:{orthanc.dicom_port}"
 calling_ae_title = "{calling_ae}"
-dicomweb_url = "{dicomweb_url or orthanc.url + '/dicom-web'}"
+{dicomweb_line}
 {f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 
 {extra}
