@@ -176,8 +176,17 @@ impl SigningKey {
 
     /// Loads a PKCS#8 PEM key for the first of `algs` it serves.
     pub(crate) fn load_any(path: &Path, algs: &[Algorithm]) -> anyhow::Result<SigningKey> {
+        // A JWK Set's first usable key wins, whatever its type: try its algorithm first.
+        let first = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|doc| jwk::first_usable(&doc, algs));
+        let ordered: Vec<Algorithm> = first
+            .into_iter()
+            .chain(algs.iter().copied().filter(|a| Some(*a) != first))
+            .collect();
         let mut why = Vec::new();
-        for a in algs {
+        for a in &ordered {
             match SigningKey::load(path, *a) {
                 Ok(k) => return Ok(k),
                 Err(e) => why.push(format!("{a:?}: {}", e.root_cause())),

@@ -51,6 +51,17 @@ pub(crate) fn private_key(
     )
 }
 
+/// Of `algs`, the one the first usable private key in a JWK or JWK Set signs with (a set's
+/// order is the registration's preference).
+pub(crate) fn first_usable(doc: &Value, algs: &[Algorithm]) -> Option<Algorithm> {
+    let keys: Vec<&Value> = match doc.get("keys") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        _ => vec![doc],
+    };
+    keys.iter()
+        .find_map(|k| algs.iter().copied().find(|a| usable(k, *a).is_ok()))
+}
+
 /// Whether one JWK can sign with `alg`; else why not.
 fn usable(k: &Value, alg: Algorithm) -> Result<(), String> {
     let s = |name: &str| k.get(name).and_then(Value::as_str);
@@ -260,6 +271,31 @@ mod tests {
                 jsonwebtoken::decode::<Value>(&token, original.decoding(), &v)
                     .unwrap_or_else(|e| panic!("{alg:?} {what}: {e}"));
             }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_jwk_sets_first_private_key_is_the_one_used_whatever_its_type() {
+        let dir = std::env::temp_dir().join(format!("pacsgate-jwk-order-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ec = private_jwk(
+            &SigningKey::generate(Algorithm::ES384).expect("ec"),
+            "ec-first",
+        );
+        let rsa = private_jwk(
+            &SigningKey::generate(Algorithm::RS384).expect("rsa"),
+            "rsa-second",
+        );
+        let algs = crate::config::CLIENT_KEY_ALGS;
+        for (keys, kid) in [
+            (vec![ec.clone(), rsa.clone()], "ec-first"),
+            (vec![rsa, ec], "rsa-second"),
+        ] {
+            let path = dir.join(format!("{kid}.json"));
+            std::fs::write(&path, json!({ "keys": keys }).to_string()).expect("write");
+            let k = SigningKey::load_any(&path, &algs).expect("load");
+            assert_eq!(k.kid, kid);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
