@@ -43,9 +43,12 @@ for s in postinst prerm postrm; do
 done
 echo /etc/pacsgate/pacsgate.toml > "$root/DEBIAN/conffiles"
 
-# The libraries the binary links, as Debian's shlibs name them.
-depends=$(cd "$stage" && mkdir -p debian && printf 'Source: pacsgate\n\nPackage: pacsgate\nArchitecture: any\n' > debian/control \
-  && dpkg-shlibdeps -O -e"$root/usr/bin/pacsgate" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+# The libraries the binary links, as Debian's shlibs name them (dpkg-dev); without it, libc6.
+depends=libc6
+if command -v dpkg-shlibdeps >/dev/null 2>&1; then
+  depends=$(cd "$stage" && mkdir -p debian && printf 'Source: pacsgate\n\nPackage: pacsgate\nArchitecture: any\n' > debian/control \
+    && dpkg-shlibdeps -O -e"$root/usr/bin/pacsgate" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+fi
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: pacsgate
