@@ -118,6 +118,21 @@ fn shape(e: &Event) -> (&'static Code, &'static str, Option<&'static Code>) {
     }
 }
 
+/// One ParticipantObjectIdentification: `(type, role)` codes (1, 1: a patient; 2, 3: a study),
+/// its ID type, and the ID again as its name (CP-2399: a name or a query is required).
+fn participant_object(out: &mut String, id: &str, (kind, role): (&str, &str), id_type: &Code) {
+    let id = token(id);
+    let _ = write!(
+        out,
+        r#"<ParticipantObjectIdentification ParticipantObjectID="{id}" ParticipantObjectTypeCode="{kind}" ParticipantObjectTypeCodeRole="{role}">"#
+    );
+    coded(out, "ParticipantObjectIDTypeCode", id_type);
+    let _ = write!(
+        out,
+        "<ParticipantObjectName>{id}</ParticipantObjectName></ParticipantObjectIdentification>"
+    );
+}
+
 /// EventOutcomeIndicator: 0 success, 4 a refusal, 8 an upstream failure.
 fn outcome_code(o: Outcome) -> &'static str {
     match o {
@@ -254,30 +269,10 @@ pub(crate) fn xml(e: &Event, src: &Source) -> String {
     gateway(&mut out, src, Some(&correlation(e)), false);
     source(&mut out, src);
     for p in &e.patients {
-        let _ = write!(
-            out,
-            r#"<ParticipantObjectIdentification ParticipantObjectID="{id}" ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1">"#,
-            id = token(p)
-        );
-        coded(&mut out, "ParticipantObjectIDTypeCode", &PATIENT_NUMBER);
-        let _ = write!(
-            out,
-            "<ParticipantObjectName>{}</ParticipantObjectName></ParticipantObjectIdentification>",
-            token(p)
-        );
+        participant_object(&mut out, p, ("1", "1"), &PATIENT_NUMBER);
     }
     for s in &e.studies {
-        let _ = write!(
-            out,
-            r#"<ParticipantObjectIdentification ParticipantObjectID="{id}" ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">"#,
-            id = token(s)
-        );
-        coded(&mut out, "ParticipantObjectIDTypeCode", &STUDY_INSTANCE_UID);
-        let _ = write!(
-            out,
-            "<ParticipantObjectName>{}</ParticipantObjectName></ParticipantObjectIdentification>",
-            token(s)
-        );
+        participant_object(&mut out, s, ("2", "3"), &STUDY_INSTANCE_UID);
     }
     out.push_str("</AuditMessage>");
     out
