@@ -145,6 +145,9 @@ pub struct Pacs {
     pub dimse_tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
     /// `[pacs.tls]`, when set.
     pub tls: Option<PacsTls>,
+    /// Associations the gateway opens to the PACS on its own behalf at once (DICOMweb by
+    /// translation); more wait for one to end.
+    pub max_associations: usize,
 }
 
 impl Pacs {
@@ -361,6 +364,7 @@ struct RawPacs {
     calling_ae_title: Option<String>,
     receive_listen: Option<String>,
     connect_timeout_secs: Option<f64>,
+    max_associations: Option<i64>,
     tls: Option<RawPacsTls>,
 }
 
@@ -836,6 +840,8 @@ impl Config {
             .and_then(|s| c.socket_addr("pacs.receive_listen", s));
         let connect_timeout =
             c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
+        let pacs_max_associations =
+            c.positive_int("pacs.max_associations", pacs.max_associations, 16, 1, 1000) as usize;
         let (pacs_tls, dimse_tls) = match pacs.tls {
             Some(t) => pacs_tls(&mut c, t, &p_addr, &resolve),
             None => (None, None),
@@ -1368,6 +1374,7 @@ impl Config {
                 connect_timeout,
                 dimse_tls,
                 tls: pacs_tls,
+                max_associations: pacs_max_associations,
             },
             issuers,
             patients: Patients {

@@ -49,6 +49,8 @@ pub struct FileMeta {
     pub sop_class: String,
     pub sop_instance: String,
     pub transfer_syntax: String,
+    /// Where the data set begins in the file (after the preamble and the meta group).
+    pub data_set_start: usize,
 }
 
 /// Keeps the judged top-level values (validated) of what the reader reads.
@@ -56,10 +58,15 @@ pub struct FileMeta {
 struct Judged {
     values: Vec<(Tag, Vec<u8>)>,
     current: Option<(Tag, Option<VR>, Vec<u8>)>,
+    /// Where the top-level Pixel Data element begins, once met.
+    pixel_data: Option<TopElement>,
 }
 
 impl Sink for Judged {
     fn begin(&mut self, e: &TopElement) -> Result<bool, Violation> {
+        if e.tag == tags::PIXEL_DATA {
+            self.pixel_data = Some(*e);
+        }
         if values::judged(e.tag).is_none() {
             return Ok(false);
         }
@@ -243,6 +250,15 @@ impl InstanceReader {
         }
     }
 
+    /// The top-level Pixel Data element's header, once the reader met it (offsets in the data
+    /// set; for a Part 10 file, counted from the data set's start).
+    pub fn pixel_data(&self) -> Option<TopElement> {
+        match &self.state {
+            State::Body { judged, .. } => judged.pixel_data,
+            State::Meta(_) => None,
+        }
+    }
+
     /// The file meta group of a Part 10 instance, once read.
     pub fn meta(&self) -> Option<&FileMeta> {
         match &self.state {
@@ -303,6 +319,60 @@ impl InstanceReader {
     }
 }
 
+/// The preamble, `DICM` and file meta group of a Part 10 file for an instance received as a
+/// bare data set (PS3.10 7.1): what a DICOMweb client expects before the data set.
+pub fn part10_prefix(sop_class: &str, sop_instance: &str, transfer_syntax: &str) -> Vec<u8> {
+    use super::dataset::encode_element;
+    use super::reader::Encoding::ExplicitLittle;
+    let mut group = Vec::with_capacity(256);
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::FILE_META_INFORMATION_VERSION,
+        VR::OB,
+        &[0, 1],
+    ));
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::MEDIA_STORAGE_SOP_CLASS_UID,
+        VR::UI,
+        sop_class.as_bytes(),
+    ));
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::MEDIA_STORAGE_SOP_INSTANCE_UID,
+        VR::UI,
+        sop_instance.as_bytes(),
+    ));
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::TRANSFER_SYNTAX_UID,
+        VR::UI,
+        transfer_syntax.as_bytes(),
+    ));
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::IMPLEMENTATION_CLASS_UID,
+        VR::UI,
+        super::negotiation::IMPLEMENTATION_CLASS_UID.as_bytes(),
+    ));
+    group.extend(encode_element(
+        ExplicitLittle,
+        tags::IMPLEMENTATION_VERSION_NAME,
+        VR::SH,
+        super::negotiation::IMPLEMENTATION_VERSION_NAME.as_bytes(),
+    ));
+    let mut out = vec![0u8; PREAMBLE];
+    out.extend_from_slice(b"DICM");
+    out.extend(encode_element(
+        ExplicitLittle,
+        tags::FILE_META_INFORMATION_GROUP_LENGTH,
+        VR::UL,
+        &(group.len() as u32).to_le_bytes(),
+    ));
+    out.extend(group);
+    out
+}
+
 /// Reads the preamble and file meta group when all of it is at hand: `Ok(None)` asks for more.
 /// On success, the meta values and where the data set starts.
 fn read_meta(buf: &[u8], limits: Limits) -> Result<Option<(FileMeta, usize)>, Violation> {
@@ -351,6 +421,7 @@ fn read_meta(buf: &[u8], limits: Limits) -> Result<Option<(FileMeta, usize)>, Vi
             sop_class: required(tags::MEDIA_STORAGE_SOP_CLASS_UID)?,
             sop_instance: required(tags::MEDIA_STORAGE_SOP_INSTANCE_UID)?,
             transfer_syntax: required(tags::TRANSFER_SYNTAX_UID)?,
+            data_set_start: end,
         },
         end,
     )))

@@ -403,6 +403,38 @@ impl Peer {
         );
     }
 
+    /// Queues a fragment with an even length, holding back an odd last byte in `carry` until
+    /// the next one (the final fragment goes whole: a data set has an even length). DCMTK-based
+    /// peers refuse odd fragments, which a sender may produce.
+    pub(crate) fn queue_even(
+        &mut self,
+        pc_id: u8,
+        bytes: &[u8],
+        last: bool,
+        carry: &mut Option<u8>,
+    ) {
+        let joined;
+        let bytes = match carry.take() {
+            Some(b) => {
+                let mut v = Vec::with_capacity(bytes.len() + 1);
+                v.push(b);
+                v.extend_from_slice(bytes);
+                joined = v;
+                &joined[..]
+            }
+            None => bytes,
+        };
+        if !last && bytes.len() % 2 == 1 {
+            let (even, odd) = bytes.split_at(bytes.len() - 1);
+            *carry = odd.first().copied();
+            if !even.is_empty() {
+                self.queue_data(pc_id, even, false);
+            }
+            return;
+        }
+        self.queue_data(pc_id, bytes, last);
+    }
+
     /// Sends a piece of a data set at once.
     pub async fn send_data(&mut self, pc_id: u8, bytes: &[u8], last: bool) -> Result<(), PduError> {
         self.queue_data(pc_id, bytes, last);

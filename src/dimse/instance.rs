@@ -111,7 +111,7 @@ pub async fn stream(
     // Fragments go on with even lengths: DCMTK-based peers refuse odd ones, which a client
     // may send. An odd fragment's last byte waits for the next one.
     let mut carry: Option<u8> = None;
-    queue_even(to, pc_id, &bytes, last, &mut carry);
+    to.queue_even(pc_id, &bytes, last, &mut carry);
     let mut sent = bytes.len() as u64;
     drop(bytes);
     let mut last = last;
@@ -135,31 +135,6 @@ pub async fn stream(
             .map_err(|why| StreamError::Invalid { why, ended: l })?;
         last = l;
         sent += chunk.len() as u64;
-        queue_even(to, pc_id, &chunk, last, &mut carry);
+        to.queue_even(pc_id, &chunk, last, &mut carry);
     }
-}
-
-/// Queues a fragment with an even length, holding back an odd last byte until the next one
-/// (the final fragment goes whole: a data set has an even length).
-fn queue_even(to: &mut Peer, pc_id: u8, bytes: &[u8], last: bool, carry: &mut Option<u8>) {
-    let joined;
-    let bytes = match carry.take() {
-        Some(b) => {
-            let mut v = Vec::with_capacity(bytes.len() + 1);
-            v.push(b);
-            v.extend_from_slice(bytes);
-            joined = v;
-            &joined[..]
-        }
-        None => bytes,
-    };
-    if !last && bytes.len() % 2 == 1 {
-        let (even, odd) = bytes.split_at(bytes.len() - 1);
-        *carry = odd.first().copied();
-        if !even.is_empty() {
-            to.queue_data(pc_id, even, false);
-        }
-        return;
-    }
-    to.queue_data(pc_id, bytes, last);
 }

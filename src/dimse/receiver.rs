@@ -631,6 +631,7 @@ impl Receiver {
             connect_timeout: cfg.pacs.connect_timeout,
             dimse_tls: route.destination.tls.clone(),
             tls: None,
+            max_associations: cfg.pacs.max_associations,
         };
         let leg = match crate::pacs::associate(&target, rq, cfg.limits.upstream_timeout).await {
             Ok((stream, ac)) => {

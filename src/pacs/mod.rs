@@ -8,6 +8,7 @@
 //! ([`crate::dicom`]) only.
 
 pub mod dicomweb;
+pub mod dimse;
 pub mod echo;
 pub mod lookup;
 

@@ -30,14 +30,11 @@ pub(crate) enum ApiError {
     /// The PACS or an authorization server is unreachable: 502, or 503 with Retry-After.
     Upstream(String),
     Unavailable(String),
+    /// No representation the client accepts can be served: 406.
+    NotAcceptable(String),
 }
 
 impl ApiError {
-    /// DICOMweb is asked for but the PACS has no DICOMweb service configured.
-    pub(crate) fn not_configured() -> ApiError {
-        ApiError::Unavailable("DICOMweb is not configured: set pacs.dicomweb_url".into())
-    }
-
     /// Maps a policy denial to its HTTP form (RFC 6750 section 3.1 for the token's faults; 503
     /// with Retry-After when the PACS or the EHR could not be asked).
     pub(crate) fn from_denial(d: Denial) -> ApiError {
@@ -115,6 +112,12 @@ impl Challenge {
                 "no such resource".to_string(),
             ),
             ApiError::Upstream(why) => (StatusCode::BAD_GATEWAY, None, "bad_gateway", why.clone()),
+            ApiError::NotAcceptable(why) => (
+                StatusCode::NOT_ACCEPTABLE,
+                None,
+                "not_acceptable",
+                why.clone(),
+            ),
             ApiError::Unavailable(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,

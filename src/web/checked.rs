@@ -46,7 +46,7 @@ pub(crate) struct Check {
 }
 
 impl Check {
-    fn anomaly(&self, why: &str) {
+    pub(crate) fn anomaly(&self, why: &str) {
         Trail::new(Channel::Http, self.request_id, Some(&self.principal))
             .with_client_cert(self.client_cert.clone())
             .record(self.op, &self.object, Outcome::Anomaly, why);
@@ -92,13 +92,41 @@ enum Part {
     Passing { reader: InstanceReader },
 }
 
+/// The PACS's answer as the relay reads it. One per answer in flight: the splitter's size
+/// does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    /// An HTTP body: a multipart cut into pieces by the splitter, or (`None`) one instance.
+    Chunks(
+        Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>,
+        Option<Splitter>,
+    ),
+    /// Parts already delimited (instances received over DIMSE).
+    Pieces(Pin<Box<dyn Stream<Item = Result<Piece, String>> + Send>>),
+}
+
+/// One item of the PACS's answer.
+enum Item {
+    Chunk(Result<Bytes, String>),
+    Piece(Result<Piece, String>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Item> {
+        match self {
+            Source::Chunks(s, _) => s.next().await.map(Item::Chunk),
+            Source::Pieces(s) => s.next().await.map(Item::Piece),
+        }
+    }
+}
+
 /// The relay of one answer: pulls the PACS's chunks, cuts them into parts (or takes the whole
 /// answer as one instance), checks each, and yields what may go to the client. It runs in the
 /// response body's own polling: no task, no copy of instance data.
 struct Relay {
-    upstream: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
-    /// `None`: the answer is one instance, not a multipart.
-    splitter: Option<Splitter>,
+    upstream: Source,
+    /// The answer is a multipart of instances (not one instance alone).
+    multipart: bool,
     /// Pieces cut from the last chunk (kept to reuse its allocation).
     pieces: Vec<Piece>,
     part: Option<Part>,
@@ -117,10 +145,17 @@ struct Relay {
 
 impl Relay {
     fn new(resp: reqwest::Response, splitter: Option<Splitter>, check: Check) -> Relay {
-        let single = splitter.is_none();
+        let chunks = resp
+            .bytes_stream()
+            .map(|c| c.map_err(|e| e.without_url().to_string()));
+        Relay::of(Source::Chunks(Box::pin(chunks), splitter), check)
+    }
+
+    fn of(upstream: Source, check: Check) -> Relay {
+        let multipart = !matches!(upstream, Source::Chunks(_, None));
         let mut r = Relay {
-            upstream: Box::pin(resp.bytes_stream()),
-            splitter,
+            upstream,
+            multipart,
             pieces: Vec::new(),
             part: None,
             out: VecDeque::new(),
@@ -131,7 +166,7 @@ impl Relay {
             failed: None,
             check,
         };
-        if single {
+        if !multipart {
             r.part = Some(r.judging("application/dicom".into()));
         }
         r
@@ -148,7 +183,7 @@ impl Relay {
 
     /// Queues the framing of a new part toward the client (none for a single instance).
     fn frame(&mut self, content_type: &str) {
-        if self.splitter.is_some() {
+        if self.multipart {
             let sep = if self.sent_parts == 0 { "" } else { "\r\n" };
             self.out.push_back(Bytes::from(format!(
                 "{sep}--{}\r\nContent-Type: {content_type}\r\n\r\n",
@@ -234,6 +269,9 @@ impl Relay {
 
     fn piece(&mut self, p: Piece) -> Result<(), Refused> {
         match p {
+            Piece::Start(_) if !self.multipart && self.sent_parts > 0 => Err(Refused::Malformed(
+                "more than the one instance asked for".into(),
+            )),
             Piece::Start(headers) => {
                 let given = header_value(&headers, "content-type")
                     .and_then(|v| v.parse::<mime::Mime>().ok());
@@ -249,6 +287,13 @@ impl Relay {
             }
             Piece::Data(b) => self.data(b),
             Piece::PartEnd => self.part_end(),
+            Piece::End if !self.multipart => {
+                if self.sent_parts == 0 {
+                    return Err(Refused::Malformed("no instance".into()));
+                }
+                self.done = true;
+                Ok(())
+            }
             Piece::End => {
                 let end = if self.sent_parts == 0 {
                     format!("--{}--\r\n", self.ours)
@@ -270,10 +315,10 @@ impl Relay {
     }
 
     /// Works one item of the PACS's answer through (`None`: the answer ended).
-    fn take(&mut self, next: Option<Result<Bytes, reqwest::Error>>) -> Result<(), Refused> {
+    fn take(&mut self, next: Option<Item>) -> Result<(), Refused> {
         match next {
-            Some(Ok(chunk)) => match &mut self.splitter {
-                Some(sp) => {
+            Some(Item::Chunk(Ok(chunk))) => match &mut self.upstream {
+                Source::Chunks(_, Some(sp)) => {
                     let mut pieces = std::mem::take(&mut self.pieces);
                     sp.push(chunk, &mut pieces)
                         .map_err(|e| Refused::Malformed(e.to_string()))?;
@@ -281,19 +326,18 @@ impl Relay {
                     self.pieces = pieces;
                     r
                 }
-                None => self.data(chunk),
+                _ => self.data(chunk),
             },
-            Some(Err(e)) => Err(Refused::Upstream(e.without_url().to_string())),
-            None => match &self.splitter {
-                Some(_) => Err(Refused::Malformed(
-                    "the multipart answer ended without its closing delimiter".into(),
-                )),
-                None => {
-                    self.part_end()?;
-                    self.done = true;
-                    Ok(())
-                }
-            },
+            Some(Item::Piece(Ok(p))) => self.piece(p),
+            Some(Item::Chunk(Err(e)) | Item::Piece(Err(e))) => Err(Refused::Upstream(e)),
+            None if !self.multipart => {
+                self.part_end()?;
+                self.done = true;
+                Ok(())
+            }
+            None => Err(Refused::Malformed(
+                "the multipart answer ended without its closing delimiter".into(),
+            )),
         }
     }
 
@@ -319,7 +363,8 @@ impl Relay {
             // writes several chunks at once instead of one per wake-up.
             let mut more = 0;
             while r.is_ok() && !self.done && more < 16 {
-                match futures_util::poll!(self.upstream.next()) {
+                let polled = futures_util::poll!(std::pin::pin!(self.upstream.next()));
+                match polled {
                     std::task::Poll::Ready(next) => r = self.take(next),
                     std::task::Poll::Pending => break,
                 }
@@ -386,7 +431,20 @@ pub async fn instances(resp: reqwest::Response, check: Check) -> Result<Response
             "the PACS's answer is not multipart/related".into(),
         ));
     };
-    let mut relay = Relay::new(resp, Some(Splitter::new(&boundary)), check);
+    let relay = Relay::new(resp, Some(Splitter::new(&boundary)), check);
+    multipart(relay).await
+}
+
+/// Instances received as delimited parts (over DIMSE), checked part by part like a PACS's
+/// multipart answer.
+pub(crate) async fn pieces(
+    parts: impl Stream<Item = Result<Piece, String>> + Send + 'static,
+    check: Check,
+) -> Result<Response, ApiError> {
+    multipart(Relay::of(Source::Pieces(Box::pin(parts)), check)).await
+}
+
+async fn multipart(mut relay: Relay) -> Result<Response, ApiError> {
     if let Err(r) = relay.prime().await {
         relay.check.anomaly(&r.reason());
         return Err(ApiError::Upstream(
@@ -407,7 +465,21 @@ pub async fn instances(resp: reqwest::Response, check: Check) -> Result<Response
 
 /// A single `application/dicom` answer (WADO-URI), checked like one part.
 pub(crate) async fn single(resp: reqwest::Response, check: Check) -> Result<Response, ApiError> {
-    let mut relay = Relay::new(resp, None, check);
+    single_of(Relay::new(resp, None, check)).await
+}
+
+/// One instance received as delimited parts (over DIMSE), answered as a single
+/// `application/dicom` body and checked as it streams. More than one instance is refused.
+pub(crate) async fn single_piece(
+    parts: impl Stream<Item = Result<Piece, String>> + Send + 'static,
+    check: Check,
+) -> Result<Response, ApiError> {
+    let mut relay = Relay::of(Source::Pieces(Box::pin(parts)), check);
+    relay.multipart = false;
+    single_of(relay).await
+}
+
+async fn single_of(mut relay: Relay) -> Result<Response, ApiError> {
     if let Err(r) = relay.prime().await {
         relay.check.anomaly(&r.reason());
         return Err(ApiError::Upstream(

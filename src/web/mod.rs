@@ -14,6 +14,7 @@ pub mod multipart;
 pub mod path;
 pub(crate) mod qido;
 pub(crate) mod stow;
+pub(crate) mod translate;
 pub(crate) mod wado;
 pub(crate) mod wado_uri;
 
@@ -100,6 +101,15 @@ const MAX_CONCURRENT_REQUESTS: usize = 256;
 /// How long a request may wait for a slot.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
 
+/// How the PACS answers DICOMweb requests.
+#[derive(Clone, Copy)]
+pub(crate) enum Upstream<'a> {
+    /// Its own DICOMweb service, relayed.
+    Web(&'a DicomWeb),
+    /// DIMSE only: translated.
+    Dimse(&'a Arc<crate::pacs::dimse::Dimse>),
+}
+
 /// What every HTTP request shares.
 pub struct WebCtx {
     pub cfg: Arc<Config>,
@@ -110,8 +120,11 @@ pub struct WebCtx {
     pub challenge: Challenge,
     /// `{public_url}/dicom-web`: what clients see as the DICOMweb root.
     pub public_base: String,
-    /// The PACS's DICOMweb service; `None` when `pacs.dicomweb_url` is not set.
+    /// The PACS's DICOMweb service; `None` when `pacs.dicomweb_url` is not set, and DICOMweb
+    /// is answered by translation to DIMSE ([`translate`]) instead.
     pub pacs: Option<DicomWeb>,
+    /// The PACS's DIMSE services, for DICOMweb by translation.
+    pub dimse: Arc<crate::pacs::dimse::Dimse>,
     /// Requests at once, across configurations (a reload does not make room for more).
     slots: Arc<Semaphore>,
     discovery: discovery::Cache,
@@ -164,6 +177,7 @@ impl WebCtx {
             },
             public_base: format!("{public}/dicom-web"),
             pacs: DicomWeb::new(&cfg)?,
+            dimse: Arc::new(crate::pacs::dimse::Dimse::new(&cfg)),
             http,
             slots,
             discovery: discovery::Cache::default(),
@@ -172,6 +186,14 @@ impl WebCtx {
             trust,
             policy,
         }))
+    }
+
+    /// Where DICOMweb requests are answered: the PACS's DICOMweb service, or DIMSE.
+    pub(crate) fn upstream(&self) -> Upstream<'_> {
+        match &self.pacs {
+            Some(w) => Upstream::Web(w),
+            None => Upstream::Dimse(&self.dimse),
+        }
     }
 
     /// The readiness state `/readyz` answers from.
@@ -371,9 +393,7 @@ async fn dicomweb_get(State(ctx): State<Arc<WebCtx>>, req: Request) -> Response 
         Ok(p) => p,
         Err(e) => return ctx.challenge.respond(e),
     };
-    let Some(upstream) = ctx.pacs.as_ref() else {
-        return ctx.challenge.respond(ApiError::not_configured());
-    };
+    let upstream = ctx.upstream();
     // Everything up to the response head is bounded in time; a streamed body is then bounded
     // by the PACS read timeout per chunk.
     let work = async {

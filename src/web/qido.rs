@@ -10,8 +10,8 @@
 use super::WebCtx;
 use super::auth::ApiError;
 use super::path::{self, Resource};
+use super::translate;
 use crate::audit::{Operation, Outcome};
-use crate::pacs::dicomweb::DicomWeb;
 use crate::policy::query::PATIENT_COUNTS;
 use crate::policy::{Action, Caller, MatchView, QueryLevel, QueryRequest, ResultKey, Verdict};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -70,7 +70,7 @@ pub async fn search(
     caller: &Caller,
     resource: &Resource,
     query: &str,
-    upstream: &DicomWeb,
+    upstream: super::Upstream<'_>,
 ) -> Result<Response, ApiError> {
     let p = caller.principal();
     let mut pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
@@ -167,13 +167,21 @@ pub async fn search(
         if let Some(pid) = pid {
             q.push(("PatientID".into(), pid));
         }
-        let target = format!("{}?{}", resource.upstream_path(), path::encode_query(&q));
-        // One budget for all the searches of a request.
-        let (part, read) = upstream
-            .search(&target, MAX_QIDO_BYTES.saturating_sub(read_so_far))
-            .await?;
-        read_so_far += read;
-        results.extend(part);
+        match upstream {
+            super::Upstream::Web(web) => {
+                let target = format!("{}?{}", resource.upstream_path(), path::encode_query(&q));
+                // One budget for all the searches of a request.
+                let (part, read) = web
+                    .search(&target, MAX_QIDO_BYTES.saturating_sub(read_so_far))
+                    .await?;
+                read_so_far += read;
+                results.extend(part);
+            }
+            super::Upstream::Dimse(dimse) => {
+                let keys = translate::search_keys(level, path_study, path_series, &q)?;
+                results.extend(translate::search(dimse, level, keys, &ctx.public_base).await?);
+            }
+        }
     }
     let mut judge = ctx.policy.judge(caller, &permit);
     let views: Vec<MatchView> = results.iter().map(view_of).collect();
@@ -268,7 +276,7 @@ fn view_of(r: &serde_json::Value) -> MatchView {
 }
 
 /// The first text value of an attribute of a DICOM JSON object.
-fn first_text(obj: &serde_json::Value, tag: &str) -> Option<String> {
+pub(crate) fn first_text(obj: &serde_json::Value, tag: &str) -> Option<String> {
     obj.get(tag)?
         .get("Value")?
         .as_array()?

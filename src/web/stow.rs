@@ -21,7 +21,7 @@ use crate::audit::{Operation, Outcome};
 use crate::dicom::head::MAX_HEAD;
 use crate::dicom::head::{InstanceReader, PREAMBLE};
 use crate::dicom::reader::Violation;
-use crate::pacs::dicomweb::{DicomWeb, read_bounded};
+use crate::pacs::dicomweb::read_bounded;
 use crate::policy::{Action, Caller, StoreRequest};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -106,9 +106,7 @@ async fn stow(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         );
         return Err(ApiError::from_denial(d));
     }
-    let Some(upstream) = ctx.pacs.as_ref() else {
-        return Err(ApiError::not_configured());
-    };
+    let upstream = ctx.upstream();
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -207,7 +205,7 @@ async fn store_part(
     caller: &Caller,
     mut field: multer::Field<'_>,
     path_study: Option<&str>,
-    upstream: &DicomWeb,
+    upstream: super::Upstream<'_>,
     out: &mut Outcomes,
 ) -> Result<(), ApiError> {
     let p = caller.principal();
@@ -300,18 +298,62 @@ async fn store_part(
         return Ok(());
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(FORWARD_QUEUE);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let request = upstream.store(&boundary, reqwest::Body::wrap_stream(stream));
+    // Over DIMSE the data set goes alone (the C-STORE names class, instance and syntax); over
+    // DICOMweb the part goes whole, framed by the relay's own boundary.
+    let syntax_uid = reader
+        .meta()
+        .map(|m| m.transfer_syntax.clone())
+        .unwrap_or_default();
+    let data_set_start = reader.meta().map(|m| m.data_set_start).unwrap_or(0);
+    let framed = matches!(upstream, super::Upstream::Web(_));
+    let request = async {
+        match upstream {
+            super::Upstream::Web(web) => {
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                });
+                match web
+                    .store(&boundary, reqwest::Body::wrap_stream(stream))
+                    .await
+                {
+                    Ok(resp) if resp.status().is_success() => {
+                        let body = read_bounded(resp, 16 * 1024 * 1024)
+                            .await
+                            .unwrap_or_default();
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        judge_answer(&v, &instance)
+                    }
+                    Ok(_) | Err(_) => (false, false),
+                }
+            }
+            super::Upstream::Dimse(dimse) => {
+                match dimse.store(&class, &instance, &syntax_uid, rx).await {
+                    Ok(status) => (crate::dicom::command::is_stored(status), false),
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "the PACS did not store a STOW-RS instance");
+                        (false, false)
+                    }
+                }
+            }
+        }
+    };
+    let head = if framed {
+        head
+    } else {
+        head.get(data_set_start..)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    };
     let mut bytes = head.len() as u64;
     let feed = async {
         let send = |b: Bytes| tx.send(Ok(b));
-        send(Bytes::from(format!(
-            "--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
-        )))
-        .await
-        .ok();
+        if framed {
+            send(Bytes::from(format!(
+                "--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
+            )))
+            .await
+            .ok();
+        }
         send(Bytes::from(head)).await.ok();
         let mut ended = ended;
         while !ended {
@@ -353,9 +395,11 @@ async fn store_part(
                 }
             }
         }
-        send(Bytes::from(format!("\r\n--{boundary}--\r\n")))
-            .await
-            .ok();
+        if framed {
+            send(Bytes::from(format!("\r\n--{boundary}--\r\n")))
+                .await
+                .ok();
+        }
         drop(tx);
         Ok(Ok(()))
     };
@@ -368,23 +412,12 @@ async fn store_part(
             malformed(ctx, p, out, &v);
             return Ok(());
         }
-        Err(None) => {
-            return Err(ApiError::Upstream(
-                "the PACS stopped reading the instance".into(),
-            ));
-        }
+        // The PACS stopped reading (it refused the instance's class or syntax, or failed):
+        // this instance failed, the rest of it is read past, the request goes on.
+        Err(None) => drain(&mut field, false, wait).await?,
     }
     // Stored means: the PACS's answer names exactly the instance the gateway checked.
-    let (stored, anomaly) = match answer {
-        Ok(resp) if resp.status().is_success() => {
-            let body = read_bounded(resp, 16 * 1024 * 1024)
-                .await
-                .unwrap_or_default();
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            judge_answer(&v, &instance)
-        }
-        Ok(_) | Err(_) => (false, false),
-    };
+    let (stored, anomaly) = answer;
     if anomaly {
         super::trail(Some(p)).record(
             Operation::Stow,

@@ -11,8 +11,10 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{Part, Resource};
+use super::translate;
 use crate::audit::{Operation, WadoPart};
-use crate::pacs::dicomweb::{DicomWeb, read_bounded};
+use crate::pacs::dicomweb::read_bounded;
+use crate::pacs::dimse::Target;
 use crate::policy::{Action, Caller, RetrieveRequest, UidLevel};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -34,7 +36,7 @@ pub(crate) async fn retrieve(
     resource: &Resource,
     query: Option<&str>,
     headers: &HeaderMap,
-    upstream: &DicomWeb,
+    upstream: super::Upstream<'_>,
 ) -> Result<Response, ApiError> {
     let Resource::Retrieve {
         study,
@@ -92,6 +94,34 @@ pub(crate) async fn retrieve(
             "the query string holds characters that are not allowed".into(),
         ));
     }
+    let upstream = match upstream {
+        super::Upstream::Web(web) => web,
+        super::Upstream::Dimse(dimse) => {
+            let target = Target {
+                study: study.clone(),
+                series: series.clone(),
+                instance: instance.clone(),
+            };
+            let out = match what {
+                Part::Instances => {
+                    let syntaxes = translate::accepted_syntaxes(headers.get(header::ACCEPT))?;
+                    translate::instances(dimse, target, syntaxes, check).await?
+                }
+                Part::Metadata => {
+                    translate::metadata(dimse, target, check, &ctx.public_base).await?
+                }
+                Part::Frames(list) if instance.is_some() => {
+                    translate::frames(dimse, target, list, check).await?
+                }
+                _ => {
+                    return Err(ApiError::NotAcceptable(
+                        "rendered images, thumbnails and bulk data are not served by translation to DIMSE".into(),
+                    ));
+                }
+            };
+            return Ok(private(out));
+        }
+    };
     let resp = upstream
         .retrieve(
             &resource.upstream_path(),

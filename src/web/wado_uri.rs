@@ -81,8 +81,46 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
             vec![study.to_string()],
         )
         .await?;
-    let Some(upstream) = ctx.pacs.as_ref() else {
-        return Err(ApiError::not_configured());
+    let check = checked::Check {
+        allowed,
+        principal: p.clone(),
+        request_id: super::request_id(),
+        client_cert: super::client_cert(),
+        op: Operation::WadoUri,
+        object: on,
+        limits: ctx.cfg.limits.reader(),
+    };
+    let upstream = match ctx.upstream() {
+        super::Upstream::Web(web) => web,
+        super::Upstream::Dimse(dimse) => {
+            // By translation the instance itself is served; a rendered image (WADO-URI's
+            // default for images) is not.
+            if get("contentType").as_deref() != Some("application/dicom") {
+                return Err(ApiError::NotAcceptable(
+                    "by translation to DIMSE only contentType=application/dicom is served".into(),
+                ));
+            }
+            let syntax = match get("transferSyntax") {
+                Some(t) if crate::dicom::syntax::readable(&t).is_some() => t,
+                Some(_) => {
+                    return Err(ApiError::NotAcceptable(
+                        "the transfer syntax asked for is not one the gateway reads".into(),
+                    ));
+                }
+                None => crate::dicom::syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            };
+            let target = crate::pacs::dimse::Target {
+                study,
+                series: Some(series),
+                instance: Some(object),
+            };
+            let mut r = super::translate::single(dimse, target, vec![syntax], check).await?;
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            );
+            return Ok(r);
+        }
     };
     let mut out = vec![
         ("requestType".to_string(), "WADO".to_string()),
@@ -113,15 +151,6 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         .is_some_and(|m| m.essence_str() == "application/dicom");
     let mut r = if is_dicom {
         // An instance says whose it is: checked as it streams.
-        let check = checked::Check {
-            allowed,
-            principal: p.clone(),
-            request_id: super::request_id(),
-            client_cert: super::client_cert(),
-            op: Operation::WadoUri,
-            object: on,
-            limits: ctx.cfg.limits.reader(),
-        };
         checked::single(resp, check).await?
     } else {
         // A rendered image names no patient: the look-up before is the check.

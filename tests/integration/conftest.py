@@ -84,6 +84,11 @@ def stop(proc: subprocess.Popen):
             proc.wait()
 
 
+# PACSGATE_DICOMWEB=translate: every gateway answers DICOMweb by translation to DIMSE (no
+# pacs.dicomweb_url), in front of an Orthanc whose DICOMweb plugin is disabled.
+TRANSLATE = os.environ.get("PACSGATE_DICOMWEB") == "translate"
+
+
 class Orthanc:
     def __init__(self, tmp: Path, modalities=None, extra=None, https_ca=None, name="orthanc", ports=None):
         """`extra`: more Orthanc settings (TLS ones, say); `https_ca`: its REST API is HTTPS,
@@ -251,6 +256,39 @@ AETable END
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def _find(self, level, **keys):
+        """Matches of a C-FIND asked of dcmqrscp directly (relational, Study Root)."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        ds = pydicom.Dataset()
+        ds.QueryRetrieveLevel = level
+        for k, v in keys.items():
+            setattr(ds, k, v)
+        ae = AE(ae_title="CHECKER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=self.aet)
+        assert assoc.is_established, "dcmqrscp refused the checker"
+        try:
+            return [i for s, i in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind)
+                    if s and s.Status in (0xFF00, 0xFF01)]
+        finally:
+            assoc.release()
+
+    def holds(self, sop_uid: str) -> bool:
+        return bool(self._find("IMAGE", SOPInstanceUID=sop_uid, StudyInstanceUID="", SeriesInstanceUID=""))
+
+    def patient_of_study(self, study_uid: str):
+        m = self._find("STUDY", StudyInstanceUID=study_uid, PatientID="")
+        return m[0].PatientID if m else None
+
+    def counts(self, patient_id: str) -> dict:
+        """What dcmqrscp holds for a PatientID, compared exactly (it keeps padding)."""
+        mine = [x for x in self._find("IMAGE", PatientID="", StudyInstanceUID="", SeriesInstanceUID="", SOPInstanceUID="")
+                if x.PatientID == patient_id]
+        return {"studies": len({x.StudyInstanceUID for x in mine}), "series": len({x.SeriesInstanceUID for x in mine}),
+                "instances": len(mine)}
+
 
 class Issuer:
     def __init__(self, tmp: Path, extra_args=()):
@@ -285,14 +323,18 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra="", public_url=None, idle_timeout=60, serve_args=()):
+                 limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None):
+        """`translate`: DICOMweb by translation to DIMSE (no `pacs.dicomweb_url`); by default as
+        PACSGATE_DICOMWEB=translate says."""
+        if translate is None:
+            translate = TRANSLATE
         self.dimse_port = free_port()
         self.http_port = free_port()
         self.issuer = issuer
         self.ae_title = "PACSGATE"
         self.public_url = public_url or f"http://127.0.0.1:{self.http_port}"
         self.config = tmp / f"{name}.toml"
-        web = dicomweb_url or (orthanc.url + "/dicom-web" if orthanc.url else None)
+        web = dicomweb_url or (orthanc.url + "/dicom-web" if orthanc.url and not translate else None)
         dicomweb_line = f'dicomweb_url = "{web}"' if web else ""
         self.config.write_text(
             f"""
@@ -361,7 +403,17 @@ def ports():
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_root, ports):
-    o = Orthanc(tmp_root, modalities={"PACSGATE": ["PACSGATE", "127.0.0.1", ports["receive"]]})
+    """The PACS under test: Orthanc, or with PACSGATE_PACS=dcmqrscp, DCMTK's dcmqrscp (DIMSE
+    only: DICOMweb is then answered by translation)."""
+    if os.environ.get("PACSGATE_PACS") == "dcmqrscp":
+        d = Dcmqrscp(tmp_root, peers=[("PACSGATE", ports["receive"]), ("DEST", ports["dest"])])
+        d.load(PATIENTS, PADDED)
+        yield d
+        stop(d.proc)
+        return
+    # DICOMweb by translation: Orthanc's own DICOMweb service is off, so nothing can reach it.
+    extra = {"DicomWeb": {"Enable": False}} if TRANSLATE else None
+    o = Orthanc(tmp_root, modalities={"PACSGATE": ["PACSGATE", "127.0.0.1", ports["receive"]]}, extra=extra)
     studies = {}
     instances = []  # (PatientID, study, series, SOP instance) of everything loaded
     for pid, study_uid, data in generate(PATIENTS, PADDED):

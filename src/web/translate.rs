@@ -1,0 +1,904 @@
+//! DICOMweb answered by DIMSE, for a PACS without a DICOMweb service: a QIDO-RS search as the
+//! keys of a C-FIND and its matches as DICOM JSON (PS3.18 F.2, with `RetrieveURL`), a WADO-RS
+//! or WADO-URI retrieval as a C-GET whose instances become the parts of the answer, metadata
+//! and frames taken from the retrieved instances as they stream, STOW-RS parts stored by
+//! C-STORE.
+//!
+//! Owns: the mapping between the two protocols (query parameters to keys, Accept to transfer
+//! syntaxes, data sets to JSON, instances to parts and frames). Must not decide: the handlers
+//! ask the policy core before anything is asked of the PACS and judge every match and
+//! instance exactly as on the relay path ([`super::checked`], the result judge). Must not know
+//! the DIMSE exchange itself ([`crate::pacs::dimse`]).
+
+use super::auth::ApiError;
+use super::checked::{self, Check};
+use super::multipart::{Piece, random_boundary};
+use crate::dicom::head::{InstanceReader, part10_prefix};
+use crate::dicom::reader::Encoding;
+use crate::dicom::syntax;
+use crate::pacs::dimse::{self, Dimse, DimseError, Key, Retrieved, Target};
+use crate::policy::{InstanceId, QueryLevel};
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::{StandardDataDictionary, tags};
+use dicom_object::InMemDicomObject;
+use futures_util::Stream;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Matches one search returns at most (its `limit` may ask for fewer).
+const MAX_MATCHES: usize = 10_000;
+/// The most of an instance held to build its metadata: everything before its pixel data.
+const MAX_METADATA_HEAD: usize = 16 * 1024 * 1024;
+/// The largest frame held while it is cut out of an instance.
+const MAX_FRAME: u64 = 512 * 1024 * 1024;
+
+impl From<DimseError> for ApiError {
+    fn from(e: DimseError) -> ApiError {
+        match e {
+            DimseError::Unreachable(why) => ApiError::Unavailable(why),
+            DimseError::Refused(why) => ApiError::NotAcceptable(why),
+            other => ApiError::Upstream(other.to_string()),
+        }
+    }
+}
+
+/// The return keys a QIDO-RS answer carries at each level (PS3.18 tables 6.7.1-2, -2a, -2b).
+fn default_keys(level: QueryLevel) -> &'static [Tag] {
+    match level {
+        QueryLevel::Study | QueryLevel::Patient => &[
+            tags::STUDY_DATE,
+            tags::STUDY_TIME,
+            tags::ACCESSION_NUMBER,
+            tags::INSTANCE_AVAILABILITY,
+            tags::MODALITIES_IN_STUDY,
+            tags::REFERRING_PHYSICIAN_NAME,
+            tags::TIMEZONE_OFFSET_FROM_UTC,
+            tags::STUDY_DESCRIPTION,
+            tags::PATIENT_NAME,
+            tags::PATIENT_ID,
+            tags::PATIENT_BIRTH_DATE,
+            tags::PATIENT_SEX,
+            tags::STUDY_INSTANCE_UID,
+            tags::STUDY_ID,
+            tags::NUMBER_OF_STUDY_RELATED_SERIES,
+            tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+        ],
+        QueryLevel::Series => &[
+            tags::MODALITY,
+            tags::TIMEZONE_OFFSET_FROM_UTC,
+            tags::SERIES_DESCRIPTION,
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::SERIES_NUMBER,
+            tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+            tags::PERFORMED_PROCEDURE_STEP_START_DATE,
+            tags::PERFORMED_PROCEDURE_STEP_START_TIME,
+        ],
+        QueryLevel::Image => &[
+            tags::SOP_CLASS_UID,
+            tags::SOP_INSTANCE_UID,
+            tags::INSTANCE_AVAILABILITY,
+            tags::TIMEZONE_OFFSET_FROM_UTC,
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::INSTANCE_NUMBER,
+            tags::ROWS,
+            tags::COLUMNS,
+            tags::BITS_ALLOCATED,
+            tags::NUMBER_OF_FRAMES,
+        ],
+    }
+}
+
+/// The attribute a QIDO-RS key names: a keyword or eight hex digits. Nested paths
+/// (`Sequence.Attribute`) are not translated.
+fn attribute(name: &str) -> Result<(Tag, VR), ApiError> {
+    let dict = StandardDataDictionary;
+    let tag = if name.len() == 8 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let g = u16::from_str_radix(&name[..4], 16).ok();
+        let e = u16::from_str_radix(&name[4..], 16).ok();
+        g.zip(e).map(|(g, e)| Tag(g, e))
+    } else {
+        dict.by_name(name).map(|e| e.tag_range().inner())
+    };
+    let unknown = || {
+        ApiError::BadRequest(
+            "a query key names no attribute the gateway knows (a keyword or eight hex digits; nested paths are not supported)".into(),
+        )
+    };
+    let tag = tag.ok_or_else(unknown)?;
+    let vr = dict
+        .by_tag(tag)
+        .map(|e| e.vr().relaxed())
+        .ok_or_else(unknown)?;
+    Ok((tag, vr))
+}
+
+/// A search's keys, paging and whether `includefield=all` was asked.
+pub(crate) struct Search {
+    keys: Vec<Key>,
+    limit: usize,
+    offset: usize,
+}
+
+/// Reads the QIDO-RS parameters `pairs` (as the gateway narrowed them) into C-FIND keys at
+/// `level`, inside the study and series the path names.
+pub(crate) fn search_keys(
+    level: QueryLevel,
+    path_study: Option<&str>,
+    path_series: Option<&str>,
+    pairs: &[(String, String)],
+) -> Result<Search, ApiError> {
+    let mut keys: Vec<Key> = Vec::new();
+    let mut limit = MAX_MATCHES;
+    let mut offset = 0usize;
+    let mut returned: Vec<Tag> = default_keys(level).to_vec();
+    let number = |v: &str| {
+        v.parse::<usize>()
+            .map_err(|_| ApiError::BadRequest("limit and offset take a number".into()))
+    };
+    let set = |keys: &mut Vec<Key>, tag: Tag, vr: VR, value: Vec<u8>| {
+        if keys.iter().any(|k| k.tag == tag) {
+            return Err(ApiError::BadRequest(
+                "an attribute is matched on twice; name it once (UIDs as a comma-separated list)"
+                    .into(),
+            ));
+        }
+        keys.push(Key { tag, vr, value });
+        Ok(())
+    };
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => limit = number(v)?.min(MAX_MATCHES),
+            "offset" => offset = number(v)?,
+            // DIMSE offers no fuzzy matching the gateway could ask for: the PACS's own applies.
+            "fuzzymatching" => {}
+            "includefield" => {
+                for f in v.split(',').filter(|f| !f.is_empty()) {
+                    if f == "all" {
+                        returned.extend(default_keys(QueryLevel::Study));
+                        returned.extend(default_keys(QueryLevel::Series));
+                        returned.extend(default_keys(QueryLevel::Image));
+                    } else {
+                        returned.push(attribute(f)?.0);
+                    }
+                }
+            }
+            name => {
+                let (tag, vr) = attribute(name)?;
+                if vr == VR::SQ || tag.group() == 0x0002 || tag == tags::QUERY_RETRIEVE_LEVEL {
+                    return Err(ApiError::BadRequest(
+                        "that attribute cannot be matched on".into(),
+                    ));
+                }
+                if v.len() > 1024 || v.bytes().any(|b| b < 0x20 || b == b'\\' || b == 0x7f) {
+                    return Err(ApiError::BadRequest(
+                        "a matching value holds characters that are not allowed".into(),
+                    ));
+                }
+                let value = if vr == VR::UI {
+                    // A UID list (PS3.18 8.3.4.1) is DIMSE list matching.
+                    v.replace(',', "\\").into_bytes()
+                } else {
+                    v.clone().into_bytes()
+                };
+                set(&mut keys, tag, vr, value)?;
+            }
+        }
+    }
+    for (tag, uid) in [
+        (tags::STUDY_INSTANCE_UID, path_study),
+        (tags::SERIES_INSTANCE_UID, path_series),
+    ] {
+        if let Some(uid) = uid {
+            if keys
+                .iter()
+                .any(|k| k.tag == tag && k.value != uid.as_bytes())
+            {
+                return Err(ApiError::BadRequest(
+                    "a UID key differs from the UID the path names".into(),
+                ));
+            }
+            keys.retain(|k| k.tag != tag);
+            set(&mut keys, tag, VR::UI, uid.as_bytes().to_vec())?;
+        }
+    }
+    let dict = StandardDataDictionary;
+    for tag in returned {
+        if keys.iter().any(|k| k.tag == tag) {
+            continue;
+        }
+        let Some(vr) = dict.by_tag(tag).map(|e| e.vr().relaxed()) else {
+            continue;
+        };
+        keys.push(Key {
+            tag,
+            vr,
+            value: Vec::new(),
+        });
+    }
+    Ok(Search {
+        keys,
+        limit,
+        offset,
+    })
+}
+
+/// The C-FIND level of a QIDO-RS search.
+fn level_name(level: QueryLevel) -> &'static str {
+    match level {
+        QueryLevel::Patient => "PATIENT",
+        QueryLevel::Study => "STUDY",
+        QueryLevel::Series => "SERIES",
+        QueryLevel::Image => "IMAGE",
+    }
+}
+
+/// Runs a search by C-FIND; the matches as DICOM JSON objects with their `RetrieveURL`
+/// under `public_base`.
+pub(crate) async fn search(
+    pacs: &Dimse,
+    level: QueryLevel,
+    s: Search,
+    public_base: &str,
+) -> Result<Vec<Value>, ApiError> {
+    let want = s.offset.saturating_add(s.limit).min(MAX_MATCHES);
+    let matches = pacs.find(level_name(level), s.keys, want).await?;
+    let mut out = Vec::with_capacity(matches.sets.len());
+    for set in matches.sets.iter().skip(s.offset).take(s.limit) {
+        out.push(to_json(set, matches.encoding, level, public_base)?);
+    }
+    Ok(out)
+}
+
+fn read_object(bytes: &[u8], enc: Encoding) -> Result<InMemDicomObject, ApiError> {
+    let ts = match enc {
+        Encoding::ImplicitLittle => {
+            dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased()
+        }
+        Encoding::ExplicitLittle => {
+            dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased()
+        }
+    };
+    InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+        .map_err(|e| ApiError::Upstream(format!("cannot decode the PACS's data set: {e}")))
+}
+
+/// An object as DICOM JSON, IS and DS values as JSON numbers (PS3.18 table F.2.3-1), as
+/// DICOMweb servers write them and viewers read them.
+fn json_of(obj: &InMemDicomObject) -> Result<Value, ApiError> {
+    let mut v = dicom_json::to_value(obj)
+        .map_err(|_| ApiError::Upstream("cannot encode a data set as DICOM JSON".into()))?;
+    numbers(&mut v);
+    Ok(v)
+}
+
+fn numbers(v: &mut Value) {
+    let Some(o) = v.as_object_mut() else { return };
+    for attr in o.values_mut() {
+        let is_number = matches!(attr.get("vr").and_then(Value::as_str), Some("IS" | "DS"));
+        let Some(values) = attr.get_mut("Value").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for x in values.iter_mut() {
+            if is_number {
+                let t = x.as_str().map(str::trim).unwrap_or("");
+                if let Ok(i) = t.parse::<i64>() {
+                    *x = Value::from(i);
+                } else if let Some(n) = t.parse::<f64>().ok().and_then(serde_json::Number::from_f64)
+                {
+                    *x = Value::Number(n);
+                }
+            } else if x.is_object() {
+                numbers(x);
+            }
+        }
+    }
+}
+
+/// A match (read strictly before) as a DICOM JSON object.
+fn to_json(bytes: &[u8], enc: Encoding, level: QueryLevel, base: &str) -> Result<Value, ApiError> {
+    let mut obj = read_object(bytes, enc)?;
+    // The query's bookkeeping, and the PACS's own AE title: not the client's business.
+    for t in [
+        tags::QUERY_RETRIEVE_LEVEL,
+        tags::RETRIEVE_AE_TITLE,
+        tags::SPECIFIC_CHARACTER_SET,
+    ] {
+        obj.remove_element(t);
+    }
+    let mut v = json_of(&obj)?;
+    let uid = |t: &str| super::qido::first_text(&v, t);
+    let url = match level {
+        QueryLevel::Patient | QueryLevel::Study => {
+            uid("0020000D").map(|st| format!("{base}/studies/{st}"))
+        }
+        QueryLevel::Series => uid("0020000D")
+            .zip(uid("0020000E"))
+            .map(|(st, se)| format!("{base}/studies/{st}/series/{se}")),
+        QueryLevel::Image => match (uid("0020000D"), uid("0020000E"), uid("00080018")) {
+            (Some(st), Some(se), Some(i)) => {
+                Some(format!("{base}/studies/{st}/series/{se}/instances/{i}"))
+            }
+            _ => None,
+        },
+    };
+    if let (Some(url), Some(o)) = (url, v.as_object_mut()) {
+        o.insert(
+            "00081190".into(),
+            serde_json::json!({"vr": "UR", "Value": [url]}),
+        );
+    }
+    Ok(v)
+}
+
+/// The transfer syntaxes a retrieval of instances may take, from the Accept header (PS3.18
+/// 8.7.3): `transfer-syntax=*` takes any; none named is Explicit VR Little Endian; a named one
+/// the gateway cannot read is not acceptable.
+pub(crate) fn accepted_syntaxes(accept: Option<&HeaderValue>) -> Result<Vec<String>, ApiError> {
+    let text = accept.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut out: Vec<String> = Vec::new();
+    let mut any_dicom = text.is_empty();
+    for item in text.split(',') {
+        let Ok(m) = item.trim().parse::<mime::Mime>() else {
+            continue;
+        };
+        let is_dicom = match m.essence_str() {
+            "application/dicom" => true,
+            "multipart/related" => m
+                .get_param("type")
+                .is_some_and(|t| t.as_str() == "application/dicom"),
+            "*/*" | "multipart/*" => true,
+            _ => false,
+        };
+        if !is_dicom {
+            continue;
+        }
+        any_dicom = true;
+        match m
+            .get_param("transfer-syntax")
+            .map(|t| t.as_str().to_string())
+        {
+            Some(t) if t == "*" => return Ok(dimse::any_syntax()),
+            Some(t) if syntax::readable(&t).is_some() => {
+                if !out.contains(&t) {
+                    out.push(t)
+                }
+            }
+            Some(_) => {}
+            None => {
+                let t = syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string();
+                if !out.contains(&t) {
+                    out.push(t)
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        if any_dicom && !text.contains("transfer-syntax") {
+            return Ok(vec![syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string()]);
+        }
+        return Err(ApiError::NotAcceptable(
+            "no media type the request accepts can be served (application/dicom with a transfer syntax the gateway reads)".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// A retrieval's items as the parts of a multipart answer: each instance a Part 10 file.
+fn as_pieces(rx: mpsc::Receiver<Retrieved>) -> impl Stream<Item = Result<Piece, String>> + Send {
+    futures_util::stream::unfold(
+        (rx, VecDeque::<Result<Piece, String>>::new(), false),
+        |(mut rx, mut queue, mut ended)| async move {
+            loop {
+                if let Some(p) = queue.pop_front() {
+                    return Some((p, (rx, queue, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(Retrieved::Instance {
+                        sop_class,
+                        sop_instance,
+                        transfer_syntax,
+                    }) => {
+                        let headers = format!(
+                            "Content-Type: application/dicom; transfer-syntax={transfer_syntax}"
+                        );
+                        queue.push_back(Ok(Piece::Start(headers.into_bytes())));
+                        queue.push_back(Ok(Piece::Data(Bytes::from(part10_prefix(
+                            &sop_class,
+                            &sop_instance,
+                            &transfer_syntax,
+                        )))));
+                    }
+                    Some(Retrieved::Data { bytes, last }) => {
+                        queue.push_back(Ok(Piece::Data(bytes)));
+                        if last {
+                            queue.push_back(Ok(Piece::PartEnd));
+                        }
+                    }
+                    Some(Retrieved::Done { .. }) => {
+                        queue.push_back(Ok(Piece::End));
+                        ended = true;
+                    }
+                    Some(Retrieved::Failed(e)) => {
+                        queue.push_back(Err(e.to_string()));
+                        ended = true;
+                    }
+                    None => {
+                        queue.push_back(Err("the retrieval ended without its last answer".into()));
+                        ended = true;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// WADO-RS instances by C-GET: every instance checked as it streams, as on the relay path.
+pub(crate) async fn instances(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    syntaxes: Vec<String>,
+    check: Check,
+) -> Result<Response, ApiError> {
+    let rx = pacs.retrieve(target, syntaxes);
+    checked::pieces(as_pieces(rx), check).await
+}
+
+/// WADO-URI's `application/dicom`: the one instance, checked as it streams.
+pub(crate) async fn single(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    syntaxes: Vec<String>,
+    check: Check,
+) -> Result<Response, ApiError> {
+    let rx = pacs.retrieve(target, syntaxes);
+    checked::single_piece(as_pieces(rx), check).await
+}
+
+/// One received instance's start: its identity and a strict reader for its data set.
+struct Receiving {
+    class: String,
+    instance: String,
+    syntax_uid: String,
+    reader: InstanceReader,
+    /// The data set up to its pixel data (the whole of it when it has none).
+    head: Vec<u8>,
+    /// The pixel data began: nothing further is kept.
+    cut: Option<usize>,
+    /// Bytes of the data set read so far.
+    read: u64,
+}
+
+impl Receiving {
+    fn new(
+        class: String,
+        instance: String,
+        syntax_uid: String,
+        check: &Check,
+    ) -> Result<Receiving, ApiError> {
+        let syntax = syntax::readable(&syntax_uid).ok_or_else(|| {
+            ApiError::Upstream(
+                "the PACS sent an instance in a syntax the gateway does not read".into(),
+            )
+        })?;
+        Ok(Receiving {
+            class,
+            instance,
+            syntax_uid,
+            reader: InstanceReader::dataset(syntax, check.limits),
+            head: Vec::new(),
+            cut: None,
+            read: 0,
+        })
+    }
+
+    /// Reads the next fragment; the bytes kept of it are those before the pixel data.
+    fn feed(&mut self, b: &[u8], last: bool) -> Result<(), ApiError> {
+        let bad = |v: crate::dicom::reader::Violation| {
+            ApiError::Upstream(format!(
+                "the PACS sent an instance the gateway refused: {v}"
+            ))
+        };
+        self.reader.feed(b).map_err(bad)?;
+        if last {
+            self.reader.finish().map_err(bad)?;
+        }
+        let start = self.read;
+        self.read += b.len() as u64;
+        if self.cut.is_none() {
+            match self.reader.pixel_data() {
+                Some(p) => {
+                    let keep = (p.start.saturating_sub(start) as usize).min(b.len());
+                    self.head.extend_from_slice(&b[..keep]);
+                    self.cut = Some(self.head.len());
+                }
+                None => self.head.extend_from_slice(b),
+            }
+            if self.head.len() > MAX_METADATA_HEAD {
+                return Err(ApiError::Upstream(
+                    "an instance's attributes are larger than the gateway holds".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the request reaches this instance (judged on what the strict reader read).
+    fn admitted(&mut self, check: &Check) -> Result<bool, ApiError> {
+        let head = self
+            .reader
+            .head()
+            .map_err(|v| {
+                ApiError::Upstream(format!(
+                    "the PACS sent an instance the gateway refused: {v}"
+                ))
+            })?
+            .ok_or_else(|| ApiError::Upstream("an instance ended before its identity".into()))?;
+        Ok(check.allowed.admits_instance(&InstanceId::of(&head))
+            && head.sop_instance.as_deref() == Some(self.instance.as_str()))
+    }
+}
+
+/// Withholds an answer that held an instance the request does not reach (audited).
+fn foreign(check: &Check) -> ApiError {
+    check.anomaly("the PACS sent an instance the request does not reach; withheld");
+    ApiError::Upstream("the PACS's answer held data the request does not reach".into())
+}
+
+/// WADO-RS metadata by C-GET: each instance read strictly up to its pixel data, judged, and
+/// written as DICOM JSON (pixel data as a `BulkDataURI`); what follows its pixel data is not
+/// held.
+pub(crate) async fn metadata(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    check: Check,
+    public_base: &str,
+) -> Result<Response, ApiError> {
+    let mut rx = pacs.retrieve(target.clone(), dimse::any_syntax());
+    let mut out: Vec<Value> = Vec::new();
+    let mut current: Option<Receiving> = None;
+    loop {
+        match rx.recv().await {
+            Some(Retrieved::Instance {
+                sop_class,
+                sop_instance,
+                transfer_syntax,
+            }) => {
+                current = Some(Receiving::new(
+                    sop_class,
+                    sop_instance,
+                    transfer_syntax,
+                    &check,
+                )?);
+            }
+            Some(Retrieved::Data { bytes, last }) => {
+                let Some(r) = current.as_mut() else {
+                    return Err(ApiError::Upstream("data outside an instance".into()));
+                };
+                r.feed(&bytes, last)?;
+                if last {
+                    let mut r = current.take().ok_or(ApiError::NotFound)?;
+                    if !r.admitted(&check)? {
+                        return Err(foreign(&check));
+                    }
+                    out.push(instance_json(&r, public_base, &target)?);
+                    r.head.clear();
+                }
+            }
+            Some(Retrieved::Done { .. }) => break,
+            Some(Retrieved::Failed(e)) => return Err(e.into()),
+            None => return Err(ApiError::Upstream("the retrieval broke off".into())),
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    let text = serde_json::to_vec(&out)
+        .map_err(|_| ApiError::Upstream("cannot encode the metadata".into()))?;
+    let mut r = Response::new(Body::from(text));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/dicom+json"),
+    );
+    Ok(r)
+}
+
+/// An instance's attributes as DICOM JSON, its pixel data referenced by URL.
+fn instance_json(r: &Receiving, base: &str, target: &Target) -> Result<Value, ApiError> {
+    let enc = syntax::readable(&r.syntax_uid)
+        .map(|s| s.encoding)
+        .unwrap_or(Encoding::ExplicitLittle);
+    let mut obj = read_object(&r.head, enc)?;
+    obj.remove_element(tags::SPECIFIC_CHARACTER_SET);
+    let mut v = json_of(&obj)?;
+    let series = super::qido::first_text(&v, "0020000E").unwrap_or_default();
+    if let (Some(p), Some(o)) = (r.reader.pixel_data(), v.as_object_mut()) {
+        let vr = match p.vr {
+            Some(VR::OB) => "OB",
+            _ if r.reader.syntax().is_some_and(|s| s.encapsulated) => "OB",
+            _ => "OW",
+        };
+        o.insert(
+            "7FE00010".into(),
+            serde_json::json!({
+                "vr": vr,
+                "BulkDataURI": format!(
+                    "{base}/studies/{}/series/{series}/instances/{}/frames/1",
+                    target.study, r.instance
+                ),
+            }),
+        );
+    }
+    let _ = &r.class;
+    Ok(v)
+}
+
+/// How the frames of a native (uncompressed) instance lie in its pixel data.
+struct Layout {
+    frame_size: u64,
+    frames: u64,
+}
+
+fn layout(obj: &InMemDicomObject) -> Option<Layout> {
+    let int = |t: Tag| obj.element(t).ok().and_then(|e| e.to_int::<u64>().ok());
+    let rows = int(tags::ROWS)?;
+    let cols = int(tags::COLUMNS)?;
+    let samples = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let bits = int(tags::BITS_ALLOCATED)?;
+    let frames = obj
+        .element(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .and_then(|e| e.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
+        .unwrap_or(1);
+    // Single-bit frames need not start on a byte boundary: not cut here.
+    if bits % 8 != 0 || rows == 0 || cols == 0 {
+        return None;
+    }
+    Some(Layout {
+        frame_size: rows * cols * samples * (bits / 8),
+        frames,
+    })
+}
+
+/// The frame numbers of a frame list (`1,3,5`), each at least 1.
+pub(crate) fn frame_list(list: &str) -> Result<Vec<u64>, ApiError> {
+    let bad =
+        || ApiError::BadRequest("a frame list is frame numbers from 1, separated by commas".into());
+    let frames: Vec<u64> = list
+        .split(',')
+        .map(|f| f.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(bad))
+        .collect::<Result<_, _>>()?;
+    if frames.is_empty() || frames.len() > 10_000 {
+        return Err(bad());
+    }
+    Ok(frames)
+}
+
+/// WADO-RS frames by C-GET of the instance: the frames cut from its native pixel data as it
+/// streams, each a part of the answer as soon as it is complete (one frame held at a time).
+/// The answer begins once the first frame is cut, so a refusal before is an HTTP status.
+pub(crate) async fn frames(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    list: &str,
+    check: Check,
+) -> Result<Response, ApiError> {
+    let wanted = frame_list(list)?;
+    let mut sorted = wanted.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted != wanted {
+        return Err(ApiError::BadRequest(
+            "the gateway serves frame lists in ascending order without repeats".into(),
+        ));
+    }
+    let syntaxes = vec![
+        syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+        syntax::IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+    ];
+    let rx = pacs.retrieve(target, syntaxes);
+    let boundary = random_boundary();
+    let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
+    let cutter = Cutter {
+        wanted,
+        next: 0,
+        plan: None,
+        frame: Vec::new(),
+        boundary: boundary.clone(),
+        body: body_tx,
+        first: Some(first_tx),
+    };
+    tokio::spawn(cutter.run(rx, check));
+    match first_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(ApiError::Upstream("the retrieval broke off".into())),
+    }
+    let body = Body::from_stream(futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::OK;
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "multipart/related; type=\"application/octet-stream\"; boundary={boundary}"
+    )) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(resp)
+}
+
+/// Cuts the wanted frames out of one instance as its fragments arrive.
+struct Cutter {
+    /// Frame numbers, ascending.
+    wanted: Vec<u64>,
+    /// The index in `wanted` of the frame being cut.
+    next: usize,
+    /// Where the pixel data's value starts in the data set, and the frames' layout.
+    plan: Option<(u64, Layout)>,
+    frame: Vec<u8>,
+    boundary: String,
+    body: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// Answered once: the first frame is ready, or why there is none.
+    first: Option<tokio::sync::oneshot::Sender<Result<(), ApiError>>>,
+}
+
+impl Cutter {
+    async fn run(mut self, rx: mpsc::Receiver<Retrieved>, check: Check) {
+        if let Err(e) = self.cut(rx, &check).await {
+            match self.first.take() {
+                Some(first) => {
+                    let _ = first.send(Err(e));
+                }
+                // Frames already went out: the answer breaks off instead of ending.
+                None => {
+                    let _ = self
+                        .body
+                        .send(Err(std::io::Error::other("retrieval ended by the gateway")))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Sends a completed frame as a part; `Err` when the client went away.
+    async fn emit(&mut self) -> Result<(), ApiError> {
+        let sep = if self.first.is_some() { "" } else { "\r\n" };
+        let head = Bytes::from(format!(
+            "{sep}--{}\r\nContent-Type: application/octet-stream; transfer-syntax={}\r\n\r\n",
+            self.boundary,
+            syntax::EXPLICIT_VR_LITTLE_ENDIAN
+        ));
+        let frame = Bytes::from(std::mem::take(&mut self.frame));
+        let gone = || ApiError::Upstream("the client went away".into());
+        self.body.send(Ok(head)).await.map_err(|_| gone())?;
+        self.body.send(Ok(frame)).await.map_err(|_| gone())?;
+        if let Some(first) = self.first.take() {
+            first.send(Ok(())).map_err(|_| gone())?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    async fn cut(
+        &mut self,
+        mut rx: mpsc::Receiver<Retrieved>,
+        check: &Check,
+    ) -> Result<(), ApiError> {
+        let mut r: Option<Receiving> = None;
+        let mut judged = false;
+        loop {
+            match rx.recv().await {
+                Some(Retrieved::Instance {
+                    sop_class,
+                    sop_instance,
+                    transfer_syntax,
+                }) => {
+                    if r.is_some() {
+                        return Err(ApiError::Upstream(
+                            "the PACS sent more than the one instance".into(),
+                        ));
+                    }
+                    r = Some(Receiving::new(
+                        sop_class,
+                        sop_instance,
+                        transfer_syntax,
+                        check,
+                    )?);
+                }
+                Some(Retrieved::Data { bytes, last }) => {
+                    let Some(rec) = r.as_mut() else {
+                        return Err(ApiError::Upstream("data outside an instance".into()));
+                    };
+                    let start = rec.read;
+                    rec.feed(&bytes, last)?;
+                    if !judged && (rec.cut.is_some() || last) {
+                        if !rec.admitted(check)? {
+                            return Err(foreign(check));
+                        }
+                        judged = true;
+                    }
+                    if self.plan.is_none()
+                        && let (Some(_), Some(p)) = (rec.cut, rec.reader.pixel_data())
+                    {
+                        let enc = rec
+                            .reader
+                            .syntax()
+                            .map(|s| s.encoding)
+                            .unwrap_or(Encoding::ExplicitLittle);
+                        let l = layout(&read_object(&rec.head, enc)?).ok_or_else(|| {
+                            ApiError::NotAcceptable("the instance's frames cannot be cut out (no or single-bit native pixel data)".into())
+                        })?;
+                        if l.frame_size > MAX_FRAME {
+                            return Err(ApiError::Upstream(
+                                "a frame is larger than the gateway holds".into(),
+                            ));
+                        }
+                        if self.wanted.last().is_some_and(|f| *f > l.frames) {
+                            return Err(ApiError::BadRequest(
+                                "a frame number is past the instance's last frame".into(),
+                            ));
+                        }
+                        self.plan = Some((p.value_start, l));
+                    }
+                    self.take(start, &bytes).await?;
+                }
+                Some(Retrieved::Done { .. }) => break,
+                Some(Retrieved::Failed(e)) => return Err(e.into()),
+                None => return Err(ApiError::Upstream("the retrieval broke off".into())),
+            }
+        }
+        if r.is_none() {
+            return Err(ApiError::NotFound);
+        }
+        if self.next < self.wanted.len() {
+            return Err(ApiError::NotAcceptable(
+                "the instance's frames cannot be cut out (no native pixel data)".into(),
+            ));
+        }
+        let end = Bytes::from(format!("\r\n--{}--\r\n", self.boundary));
+        self.body
+            .send(Ok(end))
+            .await
+            .map_err(|_| ApiError::Upstream("the client went away".into()))
+    }
+
+    /// Keeps the bytes of a fragment (`start`: its offset in the data set) that lie in the
+    /// wanted frames; each frame completed goes out.
+    async fn take(&mut self, start: u64, bytes: &[u8]) -> Result<(), ApiError> {
+        let Some((value_start, frame_size)) = self.plan.as_ref().map(|(v, l)| (*v, l.frame_size))
+        else {
+            return Ok(());
+        };
+        let end = start + bytes.len() as u64;
+        let mut pos = start;
+        while self.next < self.wanted.len() && pos < end {
+            let f0 = value_start + (self.wanted[self.next] - 1) * frame_size;
+            let f1 = f0 + frame_size;
+            if end <= f0 {
+                break;
+            }
+            let (a, b) = (pos.max(f0), end.min(f1));
+            if a < b {
+                self.frame
+                    .extend_from_slice(&bytes[(a - start) as usize..(b - start) as usize]);
+            }
+            if b == f1 {
+                self.emit().await?;
+            }
+            pos = b;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+"""DICOMweb by translation to DIMSE, in front of a PACS without a DICOMweb service: an Orthanc
+of its own with the DICOMweb plugin disabled, and a fake DIMSE PACS (pynetdicom) that sends
+another patient's instance on a C-GET. The rest of the DICOMweb suite runs by translation too
+with PACSGATE_DICOMWEB=translate (see .ci/run); this module checks what only translation does:
+QIDO parameters as C-FIND keys, transfer syntax negotiation, frames cut from native pixel data,
+metadata with a bulk data reference, STOW-RS by C-STORE, and the checks on what the PACS sends."""
+
+import io
+import threading
+import types
+
+import pydicom
+import pytest
+import requests
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from conftest import Gateway, Orthanc, free_port, stop
+from dicomdata import SECONDARY_CAPTURE, make_instance
+
+IMPLICIT = "1.2.840.10008.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def multi_frame(patient_id, study, series, frames=3):
+    """A native 16-bit instance of `frames` frames of 4x4 pixels, each frame's bytes distinct."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance(patient_id, study, series, 90, 9, 1, "20240101")))
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4, 4, 16, 16, 15
+    ds.NumberOfFrames = frames
+    ds.PixelData = b"".join(bytes([f]) * 32 for f in range(1, frames + 1))
+    ds["PixelData"].VR = "OW"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_root):
+    d = tmp_root / "translate"
+    d.mkdir()
+    o = Orthanc(d, name="orthanc-translate", extra={"DicomWeb": {"Enable": False}})
+    o.data = {}
+    for pid in ("PAT-A", "PAT-B"):
+        study, series = generate_uid(), generate_uid()
+        files = [make_instance(pid, study, series, 1, 1, n, "20240102") for n in (1, 2)]
+        files.append(multi_frame(pid, study, series))
+        for f in files:
+            o.upload(f)
+        sops = [pydicom.dcmread(io.BytesIO(f), stop_before_pixels=True).SOPInstanceUID for f in files]
+        o.data[pid] = {"study": study, "series": series, "sops": sops, "files": files}
+    yield o
+    stop(o.proc)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, pacs, issuer):
+    g = Gateway(tmp_root / "translate", pacs, issuer, name="gateway-translate", translate=True)
+    yield g
+    stop(g.proc)
+
+
+@pytest.fixture
+def token_a(issuer):
+    return issuer.mint(patient="PAT-A")
+
+
+def web(gw, path, token, **kw):
+    return requests.get(f"{gw.public_url}/dicom-web/{path}", headers={**auth(token), **kw.pop("headers", {})}, timeout=30, **kw)
+
+
+def parts(resp):
+    """The parts of a multipart/related answer: (headers text, body)."""
+    ct = resp.headers["Content-Type"]
+    boundary = [p.split("=", 1)[1].strip('"') for p in ct.split(";") if p.strip().startswith("boundary=")][0]
+    body = resp.content
+    assert body.rstrip().endswith(f"--{boundary}--".encode()), "the multipart answer is not complete"
+    out = []
+    for chunk in body.split(f"--{boundary}".encode())[1:-1]:
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        out.append((head.decode(), data[:-2] if data.endswith(b"\r\n") else data))
+    return out
+
+
+def test_the_pacs_has_no_dicomweb_service(pacs):
+    assert requests.get(f"{pacs.url}/dicom-web/studies", timeout=10).status_code == 404
+
+
+# ---- QIDO-RS by C-FIND ----
+
+def test_qido_studies_are_the_callers_with_retrieve_urls(gw, pacs, token_a):
+    r = web(gw, "studies", token_a, params={"includefield": "StudyDescription"})
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/dicom+json")
+    studies = r.json()
+    assert [s["0020000D"]["Value"][0] for s in studies] == [pacs.data["PAT-A"]["study"]]
+    s = studies[0]
+    assert s["00100020"]["Value"] == ["PAT-A"]
+    assert s["00081190"] == {"vr": "UR", "Value": [f"{gw.public_url}/dicom-web/studies/{pacs.data['PAT-A']['study']}"]}
+    assert s["00081030"]["Value"] == ["Study 1"]
+    assert s["00100010"]["Value"] == [{"Alphabetic": "Test^PAT-A"}]
+    assert s["00201208"]["Value"] == [3], "NumberOfStudyRelatedInstances as a number"
+    assert "00080052" not in s and "00080054" not in s, "no C-FIND bookkeeping in the answer"
+
+
+def test_qido_instances_limit_offset_and_keys(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    path = f"studies/{a['study']}/series/{a['series']}/instances"
+    every = web(gw, path, token_a).json()
+    assert sorted(i["00080018"]["Value"][0] for i in every) == sorted(a["sops"])
+    assert all(i["00081190"]["Value"][0].startswith(f"{gw.public_url}/dicom-web/studies/{a['study']}/series/") for i in every)
+    page = web(gw, path, token_a, params={"limit": "1", "offset": "1"}).json()
+    assert len(page) == 1 and page[0] == every[1]
+    by_number = web(gw, path, token_a, params={"InstanceNumber": "2"}).json()
+    assert [i["00200013"]["Value"] for i in by_number] == [[2]]
+    one = web(gw, f"studies/{a['study']}/instances", token_a, params={"SOPInstanceUID": f"{a['sops'][0]},{a['sops'][2]}"}).json()
+    assert sorted(i["00080018"]["Value"][0] for i in one) == sorted([a["sops"][0], a["sops"][2]])
+
+
+@pytest.mark.parametrize("params", [{"NoSuchKeyword": "x"}, {"ReferencedSeriesSequence.SeriesInstanceUID": "1.2"},
+                                    {"00080020": "2024", "StudyDate": "2024"}, {"StudyDescription": "a\\b"}, {"limit": "x"}])
+def test_qido_keys_that_cannot_be_translated_are_400(gw, token_a, params):
+    assert web(gw, "studies", token_a, params=params).status_code == 400
+
+
+def test_qido_wildcards_reach_the_pacs(gw, pacs, token_a):
+    r = web(gw, "studies", token_a, params={"PatientName": "Test*"})
+    assert [s["0020000D"]["Value"][0] for s in r.json()] == [pacs.data["PAT-A"]["study"]]
+    assert web(gw, "studies", token_a, params={"PatientName": "Nobody*"}).json() == []
+
+
+# ---- WADO-RS by C-GET ----
+
+def test_wado_instances_in_the_syntax_asked_for(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    r = web(gw, f"studies/{a['study']}", token_a)
+    got = parts(r)
+    assert len(got) == 3
+    for head, body in got:
+        assert f"transfer-syntax={EXPLICIT}" in head
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert ds.PatientID == "PAT-A" and ds.SOPInstanceUID in a["sops"]
+        assert ds.file_meta.TransferSyntaxUID == EXPLICIT
+    r = web(gw, f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}", token_a,
+            headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={IMPLICIT}'})
+    (head, body), = parts(r)
+    assert f"transfer-syntax={IMPLICIT}" in head
+    ds = pydicom.dcmread(io.BytesIO(body))
+    assert ds.file_meta.TransferSyntaxUID == IMPLICIT and ds.SOPInstanceUID == a["sops"][0]
+    r = web(gw, f"studies/{a['study']}", token_a, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.3.4'})
+    assert r.status_code == 406 and b"DICM" not in r.content
+
+
+def test_wado_frames_are_cut_from_native_pixel_data(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    base = f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][2]}/frames"
+    got = parts(web(gw, f"{base}/1,3", token_a))
+    assert [body for _, body in got] == [bytes([1]) * 32, bytes([3]) * 32]
+    assert all("application/octet-stream" in head for head, _ in got)
+    assert [b for _, b in parts(web(gw, f"{base}/2", token_a))] == [bytes([2]) * 32]
+    assert web(gw, f"{base}/3,1", token_a).status_code == 400
+    assert web(gw, f"{base}/4", token_a).status_code == 400
+    single = f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}/frames/1"
+    assert [b for _, b in parts(web(gw, single, token_a))] == [bytes(range(64))]
+
+
+def test_wado_metadata_refers_to_pixel_data(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    r = web(gw, f"studies/{a['study']}/metadata", token_a)
+    assert r.status_code == 200
+    meta = r.json()
+    assert sorted(m["00080018"]["Value"][0] for m in meta) == sorted(a["sops"])
+    for m in meta:
+        assert m["00100020"]["Value"] == ["PAT-A"]
+        assert "InlineBinary" not in m["7FE00010"]
+        assert m["7FE00010"]["BulkDataURI"].startswith(f"{gw.public_url}/dicom-web/studies/{a['study']}/series/{a['series']}/instances/")
+    multi = next(m for m in meta if m["00080018"]["Value"][0] == a["sops"][2])
+    assert multi["00280008"]["Value"] == [3] and multi["00280010"]["Value"] == [4]
+
+
+def test_rendered_and_uri_images_are_406_not_a_wrong_picture(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    r = web(gw, f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}/rendered", token_a)
+    assert r.status_code == 406
+    q = {"requestType": "WADO", "studyUID": a["study"], "seriesUID": a["series"], "objectUID": a["sops"][0]}
+    assert requests.get(f"{gw.public_url}/wado", params=q, headers=auth(token_a), timeout=30).status_code == 406
+    r = requests.get(f"{gw.public_url}/wado", params={**q, "contentType": "application/dicom"}, headers=auth(token_a), timeout=30)
+    assert r.status_code == 200 and pydicom.dcmread(io.BytesIO(r.content)).SOPInstanceUID == a["sops"][0]
+
+
+def test_foreign_uids_are_403_without_dicom(gw, pacs, token_a):
+    b = pacs.data["PAT-B"]
+    for path in (f"studies/{b['study']}", f"studies/{b['study']}/metadata",
+                 f"studies/{b['study']}/series/{b['series']}/instances/{b['sops'][2]}/frames/1"):
+        r = web(gw, path, token_a)
+        assert r.status_code == 403 and b"DICM" not in r.content and b"PAT-B" not in r.content
+
+
+# ---- STOW-RS by C-STORE ----
+
+def stow(gw, token, files):
+    boundary = "translateboundary"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n" for f in files)
+    body += f"--{boundary}--\r\n".encode()
+    return requests.post(f"{gw.public_url}/dicom-web/studies", data=body, timeout=30,
+                         headers={**auth(token), "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+
+
+def test_stow_stores_own_instances_by_c_store(gw, pacs, issuer):
+    writer = issuer.mint(patient="PAT-A", scope="patient/ImagingStudy.rs patient/ImagingStudy.c")
+    a = pacs.data["PAT-A"]
+    mine = make_instance("PAT-A", a["study"], a["series"], 1, 1, 7, "20240102")
+    theirs = make_instance("PAT-B", generate_uid(), generate_uid(), 5, 1, 1, "20240102")
+    r = stow(gw, writer, [mine, theirs])
+    assert r.status_code == 202, r.text
+    stored = pydicom.dcmread(io.BytesIO(mine)).SOPInstanceUID
+    refused = pydicom.dcmread(io.BytesIO(theirs)).SOPInstanceUID
+    assert pacs.holds(stored) and not pacs.holds(refused)
+    answer = r.json()
+    assert answer["00081199"]["Value"][0]["00081155"]["Value"] == [stored]
+    assert answer["00081198"]["Value"][0]["00081155"]["Value"] == [refused]
+    # In a syntax the PACS was not asked to take: failed for that instance, the request goes on.
+    ds = pydicom.dcmread(io.BytesIO(make_instance("PAT-A", a["study"], a["series"], 1, 1, 8, "20240102")))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"  # 12-lead ECG
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    r = stow(gw, writer, [buf.getvalue()])
+    assert r.status_code in (200, 409), r.text
+
+
+# ---- what a DIMSE PACS sends is checked ----
+
+class FakePacs:
+    """A DIMSE PACS (pynetdicom) that answers ownership look-ups for PAT-A's instance and
+    sends what `send` holds on every C-GET."""
+
+    def __init__(self, own: Dataset):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet, Verification)
+        self.own = own
+        self.send = []
+        self.gets = 0
+        self.port = free_port()
+        self.aet = "FAKEPACS"
+        self.dicom_port = self.port
+        self.url = None
+        ae = AE(ae_title=self.aet)
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(SECONDARY_CAPTURE, scu_role=False, scp_role=True)
+        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def on_find(self, event):
+        ident = event.identifier
+        rsp = Dataset()
+        for kw in ("QueryRetrieveLevel", "PatientID", "IssuerOfPatientID", "StudyDate", "ModalitiesInStudy",
+                   "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if kw in ident:
+                value = {"ModalitiesInStudy": self.own.Modality, "QueryRetrieveLevel": ident.QueryRetrieveLevel,
+                         "IssuerOfPatientID": ""}.get(kw) if kw in ("ModalitiesInStudy", "QueryRetrieveLevel", "IssuerOfPatientID") else getattr(self.own, kw)
+                setattr(rsp, kw, value)
+        yield 0xFF00, rsp
+
+    def on_get(self, event):
+        self.gets += 1
+        yield len(self.send)
+        for ds in self.send:
+            yield 0xFF00, ds
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_root, pacs, issuer):
+    a, b = pacs.data["PAT-A"], pacs.data["PAT-B"]
+    own = pydicom.dcmread(io.BytesIO(a["files"][0]))
+    foreign = pydicom.dcmread(io.BytesIO(b["files"][0]))
+    f = FakePacs(own)
+    f.own_ds, f.foreign_ds = own, foreign
+    d = tmp_root / "translate-fake"
+    d.mkdir()
+    g = Gateway(d, types.SimpleNamespace(aet=f.aet, dicom_port=f.port, url=None), issuer, name="gateway-fake-pacs", translate=True)
+    yield f, g
+    stop(g.proc)
+    f.stop()
+
+
+@pytest.mark.parametrize("order", ["foreign_first", "foreign_second"])
+def test_a_foreign_instance_from_the_pacs_is_withheld_on_every_path(fake, issuer, order):
+    f, g = fake
+    own = f.own_ds
+    f.send = [f.foreign_ds, own] if order == "foreign_first" else [own, f.foreign_ds]
+    token = issuer.mint(patient="PAT-A")
+    inst = f"studies/{own.StudyInstanceUID}/series/{own.SeriesInstanceUID}/instances/{own.SOPInstanceUID}"
+    before = f.gets
+
+    def fetch(path):
+        """Status, what arrived, and whether the answer was complete."""
+        r = web(g, path, token, stream=True)
+        got = b""
+        try:
+            for chunk in r.iter_content(65536):
+                got += chunk
+            return r.status_code, got, True
+        except requests.exceptions.ChunkedEncodingError:
+            return r.status_code, got, False
+
+    for path in (f"studies/{own.StudyInstanceUID}", f"{inst}/frames/1"):
+        status, body, complete = fetch(path)
+        if order == "foreign_first":
+            assert status == 502, path
+        else:
+            # The own instance went out before the foreign one arrived: the answer breaks off.
+            assert status == 200 and not complete, f"{path}: an answer with a withheld instance must break off"
+        assert b"PAT-B" not in body
+    status, body, _ = fetch(f"studies/{own.StudyInstanceUID}/metadata")
+    assert status == 502 and b"PAT-B" not in body
+    q = {"requestType": "WADO", "studyUID": own.StudyInstanceUID, "seriesUID": own.SeriesInstanceUID,
+         "objectUID": own.SOPInstanceUID, "contentType": "application/dicom"}
+    f.send = [f.foreign_ds]
+    r = requests.get(f"{g.public_url}/wado", params=q, headers=auth(token), timeout=30)
+    assert r.status_code == 502 and b"PAT-B" not in r.content
+    assert f.gets == before + 4, "every path asked the PACS"
+    assert "withheld" in g.log_text() or "does not reach" in g.log_text()
