@@ -32,46 +32,108 @@ const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 /// The storage SOP classes a retrieval proposes to receive (the SCP role, PS3.7 D.3.3.4). A
 /// presentation context is one odd id below 256: at most 127 per association, one of them
-/// the retrieval's own, so the list is the classes imaging viewers show.
+/// the retrieval's own, so the list is the standard classes a PACS holds for viewers (image,
+/// waveform, structured report, document, presentation state, RT). An instance of a class not
+/// listed cannot be retrieved by translation (the PACS fails its sub-operation).
 pub(crate) const STORAGE_CLASSES: &[&str] = &[
-    "1.2.840.10008.5.1.4.1.1.1",      // Computed Radiography
-    "1.2.840.10008.5.1.4.1.1.1.1",    // Digital X-Ray (presentation)
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  // Digital X-Ray (processing)
-    "1.2.840.10008.5.1.4.1.1.1.2",    // Digital Mammography (presentation)
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  // Digital Mammography (processing)
-    "1.2.840.10008.5.1.4.1.1.1.3",    // Digital Intra-Oral X-Ray
-    "1.2.840.10008.5.1.4.1.1.2",      // CT
-    "1.2.840.10008.5.1.4.1.1.2.1",    // Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.3.1",    // Ultrasound Multi-frame
-    "1.2.840.10008.5.1.4.1.1.4",      // MR
-    "1.2.840.10008.5.1.4.1.1.4.1",    // Enhanced MR
-    "1.2.840.10008.5.1.4.1.1.6.1",    // Ultrasound
-    "1.2.840.10008.5.1.4.1.1.7",      // Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.7.1",    // Multi-frame Single Bit SC
-    "1.2.840.10008.5.1.4.1.1.7.2",    // Multi-frame Grayscale Byte SC
-    "1.2.840.10008.5.1.4.1.1.7.3",    // Multi-frame Grayscale Word SC
-    "1.2.840.10008.5.1.4.1.1.7.4",    // Multi-frame True Color SC
-    "1.2.840.10008.5.1.4.1.1.11.1",   // Grayscale Softcopy Presentation State
-    "1.2.840.10008.5.1.4.1.1.12.1",   // X-Ray Angiographic
-    "1.2.840.10008.5.1.4.1.1.12.2",   // X-Ray Radiofluoroscopic
-    "1.2.840.10008.5.1.4.1.1.13.1.1", // X-Ray 3D Angiographic
-    "1.2.840.10008.5.1.4.1.1.13.1.3", // Breast Tomosynthesis
-    "1.2.840.10008.5.1.4.1.1.20",     // Nuclear Medicine
-    "1.2.840.10008.5.1.4.1.1.66.4",   // Segmentation
-    "1.2.840.10008.5.1.4.1.1.77.1.1", // VL Endoscopic
-    "1.2.840.10008.5.1.4.1.1.77.1.4", // VL Photographic
-    "1.2.840.10008.5.1.4.1.1.77.1.6", // VL Whole Slide Microscopy
-    "1.2.840.10008.5.1.4.1.1.88.11",  // Basic Text SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  // Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  // Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.59",  // Key Object Selection
-    "1.2.840.10008.5.1.4.1.1.104.1",  // Encapsulated PDF
-    "1.2.840.10008.5.1.4.1.1.128",    // PET
-    "1.2.840.10008.5.1.4.1.1.130",    // Enhanced PET
-    "1.2.840.10008.5.1.4.1.1.481.1",  // RT Image
-    "1.2.840.10008.5.1.4.1.1.481.2",  // RT Dose
-    "1.2.840.10008.5.1.4.1.1.481.3",  // RT Structure Set
-    "1.2.840.10008.5.1.4.1.1.481.5",  // RT Plan
+    "1.2.840.10008.5.1.4.1.1.1",        // Computed Radiography
+    "1.2.840.10008.5.1.4.1.1.1.1",      // Digital X-Ray (presentation)
+    "1.2.840.10008.5.1.4.1.1.1.1.1",    // Digital X-Ray (processing)
+    "1.2.840.10008.5.1.4.1.1.1.2",      // Digital Mammography (presentation)
+    "1.2.840.10008.5.1.4.1.1.1.2.1",    // Digital Mammography (processing)
+    "1.2.840.10008.5.1.4.1.1.1.3",      // Digital Intra-Oral X-Ray (presentation)
+    "1.2.840.10008.5.1.4.1.1.1.3.1",    // Digital Intra-Oral X-Ray (processing)
+    "1.2.840.10008.5.1.4.1.1.2",        // CT
+    "1.2.840.10008.5.1.4.1.1.2.1",      // Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.2.2",      // Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.3.1",      // Ultrasound Multi-frame
+    "1.2.840.10008.5.1.4.1.1.4",        // MR
+    "1.2.840.10008.5.1.4.1.1.4.1",      // Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.4.2",      // MR Spectroscopy
+    "1.2.840.10008.5.1.4.1.1.4.3",      // Enhanced MR Color
+    "1.2.840.10008.5.1.4.1.1.4.4",      // Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.6.1",      // Ultrasound
+    "1.2.840.10008.5.1.4.1.1.6.2",      // Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.7",        // Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.1",      // Multi-frame Single Bit SC
+    "1.2.840.10008.5.1.4.1.1.7.2",      // Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",      // Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",      // Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.9.1.1",    // 12-lead ECG
+    "1.2.840.10008.5.1.4.1.1.9.1.2",    // General ECG
+    "1.2.840.10008.5.1.4.1.1.9.1.3",    // Ambulatory ECG
+    "1.2.840.10008.5.1.4.1.1.9.2.1",    // Hemodynamic Waveform
+    "1.2.840.10008.5.1.4.1.1.9.3.1",    // Cardiac Electrophysiology Waveform
+    "1.2.840.10008.5.1.4.1.1.9.4.1",    // Basic Voice Audio Waveform
+    "1.2.840.10008.5.1.4.1.1.9.4.2",    // General Audio Waveform
+    "1.2.840.10008.5.1.4.1.1.9.5.1",    // Arterial Pulse Waveform
+    "1.2.840.10008.5.1.4.1.1.9.6.1",    // Respiratory Waveform
+    "1.2.840.10008.5.1.4.1.1.11.1",     // Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.11.2",     // Color Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.11.3",     // Pseudo-Color Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.11.4",     // Blending Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.12.1",     // X-Ray Angiographic
+    "1.2.840.10008.5.1.4.1.1.12.1.1",   // Enhanced XA
+    "1.2.840.10008.5.1.4.1.1.12.2",     // X-Ray Radiofluoroscopic
+    "1.2.840.10008.5.1.4.1.1.12.2.1",   // Enhanced XRF
+    "1.2.840.10008.5.1.4.1.1.13.1.1",   // X-Ray 3D Angiographic
+    "1.2.840.10008.5.1.4.1.1.13.1.2",   // X-Ray 3D Craniofacial
+    "1.2.840.10008.5.1.4.1.1.13.1.3",   // Breast Tomosynthesis
+    "1.2.840.10008.5.1.4.1.1.13.1.4",   // Breast Projection X-Ray (presentation)
+    "1.2.840.10008.5.1.4.1.1.13.1.5",   // Breast Projection X-Ray (processing)
+    "1.2.840.10008.5.1.4.1.1.14.1",     // Intravascular OCT (presentation)
+    "1.2.840.10008.5.1.4.1.1.14.2",     // Intravascular OCT (processing)
+    "1.2.840.10008.5.1.4.1.1.20",       // Nuclear Medicine
+    "1.2.840.10008.5.1.4.1.1.30",       // Parametric Map
+    "1.2.840.10008.5.1.4.1.1.66",       // Raw Data
+    "1.2.840.10008.5.1.4.1.1.66.1",     // Spatial Registration
+    "1.2.840.10008.5.1.4.1.1.66.2",     // Spatial Fiducials
+    "1.2.840.10008.5.1.4.1.1.66.3",     // Deformable Spatial Registration
+    "1.2.840.10008.5.1.4.1.1.66.4",     // Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.5",     // Surface Segmentation
+    "1.2.840.10008.5.1.4.1.1.67",       // Real World Value Mapping
+    "1.2.840.10008.5.1.4.1.1.77.1.1",   // VL Endoscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1", // Video Endoscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.2",   // VL Microscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1", // Video Microscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.3",   // VL Slide-Coordinates Microscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.4",   // VL Photographic
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1", // Video Photographic
+    "1.2.840.10008.5.1.4.1.1.77.1.5.1", // Ophthalmic Photography 8 Bit
+    "1.2.840.10008.5.1.4.1.1.77.1.5.2", // Ophthalmic Photography 16 Bit
+    "1.2.840.10008.5.1.4.1.1.77.1.5.4", // Ophthalmic Tomography
+    "1.2.840.10008.5.1.4.1.1.77.1.6",   // VL Whole Slide Microscopy
+    "1.2.840.10008.5.1.4.1.1.78.1",     // Lensometry Measurements
+    "1.2.840.10008.5.1.4.1.1.81.1",     // Ophthalmic Thickness Map
+    "1.2.840.10008.5.1.4.1.1.88.11",    // Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",    // Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",    // Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",    // Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.40",    // Procedure Log
+    "1.2.840.10008.5.1.4.1.1.88.50",    // Mammography CAD SR
+    "1.2.840.10008.5.1.4.1.1.88.59",    // Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.88.65",    // Chest CAD SR
+    "1.2.840.10008.5.1.4.1.1.88.67",    // X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.68",    // Radiopharmaceutical Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.69",    // Colon CAD SR
+    "1.2.840.10008.5.1.4.1.1.88.71",    // Acquisition Context SR
+    "1.2.840.10008.5.1.4.1.1.88.73",    // Patient Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.104.1",    // Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.104.2",    // Encapsulated CDA
+    "1.2.840.10008.5.1.4.1.1.104.3",    // Encapsulated STL
+    "1.2.840.10008.5.1.4.1.1.128",      // PET
+    "1.2.840.10008.5.1.4.1.1.128.1",    // Legacy Converted Enhanced PET
+    "1.2.840.10008.5.1.4.1.1.130",      // Enhanced PET
+    "1.2.840.10008.5.1.4.1.1.131",      // Basic Structured Display
+    "1.2.840.10008.5.1.4.1.1.481.1",    // RT Image
+    "1.2.840.10008.5.1.4.1.1.481.2",    // RT Dose
+    "1.2.840.10008.5.1.4.1.1.481.3",    // RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.481.4",    // RT Beams Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.5",    // RT Plan
+    "1.2.840.10008.5.1.4.1.1.481.6",    // RT Brachy Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.7",    // RT Treatment Summary Record
+    "1.2.840.10008.5.1.4.1.1.481.8",    // RT Ion Plan
+    "1.2.840.10008.5.1.4.1.1.481.9",    // RT Ion Beams Treatment Record
 ];
 
 /// The compressed syntaxes proposed beside the uncompressed ones when any is acceptable.
@@ -96,6 +158,24 @@ pub fn any_syntax() -> Vec<String> {
         .chain(COMPRESSED)
         .map(|s| s.to_string())
         .collect()
+}
+
+/// Writes what is queued on `a` within `wait`; a PACS that stops reading (or a broken
+/// connection) gets an A-ABORT, and the reason is returned.
+async fn flush_within(a: &mut Assoc, wait: Duration) -> Result<(), DimseError> {
+    match tokio::time::timeout(wait, a.peer.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            a.peer.abort().await;
+            Err(DimseError::BadAnswer(e.to_string()))
+        }
+        Err(_) => {
+            a.peer.abort().await;
+            Err(DimseError::BadAnswer(format!(
+                "the PACS stopped reading for {wait:?}"
+            )))
+        }
+    }
 }
 
 /// What the PACS did not do, in words an operator can act on.
@@ -172,8 +252,21 @@ pub struct Dimse {
     /// How long a retrieval waits for its consumer (a client reading slowly) before it gives up.
     consumer_wait: Duration,
     reader: Limits,
-    /// Associations open at once for translation; more wait (bounded by the timeout).
+    /// Associations open at once for translation (idle ones included); more wait (bounded
+    /// by the timeout).
     slots: Arc<Semaphore>,
+    /// Idle associations by their presentation contexts.
+    idle: super::pool::Pool<Assoc>,
+}
+
+/// Idle associations kept at most, and for how long.
+const MAX_IDLE: usize = 8;
+const MAX_IDLE_TIME: Duration = Duration::from_secs(10);
+
+impl super::pool::Pooled for Assoc {
+    fn peer(&mut self) -> &mut Peer {
+        &mut self.peer
+    }
 }
 
 /// An open association and what it accepted.
@@ -210,6 +303,48 @@ impl Dimse {
             consumer_wait: cfg.limits.idle_timeout,
             reader: cfg.limits.reader(),
             slots: Arc::new(Semaphore::new(cfg.pacs.max_associations)),
+            idle: super::pool::Pool::new(MAX_IDLE, MAX_IDLE_TIME),
+        }
+    }
+
+    /// An association for `key`'s contexts: an idle one, else a new one (an idle association
+    /// of other contexts is released to make room under `pacs.max_associations`).
+    async fn get_or_open(
+        &self,
+        key: &str,
+        contexts: impl FnOnce() -> (Vec<PresentationContextProposed>, Vec<UserVariableItem>),
+    ) -> Result<Assoc, DimseError> {
+        if let Some(a) = self.idle.take(key) {
+            return Ok(a);
+        }
+        let (c, r) = contexts();
+        self.open(c, r).await
+    }
+
+    /// A place under `pacs.max_associations`: while none is free, idle associations are
+    /// released one by one (they hold places too), up to the timeout.
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, DimseError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => return Ok(p),
+                Err(tokio::sync::TryAcquireError::Closed) => {
+                    return Err(DimseError::Unreachable("the gateway is stopping".into()));
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            self.idle.evict_one();
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DimseError::Unreachable(format!(
+                    "no association to the PACS free within {:?} (pacs.max_associations)",
+                    self.timeout
+                )));
+            }
+            let wait = Duration::from_millis(100);
+            if let Ok(Ok(p)) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await
+            {
+                return Ok(p);
+            }
         }
     }
 
@@ -218,15 +353,7 @@ impl Dimse {
         contexts: Vec<PresentationContextProposed>,
         roles: Vec<UserVariableItem>,
     ) -> Result<Assoc, DimseError> {
-        let slot = tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned())
-            .await
-            .map_err(|_| {
-                DimseError::Unreachable(format!(
-                    "no association to the PACS free within {:?} (pacs.max_associations)",
-                    self.timeout
-                ))
-            })?
-            .map_err(|e| DimseError::Unreachable(e.to_string()))?;
+        let slot = self.slot().await?;
         let mut user_variables = vec![
             UserVariableItem::MaxLength(self.our_max),
             UserVariableItem::ImplementationClassUID(
@@ -288,8 +415,8 @@ impl Dimse {
         mut keys: Vec<Key>,
         max: usize,
     ) -> Result<Matches, DimseError> {
-        let mut a = self
-            .open(
+        let contexts = || {
+            (
                 vec![PresentationContextProposed {
                     id: 1,
                     abstract_syntax: STUDY_ROOT_FIND.into(),
@@ -300,12 +427,28 @@ impl Dimse {
                 }],
                 Vec::new(),
             )
-            .await?;
+        };
+        // A pooled association the PACS dropped silently gets a short wait, then a fresh one
+        // is tried (a search has no effect to repeat).
+        if let Some(mut a) = self.idle.take("find") {
+            let wait = (self.timeout / 4).max(Duration::from_secs(1));
+            let mut k = keys.clone();
+            match tokio::time::timeout(wait, self.find_on(&mut a, level, &mut k, max)).await {
+                Ok(r @ (Ok(_) | Err(DimseError::Status(_)))) => {
+                    self.idle.put("find".into(), a);
+                    return r;
+                }
+                _ => {
+                    tracing::debug!("pooled association failed; opening a fresh one");
+                    a.peer.abort().await;
+                }
+            }
+        }
+        let (c, r) = contexts();
+        let mut a = self.open(c, r).await?;
         let r = self.find_on(&mut a, level, &mut keys, max).await;
         match &r {
-            Ok(_) | Err(DimseError::Status(_)) => {
-                let _ = a.peer.release(Duration::from_secs(2)).await;
-            }
+            Ok(_) | Err(DimseError::Status(_)) => self.idle.put("find".into(), a),
             Err(_) => a.peer.abort().await,
         }
         r
@@ -411,30 +554,34 @@ impl Dimse {
         let (tx, rx) = mpsc::channel(RETRIEVAL_QUEUE);
         let me = self.clone();
         tokio::spawn(async move {
-            let mut contexts = vec![PresentationContextProposed {
-                id: 1,
-                abstract_syntax: STUDY_ROOT_GET.into(),
-                transfer_syntaxes: vec![
-                    EXPLICIT_VR_LITTLE_ENDIAN.into(),
-                    IMPLICIT_VR_LITTLE_ENDIAN.into(),
-                ],
-            }];
-            let mut roles = Vec::new();
-            for (i, class) in STORAGE_CLASSES.iter().enumerate() {
-                contexts.push(PresentationContextProposed {
-                    id: (3 + 2 * i) as u8,
-                    abstract_syntax: (*class).into(),
-                    transfer_syntaxes: syntaxes.clone(),
-                });
-                roles.push(UserVariableItem::ScuScpRoleSelectionSubItem(
-                    (*class).into(),
-                    RequestorRoles {
-                        scu: false,
-                        scp: true,
-                    },
-                ));
-            }
-            let mut a = match me.open(contexts, roles).await {
+            let key = format!("get:{}", syntaxes.join(","));
+            let contexts = || {
+                let mut contexts = vec![PresentationContextProposed {
+                    id: 1,
+                    abstract_syntax: STUDY_ROOT_GET.into(),
+                    transfer_syntaxes: vec![
+                        EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                        IMPLICIT_VR_LITTLE_ENDIAN.into(),
+                    ],
+                }];
+                let mut roles = Vec::new();
+                for (i, class) in STORAGE_CLASSES.iter().enumerate() {
+                    contexts.push(PresentationContextProposed {
+                        id: (3 + 2 * i) as u8,
+                        abstract_syntax: (*class).into(),
+                        transfer_syntaxes: syntaxes.clone(),
+                    });
+                    roles.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                        (*class).into(),
+                        RequestorRoles {
+                            scu: false,
+                            scp: true,
+                        },
+                    ));
+                }
+                (contexts, roles)
+            };
+            let mut a = match me.get_or_open(&key, contexts).await {
                 Ok(a) => a,
                 Err(e) => {
                     let _ = tx.send(Retrieved::Failed(e)).await;
@@ -443,8 +590,12 @@ impl Dimse {
             };
             match me.get_on(&mut a, &target, &tx).await {
                 Ok(done) => {
+                    me.idle.put(key, a);
                     let _ = tx.send(done).await;
-                    let _ = a.peer.release(Duration::from_secs(2)).await;
+                }
+                Err(DimseError::Status(s)) => {
+                    me.idle.put(key, a);
+                    let _ = tx.send(Retrieved::Failed(DimseError::Status(s))).await;
                 }
                 Err(e) => {
                     a.peer.abort().await;
@@ -568,9 +719,14 @@ impl Dimse {
                     }
                     let completed = rsp.completed.unwrap_or(0);
                     let failed = rsp.failed.unwrap_or(0);
-                    // Warning (B000H, some failed) still delivered what it could.
-                    if status != 0 && status != command::STATUS_SUBOPS_WARNING && completed == 0 {
-                        return Err(DimseError::Status(status));
+                    // Anything short of complete success (a warning that some failed, a cancel,
+                    // a failure) is not a whole answer: the consumer must not present it as one.
+                    if status != 0 || failed > 0 {
+                        return Err(DimseError::Status(if status == 0 {
+                            command::STATUS_SUBOPS_WARNING
+                        } else {
+                            status
+                        }));
                     }
                     return Ok(Retrieved::Done { completed, failed });
                 }
@@ -593,8 +749,9 @@ impl Dimse {
         syntax_uid: &str,
         mut data: mpsc::Receiver<Result<Bytes, E>>,
     ) -> Result<u16, DimseError> {
-        let mut a = self
-            .open(
+        let key = format!("store:{sop_class}:{syntax_uid}");
+        let contexts = || {
+            (
                 vec![PresentationContextProposed {
                     id: 1,
                     abstract_syntax: sop_class.into(),
@@ -602,9 +759,11 @@ impl Dimse {
                 }],
                 Vec::new(),
             )
-            .await?;
+        };
+        let mut a = self.get_or_open(&key, contexts).await?;
         if a.accepted(1).as_deref() != Some(syntax_uid) {
-            let _ = a.peer.release(Duration::from_secs(2)).await;
+            // Kept: the next instance of this class and syntax is refused without asking again.
+            self.idle.put(key, a);
             return Err(DimseError::Refused(
                 "the PACS does not accept this SOP class in this transfer syntax".into(),
             ));
@@ -612,10 +771,12 @@ impl Dimse {
         let msg_id = a.message_id();
         let mut cmd = Command::request(command::C_STORE_RQ, msg_id, sop_class, true);
         cmd.affected_sop_instance = Some(sop_instance.to_string());
-        if let Err(e) = a.peer.send_command(1, &cmd.encode()).await {
+        let wait = self.timeout;
+        if let Err(e) = a.peer.queue_message(1, &cmd.encode(), None) {
             a.peer.abort().await;
             return Err(DimseError::BadAnswer(e.to_string()));
         }
+        flush_within(&mut a, wait).await?;
         // One chunk is held back: the last fragment is marked, so it goes when the end is known.
         let mut carry: Option<u8> = None;
         let mut held: Option<Bytes> = None;
@@ -624,10 +785,7 @@ impl Dimse {
                 Some(Ok(b)) => {
                     if let Some(h) = held.replace(b) {
                         a.peer.queue_even(1, &h, false, &mut carry);
-                        if let Err(e) = a.peer.flush().await {
-                            a.peer.abort().await;
-                            return Err(DimseError::BadAnswer(e.to_string()));
-                        }
+                        flush_within(&mut a, wait).await?;
                     }
                 }
                 Some(Err(_)) | None if held.is_none() => {
@@ -646,16 +804,13 @@ impl Dimse {
         if let Some(h) = held {
             a.peer.queue_even(1, &h, true, &mut carry);
         }
-        if let Err(e) = a.peer.flush().await {
-            a.peer.abort().await;
-            return Err(DimseError::BadAnswer(e.to_string()));
-        }
+        flush_within(&mut a, wait).await?;
         let answer = self.next(&mut a).await;
         match answer {
             Ok((1, rsp))
                 if rsp.field == command::C_STORE_RSP && rsp.responded_to == Some(msg_id) =>
             {
-                let _ = a.peer.release(Duration::from_secs(2)).await;
+                self.idle.put(key, a);
                 Ok(rsp.status.unwrap_or(command::STATUS_CANNOT_UNDERSTAND))
             }
             Ok(_) => {
@@ -668,6 +823,29 @@ impl Dimse {
                 a.peer.abort().await;
                 Err(e)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dicom::command::Service;
+
+    #[test]
+    fn a_retrieval_proposes_storage_classes_within_one_association() {
+        // One context for the retrieval, odd ids from 3: the last must stay below 256.
+        assert!(3 + 2 * (STORAGE_CLASSES.len() - 1) <= 255);
+        let mut seen = std::collections::HashSet::new();
+        for c in STORAGE_CLASSES {
+            assert!(seen.insert(c), "{c} listed twice");
+            assert_eq!(Service::of(c), Service::Storage, "{c}");
+        }
+        for t in any_syntax() {
+            assert!(
+                syntax::readable(&t).is_some(),
+                "{t} is proposed but not read"
+            );
         }
     }
 }

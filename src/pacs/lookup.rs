@@ -1,7 +1,7 @@
 //! Ownership look-ups: which patient (and issuer) the PACS holds a study, series or instance
 //! under, asked by C-FIND on associations of the gateway's own, pooled.
 //!
-//! Owns: the look-up association pool (bounded, idle ones released), the C-FIND it sends and
+//! Owns: the look-up associations (bounded; idle ones kept in a [`super::pool::Pool`]), the C-FIND it sends and
 //! the strict reading of every answer. Reports every owner the PACS names for exactly the UID
 //! asked; the policy core judges them (one UID under two patients included).
 //! Must not know tokens or front ends.
@@ -12,7 +12,7 @@ use crate::policy::{
     LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup, StudyFacts, UidLevel,
 };
 use dicom_ul::pdu::AssociationRQ;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Study Root Query/Retrieve Information Model – FIND.
 pub(crate) const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
@@ -31,36 +31,16 @@ struct Conn {
     peer: crate::dicom::peer::Peer,
     syntax: crate::dicom::syntax::Syntax,
     next_message_id: u16,
-    idle_since: Instant,
 }
 
-type Pool = std::sync::Mutex<Vec<Conn>>;
-
-/// Releases idle associations once they have been unused for [`MAX_IDLE_TIME`]; ends when the
-/// pool is empty (the next `put_back` starts it again) or gone.
-async fn reap(pool: std::sync::Weak<Pool>, running: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    loop {
-        tokio::time::sleep(MAX_IDLE_TIME / 2).await;
-        let Some(pool) = pool.upgrade() else { return };
-        let (stale, empty) = {
-            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-            let (stale, keep): (Vec<Conn>, Vec<Conn>) = p
-                .drain(..)
-                .partition(|c| c.idle_since.elapsed() >= MAX_IDLE_TIME);
-            *p = keep;
-            if p.is_empty() {
-                running.store(false, std::sync::atomic::Ordering::Release);
-            }
-            (stale, p.is_empty())
-        };
-        for c in stale {
-            PacsLookup::release(c).await;
-        }
-        if empty {
-            return;
-        }
+impl super::pool::Pooled for Conn {
+    fn peer(&mut self) -> &mut crate::dicom::peer::Peer {
+        &mut self.peer
     }
 }
+
+/// The pool key of look-up associations (they all propose the same context).
+const KEY: &str = "lookup";
 
 /// Resolves UIDs to their owners with C-FIND on associations of the gateway's own, kept open
 /// for a few seconds between look-ups.
@@ -71,8 +51,7 @@ pub struct PacsLookup {
     /// Bounds of the strict reader, which reads every answer.
     reader: crate::dicom::reader::Limits,
     slots: tokio::sync::Semaphore,
-    idle: std::sync::Arc<Pool>,
-    reaper: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: super::pool::Pool<Conn>,
 }
 
 impl PacsLookup {
@@ -83,8 +62,7 @@ impl PacsLookup {
             timeout: cfg.limits.upstream_timeout,
             reader: cfg.limits.reader(),
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
-            idle: Default::default(),
-            reaper: Default::default(),
+            idle: super::pool::Pool::new(MAX_IDLE, MAX_IDLE_TIME),
         }
     }
 
@@ -126,13 +104,13 @@ impl PacsLookup {
         level: UidLevel,
         uid: &str,
     ) -> Result<Result<Vec<Owner>, String>, String> {
-        if let Some(mut conn) = self.take_idle() {
+        if let Some(mut conn) = self.idle.take(KEY) {
             // A pooled association may have died silently: it gets a shorter wait of its own,
             // so a fresh one still has time.
             let pooled_wait = (self.timeout / 4).max(Duration::from_secs(1));
             match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid)).await {
                 Ok(Ok(answer)) => {
-                    self.put_back(conn);
+                    self.idle.put(KEY.into(), conn);
                     return Ok(answer);
                 }
                 Ok(Err(e)) => {
@@ -147,41 +125,8 @@ impl PacsLookup {
         }
         let mut conn = self.open().await?;
         let answer = self.query(&mut conn, level, uid).await?;
-        self.put_back(conn);
+        self.idle.put(KEY.into(), conn);
         Ok(answer)
-    }
-
-    /// An idle association from the pool; those idle too long are released on the way.
-    fn take_idle(&self) -> Option<Conn> {
-        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(conn) = pool.pop() {
-            if conn.idle_since.elapsed() < MAX_IDLE_TIME {
-                return Some(conn);
-            }
-            tokio::spawn(Self::release(conn));
-        }
-        None
-    }
-
-    /// Keeps an association for the next look-up (at most [`MAX_IDLE`]; it is released after
-    /// [`MAX_IDLE_TIME`] unused, so the PACS's association slots are not held).
-    fn put_back(&self, mut conn: Conn) {
-        conn.idle_since = Instant::now();
-        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Anything still unread would be mistaken for the next answer.
-        if pool.len() >= MAX_IDLE || conn.peer.has_input_at_hand() {
-            tokio::spawn(Self::release(conn));
-            return;
-        }
-        pool.push(conn);
-        let reaper_running = self.reaper.swap(true, std::sync::atomic::Ordering::AcqRel);
-        drop(pool);
-        if !reaper_running {
-            tokio::spawn(reap(
-                std::sync::Arc::downgrade(&self.idle),
-                self.reaper.clone(),
-            ));
-        }
     }
 
     /// Opens a look-up association (Study Root C-FIND only).
@@ -233,7 +178,6 @@ impl PacsLookup {
             peer,
             syntax,
             next_message_id: 1,
-            idle_since: Instant::now(),
         })
     }
 
@@ -381,28 +325,6 @@ impl PacsLookup {
             }
         }
         Ok(Ok(owners))
-    }
-
-    /// Releases a look-up association (politely, but without waiting long).
-    async fn release(mut conn: Conn) {
-        let _ = conn.peer.release(Duration::from_secs(2)).await;
-    }
-}
-
-/// A configuration replaced by a reload drops its look-ups: their idle associations are
-/// released, not left for the PACS to find closed.
-impl Drop for PacsLookup {
-    fn drop(&mut self) {
-        let idle: Vec<Conn> =
-            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        if idle.is_empty() {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            for conn in idle {
-                rt.spawn(Self::release(conn));
-            }
-        }
     }
 }
 

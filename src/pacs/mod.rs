@@ -11,6 +11,7 @@ pub mod dicomweb;
 pub mod dimse;
 pub mod echo;
 pub mod lookup;
+pub(crate) mod pool;
 
 pub use lookup::PacsLookup;
 

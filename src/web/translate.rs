@@ -36,6 +36,9 @@ use tokio::sync::mpsc;
 const MAX_MATCHES: usize = 10_000;
 /// The most of an instance held to build its metadata: everything before its pixel data.
 const MAX_METADATA_HEAD: usize = 16 * 1024 * 1024;
+/// The most held for one metadata answer, every instance's attributes together (as on the
+/// relay path).
+const MAX_METADATA_TOTAL: usize = 256 * 1024 * 1024;
 /// The largest frame held while it is cut out of an instance.
 const MAX_FRAME: u64 = 512 * 1024 * 1024;
 
@@ -121,7 +124,15 @@ fn attribute(name: &str) -> Result<(Tag, VR), ApiError> {
     Ok((tag, vr))
 }
 
-/// A search's keys, paging and whether `includefield=all` was asked.
+/// Whether a tag may be a key of an identifier: no command, file meta, delimitation or
+/// query-bookkeeping element.
+fn returnable(tag: Tag) -> bool {
+    !matches!(tag.group(), 0x0000 | 0x0002 | 0xFFFE)
+        && tag != tags::QUERY_RETRIEVE_LEVEL
+        && tag.group().is_multiple_of(2)
+}
+
+/// A search's keys and paging.
 pub(crate) struct Search {
     keys: Vec<Key>,
     limit: usize,
@@ -167,13 +178,41 @@ pub(crate) fn search_keys(
                         returned.extend(default_keys(QueryLevel::Series));
                         returned.extend(default_keys(QueryLevel::Image));
                     } else {
-                        returned.push(attribute(f)?.0);
+                        let (tag, _) = attribute(f)?;
+                        if !returnable(tag) {
+                            return Err(ApiError::BadRequest(
+                                "includefield names an attribute that is not returned".into(),
+                            ));
+                        }
+                        returned.push(tag);
                     }
                 }
             }
             name => {
                 let (tag, vr) = attribute(name)?;
-                if vr == VR::SQ || tag.group() == 0x0002 || tag == tags::QUERY_RETRIEVE_LEVEL {
+                // Text matching only: binary VRs would need their values encoded, sequences
+                // are not translated.
+                let text = !matches!(
+                    vr,
+                    VR::SQ
+                        | VR::AT
+                        | VR::FL
+                        | VR::FD
+                        | VR::SL
+                        | VR::SS
+                        | VR::UL
+                        | VR::US
+                        | VR::SV
+                        | VR::UV
+                        | VR::OB
+                        | VR::OD
+                        | VR::OF
+                        | VR::OL
+                        | VR::OV
+                        | VR::OW
+                        | VR::UN
+                );
+                if !text || !returnable(tag) {
                     return Err(ApiError::BadRequest(
                         "that attribute cannot be matched on".into(),
                     ));
@@ -267,8 +306,11 @@ fn read_object(bytes: &[u8], enc: Encoding) -> Result<InMemDicomObject, ApiError
             dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased()
         }
     };
-    InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-        .map_err(|e| ApiError::Upstream(format!("cannot decode the PACS's data set: {e}")))
+    InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|e| {
+        // The decoder's words may quote values: logged, not answered.
+        tracing::warn!(reason = %e, "a data set from the PACS could not be decoded");
+        ApiError::Upstream("a data set from the PACS could not be decoded".into())
+    })
 }
 
 /// An object as DICOM JSON, IS and DS values as JSON numbers (PS3.18 table F.2.3-1), as
@@ -393,18 +435,30 @@ pub(crate) fn accepted_syntaxes(accept: Option<&HeaderValue>) -> Result<Vec<Stri
 }
 
 /// A retrieval's items as the parts of a multipart answer: each instance a Part 10 file.
-fn as_pieces(rx: mpsc::Receiver<Retrieved>) -> impl Stream<Item = Result<Piece, String>> + Send {
+fn as_pieces(
+    first: Retrieved,
+    rx: mpsc::Receiver<Retrieved>,
+) -> impl Stream<Item = Result<Piece, String>> + Send {
     futures_util::stream::unfold(
-        (rx, VecDeque::<Result<Piece, String>>::new(), false),
-        |(mut rx, mut queue, mut ended)| async move {
+        (
+            rx,
+            VecDeque::<Result<Piece, String>>::new(),
+            false,
+            Some(first),
+        ),
+        |(mut rx, mut queue, mut ended, mut first)| async move {
             loop {
                 if let Some(p) = queue.pop_front() {
-                    return Some((p, (rx, queue, ended)));
+                    return Some((p, (rx, queue, ended, first)));
                 }
                 if ended {
                     return None;
                 }
-                match rx.recv().await {
+                let next = match first.take() {
+                    Some(f) => Some(f),
+                    None => rx.recv().await,
+                };
+                match next {
                     Some(Retrieved::Instance {
                         sop_class,
                         sop_instance,
@@ -444,6 +498,17 @@ fn as_pieces(rx: mpsc::Receiver<Retrieved>) -> impl Stream<Item = Result<Piece, 
     )
 }
 
+/// The first item of a retrieval: an answer without any instance is 404, a failure before
+/// any is the failure.
+async fn first(rx: &mut mpsc::Receiver<Retrieved>) -> Result<Retrieved, ApiError> {
+    match rx.recv().await {
+        Some(Retrieved::Done { .. }) => Err(ApiError::NotFound),
+        Some(Retrieved::Failed(e)) => Err(e.into()),
+        None => Err(ApiError::Upstream("the retrieval broke off".into())),
+        Some(item) => Ok(item),
+    }
+}
+
 /// WADO-RS instances by C-GET: every instance checked as it streams, as on the relay path.
 pub(crate) async fn instances(
     pacs: &Arc<Dimse>,
@@ -451,8 +516,9 @@ pub(crate) async fn instances(
     syntaxes: Vec<String>,
     check: Check,
 ) -> Result<Response, ApiError> {
-    let rx = pacs.retrieve(target, syntaxes);
-    checked::pieces(as_pieces(rx), check).await
+    let mut rx = pacs.retrieve(target, syntaxes);
+    let f = first(&mut rx).await?;
+    checked::pieces(as_pieces(f, rx), check).await
 }
 
 /// WADO-URI's `application/dicom`: the one instance, checked as it streams.
@@ -462,8 +528,9 @@ pub(crate) async fn single(
     syntaxes: Vec<String>,
     check: Check,
 ) -> Result<Response, ApiError> {
-    let rx = pacs.retrieve(target, syntaxes);
-    checked::single_piece(as_pieces(rx), check).await
+    let mut rx = pacs.retrieve(target, syntaxes);
+    let f = first(&mut rx).await?;
+    checked::single_piece(as_pieces(f, rx), check).await
 }
 
 /// One received instance's start: its identity and a strict reader for its data set.
@@ -519,8 +586,11 @@ impl Receiving {
         if self.cut.is_none() {
             match self.reader.pixel_data() {
                 Some(p) => {
+                    // The data set is held from its first byte: the cut is exact even when the
+                    // Pixel Data header began in an earlier fragment.
                     let keep = (p.start.saturating_sub(start) as usize).min(b.len());
                     self.head.extend_from_slice(&b[..keep]);
+                    self.head.truncate(p.start as usize);
                     self.cut = Some(self.head.len());
                 }
                 None => self.head.extend_from_slice(b),
@@ -567,6 +637,7 @@ pub(crate) async fn metadata(
 ) -> Result<Response, ApiError> {
     let mut rx = pacs.retrieve(target.clone(), dimse::any_syntax());
     let mut out: Vec<Value> = Vec::new();
+    let mut held = 0usize;
     let mut current: Option<Receiving> = None;
     loop {
         match rx.recv().await {
@@ -591,6 +662,12 @@ pub(crate) async fn metadata(
                     let mut r = current.take().ok_or(ApiError::NotFound)?;
                     if !r.admitted(&check)? {
                         return Err(foreign(&check));
+                    }
+                    held += r.head.len();
+                    if held > MAX_METADATA_TOTAL {
+                        return Err(ApiError::Upstream(
+                            "the metadata is larger than the gateway holds".into(),
+                        ));
                     }
                     out.push(instance_json(&r, public_base, &target)?);
                     r.head.clear();
@@ -662,13 +739,16 @@ fn layout(obj: &InMemDicomObject) -> Option<Layout> {
         .and_then(|e| e.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
         .unwrap_or(1);
     // Single-bit frames need not start on a byte boundary: not cut here.
-    if bits % 8 != 0 || rows == 0 || cols == 0 {
+    if bits == 0 || bits % 8 != 0 || rows == 0 || cols == 0 || samples == 0 || frames == 0 {
         return None;
     }
-    Some(Layout {
-        frame_size: rows * cols * samples * (bits / 8),
-        frames,
-    })
+    let frame_size = rows
+        .checked_mul(cols)?
+        .checked_mul(samples)?
+        .checked_mul(bits / 8)?;
+    // Every frame's end must be computable.
+    frame_size.checked_mul(frames)?;
+    Some(Layout { frame_size, frames })
 }
 
 /// The frame numbers of a frame list (`1,3,5`), each at least 1.

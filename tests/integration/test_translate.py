@@ -221,13 +221,15 @@ def test_stow_stores_own_instances_by_c_store(gw, pacs, issuer):
     answer = r.json()
     assert answer["00081199"]["Value"][0]["00081155"]["Value"] == [stored]
     assert answer["00081198"]["Value"][0]["00081155"]["Value"] == [refused]
-    # In a syntax the PACS was not asked to take: failed for that instance, the request goes on.
-    ds = pydicom.dcmread(io.BytesIO(make_instance("PAT-A", a["study"], a["series"], 1, 1, 8, "20240102")))
+    # A waveform, in a study of its own: stored by C-STORE, retrieved by C-GET.
+    ds = pydicom.dcmread(io.BytesIO(make_instance("PAT-A", generate_uid(), generate_uid(), 1, 1, 8, "20240102")))
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"  # 12-lead ECG
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     r = stow(gw, writer, [buf.getvalue()])
-    assert r.status_code in (200, 409), r.text
+    assert r.status_code == 200, r.text
+    (_, body), = parts(web(gw, f"studies/{ds.StudyInstanceUID}", writer))
+    assert pydicom.dcmread(io.BytesIO(body)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.9.1.1"
 
 
 # ---- what a DIMSE PACS sends is checked ----
@@ -243,6 +245,7 @@ class FakePacs:
         self.own = own
         self.send = []
         self.gets = 0
+        self.associations = 0
         self.port = free_port()
         self.aet = "FAKEPACS"
         self.dicom_port = self.port
@@ -252,7 +255,7 @@ class FakePacs:
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         ae.add_supported_context(SECONDARY_CAPTURE, scu_role=False, scp_role=True)
-        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get)]
+        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_REQUESTED, self.on_requested)]
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
 
     def on_find(self, event):
@@ -266,10 +269,16 @@ class FakePacs:
                 setattr(rsp, kw, value)
         yield 0xFF00, rsp
 
+    def on_requested(self, event):
+        self.associations += 1
+
     def on_get(self, event):
         self.gets += 1
         yield len(self.send)
         for ds in self.send:
+            if ds == "fail":
+                yield 0xA702, None
+                return
             yield 0xFF00, ds
 
     def stop(self):
@@ -328,3 +337,90 @@ def test_a_foreign_instance_from_the_pacs_is_withheld_on_every_path(fake, issuer
     assert r.status_code == 502 and b"PAT-B" not in r.content
     assert f.gets == before + 4, "every path asked the PACS"
     assert "withheld" in g.log_text() or "does not reach" in g.log_text()
+
+
+def test_translation_reuses_its_associations(fake, issuer):
+    f, g = fake
+    own = f.own_ds
+    f.send = [own]
+    token = issuer.mint(patient="PAT-A")
+    q = {"requestType": "WADO", "studyUID": own.StudyInstanceUID, "seriesUID": own.SeriesInstanceUID,
+         "objectUID": own.SOPInstanceUID, "contentType": "application/dicom"}
+    r = requests.get(f"{g.public_url}/wado", params=q, headers=auth(token), timeout=30)
+    assert r.status_code == 200
+    before, gets = f.associations, f.gets
+    for _ in range(4):
+        r = requests.get(f"{g.public_url}/wado", params=q, headers=auth(token), timeout=30)
+        assert r.status_code == 200 and pydicom.dcmread(io.BytesIO(r.content)).SOPInstanceUID == own.SOPInstanceUID
+    assert f.gets == gets + 4
+    assert f.associations == before, "each retrieval opened an association of its own"
+
+
+def test_a_small_association_limit_makes_requests_wait_not_fail(tmp_root, pacs, issuer):
+    import concurrent.futures
+
+    d = tmp_root / "translate-limit"
+    d.mkdir()
+    g = Gateway(d, pacs, issuer, name="gateway-one-association", translate=True, extra="max_associations = 1")
+    try:
+        a = pacs.data["PAT-A"]
+        token = issuer.mint(patient="PAT-A")
+        paths = [f"studies/{a['study']}", f"studies/{a['study']}/metadata", "studies",
+                 f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][2]}/frames/2"] * 2
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda p: web(g, p, token).status_code, paths))
+        assert codes == [200] * len(paths), codes
+    finally:
+        stop(g.proc)
+
+
+def test_a_partial_or_empty_retrieval_is_not_presented_as_complete(fake, issuer):
+    f, g = fake
+    own = f.own_ds
+    token = issuer.mint(patient="PAT-A")
+    study = f"studies/{own.StudyInstanceUID}"
+    # The PACS delivers one instance, then fails the rest (A702H, out of resources).
+    f.send = [own, "fail"]
+    r = web(g, study, token, stream=True)
+    assert r.status_code == 200
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        b"".join(r.iter_content(65536))
+    assert web(g, f"{study}/metadata", token).status_code == 502
+    # Nothing delivered at all: 404, not an empty answer.
+    f.send = []
+    assert web(g, study, token).status_code == 404
+    q = {"requestType": "WADO", "studyUID": own.StudyInstanceUID, "seriesUID": own.SeriesInstanceUID,
+         "objectUID": own.SOPInstanceUID, "contentType": "application/dicom"}
+    assert requests.get(f"{g.public_url}/wado", params=q, headers=auth(token), timeout=30).status_code == 404
+
+
+def test_pixel_data_whose_header_spans_two_fragments(fake, issuer):
+    """The gateway announces 64 KiB PDUs, so pynetdicom sends data sets in fragments of 65530
+    bytes: a private element before Pixel Data puts its header across the first boundary."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    f, g = fake
+    token = issuer.mint(patient="PAT-A")
+
+    def encoded(ds):
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+        return fp.getvalue()
+
+    # Whatever the sender's exact fragment size near 64 KiB, one of these offsets puts the
+    # 12-byte header across a boundary.
+    for start in range(65500, 65540, 2):
+        ds = f.own_ds.copy()
+        ds.add_new(0x00090010, "LO", "PACSGATE TEST")
+        ds.add_new(0x00091010, "OB", b"")
+        ds[0x00091010].value = b"\0" * (start - encoded(ds).index(b"\xe0\x7f\x10\x00"))
+        assert encoded(ds).index(b"\xe0\x7f\x10\x00") == start
+        f.send = [ds]
+        inst = f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        r = web(g, f"{inst}/metadata", token)
+        assert r.status_code == 200, (start, r.text)
+        assert "BulkDataURI" in r.json()[0]["7FE00010"]
+        got = parts(web(g, f"{inst}/frames/1", token))
+        assert [b for _, b in got] == [bytes(range(64))], start
