@@ -588,20 +588,24 @@ impl Dimse {
                     return;
                 }
             };
-            match me.get_on(&mut a, &target, &tx).await {
+            // The association (and its place under pacs.max_associations) is given back
+            // before the last item is handed on, within the consumer's wait.
+            let last = match me.get_on(&mut a, &target, &tx).await {
                 Ok(done) => {
                     me.idle.put(key, a);
-                    let _ = tx.send(done).await;
+                    done
                 }
                 Err(DimseError::Status(s)) => {
                     me.idle.put(key, a);
-                    let _ = tx.send(Retrieved::Failed(DimseError::Status(s))).await;
+                    Retrieved::Failed(DimseError::Status(s))
                 }
                 Err(e) => {
                     a.peer.abort().await;
-                    let _ = tx.send(Retrieved::Failed(e)).await;
+                    drop(a);
+                    Retrieved::Failed(e)
                 }
-            }
+            };
+            let _ = me.hand(&tx, last).await;
         });
         rx
     }
@@ -808,7 +812,9 @@ impl Dimse {
         let answer = self.next(&mut a).await;
         match answer {
             Ok((1, rsp))
-                if rsp.field == command::C_STORE_RSP && rsp.responded_to == Some(msg_id) =>
+                if rsp.field == command::C_STORE_RSP
+                    && rsp.responded_to == Some(msg_id)
+                    && !rsp.has_data_set() =>
             {
                 self.idle.put(key, a);
                 Ok(rsp.status.unwrap_or(command::STATUS_CANNOT_UNDERSTAND))

@@ -930,6 +930,15 @@ impl Cutter {
                                 "a frame number is past the instance's last frame".into(),
                             ));
                         }
+                        // Every wanted frame's end must be an offset (no wrap-around).
+                        if p.value_start
+                            .checked_add(l.frame_size.saturating_mul(l.frames))
+                            .is_none()
+                        {
+                            return Err(ApiError::Upstream(
+                                "the instance's frames do not fit its pixel data".into(),
+                            ));
+                        }
                         self.plan = Some((p.value_start, l));
                     }
                     self.take(start, &bytes).await?;
