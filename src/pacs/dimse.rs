@@ -392,10 +392,18 @@ impl Dimse {
 
     /// The next message from the PACS within the timeout.
     async fn next(&self, a: &mut Assoc) -> Result<(u8, Box<Command>), DimseError> {
-        match tokio::time::timeout(self.timeout, a.peer.next()).await {
+        self.next_within(a, self.timeout).await
+    }
+
+    /// The next message from the PACS within `wait`.
+    async fn next_within(
+        &self,
+        a: &mut Assoc,
+        wait: Duration,
+    ) -> Result<(u8, Box<Command>), DimseError> {
+        match tokio::time::timeout(wait, a.peer.next()).await {
             Err(_) => Err(DimseError::BadAnswer(format!(
-                "the PACS did not answer within {:?}",
-                self.timeout
+                "the PACS did not answer within {wait:?}"
             ))),
             Ok(Incoming::Message(Event::Command { pc_id, command })) => Ok((pc_id, command)),
             Ok(Incoming::Message(Event::Data { .. })) => Err(DimseError::BadAnswer(
@@ -428,17 +436,17 @@ impl Dimse {
                 Vec::new(),
             )
         };
-        // A pooled association the PACS dropped silently gets a short wait, then a fresh one
-        // is tried (a search has no effect to repeat).
+        // A pooled association the PACS dropped silently gets a short wait for its first
+        // answer, then a fresh one is tried (a search has no effect to repeat).
         if let Some(mut a) = self.idle.take("find") {
             let wait = (self.timeout / 4).max(Duration::from_secs(1));
             let mut k = keys.clone();
-            match tokio::time::timeout(wait, self.find_on(&mut a, level, &mut k, max)).await {
-                Ok(r @ (Ok(_) | Err(DimseError::Status(_)))) => {
+            match self.find_on(&mut a, level, &mut k, max, wait).await {
+                r @ (Ok(_) | Err(DimseError::Status(_))) => {
                     self.idle.put("find".into(), a);
                     return r;
                 }
-                _ => {
+                Err(_) => {
                     tracing::debug!("pooled association failed; opening a fresh one");
                     a.peer.abort().await;
                 }
@@ -446,7 +454,9 @@ impl Dimse {
         }
         let (c, r) = contexts();
         let mut a = self.open(c, r).await?;
-        let r = self.find_on(&mut a, level, &mut keys, max).await;
+        let r = self
+            .find_on(&mut a, level, &mut keys, max, self.timeout)
+            .await;
         match &r {
             Ok(_) | Err(DimseError::Status(_)) => self.idle.put("find".into(), a),
             Err(_) => a.peer.abort().await,
@@ -460,6 +470,7 @@ impl Dimse {
         level: &str,
         keys: &mut Vec<Key>,
         max: usize,
+        first_wait: Duration,
     ) -> Result<Matches, DimseError> {
         let ts = a
             .accepted(1)
@@ -491,8 +502,12 @@ impl Dimse {
         };
         let mut bytes = 0usize;
         let mut cancelled = false;
+        // A pooled association that died silently shows at the first answer: only that one
+        // gets the short wait.
+        let mut wait = first_wait;
         loop {
-            let (pc_id, rsp) = self.next(a).await?;
+            let (pc_id, rsp) = self.next_within(a, wait).await?;
+            wait = self.timeout;
             if rsp.field != command::C_FIND_RSP || rsp.responded_to != Some(msg_id) || pc_id != 1 {
                 return Err(DimseError::BadAnswer(
                     "the PACS answered another request than the C-FIND".into(),

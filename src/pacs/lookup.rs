@@ -110,7 +110,7 @@ impl PacsLookup {
             let pooled_wait = (self.timeout / 4).max(Duration::from_secs(1));
             match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid)).await {
                 Ok(Ok(answer)) => {
-                    self.idle.put(KEY.into(), conn);
+                    self.keep(conn, &answer);
                     return Ok(answer);
                 }
                 Ok(Err(e)) => {
@@ -125,8 +125,21 @@ impl PacsLookup {
         }
         let mut conn = self.open().await?;
         let answer = self.query(&mut conn, level, uid).await?;
-        self.idle.put(KEY.into(), conn);
+        self.keep(conn, &answer);
         Ok(answer)
+    }
+
+    /// Pools an association after a look-up that was read to its final response; one given up
+    /// on midway (a match the strict reader refused) may still have answers in flight, which
+    /// the next look-up would have to read past: it is released instead.
+    fn keep(&self, mut conn: Conn, answer: &Result<Vec<Owner>, String>) {
+        if answer.is_ok() {
+            self.idle.put(KEY.into(), conn);
+        } else {
+            tokio::spawn(async move {
+                let _ = conn.peer.release(Duration::from_secs(2)).await;
+            });
+        }
     }
 
     /// Opens a look-up association (Study Root C-FIND only).
