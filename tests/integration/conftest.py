@@ -376,8 +376,12 @@ calling_ae_title = "{calling_ae}"
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PACSGATE_LOG=log_filter),
         )
-        wait_tcp(self.dimse_port, self.proc, "pacsgate")
-        wait_tcp(self.http_port, self.proc, "pacsgate http")
+        try:
+            wait_tcp(self.dimse_port, self.proc, "pacsgate")
+            wait_tcp(self.http_port, self.proc, "pacsgate http")
+        except RuntimeError as e:
+            # What made it stop is in its log (the test directory may be gone by the report).
+            raise RuntimeError(f"{e}; its log ends:\n{self.log_text()[-1500:]}") from None
 
     def log_text(self) -> str:
         self.log.flush()
