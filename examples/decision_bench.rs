@@ -10,8 +10,8 @@ use pacsgate::config::Config;
 use pacsgate::devissuer::{DevClient, DevIssuer, DevKey, MintRequest};
 use pacsgate::ehr::Ehr;
 use pacsgate::policy::{
-    Action, LookupError, LookupFuture, MatchView, OwnerLookup, Policy, Ports, QueryRequest,
-    UidLevel, Verdict,
+    Action, HoldsFuture, LookupError, LookupFuture, MatchView, OwnerLookup, Policy, Ports,
+    QueryRequest, UidLevel, Verdict,
 };
 use pacsgate::trust::TrustCore;
 use std::sync::Arc;
@@ -32,6 +32,20 @@ impl OwnerLookup for NoPacs {
         Box::pin(async {
             Err(LookupError::Unreachable(
                 "not expected: no study facts are needed".to_string(),
+            ))
+        })
+    }
+
+    fn holds<'a>(
+        &'a self,
+        _: UidLevel,
+        _: &'a str,
+        _: &'a str,
+        _: Option<&'a str>,
+    ) -> HoldsFuture<'a> {
+        Box::pin(async {
+            Err(LookupError::Unreachable(
+                "not expected: no series or instance is named".to_string(),
             ))
         })
     }

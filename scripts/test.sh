@@ -37,6 +37,11 @@ PACSGATE_PACS=dcmqrscp PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/pytho
   tests/integration/test_dicomweb.py tests/integration/test_dimse_find.py \
   tests/integration/test_dimse_store_get.py tests/integration/test_dimse_move.py \
   tests/integration/test_dimse_association.py -q -p no:cacheprovider
+echo "== in front of dcmqrscp with its identifier checks on (the hierarchical query model), then without C-GET: the DICOMweb tests"
+PACSGATE_PACS=dcmqrscp-strict PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
+  tests/integration/test_dicomweb.py -q -p no:cacheprovider
+PACSGATE_PACS=dcmqrscp-noget PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
+  tests/integration/test_dicomweb.py -q -p no:cacheprovider
 echo "== fuzz targets, a short run each (scripts/fuzz.sh)"
 scripts/fuzz.sh 5
 echo "== the strict reader against DCMTK's reading (scripts/differential.py)"

@@ -148,6 +148,29 @@ pub struct Pacs {
     /// Associations the gateway opens to the PACS on its own behalf at once (DICOMweb by
     /// translation); more wait for one to end.
     pub max_associations: usize,
+    /// How the PACS answers C-FIND below STUDY level (`pacs.query_model`).
+    pub query_model: QueryModel,
+    /// How the gateway retrieves for DICOMweb by translation (`pacs.retrieve`).
+    pub retrieve: Retrieve,
+}
+
+/// How instances are retrieved from the PACS for DICOMweb by translation: by C-GET on the
+/// gateway's association, or, for a PACS without C-GET, by C-MOVE to the gateway's own
+/// receiver (`pacs.receive_listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retrieve {
+    Get,
+    Move,
+}
+
+/// The query model a PACS enforces (PS3.4 C.4.1.3.1): a relational PACS answers a series or an
+/// instance asked for by its UID alone, with PatientID among the keys; a hierarchical one only
+/// inside its study (and series), with the unique keys above the level and no other key of an
+/// upper level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryModel {
+    Relational,
+    Hierarchical,
 }
 
 impl Pacs {
@@ -365,6 +388,8 @@ struct RawPacs {
     receive_listen: Option<String>,
     connect_timeout_secs: Option<f64>,
     max_associations: Option<i64>,
+    query_model: Option<String>,
+    retrieve: Option<String>,
     tls: Option<RawPacsTls>,
 }
 
@@ -842,6 +867,28 @@ impl Config {
             c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
         let pacs_max_associations =
             c.positive_int("pacs.max_associations", pacs.max_associations, 16, 1, 1000) as usize;
+        let query_model = match pacs.query_model.as_deref().unwrap_or("relational") {
+            "relational" => QueryModel::Relational,
+            "hierarchical" => QueryModel::Hierarchical,
+            other => {
+                c.problem(
+                    "pacs.query_model",
+                    format!("unknown value \"{other}\"; use \"relational\" (most PACS) or \"hierarchical\" (a PACS that refuses a C-FIND below STUDY level without its StudyInstanceUID, or with PatientID)"),
+                );
+                QueryModel::Relational
+            }
+        };
+        let retrieve = match pacs.retrieve.as_deref().unwrap_or("c-get") {
+            "c-get" => Retrieve::Get,
+            "c-move" => Retrieve::Move,
+            other => {
+                c.problem(
+                    "pacs.retrieve",
+                    format!("unknown value \"{other}\"; use \"c-get\" or \"c-move\" (a PACS without C-GET; needs pacs.receive_listen)"),
+                );
+                Retrieve::Get
+            }
+        };
         let (pacs_tls, dimse_tls) = match pacs.tls {
             Some(t) => pacs_tls(&mut c, t, &p_addr, &resolve),
             None => (None, None),
@@ -1215,6 +1262,13 @@ impl Config {
             );
         }
 
+        if retrieve == Retrieve::Move && receive_listen.is_none() && receive_tls_listen.is_none() {
+            c.problem(
+                "pacs.receive_listen",
+                "is needed for pacs.retrieve = \"c-move\": the PACS delivers the instances DICOMweb asks for to the gateway there; add e.g. receive_listen = \"127.0.0.1:11113\" and register calling_ae_title at that address in the PACS",
+            );
+        }
+
         // listeners must not collide with each other
         let mut listens: Vec<(&str, SocketAddr)> = Vec::new();
         if let Some(a) = dimse_listen {
@@ -1375,6 +1429,8 @@ impl Config {
                 dimse_tls,
                 tls: pacs_tls,
                 max_associations: pacs_max_associations,
+                query_model,
+                retrieve,
             },
             issuers,
             patients: Patients {
@@ -2017,6 +2073,26 @@ address = "nowhere"
             "{:?}",
             cfg.warnings()
         );
+    }
+
+    #[test]
+    fn the_query_model_is_one_of_two() {
+        let with = |v: &str| {
+            Config::parse(&GOOD.replace(
+                "address = \"127.0.0.1:4242\"\n",
+                &format!("address = \"127.0.0.1:4242\"\nquery_model = \"{v}\"\n"),
+            ))
+        };
+        assert_eq!(
+            Config::parse(GOOD).unwrap().pacs.query_model,
+            QueryModel::Relational
+        );
+        assert_eq!(
+            with("hierarchical").unwrap().pacs.query_model,
+            QueryModel::Hierarchical
+        );
+        let p = with("Hierarchical").unwrap_err();
+        assert!(p.iter().any(|p| p.key == "pacs.query_model"), "{p:?}");
     }
 
     #[test]

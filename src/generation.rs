@@ -47,15 +47,20 @@ impl Generation {
         let (dimse, web) = match prev {
             None => {
                 let readiness = crate::readiness::Readiness::new(&trust.issuer_names());
+                let d = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
+                let moves = d.moves.clone();
                 (
-                    dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone()),
-                    WebCtx::new(cfg.clone(), trust.clone(), policy, readiness)?,
+                    d,
+                    WebCtx::new(cfg.clone(), trust.clone(), policy, readiness, moves)?,
                 )
             }
             Some(p) => {
-                let web = p
-                    .web
-                    .succeeding(cfg.clone(), trust.clone(), policy.clone())?;
+                let web = p.web.succeeding(
+                    cfg.clone(),
+                    trust.clone(),
+                    policy.clone(),
+                    p.dimse.moves.clone(),
+                )?;
                 // Only once nothing can fail: a refused configuration changes nothing.
                 p.web.readiness().set_issuers(&trust.issuer_names());
                 crate::metrics::keep_issuers(&trust.issuer_names());

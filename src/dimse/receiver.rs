@@ -42,14 +42,29 @@ use tokio::sync::watch;
 /// C-MOVEs in flight at once through the gateway; more are refused (out of resources).
 const MAX_MOVES: usize = 1024;
 
-/// Where the instances of one C-MOVE go, and what they must be.
-pub struct Route {
+/// Where a client's C-MOVE sends its instances, and what they must be.
+pub struct Forward {
     pub destination: Destination,
     /// The policy core's decision: every instance must pass its `admits_instance`.
     pub allowed: Permit,
     /// The client's AE title and message ID, shown to the destination as the move originator.
     pub client_ae: String,
     pub client_message_id: u16,
+}
+
+/// Where the instances of one C-MOVE go.
+pub enum Sink {
+    /// A client's C-MOVE: to a destination of `[[destinations]]`, each instance judged here.
+    Forward(Box<Forward>),
+    /// A retrieval of the gateway's own (DICOMweb by translation from a PACS without C-GET):
+    /// each instance goes into the channel as it arrives, as a C-GET's would, and its consumer
+    /// judges it (the same per-instance check as every retrieval path).
+    Channel(tokio::sync::mpsc::Sender<crate::pacs::dimse::Retrieved>),
+}
+
+/// Where the instances of one C-MOVE go, and what they must be.
+pub struct Route {
+    pub sink: Sink,
     /// The client association, for logs.
     pub session: u64,
     /// Sub-operations as answered to the PACS: the final response is reconciled with these.
@@ -69,11 +84,20 @@ impl Route {
         client_message_id: u16,
         session: u64,
     ) -> Route {
+        Route::to(
+            Sink::Forward(Box::new(Forward {
+                destination,
+                allowed,
+                client_ae,
+                client_message_id,
+            })),
+            session,
+        )
+    }
+
+    pub fn to(sink: Sink, session: u64) -> Route {
         Route {
-            destination,
-            allowed,
-            client_ae,
-            client_message_id,
+            sink,
             session,
             tally: Mutex::default(),
             announced: AtomicUsize::new(0),
@@ -171,6 +195,18 @@ impl MoveRegistry {
 
     pub fn get(&self, id: u16) -> Option<Arc<Route>> {
         self.routes.lock().ok()?.get(&id).cloned()
+    }
+
+    /// For a PACS that omits Move Originator Message ID: the route its instance belongs to
+    /// when exactly one move is in flight (with two or more it cannot be known, and the
+    /// instance is refused). Whatever route it joins, the instance is judged like every other.
+    pub fn only(&self) -> Option<(u16, Arc<Route>)> {
+        let m = self.routes.lock().ok()?;
+        let mut it = m.iter();
+        match (it.next(), it.next()) {
+            (Some((id, r)), None) => Some((*id, r.clone())),
+            _ => None,
+        }
     }
 }
 
@@ -436,9 +472,11 @@ impl Receiver {
         else {
             return false;
         };
-        let route_id = cmd.move_originator_id;
-        let route = route_id.and_then(|id| self.ctx.moves.get(id));
-        let (Some(route_id), Some(route)) = (route_id, route) else {
+        let found = match cmd.move_originator_id {
+            Some(id) => self.ctx.moves.get(id).map(|r| (id, r)),
+            None => self.ctx.moves.only(),
+        };
+        let Some((route_id, route)) = found else {
             tracing::warn!("receiver: an instance for no C-MOVE of the gateway; refused");
             Trail::new(Channel::Dimse, 0, None).record(
                 Operation::MoveInstance,
@@ -456,6 +494,20 @@ impl Receiver {
                     "no such move",
                 )
                 .await;
+        };
+        let fwd = match &route.sink {
+            Sink::Forward(f) => f,
+            Sink::Channel(tx) => {
+                let tx = tx.clone();
+                let ts = self
+                    .accepted
+                    .iter()
+                    .find(|p| p.id == pc_id)
+                    .and_then(|p| p.transfer_syntaxes.first())
+                    .map(|t| t.trim_end_matches('\0').to_string())
+                    .unwrap_or_default();
+                return self.deliver(pc_id, cmd, &route, &tx, ts).await;
+            }
         };
         let limits = self.ctx.cfg.limits.reader();
         let head = match instance::read_head(&mut self.pacs, pc_id, syntax, limits, wait).await {
@@ -477,7 +529,7 @@ impl Receiver {
         };
         let h = &head.head;
         let id = InstanceId::of(h);
-        let admitted = route.allowed.admits_instance(&id)
+        let admitted = fwd.allowed.admits_instance(&id)
             && h.sop_instance == cmd.affected_sop_instance
             && h.sop_instance.as_deref().is_some_and(|u| route.take(u));
         if !admitted {
@@ -496,7 +548,7 @@ impl Receiver {
                 )
                 .await;
         }
-        if !self.destination_ready(route_id, &route).await || !self.dest_accepts(pc_id) {
+        if !self.destination_ready(route_id, fwd).await || !self.dest_accepts(pc_id) {
             route.count(command::STATUS_UNABLE_TO_PROCESS);
             return (head.last || self.pacs.discard_data(pc_id, wait).await.is_ok())
                 && self
@@ -509,8 +561,8 @@ impl Receiver {
                     .await;
         }
         let mut forward = cmd.clone();
-        forward.move_originator_ae = Some(route.client_ae.clone());
-        forward.move_originator_id = Some(route.client_message_id);
+        forward.move_originator_ae = Some(fwd.client_ae.clone());
+        forward.move_originator_id = Some(fwd.client_message_id);
         let forward = forward.encode();
         let Some(dest) = self.dest.as_mut().and_then(|d| d.peer.as_mut()) else {
             return false;
@@ -591,6 +643,89 @@ impl Receiver {
         }
     }
 
+    /// One instance of a retrieval of the gateway's own: handed on, fragment by fragment, as
+    /// it arrives (the consumer reads it strictly and judges it); the PACS is answered once all
+    /// of it was taken, so the retrieval's final answer comes after its last instance. A
+    /// consumer that is gone or stalls (past `limits.idle_timeout`) fails the sub-operation.
+    async fn deliver(
+        &mut self,
+        pc_id: u8,
+        cmd: Command,
+        route: &Route,
+        tx: &tokio::sync::mpsc::Sender<crate::pacs::dimse::Retrieved>,
+        transfer_syntax: String,
+    ) -> bool {
+        use crate::pacs::dimse::Retrieved;
+        let wait = self.ctx.cfg.limits.upstream_timeout;
+        let consumer_wait = self.ctx.cfg.limits.idle_timeout;
+        let (Some(class), Some(instance)) = (
+            cmd.affected_sop_class.as_deref(),
+            cmd.affected_sop_instance.as_deref(),
+        ) else {
+            return self
+                .refuse(
+                    Some(route),
+                    pc_id,
+                    &cmd,
+                    false,
+                    WITHHELD_TO_PACS,
+                    "no SOP instance",
+                )
+                .await;
+        };
+        let instance = instance.trim_end_matches('\0').to_string();
+        if !route.take(&instance) {
+            return self
+                .refuse(
+                    Some(route),
+                    pc_id,
+                    &cmd,
+                    false,
+                    WITHHELD_TO_PACS,
+                    "not requested",
+                )
+                .await;
+        }
+        let hand = |item| async {
+            matches!(
+                tokio::time::timeout(consumer_wait, tx.send(item)).await,
+                Ok(Ok(()))
+            )
+        };
+        let start = Retrieved::Instance {
+            sop_class: class.trim_end_matches('\0').to_string(),
+            sop_instance: instance,
+            transfer_syntax,
+        };
+        let mut taken = hand(start).await;
+        let mut ended = false;
+        while taken {
+            let (bytes, last) = match self.pacs.next_fragment(pc_id, wait).await {
+                Ok(f) => f,
+                Err(_) => return false,
+            };
+            taken = hand(Retrieved::Data { bytes, last }).await;
+            if last {
+                ended = true;
+                break;
+            }
+        }
+        if !taken {
+            route.count(command::STATUS_UNABLE_TO_PROCESS);
+            return (ended || self.pacs.discard_data(pc_id, wait).await.is_ok())
+                && self
+                    .answer(
+                        pc_id,
+                        &cmd,
+                        command::STATUS_UNABLE_TO_PROCESS,
+                        "retrieval ended",
+                    )
+                    .await;
+        }
+        route.count(command::STATUS_SUCCESS);
+        self.answer(pc_id, &cmd, command::STATUS_SUCCESS, "").await
+    }
+
     fn dest_accepts(&self, pc_id: u8) -> bool {
         self.dest
             .as_ref()
@@ -599,7 +734,7 @@ impl Receiver {
 
     /// Opens the destination association for a route, once; a failure is remembered so the
     /// route's other instances fail fast.
-    async fn destination_ready(&mut self, route_id: u16, route: &Route) -> bool {
+    async fn destination_ready(&mut self, route_id: u16, route: &Forward) -> bool {
         if let Some(d) = &self.dest {
             if d.route_id == route_id {
                 return d.peer.is_some();
@@ -632,6 +767,8 @@ impl Receiver {
             dimse_tls: route.destination.tls.clone(),
             tls: None,
             max_associations: cfg.pacs.max_associations,
+            query_model: cfg.pacs.query_model,
+            retrieve: cfg.pacs.retrieve,
         };
         let leg = match crate::pacs::associate(&target, rq, cfg.limits.upstream_timeout).await {
             Ok((stream, ac)) => {
@@ -682,5 +819,32 @@ impl Receiver {
         };
         let Some(p) = d.peer.as_mut() else { return };
         let _ = p.release(Duration::from_secs(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel_route() -> Route {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        Route::to(Sink::Channel(tx), 0)
+    }
+
+    /// A PACS that omits Move Originator Message ID: its instance joins the move in flight
+    /// only when there is exactly one; with none or several it belongs to none.
+    #[test]
+    fn an_instance_without_its_moves_id_joins_only_a_lone_move() {
+        let reg = Arc::new(MoveRegistry::default());
+        assert!(reg.only().is_none());
+        let first = reg.register(channel_route()).expect("room for a move");
+        let (id, _) = reg.only().expect("one move in flight");
+        assert_eq!(id, first.id);
+        let second = reg.register(channel_route()).expect("room for a move");
+        assert!(reg.only().is_none(), "two moves: which one cannot be known");
+        drop(first);
+        assert_eq!(reg.only().map(|(id, _)| id), Some(second.id));
+        drop(second);
+        assert!(reg.only().is_none());
     }
 }

@@ -1,6 +1,8 @@
 //! DIMSE services the gateway asks of the PACS under its own identity, for DICOMweb served by
 //! translation (a PACS without a DICOMweb service): C-FIND with its matches collected, C-GET
-//! with the instances streamed out as they arrive, C-STORE with an instance streamed in.
+//! (or, for a PACS without it, C-MOVE to the gateway's own receiver, routed back through the
+//! C-MOVE registry) with the instances streamed out as they arrive, C-STORE with an instance
+//! streamed in.
 //!
 //! Owns: the associations these operations run on (the presentation contexts each proposes,
 //! how many are open at once), the DIMSE exchange of each, and the bounds on what the PACS may
@@ -29,6 +31,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
 
 /// The storage SOP classes a retrieval proposes to receive (the SCP role, PS3.7 D.3.3.4). A
 /// presentation context is one odd id below 256: at most 127 per association, one of them
@@ -231,6 +234,53 @@ pub enum Retrieved {
     Failed(DimseError),
 }
 
+/// The identifier of a C-GET or C-MOVE of `target`: hierarchical, every level above the one
+/// retrieved named, nothing else.
+fn retrieve_identifier(enc: Encoding, target: &Target) -> Vec<u8> {
+    let (level, mut keys): (&str, Vec<(Tag, VR, &str)>) = match (&target.series, &target.instance) {
+        (Some(se), Some(i)) => (
+            "IMAGE",
+            vec![
+                (tags::STUDY_INSTANCE_UID, VR::UI, &target.study),
+                (tags::SERIES_INSTANCE_UID, VR::UI, se),
+                (tags::SOP_INSTANCE_UID, VR::UI, i),
+            ],
+        ),
+        (Some(se), None) => (
+            "SERIES",
+            vec![
+                (tags::STUDY_INSTANCE_UID, VR::UI, &target.study),
+                (tags::SERIES_INSTANCE_UID, VR::UI, se),
+            ],
+        ),
+        _ => (
+            "STUDY",
+            vec![(tags::STUDY_INSTANCE_UID, VR::UI, &target.study)],
+        ),
+    };
+    keys.push((tags::QUERY_RETRIEVE_LEVEL, VR::CS, level));
+    keys.sort_by_key(|k| k.0);
+    keys.iter()
+        .flat_map(|(t, vr, v)| encode_element(enc, *t, *vr, v.as_bytes()))
+        .collect()
+}
+
+/// What the final response of a C-GET or C-MOVE makes of a retrieval. Anything short of
+/// complete success (a warning that some failed, a cancel, a failure) is not a whole answer:
+/// the consumer must not present it as one.
+fn outcome(status: u16, rsp: &Command) -> Result<Retrieved, DimseError> {
+    let completed = rsp.completed.unwrap_or(0);
+    let failed = rsp.failed.unwrap_or(0);
+    if status != 0 || failed > 0 {
+        return Err(DimseError::Status(if status == 0 {
+            command::STATUS_SUBOPS_WARNING
+        } else {
+            status
+        }));
+    }
+    Ok(Retrieved::Done { completed, failed })
+}
+
 /// Which instances a retrieval asks for (hierarchically: every level above is named).
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -257,6 +307,8 @@ pub struct Dimse {
     slots: Arc<Semaphore>,
     /// Idle associations by their presentation contexts.
     idle: super::pool::Pool<Assoc>,
+    /// Where the receiver finds the retrievals by C-MOVE in flight (`pacs.retrieve = "c-move"`).
+    moves: Arc<crate::dimse::receiver::MoveRegistry>,
 }
 
 /// Idle associations kept at most, and for how long.
@@ -295,8 +347,12 @@ impl Assoc {
 }
 
 impl Dimse {
-    pub fn new(cfg: &crate::config::Config) -> Dimse {
+    pub fn new(
+        cfg: &crate::config::Config,
+        moves: Arc<crate::dimse::receiver::MoveRegistry>,
+    ) -> Dimse {
         Dimse {
+            moves,
             pacs: cfg.pacs.clone(),
             our_max: cfg.limits.max_pdu_length,
             timeout: cfg.limits.upstream_timeout,
@@ -566,6 +622,9 @@ impl Dimse {
         target: Target,
         syntaxes: Vec<String>,
     ) -> mpsc::Receiver<Retrieved> {
+        if self.pacs.retrieve == crate::config::Retrieve::Move {
+            return self.retrieve_by_move(target, syntaxes);
+        }
         let (tx, rx) = mpsc::channel(RETRIEVAL_QUEUE);
         let me = self.clone();
         tokio::spawn(async move {
@@ -625,6 +684,172 @@ impl Dimse {
         rx
     }
 
+    /// Retrieves `target` by C-MOVE to the gateway itself (`pacs.calling_ae_title`, served by
+    /// the receiver at `pacs.receive_listen`): the move is registered under a random message ID
+    /// the PACS names as Move Originator Message ID on each sub-operation, and the receiver
+    /// hands each instance into this retrieval as it arrives. The PACS chooses the transfer
+    /// syntax it offers the receiver; an instance in one not among `syntaxes` ends the
+    /// retrieval (the consumer asked for those only).
+    fn retrieve_by_move(
+        self: &Arc<Self>,
+        target: Target,
+        syntaxes: Vec<String>,
+    ) -> mpsc::Receiver<Retrieved> {
+        let (tx, rx) = mpsc::channel(RETRIEVAL_QUEUE);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (inner_tx, mut inner) = mpsc::channel(RETRIEVAL_QUEUE);
+            let route = crate::dimse::receiver::Route::to(
+                crate::dimse::receiver::Sink::Channel(inner_tx),
+                0,
+            );
+            let Some(guard) = me.moves.register(route) else {
+                let why = DimseError::Unreachable("too many C-MOVEs in flight".into());
+                let _ = me.hand(&tx, Retrieved::Failed(why)).await;
+                return;
+            };
+            let key = "move".to_string();
+            let contexts = || {
+                (
+                    vec![PresentationContextProposed {
+                        id: 1,
+                        abstract_syntax: STUDY_ROOT_MOVE.into(),
+                        transfer_syntaxes: vec![
+                            EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                            IMPLICIT_VR_LITTLE_ENDIAN.into(),
+                        ],
+                    }],
+                    Vec::new(),
+                )
+            };
+            let mut a = match me.get_or_open(&key, contexts).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = me.hand(&tx, Retrieved::Failed(e)).await;
+                    return;
+                }
+            };
+            let last = match me
+                .move_on(&mut a, &target, guard.id, &mut inner, &syntaxes, &tx)
+                .await
+            {
+                Ok(done) => {
+                    me.idle.put(key, a);
+                    done
+                }
+                Err(DimseError::Status(s)) => {
+                    me.idle.put(key, a);
+                    Retrieved::Failed(DimseError::Status(s))
+                }
+                Err(e) => {
+                    a.peer.abort().await;
+                    drop(a);
+                    Retrieved::Failed(e)
+                }
+            };
+            // No more instances join this retrieval: any still arriving are refused.
+            drop(guard);
+            let _ = me.hand(&tx, last).await;
+        });
+        rx
+    }
+
+    /// The C-MOVE of [`Dimse::retrieve_by_move`] on `a`: the receiver's items are passed on
+    /// while the PACS's responses are read, until its final one. The PACS answers each
+    /// sub-operation only once the receiver has handed all of it on, so nothing of it can
+    /// still be in flight after the final response.
+    async fn move_on(
+        &self,
+        a: &mut Assoc,
+        target: &Target,
+        msg_id: u16,
+        inner: &mut mpsc::Receiver<Retrieved>,
+        syntaxes: &[String],
+        tx: &mpsc::Sender<Retrieved>,
+    ) -> Result<Retrieved, DimseError> {
+        let ts = a
+            .accepted(1)
+            .ok_or_else(|| DimseError::Refused("the PACS refused Study Root C-MOVE".into()))?;
+        let enc = syntax::readable(&ts)
+            .ok_or_else(|| DimseError::BadAnswer(format!("unknown transfer syntax {ts}")))?
+            .encoding;
+        let ident = retrieve_identifier(enc, target);
+        let mut cmd = Command::request(command::C_MOVE_RQ, msg_id, STUDY_ROOT_MOVE, true);
+        cmd.move_destination = Some(self.pacs.calling_ae_title.clone());
+        a.peer
+            .send_message(1, &cmd.encode(), Some(&ident))
+            .await
+            .map_err(|e| DimseError::BadAnswer(e.to_string()))?;
+        let pass = |item: Retrieved| async {
+            if let Retrieved::Instance {
+                transfer_syntax, ..
+            } = &item
+                && !syntaxes.iter().any(|s| s == transfer_syntax)
+            {
+                return Err(DimseError::BadAnswer(format!(
+                    "the PACS moved an instance in {transfer_syntax}, which was not asked for"
+                )));
+            }
+            self.hand(tx, item).await
+        };
+        // The PACS's responses are read by one future kept across the loop (a read given up
+        // midway could lose part of a PDU); the instances are taken in between. A stretch of
+        // the timeout with neither ends the retrieval.
+        let final_rsp = self.final_move_rsp(a, msg_id);
+        tokio::pin!(final_rsp);
+        let mut quiet_until = tokio::time::Instant::now() + self.timeout;
+        let done = loop {
+            tokio::select! {
+                item = inner.recv() => match item {
+                    Some(item) => {
+                        pass(item).await?;
+                        quiet_until = tokio::time::Instant::now() + self.timeout;
+                    }
+                    None => return Err(DimseError::BadAnswer("the move's route ended".into())),
+                },
+                r = &mut final_rsp => break r?,
+                _ = tokio::time::sleep_until(quiet_until) => {
+                    return Err(DimseError::BadAnswer(format!(
+                        "the PACS moved nothing and answered nothing within {:?}",
+                        self.timeout
+                    )));
+                }
+            }
+        };
+        // Every sub-operation was answered before the final response, so all of their
+        // instances are queued already.
+        while let Ok(item) = inner.try_recv() {
+            pass(item).await?;
+        }
+        Ok(done)
+    }
+
+    /// Reads the PACS's C-MOVE responses to `msg_id` up to the final one: its counts, or the
+    /// failure a partial move is.
+    async fn final_move_rsp(&self, a: &mut Assoc, msg_id: u16) -> Result<Retrieved, DimseError> {
+        loop {
+            // Pending responses may be rare (a PACS may send none until the end): the quiet
+            // time of the caller bounds the wait, not this one.
+            let (pc_id, rsp) = self.next_within(a, self.timeout * 360).await?;
+            if pc_id != 1 || rsp.field != command::C_MOVE_RSP || rsp.responded_to != Some(msg_id) {
+                return Err(DimseError::BadAnswer(
+                    "the PACS sent an unexpected message during C-MOVE".into(),
+                ));
+            }
+            if rsp.has_data_set() {
+                a.peer
+                    .discard_data(pc_id, self.timeout)
+                    .await
+                    .map_err(|e| DimseError::BadAnswer(e.to_string()))?;
+            }
+            let status = rsp.status.unwrap_or(command::STATUS_CANNOT_UNDERSTAND);
+            if command::is_pending(status) {
+                continue;
+            }
+            return outcome(status, &rsp);
+        }
+    }
+
     /// Hands `item` to the retrieval's consumer; `Err` when it is gone or stalled.
     async fn hand(&self, tx: &mpsc::Sender<Retrieved>, item: Retrieved) -> Result<(), DimseError> {
         match tokio::time::timeout(self.consumer_wait, tx.send(item)).await {
@@ -647,35 +872,7 @@ impl Dimse {
         let enc = syntax::readable(&ts)
             .ok_or_else(|| DimseError::BadAnswer(format!("unknown transfer syntax {ts}")))?
             .encoding;
-        // Hierarchical: every level above the one retrieved is named, nothing else.
-        let (level, mut keys): (&str, Vec<(Tag, VR, &str)>) =
-            match (&target.series, &target.instance) {
-                (Some(se), Some(i)) => (
-                    "IMAGE",
-                    vec![
-                        (tags::STUDY_INSTANCE_UID, VR::UI, &target.study),
-                        (tags::SERIES_INSTANCE_UID, VR::UI, se),
-                        (tags::SOP_INSTANCE_UID, VR::UI, i),
-                    ],
-                ),
-                (Some(se), None) => (
-                    "SERIES",
-                    vec![
-                        (tags::STUDY_INSTANCE_UID, VR::UI, &target.study),
-                        (tags::SERIES_INSTANCE_UID, VR::UI, se),
-                    ],
-                ),
-                _ => (
-                    "STUDY",
-                    vec![(tags::STUDY_INSTANCE_UID, VR::UI, &target.study)],
-                ),
-            };
-        keys.push((tags::QUERY_RETRIEVE_LEVEL, VR::CS, level));
-        keys.sort_by_key(|k| k.0);
-        let ident: Vec<u8> = keys
-            .iter()
-            .flat_map(|(t, vr, v)| encode_element(enc, *t, *vr, v.as_bytes()))
-            .collect();
+        let ident = retrieve_identifier(enc, target);
         let msg_id = a.message_id();
         let cmd = Command::request(command::C_GET_RQ, msg_id, STUDY_ROOT_GET, true);
         a.peer
@@ -736,18 +933,7 @@ impl Dimse {
                     if command::is_pending(status) {
                         continue;
                     }
-                    let completed = rsp.completed.unwrap_or(0);
-                    let failed = rsp.failed.unwrap_or(0);
-                    // Anything short of complete success (a warning that some failed, a cancel,
-                    // a failure) is not a whole answer: the consumer must not present it as one.
-                    if status != 0 || failed > 0 {
-                        return Err(DimseError::Status(if status == 0 {
-                            command::STATUS_SUBOPS_WARNING
-                        } else {
-                            status
-                        }));
-                    }
-                    return Ok(Retrieved::Done { completed, failed });
+                    return outcome(status, &rsp);
                 }
                 _ => {
                     return Err(DimseError::BadAnswer(

@@ -9,7 +9,7 @@
 use super::associate;
 use crate::config::Pacs;
 use crate::policy::{
-    LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup, StudyFacts, UidLevel,
+    HoldsFuture, LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup, StudyFacts, UidLevel,
 };
 use dicom_ul::pdu::AssociationRQ;
 use std::time::Duration;
@@ -39,6 +39,9 @@ impl super::pool::Pooled for Conn {
     }
 }
 
+/// The study (and series) a hierarchical look-up asks inside; `None`: a relational look-up.
+type Within<'a> = Option<(&'a str, Option<&'a str>)>;
+
 /// The pool key of look-up associations (they all propose the same context).
 const KEY: &str = "lookup";
 
@@ -66,9 +69,14 @@ impl PacsLookup {
         }
     }
 
-    async fn find_owners(&self, level: UidLevel, uid: &str) -> Result<Vec<Owner>, LookupError> {
+    async fn find_owners(
+        &self,
+        level: UidLevel,
+        uid: &str,
+        within: Within<'_>,
+    ) -> Result<Vec<Owner>, LookupError> {
         let t0 = std::time::Instant::now();
-        let r = match self.find_owner_bounded(level, uid).await {
+        let r = match self.find_owner_bounded(level, uid, within).await {
             Ok(Ok(owners)) => Ok(owners),
             Ok(Err(e)) => Err(LookupError::BadAnswer(e)),
             Err(e) => Err(LookupError::Unreachable(e)),
@@ -82,12 +90,13 @@ impl PacsLookup {
         &self,
         level: UidLevel,
         uid: &str,
+        within: Within<'_>,
     ) -> Result<Result<Vec<Owner>, String>, String> {
         let _slot = tokio::time::timeout(self.timeout, self.slots.acquire())
             .await
             .map_err(|_| "no look-up slot free in time".to_string())?
             .map_err(|e| e.to_string())?;
-        tokio::time::timeout(self.timeout, self.find_owner_inner(level, uid))
+        tokio::time::timeout(self.timeout, self.find_owner_inner(level, uid, within))
             .await
             .map_err(|_| {
                 format!(
@@ -103,12 +112,14 @@ impl PacsLookup {
         &self,
         level: UidLevel,
         uid: &str,
+        within: Within<'_>,
     ) -> Result<Result<Vec<Owner>, String>, String> {
         if let Some(mut conn) = self.idle.take(KEY) {
             // A pooled association may have died silently: it gets a shorter wait of its own,
             // so a fresh one still has time.
             let pooled_wait = (self.timeout / 4).max(Duration::from_secs(1));
-            match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid)).await {
+            match tokio::time::timeout(pooled_wait, self.query(&mut conn, level, uid, within)).await
+            {
                 Ok(Ok(answer)) => {
                     self.keep(conn, &answer);
                     return Ok(answer);
@@ -124,7 +135,7 @@ impl PacsLookup {
             }
         }
         let mut conn = self.open().await?;
-        let answer = self.query(&mut conn, level, uid).await?;
+        let answer = self.query(&mut conn, level, uid, within).await?;
         self.keep(conn, &answer);
         Ok(answer)
     }
@@ -194,13 +205,16 @@ impl PacsLookup {
         })
     }
 
-    /// One C-FIND on a look-up association. The outer error: the association is unusable
+    /// One C-FIND on a look-up association: who holds `uid` (relational), or, `within` a study
+    /// (and series), whether it is there (hierarchical; the matches then name no patient).
+    /// The outer error: the association is unusable
     /// (it is dropped); the inner one: the PACS answered, but the UID's owner is not known.
     async fn query(
         &self,
         conn: &mut Conn,
         level: UidLevel,
         uid: &str,
+        within: Within<'_>,
     ) -> Result<Result<Vec<Owner>, String>, String> {
         use crate::dicom::command::{self, Command};
         use crate::dicom::dataset::{DataSet, encode_element};
@@ -219,21 +233,34 @@ impl PacsLookup {
             UidLevel::Instance => ("IMAGE", tags::SOP_INSTANCE_UID),
         };
         // Ascending tags; the level's own key carries the UID, the rest are return keys.
-        let mut keys: Vec<(dicom_core::Tag, VR, &[u8])> = vec![
-            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, level_name.as_bytes()),
-            (tags::PATIENT_ID, VR::LO, b""),
-            (tags::ISSUER_OF_PATIENT_ID, VR::LO, b""),
-            (tags::STUDY_INSTANCE_UID, VR::UI, b""),
-        ];
-        if level == UidLevel::Study {
-            // What a study restriction (granular scopes) is judged on.
-            keys.push((tags::MODALITIES_IN_STUDY, VR::CS, b""));
-            keys.push((tags::STUDY_DATE, VR::DA, b""));
+        let mut keys: Vec<(dicom_core::Tag, VR, &[u8])> =
+            vec![(tags::QUERY_RETRIEVE_LEVEL, VR::CS, level_name.as_bytes())];
+        if let Some((study, series)) = within {
+            // The hierarchical model: the unique keys above the level, with their values, and
+            // nothing else of an upper level.
+            keys.push((tags::STUDY_INSTANCE_UID, VR::UI, study.as_bytes()));
+            if level == UidLevel::Instance {
+                keys.push((
+                    tags::SERIES_INSTANCE_UID,
+                    VR::UI,
+                    series.unwrap_or("").as_bytes(),
+                ));
+            }
+            keys.push((key, VR::UI, b""));
         } else {
-            keys.push((tags::SERIES_INSTANCE_UID, VR::UI, b""));
-        }
-        if level == UidLevel::Instance {
-            keys.push((tags::SOP_INSTANCE_UID, VR::UI, b""));
+            keys.push((tags::PATIENT_ID, VR::LO, b""));
+            keys.push((tags::ISSUER_OF_PATIENT_ID, VR::LO, b""));
+            keys.push((tags::STUDY_INSTANCE_UID, VR::UI, b""));
+            if level == UidLevel::Study {
+                // What a study restriction (granular scopes) is judged on.
+                keys.push((tags::MODALITIES_IN_STUDY, VR::CS, b""));
+                keys.push((tags::STUDY_DATE, VR::DA, b""));
+            } else {
+                keys.push((tags::SERIES_INSTANCE_UID, VR::UI, b""));
+            }
+            if level == UidLevel::Instance {
+                keys.push((tags::SOP_INSTANCE_UID, VR::UI, b""));
+            }
         }
         for k in keys.iter_mut() {
             if k.0 == key {
@@ -307,14 +334,19 @@ impl PacsLookup {
                                     study_date: text(tags::STUDY_DATE),
                                 }),
                             };
-                            // A match for another UID (PACS matching rules differ) says nothing.
+                            // A match for another UID (PACS matching rules differ) says nothing;
+                            // nor does one inside another study or series than the one asked.
                             let same = match level {
                                 UidLevel::Study => owner.study_uid == uid,
                                 UidLevel::Series => owner.series_uid.as_deref() == Some(uid),
                                 UidLevel::Instance => {
                                     first_uid(tags::SOP_INSTANCE_UID).as_deref() == Some(uid)
                                 }
-                            };
+                            } && within.is_none_or(|(study, series)| {
+                                owner.study_uid == study
+                                    && (level != UidLevel::Instance
+                                        || owner.series_uid.as_deref() == series)
+                            });
                             // One more than the cap is kept: the policy core reads that many
                             // as an inconsistency, so nothing past the cap can hide a conflict.
                             if same && owners.len() <= MAX_OWNERS {
@@ -343,6 +375,19 @@ impl PacsLookup {
 
 impl OwnerLookup for PacsLookup {
     fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a> {
-        Box::pin(self.find_owners(level, uid))
+        Box::pin(self.find_owners(level, uid, None))
+    }
+
+    fn holds<'a>(
+        &'a self,
+        level: UidLevel,
+        uid: &'a str,
+        study: &'a str,
+        series: Option<&'a str>,
+    ) -> HoldsFuture<'a> {
+        Box::pin(async move {
+            let found = self.find_owners(level, uid, Some((study, series))).await?;
+            Ok(!found.is_empty())
+        })
     }
 }

@@ -29,7 +29,7 @@ pub struct Permit {
     /// them (its study, series or instance UID), not merely the caller's patient's.
     pub(in crate::policy) retrieval: Option<Named>,
     /// For queries: what the query must ask for back, and how its matches are judged.
-    pub(in crate::policy) plan: query::QueryPlan,
+    pub(in crate::policy) plan: Box<query::QueryPlan>,
     /// For stores: where the instance goes, which the PACS holds once it confirms the store
     /// ([`Policy::stored`]).
     pub(in crate::policy) stores: Option<Box<Placement>>,
@@ -84,7 +84,7 @@ impl Permit {
             filter,
             studies: StudyGate::Open,
             retrieval: None,
-            plan: query::QueryPlan::default(),
+            plan: Box::default(),
             stores: None,
         }
     }

@@ -25,7 +25,8 @@ pub use access::Access;
 use decision::Decision;
 pub use decision::{Denial, DenialKind, InstanceId, Named, Permit};
 pub use ehr::{DirectoryFuture, EhrDirectory, study_uid_of};
-pub use owners::{LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup};
+use owners::Within;
+pub use owners::{HoldsFuture, LookupError, LookupFuture, MAX_OWNERS, Owner, OwnerLookup};
 #[cfg(test)]
 use owners::{OneOwner, OneOwnerFuture};
 use patient::narrow_query;
@@ -148,6 +149,9 @@ pub struct QueryRequest<'a> {
     /// offset: a PACS may echo a matching value back instead of the study's own, so the
     /// matches' values of them are not the study's facts.
     pub matches_on_facts: bool,
+    /// The query goes to the PACS in the Patient Root model (there PatientID is the unique key
+    /// above every level, allowed at each by the hierarchical model too).
+    pub patient_root: bool,
 }
 
 impl<'a> QueryRequest<'a> {
@@ -215,6 +219,8 @@ pub struct Policy {
     write: bool,
     map: PatientMap,
     use_issuer: bool,
+    /// The PACS enforces the hierarchical query model (`pacs.query_model`).
+    hierarchical: bool,
     issuer_names: std::collections::HashMap<String, String>,
     /// The mapping table, when `map = "table"`.
     table: Option<mapping::TableSource>,
@@ -238,6 +244,7 @@ impl Policy {
             write: cfg.policy.write,
             map: cfg.patients.map.clone(),
             use_issuer: cfg.patients.use_issuer,
+            hierarchical: cfg.pacs.query_model == crate::config::QueryModel::Hierarchical,
             issuer_names: cfg.patients.issuer_names.clone(),
             table: match &cfg.patients.map {
                 PatientMap::Table(path) => Some(mapping::TableSource::new(path.clone())),

@@ -24,6 +24,9 @@ pub struct Owner {
 pub type LookupFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Owner>, LookupError>> + Send + 'a>>;
 
+/// The future [`OwnerLookup::holds`] returns.
+pub type HoldsFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, LookupError>> + Send + 'a>>;
+
 /// The most owners a look-up's answer may name for one UID. A look-up reports at most one more
 /// than this, which the policy core judges a PACS inconsistency like two patients (the answers
 /// past the cap were not seen, so one of them may name another patient).
@@ -46,6 +49,43 @@ pub enum LookupError {
 /// judges the answers (one owner, or none to trust) and caches them.
 pub trait OwnerLookup: Send + Sync {
     fn owners<'a>(&'a self, level: UidLevel, uid: &'a str) -> LookupFuture<'a>;
+
+    /// For a PACS that enforces the hierarchical query model: whether it holds a series
+    /// (`level` SERIES) inside `study`, or an instance inside `study` and `series`, asked with
+    /// the keys that model allows at that level only (the unique keys above it, never
+    /// PatientID). Whose it is, is its study's owner's.
+    fn holds<'a>(
+        &'a self,
+        level: UidLevel,
+        uid: &'a str,
+        study: &'a str,
+        series: Option<&'a str>,
+    ) -> HoldsFuture<'a>;
+}
+
+/// Where a series or an instance is named: the study (and, for an instance, the series) the
+/// request names it under. Only a PACS of the hierarchical query model needs it, to be asked
+/// at all.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Within<'a> {
+    pub study: Option<&'a str>,
+    pub series: Option<&'a str>,
+}
+
+/// Why a series or instance cannot be judged by a PACS of the hierarchical query model.
+pub(super) const HIERARCHY_NEEDS_STUDY: &str = "the PACS follows the hierarchical query model: a series or an instance is named inside exactly one study (StudyInstanceUID)";
+pub(super) const HIERARCHY_NEEDS_SERIES: &str = "the PACS follows the hierarchical query model: an instance is named inside exactly one study and one series (StudyInstanceUID, SeriesInstanceUID)";
+
+/// The cache key of a series or an instance found inside a study (and series): UIDs never
+/// hold a backslash, so the parts cannot run into each other.
+fn held_key(level: UidLevel, uid: &str, study: &str, series: Option<&str>) -> (UidLevel, String) {
+    let mut k = format!("{study}\\");
+    if level == UidLevel::Instance {
+        k.push_str(series.unwrap_or_default());
+        k.push('\\');
+    }
+    k.push_str(uid);
+    (level, k)
 }
 
 /// The one owner a look-up's matches name: `Ok(None)` for no match; an error when they name
@@ -65,6 +105,71 @@ pub(super) fn one_owner(owners: Vec<Owner>) -> Result<Option<Owner>, Denial> {
 }
 
 impl Policy {
+    /// The owner of a series or an instance named inside `within`. Of a relational PACS it is
+    /// asked directly ([`Policy::owner`]). A hierarchical PACS cannot be asked who holds a
+    /// series or an instance, only whether a study holds it: then it is its study's owner's
+    /// (asked at STUDY level) when the study holds it, and nobody's when not. This is weaker
+    /// than the relational look-up in one way: a UID the PACS also holds under another study is
+    /// not seen here (the per-instance check of what flows back still is).
+    pub(super) async fn owner_within(
+        &self,
+        lookup: &dyn OwnerLookup,
+        level: UidLevel,
+        uid: &str,
+        within: Within<'_>,
+    ) -> Result<Option<Arc<Owner>>, Denial> {
+        if !self.hierarchical || level == UidLevel::Study {
+            return self.owner(lookup, level, uid).await;
+        }
+        let (Some(study), series) = (within.study, within.series) else {
+            return Err(Denial::BadIdentifier(HIERARCHY_NEEDS_STUDY));
+        };
+        if level == UidLevel::Instance && series.is_none() {
+            return Err(Denial::BadIdentifier(HIERARCHY_NEEDS_SERIES));
+        }
+        let key = held_key(level, uid, study, series);
+        let cached = self.owners.get(&key).await;
+        crate::metrics::cache("ownership", cached.is_some());
+        if let Some(o) = cached {
+            return Ok(Some(o));
+        }
+        let Some(owner) = self.owner(lookup, UidLevel::Study, study).await? else {
+            return Ok(None);
+        };
+        let series = series.filter(|_| level == UidLevel::Instance);
+        match lookup.holds(level, uid, study, series).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(level = ?level, error = %e, "ownership lookup failed; denying");
+                return Err(Denial::LookupFailed);
+            }
+        }
+        let o = Arc::new(Owner {
+            series_uid: Some(series.unwrap_or(uid).to_string()),
+            facts: None,
+            ..(*owner).clone()
+        });
+        self.owners.insert(key, o.clone()).await;
+        Ok(Some(o))
+    }
+
+    /// The cache key of a UID's owner: by the UID alone for a relational PACS, by where it was
+    /// found for a hierarchical one (the same UID inside another study is another question).
+    pub(super) fn owner_key(
+        &self,
+        level: UidLevel,
+        uid: &str,
+        within: Within<'_>,
+    ) -> (UidLevel, String) {
+        match (self.hierarchical, level, within.study) {
+            (true, UidLevel::Series | UidLevel::Instance, Some(study)) => {
+                held_key(level, uid, study, within.series)
+            }
+            _ => (level, uid.to_string()),
+        }
+    }
+
     /// The owner of a UID, from the cache or the PACS.
     pub(super) async fn owner(
         &self,
@@ -161,6 +266,24 @@ impl<T: OneOwner> OwnerLookup for T {
         Box::pin(async move {
             match self.owner(level, uid).await {
                 Ok(o) => Ok(o.into_iter().collect()),
+                Err(e) => Err(LookupError::Unreachable(e)),
+            }
+        })
+    }
+
+    /// A fake's hierarchy: it holds a UID inside a study (and series) when its owner names them.
+    fn holds<'a>(
+        &'a self,
+        level: UidLevel,
+        uid: &'a str,
+        study: &'a str,
+        series: Option<&'a str>,
+    ) -> HoldsFuture<'a> {
+        Box::pin(async move {
+            match self.owner(level, uid).await {
+                Ok(o) => Ok(o.is_some_and(|o| {
+                    o.study_uid == study && (series.is_none() || o.series_uid.as_deref() == series)
+                })),
                 Err(e) => Err(LookupError::Unreachable(e)),
             }
         })

@@ -139,6 +139,11 @@ pub(crate) struct QueryPlan {
     /// The one study the query searches inside: a match that leaves its UID out is of this
     /// study (with several, such a match has no study).
     inside_study: Option<String>,
+    /// Below STUDY level at a PACS of the hierarchical query model, matches cannot be asked
+    /// for their patient: they are judged as members of the one study searched inside, whose
+    /// owner (this PatientID) was judged before the query ran. A match of another study, or
+    /// that names another patient, is withheld.
+    vouched_by: Option<String>,
 }
 
 impl Permit {
@@ -228,15 +233,38 @@ impl Policy {
                 return Decision::Deny(d);
             }
         }
+        // A hierarchical PACS answers below STUDY level only inside one study (and, at IMAGE
+        // level, one series), and refuses PatientID there in the Study Root model: the study's
+        // owner, just judged, stands for every match.
+        let vouched_by =
+            if self.hierarchical && matches!(q.level, QueryLevel::Series | QueryLevel::Image) {
+                let [study] = q.inside_studies else {
+                    return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_STUDY));
+                };
+                if q.level == QueryLevel::Image && q.inside_series.len() != 1 {
+                    return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_SERIES));
+                }
+                let owner = match self.owner(lookup, UidLevel::Study, study).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => return Decision::Deny(Denial::NotOwned(UidLevel::Study)),
+                    Err(d) => return Decision::Deny(d),
+                };
+                if !q.patient_root {
+                    permit.query_patient_ids.clear();
+                }
+                Some(owner.patient_id.clone())
+            } else {
+                None
+            };
         let gated = !matches!(permit.studies, StudyGate::Open);
         let study_facts =
             q.level == QueryLevel::Study && permit.wants_study_facts() && !q.matches_on_facts;
         let issuer = permit.filter.compares_issuer();
         let mut keys = Vec::new();
-        if !matches!(permit.filter, super::PatientFilter::Any) {
+        if !matches!(permit.filter, super::PatientFilter::Any) && vouched_by.is_none() {
             keys.push(ResultKey::PatientId);
         }
-        if issuer {
+        if issuer && vouched_by.is_none() {
             keys.push(ResultKey::IssuerOfPatientId);
         }
         // The study tells under a restriction, and says whose a match is when its issuer is
@@ -248,14 +276,15 @@ impl Policy {
             keys.push(ResultKey::ModalitiesInStudy);
             keys.push(ResultKey::StudyDate);
         }
-        permit.plan = QueryPlan {
+        permit.plan = Box::new(QueryPlan {
             keys,
             study_facts,
             inside_study: match q.inside_studies {
                 [one] => Some(one.to_string()),
                 _ => None,
             },
-        };
+            vouched_by,
+        });
         Decision::Allow(permit)
     }
 
@@ -304,6 +333,8 @@ impl ResultJudge<'_> {
         let filter = &self.permit.filter;
         let admitted = if m.several_studies {
             false
+        } else if let Some(owner) = &self.permit.plan.vouched_by {
+            self.member(m, owner)
         } else if filter.compares_issuer() {
             let issuer = m.issuer.as_ref()?;
             filter.admits(m.patient_id.as_deref(), issuer.as_deref())
@@ -338,6 +369,8 @@ impl ResultJudge<'_> {
             let pid = m.patient_id.as_deref();
             let admitted = if m.several_studies {
                 false
+            } else if let Some(owner) = &permit.plan.vouched_by {
+                self.member(m, owner)
             } else if permit.filter.compares_issuer() {
                 let issuer = match &m.issuer {
                     Some(i) => Some(i.clone()),
@@ -401,6 +434,22 @@ impl ResultJudge<'_> {
             self.count(*v);
         }
         verdicts
+    }
+
+    /// Whether a match below STUDY level of a hierarchical PACS is one of the study searched
+    /// inside: its StudyInstanceUID (when it says one) is that study's, and a PatientID it
+    /// says anyway is that study's owner's.
+    fn member(&self, m: &MatchView, owner: &str) -> bool {
+        let trimmed = |v: &str| v.trim_end_matches(['\0', ' ']).to_string();
+        let study_ok = match m.study.as_deref().map(trimmed) {
+            Some(s) if !s.is_empty() => self.permit.plan.inside_study.as_deref() == Some(&s),
+            _ => true,
+        };
+        let patient_ok = match m.patient_id.as_deref() {
+            Some(p) if !p.trim_matches(' ').is_empty() => lo_eq(p, owner),
+            _ => true,
+        };
+        study_ok && patient_ok && self.permit.plan.inside_study.is_some()
     }
 
     /// A match's study: its own UID, else the study the query searched inside.

@@ -83,6 +83,26 @@ impl Policy {
         if total > MAX_UIDS_PER_REQUEST {
             return Decision::Deny(Denial::BadIdentifier("too many UIDs"));
         }
+        // A hierarchical PACS retrieves (and is asked about) a series inside one study and an
+        // instance inside one study and one series (PS3.4 C.4.2.2.1.2).
+        let within = Within {
+            study: match req.study_uids.as_slice() {
+                [one] => Some(one.as_str()),
+                _ => None,
+            },
+            series: match req.series_uids.as_slice() {
+                [one] => Some(one.as_str()),
+                _ => None,
+            },
+        };
+        if self.hierarchical {
+            if level != UidLevel::Study && within.study.is_none() {
+                return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_STUDY));
+            }
+            if level == UidLevel::Instance && within.series.is_none() {
+                return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_SERIES));
+            }
+        }
         // Lowest level first: an instance's owner names its series and study, so a study or
         // series the request names above its own level, and above its instances, needs no
         // look-up of its own (a viewer's instance URL costs one look-up, not three). The
@@ -116,7 +136,9 @@ impl Policy {
             }
             for chunk in todo.chunks(LOOKUPS_PER_REQUEST) {
                 let owners = futures_util::future::join_all(
-                    chunk.iter().map(|uid| self.owner(lookup, l, uid)),
+                    chunk
+                        .iter()
+                        .map(|uid| self.owner_within(lookup, l, uid, within)),
                 )
                 .await;
                 for owner in owners {

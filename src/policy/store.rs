@@ -25,11 +25,22 @@ impl Policy {
                 facts: None,
             })
         };
+        let in_study = Within {
+            study: Some(&p.study),
+            series: None,
+        };
+        let in_series = Within {
+            series: Some(&p.series),
+            ..in_study
+        };
         let keys = [
             ((UidLevel::Study, p.study.clone()), owner(None)),
-            ((UidLevel::Series, p.series.clone()), owner(Some(&p.series))),
             (
-                (UidLevel::Instance, p.instance.clone()),
+                self.owner_key(UidLevel::Series, &p.series, in_study),
+                owner(Some(&p.series)),
+            ),
+            (
+                self.owner_key(UidLevel::Instance, &p.instance, in_series),
                 owner(Some(&p.series)),
             ),
         ];
@@ -81,7 +92,11 @@ impl Policy {
             if l == UidLevel::Study {
                 study = uid;
             }
-            match self.owner(lookup, l, uid).await {
+            let within = Within {
+                study: Some(study),
+                series: None,
+            };
+            match self.owner_within(lookup, l, uid, within).await {
                 Ok(None) => {}
                 Ok(Some(o)) => {
                     study_exists |= l == UidLevel::Study;
@@ -104,12 +119,19 @@ impl Policy {
                 "the instance has no SOP Instance UID",
             ));
         };
-        match self.owner(lookup, UidLevel::Instance, instance).await {
+        let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
+        let within = Within {
+            study: Some(study),
+            series,
+        };
+        match self
+            .owner_within(lookup, UidLevel::Instance, instance, within)
+            .await
+        {
             Ok(None) => {}
             Ok(Some(o)) => {
                 let same_issuer = !self.use_issuer
                     || (o.issuer_known && issuer(o.issuer.as_deref()) == issuer(req.issuer));
-                let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
                 if !lo_eq(&o.patient_id, pid)
                     || !same_issuer
                     || o.study_uid != study
@@ -150,7 +172,6 @@ impl Policy {
                 }
             }
         }
-        let series = req.series_uid.map(|u| u.trim_end_matches(['\0', ' ']));
         let mut permit = Permit::new(access.write_patients);
         permit.stores = Some(Box::new(Placement {
             patient_id: pid.to_string(),

@@ -138,17 +138,20 @@ impl WebCtx {
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
         readiness: Arc<crate::readiness::Readiness>,
+        moves: Arc<crate::dimse::receiver::MoveRegistry>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-        WebCtx::build(cfg, trust, policy, readiness, slots)
+        WebCtx::build(cfg, trust, policy, readiness, slots, moves)
     }
 
-    /// The context of the next configuration; the request slots and readiness carry over.
+    /// The context of the next configuration; the request slots, readiness and the C-MOVE
+    /// registry carry over.
     pub fn succeeding(
         &self,
         cfg: Arc<Config>,
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
+        moves: Arc<crate::dimse::receiver::MoveRegistry>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         WebCtx::build(
             cfg,
@@ -156,6 +159,7 @@ impl WebCtx {
             policy,
             self.readiness.clone(),
             self.slots.clone(),
+            moves,
         )
     }
 
@@ -165,6 +169,7 @@ impl WebCtx {
         policy: Arc<Policy>,
         readiness: Arc<crate::readiness::Readiness>,
         slots: Arc<Semaphore>,
+        moves: Arc<crate::dimse::receiver::MoveRegistry>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
         // issuers' metadata the discovery documents point at.
@@ -177,7 +182,7 @@ impl WebCtx {
             },
             public_base: format!("{public}/dicom-web"),
             pacs: DicomWeb::new(&cfg)?,
-            dimse: Arc::new(crate::pacs::dimse::Dimse::new(&cfg)),
+            dimse: Arc::new(crate::pacs::dimse::Dimse::new(&cfg, moves)),
             http,
             slots,
             discovery: discovery::Cache::default(),

@@ -111,8 +111,18 @@ pub async fn search(
     if level == QueryLevel::Image {
         series.extend(named_uids(&pairs, &["seriesinstanceuid", "0020000e"])?);
     }
+    // A study in the path and as a key is one study searched inside.
+    for uids in [&mut studies, &mut series] {
+        let mut seen: Vec<&str> = Vec::new();
+        uids.retain(|u| {
+            let new = !seen.contains(u);
+            seen.push(u);
+            new
+        });
+    }
     let request = QueryRequest {
         level,
+        patient_root: false,
         patient_id: requested.as_deref(),
         inside_studies: &studies,
         inside_series: &series,
@@ -178,7 +188,10 @@ pub async fn search(
                 results.extend(part);
             }
             super::Upstream::Dimse(dimse) => {
-                let keys = translate::search_keys(level, path_study, path_series, &q)?;
+                let hierarchical =
+                    ctx.cfg.pacs.query_model == crate::config::QueryModel::Hierarchical;
+                let keys =
+                    translate::search_keys(level, path_study, path_series, &q, hierarchical)?;
                 results.extend(translate::search(dimse, level, keys, &ctx.public_base).await?);
             }
         }

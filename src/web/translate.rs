@@ -139,13 +139,53 @@ pub(crate) struct Search {
     offset: usize,
 }
 
+/// Whether an attribute belongs to another level than `level` (and is not one of the unique
+/// keys above it): a PACS of the hierarchical query model refuses such a key (PS3.4
+/// C.4.1.2.1), so it is neither matched on (400) nor asked back there. Attributes of no level
+/// the gateway knows are left to the PACS.
+fn off_level(tag: Tag, level: QueryLevel) -> bool {
+    let rank = |l: QueryLevel| match l {
+        QueryLevel::Patient | QueryLevel::Study => 0,
+        QueryLevel::Series => 1,
+        QueryLevel::Image => 2,
+    };
+    let unique = [
+        (tags::STUDY_INSTANCE_UID, QueryLevel::Study),
+        (tags::SERIES_INSTANCE_UID, QueryLevel::Series),
+        (tags::SOP_INSTANCE_UID, QueryLevel::Image),
+    ];
+    if let Some((_, l)) = unique.iter().find(|(t, _)| *t == tag) {
+        return rank(*l) > rank(level);
+    }
+    // Of every level.
+    if [
+        tags::TIMEZONE_OFFSET_FROM_UTC,
+        tags::INSTANCE_AVAILABILITY,
+        tags::SPECIFIC_CHARACTER_SET,
+    ]
+    .contains(&tag)
+    {
+        return false;
+    }
+    let patient = tag.group() == 0x0010;
+    // Study Root: the study level holds the patient's attributes too.
+    let own = default_keys(level).contains(&tag) || (patient && rank(level) == 0);
+    let other = [QueryLevel::Study, QueryLevel::Series, QueryLevel::Image]
+        .iter()
+        .any(|l| rank(*l) != rank(level) && default_keys(*l).contains(&tag));
+    !own && (other || patient)
+}
+
 /// Reads the QIDO-RS parameters `pairs` (as the gateway narrowed them) into C-FIND keys at
-/// `level`, inside the study and series the path names.
+/// `level`, inside the study and series the path names. For a PACS of the hierarchical query
+/// model (`hierarchical`), no key of another level is sent: matching on one is refused, and
+/// included ones are not asked back.
 pub(crate) fn search_keys(
     level: QueryLevel,
     path_study: Option<&str>,
     path_series: Option<&str>,
     pairs: &[(String, String)],
+    hierarchical: bool,
 ) -> Result<Search, ApiError> {
     let mut keys: Vec<Key> = Vec::new();
     let mut limit = MAX_MATCHES;
@@ -217,6 +257,11 @@ pub(crate) fn search_keys(
                         "that attribute cannot be matched on".into(),
                     ));
                 }
+                if hierarchical && off_level(tag, level) {
+                    return Err(ApiError::BadRequest(
+                        "the PACS follows the hierarchical query model: search on the attributes of the level searched (and the UIDs above it)".into(),
+                    ));
+                }
                 if v.len() > 1024 || v.bytes().any(|b| b < 0x20 || b == b'\\' || b == 0x7f) {
                     return Err(ApiError::BadRequest(
                         "a matching value holds characters that are not allowed".into(),
@@ -251,7 +296,7 @@ pub(crate) fn search_keys(
     }
     let dict = StandardDataDictionary;
     for tag in returned {
-        if keys.iter().any(|k| k.tag == tag) {
+        if keys.iter().any(|k| k.tag == tag) || (hierarchical && off_level(tag, level)) {
             continue;
         }
         let Some(vr) = dict.by_tag(tag).map(|e| e.vr().relaxed()) else {

@@ -196,6 +196,13 @@ class Dcmqrscp:
 
     def __init__(self, tmp: Path, name="dcmqrscp", flags=(), peers=(), max_associations=16):
         self.dicom_port = free_port()
+        # With its strict identifier checks on, it enforces the hierarchical query model: the
+        # gateway is told so.
+        self.strict = "--check-find" in flags
+        # Without C-GET, the gateway retrieves for DICOMweb by C-MOVE to its receiver.
+        self.no_get = "--disable-get" in flags
+        self.pacs_extra = "\n".join(
+            line for on, line in ((self.strict, 'query_model = "hierarchical"'), (self.no_get, 'retrieve = "c-move"')) if on)
         self.aet = "DCMQRSCP"
         self.url = None  # no DICOMweb service
         self.tmp = tmp / name
@@ -275,8 +282,24 @@ AETable END
         finally:
             assoc.release()
 
+    def _everything(self):
+        """(PatientID, study, series, SOP instance) of every instance held. With its strict
+        checks on, dcmqrscp answers only hierarchical queries: the hierarchy is walked."""
+        if not self.strict:
+            return [(x.PatientID, x.StudyInstanceUID, x.SeriesInstanceUID, x.SOPInstanceUID)
+                    for x in self._find("IMAGE", PatientID="", StudyInstanceUID="", SeriesInstanceUID="", SOPInstanceUID="")]
+        out = []
+        for st in self._find("STUDY", PatientID="", StudyInstanceUID=""):
+            for se in self._find("SERIES", StudyInstanceUID=st.StudyInstanceUID, SeriesInstanceUID=""):
+                for im in self._find("IMAGE", StudyInstanceUID=st.StudyInstanceUID,
+                                     SeriesInstanceUID=se.SeriesInstanceUID, SOPInstanceUID=""):
+                    out.append((st.PatientID, st.StudyInstanceUID, se.SeriesInstanceUID, im.SOPInstanceUID))
+        return out
+
     def holds(self, sop_uid: str) -> bool:
-        return bool(self._find("IMAGE", SOPInstanceUID=sop_uid, StudyInstanceUID="", SeriesInstanceUID=""))
+        if not self.strict:
+            return bool(self._find("IMAGE", SOPInstanceUID=sop_uid, StudyInstanceUID="", SeriesInstanceUID=""))
+        return any(x[3] == sop_uid for x in self._everything())
 
     def patient_of_study(self, study_uid: str):
         m = self._find("STUDY", StudyInstanceUID=study_uid, PatientID="")
@@ -284,10 +307,8 @@ AETable END
 
     def counts(self, patient_id: str) -> dict:
         """What dcmqrscp holds for a PatientID, compared exactly (it keeps padding)."""
-        mine = [x for x in self._find("IMAGE", PatientID="", StudyInstanceUID="", SeriesInstanceUID="", SOPInstanceUID="")
-                if x.PatientID == patient_id]
-        return {"studies": len({x.StudyInstanceUID for x in mine}), "series": len({x.SeriesInstanceUID for x in mine}),
-                "instances": len(mine)}
+        mine = [x for x in self._everything() if x[0] == patient_id]
+        return {"studies": len({x[1] for x in mine}), "series": len({x[2] for x in mine}), "instances": len(mine)}
 
 
 class Issuer:
@@ -336,6 +357,10 @@ class Gateway:
         self.config = tmp / f"{name}.toml"
         web = dicomweb_url or (orthanc.url + "/dicom-web" if orthanc.url and not translate else None)
         dicomweb_line = f'dicomweb_url = "{web}"' if web else ""
+        # What the PACS needs said of it; retrieving by C-MOVE needs a receiver (a gateway
+        # started without one retrieves nothing in its test).
+        pacs_extra = "\n".join(line for line in getattr(orthanc, "pacs_extra", "").splitlines()
+                                if receive_port or not line.startswith("retrieve"))
         self.config.write_text(
             f"""
 [gateway]
@@ -360,6 +385,7 @@ issuer = "{issuer.url}"
 ae_title = "{orthanc.aet}"
 address = "127.0.0.1:{orthanc.dicom_port}"
 calling_ae_title = "{calling_ae}"
+{pacs_extra}
 {dicomweb_line}
 {f'receive_listen = "127.0.0.1:{receive_port}"' if receive_port else ""}
 
@@ -407,10 +433,14 @@ def ports():
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_root, ports):
-    """The PACS under test: Orthanc, or with PACSGATE_PACS=dcmqrscp, DCMTK's dcmqrscp (DIMSE
-    only: DICOMweb is then answered by translation)."""
-    if os.environ.get("PACSGATE_PACS") == "dcmqrscp":
-        d = Dcmqrscp(tmp_root, peers=[("PACSGATE", ports["receive"]), ("DEST", ports["dest"])])
+    """The PACS under test: Orthanc, or with PACSGATE_PACS=dcmqrscp (or dcmqrscp-strict),
+    DCMTK's dcmqrscp (DIMSE only: DICOMweb is then answered by translation)."""
+    which = os.environ.get("PACSGATE_PACS")
+    if which in ("dcmqrscp", "dcmqrscp-strict", "dcmqrscp-noget"):
+        # "dcmqrscp-strict": with its identifier checks on (the hierarchical query model);
+        # "dcmqrscp-noget": without C-GET.
+        flags = {"dcmqrscp-strict": ("--check-find", "--check-move"), "dcmqrscp-noget": ("--disable-get",)}.get(which, ())
+        d = Dcmqrscp(tmp_root, flags=flags, peers=[("PACSGATE", ports["receive"]), ("DEST", ports["dest"])])
         d.load(PATIENTS, PADDED)
         yield d
         stop(d.proc)

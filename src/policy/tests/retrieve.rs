@@ -220,3 +220,150 @@ async fn an_instance_named_under_its_study_and_series_costs_one_look_up() {
         .await;
     assert_eq!(d, Decision::Deny(Denial::Hierarchy));
 }
+
+/// A PACS of the hierarchical query model: a series or instance is judged through its study's
+/// owner and whether that study (and series) holds it; naming it without them is refused
+/// before anything is asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hierarchical_pacs_is_asked_inside_the_study_named() {
+    let mut c = cfg("deny");
+    c.pacs.query_model = crate::config::QueryModel::Hierarchical;
+    let pol = Policy::bare(&c);
+    let a = principal("patient/ImagingStudy.rs", Some("A"));
+    use UidLevel::*;
+    let needs_study = Some(Denial::BadIdentifier(
+        super::super::owners::HIERARCHY_NEEDS_STUDY,
+    ));
+    let needs_series = Some(Denial::BadIdentifier(
+        super::super::owners::HIERARCHY_NEEDS_SERIES,
+    ));
+    for (why, r, expected) in [
+        (
+            "an own study",
+            retrieve(Some(Study), &["S1"], &[], &[], None),
+            None,
+        ),
+        (
+            "an own series in its study",
+            retrieve(Some(Series), &["S1"], &["R1"], &[], None),
+            None,
+        ),
+        (
+            "an own instance in its study and series",
+            retrieve(Some(Instance), &["S1"], &["R1"], &["I1"], None),
+            None,
+        ),
+        (
+            "a series without its study",
+            retrieve(Some(Series), &[], &["R1"], &[], None),
+            needs_study.clone(),
+        ),
+        (
+            "a series under two studies",
+            retrieve(Some(Series), &["S1", "S2"], &["R1"], &[], None),
+            needs_study,
+        ),
+        (
+            "an instance without its series",
+            retrieve(Some(Instance), &["S1"], &[], &["I1"], None),
+            needs_series,
+        ),
+        (
+            "an own series under another own study: that study does not hold it",
+            retrieve(Some(Series), &["S2"], &["R1"], &[], None),
+            Some(Denial::NotOwned(Series)),
+        ),
+        (
+            "another patient's series inside its own study",
+            retrieve(Some(Series), &["S3"], &["R3"], &[], None),
+            Some(Denial::NotOwned(Series)),
+        ),
+        (
+            "another patient's series named inside an own study",
+            retrieve(Some(Series), &["S1"], &["R3"], &[], None),
+            Some(Denial::NotOwned(Series)),
+        ),
+    ] {
+        let d = decide_r(&pol, &a, r).await;
+        assert_eq!(denial(&d), expected.as_ref(), "{why}: {d:?}");
+    }
+}
+
+/// Below STUDY level at a hierarchical PACS the query carries no PatientID and asks none back;
+/// each match is judged as a member of the one study searched inside.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hierarchical_query_is_judged_by_the_study_it_searches() {
+    let mut c = cfg("deny");
+    c.pacs.query_model = crate::config::QueryModel::Hierarchical;
+    let pol = Policy::new(
+        &c,
+        Ports::new(
+            Arc::new(FakePacs { fail: false }),
+            Arc::new(FakeEhr::default()),
+        ),
+    );
+    let a = principal("patient/ImagingStudy.rs", Some("A"));
+    let caller = pol.caller(a.clone()).await;
+    let q = |level, studies: &'static [&'static str]| QueryRequest {
+        level,
+        inside_studies: studies,
+        ..QueryRequest::default()
+    };
+    let decide = |r: QueryRequest<'static>| {
+        let (pol, a) = (&pol, &a);
+        async move {
+            pol.decide_query(
+                a,
+                &r,
+                &FakePacs { fail: false },
+                &FakeEhr::default(),
+                SystemTime::now(),
+            )
+            .await
+        }
+    };
+    let d = decide(q(QueryLevel::Series, &[])).await;
+    assert_eq!(
+        denial(&d),
+        Some(&Denial::BadIdentifier(
+            super::super::owners::HIERARCHY_NEEDS_STUDY
+        ))
+    );
+    let d = decide(q(QueryLevel::Series, &["S1", "S2"])).await;
+    assert!(
+        matches!(denial(&d), Some(Denial::BadIdentifier(_))),
+        "{d:?}"
+    );
+    let d = decide(q(QueryLevel::Series, &["S3"])).await;
+    assert_eq!(denial(&d), Some(&Denial::NotOwned(UidLevel::Study)));
+    let Decision::Allow(permit) = decide(q(QueryLevel::Series, &["S1"])).await else {
+        panic!("an own study is searched inside");
+    };
+    assert!(permit.query_patient_ids().is_empty());
+    assert!(!permit.result_keys().contains(&ResultKey::PatientId));
+    let mut judge = pol.judge(&caller, &permit);
+    let m = |study: Option<&str>, pid: Option<&str>| MatchView {
+        study: study.map(str::to_string),
+        patient_id: pid.map(str::to_string),
+        ..MatchView::default()
+    };
+    let verdicts = judge
+        .judge(&[
+            m(Some("S1"), None),
+            m(None, None),
+            m(Some("S1 "), Some("A")),
+            m(Some("S2"), None),
+            m(Some("S1"), Some("B")),
+        ])
+        .await;
+    use Verdict::*;
+    assert_eq!(
+        verdicts,
+        vec![Admit, Admit, Admit, OtherPatient, OtherPatient]
+    );
+    // Study level: narrowed by PatientID as with any PACS.
+    let Decision::Allow(permit) = decide(q(QueryLevel::Study, &[])).await else {
+        panic!("a study search is allowed");
+    };
+    assert_eq!(permit.query_patient_ids(), ["A".to_string()]);
+}
