@@ -37,11 +37,12 @@ PACSGATE_PACS=dcmqrscp PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/pytho
   tests/integration/test_dicomweb.py tests/integration/test_dimse_find.py \
   tests/integration/test_dimse_store_get.py tests/integration/test_dimse_move.py \
   tests/integration/test_dimse_association.py -q -p no:cacheprovider
-echo "== in front of dcmqrscp with its identifier checks on (the hierarchical query model), then without C-GET: the DICOMweb tests"
+echo "== in front of dcmqrscp with its identifier checks on (the hierarchical query model): the DICOMweb tests;"
+echo "== then without C-GET (served by C-MOVE to the gateway's receiver): the DICOMweb and C-GET tests"
 PACSGATE_PACS=dcmqrscp-strict PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
   tests/integration/test_dicomweb.py -q -p no:cacheprovider
 PACSGATE_PACS=dcmqrscp-noget PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
-  tests/integration/test_dicomweb.py -q -p no:cacheprovider
+  tests/integration/test_dicomweb.py tests/integration/test_dimse_store_get.py -q -p no:cacheprovider
 echo "== fuzz targets, a short run each (scripts/fuzz.sh)"
 scripts/fuzz.sh 5
 echo "== the strict reader against DCMTK's reading (scripts/differential.py)"

@@ -866,7 +866,7 @@ impl Config {
         let connect_timeout =
             c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
         let pacs_max_associations =
-            c.positive_int("pacs.max_associations", pacs.max_associations, 16, 1, 1000) as usize;
+            c.positive_int("pacs.max_associations", pacs.max_associations, 100, 1, 1000) as usize;
         let query_model = match pacs.query_model.as_deref().unwrap_or("relational") {
             "relational" => QueryModel::Relational,
             "hierarchical" => QueryModel::Hierarchical,

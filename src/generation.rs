@@ -41,17 +41,20 @@ impl Generation {
         let cfg = Arc::new(cfg);
         let trust = TrustCore::new(&cfg)?;
         // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
-        let lookup = Arc::new(crate::pacs::PacsLookup::new(&cfg));
+        // One count of the associations open to the PACS (pacs.max_associations) for the
+        // look-ups, DICOMweb by translation and client relays of this configuration.
+        let slots = crate::pacs::Slots::new(cfg.pacs.max_associations, cfg.limits.upstream_timeout);
+        let lookup = Arc::new(crate::pacs::PacsLookup::new(&cfg, slots.clone()));
         let ehr = Arc::new(crate::ehr::Ehr::new(&cfg, trust.clone())?);
         let policy = Arc::new(Policy::new(&cfg, Ports::new(lookup, ehr)));
         let (dimse, web) = match prev {
             None => {
                 let readiness = crate::readiness::Readiness::new(&trust.issuer_names());
-                let d = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone());
+                let d = dimse::Ctx::new(cfg.clone(), trust.clone(), policy.clone(), slots.clone());
                 let moves = d.moves.clone();
                 (
                     d,
-                    WebCtx::new(cfg.clone(), trust.clone(), policy, readiness, moves)?,
+                    WebCtx::new(cfg.clone(), trust.clone(), policy, readiness, moves, slots)?,
                 )
             }
             Some(p) => {
@@ -60,11 +63,16 @@ impl Generation {
                     trust.clone(),
                     policy.clone(),
                     p.dimse.moves.clone(),
+                    slots.clone(),
                 )?;
                 // Only once nothing can fail: a refused configuration changes nothing.
                 p.web.readiness().set_issuers(&trust.issuer_names());
                 crate::metrics::keep_issuers(&trust.issuer_names());
-                (p.dimse.succeeding(cfg.clone(), trust.clone(), policy), web)
+                (
+                    p.dimse
+                        .succeeding(cfg.clone(), trust.clone(), policy, slots),
+                    web,
+                )
             }
         };
         let (retire, retired) = watch::channel(false);

@@ -456,8 +456,14 @@ issuer = "{issuer_url}"
     let gateway = gl.local_addr().unwrap();
     let trust = TrustCore::new(&cfg).unwrap();
     let ehr = Arc::new(pacsgate::ehr::Ehr::new(&cfg, trust.clone()).unwrap());
-    let ports = Ports::new(Arc::new(PacsLookup::new(&cfg)), ehr);
-    let ctx = dimse::Ctx::new(cfg.clone(), trust, Arc::new(Policy::new(&cfg, ports)));
+    let slots = pacsgate::pacs::Slots::new(cfg.pacs.max_associations, cfg.limits.upstream_timeout);
+    let ports = Ports::new(Arc::new(PacsLookup::new(&cfg, slots.clone())), ehr);
+    let ctx = dimse::Ctx::new(
+        cfg.clone(),
+        trust,
+        Arc::new(Policy::new(&cfg, ports)),
+        slots,
+    );
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let (_ctx_tx, current) = tokio::sync::watch::channel(ctx);
     tokio::spawn(async move {

@@ -111,6 +111,7 @@ pub fn upstream_request(
     calling: &str,
     called: &str,
     our_max: u32,
+    get_by_move: bool,
 ) -> AssociationRQ {
     let mut user_variables = vec![
         UserVariableItem::MaxLength(our_max),
@@ -144,9 +145,15 @@ pub fn upstream_request(
                 .filter(|t| crate::dicom::syntax::readable(t).is_some())
                 .cloned()
                 .collect();
-            (!readable.is_empty()).then(|| PresentationContextProposed {
+            // A PACS without C-GET serves a client's C-GET by C-MOVE to the gateway: the
+            // model's MOVE is proposed in its place, under the same id.
+            let abstract_syntax = match get_by_move.then(|| move_of_get(&pc.abstract_syntax)) {
+                Some(Some(m)) => m.to_string(),
+                _ => pc.abstract_syntax.clone(),
+            };
+            (!readable.is_empty()).then_some(PresentationContextProposed {
                 id: pc.id,
-                abstract_syntax: pc.abstract_syntax.clone(),
+                abstract_syntax,
                 transfer_syntaxes: readable,
             })
         })
@@ -158,6 +165,17 @@ pub fn upstream_request(
         application_context_name: rq.application_context_name.clone(),
         presentation_contexts,
         user_variables,
+    }
+}
+
+/// The C-MOVE SOP class of the same information model as a C-GET one (Composite Instance Root
+/// has none).
+pub fn move_of_get(get: &str) -> Option<&'static str> {
+    match get.trim_end_matches('\0') {
+        "1.2.840.10008.5.1.4.1.2.1.3" => Some("1.2.840.10008.5.1.4.1.2.1.2"),
+        "1.2.840.10008.5.1.4.1.2.2.3" => Some("1.2.840.10008.5.1.4.1.2.2.2"),
+        "1.2.840.10008.5.1.4.1.2.3.3" => Some("1.2.840.10008.5.1.4.1.2.3.2"),
+        _ => None,
     }
 }
 
@@ -178,6 +196,7 @@ pub fn downstream_accept(
     upstream: &AssociationAC,
     our_max: u32,
     identity_response: bool,
+    get_by_move: bool,
 ) -> (AssociationAC, HashMap<u8, AcceptedContext>) {
     let mut accepted = HashMap::new();
     let mut results = Vec::new();
@@ -239,12 +258,23 @@ pub fn downstream_accept(
         UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.into()),
     ];
     for v in &upstream.user_variables {
-        if matches!(
-            v,
-            UserVariableItem::ScuScpRoleSelectionSubItem(..)
-                | UserVariableItem::SopClassExtendedNegotiationSubItem(..)
-        ) {
-            user_variables.push(v.clone());
+        match v {
+            UserVariableItem::SopClassExtendedNegotiationSubItem(..) => {
+                user_variables.push(v.clone())
+            }
+            UserVariableItem::ScuScpRoleSelectionSubItem(..) if !get_by_move => {
+                user_variables.push(v.clone())
+            }
+            _ => {}
+        }
+    }
+    if get_by_move {
+        // The gateway itself sends the C-GET's instances (they reach it by C-MOVE): it takes
+        // the roles the client asked for, whatever the PACS said of them.
+        for v in &rq.user_variables {
+            if matches!(v, UserVariableItem::ScuScpRoleSelectionSubItem(..)) {
+                user_variables.push(v.clone());
+            }
         }
     }
     if identity_response {
@@ -437,7 +467,7 @@ mod tests {
             b"secret.token.here".to_vec(),
             vec![],
         );
-        let up = upstream_request(&rq(Some(jwt)), "PACSGATE", "ORTHANC", 65536);
+        let up = upstream_request(&rq(Some(jwt)), "PACSGATE", "ORTHANC", 65536, false);
         assert_eq!(up.calling_ae_title, "PACSGATE");
         assert_eq!(up.called_ae_title, "ORTHANC");
         assert_eq!(up.presentation_contexts, rq(None).presentation_contexts);
@@ -495,7 +525,7 @@ mod tests {
             ],
             user_variables: vec![UserVariableItem::MaxLength(16384)],
         };
-        let (ac, accepted) = downstream_accept(&rq(None), &upstream, 65536, true);
+        let (ac, accepted) = downstream_accept(&rq(None), &upstream, 65536, true, false);
         assert_eq!(ac.calling_ae_title, "CLIENT");
         assert_eq!(ac.called_ae_title, "PACSGATE");
         assert_eq!(
@@ -521,14 +551,14 @@ mod tests {
             ac.user_variables
                 .contains(&UserVariableItem::MaxLength(65536))
         );
-        let (ac, _) = downstream_accept(&rq(None), &upstream, 65536, false);
+        let (ac, _) = downstream_accept(&rq(None), &upstream, 65536, false, false);
         assert!(
             !ac.user_variables
                 .iter()
                 .any(|v| matches!(v, UserVariableItem::Unknown(0x59, _)))
         );
         // The 0x59 item is encoded as PS3.7 Table D.3-15 says: 59 00 | 00 02 | 00 00
-        let (ac, _) = downstream_accept(&rq(None), &upstream, 65536, true);
+        let (ac, _) = downstream_accept(&rq(None), &upstream, 65536, true, false);
         let mut enc = Vec::new();
         dicom_ul::write_pdu(&mut enc, &dicom_ul::Pdu::AssociationAC(ac)).unwrap();
         assert!(enc.windows(6).any(|w| w == [0x59, 0, 0, 2, 0, 0]));

@@ -33,6 +33,8 @@ pub(crate) struct Association {
     pub client: Peer,
     /// The gateway's own association to the PACS, opened for this client.
     pub pacs: Peer,
+    /// Its place under `pacs.max_associations` (kept when it is renewed).
+    pub _pacs_slot: crate::pacs::Slot,
     /// The request that opened it, to open another one like it (see [`Association::renew_pacs`]).
     pub upstream_rq: dicom_ul::pdu::AssociationRQ,
     /// Who the token says the caller is, prepared by the policy core; every operation is

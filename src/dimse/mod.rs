@@ -48,12 +48,20 @@ pub struct Ctx {
     pub admission: Arc<Admission>,
     /// Admission of the PACS's sub-operation associations at the C-MOVE receiver.
     pub receiver_admission: Arc<Admission>,
+    /// Places under `pacs.max_associations`: each client's association to the PACS takes one.
+    pub pacs_slots: Arc<crate::pacs::Slots>,
     next_id: Arc<AtomicU64>,
 }
 
 impl Ctx {
-    pub fn new(cfg: Arc<Config>, trust: Arc<TrustCore>, policy: Arc<Policy>) -> Arc<Ctx> {
+    pub fn new(
+        cfg: Arc<Config>,
+        trust: Arc<TrustCore>,
+        policy: Arc<Policy>,
+        pacs_slots: Arc<crate::pacs::Slots>,
+    ) -> Arc<Ctx> {
         Arc::new(Ctx {
+            pacs_slots,
             moves: Arc::new(receiver::MoveRegistry::default()),
             admission: Arc::new(Admission::new(&cfg.limits)),
             receiver_admission: Arc::new(Admission::new(&cfg.limits)),
@@ -72,8 +80,10 @@ impl Ctx {
         cfg: Arc<Config>,
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
+        pacs_slots: Arc<crate::pacs::Slots>,
     ) -> Arc<Ctx> {
         Arc::new(Ctx {
+            pacs_slots,
             moves: self.moves.clone(),
             admission: self.admission.clone(),
             receiver_admission: self.receiver_admission.clone(),

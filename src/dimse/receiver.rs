@@ -294,11 +294,18 @@ async fn receive(
     let mut results = Vec::new();
     let mut accepted: Vec<PresentationContextProposed> = Vec::new();
     for pc in &rq.presentation_contexts {
-        // The PACS's first syntax the strict reader decodes, so instances pass unchanged.
+        // Explicit VR Little Endian when offered (what DICOMweb answers by default and what
+        // clients most often accept), else the PACS's first syntax the strict reader decodes,
+        // so instances pass unchanged.
         let ts = pc
             .transfer_syntaxes
             .iter()
-            .find(|t| syntax::readable(t).is_some());
+            .find(|t| t.trim_end_matches('\0') == syntax::EXPLICIT_VR_LITTLE_ENDIAN)
+            .or_else(|| {
+                pc.transfer_syntaxes
+                    .iter()
+                    .find(|t| syntax::readable(t).is_some())
+            });
         match ts {
             Some(t) => {
                 results.push(PresentationContextResult {

@@ -384,8 +384,29 @@ async fn negotiate(
         return None;
     }
     let our_max = cfg.limits.max_pdu_length;
-    let up_rq =
-        assoc::upstream_request(rq, &cfg.pacs.calling_ae_title, &cfg.pacs.ae_title, our_max);
+    let get_by_move = cfg.pacs.retrieve == crate::config::Retrieve::Move;
+    let up_rq = assoc::upstream_request(
+        rq,
+        &cfg.pacs.calling_ae_title,
+        &cfg.pacs.ae_title,
+        our_max,
+        get_by_move,
+    );
+    // A place under pacs.max_associations, waited for briefly (then a transient rejection).
+    let pacs_slot = match ctx.pacs_slots.relay().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(assoc = id, reason = %e, "no association to the PACS free; client rejected (transient)");
+            trail(Some(caller.principal())).record(
+                Operation::Associate,
+                "",
+                Outcome::Failed,
+                "no association to the PACS free (pacs.max_associations)",
+            );
+            send_reject(&mut stream, Refusal::Busy).await;
+            return None;
+        }
+    };
     let (up_stream, up_ac) = match crate::pacs::associate(
         &cfg.pacs,
         up_rq.clone(),
@@ -406,8 +427,13 @@ async fn negotiate(
             return None;
         }
     };
-    let (ac, contexts) =
-        assoc::downstream_accept(rq, &up_ac, our_max, identity.positive_response_requested);
+    let (ac, contexts) = assoc::downstream_accept(
+        rq,
+        &up_ac,
+        our_max,
+        identity.positive_response_requested,
+        get_by_move,
+    );
     let client_max = assoc::announced_max(&rq.user_variables);
     let pacs_max = assoc::announced_max(&up_ac.user_variables);
     let mut pacs =
@@ -430,6 +456,7 @@ async fn negotiate(
             calling_ae: rq.calling_ae_title.trim().to_string(),
             client,
             pacs,
+            _pacs_slot: pacs_slot,
             upstream_rq: up_rq,
             caller,
             client_cert,

@@ -27,7 +27,7 @@ use dicom_ul::pdu::{
 };
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
@@ -304,7 +304,7 @@ pub struct Dimse {
     reader: Limits,
     /// Associations open at once for translation (idle ones included); more wait (bounded
     /// by the timeout).
-    slots: Arc<Semaphore>,
+    slots: Arc<super::pool::Slots>,
     /// Idle associations by their presentation contexts.
     idle: super::pool::Pool<Assoc>,
     /// Where the receiver finds the retrievals by C-MOVE in flight (`pacs.retrieve = "c-move"`).
@@ -326,7 +326,7 @@ struct Assoc {
     peer: Peer,
     ac: AssociationAC,
     next_message_id: u16,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: super::pool::Slot,
 }
 
 impl Assoc {
@@ -350,16 +350,17 @@ impl Dimse {
     pub fn new(
         cfg: &crate::config::Config,
         moves: Arc<crate::dimse::receiver::MoveRegistry>,
+        slots: Arc<super::pool::Slots>,
     ) -> Dimse {
         Dimse {
             moves,
+            idle: super::pool::Pool::counted(MAX_IDLE, MAX_IDLE_TIME, &slots),
+            slots,
             pacs: cfg.pacs.clone(),
             our_max: cfg.limits.max_pdu_length,
             timeout: cfg.limits.upstream_timeout,
             consumer_wait: cfg.limits.idle_timeout,
             reader: cfg.limits.reader(),
-            slots: Arc::new(Semaphore::new(cfg.pacs.max_associations)),
-            idle: super::pool::Pool::new(MAX_IDLE, MAX_IDLE_TIME),
         }
     }
 
@@ -377,31 +378,10 @@ impl Dimse {
         self.open(c, r).await
     }
 
-    /// A place under `pacs.max_associations`: while none is free, idle associations are
-    /// released one by one (they hold places too), up to the timeout.
-    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, DimseError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
-            match self.slots.clone().try_acquire_owned() {
-                Ok(p) => return Ok(p),
-                Err(tokio::sync::TryAcquireError::Closed) => {
-                    return Err(DimseError::Unreachable("the gateway is stopping".into()));
-                }
-                Err(tokio::sync::TryAcquireError::NoPermits) => {}
-            }
-            self.idle.evict_one();
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DimseError::Unreachable(format!(
-                    "no association to the PACS free within {:?} (pacs.max_associations)",
-                    self.timeout
-                )));
-            }
-            let wait = Duration::from_millis(100);
-            if let Ok(Ok(p)) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await
-            {
-                return Ok(p);
-            }
-        }
+    /// A place under `pacs.max_associations` (shared with the look-ups and client relays;
+    /// idle associations are released to make room), up to the timeout.
+    async fn slot(&self) -> Result<super::pool::Slot, DimseError> {
+        self.slots.relay().await.map_err(DimseError::Unreachable)
     }
 
     async fn open(

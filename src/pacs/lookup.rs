@@ -29,6 +29,8 @@ const MAX_IDLE_TIME: Duration = Duration::from_secs(10);
 /// A look-up association and what it needs for the next C-FIND.
 struct Conn {
     peer: crate::dicom::peer::Peer,
+    /// Its place under `pacs.max_associations`.
+    _slot: super::pool::Slot,
     syntax: crate::dicom::syntax::Syntax,
     next_message_id: u16,
 }
@@ -55,17 +57,23 @@ pub struct PacsLookup {
     reader: crate::dicom::reader::Limits,
     slots: tokio::sync::Semaphore,
     idle: super::pool::Pool<Conn>,
+    /// Places under `pacs.max_associations`, shared with every association to the PACS.
+    places: std::sync::Arc<super::pool::Slots>,
 }
 
 impl PacsLookup {
-    pub fn new(cfg: &crate::config::Config) -> PacsLookup {
+    pub fn new(
+        cfg: &crate::config::Config,
+        places: std::sync::Arc<super::pool::Slots>,
+    ) -> PacsLookup {
         PacsLookup {
             pacs: cfg.pacs.clone(),
             our_max: cfg.limits.max_pdu_length,
             timeout: cfg.limits.upstream_timeout,
             reader: cfg.limits.reader(),
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
-            idle: super::pool::Pool::new(MAX_IDLE, MAX_IDLE_TIME),
+            idle: super::pool::Pool::counted(MAX_IDLE, MAX_IDLE_TIME, &places),
+            places,
         }
     }
 
@@ -180,6 +188,7 @@ impl PacsLookup {
                 ),
             ],
         };
+        let slot = self.places.lookup().await?;
         let (stream, ac) = associate(&self.pacs, rq, self.timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -200,6 +209,7 @@ impl PacsLookup {
         .tolerating_command_tail();
         Ok(Conn {
             peer,
+            _slot: slot,
             syntax,
             next_message_id: 1,
         })

@@ -14,6 +14,7 @@ pub mod lookup;
 pub(crate) mod pool;
 
 pub use lookup::PacsLookup;
+pub use pool::{Slot, Slots};
 
 use crate::config::Pacs;
 use crate::dicom::pdu::{PduError, read_pdu, write_pdu};

@@ -1,15 +1,19 @@
 //! Idle associations to the PACS kept for the next operation that needs the same presentation
-//! contexts, and released when unused for a while, so the PACS's association slots are not held.
+//! contexts, and released when unused for a while, so the PACS's association slots are not held;
+//! and the places under `pacs.max_associations` every association to the PACS takes.
 //!
-//! Owns: the idle list (bounded in count and time), the reaper, and the check an association
+//! Owns: the idle list (bounded in count and time), the reaper, the check an association
 //! passes before it is reused: nothing may be waiting on it (an A-RELEASE-RQ, an A-ABORT, a
 //! closed connection, a late answer), found without sending anything the PACS did not
-//! negotiate. Must not know what the associations are used for.
+//! negotiate; and [`Slots`], the one count of associations open to the PACS (look-ups,
+//! DICOMweb by translation, client relays), which releases idle ones to make room. Must not
+//! know what the associations are used for.
 
 use crate::dicom::peer::Peer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// An association a pool can keep.
 pub(crate) trait Pooled: Send + 'static {
@@ -27,6 +31,8 @@ type List<C> = Mutex<Vec<Idle<C>>>;
 /// Idle associations by the key of their presentation contexts.
 pub(crate) struct Pool<C: Pooled> {
     idle: Arc<List<C>>,
+    /// Keeps the registration with [`Slots`] alive.
+    _evictable: Option<Arc<dyn Evict>>,
     reaper: Arc<AtomicBool>,
     max_idle: usize,
     max_idle_time: Duration,
@@ -36,6 +42,7 @@ impl<C: Pooled> Pool<C> {
     pub(crate) fn new(max_idle: usize, max_idle_time: Duration) -> Pool<C> {
         Pool {
             idle: Arc::new(Mutex::new(Vec::new())),
+            _evictable: None,
             reaper: Arc::default(),
             max_idle,
             max_idle_time,
@@ -63,18 +70,13 @@ impl<C: Pooled> Pool<C> {
         }
     }
 
-    /// Releases one idle association of any key (to make room under an association limit);
-    /// `false` when there is none.
-    pub(crate) fn evict_one(&self) -> bool {
-        let oldest = {
-            let mut l = self.list();
-            if l.is_empty() {
-                return false;
-            }
-            l.remove(0)
-        };
-        tokio::spawn(release(oldest.conn));
-        true
+    /// A pool whose idle associations `slots` may release when a place is wanted.
+    pub(crate) fn counted(max_idle: usize, max_idle_time: Duration, slots: &Slots) -> Pool<C> {
+        let mut p = Pool::new(max_idle, max_idle_time);
+        let e: Arc<dyn Evict> = Arc::new(Evictable(Arc::downgrade(&p.idle)));
+        slots.register(Arc::downgrade(&e));
+        p._evictable = Some(e);
+        p
     }
 
     /// Keeps an association for the next operation with the same contexts (at most
@@ -102,6 +104,127 @@ impl<C: Pooled> Pool<C> {
                 self.reaper.clone(),
                 self.max_idle_time,
             ));
+        }
+    }
+}
+
+fn evict_oldest<C: Pooled>(list: &List<C>) -> bool {
+    let oldest = {
+        let mut l = list.lock().unwrap_or_else(|e| e.into_inner());
+        if l.is_empty() {
+            return false;
+        }
+        l.remove(0)
+    };
+    tokio::spawn(release(oldest.conn));
+    true
+}
+
+/// Something holding idle associations that can release one.
+pub(crate) trait Evict: Send + Sync {
+    fn evict_one(&self) -> bool;
+}
+
+struct Evictable<C: Pooled>(Weak<List<C>>);
+
+impl<C: Pooled> Evict for Evictable<C> {
+    fn evict_one(&self) -> bool {
+        self.0.upgrade().is_some_and(|l| evict_oldest(&l))
+    }
+}
+
+/// The places under `pacs.max_associations`: every association the gateway opens to the PACS
+/// holds one while it is open (idle in a pool included). Client relays and DICOMweb by
+/// translation may take all but one, so an ownership look-up (which those requests need before
+/// anything else) always finds a place soon. While none is free, idle associations are released
+/// one by one; a wait is bounded.
+pub struct Slots {
+    all: Arc<Semaphore>,
+    relays: Arc<Semaphore>,
+    pools: Mutex<Vec<Weak<dyn Evict>>>,
+    wait: Duration,
+}
+
+/// A place under [`Slots`], held for as long as its association is open.
+#[derive(Debug)]
+pub struct Slot {
+    _all: OwnedSemaphorePermit,
+    _relay: Option<OwnedSemaphorePermit>,
+}
+
+impl Slots {
+    pub fn new(max: usize, wait: Duration) -> Arc<Slots> {
+        let max = max.max(1);
+        Arc::new(Slots {
+            all: Arc::new(Semaphore::new(max)),
+            relays: Arc::new(Semaphore::new((max - 1).max(1))),
+            pools: Mutex::default(),
+            wait,
+        })
+    }
+
+    fn register(&self, pool: Weak<dyn Evict>) {
+        let mut p = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|w| w.strong_count() > 0);
+        p.push(pool);
+    }
+
+    /// Releases one idle association of any pool; `false` when none is idle.
+    fn evict_one(&self) -> bool {
+        let pools: Vec<Arc<dyn Evict>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        pools.iter().any(|p| p.evict_one())
+    }
+
+    /// A place for an ownership look-up's association.
+    pub async fn lookup(&self) -> Result<Slot, String> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let all = self.take(&self.all, deadline).await?;
+        Ok(Slot {
+            _all: all,
+            _relay: None,
+        })
+    }
+
+    /// A place for a client relay's or a translation's association.
+    pub async fn relay(&self) -> Result<Slot, String> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let relay = self.take(&self.relays, deadline).await?;
+        let all = self.take(&self.all, deadline).await?;
+        Ok(Slot {
+            _all: all,
+            _relay: Some(relay),
+        })
+    }
+
+    async fn take(
+        &self,
+        sem: &Arc<Semaphore>,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, String> {
+        loop {
+            match sem.clone().try_acquire_owned() {
+                Ok(p) => return Ok(p),
+                Err(TryAcquireError::Closed) => return Err("the gateway is stopping".into()),
+                Err(TryAcquireError::NoPermits) => {}
+            }
+            // An idle association holds a place too: one is released, then the wait is short.
+            self.evict_one();
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "no association to the PACS free within {:?} (pacs.max_associations)",
+                    self.wait
+                ));
+            }
+            let wait = Duration::from_millis(100).min(deadline - tokio::time::Instant::now());
+            if let Ok(Ok(p)) = tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+                return Ok(p);
+            }
         }
     }
 }

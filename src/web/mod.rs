@@ -139,9 +139,10 @@ impl WebCtx {
         policy: Arc<Policy>,
         readiness: Arc<crate::readiness::Readiness>,
         moves: Arc<crate::dimse::receiver::MoveRegistry>,
+        places: Arc<crate::pacs::Slots>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-        WebCtx::build(cfg, trust, policy, readiness, slots, moves)
+        WebCtx::build(cfg, trust, policy, readiness, slots, (moves, places))
     }
 
     /// The context of the next configuration; the request slots, readiness and the C-MOVE
@@ -152,6 +153,7 @@ impl WebCtx {
         trust: Arc<TrustCore>,
         policy: Arc<Policy>,
         moves: Arc<crate::dimse::receiver::MoveRegistry>,
+        places: Arc<crate::pacs::Slots>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         WebCtx::build(
             cfg,
@@ -159,7 +161,7 @@ impl WebCtx {
             policy,
             self.readiness.clone(),
             self.slots.clone(),
-            moves,
+            (moves, places),
         )
     }
 
@@ -169,7 +171,10 @@ impl WebCtx {
         policy: Arc<Policy>,
         readiness: Arc<crate::readiness::Readiness>,
         slots: Arc<Semaphore>,
-        moves: Arc<crate::dimse::receiver::MoveRegistry>,
+        (moves, places): (
+            Arc<crate::dimse::receiver::MoveRegistry>,
+            Arc<crate::pacs::Slots>,
+        ),
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
         // issuers' metadata the discovery documents point at.
@@ -182,7 +187,7 @@ impl WebCtx {
             },
             public_base: format!("{public}/dicom-web"),
             pacs: DicomWeb::new(&cfg)?,
-            dimse: Arc::new(crate::pacs::dimse::Dimse::new(&cfg, moves)),
+            dimse: Arc::new(crate::pacs::dimse::Dimse::new(&cfg, moves, places)),
             http,
             slots,
             discovery: discovery::Cache::default(),

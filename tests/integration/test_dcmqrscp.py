@@ -359,3 +359,53 @@ def test_without_c_get_dicomweb_retrieves_by_c_move(noget, issuer):
     log = pacs.log_text()
     assert log.count("Received Move SCP") >= 3 and "Move Destination              : PACSGATE" in log
     assert theirs[0][3] not in g.log_text()
+
+
+def test_the_pacs_association_limit_covers_look_ups_and_client_relays(tmp_root, issuer):
+    """dcmqrscp accepts 4 associations at once; `pacs.max_associations = 3` keeps client relays
+    and look-ups together under that (the fourth is left for the gateway's readiness C-ECHO):
+    a third client waits for a place instead of being refused, and every retrieval (each
+    needing a look-up) succeeds."""
+    import threading
+    import time
+
+    d = tmp_root / "dcmqrscp-limit"
+    d.mkdir()
+    pacs = Dcmqrscp(d, max_associations=4)
+    pacs.load(PATIENTS)
+    time.sleep(1)  # dcmqrscp counts its loader's children until they have exited
+    pacs.pacs_extra = "max_associations = 3"
+    g = Gateway(d, pacs, issuer, name="limit-gateway")
+    try:
+        token = issuer.mint(patient="PAT-A")
+        studies = sorted(pacs.studies["PAT-A"])
+        first, second = [], []
+        a, b = connect(g, token, first), connect(g, token, second)
+        assert a.is_established and b.is_established
+        # Two relays hold two places; the look-ups of both retrievals share the third.
+        assert get(a, get_query("STUDY", study=studies[0]))[0] == 0x0000
+        assert get(b, get_query("STUDY", study=studies[1]))[0] == 0x0000
+        assert first and second
+        third, waited = [], {}
+
+        def late():
+            t0 = time.monotonic()
+            c = connect(g, token, third)
+            waited["s"] = time.monotonic() - t0
+            waited["status"] = get(c, get_query("STUDY", study=studies[0]))[0]
+            c.release()
+
+        t = threading.Thread(target=late)
+        t.start()
+        time.sleep(1.5)
+        a.release()
+        t.join(30)
+        b.release()
+        assert waited.get("status") == 0x0000 and third, waited
+        assert waited["s"] >= 1.0, "the third client should have waited for a place"
+        # The PACS never turned the gateway away for its limit.
+        assert "LocalLimitExceeded" not in g.log_text()
+    finally:
+        stop(g.proc)
+        stop(pacs.proc)
+    assert "Refusing Association" not in pacs.log_text().replace("Refusing Association (BadAppContext)", "")

@@ -424,3 +424,96 @@ def test_pixel_data_whose_header_spans_two_fragments(fake, issuer):
         assert "BulkDataURI" in r.json()[0]["7FE00010"]
         got = parts(web(g, f"{inst}/frames/1", token))
         assert [b for _, b in got] == [bytes(range(64))], start
+
+
+# ---- a PACS without C-GET: C-MOVE to the gateway's receiver, on both protocols ----
+
+class FakeMovePacs(FakePacs):
+    """A DIMSE PACS (pynetdicom) without C-GET: it serves C-MOVE only, delivering what `send`
+    holds to the move destination (the gateway's receiver at `receiver_port`)."""
+
+    def __init__(self, own: Dataset):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelMove, Verification)
+        self.own = own
+        self.send = []
+        self.moves = []
+        self.gets = 0
+        self.associations = 0
+        self.receiver_port = free_port()
+        self.port = free_port()
+        self.aet = "FAKEPACS"
+        self.dicom_port = self.port
+        self.url = None
+        self.pacs_extra = 'retrieve = "c-move"'
+        ae = AE(ae_title=self.aet)
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        # Storage from clients (their C-GET's storage contexts are proposed upstream too), and
+        # the sub-operations' association to the receiver: Explicit VR Little Endian, so the
+        # instances moved are in the syntax of the client's context (the gateway does not
+        # convert).
+        ae.add_supported_context(SECONDARY_CAPTURE, "1.2.840.10008.1.2.1", scu_role=False, scp_role=True)
+        ae.add_requested_context(SECONDARY_CAPTURE, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_REQUESTED, self.on_requested)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def on_move(self, event):
+        self.moves.append(event.move_destination.decode().strip() if isinstance(event.move_destination, bytes)
+                          else str(event.move_destination).strip())
+        yield "127.0.0.1", self.receiver_port
+        yield len(self.send)
+        for ds in self.send:
+            yield 0xFF00, ds
+
+
+@pytest.fixture(scope="module")
+def fake_move(tmp_root, pacs, issuer):
+    a, b = pacs.data["PAT-A"], pacs.data["PAT-B"]
+    own = pydicom.dcmread(io.BytesIO(a["files"][0]))
+    foreign = pydicom.dcmread(io.BytesIO(b["files"][0]))
+    f = FakeMovePacs(own)
+    f.own_ds, f.foreign_ds = own, foreign
+    d = tmp_root / "translate-fake-move"
+    d.mkdir()
+    g = Gateway(d, f, issuer, name="gateway-fake-move-pacs", translate=True, receive_port=f.receiver_port)
+    yield f, g
+    stop(g.proc)
+    f.stop()
+
+
+@pytest.mark.parametrize("order", ["foreign_first", "foreign_second"])
+def test_without_c_get_a_foreign_instance_moved_is_withheld_on_both_protocols(fake_move, issuer, order):
+    from test_dimse_store_get import connect, get, get_query
+
+    f, g = fake_move
+    own = f.own_ds
+    f.send = [f.foreign_ds, own] if order == "foreign_first" else [own, f.foreign_ds]
+    token = issuer.mint(patient="PAT-A")
+    moves = len(f.moves)
+    # DICOMweb: the foreign instance never goes out; the answer is refused or broken off.
+    r = web(g, f"studies/{own.StudyInstanceUID}", token, stream=True)
+    body, complete = b"", True
+    try:
+        for chunk in r.iter_content(65536):
+            body += chunk
+    except requests.exceptions.ChunkedEncodingError:
+        complete = False
+    if order == "foreign_first":
+        assert r.status_code == 502
+    else:
+        assert r.status_code == 200 and not complete
+    assert b"PAT-B" not in body
+    # DIMSE: the client's C-GET is served by C-MOVE; it gets its own instance only, and the
+    # foreign one counts as failed.
+    received = []
+    assoc = connect(g, token, received)
+    final, completed = get(assoc, get_query("STUDY", study=own.StudyInstanceUID))
+    assoc.release()
+    assert [d.SOPInstanceUID for d in received] == [own.SOPInstanceUID]
+    assert final == 0xB000 and completed == 1
+    # Both went to the gateway itself by C-MOVE.
+    assert f.moves[moves:] == ["PACSGATE", "PACSGATE"]
+    assert "PAT-B" not in {d.PatientID for d in received}
