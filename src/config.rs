@@ -866,7 +866,7 @@ impl Config {
         let connect_timeout =
             c.seconds("pacs.connect_timeout_secs", pacs.connect_timeout_secs, 5.0);
         let pacs_max_associations =
-            c.positive_int("pacs.max_associations", pacs.max_associations, 100, 1, 1000) as usize;
+            c.positive_int("pacs.max_associations", pacs.max_associations, 100, 2, 1000) as usize;
         let query_model = match pacs.query_model.as_deref().unwrap_or("relational") {
             "relational" => QueryModel::Relational,
             "hierarchical" => QueryModel::Hierarchical,
@@ -2093,6 +2093,13 @@ address = "nowhere"
         );
         let p = with("Hierarchical").unwrap_err();
         assert!(p.iter().any(|p| p.key == "pacs.query_model"), "{p:?}");
+        // A client's relay and the look-ups its requests need are open together: at least 2.
+        let p = Config::parse(&GOOD.replace(
+            "address = \"127.0.0.1:4242\"\n",
+            "address = \"127.0.0.1:4242\"\nmax_associations = 1\n",
+        ))
+        .unwrap_err();
+        assert!(p.iter().any(|p| p.key == "pacs.max_associations"), "{p:?}");
     }
 
     #[test]

@@ -65,11 +65,13 @@ pub async fn handle(s: &mut Association, pc_id: u8, cmd: Command) -> Flow {
         matches_on_facts: matched(tags::MODALITIES_IN_STUDY)
             || matched(tags::STUDY_DATE)
             || query.contains(tags::TIMEZONE_OFFSET_FROM_UTC),
-        // Patient Root and Patient/Study Only: PatientID is the unique key above every level.
-        patient_root: cmd.affected_sop_class.as_deref().is_some_and(|c| {
-            c.starts_with("1.2.840.10008.5.1.4.1.2.1.")
-                || c.starts_with("1.2.840.10008.5.1.4.1.2.3.")
+        // Patient Root and Patient/Study Only (by the negotiated context, not what the command
+        // says): PatientID is the unique key above every level.
+        patient_root: s.contexts.get(&pc_id).is_some_and(|c| {
+            c.abstract_syntax == "1.2.840.10008.5.1.4.1.2.1.1"
+                || c.abstract_syntax == "1.2.840.10008.5.1.4.1.2.3.1"
         }),
+        by_dimse: true,
     };
     let what = format!("level={level_name}");
     let inside: Vec<String> = studies.iter().map(|u| u.to_string()).collect();

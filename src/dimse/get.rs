@@ -420,6 +420,9 @@ mod by_move {
                     }
                     // Every sub-operation was answered before the final response: what is
                     // queued is all there is.
+                    let at_receiver = guard.route.tally();
+                    let refused_at_receiver = at_receiver.failed;
+                    run.tally.withheld += at_receiver.withheld;
                     drop(guard);
                     while let Ok(item) = rx.try_recv() {
                         if let Err(flow) = run.item(s, item).await {
@@ -430,7 +433,10 @@ mod by_move {
                         // An instance cut short: the client holds part of it.
                         return s.abort_both().await;
                     }
-                    out.failed = rsp.failed;
+                    // Failed: what the gateway withheld here, what the receiver refused, and
+                    // what the PACS could not move at all (each counted once).
+                    run.tally.failed += refused_at_receiver + rsp.failed.unwrap_or(0) as usize;
+                    out.failed = None;
                     run.tally.apply_final(&mut out);
                     let flow = s.reply(pc_id, &out, None).await;
                     return finish(s, flow, run.tally.withheld);
@@ -474,7 +480,9 @@ mod by_move {
                     sop_instance,
                     transfer_syntax,
                 } => {
-                    if !matches!(self.current, Current::None | Current::Skip) {
+                    // One instance at a time, each whole: a new one while another is open is
+                    // one cut short.
+                    if !matches!(self.current, Current::None) {
                         return Err(s.abort_both().await);
                     }
                     // The client's storage context for this class and syntax (the PACS chose
@@ -506,8 +514,9 @@ mod by_move {
                     Ok(())
                 }
                 Retrieved::Data { bytes, last } => self.data(s, &bytes, last).await,
-                // The receiver hands on instances only.
-                Retrieved::Done { .. } | Retrieved::Failed(_) => Ok(()),
+                // An instance the receiver could not hand on whole.
+                Retrieved::Failed(_) => Err(s.abort_both().await),
+                Retrieved::Done { .. } => Ok(()),
             }
         }
 

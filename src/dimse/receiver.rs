@@ -74,6 +74,9 @@ pub struct Route {
     pub announced: AtomicUsize,
     /// SOP Instance UIDs delivered or refused so far: each instance is taken once.
     seen: Mutex<HashSet<String>>,
+    /// Held for the whole of one instance's delivery into a channel: two associations of the
+    /// PACS delivering into one route at once cannot interleave their fragments.
+    delivering: tokio::sync::Mutex<()>,
 }
 
 impl Route {
@@ -102,6 +105,7 @@ impl Route {
             tally: Mutex::default(),
             announced: AtomicUsize::new(0),
             seen: Mutex::default(),
+            delivering: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -662,9 +666,12 @@ impl Receiver {
         tx: &tokio::sync::mpsc::Sender<crate::pacs::dimse::Retrieved>,
         transfer_syntax: String,
     ) -> bool {
-        use crate::pacs::dimse::Retrieved;
+        use crate::pacs::dimse::{DimseError, Retrieved};
         let wait = self.ctx.cfg.limits.upstream_timeout;
-        let consumer_wait = self.ctx.cfg.limits.idle_timeout;
+        // Longer than a consumer waits for its own client (a C-GET client's C-STORE-RSP), so a
+        // slow client is that consumer's to judge.
+        let consumer_wait = self.ctx.cfg.limits.idle_timeout * 2;
+        let _one_at_a_time = route.delivering.lock().await;
         let (Some(class), Some(instance)) = (
             cmd.affected_sop_class.as_deref(),
             cmd.affected_sop_instance.as_deref(),
@@ -709,7 +716,13 @@ impl Receiver {
         while taken {
             let (bytes, last) = match self.pacs.next_fragment(pc_id, wait).await {
                 Ok(f) => f,
-                Err(_) => return false,
+                Err(e) => {
+                    // The consumer holds part of an instance: it must learn it is cut short.
+                    let why = DimseError::BadAnswer(format!("an instance was cut short: {e}"));
+                    let _ =
+                        tokio::time::timeout(consumer_wait, tx.send(Retrieved::Failed(why))).await;
+                    return false;
+                }
             };
             taken = hand(Retrieved::Data { bytes, last }).await;
             if last {

@@ -152,6 +152,9 @@ pub struct QueryRequest<'a> {
     /// The query goes to the PACS in the Patient Root model (there PatientID is the unique key
     /// above every level, allowed at each by the hierarchical model too).
     pub patient_root: bool,
+    /// The query goes to the PACS as a C-FIND, so `pacs.query_model` applies to it (a QIDO-RS
+    /// search relayed to the PACS's DICOMweb service is relational, and narrowed as such).
+    pub by_dimse: bool,
 }
 
 impl<'a> QueryRequest<'a> {

@@ -236,26 +236,28 @@ impl Policy {
         // A hierarchical PACS answers below STUDY level only inside one study (and, at IMAGE
         // level, one series), and refuses PatientID there in the Study Root model: the study's
         // owner, just judged, stands for every match.
-        let vouched_by =
-            if self.hierarchical && matches!(q.level, QueryLevel::Series | QueryLevel::Image) {
-                let [study] = q.inside_studies else {
-                    return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_STUDY));
-                };
-                if q.level == QueryLevel::Image && q.inside_series.len() != 1 {
-                    return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_SERIES));
-                }
-                let owner = match self.owner(lookup, UidLevel::Study, study).await {
-                    Ok(Some(o)) => o,
-                    Ok(None) => return Decision::Deny(Denial::NotOwned(UidLevel::Study)),
-                    Err(d) => return Decision::Deny(d),
-                };
-                if !q.patient_root {
-                    permit.query_patient_ids.clear();
-                }
-                Some(owner.patient_id.clone())
-            } else {
-                None
+        let vouched_by = if self.hierarchical
+            && q.by_dimse
+            && matches!(q.level, QueryLevel::Series | QueryLevel::Image)
+        {
+            let [study] = q.inside_studies else {
+                return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_STUDY));
             };
+            if q.level == QueryLevel::Image && q.inside_series.len() != 1 {
+                return Decision::Deny(Denial::BadIdentifier(owners::HIERARCHY_NEEDS_SERIES));
+            }
+            let owner = match self.owner(lookup, UidLevel::Study, study).await {
+                Ok(Some(o)) => o,
+                Ok(None) => return Decision::Deny(Denial::NotOwned(UidLevel::Study)),
+                Err(d) => return Decision::Deny(d),
+            };
+            if !q.patient_root {
+                permit.query_patient_ids.clear();
+            }
+            Some(owner.patient_id.clone())
+        } else {
+            None
+        };
         let gated = !matches!(permit.studies, StudyGate::Open);
         let study_facts =
             q.level == QueryLevel::Study && permit.wants_study_facts() && !q.matches_on_facts;
@@ -269,7 +271,8 @@ impl Policy {
         }
         // The study tells under a restriction, and says whose a match is when its issuer is
         // missing (then the gateway's own look-up of the study says it).
-        if (gated || issuer) && q.level != QueryLevel::Patient {
+        // A vouched match is judged by its study: it must say which.
+        if (gated || issuer || vouched_by.is_some()) && q.level != QueryLevel::Patient {
             keys.push(ResultKey::StudyInstanceUid);
         }
         if study_facts {
@@ -437,13 +440,15 @@ impl ResultJudge<'_> {
     }
 
     /// Whether a match below STUDY level of a hierarchical PACS is one of the study searched
-    /// inside: its StudyInstanceUID (when it says one) is that study's, and a PatientID it
-    /// says anyway is that study's owner's.
+    /// inside: its StudyInstanceUID is that study's, and a PatientID it says anyway is that
+    /// study's owner's.
     fn member(&self, m: &MatchView, owner: &str) -> bool {
         let trimmed = |v: &str| v.trim_end_matches(['\0', ' ']).to_string();
+        // A match that does not say its study is not taken on trust: the PACS may have
+        // ignored the study key.
         let study_ok = match m.study.as_deref().map(trimmed) {
             Some(s) if !s.is_empty() => self.permit.plan.inside_study.as_deref() == Some(&s),
-            _ => true,
+            _ => false,
         };
         let patient_ok = match m.patient_id.as_deref() {
             Some(p) if !p.trim_matches(' ').is_empty() => lo_eq(p, owner),

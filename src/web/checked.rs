@@ -269,6 +269,11 @@ impl Relay {
 
     fn piece(&mut self, p: Piece) -> Result<(), Refused> {
         match p {
+            // A part still open is an instance cut short: never followed by another, never
+            // ended as if whole.
+            Piece::Start(_) | Piece::End if self.part.is_some() => Err(Refused::Malformed(
+                "an instance ended before its data did".into(),
+            )),
             Piece::Start(_) if !self.multipart && self.sent_parts > 0 => Err(Refused::Malformed(
                 "more than the one instance asked for".into(),
             )),

@@ -123,6 +123,7 @@ pub async fn search(
     let request = QueryRequest {
         level,
         patient_root: false,
+        by_dimse: matches!(upstream, super::Upstream::Dimse(_)),
         patient_id: requested.as_deref(),
         inside_studies: &studies,
         inside_series: &series,

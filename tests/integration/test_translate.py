@@ -361,7 +361,7 @@ def test_a_small_association_limit_makes_requests_wait_not_fail(tmp_root, pacs, 
 
     d = tmp_root / "translate-limit"
     d.mkdir()
-    g = Gateway(d, pacs, issuer, name="gateway-one-association", translate=True, extra="max_associations = 1")
+    g = Gateway(d, pacs, issuer, name="gateway-two-associations", translate=True, extra="max_associations = 2")
     try:
         a = pacs.data["PAT-A"]
         token = issuer.mint(patient="PAT-A")

@@ -307,6 +307,7 @@ async fn a_hierarchical_query_is_judged_by_the_study_it_searches() {
     let q = |level, studies: &'static [&'static str]| QueryRequest {
         level,
         inside_studies: studies,
+        by_dimse: true,
         ..QueryRequest::default()
     };
     let decide = |r: QueryRequest<'static>| {
@@ -341,6 +342,7 @@ async fn a_hierarchical_query_is_judged_by_the_study_it_searches() {
     };
     assert!(permit.query_patient_ids().is_empty());
     assert!(!permit.result_keys().contains(&ResultKey::PatientId));
+    assert!(permit.result_keys().contains(&ResultKey::StudyInstanceUid));
     let mut judge = pol.judge(&caller, &permit);
     let m = |study: Option<&str>, pid: Option<&str>| MatchView {
         study: study.map(str::to_string),
@@ -357,10 +359,20 @@ async fn a_hierarchical_query_is_judged_by_the_study_it_searches() {
         ])
         .await;
     use Verdict::*;
+    // A match without its study is not taken on trust.
     assert_eq!(
         verdicts,
-        vec![Admit, Admit, Admit, OtherPatient, OtherPatient]
+        vec![Admit, OtherPatient, Admit, OtherPatient, OtherPatient]
     );
+    // A QIDO-RS search relayed to a DICOMweb service is relational: narrowed by PatientID.
+    let relayed = QueryRequest {
+        by_dimse: false,
+        ..q(QueryLevel::Series, &["S1"])
+    };
+    let Decision::Allow(permit) = decide(relayed).await else {
+        panic!("an own study is searched inside");
+    };
+    assert_eq!(permit.query_patient_ids(), ["A".to_string()]);
     // Study level: narrowed by PatientID as with any PACS.
     let Decision::Allow(permit) = decide(q(QueryLevel::Study, &[])).await else {
         panic!("a study search is allowed");
