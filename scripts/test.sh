@@ -9,6 +9,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 
+# Free disk space, printed per stage: a linker that runs out of it dies of a bus error, which
+# names no cause.
+disk() { echo "== disk: $(df -Ph . | awk 'NR==2 {print $4}') free on $(df -P . | awk 'NR==2 {print $6}')"; }
+disk
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
@@ -43,6 +47,14 @@ PACSGATE_PACS=dcmqrscp-strict PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bi
   tests/integration/test_dicomweb.py -q -p no:cacheprovider
 PACSGATE_PACS=dcmqrscp-noget PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
   tests/integration/test_dicomweb.py tests/integration/test_dimse_store_get.py -q -p no:cacheprovider
+disk
+# The fuzz targets build apart (fuzz/target, instrumented release). Where space is short the
+# debug build's incremental caches, which nothing after this needs, make room.
+if [ "$(df -Pk . | awk 'NR==2 {print $4}')" -lt $((6 * 1024 * 1024)) ] && [ -d target/debug/incremental ]; then
+  echo "== less than 6 GiB free: removing target/debug/incremental"
+  rm -rf target/debug/incremental
+  disk
+fi
 echo "== fuzz targets, a short run each (scripts/fuzz.sh)"
 scripts/fuzz.sh 5
 echo "== the strict reader against DCMTK's reading (scripts/differential.py)"
