@@ -13,6 +13,7 @@ pub(crate) mod listener;
 pub mod multipart;
 pub mod path;
 pub(crate) mod qido;
+pub(crate) mod render;
 pub(crate) mod stow;
 pub(crate) mod translate;
 pub(crate) mod wado;

@@ -40,6 +40,9 @@ pub enum Part {
     Thumbnail,
     /// A frame list, e.g. `1,3`.
     Frames(String),
+    /// Frames rendered, or their thumbnail (`frames/{list}/rendered`, `.../thumbnail`).
+    FrameRendered(String),
+    FrameThumbnail(String),
     /// A bulk data path below an instance (Orthanc's `bulk/...` form), as validated segments.
     Bulk(Vec<String>),
 }
@@ -128,6 +131,14 @@ pub fn parse(raw: &str) -> Result<Resource, String> {
         ["studies", s, "series", r, "instances", i, "frames", f] => {
             retrieve(s, Some(r), Some(i), Part::Frames(frames(f)?))
         }
+        ["studies", s, "series", r, "instances", i, "frames", f, w] => {
+            let f = frames(f)?;
+            match *w {
+                "rendered" => retrieve(s, Some(r), Some(i), Part::FrameRendered(f)),
+                "thumbnail" => retrieve(s, Some(r), Some(i), Part::FrameThumbnail(f)),
+                _ => unknown(),
+            }
+        }
         ["studies", s, "series", r, "instances", i, "bulk", rest @ ..]
             if !rest.is_empty() && rest.len() <= 16 =>
         {
@@ -191,6 +202,8 @@ impl Resource {
                     Part::Rendered => p.push_str("/rendered"),
                     Part::Thumbnail => p.push_str("/thumbnail"),
                     Part::Frames(f) => p.push_str(&format!("/frames/{f}")),
+                    Part::FrameRendered(f) => p.push_str(&format!("/frames/{f}/rendered")),
+                    Part::FrameThumbnail(f) => p.push_str(&format!("/frames/{f}/thumbnail")),
                     Part::Bulk(segs) => {
                         p.push_str("/bulk");
                         for s in segs {
@@ -287,6 +300,8 @@ mod tests {
             format!("studies/{S}/series/{R}/instances/{I}"),
             format!("studies/{S}/series/{R}/instances/{I}/metadata"),
             format!("studies/{S}/series/{R}/instances/{I}/frames/1,2"),
+            format!("studies/{S}/series/{R}/instances/{I}/frames/2/rendered"),
+            format!("studies/{S}/series/{R}/instances/{I}/frames/2/thumbnail"),
             format!("studies/{S}/series/{R}/instances/{I}/rendered"),
             format!("studies/{S}/series/{R}/instances/{I}/thumbnail"),
             format!("studies/{S}/series/{R}/instances/{I}/bulk/7fe00010"),

@@ -665,6 +665,48 @@ impl Receiving {
     }
 }
 
+impl Receiving {
+    /// Once the pixel data began: the attributes before it, where its value starts, and how
+    /// its frames lie there. `Err` when its frames cannot be cut out (encapsulated or
+    /// single-bit pixel data, a frame larger than the gateway holds).
+    fn plan(&self) -> Result<Option<(InMemDicomObject, u64, Layout)>, ApiError> {
+        let (Some(_), Some(p)) = (self.cut, self.reader.pixel_data()) else {
+            return Ok(None);
+        };
+        let enc = self
+            .reader
+            .syntax()
+            .map(|s| s.encoding)
+            .unwrap_or(Encoding::ExplicitLittle);
+        let head = read_object(&self.head, enc)?;
+        let l = layout(&head).ok_or_else(|| {
+            ApiError::NotAcceptable(
+                "the instance's frames cannot be cut out (no or single-bit native pixel data)"
+                    .into(),
+            )
+        })?;
+        if l.frame_size > MAX_FRAME {
+            return Err(ApiError::Upstream(
+                "a frame is larger than the gateway holds".into(),
+            ));
+        }
+        // Every frame's end must be an offset (no wrap-around).
+        if p.value_start
+            .checked_add(l.frame_size.saturating_mul(l.frames))
+            .is_none()
+        {
+            return Err(ApiError::Upstream(
+                "the instance's frames do not fit its pixel data".into(),
+            ));
+        }
+        Ok(Some((head, p.value_start, l)))
+    }
+}
+
+fn past_last_frame() -> ApiError {
+    ApiError::BadRequest("a frame number is past the instance's last frame".into())
+}
+
 /// Withholds an answer that held an instance the request does not reach (audited).
 fn foreign(check: &Check) -> ApiError {
     check.anomaly("the PACS sent an instance the request does not reach; withheld");
@@ -756,7 +798,7 @@ fn instance_json(r: &Receiving, base: &str, target: &Target) -> Result<Value, Ap
             serde_json::json!({
                 "vr": vr,
                 "BulkDataURI": format!(
-                    "{base}/studies/{}/series/{series}/instances/{}/frames/1",
+                    "{base}/studies/{}/series/{series}/instances/{}/bulk/7fe00010",
                     target.study, r.instance
                 ),
             }),
@@ -828,6 +870,35 @@ pub(crate) async fn frames(
             "the gateway serves frame lists in ascending order without repeats".into(),
         ));
     }
+    cut_out(pacs, target, Some(wanted), check).await
+}
+
+/// WADO-RS bulk data by C-GET of the instance, for its pixel data (the `BulkDataURI` its
+/// metadata names): the native pixel data's value as one part, streamed as it arrives (no
+/// frame held). Other bulk data paths are not served by translation.
+pub(crate) async fn bulk(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    path: &[String],
+    check: Check,
+) -> Result<Response, ApiError> {
+    if !matches!(path, [t] if t.eq_ignore_ascii_case("7fe00010")) {
+        return Err(ApiError::NotAcceptable(
+            "by translation to DIMSE, bulk data is served for the pixel data (bulk/7fe00010)"
+                .into(),
+        ));
+    }
+    cut_out(pacs, target, None, check).await
+}
+
+/// Frames `wanted` (all of the pixel data as one part when `None`) of the one instance of a
+/// C-GET, as a multipart answer.
+async fn cut_out(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    wanted: Option<Vec<u64>>,
+    check: Check,
+) -> Result<Response, ApiError> {
     let syntaxes = vec![
         syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
         syntax::IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
@@ -837,7 +908,8 @@ pub(crate) async fn frames(
     let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
     let cutter = Cutter {
-        wanted,
+        whole: wanted.is_none().then_some(0),
+        wanted: wanted.unwrap_or_default(),
         next: 0,
         plan: None,
         frame: Vec::new(),
@@ -868,6 +940,8 @@ pub(crate) async fn frames(
 struct Cutter {
     /// Frame numbers, ascending.
     wanted: Vec<u64>,
+    /// All of the pixel data as one part, streamed: the bytes of it sent so far.
+    whole: Option<u64>,
     /// The index in `wanted` of the frame being cut.
     next: usize,
     /// Where the pixel data's value starts in the data set, and the frames' layout.
@@ -955,36 +1029,12 @@ impl Cutter {
                         judged = true;
                     }
                     if self.plan.is_none()
-                        && let (Some(_), Some(p)) = (rec.cut, rec.reader.pixel_data())
+                        && let Some((_, value_start, l)) = rec.plan()?
                     {
-                        let enc = rec
-                            .reader
-                            .syntax()
-                            .map(|s| s.encoding)
-                            .unwrap_or(Encoding::ExplicitLittle);
-                        let l = layout(&read_object(&rec.head, enc)?).ok_or_else(|| {
-                            ApiError::NotAcceptable("the instance's frames cannot be cut out (no or single-bit native pixel data)".into())
-                        })?;
-                        if l.frame_size > MAX_FRAME {
-                            return Err(ApiError::Upstream(
-                                "a frame is larger than the gateway holds".into(),
-                            ));
-                        }
                         if self.wanted.last().is_some_and(|f| *f > l.frames) {
-                            return Err(ApiError::BadRequest(
-                                "a frame number is past the instance's last frame".into(),
-                            ));
+                            return Err(past_last_frame());
                         }
-                        // Every wanted frame's end must be an offset (no wrap-around).
-                        if p.value_start
-                            .checked_add(l.frame_size.saturating_mul(l.frames))
-                            .is_none()
-                        {
-                            return Err(ApiError::Upstream(
-                                "the instance's frames do not fit its pixel data".into(),
-                            ));
-                        }
-                        self.plan = Some((p.value_start, l));
+                        self.plan = Some((value_start, l));
                     }
                     self.take(start, &bytes).await?;
                 }
@@ -996,7 +1046,12 @@ impl Cutter {
         if r.is_none() {
             return Err(ApiError::NotFound);
         }
-        if self.next < self.wanted.len() {
+        let short = match (self.whole, &self.plan) {
+            (Some(sent), Some((_, l))) => sent < l.frame_size * l.frames,
+            (Some(_), None) => true,
+            (None, _) => self.next < self.wanted.len(),
+        };
+        if short {
             return Err(ApiError::NotAcceptable(
                 "the instance's frames cannot be cut out (no native pixel data)".into(),
             ));
@@ -1016,6 +1071,27 @@ impl Cutter {
             return Ok(());
         };
         let end = start + bytes.len() as u64;
+        if let (Some(sent), Some((_, l))) = (self.whole, &self.plan) {
+            let (a, b) = (
+                start.max(value_start + sent),
+                end.min(value_start + l.frame_size * l.frames),
+            );
+            if a < b {
+                self.frame = bytes[(a - start) as usize..(b - start) as usize].to_vec();
+                self.whole = Some(sent + (b - a));
+                // The part's header goes with its first bytes only.
+                if sent == 0 {
+                    self.emit().await?;
+                } else {
+                    let piece = Bytes::from(std::mem::take(&mut self.frame));
+                    self.body
+                        .send(Ok(piece))
+                        .await
+                        .map_err(|_| ApiError::Upstream("the client went away".into()))?;
+                }
+            }
+            return Ok(());
+        }
         let mut pos = start;
         while self.next < self.wanted.len() && pos < end {
             let f0 = value_start + (self.wanted[self.next] - 1) * frame_size;
@@ -1035,4 +1111,227 @@ impl Cutter {
         }
         Ok(())
     }
+}
+
+/// What the next instance of a retrieval gives for rendering.
+enum Still {
+    /// The instance's attributes before its pixel data, and the one frame asked for.
+    Frame(InMemDicomObject, Vec<u8>),
+    /// Why it gives no picture (no pixel data, compressed, not rendered faithfully).
+    Not(ApiError),
+}
+
+/// Takes one frame of each instance a retrieval brings, each instance judged before a byte of
+/// its pixel data is held, and only that frame held; the rest of an instance is read past.
+struct Stills {
+    rx: mpsc::Receiver<Retrieved>,
+    /// The frame number taken of each instance, from 1.
+    number: u64,
+    check: Check,
+    /// The instance whose frame was taken has data still to come.
+    skipping: bool,
+}
+
+impl Stills {
+    /// The next instance's frame; `None` once the retrieval ended.
+    async fn next(&mut self) -> Result<Option<Still>, ApiError> {
+        let broke = || ApiError::Upstream("the retrieval broke off".into());
+        while self.skipping {
+            match self.rx.recv().await {
+                Some(Retrieved::Data { last, .. }) => self.skipping = !last,
+                Some(Retrieved::Failed(e)) => return Err(e.into()),
+                _ => return Err(ApiError::Upstream("an instance ended early".into())),
+            }
+        }
+        let mut rec: Option<Receiving> = None;
+        let mut judged = false;
+        let mut decided: Option<Still> = None;
+        // The attributes, and where the frame lies in the data set.
+        let mut want: Option<(InMemDicomObject, u64, u64)> = None;
+        let mut frame = Vec::new();
+        loop {
+            match self.rx.recv().await {
+                Some(Retrieved::Instance {
+                    sop_class,
+                    sop_instance,
+                    transfer_syntax,
+                }) => {
+                    if rec.is_some() {
+                        return Err(ApiError::Upstream(
+                            "an instance began inside another".into(),
+                        ));
+                    }
+                    rec = Some(Receiving::new(
+                        sop_class,
+                        sop_instance,
+                        transfer_syntax,
+                        &self.check,
+                    )?);
+                }
+                Some(Retrieved::Data { bytes, last }) => {
+                    let Some(r) = rec.as_mut() else {
+                        return Err(ApiError::Upstream("data outside an instance".into()));
+                    };
+                    if decided.is_none() {
+                        let start = r.read;
+                        r.feed(&bytes, last)?;
+                        if !judged && (r.cut.is_some() || last) {
+                            if !r.admitted(&self.check)? {
+                                return Err(foreign(&self.check));
+                            }
+                            judged = true;
+                        }
+                        if want.is_none() {
+                            match r.plan() {
+                                Ok(Some((head, value_start, l))) => {
+                                    if let Some(why) = super::render::unrenderable(&head) {
+                                        decided =
+                                            Some(Still::Not(ApiError::NotAcceptable(why.into())));
+                                    } else if self.number > l.frames {
+                                        decided = Some(Still::Not(past_last_frame()));
+                                    } else {
+                                        let f0 = value_start + (self.number - 1) * l.frame_size;
+                                        want = Some((head, f0, f0 + l.frame_size));
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(e) => decided = Some(Still::Not(e)),
+                            }
+                        }
+                        if let Some((_, f0, f1)) = &want {
+                            let end = start + bytes.len() as u64;
+                            let (a, b) = (start.max(*f0), end.min(*f1));
+                            if a < b {
+                                frame.extend_from_slice(
+                                    &bytes[(a - start) as usize..(b - start) as usize],
+                                );
+                            }
+                            if b == *f1
+                                && let Some((head, _, _)) = want.take()
+                            {
+                                self.skipping = !last;
+                                return Ok(Some(Still::Frame(head, std::mem::take(&mut frame))));
+                            }
+                        }
+                    }
+                    if last {
+                        let not = if r.reader.pixel_data().is_none() {
+                            ApiError::NotAcceptable("the instance has no pixel data".into())
+                        } else {
+                            ApiError::Upstream(
+                                "the instance's pixel data is shorter than its frames".into(),
+                            )
+                        };
+                        return Ok(Some(decided.unwrap_or(Still::Not(not))));
+                    }
+                }
+                Some(Retrieved::Done { .. }) if rec.is_none() => return Ok(None),
+                Some(Retrieved::Failed(e)) => return Err(e.into()),
+                _ => return Err(broke()),
+            }
+        }
+    }
+}
+
+/// WADO-RS rendered and thumbnail by C-GET (PS3.18 9.5, 10.4): a picture made from one frame
+/// (`frame`, else the first) of native pixel data. An instance or a frame is one picture; a
+/// study's or series's thumbnail is its first instance that gives one (the retrieval then
+/// stops); a study or series rendered is a multipart answer of each instance's first frame,
+/// those that give no picture left out. Each instance is judged before its frame is held,
+/// and one frame is held at a time.
+pub(crate) async fn rendered(
+    pacs: &Arc<Dimse>,
+    target: Target,
+    frame: Option<u64>,
+    thumbnail: bool,
+    opts: super::render::Options,
+    media: super::render::Media,
+    check: Check,
+) -> Result<Response, ApiError> {
+    use super::render::render;
+    let one_instance = target.instance.is_some();
+    let every = !one_instance && !thumbnail;
+    let syntaxes = vec![
+        syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+        syntax::IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+    ];
+    let mut stills = Stills {
+        rx: pacs.retrieve(target, syntaxes),
+        number: frame.unwrap_or(1),
+        check,
+        skipping: false,
+    };
+    let mut refusal = None;
+    let (head, bytes) = loop {
+        match stills.next().await? {
+            Some(Still::Frame(head, bytes)) => break (head, bytes),
+            Some(Still::Not(e)) if one_instance => return Err(e),
+            Some(Still::Not(e)) => {
+                refusal.get_or_insert(e);
+            }
+            None => return Err(refusal.unwrap_or(ApiError::NotFound)),
+        }
+    };
+    let picture = render(head, bytes, opts.clone(), media).await?;
+    if !every {
+        // A thumbnail's retrieval stops here: the association is given up, not drained.
+        drop(stills);
+        let mut r = Response::new(Body::from(picture));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(media.content_type()),
+        );
+        return Ok(r);
+    }
+    let boundary = random_boundary();
+    let (tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let part = move |b: &str, first: bool| {
+        Bytes::from(format!(
+            "{}--{b}\r\nContent-Type: {}\r\n\r\n",
+            if first { "" } else { "\r\n" },
+            media.content_type()
+        ))
+    };
+    let b = boundary.clone();
+    tokio::spawn(async move {
+        let send = async |item: Result<Bytes, std::io::Error>| tx.send(item).await.is_ok();
+        if !(send(Ok(part(&b, true))).await && send(Ok(Bytes::from(picture))).await) {
+            return;
+        }
+        loop {
+            let item = match stills.next().await {
+                Ok(Some(Still::Frame(head, bytes))) => {
+                    render(head, bytes, opts.clone(), media).await
+                }
+                Ok(Some(Still::Not(_))) => continue,
+                Ok(None) => {
+                    send(Ok(Bytes::from(format!("\r\n--{b}--\r\n")))).await;
+                    return;
+                }
+                Err(e) => Err(e),
+            };
+            let ok = match item {
+                Ok(p) => send(Ok(part(&b, false))).await && send(Ok(Bytes::from(p))).await,
+                // Parts already went out: the answer breaks off instead of ending.
+                Err(_) => {
+                    send(Err(std::io::Error::other("retrieval ended by the gateway"))).await;
+                    return;
+                }
+            };
+            if !ok {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let mut resp = Response::new(body);
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "multipart/related; type=\"{}\"; boundary={boundary}",
+        media.content_type()
+    )) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(resp)
 }

@@ -11,6 +11,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{Part, Resource};
+use super::render;
 use super::translate;
 use crate::audit::{Operation, WadoPart};
 use crate::pacs::dicomweb::read_bounded;
@@ -64,8 +65,8 @@ pub(crate) async fn retrieve(
     let part = match what {
         Part::Instances => WadoPart::Instances,
         Part::Metadata => WadoPart::Metadata,
-        Part::Rendered => WadoPart::Rendered,
-        Part::Thumbnail => WadoPart::Thumbnail,
+        Part::Rendered | Part::FrameRendered(_) => WadoPart::Rendered,
+        Part::Thumbnail | Part::FrameThumbnail(_) => WadoPart::Thumbnail,
         Part::Frames(_) => WadoPart::Frames,
         Part::Bulk(_) => WadoPart::BulkData,
     };
@@ -113,9 +114,30 @@ pub(crate) async fn retrieve(
                 Part::Frames(list) if instance.is_some() => {
                     translate::frames(dimse, target, list, check).await?
                 }
+                Part::Rendered | Part::Thumbnail => {
+                    let thumbnail = matches!(what, Part::Thumbnail);
+                    let opts = render::options(query, thumbnail)?;
+                    let media = render::media(headers.get(header::ACCEPT))?;
+                    translate::rendered(dimse, target, None, thumbnail, opts, media, check).await?
+                }
+                Part::FrameRendered(list) | Part::FrameThumbnail(list) => {
+                    let thumbnail = matches!(what, Part::FrameThumbnail(_));
+                    let [n] = translate::frame_list(list)?[..] else {
+                        return Err(ApiError::BadRequest(
+                            "one frame is rendered at a time (a frame list is not served)".into(),
+                        ));
+                    };
+                    let opts = render::options(query, thumbnail)?;
+                    let media = render::media(headers.get(header::ACCEPT))?;
+                    translate::rendered(dimse, target, Some(n), thumbnail, opts, media, check)
+                        .await?
+                }
+                Part::Bulk(path) if instance.is_some() => {
+                    translate::bulk(dimse, target, path, check).await?
+                }
                 _ => {
                     return Err(ApiError::NotAcceptable(
-                        "rendered images, thumbnails and bulk data are not served by translation to DIMSE".into(),
+                        "frames and bulk data are served per instance".into(),
                     ));
                 }
             };

@@ -10,6 +10,7 @@ use super::WebCtx;
 use super::auth::ApiError;
 use super::checked;
 use super::path::{self, is_uid};
+use super::render;
 use crate::audit::Operation;
 use crate::policy::{Action, RetrieveRequest, UidLevel};
 use axum::body::Body;
@@ -93,12 +94,45 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
     let upstream = match ctx.upstream() {
         super::Upstream::Web(web) => web,
         super::Upstream::Dimse(dimse) => {
-            // By translation the instance itself is served; a rendered image (WADO-URI's
-            // default for images) is not.
-            if get("contentType").as_deref() != Some("application/dicom") {
-                return Err(ApiError::NotAcceptable(
-                    "by translation to DIMSE only contentType=application/dicom is served".into(),
-                ));
+            let target = crate::pacs::dimse::Target {
+                study,
+                series: Some(series),
+                instance: Some(object),
+            };
+            // A rendered image is WADO-URI's default; its parameters become the WADO-RS
+            // rendering ones, read by the one parser.
+            // The first content type served: the instance itself, or a picture.
+            let media = get("contentType")
+                .unwrap_or_else(|| "image/jpeg".into())
+                .split(',')
+                .find_map(|t| match t.trim() {
+                    "application/dicom" => Some(None),
+                    "image/jpeg" | "image/*" | "*/*" => Some(Some(render::Media::Jpeg)),
+                    "image/png" => Some(Some(render::Media::Png)),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    ApiError::NotAcceptable(
+                        "by translation to DIMSE, contentType is application/dicom, image/jpeg or image/png".into(),
+                    )
+                })?;
+            if let Some(media) = media {
+                let opts = rendering_options(&get)?;
+                let frame = get("frameNumber")
+                    .map(|f| {
+                        f.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                            ApiError::BadRequest("frameNumber is a whole number from 1".into())
+                        })
+                    })
+                    .transpose()?;
+                let mut r =
+                    super::translate::rendered(dimse, target, frame, false, opts, media, check)
+                        .await?;
+                r.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, no-store"),
+                );
+                return Ok(r);
             }
             let syntax = match get("transferSyntax") {
                 Some(t) if crate::dicom::syntax::readable(&t).is_some() => t,
@@ -108,11 +142,6 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
                     ));
                 }
                 None => crate::dicom::syntax::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
-            };
-            let target = crate::pacs::dimse::Target {
-                study,
-                series: Some(series),
-                instance: Some(object),
             };
             let mut r = super::translate::single(dimse, target, vec![syntax], check).await?;
             r.headers_mut().insert(
@@ -165,4 +194,54 @@ async fn wado(ctx: &WebCtx, req: Request) -> Result<Response, ApiError> {
         HeaderValue::from_static("private, no-store"),
     );
     Ok(r)
+}
+
+/// WADO-URI's rendering parameters (PS3.18 9.2) as the WADO-RS rendering parameters they
+/// mean, read by the one parser. One the gateway does not apply is 400, as there.
+fn rendering_options(get: &dyn Fn(&str) -> Option<String>) -> Result<render::Options, ApiError> {
+    for k in [
+        "annotation",
+        "region",
+        "anonymize",
+        "charset",
+        "transferSyntax",
+    ] {
+        if get(k).is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "{k} is not served with a rendered image by translation to DIMSE"
+            )));
+        }
+    }
+    let names = ["windowCenter", "windowWidth", "columns", "rows"];
+    if names.iter().filter_map(|k| get(k)).any(|v| v.contains(',')) {
+        return Err(ApiError::BadRequest(
+            "a window or size parameter holds a ','".into(),
+        ));
+    }
+    let mut q = Vec::new();
+    match (get("windowCenter"), get("windowWidth")) {
+        (Some(c), Some(w)) => q.push(("window".to_string(), format!("{c},{w}"))),
+        (None, None) => {}
+        _ => {
+            return Err(ApiError::BadRequest(
+                "windowCenter and windowWidth come together".into(),
+            ));
+        }
+    }
+    // A side not given is not a bound: the largest viewport side stands in for it.
+    match (get("columns"), get("rows")) {
+        (None, None) => {}
+        (c, r) => q.push((
+            "viewport".to_string(),
+            format!(
+                "{},{}",
+                c.unwrap_or_else(|| "4096".into()),
+                r.unwrap_or_else(|| "4096".into())
+            ),
+        )),
+    }
+    if let Some(v) = get("imageQuality") {
+        q.push(("quality".to_string(), v));
+    }
+    render::options_of(&q, false)
 }

@@ -252,7 +252,19 @@ def test_wado_frames_of_own_instance(base, orthanc, token_a):
     assert bytes(range(64)) in r.content
 
 
-@pytest.mark.parametrize("case", ["foreign_study", "unknown_study", "foreign_series_in_own_study", "foreign_instance_in_own_series", "foreign_metadata", "foreign_frames"])
+def test_wado_rendered_own_instance_and_frame_are_pictures(base, orthanc, token_a):
+    _, study, series, sop = own(orthanc, "PAT-A")[0]
+    inst = f"{base}/studies/{study}/series/{series}/instances/{sop}"
+    for path, accept, magic in ((f"{inst}/rendered", "image/jpeg", b"\xff\xd8"), (f"{inst}/rendered", "image/png", b"\x89PNG"),
+                                (f"{inst}/frames/1/rendered", "image/png", b"\x89PNG")):
+        r = requests.get(path, headers={**auth(token_a), "Accept": accept}, timeout=30)
+        assert r.status_code == 200, (path, r.status_code, r.text[:200])
+        assert r.headers["Content-Type"].startswith(accept) and r.content.startswith(magic), path
+        assert r.headers["Cache-Control"].startswith("private")
+
+
+@pytest.mark.parametrize("case", ["foreign_study", "unknown_study", "foreign_series_in_own_study", "foreign_instance_in_own_series", "foreign_metadata", "foreign_frames",
+                                  "foreign_rendered", "foreign_thumbnail"])
 def test_wado_of_other_patients_or_unknown_uids_is_403_without_dicom(base, orthanc, token_a, case):
     mine, theirs = own(orthanc, "PAT-A")[0], own(orthanc, "PAT-B")[0]
     path = {
@@ -262,6 +274,8 @@ def test_wado_of_other_patients_or_unknown_uids_is_403_without_dicom(base, ortha
         "foreign_instance_in_own_series": f"studies/{mine[1]}/series/{mine[2]}/instances/{theirs[3]}",
         "foreign_metadata": f"studies/{theirs[1]}/metadata",
         "foreign_frames": f"studies/{theirs[1]}/series/{theirs[2]}/instances/{theirs[3]}/frames/1",
+        "foreign_rendered": f"studies/{theirs[1]}/series/{theirs[2]}/instances/{theirs[3]}/rendered",
+        "foreign_thumbnail": f"studies/{theirs[1]}/thumbnail",
     }[case]
     r = requests.get(f"{base}/{path}", headers=auth(token_a), timeout=30)
     assert r.status_code == 403

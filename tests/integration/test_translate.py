@@ -12,6 +12,7 @@ import types
 import pydicom
 import pytest
 import requests
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -180,20 +181,112 @@ def test_wado_metadata_refers_to_pixel_data(gw, pacs, token_a):
     assert multi["00280008"]["Value"] == [3] and multi["00280010"]["Value"] == [4]
 
 
-def test_rendered_and_uri_images_are_406_not_a_wrong_picture(gw, pacs, token_a):
+def picture(resp, kind="JPEG"):
+    """The picture of an answer, checked to be of its Content-Type's kind."""
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.headers["Content-Type"] == f"image/{kind.lower()}"
+    assert resp.headers["Cache-Control"].startswith("private")
+    img = Image.open(io.BytesIO(resp.content))
+    assert img.format == kind
+    return img
+
+
+def test_rendered_instances_and_frames_are_pictures_of_their_pixels(gw, pacs, token_a):
     a = pacs.data["PAT-A"]
-    r = web(gw, f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}/rendered", token_a)
-    assert r.status_code == 406
+    inst = f"studies/{a['study']}/series/{a['series']}/instances"
+    # The 8x8 ramp 0..63, no window in the instance: stretched to black..white.
+    img = picture(web(gw, f"{inst}/{a['sops'][0]}/rendered", token_a, headers={"Accept": "image/png"}), "PNG")
+    assert img.size == (8, 8) and img.mode == "L"
+    px = list(img.tobytes())
+    assert px[0] == 0 and px[-1] == 255 and px == sorted(px), "a ramp stays a ramp"
+    # A window of the caller's: values up to 16 are black, from 48 white.
+    px = list(picture(web(gw, f"{inst}/{a['sops'][0]}/rendered", token_a, headers={"Accept": "image/png"},
+                          params={"window": "32,32"}), "PNG").tobytes())
+    assert px[:16] == [0] * 16 and px[-15:] == [255] * 15
+    # JPEG is the default; a viewport scales, keeping the aspect.
+    assert picture(web(gw, f"{inst}/{a['sops'][0]}/rendered", token_a, params={"viewport": "32,16", "quality": "70"})).size == (16, 16)
+    # A frame of a multi-frame instance: frame 3's value (0x0303) lies above frame 1's (0x0101).
+    w = {"window": f"{0x0202},{0x0100}"}
+    f1 = picture(web(gw, f"{inst}/{a['sops'][2]}/frames/1/rendered", token_a, headers={"Accept": "image/png"}, params=w), "PNG")
+    f3 = picture(web(gw, f"{inst}/{a['sops'][2]}/frames/3/rendered", token_a, headers={"Accept": "image/png"}, params=w), "PNG")
+    assert f1.size == (4, 4) and set(f1.tobytes()) == {0} and set(f3.tobytes()) == {255}
+    assert web(gw, f"{inst}/{a['sops'][2]}/frames/4/rendered", token_a).status_code == 400
+    assert web(gw, f"{inst}/{a['sops'][2]}/frames/1,2/rendered", token_a).status_code == 400
+
+
+def test_thumbnails_at_every_level(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    for path in (f"studies/{a['study']}/thumbnail", f"studies/{a['study']}/series/{a['series']}/thumbnail",
+                 f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}/thumbnail",
+                 f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][2]}/frames/2/thumbnail"):
+        img = picture(web(gw, path, token_a))
+        assert max(img.size) <= 128, path
+    big = picture(web(gw, f"studies/{a['study']}/thumbnail", token_a, params={"viewport": "64,64"}))
+    assert big.size == (64, 64), "an asked-for viewport enlarges"
+
+
+def test_a_series_rendered_is_a_picture_per_instance(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    r = web(gw, f"studies/{a['study']}/series/{a['series']}/rendered", token_a)
+    assert r.status_code == 200 and 'type="image/jpeg"' in r.headers["Content-Type"]
+    got = parts(r)
+    assert len(got) == 3
+    for head, body in got:
+        assert "image/jpeg" in head and Image.open(io.BytesIO(body)).format == "JPEG"
+
+
+@pytest.mark.parametrize("query", ["annotation=patient", "viewport=1,1,0,0,8,8", "window=1", "quality=0", "zoom=2"])
+def test_rendering_parameters_not_applied_are_400(gw, pacs, token_a, query):
+    a = pacs.data["PAT-A"]
+    path = f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}/rendered?{query}"
+    assert web(gw, path, token_a).status_code == 400
+
+
+def test_what_cannot_be_rendered_faithfully_is_406(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    inst = f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}"
+    assert web(gw, f"{inst}/rendered", token_a, headers={"Accept": "image/gif"}).status_code == 406
+    assert web(gw, f"{inst}/rendered", token_a, headers={"Accept": "image/jpeg;q=0"}).status_code == 406
+
+
+def test_bulk_pixel_data_and_its_uri_from_the_metadata(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
+    meta = web(gw, f"studies/{a['study']}/series/{a['series']}/metadata", token_a).json()
+    multi = next(m for m in meta if m["00080018"]["Value"][0] == a["sops"][2])
+    uri = multi["7FE00010"]["BulkDataURI"]
+    assert uri.endswith("/bulk/7fe00010")
+    r = requests.get(uri, headers=auth(token_a), timeout=30)
+    (head, body), = parts(r)
+    assert "application/octet-stream" in head
+    assert body == bytes([1]) * 32 + bytes([2]) * 32 + bytes([3]) * 32, "the whole pixel data, every frame"
+    inst = f"studies/{a['study']}/series/{a['series']}/instances/{a['sops'][0]}"
+    assert web(gw, f"{inst}/bulk/00100010", token_a).status_code == 406
+
+
+def test_wado_uri_renders_by_default_and_serves_the_instance_when_asked(gw, pacs, token_a):
+    a = pacs.data["PAT-A"]
     q = {"requestType": "WADO", "studyUID": a["study"], "seriesUID": a["series"], "objectUID": a["sops"][0]}
-    assert requests.get(f"{gw.public_url}/wado", params=q, headers=auth(token_a), timeout=30).status_code == 406
-    r = requests.get(f"{gw.public_url}/wado", params={**q, "contentType": "application/dicom"}, headers=auth(token_a), timeout=30)
+    uri = f"{gw.public_url}/wado"
+    assert picture(requests.get(uri, params=q, headers=auth(token_a), timeout=30)).size == (8, 8)
+    img = picture(requests.get(uri, params={**q, "contentType": "image/png", "rows": "4", "windowCenter": "32",
+                                            "windowWidth": "32"}, headers=auth(token_a), timeout=30), "PNG")
+    assert img.size == (4, 4)
+    frame3 = {**q, "objectUID": a["sops"][2], "frameNumber": "3", "contentType": "image/png",
+              "windowCenter": str(0x0202), "windowWidth": str(0x0100)}
+    assert set(picture(requests.get(uri, params=frame3, headers=auth(token_a), timeout=30), "PNG").tobytes()) == {255}
+    for bad in ({"annotation": "patient"}, {"windowCenter": "1"}, {"rows": "4&annotation=x"}):
+        assert requests.get(uri, params={**q, **bad}, headers=auth(token_a), timeout=30).status_code == 400, bad
+    assert requests.get(uri, params={**q, "contentType": "image/gif"}, headers=auth(token_a), timeout=30).status_code == 406
+    r = requests.get(uri, params={**q, "contentType": "application/dicom"}, headers=auth(token_a), timeout=30)
     assert r.status_code == 200 and pydicom.dcmread(io.BytesIO(r.content)).SOPInstanceUID == a["sops"][0]
 
 
 def test_foreign_uids_are_403_without_dicom(gw, pacs, token_a):
     b = pacs.data["PAT-B"]
-    for path in (f"studies/{b['study']}", f"studies/{b['study']}/metadata",
-                 f"studies/{b['study']}/series/{b['series']}/instances/{b['sops'][2]}/frames/1"):
+    inst = f"studies/{b['study']}/series/{b['series']}/instances/{b['sops'][2]}"
+    for path in (f"studies/{b['study']}", f"studies/{b['study']}/metadata", f"{inst}/frames/1",
+                 f"{inst}/rendered", f"{inst}/frames/1/rendered", f"{inst}/bulk/7fe00010",
+                 f"studies/{b['study']}/thumbnail", f"studies/{b['study']}/series/{b['series']}/rendered"):
         r = web(gw, path, token_a)
         assert r.status_code == 403 and b"DICM" not in r.content and b"PAT-B" not in r.content
 
@@ -320,7 +413,8 @@ def test_a_foreign_instance_from_the_pacs_is_withheld_on_every_path(fake, issuer
         except requests.exceptions.ChunkedEncodingError:
             return r.status_code, got, False
 
-    for path in (f"studies/{own.StudyInstanceUID}", f"{inst}/frames/1"):
+    series = f"studies/{own.StudyInstanceUID}/series/{own.SeriesInstanceUID}"
+    for path in (f"studies/{own.StudyInstanceUID}", f"{inst}/frames/1", f"{series}/rendered"):
         status, body, complete = fetch(path)
         if order == "foreign_first":
             assert status == 502, path
@@ -330,12 +424,17 @@ def test_a_foreign_instance_from_the_pacs_is_withheld_on_every_path(fake, issuer
         assert b"PAT-B" not in body
     status, body, _ = fetch(f"studies/{own.StudyInstanceUID}/metadata")
     assert status == 502 and b"PAT-B" not in body
+    if order == "foreign_first":
+        # A single picture is made of the first instance: a foreign one is refused, not drawn.
+        for path in (f"{inst}/rendered", f"studies/{own.StudyInstanceUID}/thumbnail"):
+            status, body, _ = fetch(path)
+            assert status == 502, path
     q = {"requestType": "WADO", "studyUID": own.StudyInstanceUID, "seriesUID": own.SeriesInstanceUID,
          "objectUID": own.SOPInstanceUID, "contentType": "application/dicom"}
     f.send = [f.foreign_ds]
     r = requests.get(f"{g.public_url}/wado", params=q, headers=auth(token), timeout=30)
     assert r.status_code == 502 and b"PAT-B" not in r.content
-    assert f.gets == before + 4, "every path asked the PACS"
+    assert f.gets == before + (7 if order == "foreign_first" else 5), "every path asked the PACS"
     assert "withheld" in g.log_text() or "does not reach" in g.log_text()
 
 
