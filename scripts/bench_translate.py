@@ -7,6 +7,7 @@ run on the same Orthanc and data, alternating sides round by round:
 - QIDO-RS /studies with 100 matches (latency p50, p99);
 - WADO-RS retrieval of a large study (MB/s; curl, body discarded);
 - WADO-RS frames of a multi-frame instance, one frame per request as viewers ask (frames/s);
+- the same frames rendered as JPEG, one per request (pictures/s);
 - STOW-RS of small instances, one request of BENCH_STOW parts (instances/s).
 
 A measurement, not a test: it asserts only that every side returned the same number of
@@ -82,6 +83,15 @@ def frames(base, token, path):
     for f in range(1, FRAMES + 1):
         r = s.get(f"{base}/{path}/frames/{f}", timeout=60)
         assert r.status_code == 200 and len(r.content) >= 512 * 512 * 2, (base, f, r.status_code)
+    return FRAMES / (time.perf_counter() - t)
+
+
+def rendered(base, token, path):
+    s = session(token, "image/jpeg")
+    t = time.perf_counter()
+    for f in range(1, FRAMES + 1):
+        r = s.get(f"{base}/{path}/frames/{f}/rendered", timeout=60)
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8", (base, f, r.status_code)
     return FRAMES / (time.perf_counter() - t)
 
 
@@ -162,20 +172,25 @@ def main():
             qido(base[s], token(s, "QIDO"), 20)
         q = {s: qido(base[s], token(s, "QIDO"), QIDO_N) for s in SIDES}
         fr = {s: [] for s in SIDES}
+        rd = {s: [] for s in SIDES}
         st = {s: [] for s in SIDES}
         for _ in range(ROUNDS):
             for s in SIDES:
                 fr[s].append(frames(base[s], token(s, "FRAMES"), frames_path))
+                rd[s].append(rendered(base[s], token(s, "FRAMES"), frames_path))
                 st[s].append(stow(base[s], token(s, "STOW"), generate_uid(), generate_uid()))
 
         w = {s: statistics.mean(b / x / 1e6 for b, x in wado[s]) for s in SIDES}
         f = {s: statistics.mean(fr[s]) for s in SIDES}
         t = {s: statistics.mean(st[s]) for s in SIDES}
+        rend = {s: statistics.mean(rd[s]) for s in SIDES}
+        hwm_all = {s: vm(g.proc.pid, "VmHWM") for s, g in gateways.items()}
         rows = [
             ("QIDO-RS /studies, 100 matches, p50", {s: pct(q[s], .5) for s in SIDES}, "ms"),
             ("QIDO-RS /studies, 100 matches, p99", {s: pct(q[s], .99) for s in SIDES}, "ms"),
             (f"WADO-RS study ({wado['direct'][0][0] / 2**20:.0f} MiB, {INSTANCES} instances)", w, "MB/s"),
             ("WADO-RS frames, one per request (512x512x16)", f, "frames/s"),
+            ("WADO-RS frames rendered as JPEG, one per request", rend, "pictures/s"),
             (f"STOW-RS, {STOW_N} instances per request", t, "instances/s"),
         ]
         lines = [
@@ -193,7 +208,7 @@ def main():
         gb = {s: sum(b for b, _ in wado[s]) / 1e9 for s in gateways}
         lines += ["", "Gateway CPU per GB of WADO-RS: " + ", ".join(f"{s} {cpu[s] / gb[s]:.2f} s" for s in gateways)
                   + ". Peak resident memory while streaming the study: " + ", ".join(f"{s} {hwm[s]:.1f} MiB" for s in gateways)
-                  + " (limit: 100 MiB)."]
+                  + " (limit: 100 MiB); over the whole run: " + ", ".join(f"{s} {hwm_all[s]:.1f} MiB" for s in gateways) + "."]
         write_results("translate", "\n".join(lines))
         if max(hwm.values()) >= 100:
             print("a gateway's peak memory reached 100 MiB", file=sys.stderr)

@@ -344,7 +344,8 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None):
+                 limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None,
+                 cors_origins=("https://viewer.example.org",)):
         """`translate`: DICOMweb by translation to DIMSE (no `pacs.dicomweb_url`); by default as
         PACSGATE_DICOMWEB=translate says."""
         if translate is None:
@@ -369,7 +370,7 @@ dimse_listen = "127.0.0.1:{self.dimse_port}"
 http_listen = "127.0.0.1:{self.http_port}"
 public_url = "{self.public_url}"
 audiences = ["http://127.0.0.1:8080/dicom-web", "{self.public_url}/dicom-web"]
-cors_origins = ["https://viewer.example.org"]
+cors_origins = {json.dumps(list(cors_origins))}
 {gateway_extra}
 
 [limits]

@@ -1,0 +1,223 @@
+"""A real viewer in a real browser: OHIF 3.13 (the prebuilt site of npm @ohif/app, fetched by
+scripts/setup.sh) in Debian's chromium, driven headless by puppeteer-core (tests/browser/ohif.mjs),
+against the gateway answering DICOMweb by translation to an Orthanc whose DICOMweb plugin is off.
+
+OHIF is served from a local static server of another origin (so every request is cross-origin,
+with CORS preflights), and carries the bearer token through a small extension in its app-config
+that sets the DICOMweb data source's Authorization header. Checked: the study list shows exactly
+the token's patient's studies; the viewer renders an own study (its QIDO with 00100020, series
+metadata and frames fetched through the gateway; the screenshot is not blank); a viewer URL that
+names another patient's study gets no image data; an expired token shows an error."""
+
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from conftest import ROOT, Gateway, Orthanc, free_port, stop
+from dicomdata import make_instance
+
+OHIF = ROOT / ".cache" / "ohif-3.13.2" / "dist"
+DRIVER = ROOT / "tests" / "browser" / "ohif.mjs"
+
+
+def picture_instance(pid, study, series, n):
+    """A 128x128 8-bit MONOCHROME2 image of diagonal bands: something to see on screen."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance(pid, study, series, 1, 1, n, "20240301")))
+    ds.Rows = ds.Columns = 128
+    ds.PixelData = bytes(((x + y) * 4 + n * 16) % 256 for y in range(128) for x in range(128))
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+APP_CONFIG = """window.config = {
+  routerBasename: '/',
+  showStudyList: true,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  investigationalUseDialog: { option: 'never' },
+  // The bearer for every DICOMweb request: OHIF 3.13's data source takes its headers from
+  // userAuthenticationService only.
+  extensions: [{
+    id: 'pacsgate-bearer',
+    preRegistration: ({ servicesManager }) => {
+      servicesManager.services.userAuthenticationService.setServiceImplementation({
+        getAuthorizationHeader: () => ({ Authorization: 'Bearer ' + %(token)s }),
+      });
+    },
+  }],
+  modes: [],
+  defaultDataSourceName: 'pacsgate',
+  dataSources: [{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'pacsgate',
+    configuration: {
+      friendlyName: 'pacsgate',
+      name: 'pacsgate',
+      qidoRoot: %(web)s,
+      wadoRoot: %(web)s,
+      wadoUriRoot: %(wado)s,
+      qidoSupportsIncludeField: true,
+      imageRendering: 'wadors',
+      thumbnailRendering: 'wadors',
+      enableStudyLazyLoad: true,
+      supportsFuzzyMatching: false,
+      supportsWildcard: true,
+      omitQuotationForMultipartRequest: true,
+      bulkDataURI: { enabled: true },
+    },
+  }],
+};
+"""
+
+
+class OhifSite:
+    """OHIF's static site on a free loopback port, its app-config.js written per test."""
+
+    def __init__(self):
+        if not (OHIF / "index.html").exists():
+            raise RuntimeError(f"{OHIF} is missing: run scripts/setup.sh (it fetches OHIF)")
+        self.config = b""
+        site = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path == "/app-config.js":
+                    body = site.config
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/javascript")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.send_header("Cache-Control", "no-store")
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                # The app's own routes (/viewer, /) are its index page.
+                if not (OHIF / path.lstrip("/")).is_file():
+                    self.path = "/index.html"
+                super().do_GET()
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), partial(Handler, directory=str(OHIF)))
+        self.origin = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def configure(self, gateway, token):
+        self.config = (APP_CONFIG % {"token": json.dumps(token), "web": json.dumps(f"{gateway.public_url}/dicom-web"),
+                                     "wado": json.dumps(f"{gateway.public_url}/wado")}).encode()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def site():
+    s = OhifSite()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_root):
+    d = tmp_root / "browser"
+    d.mkdir()
+    o = Orthanc(d, name="orthanc-browser", extra={"DicomWeb": {"Enable": False}})
+    o.data = {}
+    for pid in ("PAT-A", "PAT-B"):
+        study, series = generate_uid(), generate_uid()
+        for n in (1, 2, 3):
+            o.upload(picture_instance(pid, study, series, n))
+        o.data[pid] = study
+    yield o
+    stop(o.proc)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_root, pacs, issuer, site):
+    g = Gateway(tmp_root / "browser", pacs, issuer, name="gateway-browser", translate=True, cors_origins=(site.origin,))
+    yield g
+    stop(g.proc)
+
+
+def browse(site, gw, url, wait, screenshot=None, timeout_ms=60000):
+    args = {"url": f"{site.origin}{url}", "gateway": gw.public_url, "wait": wait, "timeout_ms": timeout_ms}
+    if screenshot:
+        args["screenshot"] = str(screenshot)
+    r = subprocess.run(["node", str(DRIVER), json.dumps(args)], capture_output=True, text=True,
+                       timeout=timeout_ms / 1000 + 60, cwd=DRIVER.parent, env={**os.environ})
+    assert r.returncode == 0, f"the browser driver failed: {r.stderr[-2000:]}"
+    return json.loads(r.stdout)
+
+
+def paths(out, status=None):
+    """The gateway paths (with queries) the page asked for, of one status if given."""
+    n = len("http://127.0.0.1:00000")
+    return [x["url"][n:] for x in out["responses"] if status is None or x["status"] == status]
+
+
+def test_the_study_list_shows_exactly_the_patients_studies(site, gw, pacs, issuer):
+    site.configure(gw, issuer.mint(patient="PAT-A"))
+    out = browse(site, gw, "/", "list")
+    assert out["met"], f"no study list rows: {out['text'][:500]}"
+    assert "PAT-A" in out["text"] and "PAT-B" not in out["text"]
+    searches = [x for x in out["responses"] if "/dicom-web/studies?" in x["url"] and x["method"] == "GET"]
+    assert searches and all(x["status"] == 200 for x in searches), searches
+    # The preflights and the searches alike were answered: nothing refused.
+    assert all(x["status"] in (200, 204) for x in out["responses"]), out["responses"]
+
+
+def test_the_viewer_renders_an_own_study_by_translation(site, gw, pacs, issuer, tmp_root):
+    site.configure(gw, issuer.mint(patient="PAT-A"))
+    shot = tmp_root / "browser" / "own-study.png"
+    study = pacs.data["PAT-A"]
+    out = browse(site, gw, f"/viewer?StudyInstanceUIDs={study}", "frames", screenshot=shot)
+    assert out["met"], f"no frame arrived: {paths(out)} {out['console'][:5]}"
+    ok = paths(out, 200)
+    assert any("/dicom-web/studies?" in p and "00100020=PAT-A" in p for p in ok), ok
+    assert any(p.startswith(f"/dicom-web/studies/{study}/series/") and "/metadata" in p for p in ok), ok
+    assert any("/frames/" in p for p in ok), ok
+    refused = [x for x in out["responses"] if x["status"] >= 400]
+    assert not refused, refused
+    # The viewport shows the bands: many grey levels, not one flat colour.
+    img = Image.open(shot).convert("L")
+    w, h = img.size
+    middle = img.crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+    assert len(set(middle.tobytes())) > 32, "the viewport is blank"
+
+
+def test_a_viewer_url_naming_another_patients_study_shows_no_image_data(site, gw, pacs, issuer, tmp_root):
+    site.configure(gw, issuer.mint(patient="PAT-A"))
+    theirs = pacs.data["PAT-B"]
+    out = browse(site, gw, f"/viewer?StudyInstanceUIDs={theirs}", "frames", timeout_ms=20000)
+    assert not out["met"], "a frame of another patient's study arrived"
+    # OHIF searches for the study first: the search is answered, with no match.
+    let_through = [x for x in out["responses"] if theirs in x["url"] and x["status"] == 200
+                   and not ("/dicom-web/studies?" in x["url"] and x.get("body", "").strip() == "[]")]
+    assert not let_through, f"the gateway answered for another patient's study: {let_through}"
+    assert any(theirs in x["url"] and x["status"] == 403 for x in out["responses"]), out["responses"]
+    assert "PAT-B" not in out["text"]
+
+
+def test_an_expired_token_shows_an_error(site, gw, pacs, issuer):
+    site.configure(gw, issuer.mint(patient="PAT-A", expires_in=1))
+    time.sleep(2)
+    out = browse(site, gw, "/", "error", timeout_ms=15000)
+    searches = [x for x in out["responses"] if "/dicom-web/studies" in x["url"] and x["method"] == "GET"]
+    assert searches and all(x["status"] == 401 for x in searches), out["responses"]
+    assert "PAT-A" not in out["text"]
+    assert "Data Source Connection Error" in out["text"], f"no error shown: {out['text'][-500:]}"
