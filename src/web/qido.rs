@@ -171,6 +171,11 @@ pub async fn search(
     for key in permit.result_keys() {
         pairs.push(("includefield".into(), include(*key)));
     }
+    // By translation matching is the PACS's literal C-FIND matching.
+    let literal_only = matches!(upstream, super::Upstream::Dimse(_));
+    let fuzzy = pairs
+        .iter()
+        .any(|(k, v)| k == "fuzzymatching" && v == "true");
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut read_so_far = 0usize;
     for pid in pids {
@@ -260,7 +265,16 @@ pub async fn search(
     );
     let text = serde_json::to_string(&kept)
         .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
-    Ok(json_response(ctx.rewrite_urls(&text).into_bytes()))
+    let mut r = json_response(ctx.rewrite_urls(&text).into_bytes());
+    if literal_only && fuzzy {
+        r.headers_mut().insert(
+            axum::http::header::WARNING,
+            axum::http::HeaderValue::from_static(
+                "299 pacsgate \"The fuzzymatching parameter is not supported. Only literal matching has been performed.\"",
+            ),
+        );
+    }
+    Ok(r)
 }
 
 /// What the result judge needs of a DICOM JSON match.

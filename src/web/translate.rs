@@ -209,8 +209,14 @@ pub(crate) fn search_keys(
         match k.as_str() {
             "limit" => limit = number(v)?.min(MAX_MATCHES),
             "offset" => offset = number(v)?,
-            // DIMSE offers no fuzzy matching the gateway could ask for: the PACS's own applies.
-            "fuzzymatching" => {}
+            // The handler answers `fuzzymatching=true` with the warning of PS3.18 8.3.4.1:
+            // the C-FIND does not negotiate fuzzy semantic matching, so matching is literal.
+            "fuzzymatching" if matches!(v.as_str(), "true" | "false") => {}
+            "fuzzymatching" => {
+                return Err(ApiError::BadRequest(
+                    "fuzzymatching is true or false".into(),
+                ));
+            }
             "includefield" => {
                 for f in v.split(',').filter(|f| !f.is_empty()) {
                     if f == "all" {

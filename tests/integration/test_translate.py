@@ -132,6 +132,15 @@ def test_qido_wildcards_reach_the_pacs(gw, pacs, token_a):
     assert web(gw, "studies", token_a, params={"PatientName": "Nobody*"}).json() == []
 
 
+def test_fuzzy_matching_asked_for_is_answered_as_literal_with_a_warning(gw, pacs, token_a):
+    r = web(gw, "studies", token_a, params={"fuzzymatching": "true", "PatientName": "Test*"})
+    assert r.status_code == 200 and len(r.json()) == 1
+    assert r.headers["Warning"].startswith("299 ") and "Only literal matching has been performed" in r.headers["Warning"]
+    r = web(gw, "studies", token_a, params={"fuzzymatching": "false"})
+    assert r.status_code == 200 and "Warning" not in r.headers
+    assert web(gw, "studies", token_a, params={"fuzzymatching": "maybe"}).status_code == 400
+
+
 # ---- WADO-RS by C-GET ----
 
 def test_wado_instances_in_the_syntax_asked_for(gw, pacs, token_a):
