@@ -64,6 +64,13 @@ pub struct Config {
     pub tls: Option<crate::tls::ServerIdentity>,
     /// The audit trail's sinks (`[audit]`); `None`: records go to the log only.
     pub audit: Option<crate::audit::sink::AuditConfig>,
+    /// `[fhir]`: the FHIR ImagingStudy search of SMART Imaging Access at `{public_url}/fhir`.
+    pub fhir: Fhir,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Fhir {
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +326,13 @@ struct RawFile {
     destinations: Vec<RawDestination>,
     tls: Option<RawTls>,
     audit: Option<RawAudit>,
+    fhir: Option<RawFhir>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFhir {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1440,6 +1454,9 @@ impl Config {
             },
             policy,
             destinations,
+            fhir: Fhir {
+                enabled: raw.fhir.and_then(|f| f.enabled).unwrap_or(false),
+            },
             audit: audit.map(|mut a| {
                 a.client_identity = tls
                     .as_ref()

@@ -9,6 +9,7 @@ pub(crate) mod auth;
 pub(crate) mod checked;
 pub(crate) mod cors;
 pub(crate) mod discovery;
+pub(crate) mod fhir;
 pub(crate) mod listener;
 pub mod multipart;
 pub mod path;
@@ -457,12 +458,28 @@ pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
         )
         .route("/dicom-web/{*rest}", get(dicomweb_get))
         .route("/wado", get(wado_uri::handle))
+        .merge(fhir_routes(&ctx))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             cors::layer,
         ))
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(ctx)
+}
+
+/// `{public_url}/fhir`, when `[fhir] enabled`.
+fn fhir_routes(ctx: &Arc<WebCtx>) -> Router<Arc<WebCtx>> {
+    if !ctx.cfg.fhir.enabled {
+        return Router::new();
+    }
+    Router::new()
+        .route("/fhir/ImagingStudy", get(fhir::imaging_study))
+        .route("/fhir/Endpoint/dicom-wado-rs", get(fhir::read_endpoint))
+        .route("/fhir/metadata", get(fhir::metadata))
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(discovery::smart_configuration),
+        )
 }
 
 /// `gateway.monitor_listen`: the probes and metrics alone, nothing a token opens.

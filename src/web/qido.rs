@@ -72,8 +72,42 @@ pub async fn search(
     query: &str,
     upstream: super::Upstream<'_>,
 ) -> Result<Response, ApiError> {
+    let pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
+    let found = judged(ctx, caller, resource, pairs, upstream).await?;
+    let text = serde_json::to_string(&found.matches)
+        .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
+    let mut r = json_response(ctx.rewrite_urls(&text).into_bytes());
+    if found.literal_only {
+        r.headers_mut().insert(
+            axum::http::header::WARNING,
+            axum::http::HeaderValue::from_static(
+                "299 pacsgate \"The fuzzymatching parameter is not supported. Only literal matching has been performed.\"",
+            ),
+        );
+    }
+    Ok(r)
+}
+
+/// What a search found, every match admitted by the result judge.
+pub(crate) struct Found {
+    /// DICOM JSON objects, as the PACS or the translation wrote them (URLs not yet rewritten).
+    pub matches: Vec<serde_json::Value>,
+    /// Fuzzy matching was asked for and only literal matching was done.
+    pub literal_only: bool,
+}
+
+/// A QIDO-RS search (`resource` and its decoded query `pairs`) through the policy core: the
+/// permit before, the search of the PACS (relayed or translated), the result judge on every
+/// match after, and the audit records. The one path for every search the gateway answers
+/// over HTTP (QIDO-RS and the FHIR ImagingStudy search alike).
+pub(crate) async fn judged(
+    ctx: &WebCtx,
+    caller: &Caller,
+    resource: &Resource,
+    mut pairs: Vec<(String, String)>,
+    upstream: super::Upstream<'_>,
+) -> Result<Found, ApiError> {
     let p = caller.principal();
-    let mut pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
     let asked: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| is_patient_id_key(k))
@@ -263,18 +297,10 @@ pub async fn search(
         Outcome::Allowed,
         &format!("{} result(s)", kept.len()),
     );
-    let text = serde_json::to_string(&kept)
-        .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
-    let mut r = json_response(ctx.rewrite_urls(&text).into_bytes());
-    if literal_only && fuzzy {
-        r.headers_mut().insert(
-            axum::http::header::WARNING,
-            axum::http::HeaderValue::from_static(
-                "299 pacsgate \"The fuzzymatching parameter is not supported. Only literal matching has been performed.\"",
-            ),
-        );
-    }
-    Ok(r)
+    Ok(Found {
+        matches: kept,
+        literal_only: literal_only && fuzzy,
+    })
 }
 
 /// What the result judge needs of a DICOM JSON match.

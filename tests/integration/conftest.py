@@ -345,7 +345,7 @@ class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
                  limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None,
-                 cors_origins=("https://viewer.example.org",)):
+                 cors_origins=("https://viewer.example.org",), fhir=True):
         """`translate`: DICOMweb by translation to DIMSE (no `pacs.dicomweb_url`); by default as
         PACSGATE_DICOMWEB=translate says."""
         if translate is None:
@@ -392,6 +392,7 @@ calling_ae_title = "{calling_ae}"
 
 {extra}
 {patients}
+{"[fhir]" + chr(10) + "enabled = true" if fhir else ""}
 {"".join(f'[[destinations]]{chr(10)}ae_title = "{ae}"{chr(10)}address = "127.0.0.1:{port}"{chr(10)}' for ae, port in destinations)}
 """
         )

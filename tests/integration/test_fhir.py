@@ -1,0 +1,112 @@
+"""The FHIR side of SMART Imaging Access (`[fhir] enabled`): `ImagingStudy?patient=` built
+from the gateway's one search path (the same result judge as QIDO-RS and C-FIND), per the
+Argonaut rules: only the token's patient, 403 with an OperationOutcome for any other, studies as
+SmartImagingStudy resources whose Endpoint is the gateway's WADO-RS, which takes the same token.
+Runs against whichever PACS the session uses (Orthanc relayed or translated, dcmqrscp)."""
+
+import requests
+
+FHIR_JSON = "application/fhir+json"
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def own_studies(orthanc, pid):
+    return sorted({x[1] for x in orthanc.instances if x[0] == pid})
+
+
+def fhir(gateway, path, token=None, **params):
+    h = auth(token) if token else {}
+    return requests.get(f"{gateway.public_url}/fhir/{path}", headers=h, params=params, timeout=60)
+
+
+def studies_of(bundle):
+    return sorted(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+
+
+def test_the_patients_studies_as_smart_imaging_studies(gateway, orthanc, issuer):
+    token = issuer.mint(patient="PAT-A")
+    r = fhir(gateway, "ImagingStudy", token, patient="PAT-A")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith(FHIR_JSON)
+    b = r.json()
+    assert b["resourceType"] == "Bundle" and b["type"] == "searchset"
+    mine = own_studies(orthanc, "PAT-A")
+    assert studies_of(b) == mine and b["total"] == len(mine)
+    for e in b["entry"]:
+        s = e["resource"]
+        assert e["fullUrl"] == f"{gateway.public_url}/fhir/ImagingStudy/{s['id']}"
+        assert s["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{s['id']}"}
+        assert s["status"] == "available" and s["subject"] == {"reference": "Patient/PAT-A"}
+        assert s["modality"] and all(m["system"] == "http://dicom.nema.org/resources/ontology/DCM" for m in s["modality"])
+        assert s["numberOfSeries"] == 2 and len(s["series"]) == 2
+        # dcmqrscp answers no NumberOfSeriesRelatedInstances: then the count is left out.
+        assert all(x.get("numberOfInstances", 2) == 2 and x["modality"]["code"] for x in s["series"])
+        assert s["endpoint"] == [{"reference": "Endpoint/dicom-wado-rs"}]
+        assert "started" in s
+
+
+def test_another_patient_is_403_with_an_operation_outcome_never_an_empty_bundle(gateway, issuer):
+    token = issuer.mint(patient="PAT-A")
+    for params in ({"patient": "PAT-B"}, {"patient": "Patient/PAT-B"}, {}, {"subject": "pat-a"}):
+        r = fhir(gateway, "ImagingStudy", token, **params)
+        assert r.status_code == 403, params
+        assert r.json()["resourceType"] == "OperationOutcome" and "PAT-B" not in r.text
+    r = fhir(gateway, "ImagingStudy", None, patient="PAT-A")
+    assert r.status_code == 401 and r.json()["resourceType"] == "OperationOutcome"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = fhir(gateway, "ImagingStudy", issuer.mint(patient="PAT-A", scope="patient/Observation.rs"), patient="PAT-A")
+    assert r.status_code == 403 and r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_matching_differences_of_the_pacs_do_not_widen_the_answer(gateway, orthanc, issuer):
+    # Orthanc folds case: the result judge withholds case01's studies from CASE01's search.
+    r = fhir(gateway, "ImagingStudy", issuer.mint(patient="CASE01"), patient="CASE01")
+    assert r.status_code == 200 and studies_of(r.json()) == own_studies(orthanc, "CASE01")
+
+
+def test_identifier_include_and_paging(gateway, orthanc, issuer):
+    token = issuer.mint(patient="PAT-A")
+    mine, theirs = own_studies(orthanc, "PAT-A"), own_studies(orthanc, "PAT-B")
+    one = fhir(gateway, "ImagingStudy", token, patient="PAT-A", identifier=f"urn:oid:{mine[0]}").json()
+    assert studies_of(one) == [mine[0]]
+    # Another patient's study named inside the caller's own search: nothing, not an error.
+    none = fhir(gateway, "ImagingStudy", token, patient="PAT-A", identifier=f"urn:oid:{theirs[0]}")
+    assert none.status_code in (200, 403)
+    if none.status_code == 200:
+        assert studies_of(none.json()) == []
+    b = fhir(gateway, "ImagingStudy", token, patient="PAT-A", _include="ImagingStudy:endpoint").json()
+    ep = [e for e in b["entry"] if e["resource"]["resourceType"] == "Endpoint"]
+    assert len(ep) == 1 and ep[0]["search"]["mode"] == "include"
+    endpoint = ep[0]["resource"]
+    assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    assert endpoint["address"] == f"{gateway.public_url}/dicom-web"
+    assert {"url": "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token", "valueBoolean": True} in endpoint["extension"]
+    # The endpoint serves the study with the same token (the app's path).
+    r = requests.get(f"{endpoint['address']}/studies/{mine[0]}/metadata", headers=auth(token), timeout=60)
+    assert r.status_code == 200 and all(m["00100020"]["Value"] == ["PAT-A"] for m in r.json())
+    assert fhir(gateway, "Endpoint/dicom-wado-rs", token).json()["address"] == endpoint["address"]
+    seen, url = [], f"{gateway.public_url}/fhir/ImagingStudy?patient=PAT-A&_count=2"
+    while url:
+        page = requests.get(url, headers=auth(token), timeout=60).json()
+        seen += studies_of(page)
+        assert len(studies_of(page)) <= 2
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    assert sorted(seen) == mine
+
+
+def test_parameters_not_supported_are_400(gateway, issuer):
+    token = issuer.mint(patient="PAT-A")
+    for params in ({"modality": "CT"}, {"_count": "0"}, {"identifier": "1.2.3"}, {"_include": "ImagingStudy:subject"}):
+        r = fhir(gateway, "ImagingStudy", token, patient="PAT-A", **params)
+        assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", params
+
+
+def test_capability_statement_and_smart_configuration(gateway):
+    cap = fhir(gateway, "metadata")
+    assert cap.status_code == 200 and cap.json()["resourceType"] == "CapabilityStatement"
+    types = [x["type"] for x in cap.json()["rest"][0]["resource"]]
+    assert "ImagingStudy" in types
+    conf = fhir(gateway, ".well-known/smart-configuration").json()
+    assert "smart-imaging-access" in conf["capabilities"]
