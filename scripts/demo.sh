@@ -2,13 +2,16 @@
 # The pacsgate demo on a fresh Debian machine: installs what is missing, builds the gateway,
 # starts Orthanc with two sample patients, the development token issuer and the gateway (with
 # samples/pacsgate.toml), mints a token for one patient and shows a C-FIND through the gateway
-# returning only that patient's studies, then the same token on DICOMweb (QIDO-RS, WADO-RS).
+# returning only that patient's studies, then the same token on DICOMweb (QIDO-RS, WADO-RS),
+# then an imaging app's path (the EHR's discovery naming the gateway's FHIR base, the
+# ImagingStudy search, WADO-RS through the study's Endpoint), and OHIF in a browser on
+# http://127.0.0.1:3000 showing that patient's studies.
 # Then it keeps everything running for you to try, until Ctrl-C (which stops every process it
 # started within a few seconds). With --once it stops after the showcase.
 # PACSGATE_BIN: a gateway binary to use instead of building the release one.
 #
 # Ports (loopback only): gateway DIMSE 11112, C-MOVE receiver 11113 and HTTP 8080, dev issuer 9400,
-# Orthanc 14242/18042.
+# Orthanc 14242/18042, OHIF 3000.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 once=0
@@ -44,7 +47,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for port in 11112 11113 8080 9400 14242 18042; do
+for port in 11112 11113 8080 9400 14242 18042 3000; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is in use; stop what uses it (e.g. a system Orthanc: systemctl stop orthanc) and retry" >&2
     exit 1
@@ -80,7 +83,10 @@ for pid, study, data in generate({"DEMO-A": {"studies": 3, "series": 1, "instanc
 EOF
 
 echo "== starting the development token issuer on 127.0.0.1:9400 (NOT FOR PRODUCTION)"
-"$bin" dev-issuer --listen 127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" >"$run/dev-issuer.log" 2>&1 &
+# It names the gateway's FHIR base among its associated endpoints: how an app launched from the
+# EHR discovers the imaging server.
+"$bin" dev-issuer --listen 127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" \
+  --associated-endpoint http://127.0.0.1:8080/fhir >"$run/dev-issuer.log" 2>&1 &
 pids+=($!)
 # Its key file exists once it answers: tokens minted below are signed with the key it publishes.
 for _ in $(seq 100); do curl -fs http://127.0.0.1:9400/jwks >/dev/null 2>&1 && break; sleep 0.1; done
@@ -134,6 +140,37 @@ import json, sys
 print(next(s["MainDicomTags"]["StudyInstanceUID"] for s in json.load(sys.stdin) if s["PatientMainDicomTags"]["PatientID"] == "DEMO-B"))')
 echo "== WADO-RS metadata of DEMO-B's study $other with DEMO-A's token: $(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "http://127.0.0.1:8080/dicom-web/studies/$other/metadata") (refused)"
 echo "== without a token: $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/dicom-web/studies), $(curl -s -D - -o /dev/null http://127.0.0.1:8080/dicom-web/studies | grep -i '^www-authenticate' | tr -d '\r')"
+
+echo
+echo "== an imaging app's path with the same token: the EHR's discovery names the imaging server,"
+echo "   its FHIR ImagingStudy search finds DEMO-A's studies, WADO-RS through their Endpoint"
+.venv/bin/python - "$token" <<'EOF'
+import sys, requests
+token = sys.argv[1]
+auth = {"Authorization": f"Bearer {token}"}
+conf = requests.get("http://127.0.0.1:9400/.well-known/smart-configuration", timeout=10).json()
+fhir = next(e["url"] for e in conf["associated_endpoints"] if "smart-imaging-access" in e["capabilities"])
+print("   associated endpoint with smart-imaging-access:", fhir)
+b = requests.get(f"{fhir}/ImagingStudy", params={"patient": "DEMO-A", "_include": "ImagingStudy:endpoint"},
+                 headers=auth, timeout=30).json()
+endpoint = next(e["resource"]["address"] for e in b["entry"] if e["resource"]["resourceType"] == "Endpoint")
+for e in b["entry"]:
+    s = e["resource"]
+    if s["resourceType"] == "ImagingStudy":
+        uid = s["identifier"][0]["value"].removeprefix("urn:oid:")
+        r = requests.get(f"{endpoint}/studies/{uid}/metadata", headers=auth, timeout=30)
+        print(f"   ImagingStudy {uid} ({s.get('started', '?')}, {s['numberOfSeries']} series): WADO-RS metadata {r.status_code}")
+r = requests.get(f"{fhir}/ImagingStudy", params={"patient": "DEMO-B"}, headers=auth, timeout=30)
+print(f"   ImagingStudy?patient=DEMO-B with DEMO-A's token: {r.status_code} {r.json()['resourceType']}")
+EOF
+
+echo
+echo "== OHIF (the viewer, npm @ohif/app) on http://127.0.0.1:3000 with DEMO-A's token"
+.venv/bin/python tests/integration/ohif_site.py 3000 http://127.0.0.1:8080 "$token" >"$run/ohif.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do curl -fs http://127.0.0.1:3000/app-config.js >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs http://127.0.0.1:3000/app-config.js >/dev/null || { echo "OHIF's site did not start; see $run/ohif.log" >&2; exit 1; }
+echo "   open http://127.0.0.1:3000 in a browser: the study list shows DEMO-A's studies only"
 
 if [ "$once" = 1 ]; then
   exit 0

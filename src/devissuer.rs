@@ -70,6 +70,8 @@ pub struct DevIssuer {
     pub mrns: std::collections::HashMap<String, String>,
     /// Study Instance UIDs the FHIR ImagingStudy read endpoint reports, by resource id.
     pub studies: std::collections::HashMap<String, String>,
+    /// Imaging FHIR servers that accept this issuer's tokens (`associated_endpoints`).
+    pub associated: Vec<String>,
 }
 
 fn now() -> i64 {
@@ -90,6 +92,7 @@ impl DevIssuer {
             revoked: Default::default(),
             mrns: Default::default(),
             studies: Default::default(),
+            associated: Vec::new(),
         }
     }
 
@@ -240,7 +243,20 @@ impl DevIssuer {
 
     pub(crate) fn smart_configuration(&self) -> Value {
         let i = &self.issuer;
-        json!({
+        let associated: Vec<Value> = self
+            .associated
+            .iter()
+            .map(|url| {
+                json!({
+                    "url": url,
+                    "capabilities": [
+                        "smart-imaging-access",
+                        "http://fhir.org/argonaut/smart-imaging/capabilities/app-launch",
+                    ],
+                })
+            })
+            .collect();
+        let mut doc = json!({
             "issuer": i,
             "jwks_uri": format!("{i}/jwks"),
             "token_endpoint": format!("{i}/token"),
@@ -252,7 +268,11 @@ impl DevIssuer {
             "code_challenge_methods_supported": ["S256"],
             "response_types_supported": ["token"],
             "x-development-only": "pacsgate dev-issuer: anyone can mint tokens here; never trust it in production",
-        })
+        });
+        if !associated.is_empty() {
+            doc["associated_endpoints"] = Value::Array(associated);
+        }
+        doc
     }
 
     pub(crate) fn router(self: Arc<Self>) -> Router {

@@ -75,6 +75,11 @@ struct DevIssuerArgs {
     /// `ImagingStudy?identifier=` is the token's own `ehr_studies` claim.)
     #[arg(long)]
     imaging_study: Vec<String>,
+    /// An imaging FHIR server that accepts this issuer's tokens (the gateway's
+    /// `{public_url}/fhir`), listed in the smart-configuration's `associated_endpoints` with
+    /// the `smart-imaging-access` capability, as the multi-server and imaging guides say.
+    #[arg(long)]
+    associated_endpoint: Vec<String>,
     #[command(flatten)]
     key: KeyArgs,
 }
@@ -311,6 +316,12 @@ fn main() -> ExitCode {
                             .split_once('=')
                             .ok_or_else(|| anyhow::anyhow!("--imaging-study takes ID=UID"))?;
                         di.studies.insert(id.into(), uid.into());
+                    }
+                    for url in &args.associated_endpoint {
+                        if !(url.starts_with("http://") || url.starts_with("https://")) {
+                            anyhow::bail!("--associated-endpoint takes an http(s) URL");
+                        }
+                        di.associated.push(url.trim_end_matches('/').to_string());
                     }
                     devissuer::serve(listener, Arc::new(di)).await
                 })

@@ -345,13 +345,13 @@ class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
                  limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None,
-                 cors_origins=("https://viewer.example.org",), fhir=True):
+                 cors_origins=("https://viewer.example.org",), fhir=True, http_port=None):
         """`translate`: DICOMweb by translation to DIMSE (no `pacs.dicomweb_url`); by default as
         PACSGATE_DICOMWEB=translate says."""
         if translate is None:
             translate = TRANSLATE
         self.dimse_port = free_port()
-        self.http_port = free_port()
+        self.http_port = http_port or free_port()
         self.issuer = issuer
         self.ae_title = "PACSGATE"
         self.public_url = public_url or f"http://127.0.0.1:{self.http_port}"

@@ -13,11 +13,7 @@ import io
 import json
 import os
 import subprocess
-import threading
 import time
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -26,8 +22,8 @@ from pydicom.uid import generate_uid
 
 from conftest import ROOT, Gateway, Orthanc, free_port, stop
 from dicomdata import make_instance
+from ohif_site import OhifSite
 
-OHIF = ROOT / ".cache" / "ohif-3.13.2" / "dist"
 DRIVER = ROOT / "tests" / "browser" / "ohif.mjs"
 
 
@@ -42,92 +38,9 @@ def picture_instance(pid, study, series, n):
     return buf.getvalue()
 
 
-APP_CONFIG = """window.config = {
-  routerBasename: '/',
-  showStudyList: true,
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: false,
-  investigationalUseDialog: { option: 'never' },
-  // The bearer for every DICOMweb request: OHIF 3.13's data source takes its headers from
-  // userAuthenticationService only.
-  extensions: [{
-    id: 'pacsgate-bearer',
-    preRegistration: ({ servicesManager }) => {
-      servicesManager.services.userAuthenticationService.setServiceImplementation({
-        getAuthorizationHeader: () => ({ Authorization: 'Bearer ' + %(token)s }),
-      });
-    },
-  }],
-  modes: [],
-  defaultDataSourceName: 'pacsgate',
-  dataSources: [{
-    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-    sourceName: 'pacsgate',
-    configuration: {
-      friendlyName: 'pacsgate',
-      name: 'pacsgate',
-      qidoRoot: %(web)s,
-      wadoRoot: %(web)s,
-      wadoUriRoot: %(wado)s,
-      qidoSupportsIncludeField: true,
-      imageRendering: 'wadors',
-      thumbnailRendering: 'wadors',
-      enableStudyLazyLoad: true,
-      supportsFuzzyMatching: false,
-      supportsWildcard: true,
-      omitQuotationForMultipartRequest: true,
-      bulkDataURI: { enabled: true },
-    },
-  }],
-};
-"""
-
-
-class OhifSite:
-    """OHIF's static site on a free loopback port, its app-config.js written per test."""
-
-    def __init__(self):
-        if not (OHIF / "index.html").exists():
-            raise RuntimeError(f"{OHIF} is missing: run scripts/setup.sh (it fetches OHIF)")
-        self.config = b""
-        site = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                if path == "/app-config.js":
-                    body = site.config
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/javascript")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.send_header("Cache-Control", "no-store")
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                # The app's own routes (/viewer, /) are its index page.
-                if not (OHIF / path.lstrip("/")).is_file():
-                    self.path = "/index.html"
-                super().do_GET()
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), partial(Handler, directory=str(OHIF)))
-        self.origin = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def configure(self, gateway, token):
-        self.config = (APP_CONFIG % {"token": json.dumps(token), "web": json.dumps(f"{gateway.public_url}/dicom-web"),
-                                     "wado": json.dumps(f"{gateway.public_url}/wado")}).encode()
-
-    def stop(self):
-        self.server.shutdown()
-
-
 @pytest.fixture(scope="module")
 def site():
-    s = OhifSite()
+    s = OhifSite(free_port())
     yield s
     s.stop()
 

@@ -1,6 +1,6 @@
 """The newcomer's demo (the README's first command), run as a new user would: it shows both
 protocols, and Ctrl-C stops every process it started within five seconds. It uses the demo's
-fixed loopback ports (11112, 11113, 8080, 9400, 14242, 18042), below the range free ports come
+fixed loopback ports (11112, 11113, 8080, 9400, 14242, 18042, 3000), below the range free ports come
 from, and the gateway binary under test instead of building the release one."""
 
 import os
@@ -12,7 +12,7 @@ import time
 
 from conftest import ROOT, binary
 
-DEMO_PORTS = (11112, 11113, 8080, 9400, 14242, 18042)
+DEMO_PORTS = (11112, 11113, 8080, 9400, 14242, 18042, 3000)
 
 
 def listening(port):

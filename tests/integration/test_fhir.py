@@ -4,7 +4,14 @@ Argonaut rules: only the token's patient, 403 with an OperationOutcome for any o
 SmartImagingStudy resources whose Endpoint is the gateway's WADO-RS, which takes the same token.
 Runs against whichever PACS the session uses (Orthanc relayed or translated, dcmqrscp)."""
 
+import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from conftest import Gateway, Issuer, free_port, stop
+from test_dimse_association import associate
 
 FHIR_JSON = "application/fhir+json"
 
@@ -110,3 +117,50 @@ def test_capability_statement_and_smart_configuration(gateway):
     assert "ImagingStudy" in types
     conf = fhir(gateway, ".well-known/smart-configuration").json()
     assert "smart-imaging-access" in conf["capabilities"]
+
+
+@pytest.fixture(scope="module")
+def ehr_and_imaging(tmp_root, orthanc):
+    """An EHR authorization server that names the gateway's FHIR base among its associated
+    endpoints, and that gateway (its port chosen first, so the EHR can name it)."""
+    d = tmp_root / "fhir-app"
+    d.mkdir()
+    port = free_port()
+    ehr = Issuer(d, extra_args=("--associated-endpoint", f"http://127.0.0.1:{port}/fhir"))
+    g = Gateway(d, orthanc, ehr, name="gateway-fhir-app", http_port=port)
+    yield ehr, g
+    stop(g.proc)
+    stop(ehr.proc)
+
+
+def test_an_apps_path_from_the_ehr_to_the_images(ehr_and_imaging, orthanc):
+    """As a SMART imaging app goes: the EHR's token, the imaging server found through the EHR's
+    associated_endpoints, the studies by FHIR, the images by WADO-RS through the Endpoint
+    (dicomweb-client), and the same token on a DIMSE C-FIND (pynetdicom)."""
+    ehr, g = ehr_and_imaging
+    token = ehr.mint(patient="PAT-A")
+    conf = requests.get(f"{ehr.url}/.well-known/smart-configuration", timeout=10).json()
+    imaging = next(e["url"] for e in conf["associated_endpoints"] if "smart-imaging-access" in e["capabilities"])
+    assert imaging == f"{g.public_url}/fhir"
+    b = requests.get(f"{imaging}/ImagingStudy", params={"patient": "PAT-A", "_include": "ImagingStudy:endpoint"},
+                     headers=auth(token), timeout=60).json()
+    mine = own_studies(orthanc, "PAT-A")
+    assert studies_of(b) == mine
+    address = next(e["resource"]["address"] for e in b["entry"] if e["resource"]["resourceType"] == "Endpoint")
+    study = b["entry"][0]["resource"]
+    uid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+    client = DICOMwebClient(url=address, headers=auth(token))
+    instances = client.retrieve_study(uid)
+    assert len(instances) == 4 and all(ds.PatientID == "PAT-A" and ds.StudyInstanceUID == uid for ds in instances)
+    assoc, _ = associate(g, token)
+    assert assoc.is_established
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.PatientID = ""
+        q.StudyInstanceUID = ""
+        found = [i.StudyInstanceUID for s, i in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)
+                 if s and s.Status in (0xFF00, 0xFF01)]
+    finally:
+        assoc.release()
+    assert sorted(found) == mine
