@@ -212,6 +212,8 @@ pub struct Matches {
     pub sets: Vec<Vec<u8>>,
     /// More matched than were asked for: the search was cancelled there.
     pub truncated: bool,
+    /// The PACS agreed to fuzzy semantic matching of person names on this association.
+    pub fuzzy: bool,
 }
 
 /// What a retrieval yields, in order: for each instance its start, then its data set in
@@ -330,6 +332,15 @@ struct Assoc {
 }
 
 impl Assoc {
+    /// Whether the PACS accepted fuzzy semantic matching of person names for Study Root
+    /// C-FIND (its answer to the extended negotiation, PS3.4 C.5.1.1: the third byte).
+    fn fuzzy_find(&self) -> bool {
+        self.ac.user_variables.iter().any(|v| {
+            matches!(v, UserVariableItem::SopClassExtendedNegotiationSubItem(class, info)
+                if class.trim_end_matches('\0') == STUDY_ROOT_FIND && info.get(2) == Some(&1))
+        })
+    }
+
     /// The transfer syntax the PACS accepted for presentation context `id`.
     fn accepted(&self, id: u8) -> Option<String> {
         self.ac
@@ -452,14 +463,27 @@ impl Dimse {
     }
 
     /// A C-FIND at `level` (Study Root) with `keys` (QueryRetrieveLevel is added); at most
-    /// `max` matches are kept, and the search is cancelled when more come.
+    /// `max` matches are kept, and the search is cancelled when more come. With `fuzzy`, the
+    /// association proposes fuzzy semantic matching of person names (PS3.4 C.5.1.1, the C-FIND
+    /// extended negotiation); [`Matches::fuzzy`] says whether the PACS agreed.
     pub async fn find(
         &self,
         level: &str,
         mut keys: Vec<Key>,
         max: usize,
+        fuzzy: bool,
     ) -> Result<Matches, DimseError> {
+        let key = if fuzzy { "find:fuzzy" } else { "find" };
         let contexts = || {
+            let negotiation = if fuzzy {
+                // Relational queries no, combined date-time matching no, fuzzy matching yes.
+                vec![UserVariableItem::SopClassExtendedNegotiationSubItem(
+                    STUDY_ROOT_FIND.into(),
+                    vec![0, 0, 1],
+                )]
+            } else {
+                Vec::new()
+            };
             (
                 vec![PresentationContextProposed {
                     id: 1,
@@ -469,17 +493,17 @@ impl Dimse {
                         IMPLICIT_VR_LITTLE_ENDIAN.into(),
                     ],
                 }],
-                Vec::new(),
+                negotiation,
             )
         };
         // A pooled association the PACS dropped silently gets a short wait for its first
         // answer, then a fresh one is tried (a search has no effect to repeat).
-        if let Some(mut a) = self.idle.take("find") {
+        if let Some(mut a) = self.idle.take(key) {
             let wait = (self.timeout / 4).max(Duration::from_secs(1));
             let mut k = keys.clone();
             match self.find_on(&mut a, level, &mut k, max, wait).await {
                 r @ (Ok(_) | Err(DimseError::Status(_))) => {
-                    self.idle.put("find".into(), a);
+                    self.idle.put(key.into(), a);
                     return r;
                 }
                 Err(_) => {
@@ -494,7 +518,7 @@ impl Dimse {
             .find_on(&mut a, level, &mut keys, max, self.timeout)
             .await;
         match &r {
-            Ok(_) | Err(DimseError::Status(_)) => self.idle.put("find".into(), a),
+            Ok(_) | Err(DimseError::Status(_)) => self.idle.put(key.into(), a),
             Err(_) => a.peer.abort().await,
         }
         r
@@ -535,6 +559,7 @@ impl Dimse {
             encoding: enc,
             sets: Vec::new(),
             truncated: false,
+            fuzzy: a.fuzzy_find(),
         };
         let mut bytes = 0usize;
         let mut cancelled = false;

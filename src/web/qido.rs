@@ -205,11 +205,8 @@ pub(crate) async fn judged(
     for key in permit.result_keys() {
         pairs.push(("includefield".into(), include(*key)));
     }
-    // By translation matching is the PACS's literal C-FIND matching.
-    let literal_only = matches!(upstream, super::Upstream::Dimse(_));
-    let fuzzy = pairs
-        .iter()
-        .any(|(k, v)| k == "fuzzymatching" && v == "true");
+    // Fuzzy matching asked for by translation and refused by the PACS: its matching was literal.
+    let mut literal_only = false;
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut read_so_far = 0usize;
     for pid in pids {
@@ -232,7 +229,10 @@ pub(crate) async fn judged(
                     ctx.cfg.pacs.query_model == crate::config::QueryModel::Hierarchical;
                 let keys =
                     translate::search_keys(level, path_study, path_series, &q, hierarchical)?;
-                results.extend(translate::search(dimse, level, keys, &ctx.public_base).await?);
+                let (found, literal) =
+                    translate::search(dimse, level, keys, &ctx.public_base).await?;
+                literal_only |= literal;
+                results.extend(found);
             }
         }
     }
@@ -299,7 +299,7 @@ pub(crate) async fn judged(
     );
     Ok(Found {
         matches: kept,
-        literal_only: literal_only && fuzzy,
+        literal_only,
     })
 }
 

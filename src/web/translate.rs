@@ -137,6 +137,8 @@ pub(crate) struct Search {
     keys: Vec<Key>,
     limit: usize,
     offset: usize,
+    /// `fuzzymatching=true`: fuzzy semantic matching of person names is asked of the PACS.
+    fuzzy: bool,
 }
 
 /// Whether an attribute belongs to another level than `level` (and is not one of the unique
@@ -190,6 +192,7 @@ pub(crate) fn search_keys(
     let mut keys: Vec<Key> = Vec::new();
     let mut limit = MAX_MATCHES;
     let mut offset = 0usize;
+    let mut fuzzy = false;
     let mut returned: Vec<Tag> = default_keys(level).to_vec();
     let number = |v: &str| {
         v.parse::<usize>()
@@ -209,9 +212,7 @@ pub(crate) fn search_keys(
         match k.as_str() {
             "limit" => limit = number(v)?.min(MAX_MATCHES),
             "offset" => offset = number(v)?,
-            // The handler answers `fuzzymatching=true` with the warning of PS3.18 8.3.4.1:
-            // the C-FIND does not negotiate fuzzy semantic matching, so matching is literal.
-            "fuzzymatching" if matches!(v.as_str(), "true" | "false") => {}
+            "fuzzymatching" if matches!(v.as_str(), "true" | "false") => fuzzy = v == "true",
             "fuzzymatching" => {
                 return Err(ApiError::BadRequest(
                     "fuzzymatching is true or false".into(),
@@ -318,6 +319,7 @@ pub(crate) fn search_keys(
         keys,
         limit,
         offset,
+        fuzzy,
     })
 }
 
@@ -333,19 +335,21 @@ fn level_name(level: QueryLevel) -> &'static str {
 
 /// Runs a search by C-FIND; the matches as DICOM JSON objects with their `RetrieveURL`
 /// under `public_base`.
+/// The matches of a search as DICOM JSON, and whether fuzzy matching was asked for and the
+/// PACS did not agree to it (its matching was literal: PS3.18 8.3.4.1's warning is due).
 pub(crate) async fn search(
     pacs: &Dimse,
     level: QueryLevel,
     s: Search,
     public_base: &str,
-) -> Result<Vec<Value>, ApiError> {
+) -> Result<(Vec<Value>, bool), ApiError> {
     let want = s.offset.saturating_add(s.limit).min(MAX_MATCHES);
-    let matches = pacs.find(level_name(level), s.keys, want).await?;
+    let matches = pacs.find(level_name(level), s.keys, want, s.fuzzy).await?;
     let mut out = Vec::with_capacity(matches.sets.len());
     for set in matches.sets.iter().skip(s.offset).take(s.limit) {
         out.push(to_json(set, matches.encoding, level, public_base)?);
     }
-    Ok(out)
+    Ok((out, s.fuzzy && !matches.fuzzy))
 }
 
 fn read_object(bytes: &[u8], enc: Encoding) -> Result<InMemDicomObject, ApiError> {

@@ -357,7 +357,9 @@ class FakePacs:
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         ae.add_supported_context(SECONDARY_CAPTURE, scu_role=False, scp_role=True)
-        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_REQUESTED, self.on_requested)]
+        handlers = [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_REQUESTED, self.on_requested),
+                    (evt.EVT_SOP_EXTENDED, self.on_extended)]
+        self.extended = []
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
 
     def on_find(self, event):
@@ -373,6 +375,11 @@ class FakePacs:
 
     def on_requested(self, event):
         self.associations += 1
+
+    def on_extended(self, event):
+        """C-FIND extended negotiation: fuzzy semantic matching (its third byte) is agreed to."""
+        self.extended.append(dict(event.app_info))
+        return {uid: bytes([0, 0, 1]) for uid, info in event.app_info.items() if info[2:3] == b"\x01"}
 
     def on_get(self, event):
         self.gets += 1
@@ -445,6 +452,16 @@ def test_a_foreign_instance_from_the_pacs_is_withheld_on_every_path(fake, issuer
     assert r.status_code == 502 and b"PAT-B" not in r.content
     assert f.gets == before + (7 if order == "foreign_first" else 5), "every path asked the PACS"
     assert "withheld" in g.log_text() or "does not reach" in g.log_text()
+
+
+def test_fuzzy_matching_is_negotiated_with_a_pacs_that_offers_it(fake, issuer):
+    f, g = fake
+    token = issuer.mint(patient="PAT-A")
+    r = web(g, "studies", token, params={"fuzzymatching": "true"})
+    assert r.status_code == 200 and [s["0020000D"]["Value"][0] for s in r.json()] == [f.own_ds.StudyInstanceUID]
+    assert "Warning" not in r.headers, "the PACS agreed to fuzzy matching"
+    asked = [info for items in f.extended for info in items.values()]
+    assert any(info[2:3] == b"\x01" for info in asked), "the gateway proposed fuzzy matching"
 
 
 def test_translation_reuses_its_associations(fake, issuer):
