@@ -1,8 +1,9 @@
 //! A-ASSOCIATE-RQ as the listener reads it: `dicom_ul::read_pdu` (lenient, as
 //! `dicom::peer` calls it, and strict), then for a request the user identity, the request sent
-//! upstream and the answer built from a PACS answer derived from the input. Checks that the
-//! token never goes upstream, that only readable transfer syntaxes are offered and accepted,
-//! and that what the gateway writes, dicom-ul reads back the same.
+//! upstream (as is, and with C-GET contexts proposed as C-MOVE) and the answer built from a
+//! PACS answer derived from the input. Checks that the token never goes upstream, that only
+//! readable transfer syntaxes are offered and accepted, and that what the gateway writes,
+//! dicom-ul reads back the same.
 #![no_main]
 
 use dicom_ul::Pdu;
@@ -32,7 +33,7 @@ fn reread(pdu: &Pdu) {
     }
 }
 
-fn exercise(rq: &AssociationRQ) {
+fn exercise(rq: &AssociationRQ, get_by_move: bool) {
     let identity = assoc::presented_identity(rq);
     if let Ok(id) = &identity {
         assert!(!id.token.is_empty());
@@ -40,7 +41,7 @@ fn exercise(rq: &AssociationRQ) {
         assert!(!id.token.starts_with(ws) && !id.token.ends_with(ws));
     }
     let _ = assoc::announced_max(&rq.user_variables);
-    let up = assoc::upstream_request(rq, "PACSGATE", "ORTHANC", 16384);
+    let up = assoc::upstream_request(rq, "PACSGATE", "ORTHANC", 16384, get_by_move);
     for v in &up.user_variables {
         assert!(
             !matches!(v, UserVariableItem::UserIdentityItem(_)),
@@ -100,7 +101,7 @@ fn exercise(rq: &AssociationRQ) {
     let positive = identity
         .as_ref()
         .is_ok_and(|i| i.positive_response_requested);
-    let (down, accepted) = assoc::downstream_accept(rq, &ac, 16384, positive);
+    let (down, accepted) = assoc::downstream_accept(rq, &ac, 16384, positive, get_by_move);
     assert_eq!(
         down.presentation_contexts.len(),
         rq.presentation_contexts.len()
@@ -146,7 +147,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         if let Ok(Some(Pdu::AssociationRQ(rq))) = pdu {
-            exercise(&rq);
+            // Both the PACS that serves C-GET and the one whose C-GET the gateway serves by
+            // C-MOVE: the second rewrites the contexts it proposes upstream.
+            exercise(&rq, false);
+            exercise(&rq, true);
         }
     }
 });
