@@ -3,8 +3,9 @@
 # starts Orthanc with two sample patients, the development token issuer and the gateway (with
 # samples/pacsgate.toml), mints a token for one patient and shows a C-FIND through the gateway
 # returning only that patient's studies, then the same token on DICOMweb (QIDO-RS, WADO-RS),
-# then an imaging app's path (the EHR's discovery naming the gateway's FHIR base, the
-# ImagingStudy search, WADO-RS through the study's Endpoint), and OHIF in a browser on
+# then an imaging app's path (the EHR's discovery naming the gateway's FHIR base, the EHR token
+# exchanged for the gateway's own imaging token, the ImagingStudy search, WADO-RS through the
+# study's Endpoint, the same imaging token on a DIMSE C-FIND), and OHIF in a browser on
 # http://127.0.0.1:3000 showing that patient's studies.
 # Then it keeps everything running for you to try, until Ctrl-C (which stops every process it
 # started within a few seconds). With --once it stops after the showcase.
@@ -142,16 +143,30 @@ echo "== WADO-RS metadata of DEMO-B's study $other with DEMO-A's token: $(curl -
 echo "== without a token: $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/dicom-web/studies), $(curl -s -D - -o /dev/null http://127.0.0.1:8080/dicom-web/studies | grep -i '^www-authenticate' | tr -d '\r')"
 
 echo
-echo "== an imaging app's path with the same token: the EHR's discovery names the imaging server,"
-echo "   its FHIR ImagingStudy search finds DEMO-A's studies, WADO-RS through their Endpoint"
-.venv/bin/python - "$token" <<'EOF'
+echo "== an imaging app's path: the EHR's discovery names the imaging server, whose own"
+echo "   authorization server exchanges the EHR token (RFC 8693) for an imaging token; with it the"
+echo "   FHIR ImagingStudy search finds DEMO-A's studies, WADO-RS through their Endpoint"
+ehr_token=$("$bin" dev-issuer mint --issuer http://127.0.0.1:9400 --key-file "$run/dev-issuer-key.pem" \
+  --patient DEMO-A --scope "openid fhirUser launch/patient patient/*.read")
+.venv/bin/python - "$ehr_token" "$run/imaging-token" <<'EOF'
 import sys, requests
-token = sys.argv[1]
-auth = {"Authorization": f"Bearer {token}"}
+ehr_token, out = sys.argv[1], sys.argv[2]
 conf = requests.get("http://127.0.0.1:9400/.well-known/smart-configuration", timeout=10).json()
 fhir = next(e["url"] for e in conf["associated_endpoints"] if "smart-imaging-access" in e["capabilities"])
 print("   associated endpoint with smart-imaging-access:", fhir)
-b = requests.get(f"{fhir}/ImagingStudy", params={"patient": "DEMO-A", "_include": "ImagingStudy:endpoint"},
+imaging = requests.get(f"{fhir}/.well-known/smart-configuration", timeout=10).json()
+print("   its token endpoint:", imaging["token_endpoint"], "| capabilities:", ", ".join(imaging["capabilities"][:2]))
+exchange = lambda: requests.post(imaging["token_endpoint"], data={
+    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+    "subject_token": ehr_token,
+    "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+}, timeout=30).json()
+t = exchange()
+print(f"   exchanged: scope {t['scope']!r}, patient {t['patient']}, expires in {t['expires_in']} s")
+again = exchange()
+print(f"   the same EHR token again: {again['error']} ({again['error_description']})")
+auth = {"Authorization": f"Bearer {t['access_token']}"}
+b = requests.get(f"{fhir}/ImagingStudy", params={"patient": t["patient"], "_include": "ImagingStudy:endpoint"},
                  headers=auth, timeout=30).json()
 endpoint = next(e["resource"]["address"] for e in b["entry"] if e["resource"]["resourceType"] == "Endpoint")
 for e in b["entry"]:
@@ -161,8 +176,12 @@ for e in b["entry"]:
         r = requests.get(f"{endpoint}/studies/{uid}/metadata", headers=auth, timeout=30)
         print(f"   ImagingStudy {uid} ({s.get('started', '?')}, {s['numberOfSeries']} series): WADO-RS metadata {r.status_code}")
 r = requests.get(f"{fhir}/ImagingStudy", params={"patient": "DEMO-B"}, headers=auth, timeout=30)
-print(f"   ImagingStudy?patient=DEMO-B with DEMO-A's token: {r.status_code} {r.json()['resourceType']}")
+print(f"   ImagingStudy?patient=DEMO-B with DEMO-A's imaging token: {r.status_code} {r.json()['resourceType']}")
+with open(out, "w") as f:
+    f.write(t["access_token"])
 EOF
+echo "== the imaging token on DIMSE: C-FIND through the gateway finds DEMO-A's studies only"
+.venv/bin/python scripts/findscu-jwt.py --token "$(cat "$run/imaging-token")" --level STUDY 127.0.0.1 11112
 
 echo
 echo "== OHIF (the viewer, npm @ohif/app) on http://127.0.0.1:3000 with DEMO-A's token"

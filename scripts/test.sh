@@ -35,12 +35,12 @@ PACSGATE_DICOMWEB=translate PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/
   tests/integration/test_dicomweb.py tests/integration/test_attack_dicomweb.py \
   tests/integration/test_study_restrictions.py tests/integration/test_patient_mapping.py \
   tests/integration/test_federation.py tests/integration/test_attack_retrieve.py \
-  tests/integration/test_audit.py tests/integration/test_fhir.py -q -p no:cacheprovider
+  tests/integration/test_audit.py tests/integration/test_fhir.py tests/integration/test_exchange.py -q -p no:cacheprovider
 echo "== in front of dcmqrscp: the DICOMweb tests (by translation) and the core DIMSE tests again"
 PACSGATE_PACS=dcmqrscp PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \
   tests/integration/test_dicomweb.py tests/integration/test_dimse_find.py \
   tests/integration/test_dimse_store_get.py tests/integration/test_dimse_move.py \
-  tests/integration/test_dimse_association.py tests/integration/test_fhir.py -q -p no:cacheprovider
+  tests/integration/test_dimse_association.py tests/integration/test_fhir.py tests/integration/test_exchange.py -q -p no:cacheprovider
 echo "== in front of dcmqrscp with its identifier checks on (the hierarchical query model): the DICOMweb tests;"
 echo "== then without C-GET (served by C-MOVE to the gateway's receiver): the DICOMweb and C-GET tests"
 PACSGATE_PACS=dcmqrscp-strict PACSGATE_BIN="$PWD/target/debug/pacsgate" .venv/bin/python -m pytest \

@@ -66,6 +66,22 @@ pub struct Config {
     pub audit: Option<crate::audit::sink::AuditConfig>,
     /// `[fhir]`: the FHIR ImagingStudy search of SMART Imaging Access at `{public_url}/fhir`.
     pub fhir: Fhir,
+    /// `[authorization_server]`: the gateway's own tokens, by RFC 8693 token exchange at
+    /// `{public_url}/token`; `None` when not enabled.
+    pub authorization_server: Option<AuthorizationServer>,
+}
+
+/// The gateway as the imaging system's authorization server.
+#[derive(Debug, Clone)]
+pub struct AuthorizationServer {
+    /// `iss` of the tokens it signs: `public_url`.
+    pub issuer: String,
+    /// PKCS#8 PEM or JWK (Set) private key; created (EC P-256) when the file does not exist.
+    pub signing_key_file: std::path::PathBuf,
+    /// The longest an exchanged token lives (never past its subject token's `exp`).
+    pub token_lifetime: Duration,
+    /// The [[issuers]] whose access tokens may be exchanged.
+    pub subject_issuers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -327,12 +343,22 @@ struct RawFile {
     tls: Option<RawTls>,
     audit: Option<RawAudit>,
     fhir: Option<RawFhir>,
+    authorization_server: Option<RawAuthorizationServer>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawFhir {
     enabled: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorizationServer {
+    enabled: Option<bool>,
+    signing_key_file: Option<String>,
+    token_lifetime_secs: Option<f64>,
+    subject_issuers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1413,6 +1439,75 @@ impl Config {
             }
         });
 
+        // [authorization_server]
+        let authorization_server = match raw.authorization_server {
+            Some(ra) if ra.enabled == Some(true) => {
+                let key = "authorization_server";
+                let signing_key_file = match ra.signing_key_file.as_deref() {
+                    Some(f) if !f.trim().is_empty() => resolve(f),
+                    _ => {
+                        c.problem(
+                            format!("{key}.signing_key_file"),
+                            "is needed: the file of the key the gateway signs its tokens with (PKCS#8 PEM or JWK; created as an EC P-256 key if it does not exist), e.g. signing_key_file = \"as-signing-key.pem\"",
+                        );
+                        String::new()
+                    }
+                };
+                let path = std::path::PathBuf::from(&signing_key_file);
+                if !signing_key_file.is_empty()
+                    && path.exists()
+                    && let Err(e) = crate::crypto::SigningKey::load_any(&path, &TOKEN_KEY_ALGS)
+                {
+                    c.problem(
+                        format!("{key}.signing_key_file"),
+                        format!("{e:#}; give a PKCS#8 PEM or JWK EC (P-256, P-384) or RSA private key, or name a file that does not exist yet to have one created"),
+                    );
+                }
+                let token_lifetime = c.seconds(
+                    &format!("{key}.token_lifetime_secs"),
+                    ra.token_lifetime_secs,
+                    300.0,
+                );
+                if token_lifetime > Duration::from_secs(3600) {
+                    c.problem(
+                        format!("{key}.token_lifetime_secs"),
+                        "is at most 3600: an exchanged token is short-lived (an app exchanges a fresh EHR token for another)",
+                    );
+                }
+                let subject_issuers = ra.subject_issuers.unwrap_or_default();
+                if subject_issuers.is_empty() {
+                    c.problem(
+                        format!("{key}.subject_issuers"),
+                        "is needed: the [[issuers]] whose access tokens may be exchanged, e.g. subject_issuers = [\"https://ehr.example/auth\"]",
+                    );
+                }
+                for si in &subject_issuers {
+                    if !issuers.iter().any(|i: &Issuer| &i.issuer == si) {
+                        c.problem(
+                            format!("{key}.subject_issuers"),
+                            format!("{si:?} is not an [[issuers]] entry; only tokens of trusted issuers may be exchanged"),
+                        );
+                    }
+                }
+                if issuers
+                    .iter()
+                    .any(|i| i.issuer.trim_end_matches('/') == public_url)
+                {
+                    c.problem(
+                        format!("{key}.enabled"),
+                        "the gateway signs its tokens as gateway.public_url, which is also an [[issuers]] entry; give the gateway a public_url of its own",
+                    );
+                }
+                Some(AuthorizationServer {
+                    issuer: public_url.clone(),
+                    signing_key_file: path,
+                    token_lifetime,
+                    subject_issuers,
+                })
+            }
+            _ => None,
+        };
+
         if !c.problems.is_empty() {
             return Err(c.problems);
         }
@@ -1457,6 +1552,7 @@ impl Config {
             fhir: Fhir {
                 enabled: raw.fhir.and_then(|f| f.enabled).unwrap_or(false),
             },
+            authorization_server,
             audit: audit.map(|mut a| {
                 a.client_identity = tls
                     .as_ref()
@@ -1760,6 +1856,14 @@ fn tls_identity(
 pub(crate) const CLIENT_KEY_ALGS: [jsonwebtoken::Algorithm; 2] = [
     jsonwebtoken::Algorithm::RS384,
     jsonwebtoken::Algorithm::ES384,
+];
+
+/// The algorithms the gateway's own tokens may be signed with (`authorization_server`), in
+/// the order a key file is tried.
+pub(crate) const TOKEN_KEY_ALGS: [jsonwebtoken::Algorithm; 3] = [
+    jsonwebtoken::Algorithm::ES256,
+    jsonwebtoken::Algorithm::ES384,
+    jsonwebtoken::Algorithm::RS256,
 ];
 
 /// The largest patient mapping table read.
@@ -2090,6 +2194,62 @@ address = "nowhere"
             "{:?}",
             cfg.warnings()
         );
+    }
+
+    #[test]
+    fn the_authorization_server_names_its_key_and_trusted_subject_issuers() {
+        let with = |body: &str| Config::parse(&format!("{GOOD}\n[authorization_server]\n{body}"));
+        let c = with(
+            "enabled = true\nsigning_key_file = \"/nonexistent/as.pem\"\nsubject_issuers = [\"http://127.0.0.1:9400\"]",
+        )
+        .unwrap();
+        let a = c.authorization_server.expect("enabled");
+        assert_eq!(a.issuer, "http://127.0.0.1:8080");
+        assert_eq!(a.token_lifetime, Duration::from_secs(300));
+        assert!(
+            with("enabled = false")
+                .unwrap()
+                .authorization_server
+                .is_none()
+        );
+        for (body, key) in [
+            (
+                "enabled = true\nsubject_issuers = [\"http://127.0.0.1:9400\"]",
+                "authorization_server.signing_key_file",
+            ),
+            (
+                "enabled = true\nsigning_key_file = \"k.pem\"",
+                "authorization_server.subject_issuers",
+            ),
+            (
+                "enabled = true\nsigning_key_file = \"k.pem\"\nsubject_issuers = [\"https://elsewhere\"]",
+                "authorization_server.subject_issuers",
+            ),
+            (
+                "enabled = true\nsigning_key_file = \"k.pem\"\nsubject_issuers = [\"http://127.0.0.1:9400\"]\ntoken_lifetime_secs = 7200",
+                "authorization_server.token_lifetime_secs",
+            ),
+            ("enabled = true\nunknown = 1", "(syntax)"),
+        ] {
+            let p = with(body).unwrap_err();
+            assert!(p.iter().any(|p| p.key == key), "{body}: {p:?}");
+        }
+        // A key file that is there must hold a key.
+        let dir = std::env::temp_dir().join(format!("pacsgate-askey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.pem");
+        std::fs::write(&bad, "not a key").unwrap();
+        let p = with(&format!(
+            "enabled = true\nsigning_key_file = \"{}\"\nsubject_issuers = [\"http://127.0.0.1:9400\"]",
+            bad.display()
+        ))
+        .unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.key == "authorization_server.signing_key_file"),
+            "{p:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

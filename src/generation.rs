@@ -39,7 +39,15 @@ impl Generation {
 
     fn build(cfg: Config, prev: Option<&Generation>) -> anyhow::Result<Generation> {
         let cfg = Arc::new(cfg);
-        let trust = TrustCore::new(&cfg)?;
+        // The gateway's own authorization server first: the trust core verifies its tokens
+        // with its key. Exchanged subject tokens stay remembered across configurations.
+        let exchanged = prev.map(|p| p.web.exchanged()).unwrap_or_default();
+        let authority = crate::authority::Authority::load(&cfg, exchanged.clone())?;
+        let own_keys = authority
+            .as_ref()
+            .map(|a| a.public_jwks())
+            .unwrap_or_default();
+        let trust = TrustCore::with_own_keys(&cfg, &own_keys)?;
         // The policy core's ports: the PACS answers who owns a UID, the EHR answers FHIR reads.
         // One count of the associations open to the PACS (pacs.max_associations) for the
         // look-ups, DICOMweb by translation and client relays of this configuration.
@@ -54,7 +62,15 @@ impl Generation {
                 let moves = d.moves.clone();
                 (
                     d,
-                    WebCtx::new(cfg.clone(), trust.clone(), policy, readiness, moves, slots)?,
+                    WebCtx::new(
+                        cfg.clone(),
+                        trust.clone(),
+                        policy,
+                        readiness,
+                        moves,
+                        slots,
+                        (authority, exchanged),
+                    )?,
                 )
             }
             Some(p) => {
@@ -64,6 +80,7 @@ impl Generation {
                     policy.clone(),
                     p.dimse.moves.clone(),
                     slots.clone(),
+                    authority,
                 )?;
                 // Only once nothing can fail: a refused configuration changes nothing.
                 p.web.readiness().set_issuers(&trust.issuer_names());

@@ -5,6 +5,7 @@
 //! talks to the upstream PACS under the gateway's own identity; [`audit`] records decisions.
 
 pub mod audit;
+pub mod authority;
 pub mod config;
 #[cfg(test)]
 mod conformance_tests;

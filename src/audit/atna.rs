@@ -91,7 +91,10 @@ const PATIENT_NUMBER: Code = Code {
 
 /// The coded shape of an event: (EventID, EventActionCode, EventTypeCode).
 fn shape(e: &Event) -> (&'static Code, &'static str, Option<&'static Code>) {
-    let authentication = matches!(e.op, Operation::Associate | Operation::HttpRequest);
+    let authentication = matches!(
+        e.op,
+        Operation::Associate | Operation::HttpRequest | Operation::TokenExchange
+    );
     match e.outcome {
         Outcome::Allowed | Outcome::Failed if authentication => {
             (&USER_AUTHENTICATION, "E", Some(&LOGIN))
@@ -113,7 +116,8 @@ fn shape(e: &Event) -> (&'static Code, &'static str, Option<&'static Code>) {
             | Operation::DimseRequest
             | Operation::DimseIdentifier
             | Operation::Associate
-            | Operation::HttpRequest => (&USER_AUTHENTICATION, "E", None),
+            | Operation::HttpRequest
+            | Operation::TokenExchange => (&USER_AUTHENTICATION, "E", None),
         },
     }
 }

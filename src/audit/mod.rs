@@ -74,6 +74,9 @@ pub(crate) enum Operation {
     Stow,
     /// An HTTP request refused before its resource was known (authentication).
     HttpRequest,
+    /// A token exchange at the gateway's own authorization server: a subject token in, a
+    /// token of the gateway's out.
+    TokenExchange,
 }
 
 /// What a WADO-RS request retrieves.
@@ -110,6 +113,7 @@ impl Operation {
             Operation::WadoUri => "WADO-URI",
             Operation::Stow => "STOW-RS",
             Operation::HttpRequest => "HTTP request",
+            Operation::TokenExchange => "token exchange",
         }
     }
 
@@ -126,6 +130,7 @@ impl Operation {
             Operation::Wado(_) => "WADO-RS",
             Operation::WadoUri => "WADO-URI",
             Operation::Stow => "STOW-RS",
+            Operation::TokenExchange => "token-exchange",
             Operation::DimseRequest | Operation::DimseIdentifier | Operation::HttpRequest => {
                 "other"
             }

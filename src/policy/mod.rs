@@ -6,13 +6,14 @@
 //! SMART scopes permit and token expiry ([`access`]), the patients a caller may see and how a
 //! query is narrowed ([`patient`], [`mapping`]), study restrictions ([`study`]), who owns a UID
 //! ([`owners`]), what the EHR shows ([`ehr`]), queries and the one judge of their results
-//! ([`query`]), retrievals ([`retrieve`]), stores ([`store`]), and what a decision is
-//! ([`decision`]). Must not know sockets, PDUs or HTTP: front ends translate their protocol
+//! ([`query`]), retrievals ([`retrieve`]), stores ([`store`]), what a token of the gateway's
+//! own may carry ([`exchange`]), and what a decision is ([`decision`]). Must not know sockets, PDUs or HTTP: front ends translate their protocol
 //! into an `Action` and apply the `Permit`.
 
 mod access;
 mod decision;
 mod ehr;
+pub mod exchange;
 pub mod mapping;
 mod owners;
 mod patient;

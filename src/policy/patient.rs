@@ -150,6 +150,19 @@ impl Policy {
     }
 
     pub(super) fn mapped_identities(&self, p: &Principal) -> Option<Vec<DicomPatient>> {
+        if let Some(g) = &p.granted {
+            // A token of the gateway's own carries the identities it was issued for: the
+            // mapping was applied then, to the token exchanged, and is not applied again.
+            return g.patients.as_ref().map(|ps| {
+                ps.iter()
+                    .map(|x| DicomPatient {
+                        patient_id: x.id.clone(),
+                        issuer: x.issuer.clone(),
+                        issuer_match: None,
+                    })
+                    .collect()
+            });
+        }
         match &self.map {
             PatientMap::Same => p.patient.as_ref().map(|id| {
                 vec![DicomPatient {
@@ -214,7 +227,7 @@ impl Policy {
                 };
             }
         }
-        if !matches!(self.map, PatientMap::Fhir { .. }) {
+        if !matches!(self.map, PatientMap::Fhir { .. }) || p.granted.is_some() {
             return;
         }
         let Some(id) = p.patient.clone() else { return };

@@ -587,6 +587,7 @@ use_issuer = {use_issuer}
             claims: Arc::new(serde_json::json!({"pid": ["A^^^HOSP_A"]})),
             fhir_patient: None,
             launch_studies: None,
+            granted: None,
             bearer: crate::trust::Bearer::new(scope),
         };
         pol.caller(p).await

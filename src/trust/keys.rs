@@ -84,6 +84,8 @@ pub(crate) struct IssuerKeys {
     state: RwLock<KeyState>,
     /// Serializes fetches so a burst of tokens with a new `kid` causes one request.
     fetch_lock: Mutex<()>,
+    /// The gateway's own key (its `[authorization_server]`): known, never fetched.
+    fixed: bool,
 }
 
 impl IssuerKeys {
@@ -94,6 +96,28 @@ impl IssuerKeys {
             http,
             state: RwLock::new(KeyState::default()),
             fetch_lock: Mutex::new(()),
+            fixed: false,
+        }
+    }
+
+    /// The keys of the gateway's own tokens: given, never fetched nor refreshed.
+    pub fn fixed(issuer: String, public_jwks: &[serde_json::Value], http: reqwest::Client) -> Self {
+        let keys = public_jwks
+            .iter()
+            .filter_map(parse_jwk)
+            .map(Arc::new)
+            .collect();
+        IssuerKeys {
+            issuer,
+            configured_jwks_uri: None,
+            http,
+            state: RwLock::new(KeyState {
+                keys,
+                fetched_at: Some(Instant::now()),
+                ..KeyState::default()
+            }),
+            fetch_lock: Mutex::new(()),
+            fixed: true,
         }
     }
 
@@ -108,6 +132,16 @@ impl IssuerKeys {
             let stale = st.fetched_at.is_none_or(|t| t.elapsed() > KEY_MAX_AGE);
             (select(&st.keys, kid, alg), stale)
         };
+        if self.fixed {
+            return match found.is_empty() {
+                false => Ok(found),
+                true => Err(KeyError::NoMatchingKey {
+                    issuer: self.issuer.clone(),
+                    kid: kid.map(str::to_string),
+                    alg,
+                }),
+            };
+        }
         let hit = !found.is_empty() && !stale;
         crate::metrics::cache("keys", hit);
         if hit {
@@ -153,6 +187,9 @@ impl IssuerKeys {
     /// The readiness check: fetches the key set now (the gateway's own cadence, not a token's
     /// request, so the rate limit does not apply); a failure keeps the old keys.
     pub(crate) async fn probe(&self) -> Result<(), String> {
+        if self.fixed {
+            return Ok(());
+        }
         let _guard = self.fetch_lock.lock().await;
         self.fetch_and_keep().await
     }

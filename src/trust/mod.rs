@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod keys;
+pub mod own;
 pub mod scopes;
 
 use crate::config::{Config, Issuer, VerifyMode};
@@ -54,6 +55,10 @@ pub struct Principal {
     /// The token itself, for the one call made on the caller's behalf (`user_level =
     /// "ehr-check"`). Never printed.
     pub bearer: Bearer,
+    /// For a token the gateway issued itself (token exchange): what it fixed then (the
+    /// patient identities as it mapped them, the studies that restrict it). `None` for every
+    /// other token.
+    pub granted: Option<Arc<own::Granted>>,
 }
 
 /// An ImagingStudy of the launch context.
@@ -156,6 +161,8 @@ struct TrustedIssuer {
     audiences: Vec<String>,
     /// The gateway's client at this issuer, when it has credentials there.
     client: Option<client::IssuerClient>,
+    /// The gateway itself (`[authorization_server]`): its tokens carry [`own::Granted`].
+    own: bool,
 }
 
 /// The trust core.
@@ -192,7 +199,18 @@ struct Claims {
 }
 
 impl TrustCore {
+    /// The trust core of a configuration; with `[authorization_server]`, the gateway's own
+    /// tokens are refused until [`TrustCore::with_own_keys`] gives their keys.
     pub fn new(cfg: &Config) -> anyhow::Result<Arc<TrustCore>> {
+        TrustCore::with_own_keys(cfg, &[])
+    }
+
+    /// The trust core that also accepts the gateway's own tokens (`[authorization_server]`),
+    /// verified with these public JWKs, exactly as every other issuer's are.
+    pub fn with_own_keys(
+        cfg: &Config,
+        own_public_jwks: &[serde_json::Value],
+    ) -> anyhow::Result<Arc<TrustCore>> {
         let http = reqwest::Client::builder()
             .timeout(cfg.limits.http_fetch_timeout)
             .connect_timeout(cfg.limits.http_fetch_timeout)
@@ -216,6 +234,20 @@ impl TrustCore {
                     client: client::IssuerClient::new(i, http.clone())?,
                     cfg: i.clone(),
                     audiences,
+                    own: false,
+                },
+            );
+        }
+        if let Some(a) = &cfg.authorization_server {
+            let me = own_issuer(&a.issuer);
+            issuers.insert(
+                me.issuer.clone(),
+                TrustedIssuer {
+                    keys: IssuerKeys::fixed(me.issuer.clone(), own_public_jwks, http.clone()),
+                    client: None,
+                    cfg: me,
+                    audiences: cfg.gateway.audiences.clone(),
+                    own: true,
                 },
             );
         }
@@ -385,6 +417,17 @@ impl TrustCore {
         // The signature was verified above, so the payload read again here is authentic.
         let raw: serde_json::Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|e| TrustError::Malformed(e.to_string()))?;
+        let (granted, launch_studies) = if ti.own {
+            // The gateway's own token: what it fixed when it issued it, nothing read anew.
+            let g = own::Granted::read(&raw).ok_or(TrustError::Claim(own::CLAIM))?;
+            let studies = g
+                .studies
+                .as_ref()
+                .map(|v| v.iter().cloned().map(ContextStudy::Uid).collect());
+            (Some(Arc::new(g)), studies)
+        } else {
+            (None, launch_studies)
+        };
         Ok(Principal {
             issuer: ti.cfg.issuer.clone(),
             subject: claims.sub,
@@ -399,6 +442,7 @@ impl TrustCore {
             fhir_patient: None,
             launch_studies,
             bearer: Bearer::new(token),
+            granted,
         })
     }
 
@@ -634,7 +678,32 @@ fn principal_from_introspection(
         fhir_patient: None,
         launch_studies,
         bearer: Bearer::new(token),
+        granted: None,
     })
+}
+
+/// The gateway as an issuer of its own tokens: signed JWT access tokens (`at+jwt`) only,
+/// never introspected, no vendor quirk.
+fn own_issuer(issuer: &str) -> Issuer {
+    Issuer {
+        issuer: issuer.to_string(),
+        verify: VerifyMode::Jwt,
+        jwks_uri: None,
+        introspection_endpoint: None,
+        client_id: None,
+        fhir_base_url: None,
+        allowed_client_ids: Vec::new(),
+        accept_ehr_audience: false,
+        accept_typ: vec!["at+jwt".to_string()],
+        patient_in_sub: false,
+        introspection_from_token_endpoint: false,
+        client_auth: None,
+        client_scope: String::new(),
+        introspection_cache: Duration::ZERO,
+        launch_context_restricts: false,
+        opaque_tokens: false,
+        introspection_aud_optional: false,
+    }
 }
 
 /// Whether an introspection answer's `token_type` names an access token (RFC 6749 7.1's

@@ -37,6 +37,14 @@ impl Perms {
     pub fn is_empty(&self) -> bool {
         !(self.create || self.read || self.update || self.delete || self.search)
     }
+    /// Whether every interaction of `self` is one of `o`'s.
+    pub fn within(&self, o: &Perms) -> bool {
+        (!self.create || o.create)
+            && (!self.read || o.read)
+            && (!self.update || o.update)
+            && (!self.delete || o.delete)
+            && (!self.search || o.search)
+    }
 }
 
 impl fmt::Display for Perms {
@@ -65,6 +73,23 @@ pub struct Scope {
     pub perms: Perms,
     /// `?name=value` constraints in order, as written (see [`Scope::study_constraints`]).
     pub constraints: Vec<(String, String)>,
+}
+
+/// The scope as SMART v2 writes it (`patient/ImagingStudy.rs?modality=CT`); it parses back to
+/// itself. A scope without interactions has no text of its own and is never written.
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.level {
+            Level::Patient => "patient",
+            Level::User => "user",
+            Level::System => "system",
+        };
+        write!(f, "{level}/{}.{}", self.resource, self.perms)?;
+        for (i, (k, v)) in self.constraints.iter().enumerate() {
+            write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
+        }
+        Ok(())
+    }
 }
 
 /// The DICOM code system, the only system a `modality` constraint may name.
@@ -250,6 +275,19 @@ pub struct ScopeSet {
     pub other: Vec<String>,
 }
 
+impl fmt::Display for ScopeSet {
+    /// The resource scopes, space-separated (the others are not written).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.scopes.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{s}")?;
+        }
+        Ok(())
+    }
+}
+
 impl ScopeSet {
     /// Parses a space-separated scope string (RFC 6749 `scope`).
     pub fn parse(s: &str) -> ScopeSet {
@@ -398,6 +436,26 @@ mod tests {
     fn rs(set: &ScopeSet, level: Level) -> (bool, bool, bool) {
         let p = set.granted(level, "ImagingStudy");
         (p.read, p.search, p.create)
+    }
+
+    #[test]
+    fn a_scope_is_written_as_it_parses() {
+        for (text, written) in [
+            ("patient/ImagingStudy.read", "patient/ImagingStudy.rs"),
+            ("user/*.*", "user/*.cruds"),
+            (
+                "patient/ImagingStudy.rs?modality=CT&started=ge2020",
+                "patient/ImagingStudy.rs?modality=CT&started=ge2020",
+            ),
+            ("system/ImagingStudy.c", "system/ImagingStudy.c"),
+        ] {
+            let set = ScopeSet::parse(text);
+            assert_eq!(set.to_string(), written);
+            assert_eq!(ScopeSet::parse(written).scopes, set.scopes, "{written}");
+        }
+        let r = ScopeSet::parse("patient/ImagingStudy.r").scopes[0].perms;
+        let rs = ScopeSet::parse("patient/ImagingStudy.rs").scopes[0].perms;
+        assert!(r.within(&rs) && !rs.within(&r) && rs.within(&rs));
     }
 
     #[test]

@@ -1098,3 +1098,66 @@ async fn launch_context_restricts_only_when_configured() {
         assert_eq!(p.launch_studies, expected, "{ctx}");
     }
 }
+
+/// The gateway's own tokens (`[authorization_server]`): verified with the key given, never
+/// fetched; the claim of what was granted is required, and read back as it was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_of_the_gateways_own_carry_what_was_granted() {
+    let cfg = Config::parse(
+        r#"
+[gateway]
+ae_title = "PACSGATE"
+dimse_listen = "127.0.0.1:11112"
+public_url = "http://127.0.0.1:8080"
+[pacs]
+ae_title = "ORTHANC"
+address = "127.0.0.1:4242"
+[[issuers]]
+issuer = "http://127.0.0.1:9"
+[authorization_server]
+enabled = true
+signing_key_file = "/nonexistent/as.pem"
+subject_issuers = ["http://127.0.0.1:9"]
+"#,
+    )
+    .unwrap();
+    let key = crate::crypto::SigningKey::generate(Algorithm::ES256).unwrap();
+    let trust = TrustCore::with_own_keys(&cfg, &[key.public_jwk().clone()]).unwrap();
+    let exp = now_secs() + 300;
+    let good = json!({
+        "iss": "http://127.0.0.1:8080", "aud": [AUD], "exp": exp, "iat": now_secs(),
+        "scope": "patient/ImagingStudy.rs", "patient": "PAT-A",
+        "pacsgate": {"subject_issuer": "http://127.0.0.1:9", "patients": [{"id": "PAT-A"}], "studies": ["1.2.3"]},
+    });
+    let p = trust
+        .verify(&key.sign(&good).unwrap())
+        .await
+        .expect("own token");
+    assert_eq!(p.issuer, "http://127.0.0.1:8080");
+    assert_eq!(p.patient.as_deref(), Some("PAT-A"));
+    let g = p.granted.as_ref().expect("granted");
+    assert_eq!(g.patients.as_ref().map(|v| v[0].id.as_str()), Some("PAT-A"));
+    assert_eq!(
+        p.launch_studies,
+        Some(vec![ContextStudy::Uid("1.2.3".into())])
+    );
+
+    // Without the claim, or signed by another key, or without at+jwt: refused.
+    let mut bare = good.clone();
+    bare.as_object_mut().unwrap().remove("pacsgate");
+    assert!(matches!(
+        trust.verify(&key.sign(&bare).unwrap()).await,
+        Err(TrustError::Claim("pacsgate"))
+    ));
+    let other = crate::crypto::SigningKey::generate(Algorithm::ES256).unwrap();
+    assert!(trust.verify(&other.sign(&good).unwrap()).await.is_err());
+    assert!(matches!(
+        trust
+            .verify(&key.sign_with_typ(&good, Some("JWT")).unwrap())
+            .await,
+        Err(TrustError::Type(_))
+    ));
+    // A trust core not given the key refuses them (no fetch is attempted).
+    let blind = TrustCore::new(&cfg).unwrap();
+    assert!(blind.verify(&key.sign(&good).unwrap()).await.is_err());
+}

@@ -3,7 +3,8 @@
 //! (RFC 9728), so an app can learn how to get a token for this gateway.
 //!
 //! Owns: composing them from the configuration and the first trusted issuer's own metadata
-//! (fetched once, cached, bounded). Must not decide access.
+//! (fetched once, cached, bounded), or, with `[authorization_server]`, from the gateway's own
+//! authorization server. Must not decide access.
 
 use super::WebCtx;
 use axum::extract::State;
@@ -54,6 +55,9 @@ async fn issuer_metadata(ctx: &WebCtx) -> Value {
 }
 
 pub(crate) async fn smart_configuration(State(ctx): State<Arc<WebCtx>>) -> Response {
+    if let Some(a) = &ctx.authority {
+        return with_json_headers(Json(own_configuration(&ctx, a.issuer())).into_response());
+    }
     let meta = issuer_metadata(&ctx).await;
     let issuer = ctx
         .cfg
@@ -96,10 +100,37 @@ pub(crate) async fn smart_configuration(State(ctx): State<Arc<WebCtx>>) -> Respo
     with_json_headers(Json(doc).into_response())
 }
 
+/// With `[authorization_server]`: the gateway is the imaging server's authorization server.
+/// An app gets its token here by exchanging its EHR access token (SMART multi-server
+/// authentication, token exchange by access token); an EHR token is still accepted as it is.
+fn own_configuration(ctx: &WebCtx, issuer: &str) -> Value {
+    let public = ctx.cfg.gateway.public_url.trim_end_matches('/');
+    json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{public}/token"),
+        "jwks_uri": format!("{public}/.well-known/jwks.json"),
+        "grant_types_supported": [crate::authority::GRANT_TYPE],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "capabilities": [
+            "smart-imaging-access",
+            "token-exchange-accesstoken",
+            "permission-patient",
+            "permission-v1",
+            "permission-v2",
+        ],
+        "scopes_supported": SCOPES,
+        "code_challenge_methods_supported": ["S256"],
+    })
+}
+
 pub(crate) async fn protected_resource(State(ctx): State<Arc<WebCtx>>) -> Response {
+    let mut servers: Vec<String> = ctx.cfg.issuers.iter().map(|i| i.issuer.clone()).collect();
+    if let Some(a) = &ctx.authority {
+        servers.insert(0, a.issuer().to_string());
+    }
     let doc = json!({
         "resource": ctx.public_base,
-        "authorization_servers": ctx.cfg.issuers.iter().map(|i| i.issuer.clone()).collect::<Vec<_>>(),
+        "authorization_servers": servers,
         "scopes_supported": SCOPES,
         "bearer_methods_supported": ["header"],
         "resource_name": "pacsgate DICOMweb",

@@ -348,7 +348,7 @@ pub async fn read_endpoint(State(ctx): State<Arc<WebCtx>>, req: Request) -> Resp
 
 /// `GET {public_url}/fhir/metadata`: what this FHIR server does (no token needed).
 pub async fn metadata(State(ctx): State<Arc<WebCtx>>) -> Response {
-    let doc = json!({
+    let mut doc = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-12-04",
@@ -385,6 +385,14 @@ pub async fn metadata(State(ctx): State<Arc<WebCtx>>) -> Response {
             ],
         }],
     });
+    if ctx.authority.is_some() {
+        // The gateway's own token endpoint (token exchange), as SMART's oauth-uris says it.
+        let public = ctx.cfg.gateway.public_url.trim_end_matches('/');
+        doc["rest"][0]["security"]["extension"] = json!([{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": format!("{public}/token")}],
+        }]);
+    }
     fhir_json(StatusCode::OK, &doc)
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP front end: DICOMweb (QIDO-RS, WADO-RS) under `{public_url}/dicom-web` with bearer
-//! tokens, the discovery documents, and `/healthz`.
+//! tokens, FHIR ImagingStudy search, the token endpoint of the gateway's own authorization
+//! server, the discovery documents, and `/healthz`.
 //!
 //! Owns: the HTTP front end's limits (concurrent requests, request time; connections in
 //! [`listener`]), routing, and the relay to the PACS's DICOMweb service. Every access question goes to the policy core through
@@ -16,6 +17,7 @@ pub mod path;
 pub(crate) mod qido;
 pub(crate) mod render;
 pub(crate) mod stow;
+pub(crate) mod token;
 pub(crate) mod translate;
 pub(crate) mod wado;
 pub(crate) mod wado_uri;
@@ -132,6 +134,10 @@ pub struct WebCtx {
     discovery: discovery::Cache,
     /// What `/readyz` answers from.
     readiness: Arc<crate::readiness::Readiness>,
+    /// The gateway's own authorization server (`[authorization_server]`), when enabled.
+    pub authority: Option<Arc<crate::authority::Authority>>,
+    /// The subject tokens exchanged already, across configurations.
+    exchanged: Arc<crate::authority::Exchanged>,
 }
 
 impl WebCtx {
@@ -142,13 +148,17 @@ impl WebCtx {
         readiness: Arc<crate::readiness::Readiness>,
         moves: Arc<crate::dimse::receiver::MoveRegistry>,
         places: Arc<crate::pacs::Slots>,
+        own: (
+            Option<Arc<crate::authority::Authority>>,
+            Arc<crate::authority::Exchanged>,
+        ),
     ) -> anyhow::Result<Arc<WebCtx>> {
         let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-        WebCtx::build(cfg, trust, policy, readiness, slots, (moves, places))
+        WebCtx::build(cfg, trust, policy, readiness, slots, (moves, places), own)
     }
 
-    /// The context of the next configuration; the request slots, readiness and the C-MOVE
-    /// registry carry over.
+    /// The context of the next configuration; the request slots, readiness, the C-MOVE
+    /// registry and the memory of exchanged tokens carry over.
     pub fn succeeding(
         &self,
         cfg: Arc<Config>,
@@ -156,6 +166,7 @@ impl WebCtx {
         policy: Arc<Policy>,
         moves: Arc<crate::dimse::receiver::MoveRegistry>,
         places: Arc<crate::pacs::Slots>,
+        authority: Option<Arc<crate::authority::Authority>>,
     ) -> anyhow::Result<Arc<WebCtx>> {
         WebCtx::build(
             cfg,
@@ -164,7 +175,13 @@ impl WebCtx {
             self.readiness.clone(),
             self.slots.clone(),
             (moves, places),
+            (authority, self.exchanged.clone()),
         )
+    }
+
+    /// The memory of exchanged subject tokens, for the next configuration's authority.
+    pub fn exchanged(&self) -> Arc<crate::authority::Exchanged> {
+        self.exchanged.clone()
     }
 
     fn build(
@@ -176,6 +193,10 @@ impl WebCtx {
         (moves, places): (
             Arc<crate::dimse::receiver::MoveRegistry>,
             Arc<crate::pacs::Slots>,
+        ),
+        (authority, exchanged): (
+            Option<Arc<crate::authority::Authority>>,
+            Arc<crate::authority::Exchanged>,
         ),
     ) -> anyhow::Result<Arc<WebCtx>> {
         // One client (one connection pool, one set of trust anchors) for the PACS and the
@@ -194,6 +215,8 @@ impl WebCtx {
             slots,
             discovery: discovery::Cache::default(),
             readiness,
+            authority,
+            exchanged,
             cfg,
             trust,
             policy,
@@ -459,6 +482,7 @@ pub(crate) fn router(ctx: Arc<WebCtx>) -> Router {
         .route("/dicom-web/{*rest}", get(dicomweb_get))
         .route("/wado", get(wado_uri::handle))
         .merge(fhir_routes(&ctx))
+        .merge(authority_routes(&ctx))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             cors::layer,
@@ -480,6 +504,16 @@ fn fhir_routes(ctx: &Arc<WebCtx>) -> Router<Arc<WebCtx>> {
             "/fhir/.well-known/smart-configuration",
             get(discovery::smart_configuration),
         )
+}
+
+/// `{public_url}/token` and the key set, when `[authorization_server] enabled`.
+fn authority_routes(ctx: &Arc<WebCtx>) -> Router<Arc<WebCtx>> {
+    if ctx.authority.is_none() {
+        return Router::new();
+    }
+    Router::new()
+        .route("/token", axum::routing::post(token::token))
+        .route("/.well-known/jwks.json", get(token::jwks))
 }
 
 /// `gateway.monitor_listen`: the probes and metrics alone, nothing a token opens.

@@ -74,6 +74,13 @@ def test_demo_shows_both_protocols_and_ctrl_c_stops_everything():
         assert ": 403 (refused)" in refused, refused
         assert "without a token: 401" in out and "Bearer" in out.split("without a token:", 1)[1].split("\n", 1)[0], out
         assert "DICOMweb is not configured" not in out
+        # The app's path: the EHR token exchanged once for the imaging server's own, which
+        # then serves FHIR, WADO-RS and DIMSE for DEMO-A only.
+        app = out.split("an imaging app's path", 1)[1].split("== OHIF", 1)[0]
+        assert "exchanged: scope 'patient/ImagingStudy.rs', patient DEMO-A" in app, app
+        assert "the same EHR token again: invalid_grant" in app, app
+        assert app.count("WADO-RS metadata 200") == 3 and "DEMO-B with DEMO-A's imaging token: 403" in app, app
+        assert "3 match(es), final status 0x0000" in app and "PatientID=DEMO-B" not in app, app
         started = descendants(proc.pid)
         assert len(started) >= 3, f"the demo runs Orthanc, the issuer and the gateway: {started}"
         # Ctrl-C in a terminal signals the whole foreground process group.

@@ -5,6 +5,7 @@ use super::*;
 
 mod access;
 mod ehr;
+mod exchange;
 mod mapping;
 mod patient;
 mod retrieve;
@@ -75,6 +76,7 @@ pub(crate) fn principal(scope: &str, patient: Option<&str>) -> Principal {
         claims: Arc::new(serde_json::json!({})),
         fhir_patient: None,
         launch_studies: None,
+        granted: None,
         bearer: crate::trust::Bearer::new(&format!("token-{scope}-{patient:?}")),
     }
 }
