@@ -105,7 +105,7 @@ fn shape(e: &Event) -> (&'static Code, &'static str, Option<&'static Code>) {
         Outcome::Denied => (&SECURITY_ALERT, "E", Some(&USE_OF_RESTRICTED_FUNCTION)),
         Outcome::Anomaly => (&SECURITY_ALERT, "E", None),
         Outcome::Allowed | Outcome::Failed => match e.op {
-            Operation::Find | Operation::Qido => (&QUERY, "E", None),
+            Operation::Find | Operation::Qido | Operation::FhirSearch => (&QUERY, "E", None),
             Operation::Store | Operation::Stow => (&INSTANCES_TRANSFERRED, "C", None),
             Operation::Get
             | Operation::Move

@@ -69,6 +69,8 @@ pub(crate) enum Operation {
     /// A DIMSE identifier the strict reader refused.
     DimseIdentifier,
     Qido,
+    /// A FHIR ImagingStudy search (SMART Imaging Access), answered from QIDO-RS or C-FIND.
+    FhirSearch,
     Wado(WadoPart),
     WadoUri,
     Stow,
@@ -104,6 +106,7 @@ impl Operation {
             Operation::DimseRequest => "DIMSE request",
             Operation::DimseIdentifier => "DIMSE identifier",
             Operation::Qido => "QIDO-RS",
+            Operation::FhirSearch => "FHIR ImagingStudy search",
             Operation::Wado(WadoPart::Instances) => "WADO-RS retrieve",
             Operation::Wado(WadoPart::Metadata) => "WADO-RS metadata",
             Operation::Wado(WadoPart::Rendered) => "WADO-RS rendered",
@@ -127,6 +130,7 @@ impl Operation {
             Operation::Move | Operation::MoveInstance => "C-MOVE",
             Operation::Store => "C-STORE",
             Operation::Qido => "QIDO-RS",
+            Operation::FhirSearch => "FHIR",
             Operation::Wado(_) => "WADO-RS",
             Operation::WadoUri => "WADO-URI",
             Operation::Stow => "STOW-RS",

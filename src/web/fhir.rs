@@ -17,6 +17,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use chrono::NaiveDate;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ const ENDPOINT_ID: &str = "dicom-wado-rs";
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 const REQUIRES_ACCESS_TOKEN: &str =
     "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token";
+/// What the audit trail calls the searches of this module.
+const SEARCH: crate::audit::Operation = crate::audit::Operation::FhirSearch;
 /// How long a client is told to wait when the PACS is slow (the guide's 503 with Retry-After).
 const RETRY_AFTER_SECS: &str = "30";
 
@@ -39,12 +42,159 @@ struct Params {
     count: usize,
     offset: usize,
     include_endpoint: bool,
+    /// `_lastUpdated` as a StudyDate range: the earliest and latest study date that may match.
+    dates: DateRange,
+}
+
+/// Inclusive bounds on a study's date (`YYYYMMDD`), either open.
+#[derive(Debug, Default, PartialEq)]
+struct DateRange {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+impl DateRange {
+    /// The DICOM range matching value (PS3.4 C.2.2.2.5), or `None` when nothing bounds it.
+    fn matching(&self) -> Option<String> {
+        match (&self.from, &self.to) {
+            (None, None) => None,
+            (Some(f), Some(t)) if f == t => Some(f.clone()),
+            (f, t) => Some(format!(
+                "{}-{}",
+                f.as_deref().unwrap_or(""),
+                t.as_deref().unwrap_or("")
+            )),
+        }
+    }
+
+    /// Bounds that no date meets (`gt2025&lt2024`).
+    fn is_empty(&self) -> bool {
+        matches!((&self.from, &self.to), (Some(f), Some(t)) if f > t)
+    }
+
+    /// Narrowed by one `_lastUpdated` value.
+    fn narrow(&mut self, value: &str) -> Result<(), &'static str> {
+        let (from, to) = last_updated(value)?;
+        if let Some(f) = from
+            && self.from.as_ref().is_none_or(|old| &f > old)
+        {
+            self.from = Some(f);
+        }
+        if let Some(t) = to
+            && self.to.as_ref().is_none_or(|old| &t < old)
+        {
+            self.to = Some(t);
+        }
+        Ok(())
+    }
+}
+
+/// The study dates a `_lastUpdated` value may match. A PACS reached by DIMSE or QIDO-RS keeps
+/// no time a study last changed, so a study's date stands for it: at day precision, the date
+/// as written (a study's date carries no time zone), every bound taken inclusively where the
+/// value's time falls inside a day, so that a client asking what is new since a moment sees
+/// every study of that day too, never fewer.
+fn last_updated(value: &str) -> Result<(Option<String>, Option<String>), &'static str> {
+    const WHY: &str = "_lastUpdated is [eq|gt|ge|lt|le]YYYY[-MM[-DD[Thh:mm[:ss][Z|+hh:mm]]]]";
+    let (prefix, rest) = match value.get(..2) {
+        Some(p @ ("eq" | "gt" | "ge" | "lt" | "le")) => (p, &value[2..]),
+        Some("ne" | "sa" | "eb" | "ap") => {
+            return Err("_lastUpdated takes the prefixes eq, gt, ge, lt and le");
+        }
+        _ => ("eq", value),
+    };
+    let (date, time) = match rest.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    if let Some(t) = time
+        && !valid_time(t)
+    {
+        return Err(WHY);
+    }
+    let parts: Vec<&str> = date.split('-').collect();
+    let num = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    let day = |y: u32, m: u32, d: u32| NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d);
+    let year = parts.first().and_then(|y| num(y, 4)).ok_or(WHY)?;
+    let (first, last) = match parts[1..] {
+        [] => (day(year, 1, 1), day(year, 12, 31)),
+        [m] => {
+            let m = num(m, 2).ok_or(WHY)?;
+            let first = day(year, m, 1);
+            let next = if m == 12 {
+                day(year + 1, 1, 1)
+            } else {
+                day(year, m + 1, 1)
+            };
+            (first, next.and_then(|n| n.pred_opt()))
+        }
+        [m, d] => {
+            let one = day(year, num(m, 2).ok_or(WHY)?, num(d, 2).ok_or(WHY)?);
+            (one, one)
+        }
+        _ => return Err(WHY),
+    };
+    let (Some(first), Some(last)) = (first, last) else {
+        return Err(WHY);
+    };
+    // A time is only meaningful on a whole date.
+    if time.is_some() && parts.len() != 3 {
+        return Err(WHY);
+    }
+    let da = |d: NaiveDate| d.format("%Y%m%d").to_string();
+    let beyond = |d: Option<NaiveDate>| d.map(da).ok_or(WHY);
+    Ok(match (prefix, time.is_some()) {
+        ("eq", _) => (Some(da(first)), Some(da(last))),
+        ("ge", _) => (Some(da(first)), None),
+        ("le", _) => (None, Some(da(last))),
+        // After a moment inside a day: that day may hold later studies.
+        ("gt", true) => (Some(da(first)), None),
+        ("lt", true) => (None, Some(da(last))),
+        ("gt", false) => (Some(beyond(last.succ_opt())?), None),
+        _ => (None, Some(beyond(first.pred_opt())?)),
+    })
+}
+
+fn valid_time(t: &str) -> bool {
+    let (clock, zone) = match t.find(['Z', '+', '-']) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let two = |s: &str, max: u32| {
+        s.len() == 2
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && s.parse::<u32>().is_ok_and(|v| v <= max)
+    };
+    let (hms, fraction) = match clock.split_once('.') {
+        Some((h, f)) => (h, Some(f)),
+        None => (clock, None),
+    };
+    let fields: Vec<&str> = hms.split(':').collect();
+    let clock_ok = match fields.as_slice() {
+        [h, m] => two(h, 23) && two(m, 59) && fraction.is_none(),
+        [h, m, s] => two(h, 23) && two(m, 59) && two(s, 60),
+        _ => false,
+    } && fraction
+        .is_none_or(|f| !f.is_empty() && f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()));
+    let zone_ok = match zone {
+        "" | "Z" => true,
+        z => z[1..]
+            .split_once(':')
+            .is_some_and(|(h, m)| two(h, 14) && two(m, 59)),
+    };
+    clock_ok && zone_ok
 }
 
 fn params(pairs: &[(String, String)]) -> Result<Params, ApiError> {
     let bad = |why: &str| ApiError::BadRequest(why.to_string());
     for (i, (k, _)) in pairs.iter().enumerate() {
-        if pairs[..i].iter().any(|(seen, _)| seen == k) {
+        // Two `_lastUpdated` bound a range (`ge…&lt…`); every other parameter is said once.
+        let repeats = pairs[..i].iter().filter(|(seen, _)| seen == k).count();
+        if repeats > usize::from(k == "_lastUpdated") {
             return Err(bad("a search parameter is given twice"));
         }
     }
@@ -54,6 +204,7 @@ fn params(pairs: &[(String, String)]) -> Result<Params, ApiError> {
         count: DEFAULT_COUNT,
         offset: 0,
         include_endpoint: false,
+        dates: DateRange::default(),
     };
     for (k, v) in pairs {
         match k.as_str() {
@@ -87,12 +238,13 @@ fn params(pairs: &[(String, String)]) -> Result<Params, ApiError> {
                     .filter(|n| *n <= 100_000)
                     .ok_or_else(|| bad("_offset is a whole number"))?;
             }
+            "_lastUpdated" => p.dates.narrow(v).map_err(bad)?,
             "_include" if v == "ImagingStudy:endpoint" => p.include_endpoint = true,
             "_include" => return Err(bad("only _include=ImagingStudy:endpoint is supported")),
             "_format" if matches!(v.as_str(), "json" | "application/fhir+json") => {}
             _ => {
                 return Err(bad(
-                    "unsupported search parameter (patient, identifier, _count, _include and _offset are)",
+                    "unsupported search parameter (patient, identifier, _lastUpdated, _count, _include and _offset are)",
                 ));
             }
         }
@@ -140,10 +292,21 @@ async fn search(
     let pairs = path::decode_query(uri.query().unwrap_or("")).map_err(ApiError::BadRequest)?;
     let p = params(&pairs)?;
     // SMART Imaging Access: the patient searched for is the token's patient, or 403.
-    if caller.principal().patient.as_deref() != Some(p.patient.as_str()) {
-        return Err(ApiError::Forbidden(
-            "the patient search parameter must be the token's patient".into(),
-        ));
+    match caller.principal().patient.as_deref() {
+        Some(own) if own == p.patient => {}
+        Some(_) => {
+            return Err(ApiError::Forbidden(
+                "the patient search parameter must be the token's patient".into(),
+            ));
+        }
+        // Which patient a user may look at is the EHR's to say, not a search parameter's.
+        None => {
+            return Err(ApiError::Forbidden(
+                "the ImagingStudy search needs a token with a patient in context; \
+                 a user- or system-level token searches the studies with QIDO-RS"
+                    .into(),
+            ));
+        }
     }
     let upstream = ctx.upstream();
     let mut keys = vec![
@@ -157,14 +320,21 @@ async fn search(
     if let Some(uid) = &p.study {
         keys.push(("StudyInstanceUID".to_string(), uid.clone()));
     }
+    if let Some(range) = p.dates.matching() {
+        keys.push(("StudyDate".to_string(), range));
+    }
     let studies_at = Resource::Search {
         level: SearchLevel::Studies,
         study: None,
         series: None,
     };
-    let mut studies = qido::judged(ctx, &caller, &studies_at, keys, upstream)
-        .await?
-        .matches;
+    let mut studies = if p.dates.is_empty() {
+        Vec::new()
+    } else {
+        qido::judged(ctx, &caller, &studies_at, keys, upstream, SEARCH)
+            .await?
+            .matches
+    };
     let more = studies.len() > p.count;
     studies.truncate(p.count);
     let fhir_base = format!("{}/fhir", ctx.cfg.gateway.public_url.trim_end_matches('/'));
@@ -182,7 +352,7 @@ async fn search(
             "includefield".to_string(),
             "0008103E,00080060,00200011,00201209".to_string(),
         )];
-        let series = qido::judged(ctx, &caller, &series_at, keys, upstream)
+        let series = qido::judged(ctx, &caller, &series_at, keys, upstream, SEARCH)
             .await?
             .matches;
         entries.push(json!({
@@ -378,6 +548,7 @@ pub async fn metadata(State(ctx): State<Arc<WebCtx>>) -> Response {
                     "searchParam": [
                         {"name": "patient", "type": "reference"},
                         {"name": "identifier", "type": "token"},
+                        {"name": "_lastUpdated", "type": "date", "documentation": "matched on the study's date (a PACS keeps no time of a study's last change), at day precision, bounds inclusive"},
                         {"name": "_count", "type": "number"},
                     ],
                 },
@@ -477,7 +648,15 @@ mod tests {
             "patient=1&_count=0",
             "patient=1&_count=1000",
             "patient=1&_include=ImagingStudy:subject",
-            "patient=1&_lastUpdated=gt2024",
+            "patient=1&_lastUpdated=ne2024",
+            "patient=1&_lastUpdated=gt2024-13",
+            "patient=1&_lastUpdated=gt2024-02-30",
+            "patient=1&_lastUpdated=gt2024-02T10:00",
+            "patient=1&_lastUpdated=gt2024-02-01T25:00",
+            "patient=1&_lastUpdated=gt2024-02-01T10:00+1:00",
+            "patient=1&_lastUpdated=gt2024-02-01%20",
+            "patient=1&_lastUpdated=gt24",
+            "patient=1&_lastUpdated=ge2024&_lastUpdated=le2025&_lastUpdated=lt2026",
             "patient=1&modality=CT",
         ] {
             assert!(matches!(q(bad), Err(ApiError::BadRequest(_))), "{bad}");
@@ -485,6 +664,41 @@ mod tests {
         assert!(
             matches!(q("_count=5"), Err(ApiError::Forbidden(_))),
             "no patient is 403"
+        );
+    }
+
+    #[test]
+    fn last_updated_is_a_study_date_range_never_narrower() {
+        let range = |s: &str| {
+            let p = q(&format!("patient=1&{s}")).unwrap_or_else(|_| panic!("{s}"));
+            (p.dates.matching(), p.dates.is_empty())
+        };
+        let some = |v: &str| (Some(v.to_string()), false);
+        assert_eq!(range("_count=1"), (None, false));
+        assert_eq!(range("_lastUpdated=2024-02"), some("20240201-20240229"));
+        assert_eq!(range("_lastUpdated=eq2023-02-03"), some("20230203"));
+        assert_eq!(range("_lastUpdated=gt2024"), some("20250101-"));
+        assert_eq!(range("_lastUpdated=gt2024-12-31"), some("20250101-"));
+        assert_eq!(range("_lastUpdated=ge2024-03"), some("20240301-"));
+        assert_eq!(range("_lastUpdated=lt2024-03-01"), some("-20240229"));
+        assert_eq!(range("_lastUpdated=lt2024"), some("-20231231"));
+        assert_eq!(range("_lastUpdated=le2024-03"), some("-20240331"));
+        // A moment inside a day: that whole day may match.
+        assert_eq!(
+            range("_lastUpdated=gt2024-03-05T10:15:00Z"),
+            some("20240305-")
+        );
+        assert_eq!(
+            range("_lastUpdated=lt2024-03-05T10:15:00.123%2B02:00"),
+            some("-20240305")
+        );
+        assert_eq!(
+            range("_lastUpdated=ge2024-01-10&_lastUpdated=lt2024-02"),
+            some("20240110-20240131")
+        );
+        assert!(
+            range("_lastUpdated=gt2025&_lastUpdated=lt2024").1,
+            "bounds no date meets"
         );
     }
 

@@ -73,7 +73,7 @@ pub async fn search(
     upstream: super::Upstream<'_>,
 ) -> Result<Response, ApiError> {
     let pairs = path::decode_query(query).map_err(ApiError::BadRequest)?;
-    let found = judged(ctx, caller, resource, pairs, upstream).await?;
+    let found = judged(ctx, caller, resource, pairs, upstream, Operation::Qido).await?;
     let text = serde_json::to_string(&found.matches)
         .map_err(|_| ApiError::Upstream("cannot encode the results".into()))?;
     let mut r = json_response(ctx.rewrite_urls(&text).into_bytes());
@@ -99,13 +99,14 @@ pub(crate) struct Found {
 /// A QIDO-RS search (`resource` and its decoded query `pairs`) through the policy core: the
 /// permit before, the search of the PACS (relayed or translated), the result judge on every
 /// match after, and the audit records. The one path for every search the gateway answers
-/// over HTTP (QIDO-RS and the FHIR ImagingStudy search alike).
+/// over HTTP (QIDO-RS and the FHIR ImagingStudy search alike); `op` names it in the audit trail.
 pub(crate) async fn judged(
     ctx: &WebCtx,
     caller: &Caller,
     resource: &Resource,
     mut pairs: Vec<(String, String)>,
     upstream: super::Upstream<'_>,
+    op: Operation,
 ) -> Result<Found, ApiError> {
     let p = caller.principal();
     let asked: Vec<String> = pairs
@@ -178,7 +179,7 @@ pub(crate) async fn judged(
         .permit(
             caller,
             Action::Query(request),
-            (Operation::Qido, ""),
+            (op, ""),
             "patient scope applied",
             studies.iter().map(|s| s.to_string()).collect(),
         )
@@ -271,7 +272,7 @@ pub(crate) async fn judged(
     }
     if tally.outside > 0 {
         super::trail(Some(p)).record(
-            Operation::Qido,
+            op,
             "",
             Outcome::Allowed,
             &format!(
@@ -282,7 +283,7 @@ pub(crate) async fn judged(
     }
     if tally.other_patient > 0 {
         super::trail(Some(p)).record(
-            Operation::Qido,
+            op,
             "",
             Outcome::Anomaly,
             &format!(
@@ -292,7 +293,7 @@ pub(crate) async fn judged(
         );
     }
     super::trail(Some(p)).record(
-        Operation::Qido,
+        op,
         "",
         Outcome::Allowed,
         &format!("{} result(s)", kept.len()),

@@ -103,6 +103,58 @@ def test_identifier_include_and_paging(gateway, orthanc, issuer):
     assert sorted(seen) == mine
 
 
+def test_last_updated_searches_by_the_study_date(gateway, orthanc, issuer):
+    token = issuer.mint(patient="PAT-A")
+    every = fhir(gateway, "ImagingStudy", token, patient="PAT-A").json()
+    started = {e["resource"]["id"]: e["resource"]["started"] for e in every["entry"]}
+    assert sorted(started) == own_studies(orthanc, "PAT-A") and len(set(started.values())) > 1
+    middle = sorted(set(started.values()))[1]
+
+    def search(*bounds):
+        r = requests.get(f"{gateway.public_url}/fhir/ImagingStudy", headers=auth(token), timeout=60,
+                         params=[("patient", "PAT-A")] + [("_lastUpdated", b) for b in bounds])
+        assert r.status_code == 200, r.text
+        return studies_of(r.json())
+
+    assert search(f"gt{middle}") == sorted(u for u, d in started.items() if d > middle)
+    assert search(f"ge{middle}") == sorted(u for u, d in started.items() if d >= middle)
+    assert search(f"lt{middle}") == sorted(u for u, d in started.items() if d < middle)
+    assert search(middle) == sorted(u for u, d in started.items() if d == middle)
+    # A moment inside the day: every study of that day may have changed after it.
+    assert search(f"gt{middle}T12:00:00Z") == sorted(u for u, d in started.items() if d >= middle)
+    assert search(f"ge{middle}", f"le{middle}") == search(middle)
+    assert search("gt2100-01-01") == [] and search("gt2100", "lt2000") == []
+    # Another patient's studies stay out whatever the dates.
+    assert not set(search("ge1900")) & set(own_studies(orthanc, "PAT-B"))
+    for bad in ("ne2024", "gt2024-02-30", "gt2024-02-01T10", "2024-02-01 "):
+        r = fhir(gateway, "ImagingStudy", token, patient="PAT-A", _lastUpdated=bad)
+        assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", bad
+
+
+def test_a_token_without_a_patient_in_context_is_403(tmp_root, orthanc, issuer, gateway):
+    user = issuer.mint(patient=None, scope="user/ImagingStudy.rs")
+    # Under the default policy the token is refused as on every path.
+    r = fhir(gateway, "ImagingStudy", user, patient="PAT-A")
+    assert r.status_code == 403 and "policy.user_level" in r.json()["issue"][0]["diagnostics"]
+    # Where user-level tokens are allowed, the search still needs a patient in context.
+    d = tmp_root / "fhir-user-level"
+    d.mkdir()
+    g = Gateway(d, orthanc, issuer, name="gateway-fhir-user", extra='[policy]\nuser_level = "allow"')
+    try:
+        r = fhir(g, "ImagingStudy", user, patient="PAT-A")
+        assert r.status_code == 403 and "patient in context" in r.json()["issue"][0]["diagnostics"]
+        assert "PAT-A" not in r.text
+    finally:
+        stop(g.proc)
+
+
+def test_searches_are_audited_as_fhir_searches(gateway, issuer):
+    token = issuer.mint(patient="PAT-A")
+    assert fhir(gateway, "ImagingStudy", token, patient="PAT-A").status_code == 200
+    m = requests.get(f"{gateway.public_url}/metrics", timeout=10).text
+    assert 'pacsgate_audit_records_total{channel="http",operation="FHIR",outcome="allowed"}' in m
+
+
 def test_parameters_not_supported_are_400(gateway, issuer):
     token = issuer.mint(patient="PAT-A")
     for params in ({"modality": "CT"}, {"_count": "0"}, {"identifier": "1.2.3"}, {"_include": "ImagingStudy:subject"}):
