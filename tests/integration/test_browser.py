@@ -7,7 +7,8 @@ with CORS preflights), and carries the bearer token through a small extension in
 that sets the DICOMweb data source's Authorization header. Checked: the study list shows exactly
 the token's patient's studies; the viewer renders an own study (its QIDO with 00100020, series
 metadata and frames fetched through the gateway; the screenshot is not blank); a viewer URL that
-names another patient's study gets no image data; an expired token shows an error."""
+names another patient's study gets no image data; an expired token shows an error; and the app's
+path with the imaging server's own token, exchanged for the EHR's at the gateway, shows the same."""
 
 import io
 import json
@@ -17,12 +18,14 @@ import time
 
 import pydicom
 import pytest
+import requests
 from PIL import Image
 from pydicom.uid import generate_uid
 
 from conftest import ROOT, Gateway, Orthanc, free_port, stop
 from dicomdata import make_instance
 from ohif_site import OhifSite
+from test_exchange import as_server, exchange
 
 DRIVER = ROOT / "tests" / "browser" / "ohif.mjs"
 
@@ -62,7 +65,10 @@ def pacs(tmp_root):
 
 @pytest.fixture(scope="module")
 def gw(tmp_root, pacs, issuer, site):
-    g = Gateway(tmp_root / "browser", pacs, issuer, name="gateway-browser", translate=True, cors_origins=(site.origin,))
+    # Also the imaging system's authorization server: the app's path exchanges the EHR token.
+    d = tmp_root / "browser"
+    g = Gateway(d, pacs, issuer, name="gateway-browser", translate=True, cors_origins=(site.origin,),
+                extra=as_server(d / "as-key.pem", issuer.url))
     yield g
     stop(g.proc)
 
@@ -134,3 +140,30 @@ def test_an_expired_token_shows_an_error(site, gw, pacs, issuer):
     assert searches and all(x["status"] == 401 for x in searches), out["responses"]
     assert "PAT-A" not in out["text"]
     assert "Data Source Connection Error" in out["text"], f"no error shown: {out['text'][-500:]}"
+
+
+def test_the_viewer_with_the_imaging_servers_own_token(site, gw, pacs, issuer, tmp_root):
+    """The app's path: the EHR's token, the imaging server's token endpoint found in its
+    smart-configuration, the token exchanged there (RFC 8693), and OHIF given the exchanged
+    token: its study list and viewer are the token's patient's, through the gateway."""
+    conf = requests.get(f"{gw.public_url}/fhir/.well-known/smart-configuration", timeout=10).json()
+    assert conf["token_endpoint"] == f"{gw.public_url}/token"
+    r = exchange(gw, issuer.mint(patient="PAT-A", scope="launch/patient patient/*.read"))
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    assert r.json()["scope"] == "patient/ImagingStudy.rs"
+    site.configure(gw, token)
+    listed = browse(site, gw, "/", "list")
+    assert listed["met"] and "PAT-A" in listed["text"] and "PAT-B" not in listed["text"]
+    shot = tmp_root / "browser" / "own-study-exchanged.png"
+    study = pacs.data["PAT-A"]
+    out = browse(site, gw, f"/viewer?StudyInstanceUIDs={study}", "frames", screenshot=shot)
+    assert out["met"], f"no frame arrived: {paths(out)} {out['console'][:5]}"
+    assert any("/frames/" in p for p in paths(out, 200)), paths(out)
+    assert not [x for x in out["responses"] if x["status"] >= 400]
+    img = Image.open(shot).convert("L")
+    w, h = img.size
+    assert len(set(img.crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4)).tobytes())) > 32, "the viewport is blank"
+    # The same exchanged token for another patient's study: no image data.
+    out = browse(site, gw, f"/viewer?StudyInstanceUIDs={pacs.data['PAT-B']}", "frames", timeout_ms=20000)
+    assert not out["met"] and "PAT-B" not in out["text"]
