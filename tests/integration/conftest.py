@@ -344,7 +344,7 @@ class Issuer:
 class Gateway:
     def __init__(self, tmp: Path, orthanc: Orthanc, issuer: Issuer, name="gateway", extra="", log_filter="info,pacsgate=debug",
                  receive_port=None, destinations=(), dicomweb_url=None, issuer_extra='verify = "jwt"', patients="", gateway_extra="", calling_ae="PACSGATE",
-                 limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None,
+                 limits_extra="", public_url=None, idle_timeout=60, serve_args=(), translate=None, upstream_timeout=20,
                  cors_origins=("https://viewer.example.org",), fhir=True, http_port=None):
         """`translate`: DICOMweb by translation to DIMSE (no `pacs.dicomweb_url`); by default as
         PACSGATE_DICOMWEB=translate says."""
@@ -375,7 +375,7 @@ cors_origins = {json.dumps(list(cors_origins))}
 
 [limits]
 idle_timeout_secs = {idle_timeout}
-upstream_timeout_secs = 20
+upstream_timeout_secs = {upstream_timeout}
 {limits_extra}
 
 [[issuers]]

@@ -4,6 +4,8 @@ Argonaut rules: only the token's patient, 403 with an OperationOutcome for any o
 SmartImagingStudy resources whose Endpoint is the gateway's WADO-RS, which takes the same token.
 Runs against whichever PACS the session uses (Orthanc relayed or translated, dcmqrscp)."""
 
+import time
+
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -153,6 +155,38 @@ def test_searches_are_audited_as_fhir_searches(gateway, issuer):
     assert fhir(gateway, "ImagingStudy", token, patient="PAT-A").status_code == 200
     m = requests.get(f"{gateway.public_url}/metrics", timeout=10).text
     assert 'pacsgate_audit_records_total{channel="http",operation="FHIR",outcome="allowed"}' in m
+
+
+def test_a_slow_pacs_is_503_with_retry_after(tmp_root, orthanc, issuer):
+    """The guide's answer to a slow PACS: 503 with Retry-After, which the app repeats. The PACS
+    here is Orthanc's DICOMweb behind a proxy that waits 1.3 s before each answer: every search
+    is within `upstream_timeout_secs = 2`, the study search and the series searches of three
+    studies together are not within twice that (one study's are)."""
+    if not orthanc.url:
+        pytest.skip("the slow PACS is Orthanc's DICOMweb behind a proxy; this session's PACS has none")
+    from test_attack_dicomweb import FakeDicomweb
+
+    def slowly(path):
+        time.sleep(1.3)
+        r = requests.get(f"{orthanc.url}{path}", timeout=30)
+        return r.status_code, r.headers.get("Content-Type", "application/dicom+json"), r.content
+
+    slow = FakeDicomweb(slowly)
+    d = tmp_root / "fhir-slow"
+    d.mkdir()
+    g = Gateway(d, orthanc, issuer, name="gateway-fhir-slow", dicomweb_url=slow.url, upstream_timeout=2)
+    try:
+        token = issuer.mint(patient="PAT-A")
+        assert len(own_studies(orthanc, "PAT-A")) >= 3
+        r = fhir(g, "ImagingStudy", token, patient="PAT-A")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "30", r.text
+        assert r.json()["resourceType"] == "OperationOutcome" and r.json()["issue"][0]["code"] == "transient"
+        # One study is quick enough: the same search narrowed answers.
+        one = fhir(g, "ImagingStudy", token, patient="PAT-A", identifier=f"urn:oid:{own_studies(orthanc, 'PAT-A')[0]}")
+        assert one.status_code == 200 and len(studies_of(one.json())) == 1
+    finally:
+        stop(g.proc)
+        slow.stop()
 
 
 def test_parameters_not_supported_are_400(gateway, issuer):

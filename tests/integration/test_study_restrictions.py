@@ -1,7 +1,7 @@
 """Study restrictions through both protocols against Orthanc: granular SMART v2 scope
 constraints (modality, started, identifier), a launch context that names an ImagingStudy, and
 user-level tokens under `user_level = "ehr-check"` (the EHR is asked, with the caller's own
-token, which studies it shows). C-FIND, QIDO-RS, C-GET, WADO-RS, C-STORE and STOW-RS must agree;
+token, which studies it shows). C-FIND, QIDO-RS, the FHIR ImagingStudy search, C-GET, WADO-RS, C-STORE and STOW-RS must agree;
 every failure to judge withholds or denies."""
 
 import io
@@ -95,11 +95,18 @@ def wado_status(g, token, study):
     return r.status_code
 
 
+def fhir_studies(g, token):
+    r = requests.get(f"{g.public_url}/fhir/ImagingStudy", headers=auth(token), params={"patient": PID}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {e["resource"]["id"] for e in r.json()["entry"] if e["resource"]["resourceType"] == "ImagingStudy"}
+
+
 def assert_reach(g, token, studies, allowed):
     """Every path agrees: exactly the studies whose modality is in `allowed` are reachable."""
     want = {studies[m][0] for m in allowed}
     assert find_studies(g, token) == want
     assert qido_studies(g, token) == want
+    assert fhir_studies(g, token) == want
     for m, (study, _, sops) in studies.items():
         final, got = c_get_study(g, token, study)
         if m in allowed:
