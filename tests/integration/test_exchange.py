@@ -259,3 +259,30 @@ def test_the_patient_is_mapped_as_configured(tmp_root, orthanc):
     finally:
         stop(g.proc)
         stop(ehr.proc)
+
+
+def test_an_opaque_subject_token_is_introspected(tmp_root, orthanc):
+    """A subject issuer verified by RFC 7662 introspection: the opaque EHR token is asked about
+    as on every path; an active one is exchanged once, a revoked one never."""
+    d = tmp_root / "exchange-introspected"
+    d.mkdir()
+    ehr = Issuer(d, extra_args=["--client", "pacsgate:s3cret"])
+    g = Gateway(d, orthanc, ehr, name="gateway-exchange-introspected", extra=as_server(d / "as-key.pem", ehr.url),
+                issuer_extra='verify = "introspection"\nclient_id = "pacsgate"\nclient_secret = "s3cret"\nintrospection_cache_secs = 1')
+    try:
+        subject = ehr.mint(patient="PAT-A", opaque=True, expires_in=120)
+        assert subject.count(".") == 0
+        r = exchange(g, subject)
+        assert r.status_code == 200, r.text
+        t = r.json()
+        assert t["patient"] == "PAT-A" and t["expires_in"] <= 120
+        assert find_studies(g, t["access_token"]) == own_studies(orthanc, "PAT-A")
+        assert exchange(g, subject).json()["error"] == "invalid_grant", "each subject token once"
+        revoked = ehr.mint(patient="PAT-A", opaque=True)
+        requests.post(f"{ehr.url}/revoke", data={"token": revoked}, timeout=10)
+        r = exchange(g, revoked)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+        assert exchange(g, "opaque-that-nobody-issued").json()["error"] == "invalid_grant"
+    finally:
+        stop(g.proc)
+        stop(ehr.proc)
